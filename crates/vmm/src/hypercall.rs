@@ -1,0 +1,143 @@
+//! The host side of the hypercall ABI (`xcloud-abi`, docs/hypercall-abi.md).
+//!
+//! Every block comes from the guest and is checked before use: its address, its operation,
+//! every address range it names. A malformed call is refused with an error code in `result`
+//! (or, when the block itself is unreadable, logged and ignored); it never ends the VMM.
+
+use crate::vcpu::ApStart;
+use crate::vm::{Activity, Shared, VmExit};
+use kvm_ioctls::VcpuFd;
+use std::time::Duration;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use xcloud_abi::{HcError, HypercallBlock, Op, BLOCK_SIZE, MAX_CONSOLE_WRITE, RESULT_OFFSET};
+
+/// Longest panic message read from the guest.
+const MAX_PANIC_MESSAGE: u64 = 4096;
+/// Longest single sleep (a guest asking for more is cut to this, then may ask again).
+const MAX_SLEEP: Duration = Duration::from_secs(3600);
+
+/// What the vCPU does after a hypercall.
+pub(crate) enum Outcome {
+    Continue,
+    End(VmExit),
+    Halt,
+}
+
+/// Serves the hypercall whose block is at guest-physical `gpa`, issued by vCPU `index`.
+pub(crate) fn handle(index: usize, fd: &VcpuFd, shared: &Shared, gpa: u64) -> Outcome {
+    let mem = shared.ram.mem();
+    let mut bytes = [0u8; BLOCK_SIZE];
+    if gpa % 8 != 0 || mem.read_slice(&mut bytes, GuestAddress(gpa)).is_err() {
+        shared.guest_noise(format_args!(
+            "vCPU {index}: hypercall block at {gpa:#x} is unaligned or not in RAM"
+        ));
+        return Outcome::Continue;
+    }
+    let block = HypercallBlock::from_bytes(&bytes);
+    let (result, outcome) = match Op::from_u32(block.op).filter(|_| block.flags == 0) {
+        None => {
+            shared.guest_noise(format_args!(
+                "vCPU {index}: unknown hypercall op {} flags {:#x}",
+                block.op, block.flags
+            ));
+            (Err(HcError::BadOp), Outcome::Continue)
+        }
+        Some(op) => serve(index, fd, shared, op, &block.args),
+    };
+    let value = match result {
+        Ok(v) => v,
+        Err(e) => -(e as i64),
+    };
+    if mem
+        .write_obj(value, GuestAddress(gpa + RESULT_OFFSET))
+        .is_err()
+    {
+        shared.guest_noise(format_args!(
+            "vCPU {index}: cannot write the hypercall result at {gpa:#x}"
+        ));
+    }
+    outcome
+}
+
+/// Reads `len` guest bytes at `addr`, refusing ranges that are not entirely RAM.
+fn read_guest(shared: &Shared, addr: u64, len: u64) -> Result<Vec<u8>, HcError> {
+    let mem = shared.ram.mem();
+    let end = addr.checked_add(len).ok_or(HcError::BadAddress)?;
+    if len > 0 && !mem.address_in_range(GuestAddress(end - 1)) {
+        return Err(HcError::BadAddress);
+    }
+    let mut buf = vec![0u8; len as usize];
+    mem.read_slice(&mut buf, GuestAddress(addr))
+        .map_err(|_| HcError::BadAddress)?;
+    Ok(buf)
+}
+
+fn serve(
+    index: usize,
+    fd: &VcpuFd,
+    shared: &Shared,
+    op: Op,
+    args: &[u64; 6],
+) -> (Result<i64, HcError>, Outcome) {
+    let done = |r| (r, Outcome::Continue);
+    match op {
+        Op::Nop => done(Ok(0)),
+        Op::ConsoleWrite => {
+            let len = args[1].min(MAX_CONSOLE_WRITE);
+            done(read_guest(shared, args[0], len).map(|bytes| {
+                shared.console.emit(&bytes);
+                len as i64
+            }))
+        }
+        Op::Exit => (Ok(0), Outcome::End(VmExit::Exited((args[0] & 0xff) as i32))),
+        Op::Panic => {
+            let message = read_guest(shared, args[0], args[1].min(MAX_PANIC_MESSAGE))
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_else(|_| "(the panic message was not in guest RAM)".into());
+            (Ok(0), Outcome::End(VmExit::Panicked(message)))
+        }
+        Op::TscKhz => done(Ok(shared.tsc_khz as i64)),
+        Op::Sleep => {
+            shared.sleep(index, Duration::from_nanos(args[0]).min(MAX_SLEEP));
+            done(Ok(0))
+        }
+        Op::VcpuCount => done(Ok(shared.vcpu_count as i64)),
+        Op::VcpuIndex => done(Ok(index as i64)),
+        Op::StartVcpu => done(start_vcpu(fd, shared, args)),
+        Op::StopVcpu => {
+            if index == 0 {
+                done(Err(HcError::BadState))
+            } else {
+                (Ok(0), Outcome::Halt)
+            }
+        }
+    }
+}
+
+/// Starts parked vCPU `args[0]` at `rip = args[1]`, `rsp = args[2]`, `rdi = args[3]`, with the
+/// caller's segments, descriptor tables and control registers.
+fn start_vcpu(fd: &VcpuFd, shared: &Shared, args: &[u64; 6]) -> Result<i64, HcError> {
+    let target = args[0];
+    let (rip, rsp) = (args[1], args[2]);
+    if target == 0 || target >= shared.vcpu_count as u64 {
+        return Err(HcError::BadArg);
+    }
+    let size = shared.ram.size();
+    if rip >= size || rsp > size || rsp < 4096 {
+        return Err(HcError::BadAddress);
+    }
+    let sregs = fd.get_sregs().map_err(|_| HcError::BadState)?;
+    let mut c = shared.lock();
+    let target = target as usize;
+    if c.vcpus[target] != Activity::Parked || c.starts[target].is_some() {
+        return Err(HcError::BadState);
+    }
+    c.starts[target] = Some(ApStart {
+        sregs,
+        rip,
+        rsp,
+        rdi: args[3],
+    });
+    shared.changed.notify_all();
+    Ok(0)
+}

@@ -1,0 +1,180 @@
+//! Guest memory: one memfd mapped shared into the VMM and registered with KVM as slot 0.
+//!
+//! A memfd (rather than anonymous memory) lets later engines share the guest's pages with
+//! another process, snapshot them and send them without copying through the VMM.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Smallest guest the VMM accepts: the boot area and 1 MiB above high memory.
+pub const MIN_GUEST_BYTES: u64 = 2 << 20;
+/// Largest guest in this version: RAM is one region below the 32-bit device hole at 3 GiB.
+pub const MAX_GUEST_BYTES: u64 = 3 << 30;
+
+/// Guest memory failures.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest memory of {size} bytes is too small: at least {MIN_GUEST_BYTES} bytes (2 MiB) are needed")]
+    TooSmall { size: u64 },
+    #[error("guest memory of {size} bytes is too large: this version supports at most {MAX_GUEST_BYTES} bytes (3 GiB)")]
+    TooLarge { size: u64 },
+    #[error("guest memory of {size} bytes exceeds this host's {host} bytes of RAM")]
+    ExceedsHost { size: u64, host: u64 },
+    #[error("guest memory size {size:#x} is not a multiple of 4 KiB")]
+    Unaligned { size: u64 },
+    #[error("cannot create the memfd for guest memory")]
+    Memfd(#[source] std::io::Error),
+    #[error("cannot size the guest memory file to {size} bytes")]
+    Resize {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot map guest memory")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
+}
+
+/// The guest's RAM and the memfd behind it.
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    size: u64,
+}
+
+impl GuestRam {
+    /// Creates `size` bytes of zeroed guest RAM at guest-physical 0.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        validate_size(size, host_ram_bytes())?;
+        // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
+        let fd = unsafe { libc::memfd_create(c"xcloud-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)
+            .map_err(|source| MemoryError::Resize { size, source })?;
+        let mem = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            size as usize,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .map_err(MemoryError::Map)?;
+        Ok(Self { mem, size })
+    }
+
+    /// The vm-memory view of the RAM.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Host address of guest-physical 0 (the whole RAM is one contiguous mapping).
+    pub fn host_base(&self) -> u64 {
+        self.mem
+            .iter()
+            .next()
+            .map(|r| r.as_ptr() as u64)
+            .unwrap_or_default()
+    }
+
+    /// Bytes of this RAM that are resident in the host (pages the guest or the loader touched).
+    pub fn resident_bytes(&self) -> u64 {
+        let page = 4096u64;
+        let pages = self.size.div_ceil(page) as usize;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: mincore reads the residency of [base, base+size), which is our own mapping,
+        // and writes one byte per page into `vec`, which has exactly that many bytes.
+        let rc = unsafe {
+            libc::mincore(
+                self.host_base() as *mut libc::c_void,
+                self.size as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return 0;
+        }
+        vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page
+    }
+}
+
+/// Checks a requested guest size against the VMM's and the host's limits.
+pub fn validate_size(size: u64, host_bytes: u64) -> Result<(), MemoryError> {
+    if size < MIN_GUEST_BYTES {
+        return Err(MemoryError::TooSmall { size });
+    }
+    if size > MAX_GUEST_BYTES {
+        return Err(MemoryError::TooLarge { size });
+    }
+    if size % 4096 != 0 {
+        return Err(MemoryError::Unaligned { size });
+    }
+    if host_bytes != 0 && size > host_bytes {
+        return Err(MemoryError::ExceedsHost {
+            size,
+            host: host_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Total RAM of this host in bytes (0 if unknown).
+pub fn host_ram_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_checked_against_limits() {
+        assert!(matches!(
+            validate_size(1 << 20, 0),
+            Err(MemoryError::TooSmall { .. })
+        ));
+        assert!(matches!(
+            validate_size(4 << 30, 0),
+            Err(MemoryError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            validate_size((64 << 20) + 1, 0),
+            Err(MemoryError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            validate_size(1 << 30, 512 << 20),
+            Err(MemoryError::ExceedsHost { .. })
+        ));
+        assert!(validate_size(64 << 20, 0).is_ok());
+    }
+
+    #[test]
+    fn ram_is_zeroed_and_only_touched_pages_are_resident() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::new(16 << 20).expect("memfd-backed RAM");
+        assert_eq!(
+            ram.mem()
+                .read_obj::<u64>(GuestAddress(0x1000))
+                .expect("read"),
+            0
+        );
+        ram.mem()
+            .write_obj(7u64, GuestAddress(0x10_0000))
+            .expect("write");
+        assert!(ram.resident_bytes() <= 2 * 4096, "{}", ram.resident_bytes());
+    }
+}

@@ -1,0 +1,577 @@
+//! A VM: its memory, devices and vCPU threads, and its lifecycle.
+//!
+//! The lifecycle is an explicit state machine — `Created -> Running <-> Paused -> Stopped` —
+//! and an illegal transition is an error. Every vCPU is a thread with its own activity
+//! (`Parked` until started, `Running`, `Paused`, `Halted`, `Exited`); pause waits until no
+//! vCPU is `Running`, kicking threads out of `KVM_RUN` with a signal until each acknowledges.
+
+use crate::boot::{self, BootError, BootInfo};
+use crate::console::Console;
+use crate::devices::serial::{SerialPort, COM1_IRQ};
+use crate::host::{self, HostError};
+use crate::memory::{GuestRam, MemoryError};
+use crate::vcpu::{self, ApStart};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: usize = 64;
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Number of vCPUs (1..=MAX_VCPUS).
+    pub vcpus: usize,
+    /// The guest's command line.
+    pub cmdline: String,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            mem_bytes: 64 << 20,
+            vcpus: 1,
+            cmdline: String::new(),
+        }
+    }
+}
+
+/// The VM's lifecycle state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmState {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest asked to exit with this status.
+    Exited(i32),
+    /// The guest panicked with this message.
+    Panicked(String),
+    /// The guest crashed (triple fault, failed entry, ...).
+    Crashed {
+        vcpu: usize,
+        reason: String,
+        rip: u64,
+    },
+    /// The host stopped it.
+    Stopped,
+    /// The VMM failed while running it.
+    Failed(String),
+}
+
+impl VmExit {
+    /// The process exit status that stands for this end.
+    pub fn status(&self) -> i32 {
+        match self {
+            VmExit::Exited(s) => *s,
+            VmExit::Panicked(_) => xcloud_abi::PANIC_EXIT_STATUS,
+            VmExit::Crashed { .. } => 125,
+            VmExit::Stopped => 130,
+            VmExit::Failed(_) => 126,
+        }
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::Exited(s) => write!(f, "guest exited with status {s}"),
+            VmExit::Panicked(m) => write!(f, "guest panicked: {m}"),
+            VmExit::Crashed { vcpu, reason, rip } => {
+                write!(f, "guest crashed: vCPU {vcpu} {reason} at RIP {rip:#x}")
+            }
+            VmExit::Stopped => write!(f, "guest stopped by the host"),
+            VmExit::Failed(m) => write!(f, "VMM failure: {m}"),
+        }
+    }
+}
+
+/// VM failures.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("a VM needs 1 to {MAX_VCPUS} vCPUs, not {0}")]
+    VcpuCount(usize),
+    #[error("KVM refused to {what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot set up vCPU {index}: {what}")]
+    Vcpu {
+        index: usize,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot create the serial interrupt eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot start the vCPU thread {index}")]
+    Thread {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot {action} a VM that is {state:?}")]
+    InvalidTransition {
+        action: &'static str,
+        state: VmState,
+    },
+}
+
+/// What the VMM asks of every vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Request {
+    Run,
+    Pause,
+    Stop,
+}
+
+/// What one vCPU thread is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Activity {
+    /// Created, never started (secondary vCPUs wait for a StartVcpu hypercall).
+    Parked,
+    /// In or about to enter KVM_RUN, or serving an exit.
+    Running,
+    /// Acknowledged a pause and waits.
+    Paused,
+    /// Stopped by its own StopVcpu hypercall; waits for the VM's end.
+    Halted,
+    /// Its thread has left the run loop.
+    Exited,
+}
+
+pub(crate) struct Control {
+    pub state: VmState,
+    pub request: Request,
+    pub vcpus: Vec<Activity>,
+    pub starts: Vec<Option<ApStart>>,
+    pub exit: Option<VmExit>,
+    pub threads: Vec<libc::pthread_t>,
+}
+
+/// What every vCPU thread shares.
+pub(crate) struct Shared {
+    pub ram: GuestRam,
+    pub console: Console,
+    pub serial: Mutex<SerialPort>,
+    pub control: Mutex<Control>,
+    pub changed: Condvar,
+    pub vcpu_count: usize,
+    pub tsc_khz: u64,
+    noise: AtomicU64,
+}
+
+/// What a vCPU thread does next, decided under the control lock.
+pub(crate) enum Gate {
+    Run,
+    Start(ApStart),
+    Stop,
+}
+
+/// How many ignored guest accesses are logged at warn level before the rest go to debug.
+const NOISE_WARNINGS: u64 = 10;
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Logs a guest access the VMM ignores (unknown port, MMIO, malformed hypercall).
+    pub fn guest_noise(&self, what: std::fmt::Arguments<'_>) {
+        let n = self.noise.fetch_add(1, Ordering::Relaxed);
+        if n < NOISE_WARNINGS {
+            tracing::warn!("ignored guest access: {what}");
+        } else {
+            tracing::debug!("ignored guest access: {what}");
+        }
+    }
+
+    /// Blocks vCPU `index` until it may run, must apply a start, or must stop.
+    pub fn gate(&self, index: usize) -> Gate {
+        let mut c = self.lock();
+        loop {
+            if c.request == Request::Stop {
+                return Gate::Stop;
+            }
+            match c.vcpus[index] {
+                Activity::Parked => {
+                    if let Some(start) = c.starts[index].take() {
+                        c.vcpus[index] = Activity::Paused;
+                        return Gate::Start(start);
+                    }
+                }
+                Activity::Running | Activity::Paused => match c.request {
+                    Request::Run => {
+                        if c.vcpus[index] == Activity::Paused {
+                            c.vcpus[index] = Activity::Running;
+                            self.changed.notify_all();
+                        }
+                        return Gate::Run;
+                    }
+                    _ => {
+                        if c.vcpus[index] == Activity::Running {
+                            c.vcpus[index] = Activity::Paused;
+                            self.changed.notify_all();
+                        }
+                    }
+                },
+                Activity::Halted => {}
+                Activity::Exited => return Gate::Stop,
+            }
+            c = self.changed.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Sleeps vCPU `index` for `duration` of wall time, honouring pause and stop.
+    pub fn sleep(&self, index: usize, duration: Duration) {
+        let deadline = Instant::now() + duration;
+        let mut c = self.lock();
+        loop {
+            match c.request {
+                Request::Stop => return,
+                Request::Pause => {
+                    if c.vcpus[index] == Activity::Running {
+                        c.vcpus[index] = Activity::Paused;
+                        self.changed.notify_all();
+                    }
+                    c = self.changed.wait(c).unwrap_or_else(|p| p.into_inner());
+                }
+                Request::Run => {
+                    if c.vcpus[index] == Activity::Paused {
+                        c.vcpus[index] = Activity::Running;
+                        self.changed.notify_all();
+                    }
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return;
+                    }
+                    c = self
+                        .changed
+                        .wait_timeout(c, deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    /// Ends the VM with `exit` (the first end recorded wins) and stops every vCPU.
+    pub fn finish(&self, exit: VmExit) {
+        let mut c = self.lock();
+        if c.exit.is_none() {
+            c.exit = Some(exit);
+        }
+        c.request = Request::Stop;
+        self.changed.notify_all();
+        kick(&c);
+    }
+
+    /// Marks vCPU `index` as halted by its own request.
+    pub fn halt(&self, index: usize) {
+        let mut c = self.lock();
+        c.vcpus[index] = Activity::Halted;
+        self.changed.notify_all();
+    }
+
+    /// Marks vCPU `index`'s thread as gone.
+    pub fn exited(&self, index: usize) {
+        let mut c = self.lock();
+        c.vcpus[index] = Activity::Exited;
+        self.changed.notify_all();
+    }
+}
+
+/// Sends the kick signal to every vCPU thread that has not exited. Called with the control
+/// lock held, so no thread can be joined (and its id reused) while it is signalled.
+fn kick(c: &Control) {
+    for (i, &tid) in c.threads.iter().enumerate() {
+        if c.vcpus.get(i).is_some_and(|a| *a != Activity::Exited) {
+            // SAFETY: `tid` is a vCPU thread of this VM that has not been joined (threads are
+            // joined only after every vCPU is Exited, under this same lock); the signal's
+            // handler is installed before any thread starts and does nothing.
+            unsafe { libc::pthread_kill(tid, vcpu::kick_signal()) };
+        }
+    }
+}
+
+/// A handle that pauses, resumes and stops a VM from any thread.
+#[derive(Clone)]
+pub struct VmHandle {
+    shared: Arc<Shared>,
+}
+
+impl VmHandle {
+    /// The current lifecycle state.
+    pub fn state(&self) -> VmState {
+        self.shared.lock().state
+    }
+
+    /// Stops every vCPU and returns once none runs guest code. The guest's clock keeps going.
+    pub fn pause(&self) -> Result<(), VmError> {
+        let mut c = self.shared.lock();
+        if c.state != VmState::Running {
+            return Err(VmError::InvalidTransition {
+                action: "pause",
+                state: c.state,
+            });
+        }
+        c.request = Request::Pause;
+        self.shared.changed.notify_all();
+        while c.request == Request::Pause && c.vcpus.contains(&Activity::Running) {
+            kick(&c);
+            c = self
+                .shared
+                .changed
+                .wait_timeout(c, Duration::from_millis(1))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        if c.request == Request::Stop {
+            return Err(VmError::InvalidTransition {
+                action: "pause",
+                state: VmState::Stopped,
+            });
+        }
+        c.state = VmState::Paused;
+        Ok(())
+    }
+
+    /// Lets every paused vCPU run again.
+    pub fn resume(&self) -> Result<(), VmError> {
+        let mut c = self.shared.lock();
+        if c.state != VmState::Paused {
+            return Err(VmError::InvalidTransition {
+                action: "resume",
+                state: c.state,
+            });
+        }
+        c.request = Request::Run;
+        c.state = VmState::Running;
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// Stops the VM; `Vm::wait` then returns `VmExit::Stopped` unless the guest ended first.
+    pub fn stop(&self) {
+        self.shared.finish(VmExit::Stopped);
+    }
+
+    /// Bytes of guest RAM resident in the host.
+    pub fn guest_resident_bytes(&self) -> u64 {
+        self.shared.ram.resident_bytes()
+    }
+}
+
+/// A VM built and ready to start.
+pub struct Vm {
+    _kvm: Kvm,
+    _vm_fd: VmFd,
+    shared: Arc<Shared>,
+    vcpus: Vec<VcpuFd>,
+    threads: Vec<JoinHandle<()>>,
+    boot: BootInfo,
+}
+
+static KICK_HANDLER: Once = Once::new();
+
+impl Vm {
+    /// Builds a VM: KVM, memfd RAM, in-kernel irqchip, COM1, vCPUs, and the PVH image loaded.
+    pub fn new(config: &VmConfig, image: &[u8], console: Console) -> Result<Self, VmError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(VmError::VcpuCount(config.vcpus));
+        }
+        let kvm = host::open_kvm()?;
+        let ram = GuestRam::new(config.mem_bytes)?;
+        let boot = boot::load_pvh(ram.mem(), ram.size(), image, &config.cmdline)?;
+        let vm_fd = kvm.create_vm().map_err(|source| VmError::Kvm {
+            what: "create a VM",
+            source,
+        })?;
+        // KVM on Intel needs a TSS area for real-mode emulation; place it in the 32-bit hole.
+        vm_fd
+            .set_tss_address(0xfffb_d000)
+            .map_err(|source| VmError::Kvm {
+                what: "set the TSS address",
+                source,
+            })?;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.size(),
+            userspace_addr: ram.host_base(),
+        };
+        // SAFETY: the region is the whole mmap of `ram`, which `Shared` keeps alive as long as
+        // the VM fd (dropped with this Vm, after the vCPU threads are joined).
+        unsafe { vm_fd.set_user_memory_region(region) }.map_err(|source| VmError::Kvm {
+            what: "register guest memory",
+            source,
+        })?;
+        vm_fd.create_irq_chip().map_err(|source| VmError::Kvm {
+            what: "create the in-kernel irqchip",
+            source,
+        })?;
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm_fd
+            .register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(|source| VmError::Kvm {
+                what: "register the serial irqfd",
+                source,
+            })?;
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmError::Kvm {
+                what: "report supported CPUID",
+                source,
+            })?;
+        let mut vcpus = Vec::with_capacity(config.vcpus);
+        for index in 0..config.vcpus {
+            let fd = vcpu::create(&vm_fd, index, &cpuid)?;
+            if index == 0 {
+                vcpu::set_boot_state(&fd, &boot)?;
+            }
+            vcpus.push(fd);
+        }
+        let tsc_khz = vcpus[0]
+            .get_tsc_khz()
+            .map(u64::from)
+            .unwrap_or_else(|_| vcpu::host_tsc_khz());
+        let mut activity = vec![Activity::Parked; config.vcpus];
+        activity[0] = Activity::Paused;
+        let shared = Arc::new(Shared {
+            serial: Mutex::new(SerialPort::new(serial_irq, console.clone())),
+            console,
+            ram,
+            control: Mutex::new(Control {
+                state: VmState::Created,
+                request: Request::Run,
+                vcpus: activity,
+                starts: (0..config.vcpus).map(|_| None).collect(),
+                exit: None,
+                threads: Vec::new(),
+            }),
+            changed: Condvar::new(),
+            vcpu_count: config.vcpus,
+            tsc_khz,
+            noise: AtomicU64::new(0),
+        });
+        Ok(Self {
+            _kvm: kvm,
+            _vm_fd: vm_fd,
+            shared,
+            vcpus,
+            threads: Vec::new(),
+            boot,
+        })
+    }
+
+    /// Where the image was loaded.
+    pub fn boot_info(&self) -> BootInfo {
+        self.boot
+    }
+
+    /// A handle for pause, resume and stop.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Starts one thread per vCPU; the boot vCPU begins at the PVH entry.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        {
+            let c = self.shared.lock();
+            if c.state != VmState::Created {
+                return Err(VmError::InvalidTransition {
+                    action: "start",
+                    state: c.state,
+                });
+            }
+        }
+        let mut install = Ok(());
+        KICK_HANDLER.call_once(|| install = vcpu::install_kick_handler());
+        install.map_err(|e| VmError::Thread {
+            index: 0,
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        let mut c = self.shared.lock();
+        for (index, fd) in self.vcpus.drain(..).enumerate() {
+            let shared = self.shared.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .stack_size(256 * 1024)
+                .spawn(move || vcpu::run(index, fd, shared));
+            let thread = match thread {
+                Ok(t) => t,
+                Err(source) => {
+                    drop(c);
+                    self.shared
+                        .finish(VmExit::Failed(format!("cannot start vCPU thread {index}")));
+                    return Err(VmError::Thread { index, source });
+                }
+            };
+            use std::os::unix::thread::JoinHandleExt;
+            c.threads.push(thread.as_pthread_t());
+            self.threads.push(thread);
+        }
+        c.state = VmState::Running;
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// Waits for the VM to end and returns how it ended.
+    pub fn wait(mut self) -> VmExit {
+        {
+            let mut c = self.shared.lock();
+            while c.vcpus.iter().any(|a| *a != Activity::Exited) {
+                if self.threads.is_empty() {
+                    break;
+                }
+                c = self
+                    .shared
+                    .changed
+                    .wait(c)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                self.shared
+                    .finish(VmExit::Failed("a vCPU thread panicked".into()));
+            }
+        }
+        let mut c = self.shared.lock();
+        c.state = VmState::Stopped;
+        c.exit.clone().unwrap_or(VmExit::Stopped)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.shared.finish(VmExit::Stopped);
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! `xcloud`: run guests, check the host, measure.
+
+mod guests;
+mod run;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "xcloud", version, about = "The tenant's own hypervisor layer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest (a built-in name or a PVH ELF path) with its console on stdout.
+    Run {
+        /// Guest RAM, e.g. 64M or 1G.
+        #[arg(long, default_value = "64M", value_parser = run::parse_size)]
+        mem: u64,
+        /// Number of vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: usize,
+        /// Built-in guest name (hello, heartbeat, dirty, micro) or path to a PVH ELF.
+        guest: String,
+        /// Arguments passed to the guest on its command line.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// List the built-in guests.
+    Guests,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("XCLOUD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            mem,
+            vcpus,
+            guest,
+            args,
+        } => run::run(mem, vcpus, &guest, &args),
+        Command::Guests => {
+            for name in guests::names() {
+                println!("{name}");
+            }
+            Ok(0)
+        }
+    };
+    match result {
+        Ok(status) => ExitCode::from(status.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("xcloud: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

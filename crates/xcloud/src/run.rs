@@ -1,0 +1,108 @@
+//! `xcloud run`: boots a guest with its console on stdout; the guest's status becomes ours.
+
+use crate::guests;
+use anyhow::{bail, Context, Result};
+use std::borrow::Cow;
+use xcloud_vmm::{Console, Vm, VmConfig, VmExit};
+
+/// Parses a size such as `64M`, `1G`, `512MiB`, `4096`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits_end);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size (try 64M or 1G)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => {
+            return Err(format!(
+                "unknown size unit '{other}' in '{text}' (use K, M or G)"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size '{text}' is too large"))
+}
+
+/// Loads GUEST: a built-in name or a path to a PVH ELF.
+pub fn load_image(guest: &str) -> Result<Cow<'static, [u8]>> {
+    if let Some(image) = guests::builtin(guest) {
+        return Ok(Cow::Borrowed(image));
+    }
+    if !guest.contains('/') && !std::path::Path::new(guest).exists() {
+        bail!(
+            "'{guest}' is neither a built-in guest ({}) nor a file",
+            guests::names().join(", ")
+        );
+    }
+    let bytes = std::fs::read(guest).with_context(|| format!("cannot read guest image {guest}"))?;
+    Ok(Cow::Owned(bytes))
+}
+
+/// Blocks the termination signals in this thread (and so in every thread it starts) and
+/// returns the set, for a dedicated thread to `sigwait` on.
+fn block_termination_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data that sigemptyset initialises before any other use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the calls only edit it and this thread's mask.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    set
+}
+
+/// Runs the guest to its end and returns the process exit status.
+pub fn run(mem: u64, vcpus: usize, guest: &str, args: &[String]) -> Result<i32> {
+    let image = load_image(guest)?;
+    let signals = block_termination_signals();
+    let config = VmConfig {
+        mem_bytes: mem,
+        vcpus,
+        cmdline: args.join(" "),
+    };
+    let mut vm = Vm::new(&config, &image, Console::stdout()).context("cannot create the VM")?;
+    let handle = vm.handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: `signals` is an initialised set and `sig` a valid out-pointer.
+            if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
+                tracing::info!("signal {sig}: stopping the VM");
+                handle.stop();
+            }
+        })
+        .context("cannot start the signal thread")?;
+    vm.start().context("cannot start the VM")?;
+    let exit = vm.wait();
+    match &exit {
+        VmExit::Exited(_) => {}
+        other => eprintln!("xcloud: {other}"),
+    }
+    Ok(exit.status())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("12T").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+}
