@@ -1,5 +1,6 @@
 //! `xcloud`: run guests, check the host, measure.
 
+mod bench;
 mod guests;
 mod run;
 
@@ -31,6 +32,22 @@ enum Command {
     },
     /// List the built-in guests.
     Guests,
+    /// Benchmarks that print their figures as a table, with targets.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Basic operations native vs in a guest, start time, VMM memory overhead.
+    Micro {
+        /// Multiplies the iteration counts (longer, steadier runs).
+        #[arg(long, default_value_t = 1)]
+        scale: u64,
+        /// How many times to measure the start time.
+        #[arg(long, default_value_t = 10)]
+        startup_runs: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,6 +66,10 @@ fn main() -> ExitCode {
             guest,
             args,
         } => run::run(mem, vcpus, &guest, &args),
+        Command::Bench(BenchCommand::Micro {
+            scale,
+            startup_runs,
+        }) => bench::micro(scale, startup_runs).map(|_| 0),
         Command::Guests => {
             for name in guests::names() {
                 println!("{name}");

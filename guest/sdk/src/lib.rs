@@ -20,10 +20,11 @@ pub mod mem;
 
 use alloc::boxed::Box;
 use core::sync::atomic::{AtomicUsize, Ordering};
-use xcloud_abi::{pvh, HcError, Op, PANIC_EXIT_STATUS};
+use xcloud_abi::{pvh, HcError, PANIC_EXIT_STATUS};
 
 /// Re-exported so that workloads can use `Vec`, `String`, `Box`.
 pub use alloc as heap;
+pub use xcloud_abi::Op;
 
 const MAX_RAM_REGIONS: usize = 16;
 static CMDLINE: AtomicUsize = AtomicUsize::new(0);
