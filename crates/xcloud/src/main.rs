@@ -1,6 +1,7 @@
 //! `xcloud`: run guests, check the host, measure.
 
 mod bench;
+mod doctor;
 mod guests;
 mod run;
 
@@ -32,6 +33,8 @@ enum Command {
     },
     /// List the built-in guests.
     Guests,
+    /// Report what virtualization this host offers and what guests can run here, with measured costs.
+    Doctor,
     /// Benchmarks that print their figures as a table, with targets.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
             scale,
             startup_runs,
         }) => bench::micro(scale, startup_runs).map(|_| 0),
+        Command::Doctor => doctor::doctor(),
         Command::Guests => {
             for name in guests::names() {
                 println!("{name}");
