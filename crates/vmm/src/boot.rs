@@ -146,7 +146,7 @@ fn check_elf(image: &[u8], mem_size: u64) -> Result<Vec<Segment>, BootError> {
                 len: image.len(),
             });
         }
-        let end = paddr.checked_add(memsz).unwrap_or(u64::MAX);
+        let end = paddr.saturating_add(memsz);
         if paddr < layout::HIGHMEM_START || end > mem_size {
             return Err(BootError::SegmentOutsideMemory {
                 index,

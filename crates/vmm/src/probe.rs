@@ -18,7 +18,11 @@ pub enum ProbeError {
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error("KVM refused to {what}")]
-    Kvm { what: &'static str, #[source] source: kvm_ioctls::Error },
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot write the probe guest into its memory")]
     Write(#[source] vm_memory::GuestMemoryError),
     #[error("the CPL{cpl} probe guest stopped unexpectedly: {exit}")]
@@ -77,7 +81,13 @@ fn setup_memory(ram: &GuestRam, code: &[u8]) -> Result<(), vm_memory::GuestMemor
     for i in 0..512u64 {
         mem.write_obj((i << 21) | 0x87, GuestAddress(PML4 + 0x2000 + i * 8))?;
     }
-    let gdt: [u64; 5] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x00cf_f300_0000_ffff, 0x00af_fb00_0000_ffff];
+    let gdt: [u64; 5] = [
+        0,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00cf_f300_0000_ffff,
+        0x00af_fb00_0000_ffff,
+    ];
     for (i, d) in gdt.iter().enumerate() {
         mem.write_obj(*d, GuestAddress(GDT + i as u64 * 8))?;
     }
@@ -110,7 +120,8 @@ fn run_level(cpl: u8, loop_iters: u64, exits: u64) -> Result<LevelCosts, ProbeEr
     setup_memory(&ram, &probe_code(loop_iters, exits)).map_err(ProbeError::Write)?;
     let kvm_err = |what| move |source| ProbeError::Kvm { what, source };
     let vm: VmFd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-    vm.set_tss_address(0xfffb_d000).map_err(kvm_err("set the TSS address"))?;
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(kvm_err("set the TSS address"))?;
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: 0,
@@ -122,17 +133,34 @@ fn run_level(cpl: u8, loop_iters: u64, exits: u64) -> Result<LevelCosts, ProbeEr
     // dropped after it).
     unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register memory"))?;
     let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
-    let cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("report CPUID"))?;
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("report CPUID"))?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("read sregs"))?;
-    let (cs, ds) = if cpl == 0 { (segment(0x08, true, 0), segment(0x10, false, 0)) } else { (segment(0x23, true, 3), segment(0x1b, false, 3)) };
+    let (cs, ds) = if cpl == 0 {
+        (segment(0x08, true, 0), segment(0x10, false, 0))
+    } else {
+        (segment(0x23, true, 3), segment(0x1b, false, 3))
+    };
     sregs.cs = cs;
     sregs.ds = ds;
     sregs.es = ds;
     sregs.fs = ds;
     sregs.gs = ds;
     sregs.ss = ds;
-    sregs.tr = kvm_segment { base: TSS, limit: TSS_LIMIT, selector: 0x28, type_: 0xb, s: 0, dpl: 0, l: 0, db: 0, g: 0, ..segment(0x28, false, 0) };
+    sregs.tr = kvm_segment {
+        base: TSS,
+        limit: TSS_LIMIT,
+        selector: 0x28,
+        type_: 0xb,
+        s: 0,
+        dpl: 0,
+        l: 0,
+        db: 0,
+        g: 0,
+        ..segment(0x28, false, 0)
+    };
     sregs.gdt.base = GDT;
     sregs.gdt.limit = 5 * 8 - 1;
     sregs.cr3 = PML4;
@@ -141,7 +169,13 @@ fn run_level(cpl: u8, loop_iters: u64, exits: u64) -> Result<LevelCosts, ProbeEr
     sregs.efer = 0x500;
     vcpu.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
     let rflags = if cpl == 0 { 0x2 } else { 0x3002 };
-    vcpu.set_regs(&kvm_regs { rip: CODE, rsp: 0x20_0000, rflags, ..Default::default() }).map_err(kvm_err("set regs"))?;
+    vcpu.set_regs(&kvm_regs {
+        rip: CODE,
+        rsp: 0x20_0000,
+        rflags,
+        ..Default::default()
+    })
+    .map_err(kvm_err("set regs"))?;
 
     let limit = Duration::from_secs(20);
     let started = Instant::now();
@@ -155,13 +189,26 @@ fn run_level(cpl: u8, loop_iters: u64, exits: u64) -> Result<LevelCosts, ProbeEr
             Ok(VcpuExit::IoOut(PORT_LOOP_END, _)) => loop_end = Some(Instant::now()),
             Ok(VcpuExit::IoOut(PORT_EXIT, _)) => {}
             Ok(VcpuExit::IoOut(PORT_DONE, _)) => exits_done = Some(Instant::now()),
-            Ok(other) => return Err(ProbeError::Unexpected { cpl, exit: format!("{other:?}") }),
+            Ok(other) => {
+                return Err(ProbeError::Unexpected {
+                    cpl,
+                    exit: format!("{other:?}"),
+                })
+            }
             Err(e) if e.errno() == libc::EINTR => {}
-            Err(e) => return Err(ProbeError::Unexpected { cpl, exit: e.to_string() }),
+            Err(e) => {
+                return Err(ProbeError::Unexpected {
+                    cpl,
+                    exit: e.to_string(),
+                })
+            }
         }
     }
     let (Some(a), Some(b), Some(c)) = (loop_start, loop_end, exits_done) else {
-        return Err(ProbeError::Unexpected { cpl, exit: "ports written out of order".into() });
+        return Err(ProbeError::Unexpected {
+            cpl,
+            exit: "ports written out of order".into(),
+        });
     };
     Ok(LevelCosts {
         loop_ns: (b - a).as_secs_f64() * 1e9 / loop_iters as f64,
@@ -171,7 +218,10 @@ fn run_level(cpl: u8, loop_iters: u64, exits: u64) -> Result<LevelCosts, ProbeEr
 
 /// Measures loop speed and port-I/O exit cost at CPL0 and CPL3 (about a quarter second).
 pub fn measure() -> Result<PlatformCosts, ProbeError> {
-    Ok(PlatformCosts { cpl0: run_level(0, 20_000, 500)?, cpl3: run_level(3, 50_000_000, 500)? })
+    Ok(PlatformCosts {
+        cpl0: run_level(0, 20_000, 500)?,
+        cpl3: run_level(3, 50_000_000, 500)?,
+    })
 }
 
 #[cfg(test)]
@@ -181,8 +231,8 @@ mod tests {
     #[test]
     fn probe_code_branches_land_on_their_loops() {
         let c = probe_code(1, 1);
-        // The first jnz (at offset 17) jumps back 5 bytes to the dec at offset 14.
-        assert_eq!(&c[14..19], &[0x48, 0xff, 0xc9, 0x75, 0xfb]);
+        // The first jnz (at offset 15) jumps back 5 bytes to the dec at offset 12.
+        assert_eq!(&c[12..17], &[0x48, 0xff, 0xc9, 0x75, 0xfb]);
         assert_eq!(c.len(), 2 + 8 + 2 + 5 + 2 + 2 + 8 + 7 + 4);
     }
 }

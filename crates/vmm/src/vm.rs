@@ -183,7 +183,7 @@ pub(crate) struct Shared {
 /// What a vCPU thread does next, decided under the control lock.
 pub(crate) enum Gate {
     Run,
-    Start(ApStart),
+    Start(Box<ApStart>),
     Stop,
 }
 
@@ -216,7 +216,7 @@ impl Shared {
                 Activity::Parked => {
                     if let Some(start) = c.starts[index].take() {
                         c.vcpus[index] = Activity::Paused;
-                        return Gate::Start(start);
+                        return Gate::Start(Box::new(start));
                     }
                 }
                 Activity::Running | Activity::Paused => match c.request {
@@ -373,6 +373,15 @@ impl VmHandle {
     /// Stops the VM; `Vm::wait` then returns `VmExit::Stopped` unless the guest ended first.
     pub fn stop(&self) {
         self.shared.finish(VmExit::Stopped);
+    }
+
+    /// Reads guest RAM at guest-physical `addr` (for inspection; the guest may be running).
+    pub fn read_guest(&self, addr: u64, buf: &mut [u8]) -> Result<(), vm_memory::GuestMemoryError> {
+        use vm_memory::Bytes;
+        self.shared
+            .ram
+            .mem()
+            .read_slice(buf, vm_memory::GuestAddress(addr))
     }
 
     /// Bytes of guest RAM resident in the host.

@@ -1,9 +1,6 @@
 //! `xcloud`: run guests, check the host, measure.
 
-mod bench;
-mod doctor;
-mod guests;
-mod run;
+use xcloud::{bench, doctor, guests, run};
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

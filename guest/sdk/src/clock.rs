@@ -25,25 +25,36 @@ pub(crate) fn init() {
     TSC_KHZ.store(if khz == 0 { 1_000_000 } else { khz }, Ordering::Relaxed);
 }
 
-/// Measures the TSC against 10 ms of PIT channel 2 (the classic method; each port access is an
-/// exit, which only adds a little to the 10 ms).
+/// Measures the TSC against about 10 ms of PIT channel 0, read back by latch commands (needs
+/// no speaker gate port, which small machine models such as QEMU's microvm lack). Returns 0
+/// when no PIT answers.
 fn calibrate_with_pit() -> u64 {
     const PIT_HZ: u64 = 1_193_182;
-    const MS: u64 = 10;
-    let latch = (PIT_HZ * MS / 1000) as u16;
-    outb(0x61, (inb(0x61) & !0x02) | 0x01);
-    outb(0x43, 0xb0);
-    outb(0x42, latch as u8);
-    outb(0x42, (latch >> 8) as u8);
+    const WINDOW_TICKS: u64 = PIT_HZ / 100;
+    fn read_counter() -> u16 {
+        outb(0x43, 0x00); // latch channel 0
+        let lo = inb(0x40);
+        let hi = inb(0x40);
+        u16::from_le_bytes([lo, hi])
+    }
+    // Channel 0, lobyte/hibyte, mode 2 (rate generator), reload 65536 (~55 ms per wrap).
+    outb(0x43, 0x34);
+    outb(0x40, 0);
+    outb(0x40, 0);
+    let mut previous = read_counter();
     let start = rdtsc();
-    let mut polls = 0u32;
-    while inb(0x61) & 0x20 == 0 {
-        polls += 1;
-        if polls > 1_000_000 {
+    let mut elapsed = 0u64;
+    let mut reads = 0u32;
+    while elapsed < WINDOW_TICKS {
+        let now = read_counter();
+        elapsed += previous.wrapping_sub(now) as u64;
+        previous = now;
+        reads += 1;
+        if reads > 100_000 {
             return 0;
         }
     }
-    (rdtsc() - start) / MS
+    (rdtsc() - start) * PIT_HZ / elapsed / 1000
 }
 
 /// The TSC frequency in kHz.

@@ -58,7 +58,7 @@ fn main() -> i32 {
     loop {
         let now = clock::now_ns();
         if now >= end {
-            println!("dirty: done, {} MiB written", written * PAGE as u64 >> 20);
+            println!("dirty: done, {} MiB written", (written * PAGE as u64) >> 20);
             return 0;
         }
         let due = ((now - start) as u128 * pages_per_s as u128 / 1_000_000_000) as u64;
@@ -69,7 +69,7 @@ fn main() -> i32 {
         if now >= next_report {
             println!(
                 "dirty: {} MiB written, {:.1} MiB/s",
-                written * PAGE as u64 >> 20,
+                (written * PAGE as u64) >> 20,
                 (done_since_start * PAGE as u64) as f64
                     / (1 << 20) as f64
                     / ((now - start) as f64 / 1e9)

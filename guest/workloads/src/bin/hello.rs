@@ -1,4 +1,5 @@
-//! `hello`: greets from every vCPU, then exits 0. Arguments: none (any given are echoed).
+//! `hello`: greets from every vCPU, then exits 0. Arguments are echoed; two are understood:
+//! `panic` makes the guest panic (to test panic reporting) and `exit N` makes it exit with N.
 #![no_std]
 #![no_main]
 
@@ -28,6 +29,11 @@ fn main() -> i32 {
     let args: sdk::heap::vec::Vec<&str> = sdk::args().collect();
     if !args.is_empty() {
         println!("args: {args:?}");
+    }
+    match args.as_slice() {
+        ["panic", ..] => panic!("asked to panic"),
+        ["exit", n, ..] => return n.parse().unwrap_or(255),
+        _ => {}
     }
     println!("all {vcpus} vcpus said hello");
     0

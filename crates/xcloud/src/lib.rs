@@ -1,0 +1,7 @@
+//! The `xcloud` command's library half: the built-in guests and the commands, so that the
+//! integration tests can drive them in-process as well as through the binary.
+
+pub mod bench;
+pub mod doctor;
+pub mod guests;
+pub mod run;

@@ -1,0 +1,115 @@
+//! What cannot run is refused with one clear line and a non-zero status.
+
+mod common;
+use common::*;
+
+fn fails_with(args: &[&str], status: i32, needle: &str) {
+    let out = run(args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(status), "{args:?}: {err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected '{needle}' in: {err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn no_kvm_device_says_so_and_what_to_do() {
+    let out = xcloud()
+        .env("XCLOUD_KVM_DEVICE", "/nonexistent/kvm")
+        .args(["run", "hello"])
+        .output()
+        .expect("xcloud");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("/nonexistent/kvm does not exist") && err.contains("modprobe"),
+        "{err}"
+    );
+}
+
+#[test]
+fn no_permission_on_kvm_says_so_and_what_to_do() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test drops from root to nobody; run the suite as root"
+    );
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_xcloud"),
+            "run",
+            "hello",
+        ])
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no permission to open /dev/kvm") && err.contains("kvm"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_an_elf_is_refused() {
+    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("not-an-elf");
+    std::fs::write(&path, b"#!/bin/sh\necho this is a shell script\n").expect("write");
+    fails_with(
+        &["run", path.to_str().expect("utf-8")],
+        1,
+        "not an ELF file",
+    );
+}
+
+#[test]
+fn an_elf_without_pvh_note_is_refused() {
+    let elf = build_asm_guest("no-note", ".text\n.globl _start\n_start: hlt\n");
+    fails_with(
+        &["run", elf.to_str().expect("utf-8")],
+        1,
+        "no PVH entry note",
+    );
+}
+
+#[test]
+fn segments_outside_guest_memory_are_refused() {
+    // A 4 MiB bss does not fit in a 4 MiB guest whose RAM above 1 MiB is 3 MiB.
+    let source = format!("{PVH_NOTE}\n.text\n.globl _start\n_start: hlt\n.bss\n.skip 4 << 20\n");
+    let elf = build_asm_guest("too-big", &source);
+    fails_with(
+        &["run", "--mem", "4M", elf.to_str().expect("utf-8")],
+        1,
+        "lies outside guest RAM",
+    );
+}
+
+#[test]
+fn guest_memory_too_small_or_too_large_is_refused() {
+    fails_with(&["run", "--mem", "1M", "hello"], 1, "too small");
+    fails_with(&["run", "--mem", "8G", "hello"], 1, "too large");
+    fails_with(
+        &["run", "--mem", "64M", "--vcpus", "0", "hello"],
+        1,
+        "1 to 64 vCPUs",
+    );
+}
+
+#[test]
+fn an_unknown_guest_name_lists_the_built_in_ones() {
+    fails_with(&["run", "nosuchguest"], 1, "hello, heartbeat, dirty, micro");
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    fails_with(
+        &["run", "/nonexistent/guest.elf"],
+        1,
+        "cannot read guest image /nonexistent/guest.elf",
+    );
+}
