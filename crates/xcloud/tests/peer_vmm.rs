@@ -10,9 +10,27 @@ fn qemu(guest: &str, append: &str) -> (String, Option<i32>, f64) {
     std::fs::write(&path, image).expect("write the guest image");
     let start = Instant::now();
     let out = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "64M"])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-kernel"])
+        .args([
+            "-M",
+            "microvm",
+            "-enable-kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+            "-m",
+            "64M",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+        ])
+        .args([
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel",
+        ])
         .arg(&path)
         .args(["-append", append])
         .output()
@@ -24,7 +42,10 @@ fn qemu(guest: &str, append: &str) -> (String, Option<i32>, f64) {
 #[test]
 fn hello_boots_in_qemu_microvm_with_its_exit_status() {
     let (text, status, _) = qemu("hello", "exit 3");
-    assert!(text.contains("Hello from xcloud guest (vcpu 0 of 1, 63 MiB RAM)"), "{text}");
+    assert!(
+        text.contains("Hello from xcloud guest (vcpu 0 of 1, 63 MiB RAM)"),
+        "{text}"
+    );
     assert!(text.contains(r#"args: ["exit", "3"]"#), "{text}");
     // isa-debug-exit turns status s into (s << 1) | 1.
     assert_eq!(status, Some(7), "{text}");
@@ -36,5 +57,8 @@ fn heartbeat_keeps_time_in_qemu_microvm() {
     assert!(text.contains("heartbeat: done"), "{text}");
     assert_eq!(status, Some(1), "{text}");
     // A 1 s run must take about 1 s of wall time: the PIT-calibrated TSC is right.
-    assert!((0.9..3.0).contains(&wall), "1 s heartbeat took {wall:.2} s: {text}");
+    assert!(
+        (0.9..3.0).contains(&wall),
+        "1 s heartbeat took {wall:.2} s: {text}"
+    );
 }
