@@ -55,7 +55,8 @@ fn boot(guest: &str, cmdline: &str, vcpus: usize) -> (Vm, CaptureBuffer) {
 
 #[test]
 fn pause_stops_the_heartbeat_and_its_gap_matches_the_pause() {
-    let (vm, capture) = boot("heartbeat", "", 1);
+    const VCPUS: u64 = 4;
+    let (vm, capture) = boot("heartbeat", "", VCPUS as usize);
     let handle = vm.handle();
     let text = wait_for(&capture, "heartbeat n=", Duration::from_secs(5));
     let page = text
@@ -65,17 +66,31 @@ fn pause_stops_the_heartbeat_and_its_gap_matches_the_pause() {
         .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
         .expect("the heartbeat prints its page address");
     let count_addr = page + 8;
+    // Every vCPU's counter: the boot vCPU's, then each secondary's slot.
+    let counters: Vec<u64> = std::iter::once(count_addr)
+        .chain((1..VCPUS).map(|i| page + 24 + 8 * i))
+        .collect();
+    let read_all = |h: &VmHandle| {
+        counters
+            .iter()
+            .map(|&a| read_u64(h, a))
+            .collect::<Vec<u64>>()
+    };
     let gap_before = max_gap_us(&text);
 
     let pause = Duration::from_millis(600);
     handle.pause().expect("pause");
     assert_eq!(handle.state(), VmState::Paused);
-    let frozen = read_u64(&handle, count_addr);
+    let frozen = read_all(&handle);
+    assert!(
+        frozen.iter().all(|&c| c > 0),
+        "every vCPU was running: {frozen:?}"
+    );
     std::thread::sleep(pause);
     assert_eq!(
-        read_u64(&handle, count_addr),
+        read_all(&handle),
         frozen,
-        "no guest progress while paused"
+        "no progress on any vCPU while paused"
     );
     let lines_while_paused = capture.text().lines().count();
     handle.resume().expect("resume");
@@ -90,9 +105,10 @@ fn pause_stops_the_heartbeat_and_its_gap_matches_the_pause() {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    let after = read_all(&handle);
     assert!(
-        read_u64(&handle, count_addr) > frozen,
-        "the heartbeat runs again"
+        after.iter().zip(&frozen).all(|(a, f)| a > f),
+        "every vCPU runs again: {frozen:?} -> {after:?}"
     );
     let pause_us = pause.as_micros() as u64;
     assert!(

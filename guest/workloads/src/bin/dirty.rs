@@ -2,6 +2,7 @@
 //! (R = 0: touches it once, then idles). Prints progress every second; runs SECONDS (0 or none:
 //! forever).
 #![no_std]
+#![deny(clippy::undocumented_unsafe_blocks)]
 #![no_main]
 
 use xcloud_guest_sdk::{self as sdk, clock, println};

@@ -1,11 +1,14 @@
 //! `heartbeat`: counts loop iterations in a page of guest memory and tracks the largest gap
 //! between consecutive iterations — the stall the guest itself observes when it is paused,
 //! migrated or descheduled. Prints a line every 500 ms. Argument: seconds to run (0 or none:
-//! forever).
+//! forever). With several vCPUs, every secondary vCPU spins too, counting in its own slot of
+//! the same page, so that pause and migration can be checked on every vCPU.
 #![no_std]
+#![deny(clippy::undocumented_unsafe_blocks)]
 #![no_main]
 
 use core::ptr::{addr_of_mut, write_volatile};
+use core::sync::atomic::{AtomicU64, Ordering};
 use xcloud_guest_sdk::{self as sdk, clock, println};
 
 /// The heartbeat's state, alone in one page so that it is one dirty page per update.
@@ -14,12 +17,19 @@ struct Beat {
     magic: u64,
     count: u64,
     max_gap_ticks: u64,
+    /// Iterations of each secondary vCPU (index 1..), at byte offset 24 + 8 * index.
+    secondary: [AtomicU64; MAX_VCPUS],
 }
+
+const MAX_VCPUS: usize = 64;
+#[allow(clippy::declare_interior_mutable_const)]
+const ZERO: AtomicU64 = AtomicU64::new(0);
 
 static mut BEAT: Beat = Beat {
     magic: 0x7863_6c64_6265_6174,
     count: 0,
     max_gap_ticks: 0,
+    secondary: [ZERO; MAX_VCPUS],
 };
 
 const REPORT_NS: u64 = 500_000_000;
@@ -33,8 +43,21 @@ fn main() -> i32 {
     } else {
         clock::rdtsc() + clock::ns_to_ticks(seconds * 1_000_000_000)
     };
+    let vcpus = sdk::vcpu_count().min(MAX_VCPUS);
+    for index in 1..vcpus {
+        // SAFETY: the secondary slots are atomics that live for the whole run; sharing a
+        // reference to one with another vCPU is sound.
+        let slot = unsafe { &(*beat).secondary[index] };
+        let started = sdk::start_vcpu(index, move || loop {
+            slot.fetch_add(1, Ordering::Relaxed);
+        });
+        if started.is_err() {
+            println!("heartbeat: cannot start vcpu {index}");
+            return 1;
+        }
+    }
     println!(
-        "heartbeat: start, page at {:#x}, tsc {} kHz",
+        "heartbeat: start, page at {:#x}, {vcpus} vcpus, tsc {} kHz",
         beat as usize,
         clock::tsc_khz()
     );
@@ -54,8 +77,9 @@ fn main() -> i32 {
                 max_gap = gap;
             }
         }
-        // SAFETY: BEAT is only ever accessed by this vCPU, through this raw pointer; the
-        // volatile writes keep the page really written every iteration.
+        // SAFETY: `count` and `max_gap_ticks` are written only by this vCPU, through this raw
+        // pointer (secondaries touch only their atomics); the volatile writes keep the page
+        // really written every iteration.
         unsafe {
             write_volatile(addr_of_mut!((*beat).count), count);
             write_volatile(addr_of_mut!((*beat).max_gap_ticks), max_gap);

@@ -1,6 +1,7 @@
 //! `hello`: greets from every vCPU, then exits 0. Arguments are echoed; two are understood:
 //! `panic` makes the guest panic (to test panic reporting) and `exit N` makes it exit with N.
 #![no_std]
+#![deny(clippy::undocumented_unsafe_blocks)]
 #![no_main]
 
 use core::sync::atomic::{AtomicUsize, Ordering};

@@ -1,6 +1,7 @@
 //! `micro`: the guest half of `xcloud bench micro`. Runs the shared kernels of
 //! `xcloud-bench-kernels` and prints one `micro NAME CYCLES` line per row. Argument: scale (1).
 #![no_std]
+#![deny(clippy::undocumented_unsafe_blocks)]
 #![no_main]
 
 use xcloud_bench_kernels::{run_all, Platform};
