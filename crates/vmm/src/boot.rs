@@ -14,6 +14,7 @@ use xcloud_abi::{layout, pvh};
 const ELF_HEADER_BYTES: usize = 64;
 const PHDR_BYTES: usize = 56;
 const PT_LOAD: u32 = 1;
+const PT_NOTE: u32 = 4;
 const EM_X86_64: u16 = 62;
 const LOW_RAM_END: u64 = 0x9_fc00;
 
@@ -330,43 +331,48 @@ pub fn boot_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs
 }
 
+/// A minimal ELF for tests and fuzzing seeds: one PT_LOAD of `code` at `paddr` and, if asked,
+/// a PVH note whose entry is `paddr`.
+pub fn minimal_elf(paddr: u64, code: &[u8], with_pvh_note: bool) -> Vec<u8> {
+    const NOTE_AT: usize = 0x180;
+    const CODE_AT: usize = 0x200;
+    let mut f = vec![0u8; CODE_AT];
+    f.extend_from_slice(code);
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2; // 64-bit
+    f[5] = 1; // little-endian
+    f[6] = 1; // version
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+    f[24..32].copy_from_slice(&paddr.to_le_bytes());
+    f[32..40].copy_from_slice(&(ELF_HEADER_BYTES as u64).to_le_bytes());
+    f[52..54].copy_from_slice(&(ELF_HEADER_BYTES as u16).to_le_bytes());
+    f[54..56].copy_from_slice(&(PHDR_BYTES as u16).to_le_bytes());
+    f[56..58].copy_from_slice(&(1 + u16::from(with_pvh_note)).to_le_bytes());
+    let mut phdr = |index: usize, kind: u32, offset: u64, addr: u64, size: u64| {
+        let at = ELF_HEADER_BYTES + index * PHDR_BYTES;
+        f[at..at + 4].copy_from_slice(&kind.to_le_bytes());
+        f[at + 8..at + 16].copy_from_slice(&offset.to_le_bytes());
+        f[at + 16..at + 24].copy_from_slice(&addr.to_le_bytes());
+        f[at + 24..at + 32].copy_from_slice(&addr.to_le_bytes());
+        f[at + 32..at + 40].copy_from_slice(&size.to_le_bytes());
+        f[at + 40..at + 48].copy_from_slice(&size.to_le_bytes());
+    };
+    phdr(0, PT_LOAD, CODE_AT as u64, paddr, code.len() as u64);
+    if with_pvh_note {
+        phdr(1, PT_NOTE, NOTE_AT as u64, 0, 20);
+        let note = [4u32, 4, pvh::NOTE_PHYS32_ENTRY, u32::from_le_bytes(*b"Xen\0"), paddr as u32];
+        for (i, word) in note.iter().enumerate() {
+            f[NOTE_AT + 4 * i..NOTE_AT + 4 * i + 4].copy_from_slice(&word.to_le_bytes());
+        }
+    }
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::memory::GuestRam;
-
-    /// A minimal ELF: header, one PT_LOAD at `paddr`, and optionally a PVH note.
-    fn elf(paddr: u64, with_note: bool) -> Vec<u8> {
-        let mut f = vec![0u8; 0x200];
-        f[..4].copy_from_slice(b"\x7fELF");
-        f[4] = 2;
-        f[5] = 1;
-        f[6] = 1;
-        f[16..18].copy_from_slice(&2u16.to_le_bytes());
-        f[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
-        f[24..32].copy_from_slice(&paddr.to_le_bytes());
-        f[32..40].copy_from_slice(&64u64.to_le_bytes());
-        f[52..54].copy_from_slice(&64u16.to_le_bytes());
-        f[54..56].copy_from_slice(&56u16.to_le_bytes());
-        f[56..58].copy_from_slice(&(if with_note { 2u16 } else { 1 }).to_le_bytes());
-        let ph = |f: &mut Vec<u8>, at: usize, kind: u32, off: u64, addr: u64, size: u64| {
-            f[at..at + 4].copy_from_slice(&kind.to_le_bytes());
-            f[at + 8..at + 16].copy_from_slice(&off.to_le_bytes());
-            f[at + 16..at + 24].copy_from_slice(&addr.to_le_bytes());
-            f[at + 24..at + 32].copy_from_slice(&addr.to_le_bytes());
-            f[at + 32..at + 40].copy_from_slice(&size.to_le_bytes());
-            f[at + 40..at + 48].copy_from_slice(&size.to_le_bytes());
-        };
-        ph(&mut f, 64, PT_LOAD, 0x100, paddr, 0x100);
-        if with_note {
-            ph(&mut f, 120, 4, 0x180, 0, 20);
-            let note = [4u32, 4, 18, u32::from_le_bytes(*b"Xen\0"), paddr as u32];
-            for (i, w) in note.iter().enumerate() {
-                f[0x180 + 4 * i..0x184 + 4 * i].copy_from_slice(&w.to_le_bytes());
-            }
-        }
-        f
-    }
 
     fn ram() -> GuestRam {
         GuestRam::new(4 << 20).expect("guest RAM")
@@ -375,7 +381,7 @@ mod tests {
     #[test]
     fn a_pvh_elf_loads_and_gets_boot_structures() {
         let ram = ram();
-        let info = load_pvh(ram.mem(), ram.size(), &elf(0x10_0000, true), "a b").expect("boots");
+        let info = load_pvh(ram.mem(), ram.size(), &minimal_elf(0x10_0000, &[0xf4], true), "a b").expect("boots");
         assert_eq!(info.entry, 0x10_0000);
         let magic: u32 = ram
             .mem()
@@ -411,7 +417,7 @@ mod tests {
     fn an_elf_without_pvh_note_is_refused() {
         let ram = ram();
         assert!(matches!(
-            load_pvh(ram.mem(), ram.size(), &elf(0x10_0000, false), ""),
+            load_pvh(ram.mem(), ram.size(), &minimal_elf(0x10_0000, &[0xf4], false), ""),
             Err(BootError::NoPvhNote)
         ));
     }
@@ -419,12 +425,12 @@ mod tests {
     #[test]
     fn segments_outside_memory_are_refused() {
         let ram = ram();
-        let err = load_pvh(ram.mem(), ram.size(), &elf(0x80_0000, true), "").expect_err("outside");
+        let err = load_pvh(ram.mem(), ram.size(), &minimal_elf(0x80_0000, &[0xf4], true), "").expect_err("outside");
         assert!(
             matches!(err, BootError::SegmentOutsideMemory { index: 0, .. }),
             "{err}"
         );
-        let err = load_pvh(ram.mem(), ram.size(), &elf(0x1000, true), "").expect_err("below 1 MiB");
+        let err = load_pvh(ram.mem(), ram.size(), &minimal_elf(0x1000, &[0xf4], true), "").expect_err("below 1 MiB");
         assert!(
             matches!(err, BootError::SegmentOutsideMemory { .. }),
             "{err}"
@@ -434,16 +440,16 @@ mod tests {
     #[test]
     fn truncated_or_hostile_headers_are_refused() {
         let ram = ram();
-        let mut f = elf(0x10_0000, true);
+        let mut f = minimal_elf(0x10_0000, &[0xf4], true);
         f[56..58].copy_from_slice(&u16::MAX.to_le_bytes());
         assert!(matches!(
             load_pvh(ram.mem(), ram.size(), &f, ""),
             Err(BootError::BadProgramHeaders { .. })
         ));
-        let mut f = elf(0x10_0000, true);
+        let mut f = minimal_elf(0x10_0000, &[0xf4], true);
         f[64 + 32..64 + 40].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(load_pvh(ram.mem(), ram.size(), &f, "").is_err());
-        let f = elf(0x10_0000, true);
+        let f = minimal_elf(0x10_0000, &[0xf4], true);
         assert!(load_pvh(ram.mem(), ram.size(), &f[..100], "").is_err());
     }
 
@@ -452,7 +458,7 @@ mod tests {
         let ram = ram();
         let long = "x".repeat(layout::CMDLINE_MAX);
         assert!(matches!(
-            load_pvh(ram.mem(), ram.size(), &elf(0x10_0000, true), &long),
+            load_pvh(ram.mem(), ram.size(), &minimal_elf(0x10_0000, &[0xf4], true), &long),
             Err(BootError::CmdlineTooLong { .. })
         ));
     }

@@ -8,6 +8,7 @@
 pub mod boot;
 pub mod console;
 pub mod devices;
+pub mod fuzzing;
 pub mod host;
 mod hypercall;
 pub mod memory;

@@ -316,7 +316,7 @@ fn kick(c: &Control) {
 /// A handle that pauses, resumes and stops a VM from any thread.
 #[derive(Clone)]
 pub struct VmHandle {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl VmHandle {
@@ -394,8 +394,8 @@ impl VmHandle {
 pub struct Vm {
     _kvm: Kvm,
     _vm_fd: VmFd,
-    shared: Arc<Shared>,
-    vcpus: Vec<VcpuFd>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) vcpus: Vec<VcpuFd>,
     threads: Vec<JoinHandle<()>>,
     boot: BootInfo,
 }
