@@ -286,6 +286,16 @@ pub fn boot_regs(info: &BootInfo) -> kvm_regs {
     }
 }
 
+/// Loads `code` into CS and `data` into every data segment register.
+pub(crate) fn set_segments(sregs: &mut kvm_sregs, code: kvm_segment, data: kvm_segment) {
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+}
+
 /// Segment and control registers of the boot vCPU at the PVH entry, applied over `sregs`.
 pub fn boot_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     let flat = |selector: u16, type_: u8| kvm_segment {
@@ -303,13 +313,7 @@ pub fn boot_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
         unusable: 0,
         padding: 0,
     };
-    sregs.cs = flat(0x08, 0xb);
-    let data = flat(0x10, 0x3);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    set_segments(&mut sregs, flat(0x08, 0xb), flat(0x10, 0x3));
     sregs.tr = kvm_segment {
         base: layout::TSS,
         limit: (layout::TSS_SIZE - 1) as u32,
@@ -361,7 +365,13 @@ pub fn minimal_elf(paddr: u64, code: &[u8], with_pvh_note: bool) -> Vec<u8> {
     phdr(0, PT_LOAD, CODE_AT as u64, paddr, code.len() as u64);
     if with_pvh_note {
         phdr(1, PT_NOTE, NOTE_AT as u64, 0, 20);
-        let note = [4u32, 4, pvh::NOTE_PHYS32_ENTRY, u32::from_le_bytes(*b"Xen\0"), paddr as u32];
+        let note = [
+            4u32,
+            4,
+            pvh::NOTE_PHYS32_ENTRY,
+            u32::from_le_bytes(*b"Xen\0"),
+            paddr as u32,
+        ];
         for (i, word) in note.iter().enumerate() {
             f[NOTE_AT + 4 * i..NOTE_AT + 4 * i + 4].copy_from_slice(&word.to_le_bytes());
         }
@@ -381,7 +391,13 @@ mod tests {
     #[test]
     fn a_pvh_elf_loads_and_gets_boot_structures() {
         let ram = ram();
-        let info = load_pvh(ram.mem(), ram.size(), &minimal_elf(0x10_0000, &[0xf4], true), "a b").expect("boots");
+        let info = load_pvh(
+            ram.mem(),
+            ram.size(),
+            &minimal_elf(0x10_0000, &[0xf4], true),
+            "a b",
+        )
+        .expect("boots");
         assert_eq!(info.entry, 0x10_0000);
         let magic: u32 = ram
             .mem()
@@ -417,7 +433,12 @@ mod tests {
     fn an_elf_without_pvh_note_is_refused() {
         let ram = ram();
         assert!(matches!(
-            load_pvh(ram.mem(), ram.size(), &minimal_elf(0x10_0000, &[0xf4], false), ""),
+            load_pvh(
+                ram.mem(),
+                ram.size(),
+                &minimal_elf(0x10_0000, &[0xf4], false),
+                ""
+            ),
             Err(BootError::NoPvhNote)
         ));
     }
@@ -425,12 +446,24 @@ mod tests {
     #[test]
     fn segments_outside_memory_are_refused() {
         let ram = ram();
-        let err = load_pvh(ram.mem(), ram.size(), &minimal_elf(0x80_0000, &[0xf4], true), "").expect_err("outside");
+        let err = load_pvh(
+            ram.mem(),
+            ram.size(),
+            &minimal_elf(0x80_0000, &[0xf4], true),
+            "",
+        )
+        .expect_err("outside");
         assert!(
             matches!(err, BootError::SegmentOutsideMemory { index: 0, .. }),
             "{err}"
         );
-        let err = load_pvh(ram.mem(), ram.size(), &minimal_elf(0x1000, &[0xf4], true), "").expect_err("below 1 MiB");
+        let err = load_pvh(
+            ram.mem(),
+            ram.size(),
+            &minimal_elf(0x1000, &[0xf4], true),
+            "",
+        )
+        .expect_err("below 1 MiB");
         assert!(
             matches!(err, BootError::SegmentOutsideMemory { .. }),
             "{err}"
@@ -458,7 +491,12 @@ mod tests {
         let ram = ram();
         let long = "x".repeat(layout::CMDLINE_MAX);
         assert!(matches!(
-            load_pvh(ram.mem(), ram.size(), &minimal_elf(0x10_0000, &[0xf4], true), &long),
+            load_pvh(
+                ram.mem(),
+                ram.size(),
+                &minimal_elf(0x10_0000, &[0xf4], true),
+                &long
+            ),
             Err(BootError::CmdlineTooLong { .. })
         ));
     }

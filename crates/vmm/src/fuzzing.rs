@@ -24,7 +24,11 @@ impl HypercallHarness {
     /// A 4 MiB, 2-vCPU VM. Its control state is "stopping", so `Sleep` returns at once.
     pub fn new() -> Result<Self, VmError> {
         let image = boot::minimal_elf(0x10_0000, &[0xf4], true);
-        let config = VmConfig { mem_bytes: 4 << 20, vcpus: 2, cmdline: String::new() };
+        let config = VmConfig {
+            mem_bytes: 4 << 20,
+            vcpus: 2,
+            cmdline: String::new(),
+        };
         let vm = Vm::new(&config, &image, Console::new(Box::new(std::io::sink())))?;
         vm.shared.lock().request = Request::Stop;
         Ok(Self { vm })
@@ -41,7 +45,8 @@ impl HypercallHarness {
         let mem = self.vm.shared.ram.mem();
         let _ = mem.write_slice(bytes, GuestAddress(gpa));
         let _ = hypercall::handle(0, &self.vm.vcpus[0], &self.vm.shared, gpa);
-        mem.read_obj::<i64>(GuestAddress(gpa.checked_add(xcloud_abi::RESULT_OFFSET)?)).ok()
+        mem.read_obj::<i64>(GuestAddress(gpa.checked_add(xcloud_abi::RESULT_OFFSET)?))
+            .ok()
     }
 }
 
@@ -69,8 +74,8 @@ mod tests {
             let mut block = [0u8; BLOCK_SIZE];
             for chunk in block.chunks_mut(8) {
                 let v = match rng.next() % 4 {
-                    0 => rng.next() % size,      // plausible addresses
-                    1 => rng.next() % 16,        // small values: ops, indexes
+                    0 => rng.next() % size,          // plausible addresses
+                    1 => rng.next() % 16,            // small values: ops, indexes
                     2 => u64::MAX - rng.next() % 16, // near overflow
                     _ => rng.next(),
                 };
@@ -86,7 +91,10 @@ mod tests {
                 _ => (rng.next() % size) & !7,
             };
             let result = harness.call(gpa, &block);
-            let served = gpa % 8 == 0 && gpa.checked_add(BLOCK_SIZE as u64).is_some_and(|e| e <= size);
+            let served = gpa % 8 == 0
+                && gpa
+                    .checked_add(BLOCK_SIZE as u64)
+                    .is_some_and(|e| e <= size);
             if let (true, Some(result)) = (served, result) {
                 assert!(result >= -4, "result {result} is 0.. or a known error code");
             }

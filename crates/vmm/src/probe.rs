@@ -143,12 +143,7 @@ fn run_level(cpl: u8, loop_iters: u64, exits: u64) -> Result<LevelCosts, ProbeEr
     } else {
         (segment(0x23, true, 3), segment(0x1b, false, 3))
     };
-    sregs.cs = cs;
-    sregs.ds = ds;
-    sregs.es = ds;
-    sregs.fs = ds;
-    sregs.gs = ds;
-    sregs.ss = ds;
+    crate::boot::set_segments(&mut sregs, cs, ds);
     sregs.tr = kvm_segment {
         base: TSS,
         limit: TSS_LIMIT,
