@@ -19,6 +19,8 @@ const MAX_SLEEP: Duration = Duration::from_secs(3600);
 /// What the vCPU does after a hypercall.
 pub(crate) enum Outcome {
     Continue,
+    /// Keep the vCPU out of the guest until this instant (the `Sleep` hypercall).
+    Sleep(std::time::Instant),
     End(VmExit),
     Halt,
 }
@@ -98,8 +100,8 @@ fn serve(
         }
         Op::TscKhz => done(Ok(shared.tsc_khz as i64)),
         Op::Sleep => {
-            shared.sleep(index, Duration::from_nanos(args[0]).min(MAX_SLEEP));
-            done(Ok(0))
+            let duration = Duration::from_nanos(args[0]).min(MAX_SLEEP);
+            (Ok(0), Outcome::Sleep(std::time::Instant::now() + duration))
         }
         Op::VcpuCount => done(Ok(shared.vcpu_count as i64)),
         Op::VcpuIndex => done(Ok(index as i64)),

@@ -5,6 +5,7 @@
 //! guest hypercall ABI ([`hypercall`]), the VM lifecycle ([`vm`]) and the platform probes that
 //! `xcloud doctor` reports ([`probe`]). It knows nothing of tenants or clusters.
 
+pub mod api;
 pub mod boot;
 pub mod console;
 pub mod devices;
@@ -13,6 +14,7 @@ pub mod host;
 mod hypercall;
 pub mod memory;
 pub mod probe;
+pub mod snapshot;
 mod vcpu;
 pub mod vm;
 

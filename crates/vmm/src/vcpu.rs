@@ -120,9 +120,18 @@ enum Pending {
 
 /// The body of vCPU thread `index`.
 pub(crate) fn run(index: usize, mut fd: VcpuFd, shared: Arc<Shared>) {
+    let mut sleep_until: Option<std::time::Instant> = None;
     loop {
         match shared.gate(index) {
             Gate::Stop => break,
+            Gate::Save => {
+                let state =
+                    complete_pending_io(&mut fd).and_then(|_| save_state(&fd, &shared.msr_indices));
+                // A saved vCPU continues from its saved state: an interrupted sleep ends.
+                sleep_until = None;
+                shared.saved(index, state);
+                continue;
+            }
             Gate::Start(start) => {
                 if let Err(e) = apply_start(&fd, &start) {
                     shared.finish(VmExit::Failed(format!("cannot start vCPU {index}: {e}")));
@@ -130,6 +139,12 @@ pub(crate) fn run(index: usize, mut fd: VcpuFd, shared: Arc<Shared>) {
                 continue;
             }
             Gate::Run => {}
+        }
+        if let Some(deadline) = sleep_until {
+            if !shared.sleep_until(deadline) {
+                continue;
+            }
+            sleep_until = None;
         }
         let pending = match fd.run() {
             Ok(exit) => classify(index, exit, &shared),
@@ -147,6 +162,7 @@ pub(crate) fn run(index: usize, mut fd: VcpuFd, shared: Arc<Shared>) {
                 .write(port, value),
             Pending::Hypercall(gpa) => match hypercall::handle(index, &fd, &shared, gpa) {
                 Outcome::Continue => {}
+                Outcome::Sleep(deadline) => sleep_until = Some(deadline),
                 Outcome::End(exit) => shared.finish(exit),
                 Outcome::Halt => shared.halt(index),
             },
@@ -240,4 +256,105 @@ fn classify(index: usize, exit: VcpuExit<'_>, shared: &Shared) -> Pending {
         VcpuExit::IrqWindowOpen | VcpuExit::Intr => Pending::None,
         other => crash(format!("stopped with an unexpected exit {other:?}")),
     }
+}
+
+/// MSRs this vCPU can read, out of the list KVM reports (some are write-only or absent).
+pub(crate) fn readable_msrs(fd: &VcpuFd, candidates: &[u32]) -> Vec<u32> {
+    let mut indices: Vec<u32> = candidates.to_vec();
+    // Each failed read stops at the first unreadable MSR; drop it and try the rest.
+    for _ in 0..candidates.len() {
+        match read_msrs(fd, &indices) {
+            Ok(entries) if entries.len() == indices.len() => return indices,
+            Ok(entries) => {
+                indices.remove(entries.len());
+            }
+            Err(_) => return Vec::new(),
+        }
+    }
+    indices
+}
+
+fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_bindings::kvm_msr_entry>, String> {
+    let entries: Vec<kvm_bindings::kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_bindings::kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|e| format!("{e:?}"))?;
+    let read = fd.get_msrs(&mut msrs).map_err(|e| e.to_string())?;
+    Ok(msrs.as_slice()[..read].to_vec())
+}
+
+/// Lets KVM finish an exit the VMM already served (a port read's data, the instruction pointer
+/// past a port write) without running guest code, so that the saved state is consistent: an
+/// `in` or `out` is never executed twice after a restore.
+fn complete_pending_io(fd: &mut VcpuFd) -> Result<(), String> {
+    fd.set_kvm_immediate_exit(1);
+    let result = fd.run().map(|_| ());
+    fd.set_kvm_immediate_exit(0);
+    match result {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Ok(()) => Ok(()),
+        Err(e) => Err(format!("cannot complete the pending exit: {e}")),
+    }
+}
+
+/// Reads the vCPU's whole state (the thread that owns the vCPU calls this while it is paused).
+pub(crate) fn save_state(
+    fd: &VcpuFd,
+    msr_indices: &[u32],
+) -> Result<crate::snapshot::VcpuState, String> {
+    let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
+    let msrs = read_msrs(fd, msr_indices)?;
+    if msrs.len() != msr_indices.len() {
+        return Err(format!("read {} of {} MSRs", msrs.len(), msr_indices.len()));
+    }
+    Ok(crate::snapshot::VcpuState {
+        regs: fd.get_regs().map_err(e("registers"))?,
+        sregs: fd.get_sregs().map_err(e("segment registers"))?,
+        xsave: fd.get_xsave().map_err(e("XSAVE"))?,
+        xcrs: fd.get_xcrs().map_err(e("XCRs"))?,
+        lapic: fd.get_lapic().map_err(e("LAPIC"))?,
+        events: fd.get_vcpu_events().map_err(e("events"))?,
+        mp_state: fd.get_mp_state().map_err(e("MP state"))?,
+        msrs,
+    })
+}
+
+/// Puts a saved state into a fresh vCPU (before its thread starts).
+pub(crate) fn restore_state(
+    index: usize,
+    fd: &VcpuFd,
+    s: &crate::snapshot::VcpuState,
+) -> Result<(), crate::snapshot::SnapshotError> {
+    use crate::snapshot::SnapshotError;
+    let err = |what| {
+        move |source| SnapshotError::RestoreVcpu {
+            index,
+            what,
+            source,
+        }
+    };
+    fd.set_sregs(&s.sregs).map_err(err("segment registers"))?;
+    fd.set_regs(&s.regs).map_err(err("registers"))?;
+    // SAFETY: `s.xsave` is a complete 4 KiB legacy XSAVE area read from KVM by save_state (or
+    // decoded to exactly that size); no extended (XSAVE2) area follows it.
+    unsafe { fd.set_xsave(&s.xsave) }.map_err(err("XSAVE"))?;
+    fd.set_xcrs(&s.xcrs).map_err(err("XCRs"))?;
+    let msrs = kvm_bindings::Msrs::from_entries(&s.msrs)
+        .map_err(|_| err("MSRs")(kvm_ioctls::Error::new(libc::E2BIG)))?;
+    let written = fd.set_msrs(&msrs).map_err(err("MSRs"))?;
+    if written != s.msrs.len() {
+        return Err(SnapshotError::Incompatible(format!(
+            "vCPU {index}: this host accepts only {written} of the {} saved MSRs (first refused: {:#x})",
+            s.msrs.len(),
+            s.msrs[written].index
+        )));
+    }
+    fd.set_lapic(&s.lapic).map_err(err("LAPIC"))?;
+    fd.set_vcpu_events(&s.events).map_err(err("events"))?;
+    fd.set_mp_state(s.mp_state).map_err(err("MP state"))?;
+    Ok(())
 }

@@ -10,6 +10,7 @@ use crate::console::Console;
 use crate::devices::serial::{SerialPort, COM1_IRQ};
 use crate::host::{self, HostError};
 use crate::memory::{GuestRam, MemoryError};
+use crate::snapshot::{self, SnapshotError, SnapshotSummary};
 use crate::vcpu::{self, ApStart};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -129,6 +130,8 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error("cannot {action} a VM that is {state:?}")]
     InvalidTransition {
         action: &'static str,
@@ -166,10 +169,16 @@ pub(crate) struct Control {
     pub starts: Vec<Option<ApStart>>,
     pub exit: Option<VmExit>,
     pub threads: Vec<libc::pthread_t>,
+    /// Per vCPU: a state save was asked of its thread.
+    pub save_requested: Vec<bool>,
+    /// Per vCPU: the state its thread saved.
+    pub saved: Vec<Option<Result<crate::snapshot::VcpuState, String>>>,
 }
 
 /// What every vCPU thread shares.
 pub(crate) struct Shared {
+    // Declared before `ram` so the VM (and its memory slot) goes before the mapping does.
+    pub vm_fd: VmFd,
     pub ram: GuestRam,
     pub console: Console,
     pub serial: Mutex<SerialPort>,
@@ -177,6 +186,8 @@ pub(crate) struct Shared {
     pub changed: Condvar,
     pub vcpu_count: usize,
     pub tsc_khz: u64,
+    /// MSRs a snapshot saves (those the vCPUs can read).
+    pub msr_indices: Vec<u32>,
     noise: AtomicU64,
 }
 
@@ -184,6 +195,8 @@ pub(crate) struct Shared {
 pub(crate) enum Gate {
     Run,
     Start(Box<ApStart>),
+    /// Save the vCPU's state for a snapshot (asked only while it is not running guest code).
+    Save,
     Stop,
 }
 
@@ -211,6 +224,12 @@ impl Shared {
         loop {
             if c.request == Request::Stop {
                 return Gate::Stop;
+            }
+            if c.save_requested[index]
+                && matches!(c.vcpus[index], Activity::Paused | Activity::Halted)
+            {
+                c.save_requested[index] = false;
+                return Gate::Save;
             }
             match c.vcpus[index] {
                 Activity::Parked => {
@@ -241,36 +260,24 @@ impl Shared {
         }
     }
 
-    /// Sleeps vCPU `index` for `duration` of wall time, honouring pause and stop.
-    pub fn sleep(&self, index: usize, duration: Duration) {
-        let deadline = Instant::now() + duration;
+    /// Blocks vCPU `index` until `deadline` while the VM runs. Returns true when the deadline
+    /// passed, false when pause or stop was asked first (the run loop then goes through its
+    /// gate, where pause is acknowledged and state can be saved, and sleeps on afterwards).
+    pub fn sleep_until(&self, deadline: Instant) -> bool {
         let mut c = self.lock();
         loop {
-            match c.request {
-                Request::Stop => return,
-                Request::Pause => {
-                    if c.vcpus[index] == Activity::Running {
-                        c.vcpus[index] = Activity::Paused;
-                        self.changed.notify_all();
-                    }
-                    c = self.changed.wait(c).unwrap_or_else(|p| p.into_inner());
-                }
-                Request::Run => {
-                    if c.vcpus[index] == Activity::Paused {
-                        c.vcpus[index] = Activity::Running;
-                        self.changed.notify_all();
-                    }
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return;
-                    }
-                    c = self
-                        .changed
-                        .wait_timeout(c, deadline - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
+            if c.request != Request::Run {
+                return false;
             }
+            let now = Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            c = self
+                .changed
+                .wait_timeout(c, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -283,6 +290,13 @@ impl Shared {
         c.request = Request::Stop;
         self.changed.notify_all();
         kick(&c);
+    }
+
+    /// Hands over the state vCPU `index` saved.
+    pub fn saved(&self, index: usize, state: Result<crate::snapshot::VcpuState, String>) {
+        let mut c = self.lock();
+        c.saved[index] = Some(state);
+        self.changed.notify_all();
     }
 
     /// Marks vCPU `index` as halted by its own request.
@@ -375,6 +389,110 @@ impl VmHandle {
         self.shared.finish(VmExit::Stopped);
     }
 
+    /// Writes a snapshot of the VM into `dir`. A running VM is paused for the snapshot and
+    /// resumed after it; a paused VM stays paused.
+    pub fn snapshot(&self, dir: &std::path::Path) -> Result<SnapshotSummary, VmError> {
+        let was_running = match self.state() {
+            VmState::Running => true,
+            VmState::Paused => false,
+            state => {
+                return Err(VmError::InvalidTransition {
+                    action: "snapshot",
+                    state,
+                })
+            }
+        };
+        if was_running {
+            self.pause()?;
+        }
+        let result = self.capture(dir);
+        if was_running {
+            // The VM may have been stopped meanwhile; then there is nothing to resume.
+            let _ = self.resume();
+        }
+        result
+    }
+
+    fn capture(&self, dir: &std::path::Path) -> Result<SnapshotSummary, VmError> {
+        let shared = &self.shared;
+        let mut c = shared.lock();
+        // A secondary vCPU whose start is still pending is not paused yet: wait for it.
+        while c.starts.iter().any(Option::is_some) && c.request == Request::Pause {
+            c = shared
+                .changed
+                .wait_timeout(c, Duration::from_millis(1))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let needs_state: Vec<bool> = c
+            .vcpus
+            .iter()
+            .map(|a| matches!(a, Activity::Paused | Activity::Halted))
+            .collect();
+        for (i, &needed) in needs_state.iter().enumerate() {
+            c.save_requested[i] = needed;
+            c.saved[i] = None;
+        }
+        shared.changed.notify_all();
+        while needs_state
+            .iter()
+            .zip(&c.saved)
+            .any(|(&needed, saved)| needed && saved.is_none())
+        {
+            if c.request != Request::Pause {
+                return Err(SnapshotError::Busy("the VM stopped during the snapshot").into());
+            }
+            c = shared.changed.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+        let mut vcpus = Vec::with_capacity(c.vcpus.len());
+        for (index, activity) in c.vcpus.clone().into_iter().enumerate() {
+            let state = match c.saved[index].take() {
+                Some(Ok(state)) => Some(Box::new(state)),
+                Some(Err(what)) => return Err(SnapshotError::SaveVcpu { index, what }.into()),
+                None => None,
+            };
+            vcpus.push(snapshot::VcpuSnapshot { activity, state });
+        }
+        drop(c);
+        let mut irqchips = Vec::new();
+        for chip_id in 0..3 {
+            let mut chip = kvm_bindings::kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            shared
+                .vm_fd
+                .get_irqchip(&mut chip)
+                .map_err(|source| SnapshotError::Kvm {
+                    what: "read the irqchip",
+                    source,
+                })?;
+            irqchips.push(chip);
+        }
+        let serial = shared
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state();
+        let snap = snapshot::VmSnapshot {
+            config: snapshot::SnapshotConfig {
+                mem_bytes: shared.ram.size(),
+                vcpus: shared.vcpu_count,
+                tsc_khz: shared.tsc_khz,
+                cmdline: String::new(),
+            },
+            vcpus,
+            irqchips,
+            serial,
+        };
+        Ok(snapshot::write_dir(
+            dir,
+            &snap,
+            shared.ram.mem(),
+            shared.ram.host_base(),
+        )?)
+    }
+
     /// Reads guest RAM at guest-physical `addr` (for inspection; the guest may be running).
     pub fn read_guest(&self, addr: u64, buf: &mut [u8]) -> Result<(), vm_memory::GuestMemoryError> {
         use vm_memory::Bytes;
@@ -382,6 +500,16 @@ impl VmHandle {
             .ram
             .mem()
             .read_slice(buf, vm_memory::GuestAddress(addr))
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.shared.vcpu_count
+    }
+
+    /// Bytes of guest RAM.
+    pub fn mem_bytes(&self) -> u64 {
+        self.shared.ram.size()
     }
 
     /// Bytes of guest RAM resident in the host.
@@ -393,7 +521,6 @@ impl VmHandle {
 /// A VM built and ready to start.
 pub struct Vm {
     _kvm: Kvm,
-    _vm_fd: VmFd,
     pub(crate) shared: Arc<Shared>,
     pub(crate) vcpus: Vec<VcpuFd>,
     threads: Vec<JoinHandle<()>>,
@@ -402,95 +529,182 @@ pub struct Vm {
 
 static KICK_HANDLER: Once = Once::new();
 
+/// The KVM objects and memory of a VM before its vCPU threads exist.
+struct Parts {
+    kvm: Kvm,
+    vm_fd: VmFd,
+    ram: GuestRam,
+    serial_irq: EventFd,
+    vcpus: Vec<VcpuFd>,
+    tsc_khz: u64,
+    msr_indices: Vec<u32>,
+}
+
+fn build(mem_bytes: u64, vcpu_count: usize) -> Result<Parts, VmError> {
+    if vcpu_count == 0 || vcpu_count > MAX_VCPUS {
+        return Err(VmError::VcpuCount(vcpu_count));
+    }
+    let kvm_err = |what| move |source| VmError::Kvm { what, source };
+    let kvm = host::open_kvm()?;
+    let ram = GuestRam::new(mem_bytes)?;
+    let vm_fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    // KVM on Intel needs a TSS area for real-mode emulation; place it in the 32-bit hole.
+    vm_fd
+        .set_tss_address(0xfffb_d000)
+        .map_err(kvm_err("set the TSS address"))?;
+    let region = kvm_bindings::kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: ram.size(),
+        userspace_addr: ram.host_base(),
+    };
+    // SAFETY: the region is the whole mmap of `ram`; `Shared` keeps `ram` alive and drops the
+    // VM fd (declared first) before it.
+    unsafe { vm_fd.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_err("create the in-kernel irqchip"))?;
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm_fd
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(kvm_err("register the serial irqfd"))?;
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("report supported CPUID"))?;
+    let mut vcpus = Vec::with_capacity(vcpu_count);
+    for index in 0..vcpu_count {
+        vcpus.push(vcpu::create(&vm_fd, index, &cpuid)?);
+    }
+    let tsc_khz = vcpus[0]
+        .get_tsc_khz()
+        .map(u64::from)
+        .unwrap_or_else(|_| vcpu::host_tsc_khz());
+    let candidates = kvm
+        .get_msr_index_list()
+        .map(|l| l.as_slice().to_vec())
+        .unwrap_or_default();
+    let msr_indices = vcpu::readable_msrs(&vcpus[0], &candidates);
+    Ok(Parts {
+        kvm,
+        vm_fd,
+        ram,
+        serial_irq,
+        vcpus,
+        tsc_khz,
+        msr_indices,
+    })
+}
+
 impl Vm {
+    fn assemble(
+        parts: Parts,
+        console: Console,
+        activity: Vec<Activity>,
+        serial: SerialPort,
+        boot: BootInfo,
+    ) -> Self {
+        let count = parts.vcpus.len();
+        let shared = Arc::new(Shared {
+            vm_fd: parts.vm_fd,
+            serial: Mutex::new(serial),
+            console,
+            ram: parts.ram,
+            control: Mutex::new(Control {
+                state: VmState::Created,
+                request: Request::Run,
+                vcpus: activity,
+                starts: (0..count).map(|_| None).collect(),
+                exit: None,
+                threads: Vec::new(),
+                save_requested: vec![false; count],
+                saved: (0..count).map(|_| None).collect(),
+            }),
+            changed: Condvar::new(),
+            vcpu_count: count,
+            tsc_khz: parts.tsc_khz,
+            msr_indices: parts.msr_indices,
+            noise: AtomicU64::new(0),
+        });
+        Self {
+            _kvm: parts.kvm,
+            shared,
+            vcpus: parts.vcpus,
+            threads: Vec::new(),
+            boot,
+        }
+    }
+
     /// Builds a VM: KVM, memfd RAM, in-kernel irqchip, COM1, vCPUs, and the PVH image loaded.
     pub fn new(config: &VmConfig, image: &[u8], console: Console) -> Result<Self, VmError> {
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(VmError::VcpuCount(config.vcpus));
         }
-        let kvm = host::open_kvm()?;
-        let ram = GuestRam::new(config.mem_bytes)?;
-        let boot = boot::load_pvh(ram.mem(), ram.size(), image, &config.cmdline)?;
-        let vm_fd = kvm.create_vm().map_err(|source| VmError::Kvm {
-            what: "create a VM",
-            source,
-        })?;
-        // KVM on Intel needs a TSS area for real-mode emulation; place it in the 32-bit hole.
-        vm_fd
-            .set_tss_address(0xfffb_d000)
-            .map_err(|source| VmError::Kvm {
-                what: "set the TSS address",
-                source,
-            })?;
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: ram.size(),
-            userspace_addr: ram.host_base(),
-        };
-        // SAFETY: the region is the whole mmap of `ram`, which `Shared` keeps alive as long as
-        // the VM fd (dropped with this Vm, after the vCPU threads are joined).
-        unsafe { vm_fd.set_user_memory_region(region) }.map_err(|source| VmError::Kvm {
-            what: "register guest memory",
-            source,
-        })?;
-        vm_fd.create_irq_chip().map_err(|source| VmError::Kvm {
-            what: "create the in-kernel irqchip",
-            source,
-        })?;
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        vm_fd
-            .register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(|source| VmError::Kvm {
-                what: "register the serial irqfd",
-                source,
-            })?;
-        let cpuid = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| VmError::Kvm {
-                what: "report supported CPUID",
-                source,
-            })?;
-        let mut vcpus = Vec::with_capacity(config.vcpus);
-        for index in 0..config.vcpus {
-            let fd = vcpu::create(&vm_fd, index, &cpuid)?;
-            if index == 0 {
-                vcpu::set_boot_state(&fd, &boot)?;
-            }
-            vcpus.push(fd);
-        }
-        let tsc_khz = vcpus[0]
-            .get_tsc_khz()
-            .map(u64::from)
-            .unwrap_or_else(|_| vcpu::host_tsc_khz());
+        // Check the image against a RAM of the asked size before any KVM object exists.
+        crate::memory::validate_size(config.mem_bytes, crate::memory::host_ram_bytes())?;
+        let parts = build(config.mem_bytes, config.vcpus)?;
+        let boot = boot::load_pvh(parts.ram.mem(), parts.ram.size(), image, &config.cmdline)?;
+        vcpu::set_boot_state(&parts.vcpus[0], &boot)?;
         let mut activity = vec![Activity::Parked; config.vcpus];
         activity[0] = Activity::Paused;
-        let shared = Arc::new(Shared {
-            serial: Mutex::new(SerialPort::new(serial_irq, console.clone())),
-            console,
-            ram,
-            control: Mutex::new(Control {
-                state: VmState::Created,
-                request: Request::Run,
-                vcpus: activity,
-                starts: (0..config.vcpus).map(|_| None).collect(),
-                exit: None,
-                threads: Vec::new(),
-            }),
-            changed: Condvar::new(),
-            vcpu_count: config.vcpus,
-            tsc_khz,
-            noise: AtomicU64::new(0),
-        });
-        Ok(Self {
-            _kvm: kvm,
-            _vm_fd: vm_fd,
-            shared,
-            vcpus,
-            threads: Vec::new(),
-            boot,
-        })
+        let serial = SerialPort::new(
+            parts.serial_irq.try_clone().map_err(VmError::EventFd)?,
+            console.clone(),
+        );
+        Ok(Self::assemble(parts, console, activity, serial, boot))
+    }
+
+    /// Rebuilds a VM from the snapshot in `dir`; `start` then continues it where it was.
+    /// Everything is read and checked before the VM can run; on any error nothing runs.
+    pub fn restore(dir: &std::path::Path, console: Console) -> Result<Self, VmError> {
+        let snap = snapshot::read_state(dir)?;
+        let parts = build(snap.config.mem_bytes, snap.config.vcpus)?;
+        if parts.tsc_khz != snap.config.tsc_khz {
+            tracing::warn!(
+                "the snapshot's TSC ran at {} kHz, this host's at {} kHz: guest time will run at this host's rate",
+                snap.config.tsc_khz,
+                parts.tsc_khz
+            );
+        }
+        snapshot::read_memory(
+            &dir.join(snapshot::MEMORY_FILE),
+            parts.ram.mem(),
+            parts.ram.size(),
+        )?;
+        for (chip_state, chip_id) in snap.irqchips.iter().zip(0u32..) {
+            if chip_state.chip_id != chip_id {
+                return Err(SnapshotError::Incompatible(format!(
+                    "irqchip {} where {chip_id} belongs",
+                    chip_state.chip_id
+                ))
+                .into());
+            }
+            parts
+                .vm_fd
+                .set_irqchip(chip_state)
+                .map_err(|source| SnapshotError::Kvm {
+                    what: "restore the irqchip",
+                    source,
+                })?;
+        }
+        let mut activity = Vec::with_capacity(snap.vcpus.len());
+        for (index, (v, fd)) in snap.vcpus.iter().zip(&parts.vcpus).enumerate() {
+            if let Some(state) = &v.state {
+                vcpu::restore_state(index, fd, state)?;
+            }
+            activity.push(v.activity);
+        }
+        let serial = SerialPort::from_state(
+            &snap.serial,
+            parts.serial_irq.try_clone().map_err(VmError::EventFd)?,
+            console.clone(),
+        )
+        .map_err(SnapshotError::Incompatible)?;
+        let boot = BootInfo {
+            entry: 0,
+            image_end: 0,
+        };
+        Ok(Self::assemble(parts, console, activity, serial, boot))
     }
 
     /// Where the image was loaded.

@@ -3,6 +3,7 @@
 use xcloud::{bench, doctor, guests, run};
 
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -27,6 +28,24 @@ enum Command {
         /// Arguments passed to the guest on its command line.
         #[arg(last = true)]
         args: Vec<String>,
+        /// Serve the control API on this Unix socket (see `xcloud ctl`).
+        #[arg(long)]
+        api: Option<PathBuf>,
+    },
+    /// Continue a VM from a snapshot directory.
+    Restore {
+        /// The directory `xcloud ctl PATH snapshot DIR` wrote.
+        dir: PathBuf,
+        /// Serve the control API on this Unix socket.
+        #[arg(long)]
+        api: Option<PathBuf>,
+    },
+    /// Drive a running VMM through its control socket.
+    Ctl {
+        /// The VMM's control socket (`xcloud run --api PATH`).
+        socket: PathBuf,
+        #[command(subcommand)]
+        action: CtlAction,
     },
     /// List the built-in guests.
     Guests,
@@ -35,6 +54,20 @@ enum Command {
     /// Benchmarks that print their figures as a table, with targets.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// Print the VM's state.
+    Status,
+    /// Stop every vCPU.
+    Pause,
+    /// Let every vCPU run again.
+    Resume,
+    /// Write a snapshot of the VM into DIR.
+    Snapshot { dir: PathBuf },
+    /// Stop the VM.
+    Stop,
 }
 
 #[derive(Subcommand)]
@@ -48,6 +81,39 @@ enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         startup_runs: usize,
     },
+}
+
+/// `xcloud ctl`: one request, its answer on stdout; a refused request fails the command.
+fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
+    use xcloud_vmm::api::{call, Command as Op};
+    let op = match action {
+        CtlAction::Status => Op::Status,
+        CtlAction::Pause => Op::Pause,
+        CtlAction::Resume => Op::Resume,
+        CtlAction::Snapshot { dir } => Op::Snapshot {
+            dir: std::path::absolute(&dir)?,
+        },
+        CtlAction::Stop => Op::Stop,
+    };
+    let answer = call(socket, op)?;
+    if !answer.ok {
+        anyhow::bail!(
+            "{}",
+            answer.error.unwrap_or_else(|| "the VMM refused".into())
+        );
+    }
+    let mut line = format!("state: {}", answer.state.as_deref().unwrap_or("unknown"));
+    if let (Some(vcpus), Some(mem)) = (answer.vcpus, answer.mem_bytes) {
+        line.push_str(&format!(", {vcpus} vCPUs, {} MiB", mem >> 20));
+    }
+    if let (Some(pages), Some(bytes)) = (answer.snapshot_pages, answer.snapshot_bytes) {
+        line.push_str(&format!(
+            ", snapshot: {pages} pages, {:.1} MiB written",
+            bytes as f64 / (1 << 20) as f64
+        ));
+    }
+    println!("{line}");
+    Ok(0)
 }
 
 fn main() -> ExitCode {
@@ -68,7 +134,10 @@ fn main() -> ExitCode {
             vcpus,
             guest,
             args,
-        } => run::run(mem, vcpus, &guest, &args),
+            api,
+        } => run::run(mem, vcpus, &guest, &args, api.as_deref()),
+        Command::Restore { dir, api } => run::restore(&dir, api.as_deref()),
+        Command::Ctl { socket, action } => ctl(&socket, action),
         Command::Bench(BenchCommand::Micro {
             scale,
             startup_runs,

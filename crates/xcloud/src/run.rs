@@ -3,6 +3,7 @@
 use crate::guests;
 use anyhow::{bail, Context, Result};
 use std::borrow::Cow;
+use std::path::Path;
 use xcloud_vmm::{Console, Vm, VmConfig, VmExit};
 
 /// Parses a size such as `64M`, `1G`, `512MiB`, `4096`.
@@ -60,7 +61,13 @@ fn block_termination_signals() -> libc::sigset_t {
 }
 
 /// Runs the guest to its end and returns the process exit status.
-pub fn run(mem: u64, vcpus: usize, guest: &str, args: &[String]) -> Result<i32> {
+pub fn run(
+    mem: u64,
+    vcpus: usize,
+    guest: &str,
+    args: &[String],
+    api: Option<&Path>,
+) -> Result<i32> {
     let image = load_image(guest)?;
     let signals = block_termination_signals();
     let config = VmConfig {
@@ -68,8 +75,28 @@ pub fn run(mem: u64, vcpus: usize, guest: &str, args: &[String]) -> Result<i32> 
         vcpus,
         cmdline: args.join(" "),
     };
-    let mut vm = Vm::new(&config, &image, Console::stdout()).context("cannot create the VM")?;
+    let vm = Vm::new(&config, &image, Console::stdout()).context("cannot create the VM")?;
+    supervise(vm, signals, api)
+}
+
+/// Continues the VM saved in `dir` and returns the process exit status.
+pub fn restore(dir: &Path, api: Option<&Path>) -> Result<i32> {
+    let signals = block_termination_signals();
+    let vm = Vm::restore(dir, Console::stdout())
+        .with_context(|| format!("cannot restore the snapshot in {}", dir.display()))?;
+    supervise(vm, signals, api)
+}
+
+/// Starts `vm` with its control socket and signal handling, and waits for its end.
+fn supervise(mut vm: Vm, signals: libc::sigset_t, api: Option<&Path>) -> Result<i32> {
     let handle = vm.handle();
+    let _server = match api {
+        Some(path) => Some(
+            xcloud_vmm::api::serve(path, handle.clone())
+                .context("cannot open the control socket")?,
+        ),
+        None => None,
+    };
     std::thread::Builder::new()
         .name("signals".into())
         .stack_size(64 * 1024)

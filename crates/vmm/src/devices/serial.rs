@@ -34,6 +34,27 @@ impl SerialPort {
         }
     }
 
+    /// A UART continuing from a snapshot's state.
+    pub fn from_state(
+        state: &vm_superio::serial::SerialState,
+        irq: EventFd,
+        console: Console,
+    ) -> Result<Self, String> {
+        Serial::from_state(
+            state,
+            IrqTrigger(irq),
+            vm_superio::serial::NoEvents,
+            console,
+        )
+        .map(|uart| Self { uart })
+        .map_err(|e| format!("the serial port's saved state is invalid: {e:?}"))
+    }
+
+    /// The UART's registers and pending input, for a snapshot.
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.uart.state()
+    }
+
     /// A guest write to `port` (inside the UART's range).
     pub fn write(&mut self, port: u16, value: u8) {
         if let Err(e) = self.uart.write((port - COM1_BASE) as u8, value) {

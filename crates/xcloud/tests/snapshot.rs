@@ -1,0 +1,292 @@
+//! The control socket, snapshots and restore: real guests are snapshotted while they run and
+//! continue from the snapshot in a new process; broken snapshots are refused.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("snapshots")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// Starts `xcloud ARGS` with its stdout read line by line on a thread.
+fn spawn(args: &[&str]) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = xcloud()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("xcloud");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+fn next_line(rx: &std::sync::mpsc::Receiver<String>, prefix: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no line starting with '{prefix}'"));
+        if line.starts_with(prefix) {
+            return line;
+        }
+    }
+}
+
+fn beat_count(line: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("n="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line}"))
+}
+
+fn ctl(socket: &Path, args: &[&str]) -> (bool, String) {
+    let out = xcloud()
+        .arg("ctl")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("xcloud ctl");
+    (
+        out.status.success(),
+        format!("{}{}", stdout(&out), stderr(&out)),
+    )
+}
+
+fn wait_exit(child: &mut Child) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code();
+        }
+        assert!(Instant::now() < deadline, "xcloud did not end");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_socket(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no control socket at {}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn the_control_socket_pauses_resumes_and_stops_a_vm() {
+    let dir = scratch("api");
+    let socket = dir.join("vm.sock");
+    let (mut child, rx) = spawn(&[
+        "run",
+        "--vcpus",
+        "2",
+        "--api",
+        socket.to_str().expect("utf-8"),
+        "heartbeat",
+    ]);
+    next_line(&rx, "heartbeat n=");
+    assert_eq!(
+        ctl(&socket, &["status"]),
+        (true, "state: running, 2 vCPUs, 64 MiB\n".into())
+    );
+    assert_eq!(ctl(&socket, &["pause"]).1, "state: paused\n");
+    let (ok, text) = ctl(&socket, &["pause"]);
+    assert!(
+        !ok && text.contains("cannot pause a VM that is Paused"),
+        "{text}"
+    );
+    assert_eq!(ctl(&socket, &["resume"]).1, "state: running\n");
+
+    // Hostile lines get error answers and the connection stays usable.
+    let mut conn = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    let mut answers = BufReader::new(conn.try_clone().expect("clone"));
+    for (request, needle) in [
+        ("this is not json\n".to_string(), "malformed request"),
+        (
+            "{\"api\":99,\"op\":\"status\"}\n".to_string(),
+            "API version 99 is not supported",
+        ),
+        (
+            "{\"api\":1,\"op\":\"format_disk\"}\n".to_string(),
+            "malformed request",
+        ),
+        (format!("{}\n", "x".repeat(100_000)), "longer than"),
+        ("{\"api\":1,\"op\":\"status\"}\n".to_string(), "\"ok\":true"),
+    ] {
+        conn.write_all(request.as_bytes()).expect("send");
+        let mut answer = String::new();
+        answers.read_line(&mut answer).expect("answer");
+        assert!(answer.contains(needle), "{answer} lacks {needle}");
+    }
+
+    assert_eq!(ctl(&socket, &["stop"]).1, "state: running\n");
+    assert_eq!(wait_exit(&mut child), Some(130));
+    assert!(!socket.exists(), "the socket is removed when the VMM ends");
+    let (ok, text) = ctl(&socket, &["status"]);
+    assert!(!ok && text.contains("cannot reach the VMM"), "{text}");
+}
+
+#[test]
+fn a_running_heartbeat_continues_from_its_snapshot_in_a_new_process() {
+    let dir = scratch("heartbeat");
+    let socket = dir.join("vm.sock");
+    let snap = dir.join("snap");
+    let (mut child, rx) = spawn(&[
+        "run",
+        "--vcpus",
+        "2",
+        "--api",
+        socket.to_str().expect("utf-8"),
+        "heartbeat",
+    ]);
+    next_line(&rx, "heartbeat n=");
+    let (ok, text) = ctl(&socket, &["snapshot", snap.to_str().expect("utf-8")]);
+    assert!(
+        ok && text.starts_with("state: running, snapshot: "),
+        "{text}"
+    );
+    let after_snapshot = beat_count(&next_line(&rx, "heartbeat n="));
+    ctl(&socket, &["stop"]);
+    wait_exit(&mut child);
+
+    let (mut restored, rx) = spawn(&[
+        "restore",
+        snap.to_str().expect("utf-8"),
+        "--api",
+        socket.to_str().expect("utf-8"),
+    ]);
+    let first = beat_count(&next_line(&rx, "heartbeat n="));
+    let second = beat_count(&next_line(&rx, "heartbeat n="));
+    assert!(
+        first > 0 && first < after_snapshot,
+        "restored count {first} continues from the snapshot, before {after_snapshot}"
+    );
+    assert!(
+        second > first,
+        "the count never goes backwards: {first} then {second}"
+    );
+    wait_socket(&socket);
+    ctl(&socket, &["stop"]);
+    assert_eq!(wait_exit(&mut restored), Some(130));
+}
+
+#[test]
+fn a_guest_restored_mid_run_finishes_its_work_and_exits_normally() {
+    let dir = scratch("dirty");
+    let socket = dir.join("vm.sock");
+    let snap = dir.join("snap");
+    let (mut child, rx) = spawn(&[
+        "run",
+        "--api",
+        socket.to_str().expect("utf-8"),
+        "dirty",
+        "--",
+        "8",
+        "16",
+        "2",
+    ]);
+    next_line(&rx, "dirty: working set");
+    assert_eq!(ctl(&socket, &["pause"]).1, "state: paused\n");
+    let (ok, text) = ctl(&socket, &["snapshot", snap.to_str().expect("utf-8")]);
+    assert!(
+        ok && text.starts_with("state: paused, snapshot: "),
+        "a paused VM stays paused: {text}"
+    );
+    ctl(&socket, &["stop"]);
+    wait_exit(&mut child);
+
+    let out = run(&["restore", snap.to_str().expect("utf-8")]);
+    assert!(
+        stdout(&out).contains("dirty: done"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+fn snapshot_of_heartbeat(name: &str) -> PathBuf {
+    let dir = scratch(name);
+    let socket = dir.join("vm.sock");
+    let snap = dir.join("snap");
+    let (mut child, rx) = spawn(&["run", "--api", socket.to_str().expect("utf-8"), "heartbeat"]);
+    next_line(&rx, "heartbeat n=");
+    assert!(ctl(&socket, &["snapshot", snap.to_str().expect("utf-8")]).0);
+    ctl(&socket, &["stop"]);
+    wait_exit(&mut child);
+    snap
+}
+
+fn refused(snap: &Path, needle: &str) {
+    let out = run(&["restore", snap.to_str().expect("utf-8")]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(needle), "expected '{needle}': {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(stdout(&out).is_empty(), "nothing ran: {}", stdout(&out));
+}
+
+#[test]
+fn corrupted_truncated_and_foreign_snapshots_are_refused() {
+    let snap = snapshot_of_heartbeat("broken");
+    let state = snap.join("vm.state");
+    let memory = snap.join("memory.pages");
+    let good_state = std::fs::read(&state).expect("state");
+    let good_memory = std::fs::read(&memory).expect("memory");
+
+    let mut bad = good_state.clone();
+    let middle = bad.len() / 2;
+    bad[middle] ^= 0x01;
+    std::fs::write(&state, &bad).expect("write");
+    refused(&snap, "vm.state is corrupted");
+
+    std::fs::write(&state, &good_state[..good_state.len() - 7]).expect("write");
+    refused(&snap, "vm.state is truncated");
+
+    std::fs::write(&state, b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0").expect("write");
+    refused(&snap, "not an xcloud vm.state file");
+
+    std::fs::write(&state, &good_state).expect("write");
+    std::fs::write(&memory, &good_memory[..good_memory.len() - 4096]).expect("write");
+    refused(&snap, "memory.pages is truncated");
+
+    let mut bad = good_memory.clone();
+    let last = bad.len() - 100;
+    bad[last] ^= 0x80;
+    std::fs::write(&memory, &bad).expect("write");
+    refused(&snap, "memory.pages is corrupted");
+
+    std::fs::remove_file(&memory).expect("remove");
+    refused(&snap, "cannot read or write memory.pages");
+    refused(
+        Path::new("/nonexistent/snapshot"),
+        "cannot read or write vm.state",
+    );
+
+    std::fs::write(&memory, &good_memory).expect("write");
+    let (mut child, rx) = spawn(&["restore", snap.to_str().expect("utf-8")]);
+    next_line(&rx, "heartbeat n=");
+    child.kill().expect("kill");
+    let _ = child.wait();
+}
