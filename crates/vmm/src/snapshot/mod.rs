@@ -543,3 +543,101 @@ pub fn read_state(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
     let data = format::read_file(&dir.join(STATE_FILE), "vm.state", MAX_STATE_FILE)?;
     VmSnapshot::decode(&data)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VmSnapshot {
+        let state = VcpuState {
+            regs: kvm_regs {
+                rip: 0x10_0000,
+                ..Default::default()
+            },
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            lapic: Default::default(),
+            events: Default::default(),
+            mp_state: Default::default(),
+            msrs: vec![kvm_msr_entry {
+                index: 0x10,
+                reserved: 0,
+                data: 42,
+            }],
+        };
+        VmSnapshot {
+            config: SnapshotConfig {
+                mem_bytes: 64 << 20,
+                vcpus: 2,
+                tsc_khz: 2_600_000,
+                cmdline: "a b".into(),
+            },
+            vcpus: vec![
+                VcpuSnapshot {
+                    activity: Activity::Paused,
+                    state: Some(Box::new(state)),
+                },
+                VcpuSnapshot {
+                    activity: Activity::Parked,
+                    state: None,
+                },
+            ],
+            irqchips: (0..3)
+                .map(|chip_id| kvm_irqchip {
+                    chip_id,
+                    ..Default::default()
+                })
+                .collect(),
+            serial: vm_superio::serial::Serial::new(NoTrigger, std::io::sink()).state(),
+        }
+    }
+
+    struct NoTrigger;
+    impl vm_superio::Trigger for NoTrigger {
+        type E = ();
+        fn trigger(&self) -> Result<(), ()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let bytes = sample().encode().expect("encode");
+        let back = VmSnapshot::decode(&bytes).expect("decode");
+        assert_eq!(back.config, sample().config);
+        assert_eq!(back.vcpus.len(), 2);
+        let s = back.vcpus[0].state.as_ref().expect("vCPU 0 has state");
+        assert_eq!(s.regs.rip, 0x10_0000);
+        assert_eq!(s.msrs[0].data, 42);
+        assert!(back.vcpus[1].state.is_none());
+        assert_eq!(back.irqchips[2].chip_id, 2);
+    }
+
+    #[test]
+    fn mutated_state_files_never_panic_and_are_all_refused() {
+        let good = sample().encode().expect("encode");
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut accepted = 0;
+        for _ in 0..5_000 {
+            let mut bad = good.clone();
+            for _ in 0..(1 + next() % 4) {
+                let at = (next() as usize) % bad.len();
+                bad[at] = next() as u8;
+            }
+            if next() % 5 == 0 {
+                bad.truncate((next() as usize) % good.len());
+            }
+            if VmSnapshot::decode(&bad).is_ok() && bad != good {
+                accepted += 1;
+            }
+        }
+        assert_eq!(accepted, 0, "checksums catch every mutation");
+    }
+}
