@@ -7,8 +7,7 @@ use std::process::Command;
 const WORKLOADS: &[&str] = &["hello", "heartbeat", "dirty", "micro"];
 
 fn main() {
-    let manifest =
-        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let root = manifest.join("../..");
     let guest = root.join("guest");
@@ -42,17 +41,14 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd
-        .status()
-        .expect("cannot run cargo to build the guest workspace");
+    let status = cmd.status().expect("cannot run cargo to build the guest workspace");
     assert!(
         status.success(),
         "building the guest workspace failed (see the errors above)"
     );
     let bin_dir = target_dir.join("x86_64-unknown-linux-gnu/release");
-    let mut table = String::from(
-        "/// Built-in guests: name and PVH ELF image.\npub const BUILTIN: &[(&str, &[u8])] = &[\n",
-    );
+    let mut table =
+        String::from("/// Built-in guests: name and PVH ELF image.\npub const BUILTIN: &[(&str, &[u8])] = &[\n");
     for name in WORKLOADS {
         let path = bin_dir.join(name);
         table.push_str(&format!(

@@ -56,6 +56,15 @@ pub enum Command {
     Snapshot { dir: PathBuf },
     /// Stop the VM for good.
     Stop,
+    /// Live-migrate the VM to the destination at `to` (`xcloud receive`), authenticated by this
+    /// host's `identity` directory and the destination's pinned `peer_cert`.
+    Migrate {
+        to: String,
+        identity: PathBuf,
+        peer_cert: PathBuf,
+        #[serde(default)]
+        max_downtime_ms: Option<u64>,
+    },
 }
 
 /// A request line.
@@ -68,7 +77,7 @@ pub struct Request {
 }
 
 /// A response line.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -85,6 +94,12 @@ pub struct Response {
     pub snapshot_pages: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_bytes: Option<u64>,
+    /// For `status` during a migration: its progress.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::migration::MigrationProgress>,
+    /// For `migrate`: what it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migrated: Option<crate::migration::MigrationSummary>,
 }
 
 fn state_name(s: VmState) -> String {
@@ -133,8 +148,32 @@ pub fn execute(handle: &VmHandle, line: &str) -> Response {
             ok: true,
             vcpus: Some(handle.vcpu_count()),
             mem_bytes: Some(handle.mem_bytes()),
+            migration: handle.migration_progress(),
             ..Default::default()
         }),
+        Command::Migrate {
+            to,
+            identity,
+            peer_cert,
+            max_downtime_ms,
+        } => {
+            let creds = match crate::migration::tls::Credentials::load(&identity, &peer_cert) {
+                Ok(c) => c,
+                Err(e) => return with_state(failure(flatten(&e))),
+            };
+            let mut options = crate::migration::MigrateOptions::default();
+            if let Some(ms) = max_downtime_ms {
+                options.max_downtime = std::time::Duration::from_millis(ms);
+            }
+            match crate::migration::migrate(handle, &to, &creds, options) {
+                Ok(summary) => with_state(Response {
+                    ok: true,
+                    migrated: Some(summary),
+                    ..Default::default()
+                }),
+                Err(e) => with_state(failure(flatten(&e))),
+            }
+        }
         Command::Pause => done(handle.pause()),
         Command::Resume => done(handle.resume()),
         Command::Stop => {
@@ -158,14 +197,7 @@ pub fn execute(handle: &VmHandle, line: &str) -> Response {
 
 /// An error and its sources on one line.
 pub fn flatten(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+    crate::vm::flatten_error(e)
 }
 
 /// A listening API socket; the socket file is removed when this is dropped.
@@ -205,10 +237,7 @@ pub fn serve(path: &Path, handle: VmHandle) -> Result<ApiServer, ApiError> {
                     .spawn(move || serve_connection(stream, &handle));
             }
         })
-        .map_err(|source| ApiError::Bind {
-            path: shown,
-            source,
-        })?;
+        .map_err(|source| ApiError::Bind { path: shown, source })?;
     Ok(ApiServer {
         path: path.to_path_buf(),
     })
@@ -222,9 +251,7 @@ fn serve_connection(stream: UnixStream, handle: &VmHandle) {
     let mut line = Vec::new();
     loop {
         line.clear();
-        let read = (&mut input)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line);
+        let read = (&mut input).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line);
         let response = match read {
             Ok(0) | Err(_) => return,
             Ok(_) if line.len() > MAX_LINE => {
@@ -268,12 +295,10 @@ pub fn call(path: &Path, command: Command) -> Result<Response, ApiError> {
         detail: e.to_string(),
     })?;
     text.push('\n');
-    stream
-        .write_all(text.as_bytes())
-        .map_err(|source| ApiError::NoAnswer {
-            path: shown.clone(),
-            source,
-        })?;
+    stream.write_all(text.as_bytes()).map_err(|source| ApiError::NoAnswer {
+        path: shown.clone(),
+        source,
+    })?;
     let mut answer = String::new();
     BufReader::new((&stream).take(MAX_LINE as u64))
         .read_line(&mut answer)
@@ -295,9 +320,7 @@ mod tests {
     fn requests_have_a_stable_wire_form() {
         let r = Request {
             api: 1,
-            command: Command::Snapshot {
-                dir: "/tmp/s".into(),
-            },
+            command: Command::Snapshot { dir: "/tmp/s".into() },
         };
         assert_eq!(
             serde_json::to_string(&r).expect("json"),

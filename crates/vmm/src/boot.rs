@@ -135,11 +135,7 @@ fn check_elf(image: &[u8], mem_size: u64) -> Result<Vec<Segment>, BootError> {
         if filesz == 0 && memsz == 0 {
             continue;
         }
-        if offset
-            .checked_add(filesz)
-            .is_none_or(|e| e > image.len() as u64)
-            || filesz > memsz
-        {
+        if offset.checked_add(filesz).is_none_or(|e| e > image.len() as u64) || filesz > memsz {
             return Err(BootError::SegmentOutsideFile {
                 index,
                 offset,
@@ -165,12 +161,7 @@ fn check_elf(image: &[u8], mem_size: u64) -> Result<Vec<Segment>, BootError> {
 }
 
 /// Checks `image`, loads it into `mem` and writes the PVH boot structures with `cmdline`.
-pub fn load_pvh(
-    mem: &GuestMemoryMmap,
-    mem_size: u64,
-    image: &[u8],
-    cmdline: &str,
-) -> Result<BootInfo, BootError> {
+pub fn load_pvh(mem: &GuestMemoryMmap, mem_size: u64, image: &[u8], cmdline: &str) -> Result<BootInfo, BootError> {
     let segments = check_elf(image, mem_size)?;
     if cmdline.len() >= layout::CMDLINE_MAX {
         return Err(BootError::CmdlineTooLong { len: cmdline.len() });
@@ -193,11 +184,7 @@ pub fn load_pvh(
         return Err(BootError::EntryOutsideImage { entry });
     }
     write_boot_structures(mem, mem_size, cmdline)?;
-    let image_end = segments
-        .iter()
-        .map(|s| s.end)
-        .max()
-        .unwrap_or(layout::HIGHMEM_START);
+    let image_end = segments.iter().map(|s| s.end).max().unwrap_or(layout::HIGHMEM_START);
     Ok(BootInfo { entry, image_end })
 }
 
@@ -230,11 +217,7 @@ fn gdt() -> [u64; 4] {
     [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff, tss]
 }
 
-fn write_boot_structures(
-    mem: &GuestMemoryMmap,
-    mem_size: u64,
-    cmdline: &str,
-) -> Result<(), BootError> {
+fn write_boot_structures(mem: &GuestMemoryMmap, mem_size: u64, cmdline: &str) -> Result<(), BootError> {
     let write = |what: &'static str, bytes: &[u8], at: u64| {
         mem.write_slice(bytes, GuestAddress(at))
             .map_err(|source| BootError::Write { what, source })
@@ -391,18 +374,9 @@ mod tests {
     #[test]
     fn a_pvh_elf_loads_and_gets_boot_structures() {
         let ram = ram();
-        let info = load_pvh(
-            ram.mem(),
-            ram.size(),
-            &minimal_elf(0x10_0000, &[0xf4], true),
-            "a b",
-        )
-        .expect("boots");
+        let info = load_pvh(ram.mem(), ram.size(), &minimal_elf(0x10_0000, &[0xf4], true), "a b").expect("boots");
         assert_eq!(info.entry, 0x10_0000);
-        let magic: u32 = ram
-            .mem()
-            .read_obj(GuestAddress(layout::START_INFO))
-            .expect("read");
+        let magic: u32 = ram.mem().read_obj(GuestAddress(layout::START_INFO)).expect("read");
         assert_eq!(magic, pvh::START_MAGIC);
         let mut cmd = [0u8; 4];
         ram.mem()
@@ -433,12 +407,7 @@ mod tests {
     fn an_elf_without_pvh_note_is_refused() {
         let ram = ram();
         assert!(matches!(
-            load_pvh(
-                ram.mem(),
-                ram.size(),
-                &minimal_elf(0x10_0000, &[0xf4], false),
-                ""
-            ),
+            load_pvh(ram.mem(), ram.size(), &minimal_elf(0x10_0000, &[0xf4], false), ""),
             Err(BootError::NoPvhNote)
         ));
     }
@@ -446,28 +415,10 @@ mod tests {
     #[test]
     fn segments_outside_memory_are_refused() {
         let ram = ram();
-        let err = load_pvh(
-            ram.mem(),
-            ram.size(),
-            &minimal_elf(0x80_0000, &[0xf4], true),
-            "",
-        )
-        .expect_err("outside");
-        assert!(
-            matches!(err, BootError::SegmentOutsideMemory { index: 0, .. }),
-            "{err}"
-        );
-        let err = load_pvh(
-            ram.mem(),
-            ram.size(),
-            &minimal_elf(0x1000, &[0xf4], true),
-            "",
-        )
-        .expect_err("below 1 MiB");
-        assert!(
-            matches!(err, BootError::SegmentOutsideMemory { .. }),
-            "{err}"
-        );
+        let err = load_pvh(ram.mem(), ram.size(), &minimal_elf(0x80_0000, &[0xf4], true), "").expect_err("outside");
+        assert!(matches!(err, BootError::SegmentOutsideMemory { index: 0, .. }), "{err}");
+        let err = load_pvh(ram.mem(), ram.size(), &minimal_elf(0x1000, &[0xf4], true), "").expect_err("below 1 MiB");
+        assert!(matches!(err, BootError::SegmentOutsideMemory { .. }), "{err}");
     }
 
     #[test]
@@ -491,12 +442,7 @@ mod tests {
         let ram = ram();
         let long = "x".repeat(layout::CMDLINE_MAX);
         assert!(matches!(
-            load_pvh(
-                ram.mem(),
-                ram.size(),
-                &minimal_elf(0x10_0000, &[0xf4], true),
-                &long
-            ),
+            load_pvh(ram.mem(), ram.size(), &minimal_elf(0x10_0000, &[0xf4], true), &long),
             Err(BootError::CmdlineTooLong { .. })
         ));
     }

@@ -91,10 +91,7 @@ mod tests {
                 _ => (rng.next() % size) & !7,
             };
             let result = harness.call(gpa, &block);
-            let served = gpa % 8 == 0
-                && gpa
-                    .checked_add(BLOCK_SIZE as u64)
-                    .is_some_and(|e| e <= size);
+            let served = gpa % 8 == 0 && gpa.checked_add(BLOCK_SIZE as u64).is_some_and(|e| e <= size);
             if let (true, Some(result)) = (served, result) {
                 assert!(result >= -4, "result {result} is 0.. or a known error code");
             }

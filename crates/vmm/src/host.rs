@@ -32,8 +32,7 @@ pub enum HostError {
 /// Opens KVM and checks the API version and the capabilities the VMM relies on.
 pub fn open_kvm() -> Result<Kvm, HostError> {
     let path = kvm_device_path();
-    let c_path = std::ffi::CString::new(path.clone())
-        .map_err(|_| HostError::NoKvm { path: path.clone() })?;
+    let c_path = std::ffi::CString::new(path.clone()).map_err(|_| HostError::NoKvm { path: path.clone() })?;
     let fd = Kvm::open_with_cloexec_at(&c_path, true).map_err(|e| {
         let io = std::io::Error::from_raw_os_error(e.errno());
         match io.kind() {
@@ -49,10 +48,7 @@ pub fn open_kvm() -> Result<Kvm, HostError> {
     let kvm = unsafe { Kvm::from_raw_fd(fd) };
     let version = kvm.get_api_version();
     if version != 12 {
-        return Err(HostError::ApiVersion {
-            path,
-            found: version,
-        });
+        return Err(HostError::ApiVersion { path, found: version });
     }
     for (cap, name) in REQUIRED_CAPS {
         if !kvm.check_extension(*cap) {
@@ -136,10 +132,7 @@ pub enum Virtualization {
 impl Virtualization {
     /// Whether a stock Linux kernel can run as a guest here at useful speed.
     pub fn runs_linux_guests(&self) -> bool {
-        matches!(
-            self,
-            Virtualization::BareMetal { .. } | Virtualization::Nested { .. }
-        )
+        matches!(self, Virtualization::BareMetal { .. } | Virtualization::Nested { .. })
     }
 }
 
@@ -147,10 +140,9 @@ impl std::fmt::Display for Virtualization {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Virtualization::BareMetal { vendor } => write!(f, "bare-metal KVM ({vendor})"),
-            Virtualization::Nested { vendor } => write!(
-                f,
-                "nested KVM ({vendor} passed through by the hypervisor below)"
-            ),
+            Virtualization::Nested { vendor } => {
+                write!(f, "nested KVM ({vendor} passed through by the hypervisor below)")
+            }
             Virtualization::Pvm => write!(
                 f,
                 "PVM (KVM without hardware virtualization; guest kernel mode is emulated)"
@@ -165,10 +157,7 @@ impl std::fmt::Display for Virtualization {
 pub fn detect_virtualization() -> Virtualization {
     let module = |m: &str| Path::new("/sys/module").join(m).exists();
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let flags = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("flags"))
-        .unwrap_or("");
+    let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap_or("");
     let under_hypervisor = flags.split_whitespace().any(|f| f == "hypervisor");
     let hw = |vendor| {
         if under_hypervisor {

@@ -50,10 +50,7 @@ pub(crate) fn handle(index: usize, fd: &VcpuFd, shared: &Shared, gpa: u64) -> Ou
         Ok(v) => v,
         Err(e) => -(e as i64),
     };
-    if mem
-        .write_obj(value, GuestAddress(gpa + RESULT_OFFSET))
-        .is_err()
-    {
+    if mem.write_obj(value, GuestAddress(gpa + RESULT_OFFSET)).is_err() {
         shared.guest_noise(format_args!(
             "vCPU {index}: cannot write the hypercall result at {gpa:#x}"
         ));
@@ -74,13 +71,7 @@ fn read_guest(shared: &Shared, addr: u64, len: u64) -> Result<Vec<u8>, HcError> 
     Ok(buf)
 }
 
-fn serve(
-    index: usize,
-    fd: &VcpuFd,
-    shared: &Shared,
-    op: Op,
-    args: &[u64; 6],
-) -> (Result<i64, HcError>, Outcome) {
+fn serve(index: usize, fd: &VcpuFd, shared: &Shared, op: Op, args: &[u64; 6]) -> (Result<i64, HcError>, Outcome) {
     let done = |r| (r, Outcome::Continue);
     match op {
         Op::Nop => done(Ok(0)),

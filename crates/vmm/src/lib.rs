@@ -13,6 +13,7 @@ pub mod fuzzing;
 pub mod host;
 mod hypercall;
 pub mod memory;
+pub mod migration;
 pub mod probe;
 pub mod snapshot;
 mod vcpu;

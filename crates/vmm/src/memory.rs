@@ -17,7 +17,9 @@ pub const MAX_GUEST_BYTES: u64 = 3 << 30;
 pub enum MemoryError {
     #[error("guest memory of {size} bytes is too small: at least {MIN_GUEST_BYTES} bytes (2 MiB) are needed")]
     TooSmall { size: u64 },
-    #[error("guest memory of {size} bytes is too large: this version supports at most {MAX_GUEST_BYTES} bytes (3 GiB)")]
+    #[error(
+        "guest memory of {size} bytes is too large: this version supports at most {MAX_GUEST_BYTES} bytes (3 GiB)"
+    )]
     TooLarge { size: u64 },
     #[error("guest memory of {size} bytes exceeds this host's {host} bytes of RAM")]
     ExceedsHost { size: u64, host: u64 },
@@ -54,12 +56,9 @@ impl GuestRam {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size)
             .map_err(|source| MemoryError::Resize { size, source })?;
-        let mem = GuestMemoryMmap::from_ranges_with_files([(
-            GuestAddress(0),
-            size as usize,
-            Some(FileOffset::new(file, 0)),
-        )])
-        .map_err(MemoryError::Map)?;
+        let mem =
+            GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), size as usize, Some(FileOffset::new(file, 0)))])
+                .map_err(MemoryError::Map)?;
         Ok(Self { mem, size })
     }
 
@@ -75,18 +74,19 @@ impl GuestRam {
 
     /// Host address of guest-physical 0 (the whole RAM is one contiguous mapping).
     pub fn host_base(&self) -> u64 {
-        self.mem
-            .iter()
-            .next()
-            .map(|r| r.as_ptr() as u64)
-            .unwrap_or_default()
+        self.mem.iter().next().map(|r| r.as_ptr() as u64).unwrap_or_default()
     }
 
     /// Bytes of this RAM that are resident in the host (pages the guest or the loader touched).
     pub fn resident_bytes(&self) -> u64 {
-        let page = 4096u64;
-        let pages = self.size.div_ceil(page) as usize;
-        let mut vec = vec![0u8; pages];
+        self.resident_pages().len() as u64 * 4096
+    }
+
+    /// Numbers of the 4 KiB pages that are resident in the host (every page if the kernel
+    /// cannot tell).
+    pub fn resident_pages(&self) -> Vec<u64> {
+        let pages = self.size.div_ceil(4096);
+        let mut vec = vec![0u8; pages as usize];
         // SAFETY: mincore reads the residency of [base, base+size), which is our own mapping,
         // and writes one byte per page into `vec`, which has exactly that many bytes.
         let rc = unsafe {
@@ -97,9 +97,9 @@ impl GuestRam {
             )
         };
         if rc != 0 {
-            return 0;
+            return (0..pages).collect();
         }
-        vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page
+        (0..pages).filter(|&p| vec[p as usize] & 1 != 0).collect()
     }
 }
 
@@ -115,10 +115,7 @@ pub fn validate_size(size: u64, host_bytes: u64) -> Result<(), MemoryError> {
         return Err(MemoryError::Unaligned { size });
     }
     if host_bytes != 0 && size > host_bytes {
-        return Err(MemoryError::ExceedsHost {
-            size,
-            host: host_bytes,
-        });
+        return Err(MemoryError::ExceedsHost { size, host: host_bytes });
     }
     Ok(())
 }
@@ -143,14 +140,8 @@ mod tests {
 
     #[test]
     fn sizes_are_checked_against_limits() {
-        assert!(matches!(
-            validate_size(1 << 20, 0),
-            Err(MemoryError::TooSmall { .. })
-        ));
-        assert!(matches!(
-            validate_size(4 << 30, 0),
-            Err(MemoryError::TooLarge { .. })
-        ));
+        assert!(matches!(validate_size(1 << 20, 0), Err(MemoryError::TooSmall { .. })));
+        assert!(matches!(validate_size(4 << 30, 0), Err(MemoryError::TooLarge { .. })));
         assert!(matches!(
             validate_size((64 << 20) + 1, 0),
             Err(MemoryError::Unaligned { .. })
@@ -166,15 +157,8 @@ mod tests {
     fn ram_is_zeroed_and_only_touched_pages_are_resident() {
         use vm_memory::Bytes;
         let ram = GuestRam::new(16 << 20).expect("memfd-backed RAM");
-        assert_eq!(
-            ram.mem()
-                .read_obj::<u64>(GuestAddress(0x1000))
-                .expect("read"),
-            0
-        );
-        ram.mem()
-            .write_obj(7u64, GuestAddress(0x10_0000))
-            .expect("write");
+        assert_eq!(ram.mem().read_obj::<u64>(GuestAddress(0x1000)).expect("read"), 0);
+        ram.mem().write_obj(7u64, GuestAddress(0x10_0000)).expect("write");
         assert!(ram.resident_bytes() <= 2 * 4096, "{}", ram.resident_bytes());
     }
 }

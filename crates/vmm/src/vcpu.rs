@@ -35,13 +35,7 @@ pub(crate) fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 
 /// Creates vCPU `index` with the host's CPUID, its APIC ID patched in.
 pub(crate) fn create(vm: &VmFd, index: usize, supported: &CpuId) -> Result<VcpuFd, VmError> {
-    let err = |what| {
-        move |source| VmError::Vcpu {
-            index,
-            what,
-            source,
-        }
-    };
+    let err = |what| move |source| VmError::Vcpu { index, what, source };
     let fd = vm.create_vcpu(index as u64).map_err(err("create"))?;
     let mut cpuid = supported.clone();
     for entry in cpuid.as_mut_slice() {
@@ -67,18 +61,11 @@ fn default_fpu() -> kvm_fpu {
 
 /// Puts the boot vCPU at the PVH entry.
 pub(crate) fn set_boot_state(fd: &VcpuFd, info: &BootInfo) -> Result<(), VmError> {
-    let err = |what| {
-        move |source| VmError::Vcpu {
-            index: 0,
-            what,
-            source,
-        }
-    };
+    let err = |what| move |source| VmError::Vcpu { index: 0, what, source };
     let sregs = fd.get_sregs().map_err(err("read segment registers"))?;
     fd.set_sregs(&boot::boot_sregs(sregs))
         .map_err(err("set segment registers"))?;
-    fd.set_regs(&boot::boot_regs(info))
-        .map_err(err("set registers"))?;
+    fd.set_regs(&boot::boot_regs(info)).map_err(err("set registers"))?;
     Ok(())
 }
 
@@ -125,8 +112,7 @@ pub(crate) fn run(index: usize, mut fd: VcpuFd, shared: Arc<Shared>) {
         match shared.gate(index) {
             Gate::Stop => break,
             Gate::Save => {
-                let state =
-                    complete_pending_io(&mut fd).and_then(|_| save_state(&fd, &shared.msr_indices));
+                let state = complete_pending_io(&mut fd).and_then(|_| save_state(&fd, &shared.msr_indices));
                 // A saved vCPU continues from its saved state: an interrupted sleep ends.
                 sleep_until = None;
                 shared.saved(index, state);
@@ -149,9 +135,7 @@ pub(crate) fn run(index: usize, mut fd: VcpuFd, shared: Arc<Shared>) {
         let pending = match fd.run() {
             Ok(exit) => classify(index, exit, &shared),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Pending::None,
-            Err(e) => Pending::End(VmExit::Failed(format!(
-                "KVM_RUN on vCPU {index} failed: {e}"
-            ))),
+            Err(e) => Pending::End(VmExit::Failed(format!("KVM_RUN on vCPU {index} failed: {e}"))),
         };
         match pending {
             Pending::None => {}
@@ -195,9 +179,7 @@ fn classify(index: usize, exit: VcpuExit<'_>, shared: &Shared) -> Pending {
     match exit {
         VcpuExit::IoOut(port, data) => {
             if port == HYPERCALL_PORT && data.len() == 4 {
-                return Pending::Hypercall(
-                    u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as u64,
-                );
+                return Pending::Hypercall(u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as u64);
             }
             if (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&port) && data.len() == 1 {
                 return Pending::Serial(port, data[0]);
@@ -214,11 +196,7 @@ fn classify(index: usize, exit: VcpuExit<'_>, shared: &Shared) -> Pending {
             if port == HYPERCALL_PORT && data.len() == 4 {
                 data.copy_from_slice(&(PROBE_MAGIC | ABI_VERSION).to_le_bytes());
             } else if (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&port) && data.len() == 1 {
-                data[0] = shared
-                    .serial
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .read(port);
+                data[0] = shared.serial.lock().unwrap_or_else(|p| p.into_inner()).read(port);
             } else {
                 data.fill(0xff);
                 shared.guest_noise(format_args!(
@@ -245,9 +223,7 @@ fn classify(index: usize, exit: VcpuExit<'_>, shared: &Shared) -> Pending {
         VcpuExit::FailEntry(reason, cpu) => crash(format!(
             "could not enter the guest (hardware reason {reason:#x}, host CPU {cpu})"
         )),
-        VcpuExit::InternalError => {
-            crash("hit a KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into())
-        }
+        VcpuExit::InternalError => crash("hit a KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into()),
         VcpuExit::SystemEvent(kind, _) => match kind {
             kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Pending::End(VmExit::Exited(0)),
             kvm_bindings::KVM_SYSTEM_EVENT_RESET => crash("requested a reset".into()),
@@ -302,10 +278,7 @@ fn complete_pending_io(fd: &mut VcpuFd) -> Result<(), String> {
 }
 
 /// Reads the vCPU's whole state (the thread that owns the vCPU calls this while it is paused).
-pub(crate) fn save_state(
-    fd: &VcpuFd,
-    msr_indices: &[u32],
-) -> Result<crate::snapshot::VcpuState, String> {
+pub(crate) fn save_state(fd: &VcpuFd, msr_indices: &[u32]) -> Result<crate::snapshot::VcpuState, String> {
     let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
     let msrs = read_msrs(fd, msr_indices)?;
     if msrs.len() != msr_indices.len() {
@@ -330,21 +303,15 @@ pub(crate) fn restore_state(
     s: &crate::snapshot::VcpuState,
 ) -> Result<(), crate::snapshot::SnapshotError> {
     use crate::snapshot::SnapshotError;
-    let err = |what| {
-        move |source| SnapshotError::RestoreVcpu {
-            index,
-            what,
-            source,
-        }
-    };
+    let err = |what| move |source| SnapshotError::RestoreVcpu { index, what, source };
     fd.set_sregs(&s.sregs).map_err(err("segment registers"))?;
     fd.set_regs(&s.regs).map_err(err("registers"))?;
     // SAFETY: `s.xsave` is a complete 4 KiB legacy XSAVE area read from KVM by save_state (or
     // decoded to exactly that size); no extended (XSAVE2) area follows it.
     unsafe { fd.set_xsave(&s.xsave) }.map_err(err("XSAVE"))?;
     fd.set_xcrs(&s.xcrs).map_err(err("XCRs"))?;
-    let msrs = kvm_bindings::Msrs::from_entries(&s.msrs)
-        .map_err(|_| err("MSRs")(kvm_ioctls::Error::new(libc::E2BIG)))?;
+    let msrs =
+        kvm_bindings::Msrs::from_entries(&s.msrs).map_err(|_| err("MSRs")(kvm_ioctls::Error::new(libc::E2BIG)))?;
     let written = fd.set_msrs(&msrs).map_err(err("MSRs"))?;
     if written != s.msrs.len() {
         return Err(SnapshotError::Incompatible(format!(

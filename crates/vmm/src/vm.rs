@@ -60,13 +60,11 @@ pub enum VmExit {
     /// The guest panicked with this message.
     Panicked(String),
     /// The guest crashed (triple fault, failed entry, ...).
-    Crashed {
-        vcpu: usize,
-        reason: String,
-        rip: u64,
-    },
+    Crashed { vcpu: usize, reason: String, rip: u64 },
     /// The host stopped it.
     Stopped,
+    /// It was migrated away and runs at this destination now.
+    Migrated(String),
     /// The VMM failed while running it.
     Failed(String),
 }
@@ -79,6 +77,7 @@ impl VmExit {
             VmExit::Panicked(_) => xcloud_abi::PANIC_EXIT_STATUS,
             VmExit::Crashed { .. } => 125,
             VmExit::Stopped => 130,
+            VmExit::Migrated(_) => 0,
             VmExit::Failed(_) => 126,
         }
     }
@@ -93,6 +92,7 @@ impl std::fmt::Display for VmExit {
                 write!(f, "guest crashed: vCPU {vcpu} {reason} at RIP {rip:#x}")
             }
             VmExit::Stopped => write!(f, "guest stopped by the host"),
+            VmExit::Migrated(to) => write!(f, "guest migrated to {to}"),
             VmExit::Failed(m) => write!(f, "VMM failure: {m}"),
         }
     }
@@ -133,10 +133,7 @@ pub enum VmError {
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error("cannot {action} a VM that is {state:?}")]
-    InvalidTransition {
-        action: &'static str,
-        state: VmState,
-    },
+    InvalidTransition { action: &'static str, state: VmState },
 }
 
 /// What the VMM asks of every vCPU.
@@ -188,6 +185,8 @@ pub(crate) struct Shared {
     pub tsc_khz: u64,
     /// MSRs a snapshot saves (those the vCPUs can read).
     pub msr_indices: Vec<u32>,
+    /// The outgoing migration's progress, while one runs.
+    pub progress: Mutex<Option<crate::migration::MigrationProgress>>,
     noise: AtomicU64,
 }
 
@@ -225,9 +224,7 @@ impl Shared {
             if c.request == Request::Stop {
                 return Gate::Stop;
             }
-            if c.save_requested[index]
-                && matches!(c.vcpus[index], Activity::Paused | Activity::Halted)
-            {
+            if c.save_requested[index] && matches!(c.vcpus[index], Activity::Paused | Activity::Halted) {
                 c.save_requested[index] = false;
                 return Gate::Save;
             }
@@ -292,6 +289,25 @@ impl Shared {
         kick(&c);
     }
 
+    /// Publishes the outgoing migration's progress (None: no migration runs).
+    pub fn set_progress(&self, progress: Option<crate::migration::MigrationProgress>) {
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = progress;
+    }
+
+    /// Turns KVM dirty-page logging of guest RAM on or off.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), kvm_ioctls::Error> {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: 0,
+            flags: if on { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: 0,
+            memory_size: self.ram.size(),
+            userspace_addr: self.ram.host_base(),
+        };
+        // SAFETY: the same slot, address and size as registered at build time (the mapping is
+        // alive as long as `self`); only the logging flag changes.
+        unsafe { self.vm_fd.set_user_memory_region(region) }
+    }
+
     /// Hands over the state vCPU `index` saved.
     pub fn saved(&self, index: usize, state: Result<crate::snapshot::VcpuState, String>) {
         let mut c = self.lock();
@@ -325,6 +341,18 @@ fn kick(c: &Control) {
             unsafe { libc::pthread_kill(tid, vcpu::kick_signal()) };
         }
     }
+}
+
+/// An error and its sources on one line (for logs and API answers).
+pub fn flatten_error(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// A handle that pauses, resumes and stops a VM from any thread.
@@ -414,6 +442,18 @@ impl VmHandle {
     }
 
     fn capture(&self, dir: &std::path::Path) -> Result<SnapshotSummary, VmError> {
+        let snap = self.collect_state()?;
+        let shared = &self.shared;
+        Ok(snapshot::write_dir(
+            dir,
+            &snap,
+            shared.ram.mem(),
+            shared.ram.host_base(),
+        )?)
+    }
+
+    /// The vCPU and device state of a paused VM (each vCPU thread saves its own vCPU).
+    pub(crate) fn collect_state(&self) -> Result<snapshot::VmSnapshot, VmError> {
         let shared = &self.shared;
         let mut c = shared.lock();
         // A secondary vCPU whose start is still pending is not paused yet: wait for it.
@@ -469,12 +509,8 @@ impl VmHandle {
                 })?;
             irqchips.push(chip);
         }
-        let serial = shared
-            .serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .state();
-        let snap = snapshot::VmSnapshot {
+        let serial = shared.serial.lock().unwrap_or_else(|p| p.into_inner()).state();
+        Ok(snapshot::VmSnapshot {
             config: snapshot::SnapshotConfig {
                 mem_bytes: shared.ram.size(),
                 vcpus: shared.vcpu_count,
@@ -484,22 +520,18 @@ impl VmHandle {
             vcpus,
             irqchips,
             serial,
-        };
-        Ok(snapshot::write_dir(
-            dir,
-            &snap,
-            shared.ram.mem(),
-            shared.ram.host_base(),
-        )?)
+        })
     }
 
     /// Reads guest RAM at guest-physical `addr` (for inspection; the guest may be running).
     pub fn read_guest(&self, addr: u64, buf: &mut [u8]) -> Result<(), vm_memory::GuestMemoryError> {
         use vm_memory::Bytes;
-        self.shared
-            .ram
-            .mem()
-            .read_slice(buf, vm_memory::GuestAddress(addr))
+        self.shared.ram.mem().read_slice(buf, vm_memory::GuestAddress(addr))
+    }
+
+    /// The outgoing migration's progress, while one runs.
+    pub fn migration_progress(&self) -> Option<crate::migration::MigrationProgress> {
+        self.shared.progress.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Number of vCPUs.
@@ -530,17 +562,17 @@ pub struct Vm {
 static KICK_HANDLER: Once = Once::new();
 
 /// The KVM objects and memory of a VM before its vCPU threads exist.
-struct Parts {
+pub(crate) struct Parts {
     kvm: Kvm,
     vm_fd: VmFd,
-    ram: GuestRam,
+    pub(crate) ram: GuestRam,
     serial_irq: EventFd,
     vcpus: Vec<VcpuFd>,
-    tsc_khz: u64,
+    pub(crate) tsc_khz: u64,
     msr_indices: Vec<u32>,
 }
 
-fn build(mem_bytes: u64, vcpu_count: usize) -> Result<Parts, VmError> {
+pub(crate) fn build(mem_bytes: u64, vcpu_count: usize) -> Result<Parts, VmError> {
     if vcpu_count == 0 || vcpu_count > MAX_VCPUS {
         return Err(VmError::VcpuCount(vcpu_count));
     }
@@ -597,13 +629,7 @@ fn build(mem_bytes: u64, vcpu_count: usize) -> Result<Parts, VmError> {
 }
 
 impl Vm {
-    fn assemble(
-        parts: Parts,
-        console: Console,
-        activity: Vec<Activity>,
-        serial: SerialPort,
-        boot: BootInfo,
-    ) -> Self {
+    fn assemble(parts: Parts, console: Console, activity: Vec<Activity>, serial: SerialPort, boot: BootInfo) -> Self {
         let count = parts.vcpus.len();
         let shared = Arc::new(Shared {
             vm_fd: parts.vm_fd,
@@ -624,6 +650,7 @@ impl Vm {
             vcpu_count: count,
             tsc_khz: parts.tsc_khz,
             msr_indices: parts.msr_indices,
+            progress: Mutex::new(None),
             noise: AtomicU64::new(0),
         });
         Self {
@@ -647,10 +674,7 @@ impl Vm {
         vcpu::set_boot_state(&parts.vcpus[0], &boot)?;
         let mut activity = vec![Activity::Parked; config.vcpus];
         activity[0] = Activity::Paused;
-        let serial = SerialPort::new(
-            parts.serial_irq.try_clone().map_err(VmError::EventFd)?,
-            console.clone(),
-        );
+        let serial = SerialPort::new(parts.serial_irq.try_clone().map_err(VmError::EventFd)?, console.clone());
         Ok(Self::assemble(parts, console, activity, serial, boot))
     }
 
@@ -659,6 +683,12 @@ impl Vm {
     pub fn restore(dir: &std::path::Path, console: Console) -> Result<Self, VmError> {
         let snap = snapshot::read_state(dir)?;
         let parts = build(snap.config.mem_bytes, snap.config.vcpus)?;
+        snapshot::read_memory(&dir.join(snapshot::MEMORY_FILE), parts.ram.mem(), parts.ram.size())?;
+        Self::resume_from(parts, snap, console)
+    }
+
+    /// Completes a restore whose memory is already in `parts`.
+    pub(crate) fn resume_from(parts: Parts, snap: snapshot::VmSnapshot, console: Console) -> Result<Self, VmError> {
         if parts.tsc_khz != snap.config.tsc_khz {
             tracing::warn!(
                 "the snapshot's TSC ran at {} kHz, this host's at {} kHz: guest time will run at this host's rate",
@@ -666,11 +696,6 @@ impl Vm {
                 parts.tsc_khz
             );
         }
-        snapshot::read_memory(
-            &dir.join(snapshot::MEMORY_FILE),
-            parts.ram.mem(),
-            parts.ram.size(),
-        )?;
         for (chip_state, chip_id) in snap.irqchips.iter().zip(0u32..) {
             if chip_state.chip_id != chip_id {
                 return Err(SnapshotError::Incompatible(format!(
@@ -700,10 +725,7 @@ impl Vm {
             console.clone(),
         )
         .map_err(SnapshotError::Incompatible)?;
-        let boot = BootInfo {
-            entry: 0,
-            image_end: 0,
-        };
+        let boot = BootInfo { entry: 0, image_end: 0 };
         Ok(Self::assemble(parts, console, activity, serial, boot))
     }
 
@@ -769,17 +791,12 @@ impl Vm {
                 if self.threads.is_empty() {
                     break;
                 }
-                c = self
-                    .shared
-                    .changed
-                    .wait(c)
-                    .unwrap_or_else(|p| p.into_inner());
+                c = self.shared.changed.wait(c).unwrap_or_else(|p| p.into_inner());
             }
         }
         for t in self.threads.drain(..) {
             if t.join().is_err() {
-                self.shared
-                    .finish(VmExit::Failed("a vCPU thread panicked".into()));
+                self.shared.finish(VmExit::Failed("a vCPU thread panicked".into()));
             }
         }
         let mut c = self.shared.lock();

@@ -55,10 +55,7 @@ fn guest_rows(scale: u64) -> Result<(Vec<Row>, u64)> {
     vm.start()?;
     let exit = vm.wait();
     if exit != VmExit::Exited(0) {
-        bail!(
-            "the micro guest failed: {exit}; its output:\n{}",
-            capture.text()
-        );
+        bail!("the micro guest failed: {exit}; its output:\n{}", capture.text());
     }
     let mut rows = Vec::new();
     let mut tsc_khz = 0;
@@ -67,10 +64,7 @@ fn guest_rows(scale: u64) -> Result<(Vec<Row>, u64)> {
         if words.next() != Some("micro") {
             continue;
         }
-        match (
-            words.next(),
-            words.next().and_then(|v| v.parse::<f64>().ok()),
-        ) {
+        match (words.next(), words.next().and_then(|v| v.parse::<f64>().ok())) {
             (Some("tsc_khz"), Some(v)) => tsc_khz = v as u64,
             (Some(name), Some(v)) => {
                 if let Some((known, _)) = ROWS.iter().find(|(n, _)| *n == name) {
@@ -103,8 +97,7 @@ fn first_line(args: &[&str]) -> Result<(Duration, String)> {
         .read_line(&mut line)
         .context("cannot read the child's output")?;
     let elapsed = start.elapsed();
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
     let _ = child.kill();
     let _ = child.wait();
     if line.is_empty() {
@@ -164,7 +157,10 @@ pub fn micro(scale: u64, startup_runs: usize) -> Result<()> {
     bar.finish_and_clear();
 
     let ghz = tsc_khz.max(1) as f64 / 1e6;
-    println!("xcloud bench micro: native vs inside an xcloud guest (scale {scale}, TSC {:.3} GHz, best of several runs)", ghz);
+    println!(
+        "xcloud bench micro: native vs inside an xcloud guest (scale {scale}, TSC {:.3} GHz, best of several runs)",
+        ghz
+    );
     println!();
     println!(
         "{:<11} {:<58} {:>11} {:>11} {:>8}",
@@ -183,11 +179,7 @@ pub fn micro(scale: u64, startup_runs: usize) -> Result<()> {
             }
             _ => "-".into(),
         };
-        println!(
-            "{name:<11} {what:<58} {:>11} {:>11} {ratio:>8}",
-            ns(n),
-            ns(g)
-        );
+        println!("{name:<11} {what:<58} {:>11} {:>11} {ratio:>8}", ns(n), ns(g));
     }
     println!();
     let div_ratio = match (
@@ -202,10 +194,7 @@ pub fn micro(scale: u64, startup_runs: usize) -> Result<()> {
     let base = median(baseline);
     let vmm_kib = status_kib(&status, "RssAnon:") + status_kib(&status, "RssFile:");
     let guest_kib = status_kib(&status, "RssShmem:");
-    println!(
-        "{:<58} {:>16} {:>14} {:>8}",
-        "target", "measured", "limit", ""
-    );
+    println!("{:<58} {:>16} {:>14} {:>8}", "target", "measured", "limit", "");
     println!(
         "{:<58} {:>16} {:>14} {:>8}",
         "double division inside the guest vs native",

@@ -26,21 +26,12 @@ pub fn doctor() -> Result<i32> {
         println!(
             "  {:<36} {:<4} required",
             name,
-            if kvm.check_extension(*cap) {
-                "yes"
-            } else {
-                "NO"
-            }
+            if kvm.check_extension(*cap) { "yes" } else { "NO" }
         );
     }
     for (cap, name, why) in USEFUL_CAPS {
         let have = kvm.check_extension_raw(*cap as libc::c_ulong) > 0;
-        println!(
-            "  {:<36} {:<4} {}",
-            name,
-            if have { "yes" } else { "no" },
-            why
-        );
+        println!("  {:<36} {:<4} {}", name, if have { "yes" } else { "no" }, why);
     }
     println!("  max vCPUs per VM: {}", kvm.get_max_vcpus());
 
@@ -53,22 +44,13 @@ pub fn doctor() -> Result<i32> {
         }
     };
     let cpl0_penalty = costs.cpl0.loop_ns / costs.cpl3.loop_ns.max(1e-3);
-    println!(
-        "  CPL3 (user mode) loop:   {:>10.3} ns/iteration",
-        costs.cpl3.loop_ns
-    );
+    println!("  CPL3 (user mode) loop:   {:>10.3} ns/iteration", costs.cpl3.loop_ns);
     println!(
         "  CPL0 (kernel mode) loop: {:>10.3} ns/iteration ({cpl0_penalty:.0}x CPL3)",
         costs.cpl0.loop_ns
     );
-    println!(
-        "  port-I/O exit from CPL3: {:>10.1} us",
-        costs.cpl3.port_exit_us
-    );
-    println!(
-        "  port-I/O exit from CPL0: {:>10.1} us",
-        costs.cpl0.port_exit_us
-    );
+    println!("  port-I/O exit from CPL3: {:>10.1} us", costs.cpl3.port_exit_us);
+    println!("  port-I/O exit from CPL0: {:>10.1} us", costs.cpl0.port_exit_us);
 
     // A kernel-mode loop far slower than user mode means kernel mode is emulated.
     let kernel_mode_emulated = cpl0_penalty > 20.0;

@@ -4,10 +4,7 @@ include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 
 /// The image of built-in guest `name`.
 pub fn builtin(name: &str) -> Option<&'static [u8]> {
-    BUILTIN
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, image)| *image)
+    BUILTIN.iter().find(|(n, _)| *n == name).map(|(_, image)| *image)
 }
 
 /// Names of all built-in guests.

@@ -40,6 +40,28 @@ enum Command {
         #[arg(long)]
         api: Option<PathBuf>,
     },
+    /// Receive a live-migrating VM and run it here.
+    Receive {
+        /// Address to listen on, e.g. 0.0.0.0:7700.
+        #[arg(long)]
+        listen: String,
+        /// This host's identity directory (`xcloud keygen`).
+        #[arg(long)]
+        identity: PathBuf,
+        /// The source host's certificate (its identity's cert.der): the only one accepted.
+        #[arg(long)]
+        peer: PathBuf,
+        /// Serve the control API on this Unix socket.
+        #[arg(long)]
+        api: Option<PathBuf>,
+    },
+    /// Make this host's migration identity (a self-signed certificate and key) in DIR.
+    Keygen {
+        dir: PathBuf,
+        /// The name in the certificate.
+        #[arg(long, default_value = "xcloud-host")]
+        name: String,
+    },
     /// Drive a running VMM through its control socket.
     Ctl {
         /// The VMM's control socket (`xcloud run --api PATH`).
@@ -68,6 +90,20 @@ enum CtlAction {
     Snapshot { dir: PathBuf },
     /// Stop the VM.
     Stop,
+    /// Live-migrate the VM to a destination running `xcloud receive`.
+    Migrate {
+        /// The destination, HOST:PORT.
+        to: String,
+        /// This host's identity directory (`xcloud keygen`).
+        #[arg(long)]
+        identity: PathBuf,
+        /// The destination's certificate: the only one accepted.
+        #[arg(long)]
+        peer: PathBuf,
+        /// Downtime budget in milliseconds.
+        #[arg(long, default_value_t = 50)]
+        max_downtime: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -94,13 +130,24 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
             dir: std::path::absolute(&dir)?,
         },
         CtlAction::Stop => Op::Stop,
+        CtlAction::Migrate {
+            to,
+            identity,
+            peer,
+            max_downtime,
+        } => {
+            return run::migrate(
+                socket,
+                to,
+                std::path::absolute(&identity)?,
+                std::path::absolute(&peer)?,
+                max_downtime,
+            )
+        }
     };
     let answer = call(socket, op)?;
     if !answer.ok {
-        anyhow::bail!(
-            "{}",
-            answer.error.unwrap_or_else(|| "the VMM refused".into())
-        );
+        anyhow::bail!("{}", answer.error.unwrap_or_else(|| "the VMM refused".into()));
     }
     let mut line = format!("state: {}", answer.state.as_deref().unwrap_or("unknown"));
     if let (Some(vcpus), Some(mem)) = (answer.vcpus, answer.mem_bytes) {
@@ -138,10 +185,23 @@ fn main() -> ExitCode {
         } => run::run(mem, vcpus, &guest, &args, api.as_deref()),
         Command::Restore { dir, api } => run::restore(&dir, api.as_deref()),
         Command::Ctl { socket, action } => ctl(&socket, action),
-        Command::Bench(BenchCommand::Micro {
-            scale,
-            startup_runs,
-        }) => bench::micro(scale, startup_runs).map(|_| 0),
+        Command::Receive {
+            listen,
+            identity,
+            peer,
+            api,
+        } => run::receive(&listen, &identity, &peer, api.as_deref()),
+        Command::Keygen { dir, name } => xcloud_vmm::migration::tls::Identity::generate(&dir, &name)
+            .map(|_| {
+                println!(
+                    "identity written to {} (give {} to the peer)",
+                    dir.display(),
+                    dir.join("cert.der").display()
+                );
+                0
+            })
+            .map_err(Into::into),
+        Command::Bench(BenchCommand::Micro { scale, startup_runs }) => bench::micro(scale, startup_runs).map(|_| 0),
         Command::Doctor => doctor::doctor(),
         Command::Guests => {
             for name in guests::names() {

@@ -19,11 +19,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "k" | "kb" | "kib" => 10,
         "m" | "mb" | "mib" => 20,
         "g" | "gb" | "gib" => 30,
-        other => {
-            return Err(format!(
-                "unknown size unit '{other}' in '{text}' (use K, M or G)"
-            ))
-        }
+        other => return Err(format!("unknown size unit '{other}' in '{text}' (use K, M or G)")),
     };
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("size '{text}' is too large"))
@@ -61,13 +57,7 @@ fn block_termination_signals() -> libc::sigset_t {
 }
 
 /// Runs the guest to its end and returns the process exit status.
-pub fn run(
-    mem: u64,
-    vcpus: usize,
-    guest: &str,
-    args: &[String],
-    api: Option<&Path>,
-) -> Result<i32> {
+pub fn run(mem: u64, vcpus: usize, guest: &str, args: &[String], api: Option<&Path>) -> Result<i32> {
     let image = load_image(guest)?;
     let signals = block_termination_signals();
     let config = VmConfig {
@@ -76,7 +66,11 @@ pub fn run(
         cmdline: args.join(" "),
     };
     let vm = Vm::new(&config, &image, Console::stdout()).context("cannot create the VM")?;
-    supervise(vm, signals, api)
+    supervise(vm.handle(), signals, api, move || {
+        let mut vm = vm;
+        vm.start().context("cannot start the VM")?;
+        Ok(vm)
+    })
 }
 
 /// Continues the VM saved in `dir` and returns the process exit status.
@@ -84,17 +78,93 @@ pub fn restore(dir: &Path, api: Option<&Path>) -> Result<i32> {
     let signals = block_termination_signals();
     let vm = Vm::restore(dir, Console::stdout())
         .with_context(|| format!("cannot restore the snapshot in {}", dir.display()))?;
-    supervise(vm, signals, api)
+    supervise(vm.handle(), signals, api, move || {
+        let mut vm = vm;
+        vm.start().context("cannot start the VM")?;
+        Ok(vm)
+    })
 }
 
-/// Starts `vm` with its control socket and signal handling, and waits for its end.
-fn supervise(mut vm: Vm, signals: libc::sigset_t, api: Option<&Path>) -> Result<i32> {
-    let handle = vm.handle();
+/// Receives a migrating VM on `listen` and runs it to its end.
+pub fn receive(listen: &str, identity: &Path, peer: &Path, api: Option<&Path>) -> Result<i32> {
+    use xcloud_vmm::migration::{listen_and_receive, tls::Credentials};
+    let signals = block_termination_signals();
+    let creds = Credentials::load(identity, peer).context("cannot load the migration credentials")?;
+    let incoming = listen_and_receive(listen, &creds, Console::stdout()).context("cannot receive the VM")?;
+    supervise(incoming.handle(), signals, api, move || {
+        incoming.start().context("the source did not hand the VM over")
+    })
+}
+
+/// `xcloud ctl SOCK migrate`: runs the migration, showing its progress, and prints a summary.
+pub fn migrate(
+    socket: &Path,
+    to: String,
+    identity: std::path::PathBuf,
+    peer_cert: std::path::PathBuf,
+    max_downtime_ms: u64,
+) -> Result<i32> {
+    use xcloud_vmm::api::{call, Command};
+    let bar = indicatif::ProgressBar::new_spinner();
+    let watcher = {
+        let bar = bar.clone();
+        let socket = socket.to_path_buf();
+        std::thread::spawn(move || {
+            while !bar.is_finished() {
+                if let Ok(r) = call(&socket, Command::Status) {
+                    if let Some(p) = r.migration {
+                        bar.set_message(format!(
+                            "{} round {}: {} pages ({:.1} MiB) sent, {} dirty",
+                            p.phase,
+                            p.round,
+                            p.pages_sent,
+                            p.bytes_sent as f64 / (1 << 20) as f64,
+                            p.dirty_pages
+                        ));
+                    }
+                }
+                bar.tick();
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        })
+    };
+    let command = Command::Migrate {
+        to: to.clone(),
+        identity,
+        peer_cert,
+        max_downtime_ms: Some(max_downtime_ms),
+    };
+    let answer = call(socket, command);
+    bar.finish_and_clear();
+    let _ = watcher.join();
+    let answer = answer?;
+    if !answer.ok {
+        bail!("migration to {to} failed: {}", answer.error.unwrap_or_default());
+    }
+    let s = answer.migrated.unwrap_or_default();
+    println!(
+        "migrated to {to}: total {:.1} ms, downtime {:.1} ms, {} rounds, {} pages ({} zero), {:.1} MiB sent, {:.1} MB/s",
+        s.total_ms,
+        s.downtime_ms,
+        s.rounds,
+        s.pages_sent,
+        s.zero_pages_sent,
+        s.bytes_sent as f64 / (1 << 20) as f64,
+        s.bandwidth_mbps
+    );
+    Ok(0)
+}
+
+/// Serves the control socket and signals for the VM behind `handle`, starts it with `start`
+/// and waits for its end.
+fn supervise(
+    handle: xcloud_vmm::VmHandle,
+    signals: libc::sigset_t,
+    api: Option<&Path>,
+    start: impl FnOnce() -> Result<Vm>,
+) -> Result<i32> {
     let _server = match api {
-        Some(path) => Some(
-            xcloud_vmm::api::serve(path, handle.clone())
-                .context("cannot open the control socket")?,
-        ),
+        Some(path) => Some(xcloud_vmm::api::serve(path, handle.clone()).context("cannot open the control socket")?),
         None => None,
     };
     std::thread::Builder::new()
@@ -109,12 +179,13 @@ fn supervise(mut vm: Vm, signals: libc::sigset_t, api: Option<&Path>) -> Result<
             }
         })
         .context("cannot start the signal thread")?;
-    vm.start().context("cannot start the VM")?;
+    let vm = start()?;
     let exit = vm.wait();
     match &exit {
         VmExit::Exited(_) => {}
         other => eprintln!("xcloud: {other}"),
     }
+    drop(_server);
     Ok(exit.status())
 }
 

@@ -7,10 +7,7 @@ fn fails_with(args: &[&str], status: i32, needle: &str) {
     let out = run(args);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(status), "{args:?}: {err}");
-    assert!(
-        err.contains(needle),
-        "{args:?}: expected '{needle}' in: {err}"
-    );
+    assert!(err.contains(needle), "{args:?}: expected '{needle}' in: {err}");
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
 }
 
@@ -60,21 +57,13 @@ fn no_permission_on_kvm_says_so_and_what_to_do() {
 fn a_file_that_is_not_an_elf_is_refused() {
     let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("not-an-elf");
     std::fs::write(&path, b"#!/bin/sh\necho this is a shell script\n").expect("write");
-    fails_with(
-        &["run", path.to_str().expect("utf-8")],
-        1,
-        "not an ELF file",
-    );
+    fails_with(&["run", path.to_str().expect("utf-8")], 1, "not an ELF file");
 }
 
 #[test]
 fn an_elf_without_pvh_note_is_refused() {
     let elf = build_asm_guest("no-note", ".text\n.globl _start\n_start: hlt\n");
-    fails_with(
-        &["run", elf.to_str().expect("utf-8")],
-        1,
-        "no PVH entry note",
-    );
+    fails_with(&["run", elf.to_str().expect("utf-8")], 1, "no PVH entry note");
 }
 
 #[test]
@@ -93,11 +82,7 @@ fn segments_outside_guest_memory_are_refused() {
 fn guest_memory_too_small_or_too_large_is_refused() {
     fails_with(&["run", "--mem", "1M", "hello"], 1, "too small");
     fails_with(&["run", "--mem", "8G", "hello"], 1, "too large");
-    fails_with(
-        &["run", "--mem", "64M", "--vcpus", "0", "hello"],
-        1,
-        "1 to 64 vCPUs",
-    );
+    fails_with(&["run", "--mem", "64M", "--vcpus", "0", "hello"], 1, "1 to 64 vCPUs");
 }
 
 #[test]

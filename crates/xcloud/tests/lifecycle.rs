@@ -31,10 +31,7 @@ fn read_u64(handle: &VmHandle, addr: u64) -> u64 {
 /// Largest `max_gap_us` reported so far.
 fn max_gap_us(text: &str) -> u64 {
     text.lines()
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("max_gap_us="))
-        })
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("max_gap_us=")))
         .filter_map(|v| v.parse().ok())
         .max()
         .unwrap_or(0)
@@ -70,28 +67,16 @@ fn pause_stops_the_heartbeat_and_its_gap_matches_the_pause() {
     let counters: Vec<u64> = std::iter::once(count_addr)
         .chain((1..VCPUS).map(|i| page + 24 + 8 * i))
         .collect();
-    let read_all = |h: &VmHandle| {
-        counters
-            .iter()
-            .map(|&a| read_u64(h, a))
-            .collect::<Vec<u64>>()
-    };
+    let read_all = |h: &VmHandle| counters.iter().map(|&a| read_u64(h, a)).collect::<Vec<u64>>();
     let gap_before = max_gap_us(&text);
 
     let pause = Duration::from_millis(600);
     handle.pause().expect("pause");
     assert_eq!(handle.state(), VmState::Paused);
     let frozen = read_all(&handle);
-    assert!(
-        frozen.iter().all(|&c| c > 0),
-        "every vCPU was running: {frozen:?}"
-    );
+    assert!(frozen.iter().all(|&c| c > 0), "every vCPU was running: {frozen:?}");
     std::thread::sleep(pause);
-    assert_eq!(
-        read_all(&handle),
-        frozen,
-        "no progress on any vCPU while paused"
-    );
+    assert_eq!(read_all(&handle), frozen, "no progress on any vCPU while paused");
     let lines_while_paused = capture.text().lines().count();
     handle.resume().expect("resume");
     assert_eq!(handle.state(), VmState::Running);
@@ -108,9 +93,7 @@ fn pause_stops_the_heartbeat_and_its_gap_matches_the_pause() {
     // Four vCPU threads share two host cores with the other tests: give each a moment.
     let resumed = Instant::now();
     let mut after = read_all(&handle);
-    while !after.iter().zip(&frozen).all(|(a, f)| a > f)
-        && resumed.elapsed() < Duration::from_secs(5)
-    {
+    while !after.iter().zip(&frozen).all(|(a, f)| a > f) && resumed.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(10));
         after = read_all(&handle);
     }
@@ -119,10 +102,7 @@ fn pause_stops_the_heartbeat_and_its_gap_matches_the_pause() {
         "every vCPU runs again: {frozen:?} -> {after:?}"
     );
     let pause_us = pause.as_micros() as u64;
-    assert!(
-        gap >= pause_us,
-        "gap {gap} us covers the {pause_us} us pause"
-    );
+    assert!(gap >= pause_us, "gap {gap} us covers the {pause_us} us pause");
     assert!(
         gap < pause_us + 250_000,
         "gap {gap} us is the pause ({pause_us} us), not much more"
@@ -158,11 +138,7 @@ fn illegal_transitions_are_errors() {
     let handle = vm.handle();
     wait_for(&capture, "heartbeat n=", Duration::from_secs(5));
     let err = handle.resume().expect_err("resume while running");
-    assert!(
-        err.to_string()
-            .contains("cannot resume a VM that is Running"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("cannot resume a VM that is Running"), "{err}");
     handle.pause().expect("pause");
     assert!(handle.pause().is_err(), "pause while paused");
     handle.stop();
@@ -205,10 +181,7 @@ fn doctor_tells_the_truth_about_this_host() {
     assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
     let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
     assert_eq!(text.contains("virtualization: PVM"), pvm, "{text}");
-    assert!(
-        text.contains("KVM_CAP_IRQCHIP                      yes"),
-        "{text}"
-    );
+    assert!(text.contains("KVM_CAP_IRQCHIP                      yes"), "{text}");
     assert!(text.contains("port-I/O exit from CPL3"), "{text}");
     if pvm {
         assert!(text.contains("Linux guests: no"), "{text}");

@@ -19,18 +19,8 @@ fn qemu(guest: &str, append: &str) -> (String, Option<i32>, f64) {
             "-m",
             "64M",
         ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-        ])
-        .args([
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-kernel",
-        ])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-kernel"])
         .arg(&path)
         .args(["-append", append])
         .output()
@@ -57,8 +47,5 @@ fn heartbeat_keeps_time_in_qemu_microvm() {
     assert!(text.contains("heartbeat: done"), "{text}");
     assert_eq!(status, Some(1), "{text}");
     // A 1 s run must take about 1 s of wall time: the PIT-calibrated TSC is right.
-    assert!(
-        (0.9..3.0).contains(&wall),
-        "1 s heartbeat took {wall:.2} s: {text}"
-    );
+    assert!((0.9..3.0).contains(&wall), "1 s heartbeat took {wall:.2} s: {text}");
 }

@@ -94,10 +94,7 @@ _start:
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(125), "stderr: {err}");
     assert!(err.contains("guest crashed: vCPU 0"), "{err}");
-    assert!(
-        err.contains("triple-faulted") && err.contains("RIP 0x"),
-        "{err}"
-    );
+    assert!(err.contains("triple-faulted") && err.contains("RIP 0x"), "{err}");
     assert_eq!(err.lines().count(), 1, "one line, not a backtrace: {err}");
 }
 

@@ -9,9 +9,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("snapshots")
-        .join(name);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("snapshots").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
@@ -58,16 +56,8 @@ fn beat_count(line: &str) -> u64 {
 }
 
 fn ctl(socket: &Path, args: &[&str]) -> (bool, String) {
-    let out = xcloud()
-        .arg("ctl")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("xcloud ctl");
-    (
-        out.status.success(),
-        format!("{}{}", stdout(&out), stderr(&out)),
-    )
+    let out = xcloud().arg("ctl").arg(socket).args(args).output().expect("xcloud ctl");
+    (out.status.success(), format!("{}{}", stdout(&out), stderr(&out)))
 }
 
 fn wait_exit(child: &mut Child) -> Option<i32> {
@@ -84,11 +74,7 @@ fn wait_exit(child: &mut Child) -> Option<i32> {
 fn wait_socket(socket: &Path) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no control socket at {}",
-            socket.display()
-        );
+        assert!(Instant::now() < deadline, "no control socket at {}", socket.display());
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -112,10 +98,7 @@ fn the_control_socket_pauses_resumes_and_stops_a_vm() {
     );
     assert_eq!(ctl(&socket, &["pause"]).1, "state: paused\n");
     let (ok, text) = ctl(&socket, &["pause"]);
-    assert!(
-        !ok && text.contains("cannot pause a VM that is Paused"),
-        "{text}"
-    );
+    assert!(!ok && text.contains("cannot pause a VM that is Paused"), "{text}");
     assert_eq!(ctl(&socket, &["resume"]).1, "state: running\n");
 
     // Hostile lines get error answers and the connection stays usable.
@@ -127,10 +110,7 @@ fn the_control_socket_pauses_resumes_and_stops_a_vm() {
             "{\"api\":99,\"op\":\"status\"}\n".to_string(),
             "API version 99 is not supported",
         ),
-        (
-            "{\"api\":1,\"op\":\"format_disk\"}\n".to_string(),
-            "malformed request",
-        ),
+        ("{\"api\":1,\"op\":\"format_disk\"}\n".to_string(), "malformed request"),
         (format!("{}\n", "x".repeat(100_000)), "longer than"),
         ("{\"api\":1,\"op\":\"status\"}\n".to_string(), "\"ok\":true"),
     ] {
@@ -162,10 +142,7 @@ fn a_running_heartbeat_continues_from_its_snapshot_in_a_new_process() {
     ]);
     next_line(&rx, "heartbeat n=");
     let (ok, text) = ctl(&socket, &["snapshot", snap.to_str().expect("utf-8")]);
-    assert!(
-        ok && text.starts_with("state: running, snapshot: "),
-        "{text}"
-    );
+    assert!(ok && text.starts_with("state: running, snapshot: "), "{text}");
     let after_snapshot = beat_count(&next_line(&rx, "heartbeat n="));
     ctl(&socket, &["stop"]);
     wait_exit(&mut child);
@@ -182,10 +159,7 @@ fn a_running_heartbeat_continues_from_its_snapshot_in_a_new_process() {
         first > 0 && first < after_snapshot,
         "restored count {first} continues from the snapshot, before {after_snapshot}"
     );
-    assert!(
-        second > first,
-        "the count never goes backwards: {first} then {second}"
-    );
+    assert!(second > first, "the count never goes backwards: {first} then {second}");
     wait_socket(&socket);
     ctl(&socket, &["stop"]);
     assert_eq!(wait_exit(&mut restored), Some(130));
@@ -217,12 +191,7 @@ fn a_guest_restored_mid_run_finishes_its_work_and_exits_normally() {
     wait_exit(&mut child);
 
     let out = run(&["restore", snap.to_str().expect("utf-8")]);
-    assert!(
-        stdout(&out).contains("dirty: done"),
-        "{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    assert!(stdout(&out).contains("dirty: done"), "{}{}", stdout(&out), stderr(&out));
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
@@ -279,10 +248,7 @@ fn corrupted_truncated_and_foreign_snapshots_are_refused() {
 
     std::fs::remove_file(&memory).expect("remove");
     refused(&snap, "cannot read or write memory.pages");
-    refused(
-        Path::new("/nonexistent/snapshot"),
-        "cannot read or write vm.state",
-    );
+    refused(Path::new("/nonexistent/snapshot"), "cannot read or write vm.state");
 
     std::fs::write(&memory, &good_memory).expect("write");
     let (mut child, rx) = spawn(&["restore", snap.to_str().expect("utf-8")]);

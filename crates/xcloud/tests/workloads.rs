@@ -25,10 +25,7 @@ fn greets_from_every_vcpu(n: usize) {
             "vcpu {i} missing: {text}"
         );
     }
-    assert!(
-        text.contains(&format!("all {n} vcpus said hello")),
-        "{text}"
-    );
+    assert!(text.contains(&format!("all {n} vcpus said hello")), "{text}");
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
 }
 
@@ -45,11 +42,7 @@ fn hello_runs_on_four_vcpus() {
 #[test]
 fn guest_arguments_and_exit_status_reach_the_host() {
     let out = run(&["run", "hello", "--", "exit", "42"]);
-    assert!(
-        stdout(&out).contains(r#"args: ["exit", "42"]"#),
-        "{}",
-        stdout(&out)
-    );
+    assert!(stdout(&out).contains(r#"args: ["exit", "42"]"#), "{}", stdout(&out));
     assert_eq!(out.status.code(), Some(42));
 }
 
@@ -68,10 +61,7 @@ fn a_guest_panic_is_reported_and_fails_the_run() {
 fn heartbeat_reports_every_half_second_and_stops_when_asked() {
     let out = run(&["run", "heartbeat", "--", "2"]);
     let text = stdout(&out);
-    let beats: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("heartbeat n="))
-        .collect();
+    let beats: Vec<&str> = text.lines().filter(|l| l.starts_with("heartbeat n=")).collect();
     assert!((3..=5).contains(&beats.len()), "{text}");
     let counts: Vec<u64> = beats
         .iter()
@@ -83,10 +73,7 @@ fn heartbeat_reports_every_half_second_and_stops_when_asked() {
                 .expect("n=COUNT")
         })
         .collect();
-    assert!(
-        counts.windows(2).all(|w| w[0] < w[1]),
-        "counts increase: {counts:?}"
-    );
+    assert!(counts.windows(2).all(|w| w[0] < w[1]), "counts increase: {counts:?}");
     assert!(text.ends_with("heartbeat: done\n"), "{text}");
     assert_eq!(out.status.code(), Some(0));
 }
@@ -105,10 +92,7 @@ fn dirty_writes_its_working_set_at_the_asked_rate() {
         .and_then(|l| l.split_whitespace().nth(4))
         .and_then(|r| r.parse().ok())
         .expect("a progress line");
-    assert!(
-        (24.0..=40.0).contains(&rate),
-        "rate {rate} MiB/s, asked 32: {text}"
-    );
+    assert!((24.0..=40.0).contains(&rate), "rate {rate} MiB/s, asked 32: {text}");
     assert!(text.contains("dirty: done"), "{text}");
     assert_eq!(out.status.code(), Some(0));
 }
@@ -126,8 +110,7 @@ fn micro_prints_every_row() {
     let text = stdout(&out);
     for (name, _) in xcloud_bench_kernels::ROWS {
         assert!(
-            text.lines()
-                .any(|l| l.starts_with(&format!("micro {name} "))),
+            text.lines().any(|l| l.starts_with(&format!("micro {name} "))),
             "{name} missing: {text}"
         );
     }

@@ -40,10 +40,7 @@ pub struct Console {
 
 impl Console {
     pub const fn new() -> Self {
-        Self {
-            buf: [0; 256],
-            len: 0,
-        }
+        Self { buf: [0; 256], len: 0 }
     }
 
     pub fn flush(&mut self) {

@@ -53,10 +53,7 @@ extern "C" fn __xcloud_start(start_info: u64) -> ! {
     clock::init();
     let mut ram = [(0u64, 0u64); MAX_RAM_REGIONS];
     let regions = read_start_info(start_info, &mut ram);
-    RAM_BYTES.store(
-        ram[..regions].iter().map(|r| r.1 as usize).sum(),
-        Ordering::Relaxed,
-    );
+    RAM_BYTES.store(ram[..regions].iter().map(|r| r.1 as usize).sum(), Ordering::Relaxed);
     mem::init_heap(&ram[..regions]);
     // SAFETY: `entry!` defines this symbol with this exact signature in the workload.
     let status = unsafe { __xcloud_main() };
@@ -91,9 +88,7 @@ fn read_start_info(addr: u64, ram: &mut [(u64, u64); MAX_RAM_REGIONS]) -> usize 
             break;
         }
         // SAFETY: the memory map has `memmap_entries` entries at `memmap_paddr`, per PVH.
-        let e = unsafe {
-            core::ptr::read_unaligned((info.memmap_paddr as *const pvh::MemmapEntry).add(i))
-        };
+        let e = unsafe { core::ptr::read_unaligned((info.memmap_paddr as *const pvh::MemmapEntry).add(i)) };
         if e.kind == pvh::MEMMAP_RAM {
             ram[n] = (e.addr, e.size);
             n += 1;
@@ -180,10 +175,7 @@ pub fn start_vcpu(index: usize, task: impl FnOnce() + Send + 'static) -> Result<
     let stack_top = (stack.as_mut_ptr() as u64 + AP_STACK_BYTES as u64) & !0xf;
     let arg = Box::into_raw(Box::new(Box::new(task) as ApTask));
     let rip = __xcloud_ap_entry as *const () as usize as u64;
-    let result = hypercall::call(
-        Op::StartVcpu,
-        [index as u64, rip, stack_top, arg as u64, 0, 0],
-    );
+    let result = hypercall::call(Op::StartVcpu, [index as u64, rip, stack_top, arg as u64, 0, 0]);
     if result < 0 {
         // SAFETY: the VMM refused, so no vCPU will ever read `arg`; take it back to free it.
         drop(unsafe { Box::from_raw(arg) });
@@ -236,10 +228,7 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     };
     let _ = write!(buf, "{info}");
     if hypercall::xcloud_present() {
-        hypercall::call(
-            Op::Panic,
-            [buf.bytes.as_ptr() as u64, buf.len as u64, 0, 0, 0, 0],
-        );
+        hypercall::call(Op::Panic, [buf.bytes.as_ptr() as u64, buf.len as u64, 0, 0, 0, 0]);
     } else {
         console::write_bytes(b"guest panicked: ");
         console::write_bytes(&buf.bytes[..buf.len]);

@@ -35,19 +35,10 @@ impl SerialPort {
     }
 
     /// A UART continuing from a snapshot's state.
-    pub fn from_state(
-        state: &vm_superio::serial::SerialState,
-        irq: EventFd,
-        console: Console,
-    ) -> Result<Self, String> {
-        Serial::from_state(
-            state,
-            IrqTrigger(irq),
-            vm_superio::serial::NoEvents,
-            console,
-        )
-        .map(|uart| Self { uart })
-        .map_err(|e| format!("the serial port's saved state is invalid: {e:?}"))
+    pub fn from_state(state: &vm_superio::serial::SerialState, irq: EventFd, console: Console) -> Result<Self, String> {
+        Serial::from_state(state, IrqTrigger(irq), vm_superio::serial::NoEvents, console)
+            .map(|uart| Self { uart })
+            .map_err(|e| format!("the serial port's saved state is invalid: {e:?}"))
     }
 
     /// The UART's registers and pending input, for a snapshot.

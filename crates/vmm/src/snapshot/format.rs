@@ -14,9 +14,7 @@ pub const MAX_SECTION: u32 = 16 << 20;
 pub enum FormatError {
     #[error("not an xcloud {what} file (its magic is {found:02x?})")]
     Magic { what: &'static str, found: Vec<u8> },
-    #[error(
-        "{what} format version {found} is not supported (this xcloud reads version {supported})"
-    )]
+    #[error("{what} format version {found} is not supported (this xcloud reads version {supported})")]
     Version {
         what: &'static str,
         found: u32,
@@ -53,12 +51,7 @@ pub struct SectionWriter<W: Write> {
 
 impl<W: Write> SectionWriter<W> {
     /// Starts a file: magic and version.
-    pub fn new(
-        mut out: W,
-        what: &'static str,
-        magic: &[u8; 8],
-        version: u32,
-    ) -> Result<Self, FormatError> {
+    pub fn new(mut out: W, what: &'static str, magic: &[u8; 8], version: u32) -> Result<Self, FormatError> {
         let io = |source| FormatError::Io { what, source };
         out.write_all(magic).map_err(io)?;
         out.write_all(&version.to_le_bytes()).map_err(io)?;
@@ -104,12 +97,7 @@ pub struct SectionReader<'a> {
 
 impl<'a> SectionReader<'a> {
     /// Checks magic and version and positions at the first section.
-    pub fn new(
-        data: &'a [u8],
-        what: &'static str,
-        magic: &[u8; 8],
-        version: u32,
-    ) -> Result<Self, FormatError> {
+    pub fn new(data: &'a [u8], what: &'static str, magic: &[u8; 8], version: u32) -> Result<Self, FormatError> {
         if data.len() < 12 || &data[..8] != magic {
             return Err(FormatError::Magic {
                 what,
@@ -161,8 +149,7 @@ impl<'a> SectionReader<'a> {
             });
         }
         let payload = &rest[8..8 + len];
-        let crc =
-            u32::from_le_bytes([rest[8 + len], rest[9 + len], rest[10 + len], rest[11 + len]]);
+        let crc = u32::from_le_bytes([rest[8 + len], rest[9 + len], rest[10 + len], rest[11 + len]]);
         if crc != section_crc(tag, len as u32, payload) {
             return Err(FormatError::Checksum {
                 what,
@@ -175,11 +162,7 @@ impl<'a> SectionReader<'a> {
 }
 
 /// Reads a whole file into memory, refusing files larger than `limit` bytes.
-pub fn read_file(
-    path: &std::path::Path,
-    what: &'static str,
-    limit: u64,
-) -> Result<Vec<u8>, FormatError> {
+pub fn read_file(path: &std::path::Path, what: &'static str, limit: u64) -> Result<Vec<u8>, FormatError> {
     let file = std::fs::File::open(path).map_err(|source| FormatError::Io { what, source })?;
     let len = file
         .metadata()

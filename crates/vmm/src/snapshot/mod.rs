@@ -14,8 +14,8 @@ pub mod format;
 use crate::vm::Activity;
 use format::{put_blob, Fields, FormatError, SectionReader, SectionWriter};
 use kvm_bindings::{
-    kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave,
 };
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
@@ -277,8 +277,7 @@ impl VmSnapshot {
     /// Parses `vm.state` bytes, checking every section and that the parts fit together.
     pub fn decode(data: &[u8]) -> Result<Self, SnapshotError> {
         let what = "vm.state";
-        let malformed =
-            |detail: String| SnapshotError::Format(FormatError::Malformed { what, detail });
+        let malformed = |detail: String| SnapshotError::Format(FormatError::Malformed { what, detail });
         let mut r = SectionReader::new(data, what, STATE_MAGIC, VERSION)?;
         let mut config = None;
         let mut vcpus: Vec<VcpuSnapshot> = Vec::new();
@@ -295,14 +294,12 @@ impl VmSnapshot {
                     let mem_bytes = f.u64()?;
                     let vcpus = f.u32()? as usize;
                     let tsc_khz = f.u64()?;
-                    let cmdline =
-                        String::from_utf8(f.blob(xcloud_abi::layout::CMDLINE_MAX)?.to_vec())
-                            .map_err(|_| malformed("the command line is not UTF-8".into()))?;
+                    let cmdline = String::from_utf8(f.blob(xcloud_abi::layout::CMDLINE_MAX)?.to_vec())
+                        .map_err(|_| malformed("the command line is not UTF-8".into()))?;
                     if vcpus == 0 || vcpus > crate::vm::MAX_VCPUS {
                         return Err(malformed(format!("{vcpus} vCPUs")));
                     }
-                    crate::memory::validate_size(mem_bytes, 0)
-                        .map_err(|e| malformed(e.to_string()))?;
+                    crate::memory::validate_size(mem_bytes, 0).map_err(|e| malformed(e.to_string()))?;
                     config = Some(SnapshotConfig {
                         mem_bytes,
                         vcpus,
@@ -318,9 +315,8 @@ impl VmSnapshot {
                     vcpus.push(v);
                 }
                 TAG_IRQCHIP => {
-                    let chip = kvm_irqchip::read_from_bytes(payload).map_err(|_| {
-                        malformed(format!("an irqchip section of {} bytes", payload.len()))
-                    })?;
+                    let chip = kvm_irqchip::read_from_bytes(payload)
+                        .map_err(|_| malformed(format!("an irqchip section of {} bytes", payload.len())))?;
                     irqchips.push(chip);
                 }
                 TAG_SERIAL => serial = Some(decode_serial(payload)?),
@@ -343,10 +339,7 @@ impl VmSnapshot {
             )));
         }
         if irqchips.len() != 3 {
-            return Err(malformed(format!(
-                "{} irqchip sections, expected 3",
-                irqchips.len()
-            )));
+            return Err(malformed(format!("{} irqchip sections, expected 3", irqchips.len())));
         }
         let serial = serial.ok_or_else(|| malformed("no serial section".into()))?;
         Ok(Self {
@@ -373,13 +366,7 @@ pub fn write_memory(
     let mut resident = vec![0u8; pages as usize];
     // SAFETY: mincore reads the residency of our own mapping [host_base, host_base + size) and
     // writes one byte per page into `resident`, which has exactly that many bytes.
-    let rc = unsafe {
-        libc::mincore(
-            host_base as *mut libc::c_void,
-            size as usize,
-            resident.as_mut_ptr(),
-        )
-    };
+    let rc = unsafe { libc::mincore(host_base as *mut libc::c_void, size as usize, resident.as_mut_ptr()) };
     if rc != 0 {
         resident.fill(1);
     }
@@ -402,8 +389,7 @@ pub fn write_memory(
     out.write_all(&VERSION.to_le_bytes()).map_err(io)?;
     out.write_all(&(PAGE as u32).to_le_bytes()).map_err(io)?;
     out.write_all(&size.to_le_bytes()).map_err(io)?;
-    out.write_all(&(index.len() as u64).to_le_bytes())
-        .map_err(io)?;
+    out.write_all(&(index.len() as u64).to_le_bytes()).map_err(io)?;
     for pfn in &index {
         let b = pfn.to_le_bytes();
         crc.update(&b);
@@ -482,9 +468,7 @@ pub fn read_memory(path: &Path, mem: &GuestMemoryMmap, size: u64) -> Result<u64,
         crc.update(&b);
         let pfn = u64::from_le_bytes(b);
         if pfn >= size / PAGE || index.last().is_some_and(|&last| pfn <= last) {
-            return Err(malformed(format!(
-                "page number {pfn} is out of range or out of order"
-            )));
+            return Err(malformed(format!("page number {pfn} is out of range or out of order")));
         }
         index.push(pfn);
     }

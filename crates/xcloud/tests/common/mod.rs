@@ -9,8 +9,7 @@ use std::process::{Command, Output};
 /// The `xcloud` binary under test.
 pub fn xcloud() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xcloud"));
-    cmd.env_remove("XCLOUD_KVM_DEVICE")
-        .env("XCLOUD_LOG", "warn");
+    cmd.env_remove("XCLOUD_KVM_DEVICE").env("XCLOUD_LOG", "warn");
     cmd
 }
 

@@ -71,9 +71,7 @@ fn main() -> i32 {
             println!(
                 "dirty: {} MiB written, {:.1} MiB/s",
                 (written * PAGE as u64) >> 20,
-                (done_since_start * PAGE as u64) as f64
-                    / (1 << 20) as f64
-                    / ((now - start) as f64 / 1e9)
+                (done_since_start * PAGE as u64) as f64 / (1 << 20) as f64 / ((now - start) as f64 / 1e9)
             );
             next_report += 1_000_000_000;
         }

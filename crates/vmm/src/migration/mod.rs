@@ -1,0 +1,537 @@
+//! Live migration (docs/migration.md): pre-copy with KVM dirty-page logging over a mutually
+//! authenticated TLS stream.
+//!
+//! Source: send every touched page while the guest runs, then rounds of the pages it dirtied,
+//! until what is left fits the downtime budget at the bandwidth measured so far; then pause,
+//! send the last dirty pages and the vCPU/device state, and hand over. Destination: check the
+//! stream and build the VM; start it only when the source says so.
+//!
+//! Nothing is lost: until the source sends GO, any failure (the destination dies, the link
+//! breaks, a refusal) leaves the source VM running as before — resumed if it was paused for
+//! stop-and-copy. After GO, the source stays paused until the destination reports RUNNING; if
+//! that report never comes the source stays paused (never both running) and says so.
+
+pub mod tls;
+pub mod wire;
+
+use crate::console::Console;
+use crate::snapshot::VmSnapshot;
+use crate::vm::{self, Vm, VmError, VmExit, VmHandle, VmState};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+use tls::{Credentials, TlsError};
+use vm_memory::{Bytes, GuestAddress};
+use wire::{Hello, Kind, WireError, MAX_PAGES_PER_FRAME, PAGE};
+
+/// How long either side waits for the other's next message before giving up.
+const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Migration failures.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot migrate a VM that is {0:?}")]
+    State(VmState),
+    #[error("KVM refused to {what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("the destination did not confirm that the VM runs ({0}); the source VM stays PAUSED so that it never runs twice: check the destination, then resume or stop the source")]
+    OutcomeUnknown(String),
+}
+
+/// Tuning of the source side.
+#[derive(Clone, Copy, Debug)]
+pub struct MigrateOptions {
+    /// Stop-and-copy starts once the remaining pages can be sent in this time.
+    pub max_downtime: Duration,
+    /// Stop-and-copy starts after this many rounds even if the guest dirties faster than the
+    /// link carries (the downtime is then longer than asked).
+    pub max_rounds: u32,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self {
+            max_downtime: Duration::from_millis(50),
+            max_rounds: 30,
+        }
+    }
+}
+
+/// What a migration did.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct MigrationSummary {
+    pub total_ms: f64,
+    /// From pausing the source to the destination's report that the VM runs.
+    pub downtime_ms: f64,
+    /// Pre-copy rounds after the first full pass.
+    pub rounds: u32,
+    pub pages_sent: u64,
+    pub zero_pages_sent: u64,
+    pub bytes_sent: u64,
+    /// Achieved payload bandwidth over the whole migration, MB/s.
+    pub bandwidth_mbps: f64,
+}
+
+/// Progress of a running migration, for `status`.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct MigrationProgress {
+    pub phase: String,
+    pub round: u32,
+    pub pages_sent: u64,
+    pub bytes_sent: u64,
+    pub dirty_pages: u64,
+}
+
+fn cpu_vendor() -> [u8; 12] {
+    // cpuid leaf 0 exists on every x86-64 processor and only reads registers.
+    let r = core::arch::x86_64::__cpuid(0);
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+    v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+    v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+    v
+}
+
+/// Sends pages in PAGES frames, counting what went out.
+struct PageSender<'a, S: Write> {
+    out: &'a mut S,
+    frame: Vec<u8>,
+    in_frame: usize,
+    pages: u64,
+    zero_pages: u64,
+    bytes: u64,
+}
+
+impl<'a, S: Write> PageSender<'a, S> {
+    fn new(out: &'a mut S) -> Self {
+        Self {
+            out,
+            frame: Vec::with_capacity(4 + MAX_PAGES_PER_FRAME * (8 + PAGE)),
+            in_frame: 0,
+            pages: 0,
+            zero_pages: 0,
+            bytes: 0,
+        }
+    }
+
+    fn page(&mut self, pfn: u64, data: &[u8]) -> Result<(), WireError> {
+        let before = self.frame.len();
+        wire::push_page(&mut self.frame, pfn, data);
+        if self.frame.len() - before == 8 {
+            self.zero_pages += 1;
+        }
+        self.pages += 1;
+        self.in_frame += 1;
+        if self.in_frame == MAX_PAGES_PER_FRAME {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), WireError> {
+        if self.in_frame > 0 {
+            wire::write_frame(self.out, Kind::Pages, &self.frame)?;
+            self.bytes += 5 + self.frame.len() as u64;
+            self.frame.clear();
+            self.in_frame = 0;
+        }
+        self.out.flush()?;
+        Ok(())
+    }
+}
+
+/// The pages set in a KVM dirty bitmap.
+fn dirty_pages(bitmap: &[u64]) -> Vec<u64> {
+    let mut pages = Vec::new();
+    for (w, &word) in bitmap.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let b = bits.trailing_zeros() as u64;
+            pages.push(w as u64 * 64 + b);
+            bits &= bits - 1;
+        }
+    }
+    pages
+}
+
+/// Migrates the VM behind `handle` to the destination at `addr`.
+pub fn migrate(
+    handle: &VmHandle,
+    addr: &str,
+    creds: &Credentials,
+    options: MigrateOptions,
+) -> Result<MigrationSummary, MigrationError> {
+    let started = Instant::now();
+    let was_running = match handle.state() {
+        VmState::Running => true,
+        VmState::Paused => false,
+        other => return Err(MigrationError::State(other)),
+    };
+    let shared = &handle.shared;
+    let connect_err = |source| MigrationError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let target = addr
+        .to_socket_addrs()
+        .map_err(connect_err)?
+        .next()
+        .ok_or_else(|| connect_err(std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))?;
+    let tcp = TcpStream::connect_timeout(&target, Duration::from_secs(10)).map_err(connect_err)?;
+    let _ = tcp.set_nodelay(true);
+    tcp.set_read_timeout(Some(PEER_TIMEOUT)).map_err(connect_err)?;
+    let mut stream = tls::connect(tcp, creds)?;
+    let hello = Hello {
+        mem_bytes: shared.ram.size(),
+        vcpus: shared.vcpu_count as u32,
+        tsc_khz: shared.tsc_khz,
+        cpu_vendor: cpu_vendor(),
+    };
+    wire::write_frame(&mut stream, Kind::Hello, &hello.encode())?;
+    stream.flush().map_err(WireError::from)?;
+    let mut buf = Vec::new();
+    // The destination answers only after it checked our certificate: no guest state before.
+    match wire::read_frame(&mut stream, &mut buf)? {
+        Kind::Accept => {}
+        other => {
+            return Err(WireError::Unexpected {
+                expected: "ACCEPT",
+                got: other,
+            }
+            .into())
+        }
+    }
+    shared.set_dirty_logging(true).map_err(|source| MigrationError::Kvm {
+        what: "start dirty-page logging",
+        source,
+    })?;
+    let result = precopy_and_switch(handle, &mut stream, options, was_running, started);
+    if !matches!(result, Err(MigrationError::OutcomeUnknown(_))) {
+        let _ = shared.set_dirty_logging(false);
+    }
+    match result {
+        Ok(summary) => {
+            shared.finish(VmExit::Migrated(addr.to_string()));
+            Ok(summary)
+        }
+        Err(e) => {
+            shared.set_progress(None);
+            Err(e)
+        }
+    }
+}
+
+fn precopy_and_switch<S: Read + Write>(
+    handle: &VmHandle,
+    stream: &mut S,
+    options: MigrateOptions,
+    was_running: bool,
+    started: Instant,
+) -> Result<MigrationSummary, MigrationError> {
+    let shared = &handle.shared;
+    let mem = shared.ram.mem();
+    let size = shared.ram.size();
+    let mut page = vec![0u8; PAGE];
+    let mut sender = PageSender::new(stream);
+    let read_page = |pfn: u64, page: &mut [u8]| {
+        mem.read_slice(page, GuestAddress(pfn * PAGE as u64))
+            .map_err(|_| MigrationError::Refused(format!("guest page {pfn} unreadable")))
+    };
+    let progress = |phase: &str, round: u32, pages_sent: u64, bytes_sent: u64, dirty_pages: u64| {
+        shared.set_progress(Some(MigrationProgress {
+            phase: phase.into(),
+            round,
+            pages_sent,
+            bytes_sent,
+            dirty_pages,
+        }))
+    };
+
+    // First pass: every page that was ever touched and is not zero.
+    let resident = shared.ram.resident_pages();
+    progress("first pass", 0, 0, 0, resident.len() as u64);
+    let pass_start = Instant::now();
+    for &pfn in &resident {
+        read_page(pfn, &mut page)?;
+        if page.iter().any(|&b| b != 0) {
+            sender.page(pfn, &page)?;
+        }
+    }
+    sender.flush()?;
+    let mut bandwidth = sender.bytes as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
+
+    // Rounds of dirtied pages until the rest fits the downtime budget.
+    let mut rounds = 0;
+    let mut best_dirty = u64::MAX;
+    let mut rounds_without_progress = 0;
+    let mut pending = loop {
+        let bitmap = shared
+            .vm_fd
+            .get_dirty_log(0, size as usize)
+            .map_err(|source| MigrationError::Kvm {
+                what: "read the dirty log",
+                source,
+            })?;
+        let dirty = dirty_pages(&bitmap);
+        let remaining_bytes = dirty.len() as f64 * (8 + PAGE) as f64;
+        let fits = remaining_bytes / bandwidth <= options.max_downtime.as_secs_f64();
+        if dirty.len() as u64 >= best_dirty {
+            rounds_without_progress += 1;
+        } else {
+            best_dirty = dirty.len() as u64;
+            rounds_without_progress = 0;
+        }
+        if fits || rounds >= options.max_rounds || rounds_without_progress >= 5 {
+            break dirty;
+        }
+        rounds += 1;
+        progress("pre-copy", rounds, sender.pages, sender.bytes, dirty.len() as u64);
+        let round_start = Instant::now();
+        let bytes_before = sender.bytes;
+        for &pfn in &dirty {
+            read_page(pfn, &mut page)?;
+            sender.page(pfn, &page)?;
+        }
+        sender.flush()?;
+        let elapsed = round_start.elapsed().as_secs_f64();
+        if elapsed > 0.005 {
+            bandwidth = (sender.bytes - bytes_before) as f64 / elapsed;
+        }
+    };
+
+    // Stop-and-copy.
+    let pause_start = Instant::now();
+    if was_running {
+        handle.pause()?;
+    }
+    let fail = |e: MigrationError| {
+        if was_running {
+            let _ = handle.resume();
+        }
+        e
+    };
+    progress(
+        "stop-and-copy",
+        rounds,
+        sender.pages,
+        sender.bytes,
+        pending.len() as u64,
+    );
+    let bitmap = shared.vm_fd.get_dirty_log(0, size as usize).map_err(|source| {
+        fail(MigrationError::Kvm {
+            what: "read the dirty log",
+            source,
+        })
+    })?;
+    pending.extend(dirty_pages(&bitmap));
+    pending.sort_unstable();
+    pending.dedup();
+    let state = handle
+        .collect_state()
+        .and_then(|s| Ok(s.encode()?))
+        .map_err(|e| fail(e.into()))?;
+    for &pfn in &pending {
+        read_page(pfn, &mut page).map_err(fail)?;
+        sender.page(pfn, &page).map_err(|e| fail(e.into()))?;
+    }
+    sender.flush().map_err(|e| fail(e.into()))?;
+    let (pages_sent, zero_pages_sent, page_bytes) = (sender.pages, sender.zero_pages, sender.bytes);
+    let stream = sender.out;
+    wire::write_frame(stream, Kind::State, &state).map_err(|e| fail(e.into()))?;
+    stream.flush().map_err(|e| fail(WireError::from(e).into()))?;
+    let mut buf = Vec::new();
+    match wire::read_frame(stream, &mut buf).map_err(|e| fail(e.into()))? {
+        Kind::Ready => {}
+        other => {
+            return Err(fail(
+                WireError::Unexpected {
+                    expected: "READY",
+                    got: other,
+                }
+                .into(),
+            ))
+        }
+    }
+    // From here on the destination may run the VM: the source must never run it again.
+    progress("handover", rounds, pages_sent, page_bytes, 0);
+    let handover = wire::write_frame(stream, Kind::Go, &[])
+        .and_then(|_| stream.flush().map_err(WireError::from))
+        .and_then(|_| wire::read_frame(stream, &mut buf));
+    match handover {
+        Ok(Kind::Running) => {}
+        Ok(other) => return Err(MigrationError::OutcomeUnknown(format!("it sent {other:?}"))),
+        Err(e) => return Err(MigrationError::OutcomeUnknown(vm::flatten_error(&e))),
+    }
+    let downtime = pause_start.elapsed();
+    let total = started.elapsed();
+    let bytes_sent = page_bytes + 5 + state.len() as u64;
+    Ok(MigrationSummary {
+        total_ms: total.as_secs_f64() * 1e3,
+        downtime_ms: downtime.as_secs_f64() * 1e3,
+        rounds,
+        pages_sent,
+        zero_pages_sent,
+        bytes_sent,
+        bandwidth_mbps: bytes_sent as f64 / total.as_secs_f64() / 1e6,
+    })
+}
+
+/// A VM received from a source, built and checked but not started.
+pub struct Incoming<S: Read + Write> {
+    vm: Vm,
+    stream: S,
+}
+
+impl<S: Read + Write> Incoming<S> {
+    /// A handle to the received VM (for the control socket and signals).
+    pub fn handle(&self) -> VmHandle {
+        self.vm.handle()
+    }
+
+    /// Waits for the source's GO, starts the VM and reports RUNNING. Without a GO nothing
+    /// runs (the source keeps the VM).
+    pub fn start(mut self) -> Result<Vm, MigrationError> {
+        let mut buf = Vec::new();
+        match wire::read_frame(&mut self.stream, &mut buf)? {
+            Kind::Go => {}
+            other => {
+                return Err(WireError::Unexpected {
+                    expected: "GO",
+                    got: other,
+                }
+                .into())
+            }
+        }
+        self.vm.start()?;
+        wire::write_frame(&mut self.stream, Kind::Running, &[])?;
+        self.stream.flush().map_err(WireError::from)?;
+        Ok(self.vm)
+    }
+}
+
+/// Refuses the stream with `reason` (best effort) and returns the error.
+fn refuse<S: Write>(stream: &mut S, reason: String) -> MigrationError {
+    let _ = wire::write_frame(stream, Kind::Refuse, reason.as_bytes());
+    let _ = stream.flush();
+    MigrationError::Refused(reason)
+}
+
+/// Receives a VM over an authenticated `stream`. On any error nothing runs.
+pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incoming<S>, MigrationError> {
+    let mut buf = Vec::new();
+    match wire::read_frame(&mut stream, &mut buf)? {
+        Kind::Hello => {}
+        other => {
+            return Err(WireError::Unexpected {
+                expected: "HELLO",
+                got: other,
+            }
+            .into())
+        }
+    }
+    let hello = match Hello::decode(&buf) {
+        Ok(h) => h,
+        Err(e) => return Err(refuse(&mut stream, e.to_string())),
+    };
+    if hello.cpu_vendor != cpu_vendor() {
+        let theirs = String::from_utf8_lossy(&hello.cpu_vendor).into_owned();
+        let ours = String::from_utf8_lossy(&cpu_vendor()).into_owned();
+        return Err(refuse(
+            &mut stream,
+            format!("the source CPU is {theirs}, this host's is {ours}"),
+        ));
+    }
+    if let Err(e) = crate::memory::validate_size(hello.mem_bytes, crate::memory::host_ram_bytes()) {
+        return Err(refuse(&mut stream, e.to_string()));
+    }
+    let parts = match vm::build(hello.mem_bytes, hello.vcpus as usize) {
+        Ok(p) => p,
+        Err(e) => return Err(refuse(&mut stream, vm::flatten_error(&e))),
+    };
+    wire::write_frame(&mut stream, Kind::Accept, &[])?;
+    stream.flush().map_err(WireError::from)?;
+    let pages = hello.mem_bytes / PAGE as u64;
+    let mem = parts.ram.mem();
+    let state = loop {
+        match wire::read_frame(&mut stream, &mut buf)? {
+            Kind::Pages => {
+                let zero = [0u8; PAGE];
+                let result = wire::for_each_page(&buf, pages, |pfn, data| {
+                    mem.write_slice(data.unwrap_or(&zero), GuestAddress(pfn * PAGE as u64))
+                        .map_err(|_| WireError::Malformed {
+                            kind: Kind::Pages,
+                            detail: format!("page {pfn} not in RAM"),
+                        })
+                });
+                if let Err(e) = result {
+                    return Err(refuse(&mut stream, e.to_string()));
+                }
+            }
+            Kind::State => break std::mem::take(&mut buf),
+            other => return Err(refuse(&mut stream, format!("unexpected {other:?} frame"))),
+        }
+    };
+    let snap = match VmSnapshot::decode(&state) {
+        Ok(s) => s,
+        Err(e) => return Err(refuse(&mut stream, vm::flatten_error(&e))),
+    };
+    if snap.config.mem_bytes != hello.mem_bytes || snap.config.vcpus != hello.vcpus as usize {
+        return Err(refuse(&mut stream, "the state does not match the announced VM".into()));
+    }
+    let vm = match Vm::resume_from(parts, snap, console) {
+        Ok(vm) => vm,
+        Err(e) => return Err(refuse(&mut stream, vm::flatten_error(&e))),
+    };
+    wire::write_frame(&mut stream, Kind::Ready, &[])?;
+    stream.flush().map_err(WireError::from)?;
+    Ok(Incoming { vm, stream })
+}
+
+/// Listens on `addr`, accepts one authenticated source and receives its VM.
+pub fn listen_and_receive(
+    addr: &str,
+    creds: &Credentials,
+    console: Console,
+) -> Result<Incoming<tls::ServerStream>, MigrationError> {
+    let listener = TcpListener::bind(addr).map_err(|source| MigrationError::Listen {
+        addr: addr.to_string(),
+        source,
+    })?;
+    loop {
+        let (tcp, peer) = listener.accept().map_err(|source| MigrationError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let _ = tcp.set_read_timeout(Some(PEER_TIMEOUT));
+        match tls::accept(tcp, creds) {
+            Ok(stream) => return receive(stream, console),
+            // A peer without the right credentials is turned away; keep waiting for the source.
+            Err(e) => tracing::warn!("refused a migration connection from {peer}: {}", vm::flatten_error(&e)),
+        }
+    }
+}

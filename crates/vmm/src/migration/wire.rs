@@ -1,0 +1,276 @@
+//! Migration stream frames (docs/migration.md): `kind u8 | length u32 | payload`, inside TLS.
+//! The reader bounds every length before it allocates and parses payloads defensively.
+
+use std::io::{Read, Write};
+
+/// Largest frame payload (a PAGES frame of 1024 pages is a little over 4 MiB).
+pub const MAX_FRAME: u32 = 8 << 20;
+/// Most pages in one PAGES frame.
+pub const MAX_PAGES_PER_FRAME: usize = 1024;
+/// Bit of a page number that marks an all-zero page (no data follows it).
+pub const ZERO_PAGE: u64 = 1 << 63;
+pub const PAGE: usize = 4096;
+/// Magic of the HELLO frame.
+pub const MAGIC: &[u8; 8] = b"XCLDMIG\0";
+/// Version of the stream.
+pub const VERSION: u32 = 1;
+
+/// Frame kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// source -> destination: magic, version, the VM's shape, the source CPU.
+    Hello = 1,
+    /// destination -> source: the VM can be received.
+    Accept = 2,
+    /// either way: a reason, then the connection ends.
+    Refuse = 3,
+    /// source -> destination: pages.
+    Pages = 4,
+    /// source -> destination: the vCPU and device state (the snapshot `vm.state` format).
+    State = 5,
+    /// destination -> source: the VM is built and ready to start.
+    Ready = 6,
+    /// source -> destination: start it (the source stays paused from here on).
+    Go = 7,
+    /// destination -> source: the VM runs.
+    Running = 8,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Kind::Hello,
+            2 => Kind::Accept,
+            3 => Kind::Refuse,
+            4 => Kind::Pages,
+            5 => Kind::State,
+            6 => Kind::Ready,
+            7 => Kind::Go,
+            8 => Kind::Running,
+            _ => return None,
+        })
+    }
+}
+
+/// Stream failures.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("the migration connection failed")]
+    Io(#[from] std::io::Error),
+    #[error("the peer sent an unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("the peer sent a frame of {0} bytes (at most {MAX_FRAME})")]
+    TooLarge(u32),
+    #[error("the peer sent a malformed {kind:?} frame: {detail}")]
+    Malformed { kind: Kind, detail: String },
+    #[error("expected a {expected:?} frame, got {got:?}")]
+    Unexpected { expected: &'static str, got: Kind },
+    #[error("the peer refused: {0}")]
+    Refused(String),
+}
+
+/// Writes one frame.
+pub fn write_frame(out: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|&l| l <= MAX_FRAME)
+        .ok_or(WireError::TooLarge(u32::MAX))?;
+    let mut header = [0u8; 5];
+    header[0] = kind as u8;
+    header[1..].copy_from_slice(&len.to_le_bytes());
+    out.write_all(&header)?;
+    out.write_all(payload)?;
+    Ok(())
+}
+
+/// Reads one frame into `buf` (reused between calls) and returns its kind.
+pub fn read_frame(input: &mut impl Read, buf: &mut Vec<u8>) -> Result<Kind, WireError> {
+    let mut header = [0u8; 5];
+    input.read_exact(&mut header)?;
+    let kind = Kind::from_u8(header[0]).ok_or(WireError::UnknownKind(header[0]))?;
+    let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge(len));
+    }
+    buf.resize(len as usize, 0);
+    input.read_exact(buf)?;
+    if kind == Kind::Refuse {
+        return Err(WireError::Refused(String::from_utf8_lossy(buf).into_owned()));
+    }
+    Ok(kind)
+}
+
+/// The HELLO payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub mem_bytes: u64,
+    pub vcpus: u32,
+    pub tsc_khz: u64,
+    /// CPUID vendor string of the source host (12 bytes).
+    pub cpu_vendor: [u8; 12],
+}
+
+impl Hello {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(44);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&self.mem_bytes.to_le_bytes());
+        out.extend_from_slice(&self.vcpus.to_le_bytes());
+        out.extend_from_slice(&self.tsc_khz.to_le_bytes());
+        out.extend_from_slice(&self.cpu_vendor);
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let bad = |detail: String| WireError::Malformed {
+            kind: Kind::Hello,
+            detail,
+        };
+        if b.len() != 44 {
+            return Err(bad(format!("{} bytes, expected 44", b.len())));
+        }
+        if &b[..8] != MAGIC {
+            return Err(bad("not an xcloud migration stream".into()));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(bad(format!("stream version {version}, this xcloud speaks {VERSION}")));
+        }
+        let mut cpu_vendor = [0u8; 12];
+        cpu_vendor.copy_from_slice(&b[32..44]);
+        Ok(Self {
+            mem_bytes: u64_at(12),
+            vcpus: u32_at(20),
+            tsc_khz: u64_at(24),
+            cpu_vendor,
+        })
+    }
+}
+
+/// Appends one page to a PAGES payload being built (`count` is patched in by [`finish_pages`]).
+pub fn push_page(out: &mut Vec<u8>, pfn: u64, data: &[u8]) {
+    if out.is_empty() {
+        out.extend_from_slice(&0u32.to_le_bytes());
+    }
+    if data.iter().all(|&b| b == 0) {
+        out.extend_from_slice(&(pfn | ZERO_PAGE).to_le_bytes());
+    } else {
+        out.extend_from_slice(&pfn.to_le_bytes());
+        out.extend_from_slice(data);
+    }
+    let count = u32::from_le_bytes([out[0], out[1], out[2], out[3]]) + 1;
+    out[..4].copy_from_slice(&count.to_le_bytes());
+}
+
+/// Calls `page(pfn, Some(data) | None for a zero page)` for each page of a PAGES payload;
+/// every page number must be below `limit`.
+pub fn for_each_page(
+    payload: &[u8],
+    limit: u64,
+    mut page: impl FnMut(u64, Option<&[u8]>) -> Result<(), WireError>,
+) -> Result<u64, WireError> {
+    let bad = |detail: String| WireError::Malformed {
+        kind: Kind::Pages,
+        detail,
+    };
+    if payload.len() < 4 {
+        return Err(bad("no page count".into()));
+    }
+    let count = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize;
+    if count > MAX_PAGES_PER_FRAME {
+        return Err(bad(format!("{count} pages in one frame")));
+    }
+    let mut at = 4;
+    for _ in 0..count {
+        let Some(raw) = payload.get(at..at + 8) else {
+            return Err(bad("cut short".into()));
+        };
+        let mut a = [0u8; 8];
+        a.copy_from_slice(raw);
+        let word = u64::from_le_bytes(a);
+        at += 8;
+        let pfn = word & !ZERO_PAGE;
+        if pfn >= limit {
+            return Err(bad(format!("page {pfn} is outside the guest's {limit} pages")));
+        }
+        if word & ZERO_PAGE != 0 {
+            page(pfn, None)?;
+        } else {
+            let Some(data) = payload.get(at..at + PAGE) else {
+                return Err(bad("cut short".into()));
+            };
+            at += PAGE;
+            page(pfn, Some(data))?;
+        }
+    }
+    if at != payload.len() {
+        return Err(bad(format!("{} trailing bytes", payload.len() - at)));
+    }
+    Ok(count as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_round_trip_with_zero_pages_elided() {
+        let mut payload = Vec::new();
+        push_page(&mut payload, 3, &[7u8; PAGE]);
+        push_page(&mut payload, 9, &[0u8; PAGE]);
+        assert_eq!(payload.len(), 4 + 8 + PAGE + 8);
+        let mut seen = Vec::new();
+        let n = for_each_page(&payload, 16, |pfn, data| {
+            seen.push((pfn, data.map(|d| d[0])));
+            Ok(())
+        })
+        .expect("valid");
+        assert_eq!(n, 2);
+        assert_eq!(seen, vec![(3, Some(7)), (9, None)]);
+        assert!(for_each_page(&payload, 4, |_, _| Ok(())).is_err(), "page 9 of 4");
+        assert!(for_each_page(&payload[..payload.len() - 1], 16, |_, _| Ok(())).is_err());
+    }
+
+    #[test]
+    fn frames_refuse_oversized_unknown_and_cut_input() {
+        let mut buf = Vec::new();
+        assert!(matches!(
+            read_frame(&mut &[9u8, 0, 0, 0, 0][..], &mut buf),
+            Err(WireError::UnknownKind(9))
+        ));
+        assert!(matches!(
+            read_frame(&mut &[4u8, 0xff, 0xff, 0xff, 0xff][..], &mut buf),
+            Err(WireError::TooLarge(_))
+        ));
+        assert!(matches!(
+            read_frame(&mut &[4u8, 8, 0, 0, 0, 1][..], &mut buf),
+            Err(WireError::Io(_))
+        ));
+        let mut out = Vec::new();
+        write_frame(&mut out, Kind::Refuse, b"no room").expect("write");
+        assert!(matches!(read_frame(&mut &out[..], &mut buf), Err(WireError::Refused(r)) if r == "no room"));
+    }
+
+    #[test]
+    fn hello_is_checked() {
+        let h = Hello {
+            mem_bytes: 64 << 20,
+            vcpus: 2,
+            tsc_khz: 1,
+            cpu_vendor: *b"AuthenticAMD",
+        };
+        assert_eq!(Hello::decode(&h.encode()).expect("valid"), h);
+        let mut bad = h.encode();
+        bad[0] = b'Y';
+        assert!(Hello::decode(&bad).is_err());
+        assert!(Hello::decode(&bad[..10]).is_err());
+    }
+}
