@@ -64,6 +64,9 @@ pub enum Command {
         peer_cert: PathBuf,
         #[serde(default)]
         max_downtime_ms: Option<u64>,
+        /// How long the destination may stay silent before the migration fails.
+        #[serde(default)]
+        timeout_ms: Option<u64>,
     },
 }
 
@@ -156,6 +159,7 @@ pub fn execute(handle: &VmHandle, line: &str) -> Response {
             identity,
             peer_cert,
             max_downtime_ms,
+            timeout_ms,
         } => {
             let creds = match crate::migration::tls::Credentials::load(&identity, &peer_cert) {
                 Ok(c) => c,
@@ -164,6 +168,9 @@ pub fn execute(handle: &VmHandle, line: &str) -> Response {
             let mut options = crate::migration::MigrateOptions::default();
             if let Some(ms) = max_downtime_ms {
                 options.max_downtime = std::time::Duration::from_millis(ms);
+            }
+            if let Some(ms) = timeout_ms {
+                options.peer_timeout = std::time::Duration::from_millis(ms.max(1));
             }
             match crate::migration::migrate(handle, &to, &creds, options) {
                 Ok(summary) => with_state(Response {
@@ -271,7 +278,12 @@ fn serve_connection(stream: UnixStream, handle: &VmHandle) {
             return;
         };
         text.push('\n');
-        if out.write_all(text.as_bytes()).is_err() {
+        let written = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+        // A migrated VM ends only after its answer went out: ending it lets the process exit.
+        if let Some(summary) = &response.migrated {
+            handle.end_migrated(&summary.to);
+        }
+        if written.is_err() {
             return;
         }
     }

@@ -412,6 +412,11 @@ impl VmHandle {
         Ok(())
     }
 
+    /// Ends a VM that was migrated away (its source copy, which must never run again).
+    pub fn end_migrated(&self, to: &str) {
+        self.shared.finish(VmExit::Migrated(to.to_string()));
+    }
+
     /// Stops the VM; `Vm::wait` then returns `VmExit::Stopped` unless the guest ended first.
     pub fn stop(&self) {
         self.shared.finish(VmExit::Stopped);

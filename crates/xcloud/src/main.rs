@@ -103,6 +103,9 @@ enum CtlAction {
         /// Downtime budget in milliseconds.
         #[arg(long, default_value_t = 50)]
         max_downtime: u64,
+        /// Milliseconds the destination may stay silent before the migration fails.
+        #[arg(long, default_value_t = 30_000)]
+        timeout: u64,
     },
 }
 
@@ -135,6 +138,7 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
             identity,
             peer,
             max_downtime,
+            timeout,
         } => {
             return run::migrate(
                 socket,
@@ -142,6 +146,7 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
                 std::path::absolute(&identity)?,
                 std::path::absolute(&peer)?,
                 max_downtime,
+                timeout,
             )
         }
     };

@@ -103,6 +103,7 @@ pub fn migrate(
     identity: std::path::PathBuf,
     peer_cert: std::path::PathBuf,
     max_downtime_ms: u64,
+    timeout_ms: u64,
 ) -> Result<i32> {
     use xcloud_vmm::api::{call, Command};
     let bar = indicatif::ProgressBar::new_spinner();

@@ -16,7 +16,7 @@ pub mod wire;
 
 use crate::console::Console;
 use crate::snapshot::VmSnapshot;
-use crate::vm::{self, Vm, VmError, VmExit, VmHandle, VmState};
+use crate::vm::{self, Vm, VmError, VmHandle, VmState};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -70,6 +70,8 @@ pub struct MigrateOptions {
     /// Stop-and-copy starts after this many rounds even if the guest dirties faster than the
     /// link carries (the downtime is then longer than asked).
     pub max_rounds: u32,
+    /// A destination that neither reads nor answers for this long has failed.
+    pub peer_timeout: Duration,
 }
 
 impl Default for MigrateOptions {
@@ -77,6 +79,7 @@ impl Default for MigrateOptions {
         Self {
             max_downtime: Duration::from_millis(50),
             max_rounds: 30,
+            peer_timeout: PEER_TIMEOUT,
         }
     }
 }
@@ -84,6 +87,8 @@ impl Default for MigrateOptions {
 /// What a migration did.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct MigrationSummary {
+    /// The destination.
+    pub to: String,
     pub total_ms: f64,
     /// From pausing the source to the destination's report that the VM runs.
     pub downtime_ms: f64,
@@ -178,7 +183,9 @@ fn dirty_pages(bitmap: &[u64]) -> Vec<u64> {
     pages
 }
 
-/// Migrates the VM behind `handle` to the destination at `addr`.
+/// Migrates the VM behind `handle` to the destination at `addr`. On success the source VM is
+/// paused for good and the caller ends it with [`VmHandle::end_migrated`] once it has reported
+/// the result (the process may exit as soon as the VM ends).
 pub fn migrate(
     handle: &VmHandle,
     addr: &str,
@@ -203,7 +210,8 @@ pub fn migrate(
         .ok_or_else(|| connect_err(std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))?;
     let tcp = TcpStream::connect_timeout(&target, Duration::from_secs(10)).map_err(connect_err)?;
     let _ = tcp.set_nodelay(true);
-    tcp.set_read_timeout(Some(PEER_TIMEOUT)).map_err(connect_err)?;
+    tcp.set_read_timeout(Some(options.peer_timeout)).map_err(connect_err)?;
+    tcp.set_write_timeout(Some(options.peer_timeout)).map_err(connect_err)?;
     let mut stream = tls::connect(tcp, creds)?;
     let hello = Hello {
         mem_bytes: shared.ram.size(),
@@ -233,16 +241,11 @@ pub fn migrate(
     if !matches!(result, Err(MigrationError::OutcomeUnknown(_))) {
         let _ = shared.set_dirty_logging(false);
     }
-    match result {
-        Ok(summary) => {
-            shared.finish(VmExit::Migrated(addr.to_string()));
-            Ok(summary)
-        }
-        Err(e) => {
-            shared.set_progress(None);
-            Err(e)
-        }
-    }
+    shared.set_progress(None);
+    result.map(|mut summary| {
+        summary.to = addr.to_string();
+        summary
+    })
 }
 
 fn precopy_and_switch<S: Read + Write>(
@@ -390,6 +393,7 @@ fn precopy_and_switch<S: Read + Write>(
     let total = started.elapsed();
     let bytes_sent = page_bytes + 5 + state.len() as u64;
     Ok(MigrationSummary {
+        to: String::new(),
         total_ms: total.as_secs_f64() * 1e3,
         downtime_ms: downtime.as_secs_f64() * 1e3,
         rounds,
