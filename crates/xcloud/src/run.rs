@@ -134,6 +134,7 @@ pub fn migrate(
         identity,
         peer_cert,
         max_downtime_ms: Some(max_downtime_ms),
+        timeout_ms: Some(timeout_ms),
     };
     let answer = call(socket, command);
     bar.finish_and_clear();
