@@ -1,0 +1,445 @@
+//! Live migration between "hosts": network namespaces joined by a veth link, the source VMM in
+//! one, the destination in the other, TLS with pinned certificates between them.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Two namespaces joined by a veth pair: `src` at 10.231.N.1, `dst` at 10.231.N.2.
+struct Hosts {
+    src: String,
+    dst: String,
+    src_link: String,
+    dst_ip: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Hosts {
+    /// `rate`: a tbf rate limit on both ends, e.g. "200mbit" (this kernel has no netem).
+    fn new(rate: Option<&str>) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{}-{n}", std::process::id() % 100_000);
+        let (src, dst) = (format!("xcs{tag}"), format!("xcd{tag}"));
+        let (src_link, dst_link) = (format!("xs{tag}"), format!("xd{tag}"));
+        let subnet = 10 + n % 200;
+        ip(&["netns", "add", &src]);
+        ip(&["netns", "add", &dst]);
+        ip(&[
+            "link", "add", &src_link, "netns", &src, "type", "veth", "peer", "name", &dst_link, "netns", &dst,
+        ]);
+        let src_ip = format!("10.231.{subnet}.1");
+        let dst_ip = format!("10.231.{subnet}.2");
+        for (ns, link, addr) in [(&src, &src_link, &src_ip), (&dst, &dst_link, &dst_ip)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", link]);
+            ip(&["-n", ns, "link", "set", link, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            if let Some(rate) = rate {
+                let out = Command::new("ip")
+                    .args([
+                        "netns", "exec", ns, "tc", "qdisc", "add", "dev", link, "root", "tbf", "rate", rate,
+                    ])
+                    .args(["burst", "256kb", "latency", "50ms"])
+                    .output()
+                    .expect("tc");
+                assert!(out.status.success(), "tc: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        Self {
+            src,
+            dst,
+            src_link,
+            dst_ip,
+        }
+    }
+
+    fn cut(&self) {
+        ip(&["-n", &self.src, "link", "set", &self.src_link, "down"]);
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.src]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.dst]).status();
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("migration").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch");
+    dir
+}
+
+fn keygen(dir: &Path, name: &str) -> PathBuf {
+    let id = dir.join(name);
+    let out = run(&["keygen", id.to_str().expect("utf-8"), "--name", name]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    id
+}
+
+/// Runs `xcloud ARGS` inside namespace `ns`, its stdout read line by line.
+fn spawn_in(ns: &str, args: &[&str]) -> (Child, Receiver<String>) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_xcloud")])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ip netns exec");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+fn next_line(rx: &Receiver<String>, prefix: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no line starting with '{prefix}'"));
+        if line.starts_with(prefix) {
+            return line;
+        }
+    }
+}
+
+fn count(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> (Option<i32>, String) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            return (status.code(), err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ctl(socket: &Path, args: &[&str]) -> (bool, String) {
+    let out = xcloud().arg("ctl").arg(socket).args(args).output().expect("xcloud ctl");
+    (out.status.success(), format!("{}{}", stdout(&out), stderr(&out)))
+}
+
+fn wait_socket(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "no socket {}", socket.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+struct Setup {
+    dir: PathBuf,
+    a: PathBuf,
+    b: PathBuf,
+    socket: PathBuf,
+}
+
+fn setup(name: &str) -> Setup {
+    let dir = scratch(name);
+    let a = keygen(&dir, "host-a");
+    let b = keygen(&dir, "host-b");
+    let socket = dir.join("src.sock");
+    Setup { dir, a, b, socket }
+}
+
+fn receive(hosts: &Hosts, s: &Setup, peer: &Path) -> (Child, Receiver<String>) {
+    let listen = format!("{}:7710", hosts.dst_ip);
+    let id = s.b.to_str().expect("utf-8").to_string();
+    let peer = peer.join("cert.der");
+    spawn_in(
+        &hosts.dst,
+        &[
+            "receive",
+            "--listen",
+            &listen,
+            "--identity",
+            &id,
+            "--peer",
+            peer.to_str().expect("utf-8"),
+        ],
+    )
+}
+
+fn migrate(hosts: &Hosts, s: &Setup, extra: &[&str]) -> (bool, String) {
+    let to = format!("{}:7710", hosts.dst_ip);
+    let peer = s.b.join("cert.der");
+    let mut args = vec![
+        "migrate",
+        &to,
+        "--identity",
+        s.a.to_str().expect("utf-8"),
+        "--peer",
+        peer.to_str().expect("utf-8"),
+    ];
+    args.extend_from_slice(extra);
+    // ctl talks to the source over its Unix socket; the source VMM (in its namespace) dials out.
+    ctl(&s.socket, &args)
+}
+
+#[test]
+fn a_running_heartbeat_moves_to_another_host_and_keeps_counting() {
+    let hosts = Hosts::new(Some("1gbit"));
+    let s = setup("heartbeat");
+    let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
+    let sock = s.socket.to_str().expect("utf-8");
+    let (mut src, src_out) = spawn_in(&hosts.src, &["run", "--vcpus", "2", "--api", sock, "heartbeat"]);
+    let before = count(&next_line(&src_out, "heartbeat n="), "n=");
+    wait_socket(&s.socket);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, text) = migrate(&hosts, &s, &[]);
+    assert!(ok && text.contains("migrated to 10.231."), "{text}");
+    let (status, err) = wait_exit(&mut src, Duration::from_secs(10));
+    assert_eq!(status, Some(0), "the source ends once the destination runs: {err}");
+    assert!(err.contains("guest migrated to"), "{err}");
+    let first = next_line(&dst_out, "heartbeat n=");
+    let second = next_line(&dst_out, "heartbeat n=");
+    assert!(
+        count(&first, "n=") > before,
+        "the count continues: {before} then {first}"
+    );
+    assert!(
+        count(&second, "n=") > count(&first, "n="),
+        "and never goes backwards: {first} / {second}"
+    );
+    // The guest-observed stall across the move stays small (the budget is 50 ms).
+    assert!(count(&first, "max_gap_us=") < 250_000, "{first}");
+    let _ = dst.kill();
+    let _ = dst.wait();
+    drop(s.dir);
+}
+
+#[test]
+fn wrong_credentials_are_refused_and_the_source_keeps_running() {
+    let hosts = Hosts::new(None);
+    let s = setup("credentials");
+    let stranger = keygen(&s.dir, "stranger");
+    // The destination pins a certificate that is not the source's.
+    let (mut dst, _) = receive(&hosts, &s, &stranger);
+    let sock = s.socket.to_str().expect("utf-8");
+    let (mut src, src_out) = spawn_in(&hosts.src, &["run", "--api", sock, "heartbeat"]);
+    let before = count(&next_line(&src_out, "heartbeat n="), "n=");
+    wait_socket(&s.socket);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, text) = migrate(&hosts, &s, &[]);
+    assert!(
+        !ok && text.contains("migration to") && text.contains("failed"),
+        "{text}"
+    );
+    assert_eq!(ctl(&s.socket, &["status"]).1, "state: running, 1 vCPUs, 64 MiB\n");
+    assert!(
+        count(&next_line(&src_out, "heartbeat n="), "n=") > before,
+        "the source runs on"
+    );
+
+    // The source pins a certificate the destination does not have: refused at the handshake.
+    let to = format!("{}:7710", hosts.dst_ip);
+    let wrong_peer = stranger.join("cert.der");
+    let args = [
+        "migrate",
+        &to,
+        "--identity",
+        s.a.to_str().expect("utf-8"),
+        "--peer",
+        wrong_peer.to_str().expect("utf-8"),
+    ];
+    let (ok, text) = ctl(&s.socket, &args);
+    assert!(!ok && text.contains("TLS handshake"), "{text}");
+    assert_eq!(ctl(&s.socket, &["status"]).1, "state: running, 1 vCPUs, 64 MiB\n");
+    ctl(&s.socket, &["stop"]);
+    wait_exit(&mut src, Duration::from_secs(10));
+    let _ = dst.kill();
+    let _ = dst.wait();
+}
+
+/// A 128 MiB working set over a 100 Mbit/s link: the migration takes seconds.
+fn slow_migration(name: &str) -> (Hosts, Setup, Child, Receiver<String>, Child) {
+    let hosts = Hosts::new(Some("100mbit"));
+    let s = setup(name);
+    let (dst, _) = receive(&hosts, &s, &s.a);
+    let sock = s.socket.to_str().expect("utf-8");
+    let (src, src_out) = spawn_in(
+        &hosts.src,
+        &["run", "--mem", "256M", "--api", sock, "dirty", "--", "128", "8"],
+    );
+    next_line(&src_out, "dirty: working set");
+    wait_socket(&s.socket);
+    (hosts, s, src, src_out, dst)
+}
+
+fn assert_source_runs_on(s: &Setup, src_out: &Receiver<String>) {
+    assert_eq!(ctl(&s.socket, &["status"]).1, "state: running, 1 vCPUs, 256 MiB\n");
+    let written = |line: &str| -> u64 { line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0) };
+    let a = next_line(src_out, "dirty:");
+    let b = next_line(src_out, "dirty:");
+    assert!(written(&b) > written(&a), "the guest still works: {a} / {b}");
+}
+
+#[test]
+fn the_source_keeps_running_when_the_destination_dies_mid_stream() {
+    let (hosts, s, mut src, src_out, mut dst) = slow_migration("killed");
+    let migration = std::thread::spawn({
+        let socket = s.socket.clone();
+        let to = format!("{}:7710", hosts.dst_ip);
+        let id = s.a.clone();
+        let peer = s.b.join("cert.der");
+        move || {
+            let args = [
+                "migrate",
+                &to,
+                "--identity",
+                id.to_str().unwrap_or(""),
+                "--peer",
+                peer.to_str().unwrap_or(""),
+            ];
+            ctl(&socket, &args)
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = dst.kill();
+    let _ = dst.wait();
+    let (ok, text) = migration.join().expect("ctl thread");
+    assert!(!ok && text.contains("failed"), "{text}");
+    assert_source_runs_on(&s, &src_out);
+    ctl(&s.socket, &["stop"]);
+    wait_exit(&mut src, Duration::from_secs(10));
+}
+
+#[test]
+fn the_source_keeps_running_when_the_link_is_cut() {
+    let (hosts, s, mut src, src_out, mut dst) = slow_migration("cut");
+    let migration = std::thread::spawn({
+        let socket = s.socket.clone();
+        let to = format!("{}:7710", hosts.dst_ip);
+        let id = s.a.clone();
+        let peer = s.b.join("cert.der");
+        move || {
+            let args = [
+                "migrate",
+                &to,
+                "--identity",
+                id.to_str().unwrap_or(""),
+                "--peer",
+                peer.to_str().unwrap_or(""),
+                "--timeout",
+                "2000",
+            ];
+            ctl(&socket, &args)
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    hosts.cut();
+    let (ok, text) = migration.join().expect("ctl thread");
+    assert!(!ok && text.contains("failed"), "{text}");
+    assert_source_runs_on(&s, &src_out);
+    ctl(&s.socket, &["stop"]);
+    wait_exit(&mut src, Duration::from_secs(10));
+    let _ = dst.kill();
+    let _ = dst.wait();
+}
+
+#[test]
+fn a_hostile_stream_is_refused_and_nothing_runs_at_the_destination() {
+    use std::io::Write;
+    use xcloud_vmm::migration::{tls, wire};
+    let hosts = Hosts::new(None);
+    let s = setup("hostile");
+    let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
+    // The test itself is the source here: right credentials, then a stream of lies. It joins
+    // the source namespace to reach the destination.
+    let ns = std::fs::File::open(format!("/var/run/netns/{}", hosts.src)).expect("netns file");
+    let to = format!("{}:7710", hosts.dst_ip);
+    let creds = tls::Credentials::load(&s.a, &s.b.join("cert.der")).expect("credentials");
+    let result = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns moves only this new thread into the namespace that `ns` refers to.
+        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let tcp = loop {
+            match std::net::TcpStream::connect(&to) {
+                Ok(t) => break t,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => panic!("connect: {e}"),
+            }
+        };
+        let mut stream = tls::connect(tcp, &creds).expect("TLS");
+        let hello = wire::Hello {
+            mem_bytes: 16 << 20,
+            vcpus: 1,
+            tsc_khz: 1,
+            cpu_vendor: xcloud_cpu_vendor(),
+        };
+        wire::write_frame(&mut stream, wire::Kind::Hello, &hello.encode()).expect("hello");
+        stream.flush().expect("flush");
+        let mut buf = Vec::new();
+        assert_eq!(
+            wire::read_frame(&mut stream, &mut buf).expect("accept"),
+            wire::Kind::Accept
+        );
+        // A page far outside the announced 16 MiB.
+        let mut pages = Vec::new();
+        wire::push_page(&mut pages, 1 << 40, &[1u8; wire::PAGE]);
+        wire::write_frame(&mut stream, wire::Kind::Pages, &pages).expect("pages");
+        stream.flush().expect("flush");
+        wire::read_frame(&mut stream, &mut buf)
+    })
+    .join()
+    .expect("source thread");
+    assert!(
+        matches!(result, Err(wire::WireError::Refused(ref r)) if r.contains("outside")),
+        "{result:?}"
+    );
+    let (status, err) = wait_exit(&mut dst, Duration::from_secs(10));
+    assert_eq!(status, Some(1), "{err}");
+    assert!(
+        err.contains("cannot receive the VM") && err.contains("outside"),
+        "{err}"
+    );
+    assert!(dst_out.try_recv().is_err(), "no guest output at the destination");
+}
+
+fn xcloud_cpu_vendor() -> [u8; 12] {
+    let r = core::arch::x86_64::__cpuid(0);
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+    v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+    v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+    v
+}
