@@ -3,6 +3,10 @@
 //! migrated or descheduled. Prints a line every 500 ms. Argument: seconds to run (0 or none:
 //! forever). With several vCPUs, every secondary vCPU spins too, counting in its own slot of
 //! the same page, so that pause and migration can be checked on every vCPU.
+//!
+//! `heartbeat SECONDS W R` also writes a W MiB working set at R MiB/s from the same loop (one
+//! vCPU, so it runs in any PVH VMM), so that the stall of a migration can be measured under
+//! memory load: the pages written between two iterations count in the gap.
 #![no_std]
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![no_main]
@@ -44,6 +48,15 @@ fn main() -> i32 {
         clock::rdtsc() + clock::ns_to_ticks(seconds * 1_000_000_000)
     };
     let vcpus = sdk::vcpu_count().min(MAX_VCPUS);
+    let mut pacer = None;
+    if let (Some(mib), Some(rate)) = (xcloud_workloads::arg(1), xcloud_workloads::arg(2)) {
+        let Some(set) = xcloud_workloads::WorkingSet::new(mib) else {
+            println!("heartbeat: cannot allocate {mib} MiB");
+            return 1;
+        };
+        println!("heartbeat: dirtying {mib} MiB at {rate} MiB/s");
+        pacer = Some(xcloud_workloads::Pacer::new(set, rate));
+    }
     for index in 1..vcpus {
         // SAFETY: the secondary slots are atomics that live for the whole run; sharing a
         // reference to one with another vCPU is sound.
@@ -71,6 +84,11 @@ fn main() -> i32 {
         let gap = now.wrapping_sub(last);
         last = now;
         count += 1;
+        if count.is_multiple_of(1024) {
+            if let Some(pacer) = pacer.as_mut() {
+                pacer.catch_up(clock::now_ns());
+            }
+        }
         if gap > window_max {
             window_max = gap;
             if gap > max_gap {

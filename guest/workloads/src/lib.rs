@@ -1,0 +1,114 @@
+//! Pieces the built-in workloads share.
+#![no_std]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+use xcloud_guest_sdk::{self as sdk, clock};
+
+const PAGE: usize = 4096;
+/// How often a dirtier wakes up to write the pages that are due.
+const STEP_NS: u64 = 1_000_000;
+
+/// A working set whose pages are written round and round at a steady rate.
+pub struct WorkingSet {
+    base: *mut u8,
+    pages: usize,
+    next: usize,
+    /// Pages written so far.
+    pub written: u64,
+}
+
+// SAFETY: the working set owns its block exclusively; moving it to another vCPU moves that
+// ownership with it.
+unsafe impl Send for WorkingSet {}
+
+impl WorkingSet {
+    /// Allocates `mib` MiB and writes every page once. None if the heap is too small.
+    pub fn new(mib: u64) -> Option<Self> {
+        let bytes = ((mib as usize) << 20).max(PAGE);
+        let layout = core::alloc::Layout::from_size_align(bytes, PAGE).ok()?;
+        // SAFETY: non-zero size; the block lives as long as the working set and is never freed
+        // (workloads run until the VM ends).
+        let base = unsafe { sdk::heap::alloc::alloc(layout) };
+        if base.is_null() {
+            return None;
+        }
+        let mut set = Self {
+            base,
+            pages: bytes / PAGE,
+            next: 0,
+            written: 0,
+        };
+        for _ in 0..set.pages {
+            set.write_next();
+        }
+        Some(set)
+    }
+
+    /// Pages in the set.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    fn write_next(&mut self) {
+        // SAFETY: next < pages, so the write is inside the allocated block.
+        unsafe { core::ptr::write_volatile(self.base.add(self.next * PAGE) as *mut u64, self.written) };
+        self.next = (self.next + 1) % self.pages;
+        self.written += 1;
+    }
+
+    /// Writes pages at `rate_mib` MiB/s until `end_ns` (guest time), calling `tick(self,
+    /// pages written since start, elapsed ns)` after each step.
+    pub fn dirty(&mut self, rate_mib: u64, end_ns: u64, mut tick: impl FnMut(&Self, u64, u64)) {
+        let start = clock::now_ns();
+        let pages_per_s = rate_mib * (1 << 20) / PAGE as u64;
+        let mut done = 0u64;
+        loop {
+            let now = clock::now_ns();
+            if now >= end_ns {
+                return;
+            }
+            let due = ((now - start) as u128 * pages_per_s as u128 / 1_000_000_000) as u64;
+            while done < due {
+                self.write_next();
+                done += 1;
+            }
+            tick(self, done, now - start);
+            clock::sleep_ns(STEP_NS);
+        }
+    }
+}
+
+/// Writes a working set at a steady rate from inside another loop: each call writes the pages
+/// that are due by now, without sleeping (the caller keeps its own pace).
+pub struct Pacer {
+    set: WorkingSet,
+    start_ns: u64,
+    pages_per_s: u64,
+    done: u64,
+}
+
+impl Pacer {
+    pub fn new(set: WorkingSet, rate_mib: u64) -> Self {
+        Self {
+            set,
+            start_ns: clock::now_ns(),
+            pages_per_s: rate_mib * (1 << 20) / PAGE as u64,
+            done: 0,
+        }
+    }
+
+    /// Writes the pages due at guest time `now_ns`.
+    #[inline]
+    pub fn catch_up(&mut self, now_ns: u64) {
+        let due = (now_ns.saturating_sub(self.start_ns) as u128 * self.pages_per_s as u128 / 1_000_000_000) as u64;
+        while self.done < due {
+            self.set.write_next();
+            self.done += 1;
+        }
+    }
+}
+
+/// The `n`th command-line argument as a number.
+pub fn arg(n: usize) -> Option<u64> {
+    sdk::args().nth(n).and_then(|a| a.parse().ok())
+}
