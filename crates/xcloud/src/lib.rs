@@ -2,6 +2,7 @@
 //! integration tests can drive them in-process as well as through the binary.
 
 pub mod bench;
+pub mod bench_migrate;
 pub mod doctor;
 pub mod guests;
 pub mod run;

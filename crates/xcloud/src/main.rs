@@ -111,6 +111,15 @@ enum CtlAction {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Live migration over loopback: total time, downtime, guest-observed stall, bytes.
+    Migrate {
+        /// Guest sizes, e.g. 256M,1G.
+        #[arg(long, default_value = "256M,1G", value_parser = xcloud::bench_migrate::parse_sizes)]
+        sizes: std::vec::Vec<u64>,
+        /// Dirtying rates in MiB/s.
+        #[arg(long, default_value = "0,16,64", value_parser = xcloud::bench_migrate::parse_rates)]
+        rates: std::vec::Vec<u64>,
+    },
     /// Basic operations native vs in a guest, start time, VMM memory overhead.
     Micro {
         /// Multiplies the iteration counts (longer, steadier runs).
@@ -207,6 +216,9 @@ fn main() -> ExitCode {
             })
             .map_err(Into::into),
         Command::Bench(BenchCommand::Micro { scale, startup_runs }) => bench::micro(scale, startup_runs).map(|_| 0),
+        Command::Bench(BenchCommand::Migrate { sizes, rates }) => {
+            xcloud::bench_migrate::migrate(&sizes, &rates).map(|_| 0)
+        }
         Command::Doctor => doctor::doctor(),
         Command::Guests => {
             for name in guests::names() {

@@ -291,7 +291,7 @@ fn precopy_and_switch<S: Read + Write>(
     let mut rounds = 0;
     let mut best_dirty = u64::MAX;
     let mut rounds_without_progress = 0;
-    let mut pending = loop {
+    let last_pass = loop {
         let bitmap = shared
             .vm_fd
             .get_dirty_log(0, size as usize)
@@ -326,7 +326,29 @@ fn precopy_and_switch<S: Read + Write>(
         }
     };
 
-    // Stop-and-copy.
+    // The last pre-copy pass, sent while the guest still runs; then wait until the destination
+    // has applied everything in flight, so that the downtime does not include draining the
+    // socket buffers.
+    for &pfn in &last_pass {
+        read_page(pfn, &mut page)?;
+        sender.page(pfn, &page)?;
+    }
+    sender.flush()?;
+    wire::write_frame(sender.out, Kind::Sync, &[])?;
+    sender.out.flush().map_err(WireError::from)?;
+    let mut buf = Vec::new();
+    match wire::read_frame(sender.out, &mut buf)? {
+        Kind::Synced => {}
+        other => {
+            return Err(WireError::Unexpected {
+                expected: "SYNCED",
+                got: other,
+            }
+            .into())
+        }
+    }
+
+    // Stop-and-copy: only what the guest dirtied since the last dirty-log fetch.
     let pause_start = Instant::now();
     if was_running {
         handle.pause()?;
@@ -337,26 +359,20 @@ fn precopy_and_switch<S: Read + Write>(
         }
         e
     };
-    progress(
-        "stop-and-copy",
-        rounds,
-        sender.pages,
-        sender.bytes,
-        pending.len() as u64,
-    );
+    progress("stop-and-copy", rounds, sender.pages, sender.bytes, 0);
     let bitmap = shared.vm_fd.get_dirty_log(0, size as usize).map_err(|source| {
         fail(MigrationError::Kvm {
             what: "read the dirty log",
             source,
         })
     })?;
-    pending.extend(dirty_pages(&bitmap));
-    pending.sort_unstable();
-    pending.dedup();
+    let pending = dirty_pages(&bitmap);
+    let paused_at = pause_start.elapsed();
     let state = handle
         .collect_state()
         .and_then(|s| Ok(s.encode()?))
         .map_err(|e| fail(e.into()))?;
+    let state_at = pause_start.elapsed();
     for &pfn in &pending {
         read_page(pfn, &mut page).map_err(fail)?;
         sender.page(pfn, &page).map_err(|e| fail(e.into()))?;
@@ -366,7 +382,7 @@ fn precopy_and_switch<S: Read + Write>(
     let stream = sender.out;
     wire::write_frame(stream, Kind::State, &state).map_err(|e| fail(e.into()))?;
     stream.flush().map_err(|e| fail(WireError::from(e).into()))?;
-    let mut buf = Vec::new();
+    let sent_at = pause_start.elapsed();
     match wire::read_frame(stream, &mut buf).map_err(|e| fail(e.into()))? {
         Kind::Ready => {}
         other => {
@@ -390,6 +406,10 @@ fn precopy_and_switch<S: Read + Write>(
         Err(e) => return Err(MigrationError::OutcomeUnknown(vm::flatten_error(&e))),
     }
     let downtime = pause_start.elapsed();
+    tracing::debug!(
+        "stop-and-copy: paused after {paused_at:?}, state saved at {state_at:?}, {} pages sent at {sent_at:?}, running at {downtime:?}",
+        pending.len()
+    );
     let total = started.elapsed();
     let bytes_sent = page_bytes + 5 + state.len() as u64;
     Ok(MigrationSummary {
@@ -495,10 +515,15 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
                     return Err(refuse(&mut stream, e.to_string()));
                 }
             }
-            Kind::State => break std::mem::take(&mut buf),
+            Kind::State => break (std::mem::take(&mut buf), Instant::now()),
+            Kind::Sync => {
+                wire::write_frame(&mut stream, Kind::Synced, &[])?;
+                stream.flush().map_err(WireError::from)?;
+            }
             other => return Err(refuse(&mut stream, format!("unexpected {other:?} frame"))),
         }
     };
+    let (state, state_arrived) = state;
     let snap = match VmSnapshot::decode(&state) {
         Ok(s) => s,
         Err(e) => return Err(refuse(&mut stream, vm::flatten_error(&e))),
@@ -510,6 +535,10 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
         Ok(vm) => vm,
         Err(e) => return Err(refuse(&mut stream, vm::flatten_error(&e))),
     };
+    tracing::debug!(
+        "destination: state applied {:?} after it arrived",
+        state_arrived.elapsed()
+    );
     wire::write_frame(&mut stream, Kind::Ready, &[])?;
     stream.flush().map_err(WireError::from)?;
     Ok(Incoming { vm, stream })

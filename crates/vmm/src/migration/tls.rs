@@ -260,6 +260,9 @@ pub fn accept(tcp: TcpStream, creds: &Credentials) -> Result<ServerStream, TlsEr
         }))
         .with_single_cert(vec![creds.identity.cert.clone()], creds.identity.key())
         .map_err(TlsError::Config)?;
+    // One connection per migration: no resumption, so no session tickets left unread.
+    let mut config = config;
+    config.send_tls13_tickets = 0;
     let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let conn = rustls::ServerConnection::new(Arc::new(config)).map_err(TlsError::Config)?;
     let mut stream = StreamOwned::new(conn, tcp);

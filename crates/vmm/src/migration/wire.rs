@@ -35,6 +35,10 @@ pub enum Kind {
     Go = 7,
     /// destination -> source: the VM runs.
     Running = 8,
+    /// source -> destination: answer SYNCED once everything before this is applied.
+    Sync = 9,
+    /// destination -> source: every frame before the SYNC is applied.
+    Synced = 10,
 }
 
 impl Kind {
@@ -48,6 +52,8 @@ impl Kind {
             6 => Kind::Ready,
             7 => Kind::Go,
             8 => Kind::Running,
+            9 => Kind::Sync,
+            10 => Kind::Synced,
             _ => return None,
         })
     }

@@ -1,0 +1,306 @@
+//! `xcloud bench migrate`: live migration of real guests over loopback, as a table — total
+//! time, downtime seen by the VMM, the stall seen by the guest (heartbeat's largest gap in the
+//! window that contains the move), bytes sent — next to the bandwidth of a plain TCP stream
+//! measured in the same run.
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+use xcloud_vmm::api::{call, Command as Op};
+use xcloud_vmm::migration::MigrationSummary;
+
+/// Hot working set every guest keeps touched (the rest of its RAM stays untouched).
+const WORKING_SET_MIB: u64 = 64;
+
+struct Cell {
+    mem: u64,
+    rate: u64,
+    summary: MigrationSummary,
+    guest_stall_ms: f64,
+}
+
+fn spawn(args: &[&str]) -> Result<(Child, Receiver<String>)> {
+    let exe = std::env::current_exe().context("cannot find the xcloud executable")?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start xcloud")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok((child, rx))
+}
+
+fn line_with(rx: &Receiver<String>, prefix: &str, limit: Duration) -> Result<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.starts_with(prefix) => return Ok(line),
+            Ok(_) => {}
+            Err(_) => bail!("no '{prefix}' line within {limit:?}"),
+        }
+    }
+}
+
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+}
+
+fn wait_for_socket(path: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        if Instant::now() > deadline {
+            bail!("no control socket at {}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// Bandwidth of one plain TCP stream over loopback, bytes per second.
+fn tcp_baseline(bytes: usize) -> Result<f64> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let reader = std::thread::spawn(move || -> std::io::Result<usize> {
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
+    });
+    let chunk = vec![0x5au8; 1 << 20];
+    let start = Instant::now();
+    let mut s = std::net::TcpStream::connect(addr)?;
+    for _ in 0..bytes / chunk.len() {
+        s.write_all(&chunk)?;
+    }
+    drop(s);
+    let got = reader.join().map_err(|_| anyhow::anyhow!("reader thread failed"))??;
+    Ok(got as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Bandwidth of one TLS stream (the migration's own transport and cipher) over loopback.
+fn tls_baseline(dir: &Path, bytes: usize) -> Result<f64> {
+    use xcloud_vmm::migration::tls::{accept, connect, Credentials};
+    let server_creds = Credentials::load(&dir.join("b"), &dir.join("a").join("cert.der"))?;
+    let client_creds = Credentials::load(&dir.join("a"), &dir.join("b").join("cert.der"))?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let reader = std::thread::spawn(move || -> Result<usize> {
+        let (tcp, _) = listener.accept()?;
+        let mut s = accept(tcp, &server_creds)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => total += n,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(total),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    });
+    let chunk = vec![0x5au8; 1 << 20];
+    let start = Instant::now();
+    let mut s = connect(std::net::TcpStream::connect(addr)?, &client_creds)?;
+    let mut sent = Ok(());
+    for _ in 0..bytes / chunk.len() {
+        sent = s.write_all(&chunk);
+        if sent.is_err() {
+            break;
+        }
+    }
+    if let Err(e) = sent.and_then(|_| s.flush()) {
+        let server = reader.join().map_err(|_| anyhow::anyhow!("reader thread failed"))?;
+        bail!("the TLS baseline stream failed: {e} (receiver: {server:?})");
+    }
+    s.conn.send_close_notify();
+    let _ = s.flush();
+    drop(s);
+    let got = reader.join().map_err(|_| anyhow::anyhow!("reader thread failed"))??;
+    Ok(got as f64 / start.elapsed().as_secs_f64())
+}
+
+fn one_migration(dir: &Path, mem: u64, rate: u64, port: u16) -> Result<Cell> {
+    let socket = dir.join(format!("src-{mem}-{rate}.sock"));
+    let dst_socket = dir.join(format!("dst-{mem}-{rate}.sock"));
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let listen = format!("127.0.0.1:{port}");
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let (mut dst, dst_out) = spawn(&[
+        "receive",
+        "--listen",
+        &listen,
+        "--identity",
+        &path(&b),
+        "--peer",
+        &path(&a.join("cert.der")),
+        "--api",
+        &path(&dst_socket),
+    ])?;
+    let mem_arg = format!("{}M", mem >> 20);
+    let ws = WORKING_SET_MIB.to_string();
+    let rate_arg = rate.to_string();
+    let (mut src, src_out) = spawn(&[
+        "run",
+        "--mem",
+        &mem_arg,
+        "--api",
+        &path(&socket),
+        "heartbeat",
+        "--",
+        "0",
+        &ws,
+        &rate_arg,
+    ])?;
+    let result = (|| -> Result<Cell> {
+        line_with(&src_out, "heartbeat n=", Duration::from_secs(30))?;
+        wait_for_socket(&socket)?;
+        // Let the dirtier reach its rate before the move.
+        std::thread::sleep(Duration::from_millis(700));
+        let answer = call(
+            &socket,
+            Op::Migrate {
+                to: listen.clone(),
+                identity: a.clone(),
+                peer_cert: b.join("cert.der"),
+                max_downtime_ms: Some(50),
+                timeout_ms: None,
+            },
+        )?;
+        if !answer.ok {
+            bail!("migration failed: {}", answer.error.unwrap_or_default());
+        }
+        let summary = answer.migrated.unwrap_or_default();
+        // The first report at the destination covers the window with the move in it.
+        let first = line_with(&dst_out, "heartbeat n=", Duration::from_secs(10))?;
+        let stall_us = field(&first, "window_max_us=").context("no window_max_us")?;
+        Ok(Cell {
+            mem,
+            rate,
+            summary,
+            guest_stall_ms: stall_us as f64 / 1e3,
+        })
+    })();
+    let _ = call(&dst_socket, Op::Stop);
+    let _ = src.kill();
+    let _ = src.wait();
+    let _ = dst.kill();
+    let _ = dst.wait();
+    result
+}
+
+/// Runs the matrix and prints the table.
+pub fn migrate(sizes: &[u64], rates: &[u64]) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("xcloud-bench-migrate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    xcloud_vmm::migration::tls::Identity::generate(&dir.join("a"), "bench-a")?;
+    xcloud_vmm::migration::tls::Identity::generate(&dir.join("b"), "bench-b")?;
+    let bar = ProgressBar::new((sizes.len() * rates.len() + 1) as u64).with_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message("plain TCP and TLS baselines");
+    let tcp = tcp_baseline(1 << 30).context("the TCP baseline")?;
+    let tls = tls_baseline(&dir, 512 << 20).context("the TLS baseline")?;
+    bar.inc(1);
+    let mut cells = Vec::new();
+    let mut port = 17_800 + (std::process::id() % 1000) as u16;
+    for &mem in sizes {
+        for &rate in rates {
+            bar.set_message(format!("{} MiB guest dirtying {rate} MiB/s", mem >> 20));
+            port += 1;
+            cells.push(one_migration(&dir, mem, rate, port)?);
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let _ = std::fs::remove_dir_all(&dir);
+    print_table(&cells, tcp, tls);
+    Ok(())
+}
+
+fn print_table(cells: &[Cell], tcp: f64, tls: f64) {
+    println!(
+        "xcloud bench migrate: loopback, TLS 1.3 with pinned certificates, {WORKING_SET_MIB} MiB hot working set, downtime budget 50 ms"
+    );
+    println!(
+        "baselines in the same run: plain TCP stream {:.0} MB/s; TLS stream (same transport and cipher) {:.0} MB/s",
+        tcp / 1e6,
+        tls / 1e6
+    );
+    println!();
+    println!(
+        "{:>6} {:>6} {:>9} {:>10} {:>12} {:>7} {:>9} {:>9} {:>9} {:>9}",
+        "guest", "dirty", "total ms", "downtime", "guest stall", "rounds", "MiB sent", "MB/s", "vs TCP", "vs TLS"
+    );
+    for c in cells {
+        let s = &c.summary;
+        let over = |bw: f64| s.total_ms / (s.bytes_sent as f64 / bw * 1e3).max(1e-3);
+        println!(
+            "{:>5}M {:>4}/s {:>9.1} {:>8.1}ms {:>10.1}ms {:>7} {:>9.1} {:>9.0} {:>8.2}x {:>8.2}x",
+            c.mem >> 20,
+            format!("{}M", c.rate),
+            s.total_ms,
+            s.downtime_ms,
+            c.guest_stall_ms,
+            s.rounds,
+            s.bytes_sent as f64 / (1 << 20) as f64,
+            s.bandwidth_mbps,
+            over(tcp),
+            over(tls)
+        );
+    }
+    println!();
+    let worst_stall = cells.iter().map(|c| c.guest_stall_ms).fold(0.0, f64::max);
+    println!(
+        "target: guest stall <= 5 ms in every cell: worst {worst_stall:.1} ms: {}",
+        if worst_stall <= 5.0 { "met" } else { "MISSED" }
+    );
+    let idle: Vec<&Cell> = cells.iter().filter(|c| c.rate == 0).collect();
+    for c in idle {
+        let ratio = c.summary.total_ms / (c.summary.bytes_sent as f64 / tcp * 1e3).max(1e-3);
+        let ratio_tls = c.summary.total_ms / (c.summary.bytes_sent as f64 / tls * 1e3).max(1e-3);
+        println!(
+            "target: idle {} MiB guest within 1.2x of bytes / plain TCP bandwidth: {ratio:.2}x: {} ({ratio_tls:.2}x of the TLS stream)",
+            c.mem >> 20,
+            if ratio <= 1.2 { "met" } else { "MISSED" }
+        );
+    }
+}
+
+/// Parses "256M,1G" into byte sizes.
+pub fn parse_sizes(text: &str) -> Result<Vec<u64>, String> {
+    text.split(',').map(crate::run::parse_size).collect()
+}
+
+/// Parses "0,16,64" into MiB/s rates.
+pub fn parse_rates(text: &str) -> Result<Vec<u64>, String> {
+    text.split(',')
+        .map(|r| {
+            r.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("'{r}' is not a rate in MiB/s"))
+        })
+        .collect()
+}
