@@ -29,9 +29,9 @@ fn main() {
         .args(["build", "--release", "--locked", "--target-dir"])
         .arg(&target_dir);
     // The guest build has flags of its own; none of the host build's may leak into it.
+    cmd.env("CARGO_ENCODED_RUSTFLAGS", "-Crelocation-model=static");
     for var in [
         "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
         "RUSTC_WRAPPER",
         "RUSTC_WORKSPACE_WRAPPER",
         "CARGO_TARGET_DIR",

@@ -249,8 +249,8 @@ mod tests {
     fn frames_refuse_oversized_unknown_and_cut_input() {
         let mut buf = Vec::new();
         assert!(matches!(
-            read_frame(&mut &[9u8, 0, 0, 0, 0][..], &mut buf),
-            Err(WireError::UnknownKind(9))
+            read_frame(&mut &[0xeeu8, 0, 0, 0, 0][..], &mut buf),
+            Err(WireError::UnknownKind(0xee))
         ));
         assert!(matches!(
             read_frame(&mut &[4u8, 0xff, 0xff, 0xff, 0xff][..], &mut buf),
