@@ -558,6 +558,8 @@ impl VmHandle {
 /// A VM built and ready to start.
 pub struct Vm {
     _kvm: Kvm,
+    /// Serves guest RAM on demand after a lazy restore.
+    lazy: Option<snapshot::lazy::LazyMemory>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) vcpus: Vec<VcpuFd>,
     threads: Vec<JoinHandle<()>>,
@@ -660,6 +662,7 @@ impl Vm {
         });
         Self {
             _kvm: parts.kvm,
+            lazy: None,
             shared,
             vcpus: parts.vcpus,
             threads: Vec::new(),
@@ -690,6 +693,32 @@ impl Vm {
         let parts = build(snap.config.mem_bytes, snap.config.vcpus)?;
         snapshot::read_memory(&dir.join(snapshot::MEMORY_FILE), parts.ram.mem(), parts.ram.size())?;
         Self::resume_from(parts, snap, console)
+    }
+
+    /// Like [`Vm::restore`], but the guest runs before its memory is read: pages are loaded on
+    /// first touch (userfaultfd) and streamed in the background (see `snapshot::lazy`).
+    pub fn restore_lazy(dir: &std::path::Path, console: Console) -> Result<Self, VmError> {
+        let snap = snapshot::read_state(dir)?;
+        let parts = build(snap.config.mem_bytes, snap.config.vcpus)?;
+        let handle_slot: Arc<Mutex<Option<VmHandle>>> = Arc::new(Mutex::new(None));
+        let on_corrupt = {
+            let slot = handle_slot.clone();
+            Box::new(move |why: String| {
+                if let Some(h) = slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    h.shared.finish(VmExit::Failed(why));
+                }
+            })
+        };
+        let lazy = snapshot::lazy::start(
+            &dir.join(snapshot::MEMORY_FILE),
+            parts.ram.host_base(),
+            parts.ram.size(),
+            on_corrupt,
+        )?;
+        let mut vm = Self::resume_from(parts, snap, console)?;
+        *handle_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm.handle());
+        vm.lazy = Some(lazy);
+        Ok(vm)
     }
 
     /// Completes a restore whose memory is already in `parts`.
@@ -818,5 +847,7 @@ impl Drop for Vm {
                 let _ = t.join();
             }
         }
+        // The loader goes after the vCPUs: a vCPU may be waiting for a page it serves.
+        self.lazy.take();
     }
 }

@@ -36,6 +36,9 @@ enum Command {
     Restore {
         /// The directory `xcloud ctl PATH snapshot DIR` wrote.
         dir: PathBuf,
+        /// Run the guest at once and load its memory on demand (userfaultfd).
+        #[arg(long)]
+        lazy: bool,
         /// Serve the control API on this Unix socket.
         #[arg(long)]
         api: Option<PathBuf>,
@@ -197,7 +200,7 @@ fn main() -> ExitCode {
             args,
             api,
         } => run::run(mem, vcpus, &guest, &args, api.as_deref()),
-        Command::Restore { dir, api } => run::restore(&dir, api.as_deref()),
+        Command::Restore { dir, lazy, api } => run::restore(&dir, lazy, api.as_deref()),
         Command::Ctl { socket, action } => ctl(&socket, action),
         Command::Receive {
             listen,

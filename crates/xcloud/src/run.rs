@@ -74,10 +74,14 @@ pub fn run(mem: u64, vcpus: usize, guest: &str, args: &[String], api: Option<&Pa
 }
 
 /// Continues the VM saved in `dir` and returns the process exit status.
-pub fn restore(dir: &Path, api: Option<&Path>) -> Result<i32> {
+pub fn restore(dir: &Path, lazy: bool, api: Option<&Path>) -> Result<i32> {
     let signals = block_termination_signals();
-    let vm = Vm::restore(dir, Console::stdout())
-        .with_context(|| format!("cannot restore the snapshot in {}", dir.display()))?;
+    let vm = if lazy {
+        Vm::restore_lazy(dir, Console::stdout())
+    } else {
+        Vm::restore(dir, Console::stdout())
+    }
+    .with_context(|| format!("cannot restore the snapshot in {}", dir.display()))?;
     supervise(vm.handle(), signals, api, move || {
         let mut vm = vm;
         vm.start().context("cannot start the VM")?;

@@ -256,3 +256,31 @@ fn corrupted_truncated_and_foreign_snapshots_are_refused() {
     child.kill().expect("kill");
     let _ = child.wait();
 }
+
+#[test]
+fn a_lazy_restore_runs_the_guest_and_loads_its_memory_on_demand() {
+    let snap = snapshot_of_heartbeat("lazy");
+    let (mut child, rx) = spawn(&["restore", "--lazy", snap.to_str().expect("utf-8")]);
+    let first = beat_count(&next_line(&rx, "heartbeat n="));
+    let second = beat_count(&next_line(&rx, "heartbeat n="));
+    assert!(
+        first > 0 && second > first,
+        "the restored heartbeat counts on: {first} then {second}"
+    );
+    child.kill().expect("kill");
+    let _ = child.wait();
+}
+
+#[test]
+fn a_lazy_restore_whose_pages_are_corrupted_is_stopped() {
+    let snap = snapshot_of_heartbeat("lazy-corrupt");
+    let memory = snap.join("memory.pages");
+    let mut bytes = std::fs::read(&memory).expect("memory");
+    let last_page = bytes.len() - 4 - 100;
+    bytes[last_page] ^= 0x40;
+    std::fs::write(&memory, &bytes).expect("write");
+    let out = run(&["restore", "--lazy", snap.to_str().expect("utf-8")]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(126), "{err}");
+    assert!(err.contains("memory.pages is corrupted"), "{err}");
+}

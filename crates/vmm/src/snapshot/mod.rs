@@ -10,6 +10,7 @@
 //! before anything runs.
 
 pub mod format;
+pub mod lazy;
 
 use crate::vm::Activity;
 use format::{put_blob, Fields, FormatError, SectionReader, SectionWriter};

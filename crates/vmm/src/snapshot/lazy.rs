@@ -1,0 +1,358 @@
+//! Lazy restore: the guest runs before its memory is read. Guest RAM is registered with
+//! userfaultfd (missing-page mode); a handler thread serves each first touch from the snapshot's
+//! `memory.pages` (or with a zero page), and a prefetch thread streams every saved page in the
+//! background, checking the file's checksum on the way.
+//!
+//! What is checked before the guest runs: the header, the index (page numbers in range and in
+//! order) and the file's exact size. The checksum over the pages can only be checked once they
+//! have all been read: if it fails, the VM is stopped with an error (the guest may have run on
+//! corrupted memory until then — use an eager restore when that matters).
+
+use super::{SnapshotError, MEMORY_MAGIC, PAGE, VERSION};
+use crate::snapshot::format::{Fields, FormatError};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+// ioctl numbers of <linux/userfaultfd.h> (checked against the C header).
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+const UFFD_API: u64 = 0xaa;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// Where a saved page's data is in the memory file.
+struct Index {
+    pfns: Vec<u64>,
+    data_start: u64,
+}
+
+impl Index {
+    fn offset(&self, pfn: u64) -> Option<u64> {
+        self.pfns
+            .binary_search(&pfn)
+            .ok()
+            .map(|i| self.data_start + i as u64 * PAGE)
+    }
+}
+
+fn read_index(file: &mut File, size: u64) -> Result<(Index, u64), SnapshotError> {
+    let what = "memory.pages";
+    let malformed = |detail: String| SnapshotError::Format(FormatError::Malformed { what, detail });
+    let io = |source| SnapshotError::Format(FormatError::Io { what, source });
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut header = [0u8; 32];
+    file.read_exact(&mut header).map_err(|_| {
+        SnapshotError::Format(FormatError::Truncated {
+            what,
+            detail: "the header is cut short".into(),
+        })
+    })?;
+    if &header[..8] != MEMORY_MAGIC {
+        return Err(FormatError::Magic {
+            what,
+            found: header[..8].to_vec(),
+        }
+        .into());
+    }
+    let mut f = Fields::new(&header[8..], what);
+    let version = f.u32()?;
+    if version != VERSION {
+        return Err(FormatError::Version {
+            what,
+            found: version,
+            supported: VERSION,
+        }
+        .into());
+    }
+    let (page_size, mem_bytes, count) = (f.u32()? as u64, f.u64()?, f.u64()?);
+    if page_size != PAGE || mem_bytes != size || count > size / PAGE {
+        return Err(malformed(format!(
+            "{count} pages of {page_size} bytes for {mem_bytes} bytes; the VM has {size}"
+        )));
+    }
+    let expected = 32 + count * (8 + PAGE) + 4;
+    if file_len != expected {
+        return Err(FormatError::Truncated {
+            what,
+            detail: format!("{file_len} bytes where {count} pages need {expected}"),
+        }
+        .into());
+    }
+    let mut raw = vec![0u8; count as usize * 8];
+    file.read_exact(&mut raw).map_err(io)?;
+    let pfns: Vec<u64> = raw
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+    if pfns.windows(2).any(|w| w[0] >= w[1]) || pfns.last().is_some_and(|&p| p >= size / PAGE) {
+        return Err(malformed("page numbers out of range or out of order".into()));
+    }
+    let data_start = 32 + count * 8;
+    Ok((
+        Index { pfns, data_start },
+        u32::from_le_bytes(last_four(file, file_len).map_err(io)?) as u64,
+    ))
+}
+
+fn last_four(file: &File, len: u64) -> std::io::Result<[u8; 4]> {
+    let mut b = [0u8; 4];
+    file.read_exact_at(&mut b, len - 4)?;
+    Ok(b)
+}
+
+/// Serves guest RAM from a snapshot on demand; stops its threads when dropped.
+pub struct LazyMemory {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for LazyMemory {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Uffd {
+    fd: OwnedFd,
+    base: u64,
+    size: u64,
+}
+
+impl Uffd {
+    fn copy(&self, pfn: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut c = UffdioCopy {
+            dst: self.base + pfn * PAGE,
+            src: data.as_ptr() as u64,
+            len: PAGE,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads PAGE bytes at `src` (our live buffer of PAGE bytes) and
+        // fills the registered, page-aligned destination inside guest RAM; `c` outlives the call.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) };
+        self.result(rc)
+    }
+
+    fn zero(&self, pfn: u64) -> std::io::Result<()> {
+        let mut z = UffdioZeropage {
+            range: UffdioRange {
+                start: self.base + pfn * PAGE,
+                len: PAGE,
+            },
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: maps a zero page at a registered, page-aligned address inside guest RAM.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) };
+        self.result(rc)
+    }
+
+    /// EEXIST (the other thread filled the page first) is success.
+    fn result(&self, rc: libc::c_int) -> std::io::Result<()> {
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+}
+
+/// Registers the guest RAM at `base` (`size` bytes, not yet touched) for lazy loading from
+/// `path`, and starts the threads. `on_corrupt` is called if the checksum fails at the end.
+pub fn start(
+    path: &Path,
+    base: u64,
+    size: u64,
+    on_corrupt: Box<dyn FnOnce(String) + Send>,
+) -> Result<LazyMemory, SnapshotError> {
+    let what = "memory.pages";
+    let io = |source| SnapshotError::Format(FormatError::Io { what, source });
+    let mut file = File::open(path).map_err(io)?;
+    let (index, expected_crc) = read_index(&mut file, size)?;
+    // SAFETY: the userfaultfd syscall takes flags only and returns a new descriptor or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) } as libc::c_int;
+    if raw < 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes the struct we pass, which lives across the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    let mut reg = UffdioRegister {
+        range: UffdioRange { start: base, len: size },
+        mode: UFFDIO_REGISTER_MODE_MISSING,
+        ioctls: 0,
+    };
+    // SAFETY: registers our own guest RAM mapping [base, base+size) (page-aligned, alive as
+    // long as the VM, which owns this loader); the struct lives across the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    let uffd = Arc::new(Uffd { fd, base, size });
+    let index = Arc::new(index);
+    let file = Arc::new(file);
+    let stop = Arc::new(AtomicBool::new(false));
+    let prefetch_done = Arc::new(AtomicBool::new(false));
+
+    let handler = {
+        let (uffd, index, file, stop, done) = (
+            uffd.clone(),
+            index.clone(),
+            file.clone(),
+            stop.clone(),
+            prefetch_done.clone(),
+        );
+        std::thread::Builder::new()
+            .name("uffd".into())
+            .spawn(move || serve_faults(&uffd, &index, &file, &stop, &done))
+            .map_err(io)?
+    };
+    let prefetcher = {
+        let (uffd, stop, done) = (uffd.clone(), stop.clone(), prefetch_done);
+        std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || {
+                match prefetch(&uffd, &index, &file, &stop, expected_crc as u32) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        on_corrupt("memory.pages is corrupted: the checksum of the pages does not match".into())
+                    }
+                    Err(e) => tracing::warn!("lazy restore prefetch stopped: {e}"),
+                }
+                done.store(true, Ordering::SeqCst);
+            })
+            .map_err(io)?
+    };
+    Ok(LazyMemory {
+        stop,
+        threads: vec![handler, prefetcher],
+    })
+}
+
+fn serve_faults(uffd: &Uffd, index: &Index, file: &File, stop: &AtomicBool, prefetch_done: &AtomicBool) {
+    let mut page = vec![0u8; PAGE as usize];
+    let mut msg = [0u8; 32];
+    while !stop.load(Ordering::SeqCst) {
+        let mut pfd = libc::pollfd {
+            fd: uffd.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one valid descriptor with a timeout; `pfd` lives across the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 50) };
+        if ready <= 0 {
+            if prefetch_done.load(Ordering::SeqCst) {
+                // Every saved page is in place; the rest are zero: hand faults back to the kernel.
+                let range = UffdioRange {
+                    start: uffd.base,
+                    len: uffd.size,
+                };
+                // SAFETY: unregisters the range registered in `start`; the struct lives across the call.
+                unsafe { libc::ioctl(uffd.fd.as_raw_fd(), UFFDIO_UNREGISTER, &range) };
+                return;
+            }
+            continue;
+        }
+        // SAFETY: reads at most 32 bytes into our 32-byte buffer.
+        let n = unsafe { libc::read(uffd.fd.as_raw_fd(), msg.as_mut_ptr() as *mut libc::c_void, msg.len()) };
+        if n != 32 || msg[0] != UFFD_EVENT_PAGEFAULT {
+            continue;
+        }
+        // struct uffd_msg: event u8, 7 reserved bytes, then pagefault { flags u64, address u64 }.
+        let address = u64::from_le_bytes([msg[16], msg[17], msg[18], msg[19], msg[20], msg[21], msg[22], msg[23]]);
+        let pfn = (address.saturating_sub(uffd.base)) / PAGE;
+        if pfn >= uffd.size / PAGE {
+            continue;
+        }
+        let served = match index.offset(pfn) {
+            Some(offset) => file
+                .read_exact_at(&mut page, offset)
+                .and_then(|_| uffd.copy(pfn, &page)),
+            None => uffd.zero(pfn),
+        };
+        if let Err(e) = served {
+            tracing::warn!("lazy restore: cannot serve guest page {pfn}: {e}");
+        }
+    }
+}
+
+/// Streams every saved page into guest RAM and returns whether the checksum matched.
+fn prefetch(uffd: &Uffd, index: &Index, file: &File, stop: &AtomicBool, expected_crc: u32) -> std::io::Result<bool> {
+    let mut crc = crc32fast::Hasher::new();
+    for pfn in &index.pfns {
+        crc.update(&pfn.to_le_bytes());
+    }
+    const CHUNK: usize = 256;
+    let mut buf = vec![0u8; CHUNK * PAGE as usize];
+    for (chunk_no, chunk) in index.pfns.chunks(CHUNK).enumerate() {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(true);
+        }
+        let bytes = &mut buf[..chunk.len() * PAGE as usize];
+        file.read_exact_at(bytes, index.data_start + (chunk_no * CHUNK) as u64 * PAGE)?;
+        crc.update(bytes);
+        for (i, &pfn) in chunk.iter().enumerate() {
+            uffd.copy(pfn, &bytes[i * PAGE as usize..(i + 1) * PAGE as usize])?;
+        }
+    }
+    Ok(crc.finalize() == expected_crc)
+}
