@@ -41,6 +41,8 @@ pub enum MemoryError {
 pub struct GuestRam {
     mem: GuestMemoryMmap,
     size: u64,
+    /// The memfd behind the mapping (a second descriptor of it).
+    file: File,
 }
 
 impl GuestRam {
@@ -56,15 +58,22 @@ impl GuestRam {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size)
             .map_err(|source| MemoryError::Resize { size, source })?;
+        let own = file.try_clone().map_err(MemoryError::Memfd)?;
         let mem =
             GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), size as usize, Some(FileOffset::new(file, 0)))])
                 .map_err(MemoryError::Map)?;
-        Ok(Self { mem, size })
+        Ok(Self { mem, size, file: own })
     }
 
     /// The vm-memory view of the RAM.
     pub fn mem(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// The memfd that backs guest RAM (offset = guest-physical address). Writing pages through
+    /// it fills them without a page fault per page.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Size in bytes.

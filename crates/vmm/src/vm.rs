@@ -449,12 +449,7 @@ impl VmHandle {
     fn capture(&self, dir: &std::path::Path) -> Result<SnapshotSummary, VmError> {
         let snap = self.collect_state()?;
         let shared = &self.shared;
-        Ok(snapshot::write_dir(
-            dir,
-            &snap,
-            shared.ram.mem(),
-            shared.ram.host_base(),
-        )?)
+        Ok(snapshot::write_dir(dir, &snap, &shared.ram)?)
     }
 
     /// The vCPU and device state of a paused VM (each vCPU thread saves its own vCPU).
@@ -691,7 +686,7 @@ impl Vm {
     pub fn restore(dir: &std::path::Path, console: Console) -> Result<Self, VmError> {
         let snap = snapshot::read_state(dir)?;
         let parts = build(snap.config.mem_bytes, snap.config.vcpus)?;
-        snapshot::read_memory(&dir.join(snapshot::MEMORY_FILE), parts.ram.mem(), parts.ram.size())?;
+        snapshot::read_memory(&dir.join(snapshot::MEMORY_FILE), &parts.ram)?;
         Self::resume_from(parts, snap, console)
     }
 

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_migrate;
+pub mod bench_snapshot;
 pub mod doctor;
 pub mod guests;
 pub mod run;

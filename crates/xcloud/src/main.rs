@@ -114,6 +114,15 @@ enum CtlAction {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Snapshot a guest, then restore it eagerly and lazily.
+    Snapshot {
+        /// Guest RAM.
+        #[arg(long, default_value = "1G", value_parser = run::parse_size)]
+        mem: u64,
+        /// MiB of it the guest keeps touched.
+        #[arg(long, default_value_t = 512)]
+        working_set: u64,
+    },
     /// Live migration over loopback: total time, downtime, guest-observed stall, bytes.
     Migrate {
         /// Guest sizes, e.g. 256M,1G.
@@ -221,6 +230,9 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Micro { scale, startup_runs }) => bench::micro(scale, startup_runs).map(|_| 0),
         Command::Bench(BenchCommand::Migrate { sizes, rates }) => {
             xcloud::bench_migrate::migrate(&sizes, &rates).map(|_| 0)
+        }
+        Command::Bench(BenchCommand::Snapshot { mem, working_set }) => {
+            xcloud::bench_snapshot::snapshot(mem, working_set).map(|_| 0)
         }
         Command::Doctor => doctor::doctor(),
         Command::Guests => {

@@ -12,6 +12,7 @@
 pub mod format;
 pub mod lazy;
 
+use crate::memory::GuestRam;
 use crate::vm::Activity;
 use format::{put_blob, Fields, FormatError, SectionReader, SectionWriter};
 use kvm_bindings::{
@@ -20,7 +21,7 @@ use kvm_bindings::{
 };
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use zerocopy::IntoBytes;
 
 /// The state file's name inside a snapshot directory.
@@ -354,29 +355,15 @@ impl VmSnapshot {
 
 use zerocopy::FromBytes;
 
-/// Writes the non-zero resident pages of `mem` to `path`; returns pages and bytes written.
-pub fn write_memory(
-    path: &Path,
-    mem: &GuestMemoryMmap,
-    host_base: u64,
-    size: u64,
-) -> Result<(u64, u64), SnapshotError> {
+/// Writes the non-zero resident pages of `ram` to `path`; returns pages and bytes written.
+pub fn write_memory(path: &Path, ram: &GuestRam) -> Result<(u64, u64), SnapshotError> {
     let what = "memory.pages";
     let io = |source| SnapshotError::Format(FormatError::Io { what, source });
-    let pages = size / PAGE;
-    let mut resident = vec![0u8; pages as usize];
-    // SAFETY: mincore reads the residency of our own mapping [host_base, host_base + size) and
-    // writes one byte per page into `resident`, which has exactly that many bytes.
-    let rc = unsafe { libc::mincore(host_base as *mut libc::c_void, size as usize, resident.as_mut_ptr()) };
-    if rc != 0 {
-        resident.fill(1);
-    }
+    let mem = ram.mem();
+    let size = ram.size();
     let mut page = vec![0u8; PAGE as usize];
     let mut index = Vec::new();
-    for pfn in 0..pages {
-        if resident[pfn as usize] & 1 == 0 {
-            continue;
-        }
+    for pfn in ram.resident_pages() {
         mem.read_slice(&mut page, GuestAddress(pfn * PAGE))
             .map_err(|_| SnapshotError::Busy("guest memory unreadable"))?;
         if page.iter().any(|&b| b != 0) {
@@ -410,7 +397,8 @@ pub fn write_memory(
 
 /// Reads `path` into `mem` (a fresh, zeroed guest of `size` bytes), checking everything; on
 /// error the caller discards the guest.
-pub fn read_memory(path: &Path, mem: &GuestMemoryMmap, size: u64) -> Result<u64, SnapshotError> {
+pub fn read_memory(path: &Path, ram: &GuestRam) -> Result<u64, SnapshotError> {
+    let size = ram.size();
     let what = "memory.pages";
     let io = |source| SnapshotError::Format(FormatError::Io { what, source });
     let truncated = |detail: &str| {
@@ -473,13 +461,32 @@ pub fn read_memory(path: &Path, mem: &GuestMemoryMmap, size: u64) -> Result<u64,
         }
         index.push(pfn);
     }
-    let mut page = vec![0u8; PAGE as usize];
-    for pfn in &index {
-        input.read_exact(&mut page).map_err(io)?;
-        crc.update(&page);
-        mem.write_slice(&page, GuestAddress(pfn * PAGE))
-            .map_err(|_| malformed(format!("page {pfn} is not in RAM")))?;
+    // Runs of consecutive pages go into the memfd with one write each: the kernel fills them
+    // without a page fault per page.
+    const RUN: usize = 256;
+    let mut run = Vec::with_capacity(RUN * PAGE as usize);
+    let mut run_start = 0u64;
+    let memfd = ram.file();
+    let flush = |run: &mut Vec<u8>, start: u64| -> Result<(), SnapshotError> {
+        if !run.is_empty() {
+            std::os::unix::fs::FileExt::write_all_at(memfd, run, start * PAGE)
+                .map_err(|_| malformed(format!("pages from {start} do not fit guest RAM")))?;
+            run.clear();
+        }
+        Ok(())
+    };
+    for &pfn in &index {
+        let contiguous = !run.is_empty() && run_start + (run.len() as u64 / PAGE) == pfn;
+        if !contiguous || run.len() == RUN * PAGE as usize {
+            flush(&mut run, run_start)?;
+            run_start = pfn;
+        }
+        let at = run.len();
+        run.resize(at + PAGE as usize, 0);
+        input.read_exact(&mut run[at..]).map_err(io)?;
+        crc.update(&run[at..]);
     }
+    flush(&mut run, run_start)?;
     let mut trailer = [0u8; 4];
     input.read_exact(&mut trailer).map_err(io)?;
     if u32::from_le_bytes(trailer) != crc.finalize() {
@@ -494,12 +501,7 @@ pub fn read_memory(path: &Path, mem: &GuestMemoryMmap, size: u64) -> Result<u64,
 
 /// Writes `snapshot` and the memory into `dir` (created if needed). Files are written under
 /// temporary names and renamed, so a failed snapshot never leaves a half-written one behind.
-pub fn write_dir(
-    dir: &Path,
-    snapshot: &VmSnapshot,
-    mem: &GuestMemoryMmap,
-    host_base: u64,
-) -> Result<SnapshotSummary, SnapshotError> {
+pub fn write_dir(dir: &Path, snapshot: &VmSnapshot, ram: &GuestRam) -> Result<SnapshotSummary, SnapshotError> {
     std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Directory {
         path: dir.display().to_string(),
         source,
@@ -512,7 +514,7 @@ pub fn write_dir(
     };
     let state = snapshot.encode()?;
     let tmp_mem = dir.join(format!("{MEMORY_FILE}.tmp"));
-    let (pages, mem_bytes) = write_memory(&tmp_mem, mem, host_base, snapshot.config.mem_bytes)?;
+    let (pages, mem_bytes) = write_memory(&tmp_mem, ram)?;
     let tmp_state = dir.join(format!("{STATE_FILE}.tmp"));
     std::fs::write(&tmp_state, &state).map_err(io)?;
     std::fs::rename(&tmp_mem, dir.join(MEMORY_FILE)).map_err(io)?;
