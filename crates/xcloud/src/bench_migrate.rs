@@ -21,6 +21,156 @@ struct Cell {
     rate: u64,
     summary: MigrationSummary,
     guest_stall_ms: f64,
+    /// QEMU (microvm) migrating the same guest: default and tuned configuration.
+    qemu_default: Option<QemuRun>,
+    qemu_tuned: Option<QemuRun>,
+}
+
+/// One QEMU migration: total time and downtime as QEMU reports them, the guest's stall.
+#[derive(Clone, Copy)]
+struct QemuRun {
+    total_ms: f64,
+    downtime_ms: f64,
+    guest_stall_ms: f64,
+}
+
+/// A QMP connection.
+struct Qmp {
+    out: std::os::unix::net::UnixStream,
+    input: BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Self> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(e).context("cannot reach QEMU's QMP socket"),
+            }
+        };
+        let mut qmp = Self {
+            out: stream.try_clone()?,
+            input: BufReader::new(stream),
+        };
+        let mut greeting = String::new();
+        qmp.input.read_line(&mut greeting)?;
+        qmp.execute("qmp_capabilities", serde_json::json!({}))?;
+        Ok(qmp)
+    }
+
+    fn execute(&mut self, command: &str, arguments: serde_json::Value) -> Result<serde_json::Value> {
+        let request = serde_json::json!({ "execute": command, "arguments": arguments });
+        writeln!(self.out, "{request}")?;
+        loop {
+            let mut line = String::new();
+            if self.input.read_line(&mut line)? == 0 {
+                bail!("QEMU closed QMP");
+            }
+            let reply: serde_json::Value = serde_json::from_str(&line)?;
+            if let Some(r) = reply.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = reply.get("error") {
+                bail!("QMP {command}: {e}");
+            }
+        }
+    }
+}
+
+fn qemu_command(image: &Path, mem: u64, append: &str) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m"])
+        .arg(format!("{}M", mem >> 20))
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-kernel"])
+        .arg(image)
+        .args(["-append", append])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// Migrates the heartbeat guest between two QEMUs over loopback.
+fn qemu_migration(dir: &Path, image: &Path, mem: u64, rate: u64, port: u16, tuned: bool) -> Result<QemuRun> {
+    let tag = format!("{}-{rate}-{tuned}", mem >> 20);
+    let (src_serial, dst_serial, qmp_path) = (
+        dir.join(format!("qsrc-{tag}.out")),
+        dir.join(format!("qdst-{tag}.out")),
+        dir.join(format!("qmp-{tag}.sock")),
+    );
+    let append = format!("0 {WORKING_SET_MIB} {rate}");
+    let mut dst = qemu_command(image, mem, &append)
+        .arg("-serial")
+        .arg(format!("file:{}", dst_serial.display()))
+        .arg("-incoming")
+        .arg(format!("tcp:127.0.0.1:{port}"))
+        .spawn()
+        .context("cannot start qemu-system-x86_64 (scripts/setup installs it)")?;
+    let mut src = qemu_command(image, mem, &append)
+        .arg("-serial")
+        .arg(format!("file:{}", src_serial.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+        .spawn()
+        .context("cannot start qemu-system-x86_64")?;
+    let result = (|| -> Result<QemuRun> {
+        let mut qmp = Qmp::connect(&qmp_path)?;
+        // Same warm-up as the xcloud run: the working set is touched and the dirtier at rate.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&src_serial)
+            .unwrap_or_default()
+            .contains("heartbeat n=")
+        {
+            if Instant::now() > deadline {
+                bail!("the guest in QEMU did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        if tuned {
+            qmp.execute(
+                "migrate-set-parameters",
+                serde_json::json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 50 }),
+            )?;
+        }
+        qmp.execute("migrate", serde_json::json!({ "uri": format!("tcp:127.0.0.1:{port}") }))?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let info = loop {
+            let info = qmp.execute("query-migrate", serde_json::json!({}))?;
+            match info.get("status").and_then(|s| s.as_str()) {
+                Some("completed") => break info,
+                Some("failed") | Some("cancelled") => bail!("QEMU's migration failed: {info}"),
+                _ if Instant::now() > deadline => bail!("QEMU's migration did not finish"),
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let first = loop {
+            let text = std::fs::read_to_string(&dst_serial).unwrap_or_default();
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.starts_with("heartbeat n=") && l.contains("uptime_ms"))
+            {
+                break line.to_string();
+            }
+            if Instant::now() > deadline {
+                bail!("the migrated guest printed nothing in QEMU");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let number = |key: &str| info.get(key).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+        Ok(QemuRun {
+            total_ms: number("total-time"),
+            downtime_ms: number("downtime"),
+            guest_stall_ms: field(&first, "window_max_us=").unwrap_or(0) as f64 / 1e3,
+        })
+    })();
+    let _ = src.kill();
+    let _ = src.wait();
+    let _ = dst.kill();
+    let _ = dst.wait();
+    result
 }
 
 fn spawn(args: &[&str]) -> Result<(Child, Receiver<String>)> {
@@ -200,6 +350,8 @@ fn one_migration(dir: &Path, mem: u64, rate: u64, port: u16) -> Result<Cell> {
             rate,
             summary,
             guest_stall_ms: stall_us as f64 / 1e3,
+            qemu_default: None,
+            qemu_tuned: None,
         })
     })();
     let _ = call(&dst_socket, Op::Stop);
@@ -211,7 +363,7 @@ fn one_migration(dir: &Path, mem: u64, rate: u64, port: u16) -> Result<Cell> {
 }
 
 /// Runs the matrix and prints the table.
-pub fn migrate(sizes: &[u64], rates: &[u64]) -> Result<()> {
+pub fn migrate(sizes: &[u64], rates: &[u64], with_qemu: bool) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("xcloud-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     xcloud_vmm::migration::tls::Identity::generate(&dir.join("a"), "bench-a")?;
@@ -230,7 +382,20 @@ pub fn migrate(sizes: &[u64], rates: &[u64]) -> Result<()> {
         for &rate in rates {
             bar.set_message(format!("{} MiB guest dirtying {rate} MiB/s", mem >> 20));
             port += 1;
-            cells.push(one_migration(&dir, mem, rate, port)?);
+            let mut cell = one_migration(&dir, mem, rate, port)?;
+            if with_qemu {
+                let image = dir.join("heartbeat.elf");
+                std::fs::write(
+                    &image,
+                    crate::guests::builtin("heartbeat").context("no heartbeat guest")?,
+                )?;
+                bar.set_message(format!("QEMU: {} MiB guest dirtying {rate} MiB/s", mem >> 20));
+                port += 1;
+                cell.qemu_default = Some(qemu_migration(&dir, &image, mem, rate, port, false)?);
+                port += 1;
+                cell.qemu_tuned = Some(qemu_migration(&dir, &image, mem, rate, port, true)?);
+            }
+            cells.push(cell);
             bar.inc(1);
         }
     }
@@ -270,6 +435,32 @@ fn print_table(cells: &[Cell], tcp: f64, tls: f64) {
             over(tcp),
             over(tls)
         );
+    }
+    if cells.iter().any(|c| c.qemu_default.is_some()) {
+        println!();
+        println!("QEMU (microvm, KVM, plain TCP) migrating the same guest over loopback in the same run;");
+        println!("default: QEMU's defaults; tuned: max-bandwidth unlimited, downtime-limit 50 ms");
+        println!(
+            "{:>6} {:>6} | {:>26} | {:>26} | {:>26}",
+            "guest", "dirty", "xcloud total/down/stall ms", "QEMU default", "QEMU tuned"
+        );
+        for c in cells {
+            let q = |r: &Option<QemuRun>| {
+                r.map(|r| format!("{:.0} / {:.1} / {:.1}", r.total_ms, r.downtime_ms, r.guest_stall_ms))
+                    .unwrap_or_else(|| "-".into())
+            };
+            println!(
+                "{:>5}M {:>4}/s | {:>26} | {:>26} | {:>26}",
+                c.mem >> 20,
+                format!("{}M", c.rate),
+                format!(
+                    "{:.0} / {:.1} / {:.1}",
+                    c.summary.total_ms, c.summary.downtime_ms, c.guest_stall_ms
+                ),
+                q(&c.qemu_default),
+                q(&c.qemu_tuned)
+            );
+        }
     }
     println!();
     let worst_stall = cells.iter().map(|c| c.guest_stall_ms).fold(0.0, f64::max);

@@ -131,6 +131,9 @@ enum BenchCommand {
         /// Dirtying rates in MiB/s.
         #[arg(long, default_value = "0,16,64", value_parser = xcloud::bench_migrate::parse_rates)]
         rates: std::vec::Vec<u64>,
+        /// Skip the QEMU comparison.
+        #[arg(long)]
+        no_qemu: bool,
     },
     /// Basic operations native vs in a guest, start time, VMM memory overhead.
     Micro {
@@ -228,8 +231,8 @@ fn main() -> ExitCode {
             })
             .map_err(Into::into),
         Command::Bench(BenchCommand::Micro { scale, startup_runs }) => bench::micro(scale, startup_runs).map(|_| 0),
-        Command::Bench(BenchCommand::Migrate { sizes, rates }) => {
-            xcloud::bench_migrate::migrate(&sizes, &rates).map(|_| 0)
+        Command::Bench(BenchCommand::Migrate { sizes, rates, no_qemu }) => {
+            xcloud::bench_migrate::migrate(&sizes, &rates, !no_qemu).map(|_| 0)
         }
         Command::Bench(BenchCommand::Snapshot { mem, working_set }) => {
             xcloud::bench_snapshot::snapshot(mem, working_set).map(|_| 0)
