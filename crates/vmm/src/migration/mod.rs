@@ -21,7 +21,6 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 use tls::{Credentials, TlsError};
-use vm_memory::{Bytes, GuestAddress};
 use wire::{Hello, Kind, WireError, MAX_PAGES_PER_FRAME, PAGE};
 
 /// How long either side waits for the other's next message before giving up.
@@ -469,6 +468,56 @@ impl<S: Read + Write> Incoming<S> {
     }
 }
 
+/// Writes the pages of one PAGES frame into guest RAM through its memfd: each run of
+/// consecutive pages is one `pwritev`, so the kernel fills them without a fault per page.
+fn apply_pages(payload: &[u8], pages: u64, memfd: &std::fs::File) -> Result<u64, WireError> {
+    use std::os::fd::AsRawFd;
+    static ZERO: [u8; PAGE] = [0u8; PAGE];
+    let mut run: Vec<libc::iovec> = Vec::new();
+    let mut run_start = 0u64;
+    let flush = |run: &mut Vec<libc::iovec>, start: u64| -> Result<(), WireError> {
+        let mut done = 0usize;
+        let total = run.len() * PAGE;
+        while done < total {
+            let first = done / PAGE;
+            let batch = &run[first..run.len().min(first + 1024)];
+            // SAFETY: every iovec points at PAGE bytes of `payload` or of ZERO, both alive for
+            // this call; the file offset is inside guest RAM (page numbers were checked against
+            // `pages`), and pwritev only reads the buffers.
+            let n = unsafe {
+                libc::pwritev(
+                    memfd.as_raw_fd(),
+                    batch.as_ptr(),
+                    batch.len() as libc::c_int,
+                    ((start + first as u64) * PAGE as u64) as libc::off_t,
+                )
+            };
+            if n <= 0 || n as usize % PAGE != 0 {
+                return Err(WireError::Io(std::io::Error::last_os_error()));
+            }
+            done += n as usize;
+        }
+        run.clear();
+        Ok(())
+    };
+    let count = wire::for_each_page(payload, pages, |pfn, data| {
+        if !run.is_empty() && run_start + run.len() as u64 != pfn {
+            flush(&mut run, run_start)?;
+        }
+        if run.is_empty() {
+            run_start = pfn;
+        }
+        let bytes = data.unwrap_or(&ZERO);
+        run.push(libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: PAGE,
+        });
+        Ok(())
+    })?;
+    flush(&mut run, run_start)?;
+    Ok(count)
+}
+
 /// Refuses the stream with `reason` (best effort) and returns the error.
 fn refuse<S: Write>(stream: &mut S, reason: String) -> MigrationError {
     let _ = wire::write_frame(stream, Kind::Refuse, reason.as_bytes());
@@ -511,34 +560,68 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
     wire::write_frame(&mut stream, Kind::Accept, &[])?;
     stream.flush().map_err(WireError::from)?;
     let pages = hello.mem_bytes / PAGE as u64;
-    let mem = parts.ram.mem();
-    let mut applying = Duration::ZERO;
     let receiving = Instant::now();
-    let state = loop {
-        match wire::read_frame(&mut stream, &mut buf)? {
-            Kind::Pages => {
-                let t = Instant::now();
-                let zero = [0u8; PAGE];
-                let result = wire::for_each_page(&buf, pages, |pfn, data| {
-                    mem.write_slice(data.unwrap_or(&zero), GuestAddress(pfn * PAGE as u64))
-                        .map_err(|_| WireError::Malformed {
-                            kind: Kind::Pages,
-                            detail: format!("page {pfn} not in RAM"),
-                        })
-                });
-                if let Err(e) = result {
-                    return Err(refuse(&mut stream, e.to_string()));
+    let memfd = parts.ram.file();
+    // Two stages: this thread reads and decrypts frames, an applier writes their pages into
+    // guest RAM, so that the two overlap. SYNC and STATE wait until the applier has caught up.
+    enum ToApplier {
+        Pages(Vec<u8>),
+        Barrier,
+    }
+    let received: Result<(Vec<u8>, Instant, Duration), MigrationError> = std::thread::scope(|scope| {
+        let (to_applier, inbox) = std::sync::mpsc::sync_channel::<ToApplier>(4);
+        let (reply, replies) = std::sync::mpsc::channel::<Result<Duration, WireError>>();
+        scope.spawn(move || {
+            let mut applying = Duration::ZERO;
+            let mut failed = None;
+            for message in inbox {
+                match message {
+                    ToApplier::Pages(frame) if failed.is_none() => {
+                        let t = Instant::now();
+                        if let Err(e) = apply_pages(&frame, pages, memfd) {
+                            failed = Some(e);
+                        }
+                        applying += t.elapsed();
+                    }
+                    ToApplier::Pages(_) => {}
+                    ToApplier::Barrier => {
+                        let _ = reply.send(failed.take().map_or(Ok(applying), Err));
+                    }
                 }
-                applying += t.elapsed();
             }
-            Kind::State => break (std::mem::take(&mut buf), Instant::now()),
-            Kind::Sync => {
-                wire::write_frame(&mut stream, Kind::Synced, &[])?;
-                stream.flush().map_err(WireError::from)?;
+        });
+        let applier_gone = || WireError::Io(std::io::Error::other("the page applier stopped"));
+        let caught_up = || -> Result<Duration, WireError> {
+            to_applier.send(ToApplier::Barrier).map_err(|_| applier_gone())?;
+            replies.recv().map_err(|_| applier_gone())?
+        };
+        loop {
+            match wire::read_frame(&mut stream, &mut buf)? {
+                Kind::Pages => {
+                    if to_applier.send(ToApplier::Pages(std::mem::take(&mut buf))).is_err() {
+                        return Err(applier_gone().into());
+                    }
+                }
+                Kind::Sync => {
+                    if let Err(e) = caught_up() {
+                        return Err(refuse(&mut stream, e.to_string()));
+                    }
+                    wire::write_frame(&mut stream, Kind::Synced, &[])?;
+                    stream.flush().map_err(WireError::from)?;
+                }
+                Kind::State => {
+                    let arrived = Instant::now();
+                    return match caught_up() {
+                        Ok(applying) => Ok((std::mem::take(&mut buf), arrived, applying)),
+                        Err(e) => Err(refuse(&mut stream, e.to_string())),
+                    };
+                }
+                other => return Err(refuse(&mut stream, format!("unexpected {other:?} frame"))),
             }
-            other => return Err(refuse(&mut stream, format!("unexpected {other:?} frame"))),
         }
-    };
+    });
+    let (state, state_arrived, applying) = received?;
+    let state = (state, state_arrived);
     let (state, state_arrived) = state;
     let snap = match VmSnapshot::decode(&state) {
         Ok(s) => s,
