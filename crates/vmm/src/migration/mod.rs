@@ -598,6 +598,11 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
         loop {
             match wire::read_frame(&mut stream, &mut buf)? {
                 Kind::Pages => {
+                    // The frame's shape and page numbers are checked here, so that a hostile
+                    // frame is refused at once; the applier only writes.
+                    if let Err(e) = wire::for_each_page(&buf, pages, |_, _| Ok(())) {
+                        return Err(refuse(&mut stream, e.to_string()));
+                    }
                     if to_applier.send(ToApplier::Pages(std::mem::take(&mut buf))).is_err() {
                         return Err(applier_gone().into());
                     }
