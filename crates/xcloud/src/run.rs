@@ -149,10 +149,11 @@ pub fn migrate(
     }
     let s = answer.migrated.unwrap_or_default();
     println!(
-        "migrated to {to}: total {:.1} ms, downtime {:.1} ms, {} rounds, {} pages ({} zero), {:.1} MiB sent, {:.1} MB/s",
+        "migrated to {to}: total {:.1} ms, downtime {:.1} ms, {} rounds (guest throttled up to {}%), {} pages ({} zero), {:.1} MiB sent, {:.1} MB/s",
         s.total_ms,
         s.downtime_ms,
         s.rounds,
+        s.throttle_percent,
         s.pages_sent,
         s.zero_pages_sent,
         s.bytes_sent as f64 / (1 << 20) as f64,

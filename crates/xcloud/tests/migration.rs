@@ -247,6 +247,50 @@ fn a_running_heartbeat_moves_to_another_host_and_keeps_counting() {
 }
 
 #[test]
+fn a_guest_that_dirties_faster_than_the_link_is_throttled_until_it_converges() {
+    // 256 MiB/s of dirtying against a 1 Gbit/s link: without throttling no round gets smaller.
+    let hosts = Hosts::new(Some("1gbit"));
+    let s = setup("throttle");
+    let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
+    let sock = s.socket.to_str().expect("utf-8");
+    let (mut src, src_out) = spawn_in(
+        &hosts.src,
+        &[
+            "run",
+            "--mem",
+            "256M",
+            "--api",
+            sock,
+            "heartbeat",
+            "--",
+            "0",
+            "64",
+            "256",
+        ],
+    );
+    let before = count(&next_line(&src_out, "heartbeat n="), "n=");
+    wait_socket(&s.socket);
+    let (ok, text) = migrate(&hosts, &s, &[]);
+    assert!(ok && text.contains("migrated to"), "{text}");
+    let throttle: u32 = text
+        .split("throttled up to ")
+        .nth(1)
+        .and_then(|t| t.split('%').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no throttle in {text}"));
+    assert!(throttle > 0, "the guest had to be throttled: {text}");
+    eprintln!("{text}");
+    assert!(
+        count(&next_line(&dst_out, "heartbeat n="), "n=") > before,
+        "the guest counts on at the destination"
+    );
+    let (status, err) = wait_exit(&mut src, Duration::from_secs(10));
+    assert_eq!(status, Some(0), "{err}");
+    let _ = dst.kill();
+    let _ = dst.wait();
+}
+
+#[test]
 fn wrong_credentials_are_refused_and_the_source_keeps_running() {
     let hosts = Hosts::new(None);
     let s = setup("credentials");

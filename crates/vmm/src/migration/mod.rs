@@ -19,6 +19,7 @@ use crate::snapshot::VmSnapshot;
 use crate::vm::{self, Vm, VmError, VmHandle, VmState};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tls::{Credentials, TlsError};
 use wire::{Hello, Kind, WireError, MAX_PAGES_PER_FRAME, PAGE};
@@ -93,6 +94,8 @@ pub struct MigrationSummary {
     pub downtime_ms: f64,
     /// Pre-copy rounds after the first full pass.
     pub rounds: u32,
+    /// The largest share of time the guest was kept paused to converge (percent).
+    pub throttle_percent: u32,
     pub pages_sent: u64,
     pub zero_pages_sent: u64,
     pub bytes_sent: u64,
@@ -165,6 +168,65 @@ impl<'a, S: Write> PageSender<'a, S> {
         }
         self.out.flush()?;
         Ok(())
+    }
+}
+
+/// Most of each period a throttled guest may spend paused.
+const MAX_THROTTLE: u32 = 90;
+/// Period of the throttle's pause/run cycle.
+const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
+
+/// Slows a guest that dirties memory faster than the link carries (auto-converge): for a
+/// growing share of every period its vCPUs are paused. Dropping it leaves the VM running.
+struct Throttle {
+    percent: Arc<std::sync::atomic::AtomicU32>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Throttle {
+    fn start(handle: VmHandle) -> Self {
+        use std::sync::atomic::Ordering;
+        let percent = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (percent, stop) = (percent.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("throttle".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        let p = percent.load(Ordering::SeqCst).min(MAX_THROTTLE);
+                        let paused = THROTTLE_PERIOD * p / 100;
+                        if handle.pause().is_ok() {
+                            std::thread::sleep(paused);
+                            let _ = handle.resume();
+                        }
+                        std::thread::sleep(THROTTLE_PERIOD - paused);
+                    }
+                })
+                .ok()
+        };
+        Self { percent, stop, thread }
+    }
+
+    fn raise(&self) {
+        use std::sync::atomic::Ordering;
+        let next = (self.percent.load(Ordering::SeqCst) + 30).min(MAX_THROTTLE);
+        self.percent.store(next, Ordering::SeqCst);
+        tracing::info!("migration: throttling the guest to {}% of its time", 100 - next);
+    }
+
+    fn percent(&self) -> u32 {
+        self.percent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -302,6 +364,8 @@ fn precopy_and_switch<S: Read + Write>(
     let mut rounds = 0;
     let mut best_dirty = u64::MAX;
     let mut rounds_without_progress = 0;
+    let mut throttle: Option<Throttle> = None;
+    let mut max_throttle = 0;
     let last_pass = loop {
         let bitmap = shared
             .vm_fd
@@ -319,8 +383,17 @@ fn precopy_and_switch<S: Read + Write>(
             best_dirty = dirty.len() as u64;
             rounds_without_progress = 0;
         }
-        if fits || rounds >= options.max_rounds || rounds_without_progress >= 5 {
+        let throttled_out = throttle.as_ref().is_some_and(|t| t.percent() >= MAX_THROTTLE);
+        if fits || rounds >= options.max_rounds || (rounds_without_progress >= 3 && throttled_out) {
             break dirty;
+        }
+        // The guest dirties faster than the link carries: slow its vCPUs down, step by step.
+        if rounds_without_progress >= 2 && was_running {
+            let t = throttle.get_or_insert_with(|| Throttle::start(handle.clone()));
+            t.raise();
+            max_throttle = max_throttle.max(t.percent());
+            rounds_without_progress = 0;
+            best_dirty = u64::MAX;
         }
         rounds += 1;
         progress("pre-copy", rounds, sender.pages, sender.bytes, dirty.len() as u64);
@@ -360,6 +433,7 @@ fn precopy_and_switch<S: Read + Write>(
     }
 
     // Stop-and-copy: only what the guest dirtied since the last dirty-log fetch.
+    drop(throttle);
     let pause_start = Instant::now();
     if was_running {
         handle.pause()?;
@@ -425,6 +499,7 @@ fn precopy_and_switch<S: Read + Write>(
     let bytes_sent = page_bytes + 5 + state.len() as u64;
     Ok(MigrationSummary {
         to: String::new(),
+        throttle_percent: max_throttle,
         total_ms: total.as_secs_f64() * 1e3,
         downtime_ms: downtime.as_secs_f64() * 1e3,
         rounds,
