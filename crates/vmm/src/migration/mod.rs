@@ -388,7 +388,7 @@ fn precopy_and_switch<S: Read + Write>(
             break dirty;
         }
         // The guest dirties faster than the link carries: slow its vCPUs down, step by step.
-        if rounds_without_progress >= 2 && was_running {
+        if rounds_without_progress >= 2 && was_running && !throttled_out {
             let t = throttle.get_or_insert_with(|| Throttle::start(handle.clone()));
             t.raise();
             max_throttle = max_throttle.max(t.percent());
