@@ -3,9 +3,8 @@
 
 mod common;
 use common::*;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
@@ -95,36 +94,9 @@ fn keygen(dir: &Path, name: &str) -> PathBuf {
 
 /// Runs `xcloud ARGS` inside namespace `ns`, its stdout read line by line.
 fn spawn_in(ns: &str, args: &[&str]) -> (Child, Receiver<String>) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_xcloud")])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ip netns exec");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (child, rx)
-}
-
-fn next_line(rx: &Receiver<String>, prefix: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no line starting with '{prefix}'"));
-        if line.starts_with(prefix) {
-            return line;
-        }
-    }
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_xcloud")]).args(args);
+    spawn_lines(cmd)
 }
 
 fn count(line: &str, key: &str) -> u64 {
@@ -149,19 +121,6 @@ fn wait_exit(child: &mut Child, limit: Duration) -> (Option<i32>, String) {
             panic!("process did not end within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn ctl(socket: &Path, args: &[&str]) -> (bool, String) {
-    let out = xcloud().arg("ctl").arg(socket).args(args).output().expect("xcloud ctl");
-    (out.status.success(), format!("{}{}", stdout(&out), stderr(&out)))
-}
-
-fn wait_socket(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "no socket {}", socket.display());
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

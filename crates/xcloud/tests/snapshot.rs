@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 fn scratch(name: &str) -> PathBuf {
@@ -16,36 +16,11 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// Starts `xcloud ARGS` with its stdout read line by line on a thread.
+/// Starts `xcloud ARGS` with its stdout read line by line.
 fn spawn(args: &[&str]) -> (Child, std::sync::mpsc::Receiver<String>) {
-    let mut child = xcloud()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("xcloud");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (child, rx)
-}
-
-fn next_line(rx: &std::sync::mpsc::Receiver<String>, prefix: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no line starting with '{prefix}'"));
-        if line.starts_with(prefix) {
-            return line;
-        }
-    }
+    let mut cmd = xcloud();
+    cmd.args(args);
+    spawn_lines(cmd)
 }
 
 fn beat_count(line: &str) -> u64 {
@@ -53,11 +28,6 @@ fn beat_count(line: &str) -> u64 {
         .find_map(|w| w.strip_prefix("n="))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no count in {line}"))
-}
-
-fn ctl(socket: &Path, args: &[&str]) -> (bool, String) {
-    let out = xcloud().arg("ctl").arg(socket).args(args).output().expect("xcloud ctl");
-    (out.status.success(), format!("{}{}", stdout(&out), stderr(&out)))
 }
 
 fn wait_exit(child: &mut Child) -> Option<i32> {
@@ -68,14 +38,6 @@ fn wait_exit(child: &mut Child) -> Option<i32> {
         }
         assert!(Instant::now() < deadline, "xcloud did not end");
         std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn wait_socket(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "no control socket at {}", socket.display());
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

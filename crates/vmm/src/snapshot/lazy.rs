@@ -8,10 +8,9 @@
 //! have all been read: if it fails, the VM is stopped with an error (the guest may have run on
 //! corrupted memory until then — use an eager restore when that matters).
 
-use super::{SnapshotError, MEMORY_MAGIC, PAGE, VERSION};
-use crate::snapshot::format::{Fields, FormatError};
+use super::{SnapshotError, PAGE};
+use crate::snapshot::format::FormatError;
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -80,69 +79,24 @@ impl Index {
     }
 }
 
-fn read_index(file: &mut File, size: u64) -> Result<(Index, u64), SnapshotError> {
-    let what = "memory.pages";
-    let malformed = |detail: String| SnapshotError::Format(FormatError::Malformed { what, detail });
-    let io = |source| SnapshotError::Format(FormatError::Io { what, source });
-    let file_len = file.metadata().map_err(io)?.len();
-    let mut header = [0u8; 32];
-    file.read_exact(&mut header).map_err(|_| {
-        SnapshotError::Format(FormatError::Truncated {
-            what,
-            detail: "the header is cut short".into(),
+fn read_index(file: &mut File, size: u64) -> Result<(Index, u32), SnapshotError> {
+    let io = |source| {
+        SnapshotError::Format(FormatError::Io {
+            what: "memory.pages",
+            source,
         })
-    })?;
-    if &header[..8] != MEMORY_MAGIC {
-        return Err(FormatError::Magic {
-            what,
-            found: header[..8].to_vec(),
-        }
-        .into());
-    }
-    let mut f = Fields::new(&header[8..], what);
-    let version = f.u32()?;
-    if version != VERSION {
-        return Err(FormatError::Version {
-            what,
-            found: version,
-            supported: VERSION,
-        }
-        .into());
-    }
-    let (page_size, mem_bytes, count) = (f.u32()? as u64, f.u64()?, f.u64()?);
-    if page_size != PAGE || mem_bytes != size || count > size / PAGE {
-        return Err(malformed(format!(
-            "{count} pages of {page_size} bytes for {mem_bytes} bytes; the VM has {size}"
-        )));
-    }
-    let expected = 32 + count * (8 + PAGE) + 4;
-    if file_len != expected {
-        return Err(FormatError::Truncated {
-            what,
-            detail: format!("{file_len} bytes where {count} pages need {expected}"),
-        }
-        .into());
-    }
-    let mut raw = vec![0u8; count as usize * 8];
-    file.read_exact(&mut raw).map_err(io)?;
-    let pfns: Vec<u64> = raw
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-        .collect();
-    if pfns.windows(2).any(|w| w[0] >= w[1]) || pfns.last().is_some_and(|&p| p >= size / PAGE) {
-        return Err(malformed("page numbers out of range or out of order".into()));
-    }
-    let data_start = 32 + count * 8;
+    };
+    let file_len = file.metadata().map_err(io)?.len();
+    let index = super::read_memory_index(file, file_len, size)?;
+    let mut crc = [0u8; 4];
+    file.read_exact_at(&mut crc, file_len - 4).map_err(io)?;
     Ok((
-        Index { pfns, data_start },
-        u32::from_le_bytes(last_four(file, file_len).map_err(io)?) as u64,
+        Index {
+            pfns: index.pfns,
+            data_start: index.data_start,
+        },
+        u32::from_le_bytes(crc),
     ))
-}
-
-fn last_four(file: &File, len: u64) -> std::io::Result<[u8; 4]> {
-    let mut b = [0u8; 4];
-    file.read_exact_at(&mut b, len - 4)?;
-    Ok(b)
 }
 
 /// Serves guest RAM from a snapshot on demand; stops its threads when dropped.
@@ -271,7 +225,7 @@ pub fn start(
         std::thread::Builder::new()
             .name("prefetch".into())
             .spawn(move || {
-                match prefetch(&uffd, &index, &file, &stop, expected_crc as u32) {
+                match prefetch(&uffd, &index, &file, &stop, expected_crc) {
                     Ok(true) => {}
                     Ok(false) => {
                         on_corrupt("memory.pages is corrupted: the checksum of the pages does not match".into())

@@ -395,26 +395,25 @@ pub fn write_memory(path: &Path, ram: &GuestRam) -> Result<(u64, u64), SnapshotE
     Ok((index.len() as u64, bytes))
 }
 
-/// Reads `path` into `mem` (a fresh, zeroed guest of `size` bytes), checking everything; on
-/// error the caller discards the guest.
-pub fn read_memory(path: &Path, ram: &GuestRam) -> Result<u64, SnapshotError> {
-    let size = ram.size();
+/// The checked header and index of a `memory.pages` file: the page numbers (in range, strictly
+/// increasing) and the file's exact size matched against them.
+pub(crate) struct MemoryIndex {
+    pub pfns: Vec<u64>,
+    /// Where the first page's data starts in the file.
+    pub data_start: u64,
+}
+
+/// Reads and checks the header and index of the memory file `input` (of `file_len` bytes) for
+/// a guest of `size` bytes, leaving `input` at the first page's data.
+pub(crate) fn read_memory_index(input: &mut impl Read, file_len: u64, size: u64) -> Result<MemoryIndex, SnapshotError> {
     let what = "memory.pages";
     let io = |source| SnapshotError::Format(FormatError::Io { what, source });
-    let truncated = |detail: &str| {
-        SnapshotError::Format(FormatError::Truncated {
-            what,
-            detail: detail.to_string(),
-        })
-    };
+    let truncated = |detail: String| SnapshotError::Format(FormatError::Truncated { what, detail });
     let malformed = |detail: String| SnapshotError::Format(FormatError::Malformed { what, detail });
-    let file = std::fs::File::open(path).map_err(io)?;
-    let file_len = file.metadata().map_err(io)?.len();
-    let mut input = BufReader::with_capacity(1 << 20, file);
     let mut header = [0u8; 32];
     input
         .read_exact(&mut header)
-        .map_err(|_| truncated("the header is cut short"))?;
+        .map_err(|_| truncated("the header is cut short".into()))?;
     if &header[..8] != MEMORY_MAGIC {
         return Err(FormatError::Magic {
             what,
@@ -432,9 +431,7 @@ pub fn read_memory(path: &Path, ram: &GuestRam) -> Result<u64, SnapshotError> {
         }
         .into());
     }
-    let page_size = f.u32()? as u64;
-    let mem_bytes = f.u64()?;
-    let count = f.u64()?;
+    let (page_size, mem_bytes, count) = (f.u32()? as u64, f.u64()?, f.u64()?);
     if page_size != PAGE || mem_bytes != size {
         return Err(malformed(format!(
             "pages of {page_size} bytes for {mem_bytes} bytes of RAM; the VM has {size} bytes"
@@ -445,21 +442,43 @@ pub fn read_memory(path: &Path, ram: &GuestRam) -> Result<u64, SnapshotError> {
     }
     let expected = 32 + count * (8 + PAGE) + 4;
     if file_len != expected {
-        return Err(truncated(&format!(
+        return Err(truncated(format!(
             "{file_len} bytes where {count} pages need {expected}"
         )));
     }
-    let mut crc = crc32fast::Hasher::new();
-    let mut index = Vec::with_capacity(count as usize);
-    let mut b = [0u8; 8];
-    for _ in 0..count {
-        input.read_exact(&mut b).map_err(io)?;
-        crc.update(&b);
+    let mut raw = vec![0u8; count as usize * 8];
+    input.read_exact(&mut raw).map_err(io)?;
+    let mut pfns = Vec::with_capacity(count as usize);
+    for chunk in raw.chunks_exact(8) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
         let pfn = u64::from_le_bytes(b);
-        if pfn >= size / PAGE || index.last().is_some_and(|&last| pfn <= last) {
+        if pfn >= size / PAGE || pfns.last().is_some_and(|&last| pfn <= last) {
             return Err(malformed(format!("page number {pfn} is out of range or out of order")));
         }
-        index.push(pfn);
+        pfns.push(pfn);
+    }
+    Ok(MemoryIndex {
+        pfns,
+        data_start: 32 + count * 8,
+    })
+}
+
+/// Reads `path` into `ram` (a fresh, zeroed guest), checking everything; on error the caller
+/// discards the guest.
+pub fn read_memory(path: &Path, ram: &GuestRam) -> Result<u64, SnapshotError> {
+    let size = ram.size();
+    let what = "memory.pages";
+    let io = |source| SnapshotError::Format(FormatError::Io { what, source });
+    let malformed = |detail: String| SnapshotError::Format(FormatError::Malformed { what, detail });
+    let file = std::fs::File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut input = BufReader::with_capacity(1 << 20, file);
+    let index = read_memory_index(&mut input, file_len, size)?.pfns;
+    let count = index.len() as u64;
+    let mut crc = crc32fast::Hasher::new();
+    for pfn in &index {
+        crc.update(&pfn.to_le_bytes());
     }
     // Runs of consecutive pages go into the memfd with one write each: the kernel fills them
     // without a page fault per page.

@@ -65,3 +65,56 @@ pub fn build_asm_guest(name: &str, source: &str) -> PathBuf {
     );
     elf
 }
+
+/// Runs `cmd` with its stdout read line by line on a thread.
+pub fn spawn_lines(mut cmd: Command) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot start the command");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// The next line that starts with `prefix` (20 s at most).
+pub fn next_line(rx: &std::sync::mpsc::Receiver<String>, prefix: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no line starting with '{prefix}'"));
+        if line.starts_with(prefix) {
+            return line;
+        }
+    }
+}
+
+/// `xcloud ctl SOCKET ARGS`: success and everything it printed.
+pub fn ctl(socket: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = xcloud().arg("ctl").arg(socket).args(args).output().expect("xcloud ctl");
+    (out.status.success(), format!("{}{}", stdout(&out), stderr(&out)))
+}
+
+/// Waits (10 s at most) for a control socket to appear.
+pub fn wait_socket(socket: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no control socket at {}",
+            socket.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
