@@ -144,7 +144,7 @@ pub fn execute(handle: &VmHandle, line: &str) -> Response {
             ok: true,
             ..Default::default()
         }),
-        Err(e) => with_state(failure(flatten(&e))),
+        Err(e) => with_state(failure(crate::vm::flatten_error(&e))),
     };
     match request.command {
         Command::Status => with_state(Response {
@@ -163,7 +163,7 @@ pub fn execute(handle: &VmHandle, line: &str) -> Response {
         } => {
             let creds = match crate::migration::tls::Credentials::load(&identity, &peer_cert) {
                 Ok(c) => c,
-                Err(e) => return with_state(failure(flatten(&e))),
+                Err(e) => return with_state(failure(crate::vm::flatten_error(&e))),
             };
             let mut options = crate::migration::MigrateOptions::default();
             if let Some(ms) = max_downtime_ms {
@@ -178,7 +178,7 @@ pub fn execute(handle: &VmHandle, line: &str) -> Response {
                     migrated: Some(summary),
                     ..Default::default()
                 }),
-                Err(e) => with_state(failure(flatten(&e))),
+                Err(e) => with_state(failure(crate::vm::flatten_error(&e))),
             }
         }
         Command::Pause => done(handle.pause()),
@@ -197,14 +197,9 @@ pub fn execute(handle: &VmHandle, line: &str) -> Response {
                 snapshot_bytes: Some(summary.bytes),
                 ..Default::default()
             }),
-            Err(e) => with_state(failure(flatten(&e))),
+            Err(e) => with_state(failure(crate::vm::flatten_error(&e))),
         },
     }
-}
-
-/// An error and its sources on one line.
-pub fn flatten(e: &dyn std::error::Error) -> String {
-    crate::vm::flatten_error(e)
 }
 
 /// A listening API socket; the socket file is removed when this is dropped.

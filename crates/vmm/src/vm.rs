@@ -543,11 +543,6 @@ impl VmHandle {
     pub fn mem_bytes(&self) -> u64 {
         self.shared.ram.size()
     }
-
-    /// Bytes of guest RAM resident in the host.
-    pub fn guest_resident_bytes(&self) -> u64 {
-        self.shared.ram.resident_bytes()
-    }
 }
 
 /// A VM built and ready to start.
