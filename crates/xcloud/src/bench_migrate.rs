@@ -173,9 +173,18 @@ fn qemu_migration(dir: &Path, image: &Path, mem: u64, rate: u64, port: u16, tune
     result
 }
 
-fn spawn(args: &[&str]) -> Result<(Child, Receiver<String>)> {
+/// Starts `xcloud ARGS`, inside network namespace `ns` if given.
+fn spawn(ns: Option<&str>, args: &[&str]) -> Result<(Child, Receiver<String>)> {
     let exe = std::env::current_exe().context("cannot find the xcloud executable")?;
-    let mut child = Command::new(exe)
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let mut child = cmd
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -220,6 +229,125 @@ fn wait_for_socket(path: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(())
+}
+
+/// Two network namespaces joined by a veth pair with a token-bucket rate limit on both ends:
+/// two "providers" over a WAN link, all on this machine. (This kernel has no netem, so no delay.)
+pub struct Wan {
+    src: String,
+    dst: String,
+    dst_ip: String,
+    rate: String,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run ip (iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+impl Wan {
+    pub fn new(rate: &str) -> Result<Self> {
+        let tag = std::process::id() % 100_000;
+        let w = Self {
+            src: format!("xbs{tag}"),
+            dst: format!("xbd{tag}"),
+            dst_ip: "10.232.0.2".into(),
+            rate: rate.into(),
+        };
+        let (src_link, dst_link) = (format!("xbs{tag}v"), format!("xbd{tag}v"));
+        ip(&["netns", "add", &w.src])?;
+        ip(&["netns", "add", &w.dst])?;
+        ip(&[
+            "link", "add", &src_link, "netns", &w.src, "type", "veth", "peer", "name", &dst_link, "netns", &w.dst,
+        ])?;
+        for (ns, link, addr) in [
+            (&w.src, &src_link, "10.232.0.1/24"),
+            (&w.dst, &dst_link, "10.232.0.2/24"),
+        ] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", link])?;
+            ip(&["-n", ns, "link", "set", link, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            let out = Command::new("ip")
+                .args([
+                    "netns", "exec", ns, "tc", "qdisc", "add", "dev", link, "root", "tbf", "rate", rate,
+                ])
+                .args(["burst", "256kb", "latency", "50ms"])
+                .output()?;
+            if !out.status.success() {
+                bail!("tc: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+        }
+        Ok(w)
+    }
+
+    /// Runs `f` on a thread that has joined namespace `ns`.
+    fn in_ns<T: Send + 'static>(
+        ns: &str,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> std::thread::JoinHandle<Result<T>> {
+        let path = format!("/var/run/netns/{ns}");
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let file = std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
+            // SAFETY: setns moves only this new thread into the namespace `file` refers to.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error()).context("setns");
+            }
+            f()
+        })
+    }
+}
+
+impl Drop for Wan {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.src]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.dst]).status();
+    }
+}
+
+/// Bandwidth of one plain TCP stream across the WAN link, bytes per second.
+fn wan_tcp_baseline(wan: &Wan, bytes: usize) -> Result<f64> {
+    let addr = format!("{}:17999", wan.dst_ip);
+    let listen = addr.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let reader = Wan::in_ns(&wan.dst, move || -> Result<usize> {
+        let listener = std::net::TcpListener::bind(&listen)?;
+        let _ = ready_tx.send(());
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("the baseline receiver did not start")?;
+    let writer = Wan::in_ns(&wan.src, move || -> Result<f64> {
+        let chunk = vec![0x5au8; 1 << 20];
+        let start = Instant::now();
+        let mut s = std::net::TcpStream::connect(&addr)?;
+        for _ in 0..bytes / chunk.len() {
+            s.write_all(&chunk)?;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        Ok(start.elapsed().as_secs_f64())
+    });
+    let elapsed = writer.join().map_err(|_| anyhow::anyhow!("baseline writer failed"))??;
+    let got = reader.join().map_err(|_| anyhow::anyhow!("baseline reader failed"))??;
+    Ok(got as f64 / elapsed)
 }
 
 /// Bandwidth of one plain TCP stream over loopback, bytes per second.
@@ -291,38 +419,44 @@ fn tls_baseline(dir: &Path, bytes: usize) -> Result<f64> {
     Ok(got as f64 / start.elapsed().as_secs_f64())
 }
 
-fn one_migration(dir: &Path, mem: u64, rate: u64, port: u16) -> Result<Cell> {
+fn one_migration(dir: &Path, mem: u64, rate: u64, port: u16, wan: Option<&Wan>) -> Result<Cell> {
     let socket = dir.join(format!("src-{mem}-{rate}.sock"));
     let dst_socket = dir.join(format!("dst-{mem}-{rate}.sock"));
     let (a, b) = (dir.join("a"), dir.join("b"));
-    let listen = format!("127.0.0.1:{port}");
+    let listen = format!("{}:{port}", wan.map_or("127.0.0.1", |w| w.dst_ip.as_str()));
     let path = |p: &Path| p.to_string_lossy().into_owned();
-    let (mut dst, dst_out) = spawn(&[
-        "receive",
-        "--listen",
-        &listen,
-        "--identity",
-        &path(&b),
-        "--peer",
-        &path(&a.join("cert.der")),
-        "--api",
-        &path(&dst_socket),
-    ])?;
+    let (mut dst, dst_out) = spawn(
+        wan.map(|w| w.dst.as_str()),
+        &[
+            "receive",
+            "--listen",
+            &listen,
+            "--identity",
+            &path(&b),
+            "--peer",
+            &path(&a.join("cert.der")),
+            "--api",
+            &path(&dst_socket),
+        ],
+    )?;
     let mem_arg = format!("{}M", mem >> 20);
     let ws = WORKING_SET_MIB.to_string();
     let rate_arg = rate.to_string();
-    let (mut src, src_out) = spawn(&[
-        "run",
-        "--mem",
-        &mem_arg,
-        "--api",
-        &path(&socket),
-        "heartbeat",
-        "--",
-        "0",
-        &ws,
-        &rate_arg,
-    ])?;
+    let (mut src, src_out) = spawn(
+        wan.map(|w| w.src.as_str()),
+        &[
+            "run",
+            "--mem",
+            &mem_arg,
+            "--api",
+            &path(&socket),
+            "heartbeat",
+            "--",
+            "0",
+            &ws,
+            &rate_arg,
+        ],
+    )?;
     let result = (|| -> Result<Cell> {
         line_with(&src_out, "heartbeat n=", Duration::from_secs(30))?;
         wait_for_socket(&socket)?;
@@ -363,7 +497,12 @@ fn one_migration(dir: &Path, mem: u64, rate: u64, port: u16) -> Result<Cell> {
 }
 
 /// Runs the matrix and prints the table.
-pub fn migrate(sizes: &[u64], rates: &[u64], with_qemu: bool) -> Result<()> {
+pub fn migrate(sizes: &[u64], rates: &[u64], with_qemu: bool, wan_rate: Option<&str>) -> Result<()> {
+    let wan = wan_rate
+        .map(Wan::new)
+        .transpose()
+        .context("cannot set up the WAN namespaces (needs root)")?;
+    let with_qemu = with_qemu && wan.is_none();
     let dir = std::env::temp_dir().join(format!("xcloud-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     xcloud_vmm::migration::tls::Identity::generate(&dir.join("a"), "bench-a")?;
@@ -373,8 +512,17 @@ pub fn migrate(sizes: &[u64], rates: &[u64], with_qemu: bool) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message("plain TCP and TLS baselines");
-    let tcp = tcp_baseline(1 << 30).context("the TCP baseline")?;
-    let tls = tls_baseline(&dir, 512 << 20).context("the TLS baseline")?;
+    let (tcp, tls) = match &wan {
+        // On a rate-limited link the cipher is not the bottleneck: TCP is the baseline for both.
+        Some(w) => {
+            let tcp = wan_tcp_baseline(w, 64 << 20).context("the WAN TCP baseline")?;
+            (tcp, tcp)
+        }
+        None => (
+            tcp_baseline(1 << 30).context("the TCP baseline")?,
+            tls_baseline(&dir, 512 << 20).context("the TLS baseline")?,
+        ),
+    };
     bar.inc(1);
     let mut cells = Vec::new();
     let mut port = 17_800 + (std::process::id() % 1000) as u16;
@@ -382,7 +530,7 @@ pub fn migrate(sizes: &[u64], rates: &[u64], with_qemu: bool) -> Result<()> {
         for &rate in rates {
             bar.set_message(format!("{} MiB guest dirtying {rate} MiB/s", mem >> 20));
             port += 1;
-            let mut cell = one_migration(&dir, mem, rate, port)?;
+            let mut cell = one_migration(&dir, mem, rate, port, wan.as_ref())?;
             if with_qemu {
                 let image = dir.join("heartbeat.elf");
                 std::fs::write(
@@ -401,13 +549,16 @@ pub fn migrate(sizes: &[u64], rates: &[u64], with_qemu: bool) -> Result<()> {
     }
     bar.finish_and_clear();
     let _ = std::fs::remove_dir_all(&dir);
-    print_table(&cells, tcp, tls);
+    print_table(&cells, tcp, tls, wan.as_ref().map(|w| w.rate.as_str()));
     Ok(())
 }
 
-fn print_table(cells: &[Cell], tcp: f64, tls: f64) {
+fn print_table(cells: &[Cell], tcp: f64, tls: f64, wan: Option<&str>) {
+    let link = wan.map_or("loopback".to_string(), |r| {
+        format!("two namespaces over a {r} veth link")
+    });
     println!(
-        "xcloud bench migrate: loopback, TLS 1.3 with pinned certificates, {WORKING_SET_MIB} MiB hot working set, downtime budget 50 ms"
+        "xcloud bench migrate: {link}, TLS 1.3 with pinned certificates, {WORKING_SET_MIB} MiB hot working set, downtime budget 50 ms"
     );
     println!(
         "baselines in the same run: plain TCP stream {:.0} MB/s; TLS stream (same transport and cipher) {:.0} MB/s",

@@ -134,6 +134,10 @@ enum BenchCommand {
         /// Skip the QEMU comparison.
         #[arg(long)]
         no_qemu: bool,
+        /// Migrate between two network namespaces over a veth link limited to this rate
+        /// (e.g. 1gbit) instead of loopback (needs root; no QEMU column).
+        #[arg(long)]
+        wan: Option<String>,
     },
     /// Basic operations native vs in a guest, start time, VMM memory overhead.
     Micro {
@@ -231,9 +235,12 @@ fn main() -> ExitCode {
             })
             .map_err(Into::into),
         Command::Bench(BenchCommand::Micro { scale, startup_runs }) => bench::micro(scale, startup_runs).map(|_| 0),
-        Command::Bench(BenchCommand::Migrate { sizes, rates, no_qemu }) => {
-            xcloud::bench_migrate::migrate(&sizes, &rates, !no_qemu).map(|_| 0)
-        }
+        Command::Bench(BenchCommand::Migrate {
+            sizes,
+            rates,
+            no_qemu,
+            wan,
+        }) => xcloud::bench_migrate::migrate(&sizes, &rates, !no_qemu, wan.as_deref()).map(|_| 0),
         Command::Bench(BenchCommand::Snapshot { mem, working_set }) => {
             xcloud::bench_snapshot::snapshot(mem, working_set).map(|_| 0)
         }
