@@ -114,14 +114,79 @@ impl Drop for LazyMemory {
     }
 }
 
-struct Uffd {
+/// A userfaultfd registration (missing-page mode) over guest RAM.
+pub(crate) struct Uffd {
     fd: OwnedFd,
     base: u64,
     size: u64,
 }
 
 impl Uffd {
-    fn copy(&self, pfn: u64, data: &[u8]) -> std::io::Result<()> {
+    /// Registers guest RAM [base, base + size), which must not have been touched yet.
+    pub(crate) fn register(base: u64, size: u64) -> std::io::Result<Self> {
+        // SAFETY: the userfaultfd syscall takes flags only and returns a new descriptor or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) } as libc::c_int;
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes the struct we pass, which lives across the call.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start: base, len: size },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: registers our own guest RAM mapping [base, base+size) (page-aligned, alive as
+        // long as the VM that owns this registration); the struct lives across the call.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { fd, base, size })
+    }
+
+    /// The page number of the next missing-page fault, waiting up to `timeout_ms`.
+    pub(crate) fn next_fault(&self, timeout_ms: i32) -> Option<u64> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one valid descriptor with a timeout; `pfd` lives across the call.
+        if unsafe { libc::poll(&mut pfd, 1, timeout_ms) } <= 0 {
+            return None;
+        }
+        let mut msg = [0u8; 32];
+        // SAFETY: reads at most 32 bytes into our 32-byte buffer.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), msg.as_mut_ptr() as *mut libc::c_void, msg.len()) };
+        if n != 32 || msg[0] != UFFD_EVENT_PAGEFAULT {
+            return None;
+        }
+        // struct uffd_msg: event u8, 7 reserved bytes, then pagefault { flags u64, address u64 }.
+        let address = u64::from_le_bytes([msg[16], msg[17], msg[18], msg[19], msg[20], msg[21], msg[22], msg[23]]);
+        let pfn = address.saturating_sub(self.base) / PAGE;
+        (pfn < self.size / PAGE).then_some(pfn)
+    }
+
+    /// Hands the range back to the kernel: pending and later faults are resolved normally.
+    pub(crate) fn unregister(&self) {
+        let range = UffdioRange {
+            start: self.base,
+            len: self.size,
+        };
+        // SAFETY: unregisters the range registered in `register`; the struct lives across the call.
+        unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &range) };
+    }
+
+    pub(crate) fn copy(&self, pfn: u64, data: &[u8]) -> std::io::Result<()> {
         let mut c = UffdioCopy {
             dst: self.base + pfn * PAGE,
             src: data.as_ptr() as u64,
@@ -135,7 +200,7 @@ impl Uffd {
         self.result(rc)
     }
 
-    fn zero(&self, pfn: u64) -> std::io::Result<()> {
+    pub(crate) fn zero(&self, pfn: u64) -> std::io::Result<()> {
         let mut z = UffdioZeropage {
             range: UffdioRange {
                 start: self.base + pfn * PAGE,
@@ -175,33 +240,7 @@ pub fn start(
     let io = |source| SnapshotError::Format(FormatError::Io { what, source });
     let mut file = File::open(path).map_err(io)?;
     let (index, expected_crc) = read_index(&mut file, size)?;
-    // SAFETY: the userfaultfd syscall takes flags only and returns a new descriptor or -1.
-    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) } as libc::c_int;
-    if raw < 0 {
-        return Err(io(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `raw` is a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut api = UffdioApi {
-        api: UFFD_API,
-        features: 0,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API reads and writes the struct we pass, which lives across the call.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
-        return Err(io(std::io::Error::last_os_error()));
-    }
-    let mut reg = UffdioRegister {
-        range: UffdioRange { start: base, len: size },
-        mode: UFFDIO_REGISTER_MODE_MISSING,
-        ioctls: 0,
-    };
-    // SAFETY: registers our own guest RAM mapping [base, base+size) (page-aligned, alive as
-    // long as the VM, which owns this loader); the struct lives across the call.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
-        return Err(io(std::io::Error::last_os_error()));
-    }
-    let uffd = Arc::new(Uffd { fd, base, size });
+    let uffd = Arc::new(Uffd::register(base, size).map_err(io)?);
     let index = Arc::new(index);
     let file = Arc::new(file);
     let stop = Arc::new(AtomicBool::new(false));
@@ -244,39 +283,15 @@ pub fn start(
 
 fn serve_faults(uffd: &Uffd, index: &Index, file: &File, stop: &AtomicBool, prefetch_done: &AtomicBool) {
     let mut page = vec![0u8; PAGE as usize];
-    let mut msg = [0u8; 32];
     while !stop.load(Ordering::SeqCst) {
-        let mut pfd = libc::pollfd {
-            fd: uffd.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: polls one valid descriptor with a timeout; `pfd` lives across the call.
-        let ready = unsafe { libc::poll(&mut pfd, 1, 50) };
-        if ready <= 0 {
+        let Some(pfn) = uffd.next_fault(50) else {
             if prefetch_done.load(Ordering::SeqCst) {
                 // Every saved page is in place; the rest are zero: hand faults back to the kernel.
-                let range = UffdioRange {
-                    start: uffd.base,
-                    len: uffd.size,
-                };
-                // SAFETY: unregisters the range registered in `start`; the struct lives across the call.
-                unsafe { libc::ioctl(uffd.fd.as_raw_fd(), UFFDIO_UNREGISTER, &range) };
+                uffd.unregister();
                 return;
             }
             continue;
-        }
-        // SAFETY: reads at most 32 bytes into our 32-byte buffer.
-        let n = unsafe { libc::read(uffd.fd.as_raw_fd(), msg.as_mut_ptr() as *mut libc::c_void, msg.len()) };
-        if n != 32 || msg[0] != UFFD_EVENT_PAGEFAULT {
-            continue;
-        }
-        // struct uffd_msg: event u8, 7 reserved bytes, then pagefault { flags u64, address u64 }.
-        let address = u64::from_le_bytes([msg[16], msg[17], msg[18], msg[19], msg[20], msg[21], msg[22], msg[23]]);
-        let pfn = (address.saturating_sub(uffd.base)) / PAGE;
-        if pfn >= uffd.size / PAGE {
-            continue;
-        }
+        };
         let served = match index.offset(pfn) {
             Some(offset) => file
                 .read_exact_at(&mut page, offset)
