@@ -67,6 +67,9 @@ pub enum Command {
         /// How long the destination may stay silent before the migration fails.
         #[serde(default)]
         timeout_ms: Option<u64>,
+        /// Switch at once and send the pages after (post-copy).
+        #[serde(default)]
+        postcopy: bool,
     },
 }
 
@@ -160,6 +163,7 @@ pub fn execute(handle: &VmHandle, line: &str) -> Response {
             peer_cert,
             max_downtime_ms,
             timeout_ms,
+            postcopy,
         } => {
             let creds = match crate::migration::tls::Credentials::load(&identity, &peer_cert) {
                 Ok(c) => c,
@@ -169,6 +173,7 @@ pub fn execute(handle: &VmHandle, line: &str) -> Response {
             if let Some(ms) = max_downtime_ms {
                 options.max_downtime = std::time::Duration::from_millis(ms);
             }
+            options.postcopy = postcopy;
             if let Some(ms) = timeout_ms {
                 options.peer_timeout = std::time::Duration::from_millis(ms.max(1));
             }

@@ -470,6 +470,7 @@ fn one_migration(dir: &Path, mem: u64, rate: u64, port: u16, wan: Option<&Wan>) 
                 peer_cert: b.join("cert.der"),
                 max_downtime_ms: Some(50),
                 timeout_ms: None,
+                postcopy: false,
             },
         )?;
         if !answer.ok {

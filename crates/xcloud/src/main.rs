@@ -109,6 +109,10 @@ enum CtlAction {
         /// Milliseconds the destination may stay silent before the migration fails.
         #[arg(long, default_value_t = 30_000)]
         timeout: u64,
+        /// Post-copy: hand the VM over at once and send its memory after (the destination
+        /// runs it meanwhile, waiting on pages it touches before they arrive).
+        #[arg(long)]
+        postcopy: bool,
     },
 }
 
@@ -167,6 +171,7 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
             peer,
             max_downtime,
             timeout,
+            postcopy,
         } => {
             return run::migrate(
                 socket,
@@ -175,6 +180,7 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
                 std::path::absolute(&peer)?,
                 max_downtime,
                 timeout,
+                postcopy,
             )
         }
     };

@@ -108,6 +108,7 @@ pub fn migrate(
     peer_cert: std::path::PathBuf,
     max_downtime_ms: u64,
     timeout_ms: u64,
+    postcopy: bool,
 ) -> Result<i32> {
     use xcloud_vmm::api::{call, Command};
     let bar = indicatif::ProgressBar::new_spinner();
@@ -139,6 +140,7 @@ pub fn migrate(
         peer_cert,
         max_downtime_ms: Some(max_downtime_ms),
         timeout_ms: Some(timeout_ms),
+        postcopy,
     };
     let answer = call(socket, command);
     bar.finish_and_clear();
@@ -149,7 +151,8 @@ pub fn migrate(
     }
     let s = answer.migrated.unwrap_or_default();
     println!(
-        "migrated to {to}: total {:.1} ms, downtime {:.1} ms, {} rounds (guest throttled up to {}%), {} pages ({} zero), {:.1} MiB sent, {:.1} MB/s",
+        "migrated to {to}{}: total {:.1} ms, downtime {:.1} ms, {} rounds (guest throttled up to {}%), {} pages ({} zero), {:.1} MiB sent, {:.1} MB/s",
+        if s.postcopy { " by post-copy" } else { "" },
         s.total_ms,
         s.downtime_ms,
         s.rounds,

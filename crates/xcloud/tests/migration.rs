@@ -250,6 +250,91 @@ fn a_guest_that_dirties_faster_than_the_link_is_throttled_until_it_converges() {
 }
 
 #[test]
+fn post_copy_hands_the_guest_over_at_once_and_its_pages_follow() {
+    let hosts = Hosts::new(Some("1gbit"));
+    let s = setup("postcopy");
+    let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
+    let sock = s.socket.to_str().expect("utf-8");
+    let (mut src, src_out) = spawn_in(
+        &hosts.src,
+        &[
+            "run",
+            "--mem",
+            "256M",
+            "--vcpus",
+            "2",
+            "--api",
+            sock,
+            "heartbeat",
+            "--",
+            "0",
+            "64",
+            "64",
+        ],
+    );
+    let before = count(&next_line(&src_out, "heartbeat n="), "n=");
+    wait_socket(&s.socket);
+    let (ok, text) = migrate(&hosts, &s, &["--postcopy"]);
+    assert!(ok && text.contains("by post-copy"), "{text}");
+    let downtime: f64 = text
+        .split("downtime ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no downtime in {text}"));
+    assert!(downtime < 50.0, "the switch does not wait for memory: {text}");
+    let first = count(&next_line(&dst_out, "heartbeat n="), "n=");
+    let second = count(&next_line(&dst_out, "heartbeat n="), "n=");
+    assert!(first > before && second > first, "{before} -> {first} -> {second}");
+    let (status, err) = wait_exit(&mut src, Duration::from_secs(10));
+    assert_eq!(status, Some(0), "{err}");
+    let _ = dst.kill();
+    let _ = dst.wait();
+}
+
+#[test]
+fn post_copy_stops_the_destination_when_the_source_dies() {
+    // 128 MiB over 100 Mbit/s: the pages take about 10 s to follow the switch.
+    let hosts = Hosts::new(Some("100mbit"));
+    let s = setup("postcopy-broken");
+    let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
+    let sock = s.socket.to_str().expect("utf-8");
+    let (mut src, src_out) = spawn_in(
+        &hosts.src,
+        &["run", "--mem", "256M", "--api", sock, "dirty", "--", "128", "1"],
+    );
+    next_line(&src_out, "dirty: working set");
+    wait_socket(&s.socket);
+    let migration = std::thread::spawn({
+        let socket = s.socket.clone();
+        let to = format!("{}:7710", hosts.dst_ip);
+        let (id, peer) = (s.a.clone(), s.b.join("cert.der"));
+        move || {
+            let args = [
+                "migrate",
+                &to,
+                "--identity",
+                id.to_str().unwrap_or(""),
+                "--peer",
+                peer.to_str().unwrap_or(""),
+                "--postcopy",
+            ];
+            ctl(&socket, &args)
+        }
+    });
+    // The destination runs the guest (it prints) while its pages are still coming; then the
+    // source dies.
+    next_line(&dst_out, "dirty:");
+    let _ = src.kill();
+    let _ = src.wait();
+    let (ok, text) = migration.join().expect("ctl thread");
+    assert!(!ok, "{text}");
+    let (status, err) = wait_exit(&mut dst, Duration::from_secs(40));
+    assert_eq!(status, Some(126), "{err}");
+    assert!(err.contains("post-copy stream broke"), "{err}");
+}
+
+#[test]
 fn wrong_credentials_are_refused_and_the_source_keeps_running() {
     let hosts = Hosts::new(None);
     let s = setup("credentials");

@@ -72,6 +72,8 @@ pub struct MigrateOptions {
     pub max_rounds: u32,
     /// A destination that neither reads nor answers for this long has failed.
     pub peer_timeout: Duration,
+    /// Post-copy: switch at once, the destination runs the guest while the pages follow.
+    pub postcopy: bool,
 }
 
 impl Default for MigrateOptions {
@@ -80,6 +82,7 @@ impl Default for MigrateOptions {
             max_downtime: Duration::from_millis(50),
             max_rounds: 30,
             peer_timeout: PEER_TIMEOUT,
+            postcopy: false,
         }
     }
 }
@@ -96,6 +99,9 @@ pub struct MigrationSummary {
     pub rounds: u32,
     /// The largest share of time the guest was kept paused to converge (percent).
     pub throttle_percent: u32,
+    /// Whether the pages followed the switch (post-copy).
+    #[serde(default)]
+    pub postcopy: bool,
     pub pages_sent: u64,
     pub zero_pages_sent: u64,
     pub bytes_sent: u64,
@@ -293,6 +299,14 @@ pub fn migrate(
             }
             .into())
         }
+    }
+    if options.postcopy {
+        let result = postcopy_switch(handle, &mut stream, was_running, started);
+        shared.set_progress(None);
+        return result.map(|mut summary| {
+            summary.to = addr.to_string();
+            summary
+        });
     }
     shared.set_dirty_logging(true).map_err(|source| MigrationError::Kvm {
         what: "start dirty-page logging",
@@ -499,6 +513,7 @@ fn precopy_and_switch<S: Read + Write>(
     let bytes_sent = page_bytes + 5 + state.len() as u64;
     Ok(MigrationSummary {
         to: String::new(),
+        postcopy: false,
         throttle_percent: max_throttle,
         total_ms: total.as_secs_f64() * 1e3,
         downtime_ms: downtime.as_secs_f64() * 1e3,
@@ -510,20 +525,120 @@ fn precopy_and_switch<S: Read + Write>(
     })
 }
 
+/// Post-copy: pause, send the state and the list of pages to come, hand over, then stream
+/// every page while the destination runs the guest (its first touch of a page not yet
+/// arrived waits for it). The downtime does not grow with memory size or dirty rate.
+fn postcopy_switch<S: Read + Write>(
+    handle: &VmHandle,
+    stream: &mut S,
+    was_running: bool,
+    started: Instant,
+) -> Result<MigrationSummary, MigrationError> {
+    let shared = &handle.shared;
+    let pause_start = Instant::now();
+    if was_running {
+        handle.pause()?;
+    }
+    let fail = |e: MigrationError| {
+        if was_running {
+            let _ = handle.resume();
+        }
+        e
+    };
+    let pfns = shared.ram.resident_pages();
+    let state = handle
+        .collect_state()
+        .and_then(|s| Ok(s.encode()?))
+        .map_err(|e| fail(e.into()))?;
+    let mut buf = Vec::new();
+    let handshake = wire::write_frame(stream, Kind::Postcopy, &wire::encode_pfns(&pfns))
+        .and_then(|_| wire::write_frame(stream, Kind::State, &state))
+        .and_then(|_| stream.flush().map_err(WireError::from))
+        .and_then(|_| wire::read_frame(stream, &mut buf));
+    match handshake {
+        Ok(Kind::Ready) => {}
+        Ok(other) => {
+            return Err(fail(
+                WireError::Unexpected {
+                    expected: "READY",
+                    got: other,
+                }
+                .into(),
+            ))
+        }
+        Err(e) => return Err(fail(e.into())),
+    }
+    // From here on the destination may run the VM: the source must never run it again.
+    let handover = wire::write_frame(stream, Kind::Go, &[])
+        .and_then(|_| stream.flush().map_err(WireError::from))
+        .and_then(|_| wire::read_frame(stream, &mut buf));
+    match handover {
+        Ok(Kind::Running) => {}
+        Ok(other) => return Err(MigrationError::OutcomeUnknown(format!("it sent {other:?}"))),
+        Err(e) => return Err(MigrationError::OutcomeUnknown(vm::flatten_error(&e))),
+    }
+    let downtime = pause_start.elapsed();
+    let host_base = shared.ram.host_base() as *const u8;
+    let mut page = vec![0u8; PAGE];
+    let mut sender = PageSender::new(stream);
+    let streamed = (|| -> Result<(), WireError> {
+        for &pfn in &pfns {
+            // SAFETY: `pfn` comes from resident_pages, so it is below the RAM's page count and
+            // the 4 KiB at host_base + pfn * 4096 lie in the guest RAM mapping that `shared`
+            // keeps alive; the guest is paused, and `page` is our own distinct buffer.
+            unsafe { std::ptr::copy_nonoverlapping(host_base.add(pfn as usize * PAGE), page.as_mut_ptr(), PAGE) };
+            sender.page(pfn, &page)?;
+        }
+        sender.flush()?;
+        wire::write_frame(sender.out, Kind::End, &[])?;
+        sender.out.flush()?;
+        match wire::read_frame(sender.out, &mut buf)? {
+            Kind::Complete => Ok(()),
+            other => Err(WireError::Unexpected {
+                expected: "COMPLETE",
+                got: other,
+            }),
+        }
+    })();
+    if let Err(e) = streamed {
+        return Err(MigrationError::OutcomeUnknown(format!(
+            "the post-copy stream broke ({}); the destination cannot continue without its pages",
+            vm::flatten_error(&e)
+        )));
+    }
+    let total = started.elapsed();
+    let bytes_sent = sender.bytes + state.len() as u64 + pfns.len() as u64 * 8;
+    Ok(MigrationSummary {
+        to: String::new(),
+        total_ms: total.as_secs_f64() * 1e3,
+        downtime_ms: downtime.as_secs_f64() * 1e3,
+        rounds: 0,
+        throttle_percent: 0,
+        postcopy: true,
+        pages_sent: sender.pages,
+        zero_pages_sent: sender.zero_pages,
+        bytes_sent,
+        bandwidth_mbps: bytes_sent as f64 / total.as_secs_f64() / 1e6,
+    })
+}
+
 /// A VM received from a source, built and checked but not started.
 pub struct Incoming<S: Read + Write> {
     vm: Vm,
     stream: S,
+    /// Set in post-copy: the pages still to come, and the userfaultfd that holds them back.
+    postcopy: Option<(Arc<crate::snapshot::lazy::Uffd>, Arc<Vec<u64>>)>,
 }
 
-impl<S: Read + Write> Incoming<S> {
+impl<S: Read + Write + Send + 'static> Incoming<S> {
     /// A handle to the received VM (for the control socket and signals).
     pub fn handle(&self) -> VmHandle {
         self.vm.handle()
     }
 
     /// Waits for the source's GO, starts the VM and reports RUNNING. Without a GO nothing
-    /// runs (the source keeps the VM).
+    /// runs (the source keeps the VM). In post-copy, the pages then keep arriving on a
+    /// background thread while the guest runs.
     pub fn start(mut self) -> Result<Vm, MigrationError> {
         let mut buf = Vec::new();
         match wire::read_frame(&mut self.stream, &mut buf)? {
@@ -536,10 +651,94 @@ impl<S: Read + Write> Incoming<S> {
                 .into())
             }
         }
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Some((uffd, pfns)) = &self.postcopy {
+            // Faults on pages that will never come are zero pages; the others wait for the stream.
+            let (uffd, pfns, done) = (uffd.clone(), pfns.clone(), done.clone());
+            std::thread::Builder::new()
+                .name("postcopy-faults".into())
+                .spawn(move || {
+                    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                        if let Some(pfn) = uffd.next_fault(20) {
+                            if pfns.binary_search(&pfn).is_err() {
+                                if let Err(e) = uffd.zero(pfn) {
+                                    tracing::warn!("post-copy: cannot map a zero page at {pfn}: {e}");
+                                }
+                            }
+                        }
+                    }
+                })
+                .map_err(|e| MigrationError::Wire(WireError::Io(e)))?;
+        }
         self.vm.start()?;
         wire::write_frame(&mut self.stream, Kind::Running, &[])?;
         self.stream.flush().map_err(WireError::from)?;
+        if let Some((uffd, pfns)) = self.postcopy.take() {
+            let handle = self.vm.handle();
+            let mut stream = self.stream;
+            std::thread::Builder::new()
+                .name("postcopy-pages".into())
+                .spawn(move || {
+                    let result = receive_postcopy_pages(&mut stream, &uffd, pfns.len() as u64, handle.mem_bytes());
+                    done.store(true, std::sync::atomic::Ordering::SeqCst);
+                    match result {
+                        Ok(()) => {
+                            uffd.unregister();
+                            let _ = wire::write_frame(&mut stream, Kind::Complete, &[]);
+                            let _ = stream.flush();
+                        }
+                        Err(e) => {
+                            // Without its pages the guest cannot go on: stop it, then release
+                            // vCPUs blocked on missing pages so that they see the stop.
+                            handle.shared.finish(vm::VmExit::Failed(format!(
+                                "the post-copy stream broke: {}",
+                                vm::flatten_error(&e)
+                            )));
+                            uffd.unregister();
+                        }
+                    }
+                })
+                .map_err(|e| MigrationError::Wire(WireError::Io(e)))?;
+        }
         Ok(self.vm)
+    }
+}
+
+/// Receives post-copy PAGES frames until END, placing each page with UFFDIO_COPY (which also
+/// wakes a vCPU waiting for it).
+fn receive_postcopy_pages<S: Read>(
+    stream: &mut S,
+    uffd: &crate::snapshot::lazy::Uffd,
+    expected: u64,
+    mem_bytes: u64,
+) -> Result<(), WireError> {
+    let mut buf = Vec::new();
+    let mut received = 0u64;
+    loop {
+        match wire::read_frame(stream, &mut buf)? {
+            Kind::Pages => {
+                received += wire::for_each_page(&buf, mem_bytes / PAGE as u64, |pfn, data| {
+                    match data {
+                        Some(d) => uffd.copy(pfn, d),
+                        None => uffd.zero(pfn),
+                    }
+                    .map_err(WireError::Io)
+                })?;
+            }
+            Kind::End if received == expected => return Ok(()),
+            Kind::End => {
+                return Err(WireError::Malformed {
+                    kind: Kind::End,
+                    detail: format!("{received} of {expected} pages arrived"),
+                })
+            }
+            other => {
+                return Err(WireError::Unexpected {
+                    expected: "PAGES or END",
+                    got: other,
+                })
+            }
+        }
     }
 }
 
@@ -637,6 +836,9 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
     let pages = hello.mem_bytes / PAGE as u64;
     let receiving = Instant::now();
     let memfd = parts.ram.file();
+    let (ram_base, ram_size) = (parts.ram.host_base(), parts.ram.size());
+    let mut postcopy: Option<(Arc<crate::snapshot::lazy::Uffd>, Arc<Vec<u64>>)> = None;
+    let mut pages_seen = false;
     // Two stages: this thread reads and decrypts frames, an applier writes their pages into
     // guest RAM, so that the two overlap. SYNC and STATE wait until the applier has caught up.
     enum ToApplier {
@@ -672,7 +874,28 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
         };
         loop {
             match wire::read_frame(&mut stream, &mut buf)? {
+                Kind::Postcopy => {
+                    if pages_seen || postcopy.is_some() {
+                        return Err(refuse(&mut stream, "post-copy must start before any page".into()));
+                    }
+                    let pfns = match wire::decode_pfns(&buf, pages) {
+                        Ok(p) => p,
+                        Err(e) => return Err(refuse(&mut stream, e.to_string())),
+                    };
+                    // Guest RAM is untouched so far: every page is missing until it arrives.
+                    match crate::snapshot::lazy::Uffd::register(ram_base, ram_size) {
+                        Ok(uffd) => postcopy = Some((Arc::new(uffd), Arc::new(pfns))),
+                        Err(e) => return Err(refuse(&mut stream, format!("cannot set up post-copy here: {e}"))),
+                    }
+                }
                 Kind::Pages => {
+                    pages_seen = true;
+                    if postcopy.is_some() {
+                        return Err(refuse(
+                            &mut stream,
+                            "pages before the switch in a post-copy stream".into(),
+                        ));
+                    }
                     // The frame's shape and page numbers are checked here, so that a hostile
                     // frame is refused at once; the applier only writes.
                     if let Err(e) = wire::for_each_page(&buf, pages, |_, _| Ok(())) {
@@ -721,7 +944,7 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
     );
     wire::write_frame(&mut stream, Kind::Ready, &[])?;
     stream.flush().map_err(WireError::from)?;
-    Ok(Incoming { vm, stream })
+    Ok(Incoming { vm, stream, postcopy })
 }
 
 /// Listens on `addr`, accepts one authenticated source and receives its VM.

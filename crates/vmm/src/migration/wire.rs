@@ -39,6 +39,13 @@ pub enum Kind {
     Sync = 9,
     /// destination -> source: every frame before the SYNC is applied.
     Synced = 10,
+    /// source -> destination, before STATE: switch to post-copy; the payload lists (u64 each,
+    /// increasing) the pages that will follow after GO. Other pages are zero.
+    Postcopy = 11,
+    /// source -> destination: every post-copy page has been sent.
+    End = 12,
+    /// destination -> source: every post-copy page is in place.
+    Complete = 13,
 }
 
 impl Kind {
@@ -54,6 +61,9 @@ impl Kind {
             8 => Kind::Running,
             9 => Kind::Sync,
             10 => Kind::Synced,
+            11 => Kind::Postcopy,
+            12 => Kind::End,
+            13 => Kind::Complete,
             _ => return None,
         })
     }
@@ -221,6 +231,33 @@ pub fn for_each_page(
         return Err(bad(format!("{} trailing bytes", payload.len() - at)));
     }
     Ok(count as u64)
+}
+
+/// Encodes the POSTCOPY payload.
+pub fn encode_pfns(pfns: &[u64]) -> Vec<u8> {
+    pfns.iter().flat_map(|p| p.to_le_bytes()).collect()
+}
+
+/// Decodes a POSTCOPY payload: page numbers strictly increasing and below `limit`.
+pub fn decode_pfns(payload: &[u8], limit: u64) -> Result<Vec<u64>, WireError> {
+    let bad = |detail: String| WireError::Malformed {
+        kind: Kind::Postcopy,
+        detail,
+    };
+    if payload.len() % 8 != 0 {
+        return Err(bad(format!("{} bytes is not a list of page numbers", payload.len())));
+    }
+    let mut pfns = Vec::with_capacity(payload.len() / 8);
+    for chunk in payload.chunks_exact(8) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        let pfn = u64::from_le_bytes(b);
+        if pfn >= limit || pfns.last().is_some_and(|&last| pfn <= last) {
+            return Err(bad(format!("page {pfn} is out of range or out of order")));
+        }
+        pfns.push(pfn);
+    }
+    Ok(pfns)
 }
 
 #[cfg(test)]
