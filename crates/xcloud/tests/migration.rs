@@ -493,6 +493,7 @@ fn a_hostile_stream_is_refused_and_nothing_runs_at_the_destination() {
             vcpus: 1,
             tsc_khz: 1,
             cpu_vendor: xcloud_cpu_vendor(),
+            cpu_features: xcloud_vmm::migration::cpu_features(),
         };
         wire::write_frame(&mut stream, wire::Kind::Hello, &hello.encode()).expect("hello");
         stream.flush().expect("flush");

@@ -119,6 +119,30 @@ pub struct MigrationProgress {
     pub dirty_pages: u64,
 }
 
+/// The CPUID feature words KVM offers guests on this host (zeros where KVM cannot tell).
+pub fn cpu_features() -> [u32; wire::FEATURE_WORDS.len()] {
+    let mut words = [0u32; wire::FEATURE_WORDS.len()];
+    let Ok(kvm) = crate::host::open_kvm() else { return words };
+    let Ok(cpuid) = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES) else {
+        return words;
+    };
+    for (word, (leaf, index, reg, _)) in words.iter_mut().zip(wire::FEATURE_WORDS.iter()) {
+        if let Some(e) = cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == *leaf && e.index == *index)
+        {
+            *word = match reg {
+                'a' => e.eax,
+                'b' => e.ebx,
+                'c' => e.ecx,
+                _ => e.edx,
+            };
+        }
+    }
+    words
+}
+
 fn cpu_vendor() -> [u8; 12] {
     // cpuid leaf 0 exists on every x86-64 processor and only reads registers.
     let r = core::arch::x86_64::__cpuid(0);
@@ -285,6 +309,7 @@ pub fn migrate(
         vcpus: shared.vcpu_count as u32,
         tsc_khz: shared.tsc_khz,
         cpu_vendor: cpu_vendor(),
+        cpu_features: cpu_features(),
     };
     wire::write_frame(&mut stream, Kind::Hello, &hello.encode())?;
     stream.flush().map_err(WireError::from)?;
@@ -822,6 +847,17 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
         return Err(refuse(
             &mut stream,
             format!("the source CPU is {theirs}, this host's is {ours}"),
+        ));
+    }
+    let missing = wire::missing_features(&hello.cpu_features, &cpu_features());
+    if !missing.is_empty() {
+        let list: Vec<String> = missing
+            .iter()
+            .map(|(word, bits)| format!("{word} bits {bits:#x}"))
+            .collect();
+        return Err(refuse(
+            &mut stream,
+            format!("this host lacks CPU features the guest may use: {}", list.join(", ")),
         ));
     }
     if let Err(e) = crate::memory::validate_size(hello.mem_bytes, crate::memory::host_ram_bytes()) {

@@ -125,17 +125,51 @@ pub struct Hello {
     pub tsc_khz: u64,
     /// CPUID vendor string of the source host (12 bytes).
     pub cpu_vendor: [u8; 12],
+    /// The feature words the guest was offered (see [`FEATURE_WORDS`]).
+    pub cpu_features: [u32; FEATURE_WORDS.len()],
 }
+
+/// CPUID feature words compared before a guest is accepted: (leaf, subleaf, register, name).
+pub const FEATURE_WORDS: [(u32, u32, char, &str); 8] = [
+    (1, 0, 'c', "1.ecx"),
+    (1, 0, 'd', "1.edx"),
+    (7, 0, 'b', "7.0.ebx"),
+    (7, 0, 'c', "7.0.ecx"),
+    (7, 0, 'd', "7.0.edx"),
+    (0xd, 1, 'a', "0xd.1.eax"),
+    (0x8000_0001, 0, 'c', "0x80000001.ecx"),
+    (0x8000_0001, 0, 'd', "0x80000001.edx"),
+];
+
+/// The features the source offered that `ours` lacks, by word name and bits.
+pub fn missing_features(
+    theirs: &[u32; FEATURE_WORDS.len()],
+    ours: &[u32; FEATURE_WORDS.len()],
+) -> Vec<(&'static str, u32)> {
+    FEATURE_WORDS
+        .iter()
+        .zip(theirs.iter().zip(ours))
+        .filter_map(|((_, _, _, name), (t, o))| {
+            let missing = t & !o;
+            (missing != 0).then_some((*name, missing))
+        })
+        .collect()
+}
+
+const HELLO_BYTES: usize = 44 + 4 * FEATURE_WORDS.len();
 
 impl Hello {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(44);
+        let mut out = Vec::with_capacity(HELLO_BYTES);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&self.mem_bytes.to_le_bytes());
         out.extend_from_slice(&self.vcpus.to_le_bytes());
         out.extend_from_slice(&self.tsc_khz.to_le_bytes());
         out.extend_from_slice(&self.cpu_vendor);
+        for word in &self.cpu_features {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
         out
     }
 
@@ -144,8 +178,8 @@ impl Hello {
             kind: Kind::Hello,
             detail,
         };
-        if b.len() != 44 {
-            return Err(bad(format!("{} bytes, expected 44", b.len())));
+        if b.len() != HELLO_BYTES {
+            return Err(bad(format!("{} bytes, expected {HELLO_BYTES}", b.len())));
         }
         if &b[..8] != MAGIC {
             return Err(bad("not an xcloud migration stream".into()));
@@ -162,11 +196,16 @@ impl Hello {
         }
         let mut cpu_vendor = [0u8; 12];
         cpu_vendor.copy_from_slice(&b[32..44]);
+        let mut cpu_features = [0u32; FEATURE_WORDS.len()];
+        for (i, word) in cpu_features.iter_mut().enumerate() {
+            *word = u32_at(44 + 4 * i);
+        }
         Ok(Self {
             mem_bytes: u64_at(12),
             vcpus: u32_at(20),
             tsc_khz: u64_at(24),
             cpu_vendor,
+            cpu_features,
         })
     }
 }
@@ -265,6 +304,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn features_the_destination_lacks_are_named() {
+        let ours = [0xff; FEATURE_WORDS.len()];
+        let mut theirs = ours;
+        assert!(missing_features(&theirs, &ours).is_empty());
+        theirs[2] = 0x1ff;
+        assert_eq!(missing_features(&theirs, &ours), vec![("7.0.ebx", 0x100)]);
+        assert!(missing_features(&[0; 8], &ours).is_empty(), "fewer features are fine");
+    }
+
+    #[test]
     fn pages_round_trip_with_zero_pages_elided() {
         let mut payload = Vec::new();
         push_page(&mut payload, 3, &[7u8; PAGE]);
@@ -309,6 +358,7 @@ mod tests {
             vcpus: 2,
             tsc_khz: 1,
             cpu_vendor: *b"AuthenticAMD",
+            cpu_features: [1, 2, 3, 4, 5, 6, 7, 8],
         };
         assert_eq!(Hello::decode(&h.encode()).expect("valid"), h);
         let mut bad = h.encode();
