@@ -504,31 +504,9 @@ fn precopy_and_switch<S: Read + Write>(
     sender.flush().map_err(|e| fail(e.into()))?;
     let (pages_sent, zero_pages_sent, page_bytes) = (sender.pages, sender.zero_pages, sender.bytes);
     let stream = sender.out;
-    wire::write_frame(stream, Kind::State, &state).map_err(|e| fail(e.into()))?;
-    stream.flush().map_err(|e| fail(WireError::from(e).into()))?;
     let sent_at = pause_start.elapsed();
-    match wire::read_frame(stream, &mut buf).map_err(|e| fail(e.into()))? {
-        Kind::Ready => {}
-        other => {
-            return Err(fail(
-                WireError::Unexpected {
-                    expected: "READY",
-                    got: other,
-                }
-                .into(),
-            ))
-        }
-    }
-    // From here on the destination may run the VM: the source must never run it again.
     progress("handover", rounds, pages_sent, page_bytes, 0);
-    let handover = wire::write_frame(stream, Kind::Go, &[])
-        .and_then(|_| stream.flush().map_err(WireError::from))
-        .and_then(|_| wire::read_frame(stream, &mut buf));
-    match handover {
-        Ok(Kind::Running) => {}
-        Ok(other) => return Err(MigrationError::OutcomeUnknown(format!("it sent {other:?}"))),
-        Err(e) => return Err(MigrationError::OutcomeUnknown(vm::flatten_error(&e))),
-    }
+    hand_over(stream, &state).map_err(|h| h.into_error(fail))?;
     let downtime = pause_start.elapsed();
     tracing::debug!(
         "stop-and-copy: paused after {paused_at:?}, state saved at {state_at:?}, {} pages sent at {sent_at:?}, running at {downtime:?}",
@@ -548,6 +526,45 @@ fn precopy_and_switch<S: Read + Write>(
         bytes_sent,
         bandwidth_mbps: bytes_sent as f64 / total.as_secs_f64() / 1e6,
     })
+}
+
+/// How a handover failed.
+enum HandoverError {
+    /// The destination refused or could not be reached before it could start the VM: the
+    /// source may run it again.
+    NotStarted(MigrationError),
+    /// The destination may run the VM: the source must not.
+    Unknown(String),
+}
+
+impl HandoverError {
+    fn into_error(self, resume_source: impl FnOnce(MigrationError) -> MigrationError) -> MigrationError {
+        match self {
+            HandoverError::NotStarted(e) => resume_source(e),
+            HandoverError::Unknown(why) => MigrationError::OutcomeUnknown(why),
+        }
+    }
+}
+
+/// Sends the STATE and, right behind it, GO ("start it once the state is applied"), then waits
+/// for RUNNING: one round trip of downtime. A REFUSE means the destination did not start the
+/// VM; silence or a broken link after GO leave the outcome unknown.
+fn hand_over<S: Read + Write>(stream: &mut S, state: &[u8]) -> Result<(), HandoverError> {
+    wire::write_frame(stream, Kind::State, state)
+        .and_then(|_| stream.flush().map_err(WireError::from))
+        .map_err(|e| HandoverError::NotStarted(e.into()))?;
+    // From here on the destination may run the VM: the source must never run it again unless
+    // the destination says it did not start it.
+    let mut buf = Vec::new();
+    let answer = wire::write_frame(stream, Kind::Go, &[])
+        .and_then(|_| stream.flush().map_err(WireError::from))
+        .and_then(|_| wire::read_frame(stream, &mut buf));
+    match answer {
+        Ok(Kind::Running) => Ok(()),
+        Err(WireError::Refused(why)) => Err(HandoverError::NotStarted(MigrationError::Refused(why))),
+        Ok(other) => Err(HandoverError::Unknown(format!("it sent {other:?}"))),
+        Err(e) => Err(HandoverError::Unknown(vm::flatten_error(&e))),
+    }
 }
 
 /// Post-copy: pause, send the state and the list of pages to come, hand over, then stream
@@ -576,32 +593,8 @@ fn postcopy_switch<S: Read + Write>(
         .and_then(|s| Ok(s.encode()?))
         .map_err(|e| fail(e.into()))?;
     let mut buf = Vec::new();
-    let handshake = wire::write_frame(stream, Kind::Postcopy, &wire::encode_pfns(&pfns))
-        .and_then(|_| wire::write_frame(stream, Kind::State, &state))
-        .and_then(|_| stream.flush().map_err(WireError::from))
-        .and_then(|_| wire::read_frame(stream, &mut buf));
-    match handshake {
-        Ok(Kind::Ready) => {}
-        Ok(other) => {
-            return Err(fail(
-                WireError::Unexpected {
-                    expected: "READY",
-                    got: other,
-                }
-                .into(),
-            ))
-        }
-        Err(e) => return Err(fail(e.into())),
-    }
-    // From here on the destination may run the VM: the source must never run it again.
-    let handover = wire::write_frame(stream, Kind::Go, &[])
-        .and_then(|_| stream.flush().map_err(WireError::from))
-        .and_then(|_| wire::read_frame(stream, &mut buf));
-    match handover {
-        Ok(Kind::Running) => {}
-        Ok(other) => return Err(MigrationError::OutcomeUnknown(format!("it sent {other:?}"))),
-        Err(e) => return Err(MigrationError::OutcomeUnknown(vm::flatten_error(&e))),
-    }
+    wire::write_frame(stream, Kind::Postcopy, &wire::encode_pfns(&pfns)).map_err(|e| fail(e.into()))?;
+    hand_over(stream, &state).map_err(|h| h.into_error(fail))?;
     let downtime = pause_start.elapsed();
     let host_base = shared.ram.host_base() as *const u8;
     let mut page = vec![0u8; PAGE];
@@ -978,8 +971,6 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
         state_arrived - receiving,
         state_arrived.elapsed()
     );
-    wire::write_frame(&mut stream, Kind::Ready, &[])?;
-    stream.flush().map_err(WireError::from)?;
     Ok(Incoming { vm, stream, postcopy })
 }
 

@@ -29,9 +29,8 @@ pub enum Kind {
     Pages = 4,
     /// source -> destination: the vCPU and device state (the snapshot `vm.state` format).
     State = 5,
-    /// destination -> source: the VM is built and ready to start.
-    Ready = 6,
-    /// source -> destination: start it (the source stays paused from here on).
+    /// source -> destination, right behind STATE: start it once the state is applied (the
+    /// source stays paused from here on). Kind 6 is reserved.
     Go = 7,
     /// destination -> source: the VM runs.
     Running = 8,
@@ -56,7 +55,6 @@ impl Kind {
             3 => Kind::Refuse,
             4 => Kind::Pages,
             5 => Kind::State,
-            6 => Kind::Ready,
             7 => Kind::Go,
             8 => Kind::Running,
             9 => Kind::Sync,
