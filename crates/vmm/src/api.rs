@@ -70,6 +70,9 @@ pub enum Command {
         /// Switch at once and send the pages after (post-copy).
         #[serde(default)]
         postcopy: bool,
+        /// Compress page frames (LZ4).
+        #[serde(default)]
+        compress: bool,
     },
 }
 
@@ -164,6 +167,7 @@ pub fn execute(handle: &VmHandle, line: &str) -> Response {
             max_downtime_ms,
             timeout_ms,
             postcopy,
+            compress,
         } => {
             let creds = match crate::migration::tls::Credentials::load(&identity, &peer_cert) {
                 Ok(c) => c,
@@ -174,6 +178,7 @@ pub fn execute(handle: &VmHandle, line: &str) -> Response {
                 options.max_downtime = std::time::Duration::from_millis(ms);
             }
             options.postcopy = postcopy;
+            options.compress = compress;
             if let Some(ms) = timeout_ms {
                 options.peer_timeout = std::time::Duration::from_millis(ms.max(1));
             }

@@ -471,6 +471,7 @@ fn one_migration(dir: &Path, mem: u64, rate: u64, port: u16, wan: Option<&Wan>) 
                 max_downtime_ms: Some(50),
                 timeout_ms: None,
                 postcopy: false,
+                compress: false,
             },
         )?;
         if !answer.ok {

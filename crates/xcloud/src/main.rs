@@ -113,6 +113,9 @@ enum CtlAction {
         /// runs it meanwhile, waiting on pages it touches before they arrive).
         #[arg(long)]
         postcopy: bool,
+        /// Compress page frames with LZ4 (worth it on slow links).
+        #[arg(long)]
+        compress: bool,
     },
 }
 
@@ -172,15 +175,19 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
             max_downtime,
             timeout,
             postcopy,
+            compress,
         } => {
             return run::migrate(
                 socket,
                 to,
                 std::path::absolute(&identity)?,
                 std::path::absolute(&peer)?,
-                max_downtime,
-                timeout,
-                postcopy,
+                run::MigrateFlags {
+                    max_downtime_ms: max_downtime,
+                    timeout_ms: timeout,
+                    postcopy,
+                    compress,
+                },
             )
         }
     };

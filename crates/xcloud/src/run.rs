@@ -100,15 +100,21 @@ pub fn receive(listen: &str, identity: &Path, peer: &Path, api: Option<&Path>) -
     })
 }
 
+/// How `xcloud ctl SOCK migrate` was asked to migrate.
+pub struct MigrateFlags {
+    pub max_downtime_ms: u64,
+    pub timeout_ms: u64,
+    pub postcopy: bool,
+    pub compress: bool,
+}
+
 /// `xcloud ctl SOCK migrate`: runs the migration, showing its progress, and prints a summary.
 pub fn migrate(
     socket: &Path,
     to: String,
     identity: std::path::PathBuf,
     peer_cert: std::path::PathBuf,
-    max_downtime_ms: u64,
-    timeout_ms: u64,
-    postcopy: bool,
+    flags: MigrateFlags,
 ) -> Result<i32> {
     use xcloud_vmm::api::{call, Command};
     let bar = indicatif::ProgressBar::new_spinner();
@@ -138,9 +144,10 @@ pub fn migrate(
         to: to.clone(),
         identity,
         peer_cert,
-        max_downtime_ms: Some(max_downtime_ms),
-        timeout_ms: Some(timeout_ms),
-        postcopy,
+        max_downtime_ms: Some(flags.max_downtime_ms),
+        timeout_ms: Some(flags.timeout_ms),
+        postcopy: flags.postcopy,
+        compress: flags.compress,
     };
     let answer = call(socket, command);
     bar.finish_and_clear();

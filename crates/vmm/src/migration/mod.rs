@@ -74,6 +74,8 @@ pub struct MigrateOptions {
     pub peer_timeout: Duration,
     /// Post-copy: switch at once, the destination runs the guest while the pages follow.
     pub postcopy: bool,
+    /// Compress page frames (LZ4) when that makes them smaller: for slow links.
+    pub compress: bool,
 }
 
 impl Default for MigrateOptions {
@@ -83,6 +85,7 @@ impl Default for MigrateOptions {
             max_rounds: 30,
             peer_timeout: PEER_TIMEOUT,
             postcopy: false,
+            compress: false,
         }
     }
 }
@@ -156,6 +159,8 @@ fn cpu_vendor() -> [u8; 12] {
 /// Sends pages in PAGES frames, counting what went out.
 struct PageSender<'a, S: Write> {
     out: &'a mut S,
+    /// Send frames LZ4-compressed when that makes them smaller.
+    compress: bool,
     frame: Vec<u8>,
     in_frame: usize,
     pages: u64,
@@ -164,9 +169,10 @@ struct PageSender<'a, S: Write> {
 }
 
 impl<'a, S: Write> PageSender<'a, S> {
-    fn new(out: &'a mut S) -> Self {
+    fn new(out: &'a mut S, compress: bool) -> Self {
         Self {
             out,
+            compress,
             frame: Vec::with_capacity(4 + MAX_PAGES_PER_FRAME * (8 + PAGE)),
             in_frame: 0,
             pages: 0,
@@ -191,8 +197,16 @@ impl<'a, S: Write> PageSender<'a, S> {
 
     fn flush(&mut self) -> Result<(), WireError> {
         if self.in_frame > 0 {
-            wire::write_frame(self.out, Kind::Pages, &self.frame)?;
-            self.bytes += 5 + self.frame.len() as u64;
+            let packed = self
+                .compress
+                .then(|| wire::compress_pages(&self.frame))
+                .filter(|p| p.len() < self.frame.len());
+            let (kind, payload) = match &packed {
+                Some(p) => (Kind::PagesLz4, p.as_slice()),
+                None => (Kind::Pages, self.frame.as_slice()),
+            };
+            wire::write_frame(self.out, kind, payload)?;
+            self.bytes += 5 + payload.len() as u64;
             self.frame.clear();
             self.in_frame = 0;
         }
@@ -326,7 +340,7 @@ pub fn migrate(
         }
     }
     if options.postcopy {
-        let result = postcopy_switch(handle, &mut stream, was_running, started);
+        let result = postcopy_switch(handle, &mut stream, was_running, options.compress, started);
         shared.set_progress(None);
         return result.map(|mut summary| {
             summary.to = addr.to_string();
@@ -358,7 +372,7 @@ fn precopy_and_switch<S: Read + Write>(
     let shared = &handle.shared;
     let size = shared.ram.size();
     let mut page = vec![0u8; PAGE];
-    let mut sender = PageSender::new(stream);
+    let mut sender = PageSender::new(stream, options.compress);
     let host_base = shared.ram.host_base() as *const u8;
     let pages_in_ram = size / PAGE as u64;
     // Pages are copied with a plain memcpy while the guest may be writing them (as every VMM
@@ -574,6 +588,7 @@ fn postcopy_switch<S: Read + Write>(
     handle: &VmHandle,
     stream: &mut S,
     was_running: bool,
+    compress: bool,
     started: Instant,
 ) -> Result<MigrationSummary, MigrationError> {
     let shared = &handle.shared;
@@ -598,7 +613,7 @@ fn postcopy_switch<S: Read + Write>(
     let downtime = pause_start.elapsed();
     let host_base = shared.ram.host_base() as *const u8;
     let mut page = vec![0u8; PAGE];
-    let mut sender = PageSender::new(stream);
+    let mut sender = PageSender::new(stream, compress);
     let streamed = (|| -> Result<(), WireError> {
         for &pfn in &pfns {
             // SAFETY: `pfn` comes from resident_pages, so it is below the RAM's page count and
@@ -731,10 +746,15 @@ fn receive_postcopy_pages<S: Read>(
     mem_bytes: u64,
 ) -> Result<(), WireError> {
     let mut buf = Vec::new();
+    let mut unpacked = Vec::new();
     let mut received = 0u64;
     loop {
         match wire::read_frame(stream, &mut buf)? {
-            Kind::Pages => {
+            kind @ (Kind::Pages | Kind::PagesLz4) => {
+                if kind == Kind::PagesLz4 {
+                    wire::decompress_pages(&buf, &mut unpacked)?;
+                    std::mem::swap(&mut buf, &mut unpacked);
+                }
                 received += wire::for_each_page(&buf, mem_bytes / PAGE as u64, |pfn, data| {
                     match data {
                         Some(d) => uffd.copy(pfn, d),
@@ -868,6 +888,7 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
     let (ram_base, ram_size) = (parts.ram.host_base(), parts.ram.size());
     let mut postcopy: Option<(Arc<crate::snapshot::lazy::Uffd>, Arc<Vec<u64>>)> = None;
     let mut pages_seen = false;
+    let mut unpacked = Vec::new();
     // Two stages: this thread reads and decrypts frames, an applier writes their pages into
     // guest RAM, so that the two overlap. SYNC and STATE wait until the applier has caught up.
     enum ToApplier {
@@ -917,8 +938,14 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
                         Err(e) => return Err(refuse(&mut stream, format!("cannot set up post-copy here: {e}"))),
                     }
                 }
-                Kind::Pages => {
+                kind @ (Kind::Pages | Kind::PagesLz4) => {
                     pages_seen = true;
+                    if kind == Kind::PagesLz4 {
+                        if let Err(e) = wire::decompress_pages(&buf, &mut unpacked) {
+                            return Err(refuse(&mut stream, e.to_string()));
+                        }
+                        std::mem::swap(&mut buf, &mut unpacked);
+                    }
                     if postcopy.is_some() {
                         return Err(refuse(
                             &mut stream,

@@ -45,6 +45,9 @@ pub enum Kind {
     End = 12,
     /// destination -> source: every post-copy page is in place.
     Complete = 13,
+    /// source -> destination: a PAGES payload compressed with LZ4 (block format), after its
+    /// uncompressed length (u32, at most MAX_FRAME).
+    PagesLz4 = 14,
 }
 
 impl Kind {
@@ -62,6 +65,7 @@ impl Kind {
             11 => Kind::Postcopy,
             12 => Kind::End,
             13 => Kind::Complete,
+            14 => Kind::PagesLz4,
             _ => return None,
         })
     }
@@ -270,6 +274,35 @@ pub fn for_each_page(
     Ok(count as u64)
 }
 
+/// Compresses a PAGES payload into a PAGES_LZ4 payload.
+pub fn compress_pages(payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(&lz4_flex::block::compress(payload));
+    out
+}
+
+/// Decompresses a PAGES_LZ4 payload into `out` (reused), refusing sizes over MAX_FRAME and
+/// data that does not decompress to exactly the announced length.
+pub fn decompress_pages(payload: &[u8], out: &mut Vec<u8>) -> Result<(), WireError> {
+    let bad = |detail: String| WireError::Malformed {
+        kind: Kind::PagesLz4,
+        detail,
+    };
+    if payload.len() < 4 {
+        return Err(bad("no length".into()));
+    }
+    let len = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+    if len > MAX_FRAME {
+        return Err(bad(format!("{len} bytes uncompressed (at most {MAX_FRAME})")));
+    }
+    out.resize(len as usize, 0);
+    match lz4_flex::block::decompress_into(&payload[4..], out) {
+        Ok(n) if n == len as usize => Ok(()),
+        Ok(n) => Err(bad(format!("{n} bytes, {len} announced"))),
+        Err(e) => Err(bad(e.to_string())),
+    }
+}
+
 /// Encodes the POSTCOPY payload.
 pub fn encode_pfns(pfns: &[u64]) -> Vec<u8> {
     pfns.iter().flat_map(|p| p.to_le_bytes()).collect()
@@ -300,6 +333,23 @@ pub fn decode_pfns(payload: &[u8], limit: u64) -> Result<Vec<u64>, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compressed_pages_round_trip_and_lies_are_refused() {
+        let mut payload = Vec::new();
+        push_page(&mut payload, 1, &[7u8; PAGE]);
+        let packed = compress_pages(&payload);
+        assert!(packed.len() < payload.len() / 10);
+        let mut out = Vec::new();
+        decompress_pages(&packed, &mut out).expect("valid");
+        assert_eq!(out, payload);
+        let mut lying = packed.clone();
+        lying[..4].copy_from_slice(&(payload.len() as u32 + 1).to_le_bytes());
+        assert!(decompress_pages(&lying, &mut out).is_err());
+        lying[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decompress_pages(&lying, &mut out).is_err());
+        assert!(decompress_pages(&packed[..packed.len() - 3], &mut out).is_err());
+    }
 
     #[test]
     fn features_the_destination_lacks_are_named() {
