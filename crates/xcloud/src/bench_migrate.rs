@@ -79,8 +79,16 @@ impl Qmp {
     }
 }
 
-fn qemu_command(image: &Path, mem: u64, append: &str) -> Command {
-    let mut cmd = Command::new("qemu-system-x86_64");
+/// QEMU for the guest `image`, inside network namespace `ns` if given.
+fn qemu_command(ns: Option<&str>, image: &Path, mem: u64, append: &str) -> Command {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+            c
+        }
+        None => Command::new("qemu-system-x86_64"),
+    };
     cmd.args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m"])
         .arg(format!("{}M", mem >> 20))
         .args(["-nodefaults", "-no-user-config", "-nographic", "-kernel"])
@@ -92,7 +100,16 @@ fn qemu_command(image: &Path, mem: u64, append: &str) -> Command {
 }
 
 /// Migrates the heartbeat guest between two QEMUs over loopback.
-fn qemu_migration(dir: &Path, image: &Path, mem: u64, rate: u64, port: u16, tuned: bool) -> Result<QemuRun> {
+fn qemu_migration(
+    dir: &Path,
+    image: &Path,
+    mem: u64,
+    rate: u64,
+    port: u16,
+    tuned: bool,
+    wan: Option<&Wan>,
+) -> Result<QemuRun> {
+    let dst_ip = wan.map_or("127.0.0.1", |w| w.dst_ip.as_str());
     let tag = format!("{}-{rate}-{tuned}", mem >> 20);
     let (src_serial, dst_serial, qmp_path) = (
         dir.join(format!("qsrc-{tag}.out")),
@@ -100,14 +117,14 @@ fn qemu_migration(dir: &Path, image: &Path, mem: u64, rate: u64, port: u16, tune
         dir.join(format!("qmp-{tag}.sock")),
     );
     let append = format!("0 {WORKING_SET_MIB} {rate}");
-    let mut dst = qemu_command(image, mem, &append)
+    let mut dst = qemu_command(wan.map(|w| w.dst.as_str()), image, mem, &append)
         .arg("-serial")
         .arg(format!("file:{}", dst_serial.display()))
         .arg("-incoming")
-        .arg(format!("tcp:127.0.0.1:{port}"))
+        .arg(format!("tcp:{dst_ip}:{port}"))
         .spawn()
         .context("cannot start qemu-system-x86_64 (scripts/setup installs it)")?;
-    let mut src = qemu_command(image, mem, &append)
+    let mut src = qemu_command(wan.map(|w| w.src.as_str()), image, mem, &append)
         .arg("-serial")
         .arg(format!("file:{}", src_serial.display()))
         .arg("-qmp")
@@ -134,7 +151,7 @@ fn qemu_migration(dir: &Path, image: &Path, mem: u64, rate: u64, port: u16, tune
                 serde_json::json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 50 }),
             )?;
         }
-        qmp.execute("migrate", serde_json::json!({ "uri": format!("tcp:127.0.0.1:{port}") }))?;
+        qmp.execute("migrate", serde_json::json!({ "uri": format!("tcp:{dst_ip}:{port}") }))?;
         let deadline = Instant::now() + Duration::from_secs(120);
         let info = loop {
             let info = qmp.execute("query-migrate", serde_json::json!({}))?;
@@ -504,7 +521,6 @@ pub fn migrate(sizes: &[u64], rates: &[u64], with_qemu: bool, wan_rate: Option<&
         .map(Wan::new)
         .transpose()
         .context("cannot set up the WAN namespaces (needs root)")?;
-    let with_qemu = with_qemu && wan.is_none();
     let dir = std::env::temp_dir().join(format!("xcloud-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     xcloud_vmm::migration::tls::Identity::generate(&dir.join("a"), "bench-a")?;
@@ -541,9 +557,9 @@ pub fn migrate(sizes: &[u64], rates: &[u64], with_qemu: bool, wan_rate: Option<&
                 )?;
                 bar.set_message(format!("QEMU: {} MiB guest dirtying {rate} MiB/s", mem >> 20));
                 port += 1;
-                cell.qemu_default = Some(qemu_migration(&dir, &image, mem, rate, port, false)?);
+                cell.qemu_default = Some(qemu_migration(&dir, &image, mem, rate, port, false, wan.as_ref())?);
                 port += 1;
-                cell.qemu_tuned = Some(qemu_migration(&dir, &image, mem, rate, port, true)?);
+                cell.qemu_tuned = Some(qemu_migration(&dir, &image, mem, rate, port, true, wan.as_ref())?);
             }
             cells.push(cell);
             bar.inc(1);
@@ -591,7 +607,7 @@ fn print_table(cells: &[Cell], tcp: f64, tls: f64, wan: Option<&str>) {
     }
     if cells.iter().any(|c| c.qemu_default.is_some()) {
         println!();
-        println!("QEMU (microvm, KVM, plain TCP) migrating the same guest over loopback in the same run;");
+        println!("QEMU (microvm, KVM, plain TCP) migrating the same guest over the same link in the same run;");
         println!("default: QEMU's defaults; tuned: max-bandwidth unlimited, downtime-limit 50 ms");
         println!(
             "{:>6} {:>6} | {:>26} | {:>26} | {:>26}",

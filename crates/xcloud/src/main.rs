@@ -142,7 +142,7 @@ enum BenchCommand {
         #[arg(long)]
         no_qemu: bool,
         /// Migrate between two network namespaces over a veth link limited to this rate
-        /// (e.g. 1gbit) instead of loopback (needs root; no QEMU column).
+        /// (e.g. 1gbit) instead of loopback (needs root).
         #[arg(long)]
         wan: Option<String>,
     },
