@@ -34,6 +34,12 @@ pub fn doctor() -> Result<i32> {
         println!("  {:<36} {:<4} {}", name, if have { "yes" } else { "no" }, why);
     }
     println!("  max vCPUs per VM: {}", kvm.get_max_vcpus());
+    match xcloud_vmm::snapshot::lazy::userfaultfd_works() {
+        Ok(()) => println!("  userfaultfd                          yes  lazy restore and post-copy migration"),
+        Err(e) => {
+            println!("  userfaultfd                          NO   lazy restore and post-copy cannot work here: {e}")
+        }
+    }
 
     println!("measured (tiny probe guests, 64-bit mode):");
     let costs = match probe::measure() {

@@ -183,6 +183,7 @@ fn doctor_tells_the_truth_about_this_host() {
     assert_eq!(text.contains("virtualization: PVM"), pvm, "{text}");
     assert!(text.contains("KVM_CAP_IRQCHIP                      yes"), "{text}");
     assert!(text.contains("port-I/O exit from CPL3"), "{text}");
+    assert!(text.contains("userfaultfd                          yes"), "{text}");
     if pvm {
         assert!(text.contains("Linux guests: no"), "{text}");
     }

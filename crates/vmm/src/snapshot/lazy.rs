@@ -99,6 +99,30 @@ fn read_index(file: &mut File, size: u64) -> Result<(Index, u32), SnapshotError>
     ))
 }
 
+/// Whether this host lets the VMM register memory with userfaultfd (lazy restore and post-copy
+/// need it): registers a small anonymous mapping and lets it go.
+pub fn userfaultfd_works() -> Result<(), std::io::Error> {
+    let len = 2 * PAGE as usize;
+    // SAFETY: a fresh private anonymous mapping, unmapped below before anything else uses it.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let result = Uffd::register(addr as u64, len as u64).map(|uffd| uffd.unregister());
+    // SAFETY: unmaps exactly the mapping made above; nothing refers to it any more.
+    unsafe { libc::munmap(addr, len) };
+    result
+}
+
 /// Serves guest RAM from a snapshot on demand; stops its threads when dropped.
 pub struct LazyMemory {
     stop: Arc<AtomicBool>,
