@@ -173,6 +173,26 @@ fn migrate(hosts: &Hosts, s: &Setup, extra: &[&str]) -> (bool, String) {
     ctl(&s.socket, &args)
 }
 
+/// `migrate` on a thread, for tests that break something while it runs.
+fn migrate_in_background(hosts: &Hosts, s: &Setup, extra: &[&str]) -> std::thread::JoinHandle<(bool, String)> {
+    let socket = s.socket.clone();
+    let to = format!("{}:7710", hosts.dst_ip);
+    let (id, peer) = (s.a.clone(), s.b.join("cert.der"));
+    let extra: Vec<String> = extra.iter().map(|e| e.to_string()).collect();
+    std::thread::spawn(move || {
+        let mut args = vec![
+            "migrate",
+            &to,
+            "--identity",
+            id.to_str().unwrap_or(""),
+            "--peer",
+            peer.to_str().unwrap_or(""),
+        ];
+        args.extend(extra.iter().map(String::as_str));
+        ctl(&socket, &args)
+    })
+}
+
 #[test]
 fn a_running_heartbeat_moves_to_another_host_and_keeps_counting() {
     let hosts = Hosts::new(Some("1gbit"));
@@ -313,23 +333,7 @@ fn post_copy_stops_the_destination_when_the_source_dies() {
     );
     next_line(&src_out, "dirty: working set");
     wait_socket(&s.socket);
-    let migration = std::thread::spawn({
-        let socket = s.socket.clone();
-        let to = format!("{}:7710", hosts.dst_ip);
-        let (id, peer) = (s.a.clone(), s.b.join("cert.der"));
-        move || {
-            let args = [
-                "migrate",
-                &to,
-                "--identity",
-                id.to_str().unwrap_or(""),
-                "--peer",
-                peer.to_str().unwrap_or(""),
-                "--postcopy",
-            ];
-            ctl(&socket, &args)
-        }
-    });
+    let migration = migrate_in_background(&hosts, &s, &["--postcopy"]);
     // The destination runs the guest (it prints) while its pages are still coming; then the
     // source dies.
     next_line(&dst_out, "dirty:");
@@ -411,23 +415,7 @@ fn assert_source_runs_on(s: &Setup, src_out: &Receiver<String>) {
 #[test]
 fn the_source_keeps_running_when_the_destination_dies_mid_stream() {
     let (hosts, s, mut src, src_out, mut dst) = slow_migration("killed");
-    let migration = std::thread::spawn({
-        let socket = s.socket.clone();
-        let to = format!("{}:7710", hosts.dst_ip);
-        let id = s.a.clone();
-        let peer = s.b.join("cert.der");
-        move || {
-            let args = [
-                "migrate",
-                &to,
-                "--identity",
-                id.to_str().unwrap_or(""),
-                "--peer",
-                peer.to_str().unwrap_or(""),
-            ];
-            ctl(&socket, &args)
-        }
-    });
+    let migration = migrate_in_background(&hosts, &s, &[]);
     std::thread::sleep(Duration::from_millis(1500));
     let _ = dst.kill();
     let _ = dst.wait();
@@ -441,25 +429,7 @@ fn the_source_keeps_running_when_the_destination_dies_mid_stream() {
 #[test]
 fn the_source_keeps_running_when_the_link_is_cut() {
     let (hosts, s, mut src, src_out, mut dst) = slow_migration("cut");
-    let migration = std::thread::spawn({
-        let socket = s.socket.clone();
-        let to = format!("{}:7710", hosts.dst_ip);
-        let id = s.a.clone();
-        let peer = s.b.join("cert.der");
-        move || {
-            let args = [
-                "migrate",
-                &to,
-                "--identity",
-                id.to_str().unwrap_or(""),
-                "--peer",
-                peer.to_str().unwrap_or(""),
-                "--timeout",
-                "2000",
-            ];
-            ctl(&socket, &args)
-        }
-    });
+    let migration = migrate_in_background(&hosts, &s, &["--timeout", "2000"]);
     std::thread::sleep(Duration::from_millis(1500));
     hosts.cut();
     let (ok, text) = migration.join().expect("ctl thread");

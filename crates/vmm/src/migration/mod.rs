@@ -329,16 +329,7 @@ pub fn migrate(
     stream.flush().map_err(WireError::from)?;
     let mut buf = Vec::new();
     // The destination answers only after it checked our certificate: no guest state before.
-    match wire::read_frame(&mut stream, &mut buf)? {
-        Kind::Accept => {}
-        other => {
-            return Err(WireError::Unexpected {
-                expected: "ACCEPT",
-                got: other,
-            }
-            .into())
-        }
-    }
+    wire::expect_frame(&mut stream, &mut buf, Kind::Accept, "ACCEPT")?;
     if options.postcopy {
         let result = postcopy_switch(handle, &mut stream, was_running, options.compress, started);
         shared.set_progress(None);
@@ -674,16 +665,7 @@ impl<S: Read + Write + Send + 'static> Incoming<S> {
     /// background thread while the guest runs.
     pub fn start(mut self) -> Result<Vm, MigrationError> {
         let mut buf = Vec::new();
-        match wire::read_frame(&mut self.stream, &mut buf)? {
-            Kind::Go => {}
-            other => {
-                return Err(WireError::Unexpected {
-                    expected: "GO",
-                    got: other,
-                }
-                .into())
-            }
-        }
+        wire::expect_frame(&mut self.stream, &mut buf, Kind::Go, "GO")?;
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if let Some((uffd, pfns)) = &self.postcopy {
             // Faults on pages that will never come are zero pages; the others wait for the stream.
@@ -840,16 +822,7 @@ fn refuse<S: Write>(stream: &mut S, reason: String) -> MigrationError {
 /// Receives a VM over an authenticated `stream`. On any error nothing runs.
 pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incoming<S>, MigrationError> {
     let mut buf = Vec::new();
-    match wire::read_frame(&mut stream, &mut buf)? {
-        Kind::Hello => {}
-        other => {
-            return Err(WireError::Unexpected {
-                expected: "HELLO",
-                got: other,
-            }
-            .into())
-        }
-    }
+    wire::expect_frame(&mut stream, &mut buf, Kind::Hello, "HELLO")?;
     let hello = match Hello::decode(&buf) {
         Ok(h) => h,
         Err(e) => return Err(refuse(&mut stream, e.to_string())),

@@ -119,6 +119,14 @@ pub fn read_frame(input: &mut impl Read, buf: &mut Vec<u8>) -> Result<Kind, Wire
     Ok(kind)
 }
 
+/// Reads the next frame and checks that it is `want`.
+pub fn expect_frame(input: &mut impl Read, buf: &mut Vec<u8>, want: Kind, name: &'static str) -> Result<(), WireError> {
+    match read_frame(input, buf)? {
+        got if got == want => Ok(()),
+        got => Err(WireError::Unexpected { expected: name, got }),
+    }
+}
+
 /// The HELLO payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
