@@ -1,7 +1,7 @@
 //! Entry points for the fuzz targets (fuzz/) and the robustness tests: the parsers of
 //! untrusted input, driven with arbitrary bytes against real KVM objects.
 
-use crate::boot::{self, BootError, BootInfo};
+use crate::boot::{self, BootInfo};
 use crate::console::Console;
 use crate::hypercall;
 use crate::memory::GuestRam;
@@ -9,9 +9,9 @@ use crate::vm::{Request, Vm, VmConfig, VmError};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Loads `image` as a PVH ELF into fresh guest RAM of `mem_bytes`.
-pub fn load_image(image: &[u8], mem_bytes: u64) -> Result<BootInfo, BootError> {
-    let ram = GuestRam::new(mem_bytes).map_err(|_| BootError::NoSegments)?;
-    boot::load_pvh(ram.mem(), ram.size(), image, "fuzz")
+pub fn load_image(image: &[u8], mem_bytes: u64) -> Result<BootInfo, VmError> {
+    let ram = GuestRam::new(mem_bytes)?;
+    Ok(boot::load_pvh(ram.mem(), ram.size(), image, "fuzz")?)
 }
 
 /// A VM that is built but never started, whose boot vCPU serves hypercalls from blocks that

@@ -5,7 +5,7 @@
 //! (`Parked` until started, `Running`, `Paused`, `Halted`, `Exited`); pause waits until no
 //! vCPU is `Running`, kicking threads out of `KVM_RUN` with a signal until each acknowledges.
 
-use crate::boot::{self, BootError, BootInfo};
+use crate::boot::{self, BootError};
 use crate::console::Console;
 use crate::devices::serial::{SerialPort, COM1_IRQ};
 use crate::host::{self, HostError};
@@ -553,7 +553,6 @@ pub struct Vm {
     pub(crate) shared: Arc<Shared>,
     pub(crate) vcpus: Vec<VcpuFd>,
     threads: Vec<JoinHandle<()>>,
-    boot: BootInfo,
 }
 
 static KICK_HANDLER: Once = Once::new();
@@ -626,7 +625,7 @@ pub(crate) fn build(mem_bytes: u64, vcpu_count: usize) -> Result<Parts, VmError>
 }
 
 impl Vm {
-    fn assemble(parts: Parts, console: Console, activity: Vec<Activity>, serial: SerialPort, boot: BootInfo) -> Self {
+    fn assemble(parts: Parts, console: Console, activity: Vec<Activity>, serial: SerialPort) -> Self {
         let count = parts.vcpus.len();
         let shared = Arc::new(Shared {
             vm_fd: parts.vm_fd,
@@ -656,16 +655,13 @@ impl Vm {
             shared,
             vcpus: parts.vcpus,
             threads: Vec::new(),
-            boot,
         }
     }
 
     /// Builds a VM: KVM, memfd RAM, in-kernel irqchip, COM1, vCPUs, and the PVH image loaded.
     pub fn new(config: &VmConfig, image: &[u8], console: Console) -> Result<Self, VmError> {
-        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-            return Err(VmError::VcpuCount(config.vcpus));
-        }
-        // Check the image against a RAM of the asked size before any KVM object exists.
+        // A bad size is refused before KVM is opened, so the error names the size even on a
+        // host without KVM.
         crate::memory::validate_size(config.mem_bytes, crate::memory::host_ram_bytes())?;
         let parts = build(config.mem_bytes, config.vcpus)?;
         let boot = boot::load_pvh(parts.ram.mem(), parts.ram.size(), image, &config.cmdline)?;
@@ -673,7 +669,7 @@ impl Vm {
         let mut activity = vec![Activity::Parked; config.vcpus];
         activity[0] = Activity::Paused;
         let serial = SerialPort::new(parts.serial_irq.try_clone().map_err(VmError::EventFd)?, console.clone());
-        Ok(Self::assemble(parts, console, activity, serial, boot))
+        Ok(Self::assemble(parts, console, activity, serial))
     }
 
     /// Rebuilds a VM from the snapshot in `dir`; `start` then continues it where it was.
@@ -749,13 +745,7 @@ impl Vm {
             console.clone(),
         )
         .map_err(SnapshotError::Incompatible)?;
-        let boot = BootInfo { entry: 0, image_end: 0 };
-        Ok(Self::assemble(parts, console, activity, serial, boot))
-    }
-
-    /// Where the image was loaded.
-    pub fn boot_info(&self) -> BootInfo {
-        self.boot
+        Ok(Self::assemble(parts, console, activity, serial))
     }
 
     /// A handle for pause, resume and stop.

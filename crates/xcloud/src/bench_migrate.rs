@@ -328,6 +328,30 @@ impl Drop for Wan {
     }
 }
 
+/// Reads `s` to its end (a TLS peer that closes without close_notify counts as the end) and
+/// returns the bytes read.
+fn drain(s: &mut impl Read) -> std::io::Result<usize> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(total),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes `bytes` of filler to `s` in 1 MiB chunks.
+fn fill(s: &mut impl Write, bytes: usize) -> std::io::Result<()> {
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..bytes / chunk.len() {
+        s.write_all(&chunk)?;
+    }
+    s.flush()
+}
+
 /// Bandwidth of one plain TCP stream across the WAN link, bytes per second.
 fn wan_tcp_baseline(wan: &Wan, bytes: usize) -> Result<f64> {
     let addr = format!("{}:17999", wan.dst_ip);
@@ -337,26 +361,15 @@ fn wan_tcp_baseline(wan: &Wan, bytes: usize) -> Result<f64> {
         let listener = std::net::TcpListener::bind(&listen)?;
         let _ = ready_tx.send(());
         let (mut s, _) = listener.accept()?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0;
-        loop {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                return Ok(total);
-            }
-            total += n;
-        }
+        Ok(drain(&mut s)?)
     });
     ready_rx
         .recv_timeout(Duration::from_secs(10))
         .context("the baseline receiver did not start")?;
     let writer = Wan::in_ns(&wan.src, move || -> Result<f64> {
-        let chunk = vec![0x5au8; 1 << 20];
         let start = Instant::now();
         let mut s = std::net::TcpStream::connect(&addr)?;
-        for _ in 0..bytes / chunk.len() {
-            s.write_all(&chunk)?;
-        }
+        fill(&mut s, bytes)?;
         s.shutdown(std::net::Shutdown::Write)?;
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
@@ -373,22 +386,11 @@ fn tcp_baseline(bytes: usize) -> Result<f64> {
     let addr = listener.local_addr()?;
     let reader = std::thread::spawn(move || -> std::io::Result<usize> {
         let (mut s, _) = listener.accept()?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0;
-        loop {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                return Ok(total);
-            }
-            total += n;
-        }
+        drain(&mut s)
     });
-    let chunk = vec![0x5au8; 1 << 20];
     let start = Instant::now();
     let mut s = std::net::TcpStream::connect(addr)?;
-    for _ in 0..bytes / chunk.len() {
-        s.write_all(&chunk)?;
-    }
+    fill(&mut s, bytes)?;
     drop(s);
     let got = reader.join().map_err(|_| anyhow::anyhow!("reader thread failed"))??;
     Ok(got as f64 / start.elapsed().as_secs_f64())
@@ -404,31 +406,11 @@ fn tls_baseline(dir: &Path, bytes: usize) -> Result<f64> {
     let reader = std::thread::spawn(move || -> Result<usize> {
         let (tcp, _) = listener.accept()?;
         let mut s = accept(tcp, &server_creds)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0;
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => return Ok(total),
-                Ok(n) => total += n,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(total),
-                Err(e) => return Err(e.into()),
-            }
-        }
+        Ok(drain(&mut s)?)
     });
-    let chunk = vec![0x5au8; 1 << 20];
     let start = Instant::now();
     let mut s = connect(std::net::TcpStream::connect(addr)?, &client_creds)?;
-    let mut sent = Ok(());
-    for _ in 0..bytes / chunk.len() {
-        sent = s.write_all(&chunk);
-        if sent.is_err() {
-            break;
-        }
-    }
-    if let Err(e) = sent.and_then(|_| s.flush()) {
-        let server = reader.join().map_err(|_| anyhow::anyhow!("reader thread failed"))?;
-        bail!("the TLS baseline stream failed: {e} (receiver: {server:?})");
-    }
+    fill(&mut s, bytes)?;
     s.conn.send_close_notify();
     let _ = s.flush();
     drop(s);

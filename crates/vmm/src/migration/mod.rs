@@ -479,15 +479,7 @@ fn precopy_and_switch<S: Read + Write>(
     // Stop-and-copy: only what the guest dirtied since the last dirty-log fetch.
     drop(throttle);
     let pause_start = Instant::now();
-    if was_running {
-        handle.pause()?;
-    }
-    let fail = |e: MigrationError| {
-        if was_running {
-            let _ = handle.resume();
-        }
-        e
-    };
+    let fail = pause_for_switch(handle, was_running)?;
     progress("stop-and-copy", rounds, sender.pages, sender.bytes, 0);
     let bitmap = shared.vm_fd.get_dirty_log(0, size as usize).map_err(|source| {
         fail(MigrationError::Kvm {
@@ -530,6 +522,23 @@ fn precopy_and_switch<S: Read + Write>(
         zero_pages_sent,
         bytes_sent,
         bandwidth_mbps: bytes_sent as f64 / total.as_secs_f64() / 1e6,
+    })
+}
+
+/// Pauses a running source for the switch and returns what every failure before the handover
+/// goes through: it resumes the source (when it was running) and passes the error on.
+fn pause_for_switch(
+    handle: &VmHandle,
+    was_running: bool,
+) -> Result<impl Fn(MigrationError) -> MigrationError + Copy + '_, MigrationError> {
+    if was_running {
+        handle.pause()?;
+    }
+    Ok(move |e: MigrationError| {
+        if was_running {
+            let _ = handle.resume();
+        }
+        e
     })
 }
 
@@ -584,15 +593,7 @@ fn postcopy_switch<S: Read + Write>(
 ) -> Result<MigrationSummary, MigrationError> {
     let shared = &handle.shared;
     let pause_start = Instant::now();
-    if was_running {
-        handle.pause()?;
-    }
-    let fail = |e: MigrationError| {
-        if was_running {
-            let _ = handle.resume();
-        }
-        e
-    };
+    let fail = pause_for_switch(handle, was_running)?;
     let pfns = shared.ram.resident_pages();
     let state = handle
         .collect_state()
@@ -953,8 +954,6 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
         }
     });
     let (state, state_arrived, applying) = received?;
-    let state = (state, state_arrived);
-    let (state, state_arrived) = state;
     let snap = match VmSnapshot::decode(&state) {
         Ok(s) => s,
         Err(e) => return Err(refuse(&mut stream, vm::flatten_error(&e))),
