@@ -686,12 +686,16 @@ impl Vm {
     pub fn restore_lazy(dir: &std::path::Path, console: Console) -> Result<Self, VmError> {
         let snap = snapshot::read_state(dir)?;
         let parts = build(snap.config.mem_bytes, snap.config.vcpus)?;
-        let handle_slot: Arc<Mutex<Option<VmHandle>>> = Arc::new(Mutex::new(None));
+        // The prefetcher may find the pages corrupt before the VM exists (a small snapshot is
+        // read in a few milliseconds): the verdict then waits in the slot for the VM.
+        let slot: Arc<Mutex<CorruptionSlot>> = Arc::new(Mutex::new(CorruptionSlot::NoVmYet(None)));
         let on_corrupt = {
-            let slot = handle_slot.clone();
+            let slot = slot.clone();
             Box::new(move |why: String| {
-                if let Some(h) = slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                    h.shared.finish(VmExit::Failed(why));
+                let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+                match &mut *slot {
+                    CorruptionSlot::Vm(h) => h.shared.finish(VmExit::Failed(why)),
+                    CorruptionSlot::NoVmYet(verdict) => *verdict = Some(why),
                 }
             })
         };
@@ -702,8 +706,13 @@ impl Vm {
             on_corrupt,
         )?;
         let mut vm = Self::resume_from(parts, snap, console)?;
-        *handle_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm.handle());
         vm.lazy = Some(lazy);
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let CorruptionSlot::NoVmYet(Some(why)) = &*slot {
+            vm.handle().shared.finish(VmExit::Failed(why.clone()));
+        }
+        *slot = CorruptionSlot::Vm(vm.handle());
+        drop(slot);
         Ok(vm)
     }
 
@@ -817,6 +826,12 @@ impl Vm {
         c.state = VmState::Stopped;
         c.exit.clone().unwrap_or(VmExit::Stopped)
     }
+}
+
+/// Where a lazy restore's checksum verdict goes: to the VM once it exists, kept until then.
+enum CorruptionSlot {
+    NoVmYet(Option<String>),
+    Vm(VmHandle),
 }
 
 impl Drop for Vm {

@@ -13,11 +13,9 @@ fn fails_with(args: &[&str], status: i32, needle: &str) {
 
 #[test]
 fn no_kvm_device_says_so_and_what_to_do() {
-    let out = xcloud()
-        .env("XCLOUD_KVM_DEVICE", "/nonexistent/kvm")
-        .args(["run", "hello"])
-        .output()
-        .expect("xcloud");
+    let mut cmd = xcloud();
+    cmd.env("XCLOUD_KVM_DEVICE", "/nonexistent/kvm").args(["run", "hello"]);
+    let out = output_within(cmd, std::time::Duration::from_secs(60));
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -34,17 +32,16 @@ fn no_permission_on_kvm_says_so_and_what_to_do() {
         0,
         "this test drops from root to nobody; run the suite as root"
     );
-    let out = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            env!("CARGO_BIN_EXE_xcloud"),
-            "run",
-            "hello",
-        ])
-        .output()
-        .expect("setpriv (util-linux)");
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        env!("CARGO_BIN_EXE_xcloud"),
+        "run",
+        "hello",
+    ]);
+    let out = output_within(cmd, std::time::Duration::from_secs(60));
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(

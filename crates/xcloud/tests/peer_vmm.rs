@@ -1,30 +1,30 @@
 //! SDK guests boot unchanged in another PVH VMM — QEMU's microvm — falling back to the 16550
 //! for the console, the PIT for the clock and QEMU's isa-debug-exit port for the exit status.
 
+mod common;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 fn qemu(guest: &str, append: &str) -> (String, Option<i32>, f64) {
     let image = xcloud::guests::builtin(guest).expect("built-in guest");
     let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{guest}.elf"));
     std::fs::write(&path, image).expect("write the guest image");
     let start = Instant::now();
-    let out = Command::new("qemu-system-x86_64")
-        .args([
-            "-M",
-            "microvm",
-            "-enable-kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-            "-m",
-            "64M",
-        ])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-kernel"])
-        .arg(&path)
-        .args(["-append", append])
-        .output()
-        .expect("qemu-system-x86_64 (installed by scripts/setup)");
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args([
+        "-M",
+        "microvm",
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-m",
+        "64M",
+    ])
+    .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
+    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-kernel"])
+    .arg(&path)
+    .args(["-append", append]);
+    let out = common::output_within(qemu, Duration::from_secs(60));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     (text, out.status.code(), start.elapsed().as_secs_f64())
 }

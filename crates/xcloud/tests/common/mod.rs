@@ -13,9 +13,52 @@ pub fn xcloud() -> Command {
     cmd
 }
 
-/// Runs `xcloud ARGS` and returns its output.
+/// Runs `xcloud ARGS` and returns its output (60 s at most).
 pub fn run(args: &[&str]) -> Output {
-    xcloud().args(args).output().expect("cannot start xcloud")
+    let mut cmd = xcloud();
+    cmd.args(args);
+    output_within(cmd, std::time::Duration::from_secs(60))
+}
+
+/// Runs `cmd` to its end and returns its output; kills it and fails the test if it is still
+/// running after `limit`, so that a hang fails one test instead of stalling the whole suite.
+pub fn output_within(mut cmd: Command, limit: std::time::Duration) -> Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the command") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+            panic!("{cmd:?} still ran after {limit:?}; killed it. stderr: {err}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
 }
 
 pub fn stdout(o: &Output) -> String {
@@ -102,7 +145,9 @@ pub fn next_line(rx: &std::sync::mpsc::Receiver<String>, prefix: &str) -> String
 
 /// `xcloud ctl SOCKET ARGS`: success and everything it printed.
 pub fn ctl(socket: &std::path::Path, args: &[&str]) -> (bool, String) {
-    let out = xcloud().arg("ctl").arg(socket).args(args).output().expect("xcloud ctl");
+    let mut cmd = xcloud();
+    cmd.arg("ctl").arg(socket).args(args);
+    let out = output_within(cmd, std::time::Duration::from_secs(60));
     (out.status.success(), format!("{}{}", stdout(&out), stderr(&out)))
 }
 
