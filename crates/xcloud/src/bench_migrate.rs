@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use xcloud_vmm::api::{call, Command as Op};
 use xcloud_vmm::migration::MigrationSummary;
 
+use crate::netlab::{Hosts, LinkSpec};
+
 /// Hot working set every guest keeps touched (the rest of its RAM stays untouched).
 const WORKING_SET_MIB: u64 = 64;
 
@@ -107,7 +109,7 @@ fn qemu_migration(
     rate: u64,
     port: u16,
     tuned: bool,
-    wan: Option<&Wan>,
+    wan: Option<&Hosts>,
 ) -> Result<QemuRun> {
     let dst_ip = wan.map_or("127.0.0.1", |w| w.dst_ip.as_str());
     let tag = format!("{}-{rate}-{tuned}", mem >> 20);
@@ -248,86 +250,6 @@ fn wait_for_socket(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Two network namespaces joined by a veth pair with a token-bucket rate limit on both ends:
-/// two "providers" over a WAN link, all on this machine. (This kernel has no netem, so no delay.)
-pub struct Wan {
-    src: String,
-    dst: String,
-    dst_ip: String,
-    rate: String,
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("cannot run ip (iproute2)")?;
-    if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
-impl Wan {
-    pub fn new(rate: &str) -> Result<Self> {
-        let tag = std::process::id() % 100_000;
-        let w = Self {
-            src: format!("xbs{tag}"),
-            dst: format!("xbd{tag}"),
-            dst_ip: "10.232.0.2".into(),
-            rate: rate.into(),
-        };
-        let (src_link, dst_link) = (format!("xbs{tag}v"), format!("xbd{tag}v"));
-        ip(&["netns", "add", &w.src])?;
-        ip(&["netns", "add", &w.dst])?;
-        ip(&[
-            "link", "add", &src_link, "netns", &w.src, "type", "veth", "peer", "name", &dst_link, "netns", &w.dst,
-        ])?;
-        for (ns, link, addr) in [
-            (&w.src, &src_link, "10.232.0.1/24"),
-            (&w.dst, &dst_link, "10.232.0.2/24"),
-        ] {
-            ip(&["-n", ns, "addr", "add", addr, "dev", link])?;
-            ip(&["-n", ns, "link", "set", link, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            let out = Command::new("ip")
-                .args([
-                    "netns", "exec", ns, "tc", "qdisc", "add", "dev", link, "root", "tbf", "rate", rate,
-                ])
-                .args(["burst", "256kb", "latency", "50ms"])
-                .output()?;
-            if !out.status.success() {
-                bail!("tc: {}", String::from_utf8_lossy(&out.stderr).trim());
-            }
-        }
-        Ok(w)
-    }
-
-    /// Runs `f` on a thread that has joined namespace `ns`.
-    fn in_ns<T: Send + 'static>(
-        ns: &str,
-        f: impl FnOnce() -> Result<T> + Send + 'static,
-    ) -> std::thread::JoinHandle<Result<T>> {
-        let path = format!("/var/run/netns/{ns}");
-        std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let file = std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
-            // SAFETY: setns moves only this new thread into the namespace `file` refers to.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error()).context("setns");
-            }
-            f()
-        })
-    }
-}
-
-impl Drop for Wan {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.src]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.dst]).status();
-    }
-}
-
 /// Reads `s` to its end (a TLS peer that closes without close_notify counts as the end) and
 /// returns the bytes read.
 fn drain(s: &mut impl Read) -> std::io::Result<usize> {
@@ -353,11 +275,11 @@ fn fill(s: &mut impl Write, bytes: usize) -> std::io::Result<()> {
 }
 
 /// Bandwidth of one plain TCP stream across the WAN link, bytes per second.
-fn wan_tcp_baseline(wan: &Wan, bytes: usize) -> Result<f64> {
+fn wan_tcp_baseline(wan: &Hosts, bytes: usize) -> Result<f64> {
     let addr = format!("{}:17999", wan.dst_ip);
     let listen = addr.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let reader = Wan::in_ns(&wan.dst, move || -> Result<usize> {
+    let reader = Hosts::in_ns(&wan.dst, move || -> Result<usize> {
         let listener = std::net::TcpListener::bind(&listen)?;
         let _ = ready_tx.send(());
         let (mut s, _) = listener.accept()?;
@@ -366,7 +288,7 @@ fn wan_tcp_baseline(wan: &Wan, bytes: usize) -> Result<f64> {
     ready_rx
         .recv_timeout(Duration::from_secs(10))
         .context("the baseline receiver did not start")?;
-    let writer = Wan::in_ns(&wan.src, move || -> Result<f64> {
+    let writer = Hosts::in_ns(&wan.src, move || -> Result<f64> {
         let start = Instant::now();
         let mut s = std::net::TcpStream::connect(&addr)?;
         fill(&mut s, bytes)?;
@@ -418,7 +340,7 @@ fn tls_baseline(dir: &Path, bytes: usize) -> Result<f64> {
     Ok(got as f64 / start.elapsed().as_secs_f64())
 }
 
-fn one_migration(dir: &Path, mem: u64, rate: u64, port: u16, wan: Option<&Wan>) -> Result<Cell> {
+fn one_migration(dir: &Path, mem: u64, rate: u64, port: u16, wan: Option<&Hosts>) -> Result<Cell> {
     let socket = dir.join(format!("src-{mem}-{rate}.sock"));
     let dst_socket = dir.join(format!("dst-{mem}-{rate}.sock"));
     let (a, b) = (dir.join("a"), dir.join("b"));
@@ -498,9 +420,9 @@ fn one_migration(dir: &Path, mem: u64, rate: u64, port: u16, wan: Option<&Wan>) 
 }
 
 /// Runs the matrix and prints the table.
-pub fn migrate(sizes: &[u64], rates: &[u64], with_qemu: bool, wan_rate: Option<&str>) -> Result<()> {
-    let wan = wan_rate
-        .map(Wan::new)
+pub fn migrate(sizes: &[u64], rates: &[u64], with_qemu: bool, wan_link: Option<LinkSpec>) -> Result<()> {
+    let wan = wan_link
+        .map(Hosts::new)
         .transpose()
         .context("cannot set up the WAN namespaces (needs root)")?;
     let dir = std::env::temp_dir().join(format!("xcloud-bench-migrate-{}", std::process::id()));
@@ -549,14 +471,12 @@ pub fn migrate(sizes: &[u64], rates: &[u64], with_qemu: bool, wan_rate: Option<&
     }
     bar.finish_and_clear();
     let _ = std::fs::remove_dir_all(&dir);
-    print_table(&cells, tcp, tls, wan.as_ref().map(|w| w.rate.as_str()));
+    print_table(&cells, tcp, tls, wan.as_ref().map(|w| w.link.describe()));
     Ok(())
 }
 
-fn print_table(cells: &[Cell], tcp: f64, tls: f64, wan: Option<&str>) {
-    let link = wan.map_or("loopback".to_string(), |r| {
-        format!("two namespaces over a {r} veth link")
-    });
+fn print_table(cells: &[Cell], tcp: f64, tls: f64, wan: Option<String>) {
+    let link = wan.map_or("loopback".to_string(), |link| format!("two namespaces over a {link}"));
     println!(
         "xcloud bench migrate: {link}, TLS 1.3 with pinned certificates, {WORKING_SET_MIB} MiB hot working set, downtime budget 50 ms"
     );

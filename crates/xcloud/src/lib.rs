@@ -6,4 +6,5 @@ pub mod bench_migrate;
 pub mod bench_snapshot;
 pub mod doctor;
 pub mod guests;
+pub mod netlab;
 pub mod run;

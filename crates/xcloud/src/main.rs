@@ -5,6 +5,7 @@ use xcloud::{bench, doctor, guests, run};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "xcloud", version, about = "The tenant's own hypervisor layer")]
@@ -141,10 +142,13 @@ enum BenchCommand {
         /// Skip the QEMU comparison.
         #[arg(long)]
         no_qemu: bool,
-        /// Migrate between two network namespaces over a veth link limited to this rate
-        /// (e.g. 1gbit) instead of loopback (needs root).
-        #[arg(long)]
-        wan: Option<String>,
+        /// Migrate between two network namespaces over a link of this rate each way (e.g.
+        /// 1gbit) instead of loopback (needs root).
+        #[arg(long, value_parser = xcloud::netlab::parse_rate)]
+        wan: Option<u64>,
+        /// The WAN link's round-trip time in milliseconds (0: a plain veth link).
+        #[arg(long, default_value_t = 20, requires = "wan")]
+        rtt_ms: u64,
     },
     /// Basic operations native vs in a guest, start time, VMM memory overhead.
     Micro {
@@ -253,7 +257,11 @@ fn main() -> ExitCode {
             rates,
             no_qemu,
             wan,
-        }) => xcloud::bench_migrate::migrate(&sizes, &rates, !no_qemu, wan.as_deref()).map(|_| 0),
+            rtt_ms,
+        }) => {
+            let link = wan.map(|rate| xcloud::netlab::LinkSpec::wan(rate, Duration::from_millis(rtt_ms)));
+            xcloud::bench_migrate::migrate(&sizes, &rates, !no_qemu, link).map(|_| 0)
+        }
         Command::Bench(BenchCommand::Snapshot { mem, working_set }) => {
             xcloud::bench_snapshot::snapshot(mem, working_set).map(|_| 0)
         }

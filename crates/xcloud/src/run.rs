@@ -158,7 +158,7 @@ pub fn migrate(
     }
     let s = answer.migrated.unwrap_or_default();
     println!(
-        "migrated to {to}{}: total {:.1} ms, downtime {:.1} ms, {} rounds (guest throttled up to {}%), {} pages ({} zero), {:.1} MiB sent, {:.1} MB/s",
+        "migrated to {to}{}: total {:.1} ms, downtime {:.1} ms, {} rounds (guest throttled up to {}%), {} pages ({} zero{}), {:.1} MiB sent, {:.1} MB/s",
         if s.postcopy { " by post-copy" } else { "" },
         s.total_ms,
         s.downtime_ms,
@@ -166,6 +166,11 @@ pub fn migrate(
         s.throttle_percent,
         s.pages_sent,
         s.zero_pages_sent,
+        if s.postcopy {
+            format!(", {} asked for by the guest", s.pages_requested)
+        } else {
+            String::new()
+        },
         s.bytes_sent as f64 / (1 << 20) as f64,
         s.bandwidth_mbps
     );

@@ -1,81 +1,23 @@
-//! Live migration between "hosts": network namespaces joined by a veth link, the source VMM in
-//! one, the destination in the other, TLS with pinned certificates between them.
+//! Live migration between "hosts": network namespaces joined by an emulated WAN link (20 ms round
+//! trip, a rate limit) or a plain veth link, the source VMM in one, the destination in the
+//! other, TLS with pinned certificates between them.
 
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
+use xcloud::netlab::{Hosts, LinkSpec};
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// Two namespaces joined by a veth pair: `src` at 10.231.N.1, `dst` at 10.231.N.2.
-struct Hosts {
-    src: String,
-    dst: String,
-    src_link: String,
-    dst_ip: String,
+/// Two namespaces joined by a WAN link: `rate_bits` each way, 20 ms round trip.
+fn wan(rate_bits: u64) -> Hosts {
+    Hosts::new(LinkSpec::wan(rate_bits, Duration::from_millis(20))).expect("namespaces (run the tests as root)")
 }
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip (iproute2)");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Hosts {
-    /// `rate`: a tbf rate limit on both ends, e.g. "200mbit" (this kernel has no netem).
-    fn new(rate: Option<&str>) -> Self {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let tag = format!("{}-{n}", std::process::id() % 100_000);
-        let (src, dst) = (format!("xcs{tag}"), format!("xcd{tag}"));
-        let (src_link, dst_link) = (format!("xs{tag}"), format!("xd{tag}"));
-        let subnet = 10 + n % 200;
-        ip(&["netns", "add", &src]);
-        ip(&["netns", "add", &dst]);
-        ip(&[
-            "link", "add", &src_link, "netns", &src, "type", "veth", "peer", "name", &dst_link, "netns", &dst,
-        ]);
-        let src_ip = format!("10.231.{subnet}.1");
-        let dst_ip = format!("10.231.{subnet}.2");
-        for (ns, link, addr) in [(&src, &src_link, &src_ip), (&dst, &dst_link, &dst_ip)] {
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", link]);
-            ip(&["-n", ns, "link", "set", link, "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-            if let Some(rate) = rate {
-                let out = Command::new("ip")
-                    .args([
-                        "netns", "exec", ns, "tc", "qdisc", "add", "dev", link, "root", "tbf", "rate", rate,
-                    ])
-                    .args(["burst", "256kb", "latency", "50ms"])
-                    .output()
-                    .expect("tc");
-                assert!(out.status.success(), "tc: {}", String::from_utf8_lossy(&out.stderr));
-            }
-        }
-        Self {
-            src,
-            dst,
-            src_link,
-            dst_ip,
-        }
-    }
-
-    fn cut(&self) {
-        ip(&["-n", &self.src, "link", "set", &self.src_link, "down"]);
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.src]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.dst]).status();
-    }
+/// Two namespaces joined by a plain veth link.
+fn lan() -> Hosts {
+    Hosts::new(LinkSpec::default()).expect("namespaces (run the tests as root)")
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -195,7 +137,7 @@ fn migrate_in_background(hosts: &Hosts, s: &Setup, extra: &[&str]) -> std::threa
 
 #[test]
 fn a_running_heartbeat_moves_to_another_host_and_keeps_counting() {
-    let hosts = Hosts::new(Some("1gbit"));
+    let hosts = wan(1_000_000_000);
     let s = setup("heartbeat");
     let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
     let sock = s.socket.to_str().expect("utf-8");
@@ -236,7 +178,7 @@ fn a_running_heartbeat_moves_to_another_host_and_keeps_counting() {
 #[test]
 fn a_guest_that_dirties_faster_than_the_link_is_throttled_until_it_converges() {
     // 256 MiB/s of dirtying against a 1 Gbit/s link: without throttling no round gets smaller.
-    let hosts = Hosts::new(Some("1gbit"));
+    let hosts = wan(1_000_000_000);
     let s = setup("throttle");
     let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
     let sock = s.socket.to_str().expect("utf-8");
@@ -279,7 +221,7 @@ fn a_guest_that_dirties_faster_than_the_link_is_throttled_until_it_converges() {
 
 #[test]
 fn post_copy_hands_the_guest_over_at_once_and_its_pages_follow() {
-    let hosts = Hosts::new(Some("1gbit"));
+    let hosts = wan(1_000_000_000);
     let s = setup("postcopy");
     let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
     let sock = s.socket.to_str().expect("utf-8");
@@ -321,9 +263,42 @@ fn post_copy_hands_the_guest_over_at_once_and_its_pages_follow() {
 }
 
 #[test]
+fn post_copy_sends_the_pages_the_guest_waits_for_first() {
+    // The guest writes its 48 MiB working set at 200 MiB/s; the link carries ~12 MB/s, so in
+    // post-copy the guest soon touches pages the stream has not brought yet and must ask.
+    let hosts = wan(100_000_000);
+    let s = setup("postcopy-requests");
+    let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
+    let sock = s.socket.to_str().expect("utf-8");
+    let (mut src, src_out) = spawn_in(
+        &hosts.src,
+        &["run", "--mem", "128M", "--api", sock, "dirty", "--", "48", "200"],
+    );
+    next_line(&src_out, "dirty: working set");
+    wait_socket(&s.socket);
+    let (ok, text) = migrate(&hosts, &s, &["--postcopy"]);
+    assert!(ok, "{text}");
+    let asked = text
+        .split(" asked for by the guest")
+        .next()
+        .and_then(|t| t.rsplit(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no request count in {text}"));
+    assert!(asked > 0, "the guest never had to ask: {text}");
+    eprintln!("{text}");
+    // The guest goes on writing at the destination once its memory is all there.
+    let line = next_line(&dst_out, "dirty: ");
+    assert!(line.contains("MiB written"), "{line}");
+    let (status, err) = wait_exit(&mut src, Duration::from_secs(10));
+    assert_eq!(status, Some(0), "{err}");
+    let _ = dst.kill();
+    let _ = dst.wait();
+}
+
+#[test]
 fn post_copy_stops_the_destination_when_the_source_dies() {
     // 128 MiB over 100 Mbit/s: the pages take about 10 s to follow the switch.
-    let hosts = Hosts::new(Some("100mbit"));
+    let hosts = wan(100_000_000);
     let s = setup("postcopy-broken");
     let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
     let sock = s.socket.to_str().expect("utf-8");
@@ -348,7 +323,7 @@ fn post_copy_stops_the_destination_when_the_source_dies() {
 
 #[test]
 fn wrong_credentials_are_refused_and_the_source_keeps_running() {
-    let hosts = Hosts::new(None);
+    let hosts = lan();
     let s = setup("credentials");
     let stranger = keygen(&s.dir, "stranger");
     // The destination pins a certificate that is not the source's.
@@ -391,7 +366,7 @@ fn wrong_credentials_are_refused_and_the_source_keeps_running() {
 
 /// A 128 MiB working set over a 100 Mbit/s link: the migration takes seconds.
 fn slow_migration(name: &str) -> (Hosts, Setup, Child, Receiver<String>, Child) {
-    let hosts = Hosts::new(Some("100mbit"));
+    let hosts = wan(100_000_000);
     let s = setup(name);
     let (dst, _) = receive(&hosts, &s, &s.a);
     let sock = s.socket.to_str().expect("utf-8");
@@ -431,7 +406,7 @@ fn the_source_keeps_running_when_the_link_is_cut() {
     let (hosts, s, mut src, src_out, mut dst) = slow_migration("cut");
     let migration = migrate_in_background(&hosts, &s, &["--timeout", "2000"]);
     std::thread::sleep(Duration::from_millis(1500));
-    hosts.cut();
+    hosts.cut().expect("cut the link");
     let (ok, text) = migration.join().expect("ctl thread");
     assert!(!ok && text.contains("failed"), "{text}");
     assert_source_runs_on(&s, &src_out);
@@ -445,7 +420,7 @@ fn the_source_keeps_running_when_the_link_is_cut() {
 fn a_hostile_stream_is_refused_and_nothing_runs_at_the_destination() {
     use std::io::Write;
     use xcloud_vmm::migration::{tls, wire};
-    let hosts = Hosts::new(None);
+    let hosts = lan();
     let s = setup("hostile");
     let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
     // The test itself is the source here: right credentials, then a stream of lies. It joins

@@ -11,8 +11,11 @@
 //! stop-and-copy. After GO, the source stays paused until the destination reports RUNNING; if
 //! that report never comes the source stays paused (never both running) and says so.
 
+mod postcopy;
 pub mod tls;
 pub mod wire;
+
+pub use postcopy::Duplex;
 
 use crate::console::Console;
 use crate::snapshot::VmSnapshot;
@@ -107,6 +110,9 @@ pub struct MigrationSummary {
     pub postcopy: bool,
     pub pages_sent: u64,
     pub zero_pages_sent: u64,
+    /// Post-copy: pages the destination's guest touched before they came, sent out of turn.
+    #[serde(default)]
+    pub pages_requested: u64,
     pub bytes_sent: u64,
     /// Achieved payload bandwidth over the whole migration, MB/s.
     pub bandwidth_mbps: f64,
@@ -163,6 +169,7 @@ struct PageSender<'a, S: Write> {
     compress: bool,
     frame: Vec<u8>,
     in_frame: usize,
+    frame_pages: usize,
     pages: u64,
     zero_pages: u64,
     bytes: u64,
@@ -170,18 +177,26 @@ struct PageSender<'a, S: Write> {
 
 impl<'a, S: Write> PageSender<'a, S> {
     fn new(out: &'a mut S, compress: bool) -> Self {
+        Self::with_frame_pages(out, compress, MAX_PAGES_PER_FRAME)
+    }
+
+    /// A sender whose frames carry at most `frame_pages` pages (at most MAX_PAGES_PER_FRAME).
+    fn with_frame_pages(out: &'a mut S, compress: bool, frame_pages: usize) -> Self {
+        let frame_pages = frame_pages.clamp(1, MAX_PAGES_PER_FRAME);
         Self {
             out,
             compress,
-            frame: Vec::with_capacity(4 + MAX_PAGES_PER_FRAME * (8 + PAGE)),
+            frame: Vec::with_capacity(4 + frame_pages * (8 + PAGE)),
             in_frame: 0,
+            frame_pages,
             pages: 0,
             zero_pages: 0,
             bytes: 0,
         }
     }
 
-    fn page(&mut self, pfn: u64, data: &[u8]) -> Result<(), WireError> {
+    /// Adds a page; returns whether that filled a frame, which then went out.
+    fn page(&mut self, pfn: u64, data: &[u8]) -> Result<bool, WireError> {
         let before = self.frame.len();
         wire::push_page(&mut self.frame, pfn, data);
         if self.frame.len() - before == 8 {
@@ -189,10 +204,11 @@ impl<'a, S: Write> PageSender<'a, S> {
         }
         self.pages += 1;
         self.in_frame += 1;
-        if self.in_frame == MAX_PAGES_PER_FRAME {
+        if self.in_frame == self.frame_pages {
             self.flush()?;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     fn flush(&mut self) -> Result<(), WireError> {
@@ -331,7 +347,14 @@ pub fn migrate(
     // The destination answers only after it checked our certificate: no guest state before.
     wire::expect_frame(&mut stream, &mut buf, Kind::Accept, "ACCEPT")?;
     if options.postcopy {
-        let result = postcopy_switch(handle, &mut stream, was_running, options.compress, started);
+        let result = postcopy::switch(
+            handle,
+            &mut stream,
+            was_running,
+            options.compress,
+            started,
+            options.peer_timeout,
+        );
         shared.set_progress(None);
         return result.map(|mut summary| {
             summary.to = addr.to_string();
@@ -520,6 +543,7 @@ fn precopy_and_switch<S: Read + Write>(
         rounds,
         pages_sent,
         zero_pages_sent,
+        pages_requested: 0,
         bytes_sent,
         bandwidth_mbps: bytes_sent as f64 / total.as_secs_f64() / 1e6,
     })
@@ -581,111 +605,28 @@ fn hand_over<S: Read + Write>(stream: &mut S, state: &[u8]) -> Result<(), Handov
     }
 }
 
-/// Post-copy: pause, send the state and the list of pages to come, hand over, then stream
-/// every page while the destination runs the guest (its first touch of a page not yet
-/// arrived waits for it). The downtime does not grow with memory size or dirty rate.
-fn postcopy_switch<S: Read + Write>(
-    handle: &VmHandle,
-    stream: &mut S,
-    was_running: bool,
-    compress: bool,
-    started: Instant,
-) -> Result<MigrationSummary, MigrationError> {
-    let shared = &handle.shared;
-    let pause_start = Instant::now();
-    let fail = pause_for_switch(handle, was_running)?;
-    let pfns = shared.ram.resident_pages();
-    let state = handle
-        .collect_state()
-        .and_then(|s| Ok(s.encode()?))
-        .map_err(|e| fail(e.into()))?;
-    let mut buf = Vec::new();
-    wire::write_frame(stream, Kind::Postcopy, &wire::encode_pfns(&pfns)).map_err(|e| fail(e.into()))?;
-    hand_over(stream, &state).map_err(|h| h.into_error(fail))?;
-    let downtime = pause_start.elapsed();
-    let host_base = shared.ram.host_base() as *const u8;
-    let mut page = vec![0u8; PAGE];
-    let mut sender = PageSender::new(stream, compress);
-    let streamed = (|| -> Result<(), WireError> {
-        for &pfn in &pfns {
-            // SAFETY: `pfn` comes from resident_pages, so it is below the RAM's page count and
-            // the 4 KiB at host_base + pfn * 4096 lie in the guest RAM mapping that `shared`
-            // keeps alive; the guest is paused, and `page` is our own distinct buffer.
-            unsafe { std::ptr::copy_nonoverlapping(host_base.add(pfn as usize * PAGE), page.as_mut_ptr(), PAGE) };
-            sender.page(pfn, &page)?;
-        }
-        sender.flush()?;
-        wire::write_frame(sender.out, Kind::End, &[])?;
-        sender.out.flush()?;
-        match wire::read_frame(sender.out, &mut buf)? {
-            Kind::Complete => Ok(()),
-            other => Err(WireError::Unexpected {
-                expected: "COMPLETE",
-                got: other,
-            }),
-        }
-    })();
-    if let Err(e) = streamed {
-        return Err(MigrationError::OutcomeUnknown(format!(
-            "the post-copy stream broke ({}); the destination cannot continue without its pages",
-            vm::flatten_error(&e)
-        )));
-    }
-    let total = started.elapsed();
-    let bytes_sent = sender.bytes + state.len() as u64 + pfns.len() as u64 * 8;
-    Ok(MigrationSummary {
-        to: String::new(),
-        total_ms: total.as_secs_f64() * 1e3,
-        downtime_ms: downtime.as_secs_f64() * 1e3,
-        rounds: 0,
-        throttle_percent: 0,
-        postcopy: true,
-        pages_sent: sender.pages,
-        zero_pages_sent: sender.zero_pages,
-        bytes_sent,
-        bandwidth_mbps: bytes_sent as f64 / total.as_secs_f64() / 1e6,
-    })
-}
-
 /// A VM received from a source, built and checked but not started.
 pub struct Incoming<S: Read + Write> {
     vm: Vm,
     stream: S,
     /// Set in post-copy: the pages still to come, and the userfaultfd that holds them back.
-    postcopy: Option<(Arc<crate::snapshot::lazy::Uffd>, Arc<Vec<u64>>)>,
+    postcopy: Option<(crate::snapshot::lazy::Uffd, Vec<u64>)>,
 }
 
-impl<S: Read + Write + Send + 'static> Incoming<S> {
+impl<S: Read + Write> Incoming<S> {
     /// A handle to the received VM (for the control socket and signals).
     pub fn handle(&self) -> VmHandle {
         self.vm.handle()
     }
+}
 
+impl<S: Duplex + Send + 'static> Incoming<S> {
     /// Waits for the source's GO, starts the VM and reports RUNNING. Without a GO nothing
     /// runs (the source keeps the VM). In post-copy, the pages then keep arriving on a
-    /// background thread while the guest runs.
+    /// background thread while the guest runs, which asks for the pages the guest waits on.
     pub fn start(mut self) -> Result<Vm, MigrationError> {
         let mut buf = Vec::new();
         wire::expect_frame(&mut self.stream, &mut buf, Kind::Go, "GO")?;
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        if let Some((uffd, pfns)) = &self.postcopy {
-            // Faults on pages that will never come are zero pages; the others wait for the stream.
-            let (uffd, pfns, done) = (uffd.clone(), pfns.clone(), done.clone());
-            std::thread::Builder::new()
-                .name("postcopy-faults".into())
-                .spawn(move || {
-                    while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                        if let Some(pfn) = uffd.next_fault(20) {
-                            if pfns.binary_search(&pfn).is_err() {
-                                if let Err(e) = uffd.zero(pfn) {
-                                    tracing::warn!("post-copy: cannot map a zero page at {pfn}: {e}");
-                                }
-                            }
-                        }
-                    }
-                })
-                .map_err(|e| MigrationError::Wire(WireError::Io(e)))?;
-        }
         self.vm.start()?;
         wire::write_frame(&mut self.stream, Kind::Running, &[])?;
         self.stream.flush().map_err(WireError::from)?;
@@ -693,73 +634,29 @@ impl<S: Read + Write + Send + 'static> Incoming<S> {
             let handle = self.vm.handle();
             let mut stream = self.stream;
             std::thread::Builder::new()
-                .name("postcopy-pages".into())
+                .name("postcopy".into())
                 .spawn(move || {
-                    let result = receive_postcopy_pages(&mut stream, &uffd, pfns.len() as u64, handle.mem_bytes());
-                    done.store(true, std::sync::atomic::Ordering::SeqCst);
-                    match result {
-                        Ok(()) => {
-                            uffd.unregister();
-                            let _ = wire::write_frame(&mut stream, Kind::Complete, &[]);
-                            let _ = stream.flush();
-                        }
+                    match postcopy::receive_pages(&mut stream, &uffd, &pfns, handle.mem_bytes()) {
+                        Ok(arrivals) => tracing::info!(
+                            "post-copy complete: {} pages, {} asked for by the guest, longest wait {:?}",
+                            pfns.len(),
+                            arrivals.requested,
+                            arrivals.longest_wait
+                        ),
                         Err(e) => {
                             // Without its pages the guest cannot go on: stop it, then release
-                            // vCPUs blocked on missing pages so that they see the stop.
+                            // vCPUs blocked on missing pages (below) so that they see the stop.
                             handle.shared.finish(vm::VmExit::Failed(format!(
                                 "the post-copy stream broke: {}",
                                 vm::flatten_error(&e)
                             )));
-                            uffd.unregister();
                         }
                     }
+                    uffd.unregister();
                 })
                 .map_err(|e| MigrationError::Wire(WireError::Io(e)))?;
         }
         Ok(self.vm)
-    }
-}
-
-/// Receives post-copy PAGES frames until END, placing each page with UFFDIO_COPY (which also
-/// wakes a vCPU waiting for it).
-fn receive_postcopy_pages<S: Read>(
-    stream: &mut S,
-    uffd: &crate::snapshot::lazy::Uffd,
-    expected: u64,
-    mem_bytes: u64,
-) -> Result<(), WireError> {
-    let mut buf = Vec::new();
-    let mut unpacked = Vec::new();
-    let mut received = 0u64;
-    loop {
-        match wire::read_frame(stream, &mut buf)? {
-            kind @ (Kind::Pages | Kind::PagesLz4) => {
-                if kind == Kind::PagesLz4 {
-                    wire::decompress_pages(&buf, &mut unpacked)?;
-                    std::mem::swap(&mut buf, &mut unpacked);
-                }
-                received += wire::for_each_page(&buf, mem_bytes / PAGE as u64, |pfn, data| {
-                    match data {
-                        Some(d) => uffd.copy(pfn, d),
-                        None => uffd.zero(pfn),
-                    }
-                    .map_err(WireError::Io)
-                })?;
-            }
-            Kind::End if received == expected => return Ok(()),
-            Kind::End => {
-                return Err(WireError::Malformed {
-                    kind: Kind::End,
-                    detail: format!("{received} of {expected} pages arrived"),
-                })
-            }
-            other => {
-                return Err(WireError::Unexpected {
-                    expected: "PAGES or END",
-                    got: other,
-                })
-            }
-        }
     }
 }
 
@@ -860,7 +757,7 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
     let receiving = Instant::now();
     let memfd = parts.ram.file();
     let (ram_base, ram_size) = (parts.ram.host_base(), parts.ram.size());
-    let mut postcopy: Option<(Arc<crate::snapshot::lazy::Uffd>, Arc<Vec<u64>>)> = None;
+    let mut postcopy: Option<(crate::snapshot::lazy::Uffd, Vec<u64>)> = None;
     let mut pages_seen = false;
     let mut unpacked = Vec::new();
     // Two stages: this thread reads and decrypts frames, an applier writes their pages into
@@ -908,7 +805,7 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
                     };
                     // Guest RAM is untouched so far: every page is missing until it arrives.
                     match crate::snapshot::lazy::Uffd::register(ram_base, ram_size) {
-                        Ok(uffd) => postcopy = Some((Arc::new(uffd), Arc::new(pfns))),
+                        Ok(uffd) => postcopy = Some((uffd, pfns)),
                         Err(e) => return Err(refuse(&mut stream, format!("cannot set up post-copy here: {e}"))),
                     }
                 }

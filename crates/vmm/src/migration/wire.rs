@@ -13,7 +13,9 @@ pub const PAGE: usize = 4096;
 /// Magic of the HELLO frame.
 pub const MAGIC: &[u8; 8] = b"XCLDMIG\0";
 /// Version of the stream.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// Most page numbers in one REQUEST frame.
+pub const MAX_REQUEST: usize = 512;
 
 /// Frame kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,8 +40,9 @@ pub enum Kind {
     Sync = 9,
     /// destination -> source: every frame before the SYNC is applied.
     Synced = 10,
-    /// source -> destination, before STATE: switch to post-copy; the payload lists (u64 each,
-    /// increasing) the pages that will follow after GO. Other pages are zero.
+    /// source -> destination, before STATE: switch to post-copy; the payload lists the pages
+    /// that will follow after GO as runs (first page u64, count u32; increasing, not
+    /// overlapping). Other pages are zero.
     Postcopy = 11,
     /// source -> destination: every post-copy page has been sent.
     End = 12,
@@ -48,6 +51,9 @@ pub enum Kind {
     /// source -> destination: a PAGES payload compressed with LZ4 (block format), after its
     /// uncompressed length (u32, at most MAX_FRAME).
     PagesLz4 = 14,
+    /// destination -> source, during post-copy: send these pages (u64 each, at most
+    /// MAX_REQUEST) before the others: the guest waits for them.
+    Request = 15,
 }
 
 impl Kind {
@@ -66,6 +72,7 @@ impl Kind {
             12 => Kind::End,
             13 => Kind::Complete,
             14 => Kind::PagesLz4,
+            15 => Kind::Request,
             _ => return None,
         })
     }
@@ -311,31 +318,82 @@ pub fn decompress_pages(payload: &[u8], out: &mut Vec<u8>) -> Result<(), WireErr
     }
 }
 
-/// Encodes the POSTCOPY payload.
+/// Encodes the POSTCOPY payload: `pfns` (increasing) as runs of consecutive pages, so that the
+/// list costs a few bytes per run instead of 8 per page (it is sent while the guest is paused).
 pub fn encode_pfns(pfns: &[u64]) -> Vec<u8> {
-    pfns.iter().flat_map(|p| p.to_le_bytes()).collect()
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < pfns.len() {
+        let first = pfns[i];
+        let mut count = 1u32;
+        while i + (count as usize) < pfns.len() && pfns[i + count as usize] == first + count as u64 && count < u32::MAX
+        {
+            count += 1;
+        }
+        out.extend_from_slice(&first.to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
+        i += count as usize;
+    }
+    out
 }
 
-/// Decodes a POSTCOPY payload: page numbers strictly increasing and below `limit`.
+/// Decodes a POSTCOPY payload into page numbers: runs increasing, not overlapping, non-empty
+/// and below `limit`.
 pub fn decode_pfns(payload: &[u8], limit: u64) -> Result<Vec<u64>, WireError> {
     let bad = |detail: String| WireError::Malformed {
         kind: Kind::Postcopy,
         detail,
     };
-    if payload.len() % 8 != 0 {
-        return Err(bad(format!("{} bytes is not a list of page numbers", payload.len())));
+    if payload.len() % 12 != 0 {
+        return Err(bad(format!("{} bytes is not a list of page runs", payload.len())));
     }
-    let mut pfns = Vec::with_capacity(payload.len() / 8);
-    for chunk in payload.chunks_exact(8) {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(chunk);
-        let pfn = u64::from_le_bytes(b);
-        if pfn >= limit || pfns.last().is_some_and(|&last| pfn <= last) {
-            return Err(bad(format!("page {pfn} is out of range or out of order")));
+    let mut pfns: Vec<u64> = Vec::new();
+    for run in payload.chunks_exact(12) {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&run[..8]);
+        let first = u64::from_le_bytes(first);
+        let count = u32::from_le_bytes([run[8], run[9], run[10], run[11]]) as u64;
+        let in_order = pfns.last().is_none_or(|&last| first > last);
+        if count == 0 || !in_order || first.checked_add(count).is_none_or(|end| end > limit) {
+            return Err(bad(format!(
+                "the run of {count} pages at {first} is empty, out of range or out of order"
+            )));
         }
-        pfns.push(pfn);
+        pfns.extend(first..first + count);
     }
     Ok(pfns)
+}
+
+/// Encodes a REQUEST payload.
+pub fn encode_request(pfns: &[u64]) -> Vec<u8> {
+    pfns.iter().flat_map(|p| p.to_le_bytes()).collect()
+}
+
+/// Decodes a REQUEST payload: at most MAX_REQUEST page numbers, each below `limit`.
+pub fn decode_request(payload: &[u8], limit: u64) -> Result<Vec<u64>, WireError> {
+    let bad = |detail: String| WireError::Malformed {
+        kind: Kind::Request,
+        detail,
+    };
+    if payload.len() % 8 != 0 || payload.len() / 8 > MAX_REQUEST {
+        return Err(bad(format!(
+            "{} bytes is not a list of at most {MAX_REQUEST} pages",
+            payload.len()
+        )));
+    }
+    payload
+        .chunks_exact(8)
+        .map(|b| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(b);
+            let pfn = u64::from_le_bytes(word);
+            if pfn < limit {
+                Ok(pfn)
+            } else {
+                Err(bad(format!("page {pfn} is beyond the guest's {limit} pages")))
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -421,5 +479,32 @@ mod tests {
         bad[0] = b'Y';
         assert!(Hello::decode(&bad).is_err());
         assert!(Hello::decode(&bad[..10]).is_err());
+    }
+
+    #[test]
+    fn page_lists_travel_as_runs_and_lies_are_refused() {
+        let pfns = [0, 1, 2, 3, 10, 11, 500, 502];
+        let encoded = encode_pfns(&pfns);
+        assert_eq!(encoded.len(), 4 * 12, "four runs");
+        assert_eq!(decode_pfns(&encoded, 503).expect("decode"), pfns);
+        assert!(decode_pfns(&encoded, 502).is_err(), "beyond the guest");
+        assert!(decode_pfns(&encoded[..13], 1000).is_err(), "cut");
+        let overlapping = [encode_pfns(&[5, 6]), encode_pfns(&[6])].concat();
+        assert!(decode_pfns(&overlapping, 1000).is_err());
+        let mut empty = encode_pfns(&[5]);
+        empty[8..12].copy_from_slice(&0u32.to_le_bytes());
+        assert!(decode_pfns(&empty, 1000).is_err());
+        let mut huge = encode_pfns(&[u64::MAX - 1]);
+        huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_pfns(&huge, u64::MAX).is_err(), "overflowing run");
+        assert_eq!(decode_pfns(&[], 10).expect("none"), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn requests_are_bounded() {
+        assert_eq!(decode_request(&encode_request(&[7, 3]), 8).expect("decode"), [7, 3]);
+        assert!(decode_request(&encode_request(&[8]), 8).is_err());
+        assert!(decode_request(&encode_request(&vec![1; MAX_REQUEST + 1]), 8).is_err());
+        assert!(decode_request(&[0; 7], 8).is_err());
     }
 }

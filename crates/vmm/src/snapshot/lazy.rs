@@ -200,6 +200,11 @@ impl Uffd {
         (pfn < self.size / PAGE).then_some(pfn)
     }
 
+    /// The descriptor to poll for faults.
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
     /// Hands the range back to the kernel: pending and later faults are resolved normally.
     pub(crate) fn unregister(&self) {
         let range = UffdioRange {
