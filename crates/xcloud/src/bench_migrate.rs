@@ -203,10 +203,16 @@ fn spawn(ns: Option<&str>, args: &[&str]) -> Result<(Child, Receiver<String>)> {
         }
         None => Command::new(exe),
     };
+    // With XCLOUD_LOG set, the VMMs' logs show on the bench's stderr.
+    let logs = if std::env::var_os("XCLOUD_LOG").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    };
     let mut child = cmd
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(logs)
         .spawn()
         .context("cannot start xcloud")?;
     let stdout = child.stdout.take().context("no stdout")?;

@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 use xcloud::netlab::{Hosts, LinkSpec};
@@ -35,7 +35,7 @@ fn keygen(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// Runs `xcloud ARGS` inside namespace `ns`, its stdout read line by line.
-fn spawn_in(ns: &str, args: &[&str]) -> (Child, Receiver<String>) {
+fn spawn_in(ns: &str, args: &[&str]) -> (Proc, Receiver<String>) {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_xcloud")]).args(args);
     spawn_lines(cmd)
@@ -48,7 +48,7 @@ fn count(line: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
 
-fn wait_exit(child: &mut Child, limit: Duration) -> (Option<i32>, String) {
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> (Option<i32>, String) {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().expect("wait") {
@@ -81,7 +81,7 @@ fn setup(name: &str) -> Setup {
     Setup { dir, a, b, socket }
 }
 
-fn receive(hosts: &Hosts, s: &Setup, peer: &Path) -> (Child, Receiver<String>) {
+fn receive(hosts: &Hosts, s: &Setup, peer: &Path) -> (Proc, Receiver<String>) {
     let listen = format!("{}:7710", hosts.dst_ip);
     let id = s.b.to_str().expect("utf-8").to_string();
     let peer = peer.join("cert.der");
@@ -365,7 +365,7 @@ fn wrong_credentials_are_refused_and_the_source_keeps_running() {
 }
 
 /// A 128 MiB working set over a 100 Mbit/s link: the migration takes seconds.
-fn slow_migration(name: &str) -> (Hosts, Setup, Child, Receiver<String>, Child) {
+fn slow_migration(name: &str) -> (Hosts, Setup, Proc, Receiver<String>, Proc) {
     let hosts = wan(100_000_000);
     let s = setup(name);
     let (dst, _) = receive(&hosts, &s, &s.a);

@@ -5,7 +5,6 @@ mod common;
 use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 fn scratch(name: &str) -> PathBuf {
@@ -17,7 +16,7 @@ fn scratch(name: &str) -> PathBuf {
 
 /// Starts `xcloud ARGS` with its stdout read line by line on a thread.
 /// Starts `xcloud ARGS` with its stdout read line by line.
-fn spawn(args: &[&str]) -> (Child, std::sync::mpsc::Receiver<String>) {
+fn spawn(args: &[&str]) -> (Proc, std::sync::mpsc::Receiver<String>) {
     let mut cmd = xcloud();
     cmd.args(args);
     spawn_lines(cmd)
@@ -30,7 +29,7 @@ fn beat_count(line: &str) -> u64 {
         .unwrap_or_else(|| panic!("no count in {line}"))
 }
 
-fn wait_exit(child: &mut Child) -> Option<i32> {
+fn wait_exit(child: &mut std::process::Child) -> Option<i32> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(status) = child.try_wait().expect("wait") {

@@ -333,6 +333,8 @@ pub fn migrate(
     let _ = tcp.set_nodelay(true);
     tcp.set_read_timeout(Some(options.peer_timeout)).map_err(connect_err)?;
     tcp.set_write_timeout(Some(options.peer_timeout)).map_err(connect_err)?;
+    // The stream owns the socket for as long as `link` is used.
+    let link = Link(std::os::fd::AsRawFd::as_raw_fd(&tcp));
     let mut stream = tls::connect(tcp, creds)?;
     let hello = Hello {
         mem_bytes: shared.ram.size(),
@@ -365,7 +367,7 @@ pub fn migrate(
         what: "start dirty-page logging",
         source,
     })?;
-    let result = precopy_and_switch(handle, &mut stream, options, was_running, started);
+    let result = precopy_and_switch(handle, &mut stream, options, was_running, started, &link);
     if !matches!(result, Err(MigrationError::OutcomeUnknown(_))) {
         let _ = shared.set_dirty_logging(false);
     }
@@ -376,13 +378,102 @@ pub fn migrate(
     })
 }
 
+/// What the kernel knows of the migration's TCP connection.
+struct Link(std::os::fd::RawFd);
+
+impl Link {
+    /// The smoothed round-trip time (zero if the kernel cannot tell).
+    fn rtt(&self) -> Duration {
+        // SAFETY: tcp_info is plain old data; all zeros is a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: TCP_INFO writes at most `len` bytes into `info`, which is that large and
+        // lives across the call; the socket stays open while the migration's stream lives.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.0,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                &mut info as *mut libc::tcp_info as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            Duration::from_micros(info.tcpi_rtt as u64)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// Bytes written but not yet acknowledged by the peer (SIOCOUTQ): still on their way.
+    fn in_flight(&self) -> u64 {
+        let mut bytes: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int into `bytes`, which lives across the call.
+        if unsafe { libc::ioctl(self.0, libc::TIOCOUTQ, &mut bytes) } == 0 {
+            bytes.max(0) as u64
+        } else {
+            0
+        }
+    }
+}
+
+/// Whether stop-and-copy may start with `dirty_bytes` left: sending them must fit the budget,
+/// and so must what the switch will then take with the guest paused — the pages it dirties
+/// while those and the bytes still in flight go out and the SYNC is answered, then one round
+/// trip for the handover.
+fn fits_downtime(
+    dirty_bytes: f64,
+    in_flight: f64,
+    bandwidth: f64,
+    dirty_rate: f64,
+    rtt: Duration,
+    budget: Duration,
+) -> bool {
+    let (rtt, budget) = (rtt.as_secs_f64(), budget.as_secs_f64());
+    let last_pass = dirty_bytes / bandwidth;
+    // Of the bytes in flight, a round trip's worth is on the wire; the rest waits in queues.
+    let queued = (in_flight - bandwidth * rtt).max(0.0);
+    let synced = (queued + dirty_bytes) / bandwidth + rtt;
+    let paused = dirty_rate * synced / bandwidth + rtt;
+    last_pass <= budget && paused <= budget
+}
+
+/// How fast the guest dirties memory, over the latest rounds that span at least 100 ms (single
+/// rounds can last microseconds: too short to tell a rate).
+#[derive(Default)]
+struct DirtyRate {
+    samples: std::collections::VecDeque<(f64, f64)>,
+}
+
+impl DirtyRate {
+    /// Records `bytes` dirtied over `seconds`; returns the rate in bytes per second.
+    fn add(&mut self, seconds: f64, bytes: f64) -> f64 {
+        self.samples.push_front((seconds, bytes));
+        let (mut time, mut dirtied, mut keep) = (0.0, 0.0, 0);
+        for &(t, b) in &self.samples {
+            time += t;
+            dirtied += b;
+            keep += 1;
+            if time >= 0.1 {
+                break;
+            }
+        }
+        self.samples.truncate(keep);
+        dirtied / time.max(1e-6)
+    }
+}
+
 fn precopy_and_switch<S: Read + Write>(
     handle: &VmHandle,
     stream: &mut S,
     options: MigrateOptions,
     was_running: bool,
     started: Instant,
+    link: &Link,
 ) -> Result<MigrationSummary, MigrationError> {
+    // Dirty logging was turned on just before this call.
+    let mut last_fetch = Instant::now();
+    let mut dirty_rates = DirtyRate::default();
     let shared = &handle.shared;
     let size = shared.ram.size();
     let mut page = vec![0u8; PAGE];
@@ -425,7 +516,8 @@ fn precopy_and_switch<S: Read + Write>(
         }
     }
     sender.flush()?;
-    let mut bandwidth = sender.bytes as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
+    let delivered = sender.bytes.saturating_sub(link.in_flight()).max(1);
+    let mut bandwidth = delivered as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
 
     // Rounds of dirtied pages until the rest fits the downtime budget.
     let mut rounds = 0;
@@ -443,7 +535,24 @@ fn precopy_and_switch<S: Read + Write>(
             })?;
         let dirty = dirty_pages(&bitmap);
         let remaining_bytes = dirty.len() as f64 * (8 + PAGE) as f64;
-        let fits = remaining_bytes / bandwidth <= options.max_downtime.as_secs_f64();
+        let dirty_rate = dirty_rates.add(last_fetch.elapsed().as_secs_f64(), remaining_bytes);
+        last_fetch = Instant::now();
+        let (rtt, in_flight) = (link.rtt(), link.in_flight());
+        let fits = fits_downtime(
+            remaining_bytes,
+            in_flight as f64,
+            bandwidth,
+            dirty_rate,
+            rtt,
+            options.max_downtime,
+        );
+        tracing::debug!(
+            "round {rounds}: {} dirty pages, {} KiB in flight, link {:.0} MB/s, guest dirties {:.0} MB/s, RTT {rtt:?}, fits: {fits}",
+            dirty.len(),
+            in_flight >> 10,
+            bandwidth / 1e6,
+            dirty_rate / 1e6
+        );
         if dirty.len() as u64 >= best_dirty {
             rounds_without_progress += 1;
         } else {
@@ -465,15 +574,17 @@ fn precopy_and_switch<S: Read + Write>(
         rounds += 1;
         progress("pre-copy", rounds, sender.pages, sender.bytes, dirty.len() as u64);
         let round_start = Instant::now();
-        let bytes_before = sender.bytes;
+        let (bytes_before, in_flight_before) = (sender.bytes, link.in_flight());
         for &pfn in &dirty {
             read_page(pfn, &mut page)?;
             sender.page(pfn, &page)?;
         }
         sender.flush()?;
         let elapsed = round_start.elapsed().as_secs_f64();
-        if elapsed > 0.005 {
-            bandwidth = (sender.bytes - bytes_before) as f64 / elapsed;
+        // What left this host, not what went into the socket buffers.
+        let delivered = (sender.bytes - bytes_before + in_flight_before).saturating_sub(link.in_flight());
+        if elapsed > 0.005 && delivered > 0 {
+            bandwidth = delivered as f64 / elapsed;
         }
     };
 
@@ -892,5 +1003,48 @@ pub fn listen_and_receive(
             // A peer without the right credentials is turned away; keep waiting for the source.
             Err(e) => tracing::warn!("refused a migration connection from {peer}: {}", vm::flatten_error(&e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_downtime_budget_counts_the_round_trip_and_what_the_guest_dirties_meanwhile() {
+        let mb = 1e6;
+        let budget = Duration::from_millis(50);
+        let wan = Duration::from_millis(20);
+        // 3 MB at 80 MB/s is 37.5 ms: enough on a local link with an idle guest.
+        assert!(fits_downtime(3.0 * mb, 0.0, 80.0 * mb, 0.0, Duration::ZERO, budget));
+        // Over 20 ms RTT with a guest dirtying 64 MB/s, the pause would take ~66 ms.
+        assert!(!fits_downtime(3.0 * mb, 0.0, 80.0 * mb, 64.0 * mb, wan, budget));
+        // 1 MB left: ~46 ms...
+        assert!(fits_downtime(1.0 * mb, 0.0, 80.0 * mb, 64.0 * mb, wan, budget));
+        // ...unless 2 MB beyond what the link holds are queued: the guest dirties more
+        // pages while they drain.
+        assert!(!fits_downtime(1.0 * mb, 3.6 * mb, 80.0 * mb, 64.0 * mb, wan, budget));
+        assert!(fits_downtime(1.0 * mb, 1.6 * mb, 80.0 * mb, 64.0 * mb, wan, budget));
+        // A round trip longer than the budget never fits (the throttle and the round limit end
+        // the pre-copy then).
+        assert!(!fits_downtime(
+            0.0,
+            0.0,
+            80.0 * mb,
+            0.0,
+            Duration::from_millis(60),
+            budget
+        ));
+    }
+
+    #[test]
+    fn the_dirty_rate_spans_at_least_100_ms() {
+        let mut rate = DirtyRate::default();
+        assert_eq!(rate.add(0.2, 20e6), 100e6);
+        // A 1 ms round with 1 MB does not make it 1 GB/s: the 200 ms before still count.
+        let r = rate.add(0.001, 1e6);
+        assert!((r - 21e6 / 0.201).abs() < 1.0, "{r}");
+        // Once 100 ms of newer rounds exist, the old one drops out.
+        assert_eq!(rate.add(0.1, 1e6), 1e6 / 0.1);
     }
 }

@@ -109,8 +109,32 @@ pub fn build_asm_guest(name: &str, source: &str) -> PathBuf {
     elf
 }
 
+/// A process the test started: killed when the test ends, also when it fails, so that a
+/// failed test leaves no VM spinning under the tests that follow.
+pub struct Proc(pub std::process::Child);
+
+impl std::ops::Deref for Proc {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs `cmd` with its stdout read line by line on a thread.
-pub fn spawn_lines(mut cmd: Command) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+pub fn spawn_lines(mut cmd: Command) -> (Proc, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead;
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
@@ -118,6 +142,7 @@ pub fn spawn_lines(mut cmd: Command) -> (std::process::Child, std::sync::mpsc::R
         .spawn()
         .expect("cannot start the command");
     let stdout = child.stdout.take().expect("stdout");
+    let child = Proc(child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {

@@ -1,0 +1,19 @@
+//! A hostile migration destination during post-copy: the source decodes its REQUEST frames
+//! (and the page lists it announces are decoded the same way by destinations); either must be
+//! refused or bounded, never a panic or an allocation beyond the guest.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use xcloud_vmm::migration::wire;
+
+fuzz_target!(|data: &[u8]| {
+    // Guest sizes from tiny to the largest xcloud allows (3 GiB of 4 KiB pages).
+    let limit = data.first().map_or(1, |&b| 1u64 << (b % 20)).min(786_432);
+    let rest = data.get(1..).unwrap_or_default();
+    if let Ok(pfns) = wire::decode_request(rest, limit) {
+        assert!(pfns.len() <= wire::MAX_REQUEST && pfns.iter().all(|&p| p < limit));
+    }
+    if let Ok(pfns) = wire::decode_pfns(rest, limit) {
+        assert!(pfns.windows(2).all(|w| w[0] < w[1]) && pfns.iter().all(|&p| p < limit));
+    }
+});
