@@ -67,9 +67,9 @@ pub enum Command {
         /// How long the destination may stay silent before the migration fails.
         #[serde(default)]
         timeout_ms: Option<u64>,
-        /// Switch at once and send the pages after (post-copy).
+        /// Post-copy: "off" (default), "converge" (when pre-copy does not converge) or "now".
         #[serde(default)]
-        postcopy: bool,
+        postcopy: crate::migration::PostcopyMode,
         /// Compress page frames (LZ4).
         #[serde(default)]
         compress: bool,

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 use xcloud_vmm::api::{call, Command as Op};
-use xcloud_vmm::migration::MigrationSummary;
+use xcloud_vmm::migration::{MigrationSummary, PostcopyMode};
 
 use crate::netlab::{Hosts, LinkSpec};
 
@@ -346,7 +346,14 @@ fn tls_baseline(dir: &Path, bytes: usize) -> Result<f64> {
     Ok(got as f64 / start.elapsed().as_secs_f64())
 }
 
-fn one_migration(dir: &Path, mem: u64, rate: u64, port: u16, wan: Option<&Hosts>) -> Result<Cell> {
+fn one_migration(
+    dir: &Path,
+    mem: u64,
+    rate: u64,
+    port: u16,
+    wan: Option<&Hosts>,
+    postcopy: PostcopyMode,
+) -> Result<Cell> {
     let socket = dir.join(format!("src-{mem}-{rate}.sock"));
     let dst_socket = dir.join(format!("dst-{mem}-{rate}.sock"));
     let (a, b) = (dir.join("a"), dir.join("b"));
@@ -397,7 +404,7 @@ fn one_migration(dir: &Path, mem: u64, rate: u64, port: u16, wan: Option<&Hosts>
                 peer_cert: b.join("cert.der"),
                 max_downtime_ms: Some(50),
                 timeout_ms: None,
-                postcopy: false,
+                postcopy,
                 compress: false,
             },
         )?;
@@ -426,7 +433,13 @@ fn one_migration(dir: &Path, mem: u64, rate: u64, port: u16, wan: Option<&Hosts>
 }
 
 /// Runs the matrix and prints the table.
-pub fn migrate(sizes: &[u64], rates: &[u64], with_qemu: bool, wan_link: Option<LinkSpec>) -> Result<()> {
+pub fn migrate(
+    sizes: &[u64],
+    rates: &[u64],
+    with_qemu: bool,
+    wan_link: Option<LinkSpec>,
+    postcopy: PostcopyMode,
+) -> Result<()> {
     let wan = wan_link
         .map(Hosts::new)
         .transpose()
@@ -458,7 +471,7 @@ pub fn migrate(sizes: &[u64], rates: &[u64], with_qemu: bool, wan_link: Option<L
         for &rate in rates {
             bar.set_message(format!("{} MiB guest dirtying {rate} MiB/s", mem >> 20));
             port += 1;
-            let mut cell = one_migration(&dir, mem, rate, port, wan.as_ref())?;
+            let mut cell = one_migration(&dir, mem, rate, port, wan.as_ref(), postcopy)?;
             if with_qemu {
                 let image = dir.join("heartbeat.elf");
                 std::fs::write(
@@ -491,6 +504,9 @@ fn print_table(cells: &[Cell], tcp: f64, tls: f64, wan: Option<String>) {
         tcp / 1e6,
         tls / 1e6
     );
+    if cells.iter().any(|c| c.summary.postcopy) {
+        println!("rounds \"N+pc\": N pre-copy rounds, then post-copy for the pages left");
+    }
     println!();
     println!(
         "{:>6} {:>6} {:>9} {:>10} {:>12} {:>7} {:>9} {:>9} {:>9} {:>9}",
@@ -506,7 +522,11 @@ fn print_table(cells: &[Cell], tcp: f64, tls: f64, wan: Option<String>) {
             s.total_ms,
             s.downtime_ms,
             c.guest_stall_ms,
-            s.rounds,
+            if s.postcopy {
+                format!("{}+pc", s.rounds)
+            } else {
+                s.rounds.to_string()
+            },
             s.bytes_sent as f64 / (1 << 20) as f64,
             s.bandwidth_mbps,
             over(tcp),

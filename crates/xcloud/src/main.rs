@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use xcloud_vmm::migration::PostcopyMode;
 
 #[derive(Parser)]
 #[command(name = "xcloud", version, about = "The tenant's own hypervisor layer")]
@@ -110,10 +111,14 @@ enum CtlAction {
         /// Milliseconds the destination may stay silent before the migration fails.
         #[arg(long, default_value_t = 30_000)]
         timeout: u64,
-        /// Post-copy: hand the VM over at once and send its memory after (the destination
-        /// runs it meanwhile, waiting on pages it touches before they arrive).
-        #[arg(long)]
+        /// Converge by post-copy: if pre-copy cannot catch up with the guest, hand the VM over
+        /// and send the pages left after (the destination runs it meanwhile, asking for pages
+        /// it touches before they arrive) instead of throttling the guest.
+        #[arg(long, conflicts_with = "postcopy_now")]
         postcopy: bool,
+        /// Post-copy at once: hand the VM over first and send all of its memory after.
+        #[arg(long)]
+        postcopy_now: bool,
         /// Compress page frames with LZ4 (worth it on slow links).
         #[arg(long)]
         compress: bool,
@@ -149,6 +154,9 @@ enum BenchCommand {
         /// The WAN link's round-trip time in milliseconds (0: a plain veth link).
         #[arg(long, default_value_t = 20, requires = "wan")]
         rtt_ms: u64,
+        /// xcloud converges by post-copy (`ctl migrate --postcopy`) instead of throttling.
+        #[arg(long)]
+        postcopy: bool,
     },
     /// Basic operations native vs in a guest, start time, VMM memory overhead.
     Micro {
@@ -179,6 +187,7 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
             max_downtime,
             timeout,
             postcopy,
+            postcopy_now,
             compress,
         } => {
             return run::migrate(
@@ -189,7 +198,11 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
                 run::MigrateFlags {
                     max_downtime_ms: max_downtime,
                     timeout_ms: timeout,
-                    postcopy,
+                    postcopy: match (postcopy, postcopy_now) {
+                        (_, true) => PostcopyMode::Now,
+                        (true, false) => PostcopyMode::Converge,
+                        (false, false) => PostcopyMode::Off,
+                    },
                     compress,
                 },
             )
@@ -258,9 +271,15 @@ fn main() -> ExitCode {
             no_qemu,
             wan,
             rtt_ms,
+            postcopy,
         }) => {
             let link = wan.map(|rate| xcloud::netlab::LinkSpec::wan(rate, Duration::from_millis(rtt_ms)));
-            xcloud::bench_migrate::migrate(&sizes, &rates, !no_qemu, link).map(|_| 0)
+            let mode = if postcopy {
+                PostcopyMode::Converge
+            } else {
+                PostcopyMode::Off
+            };
+            xcloud::bench_migrate::migrate(&sizes, &rates, !no_qemu, link, mode).map(|_| 0)
         }
         Command::Bench(BenchCommand::Snapshot { mem, working_set }) => {
             xcloud::bench_snapshot::snapshot(mem, working_set).map(|_| 0)

@@ -104,7 +104,7 @@ pub fn receive(listen: &str, identity: &Path, peer: &Path, api: Option<&Path>) -
 pub struct MigrateFlags {
     pub max_downtime_ms: u64,
     pub timeout_ms: u64,
-    pub postcopy: bool,
+    pub postcopy: xcloud_vmm::migration::PostcopyMode,
     pub compress: bool,
 }
 

@@ -175,12 +175,12 @@ fn a_running_heartbeat_moves_to_another_host_and_keeps_counting() {
     drop(s.dir);
 }
 
-#[test]
-fn a_guest_that_dirties_faster_than_the_link_is_throttled_until_it_converges() {
-    // 256 MiB/s of dirtying against a 1 Gbit/s link: without throttling no round gets smaller.
+/// Migrates a guest dirtying 256 MiB/s over a 1 Gbit/s link with `flags`; checks that it
+/// counts on at the destination and returns the summary.
+fn migrate_a_fast_dirtier(name: &str, flags: &[&str]) -> String {
     let hosts = wan(1_000_000_000);
-    let s = setup("throttle");
-    let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
+    let s = setup(name);
+    let (_dst, dst_out) = receive(&hosts, &s, &s.a);
     let sock = s.socket.to_str().expect("utf-8");
     let (mut src, src_out) = spawn_in(
         &hosts.src,
@@ -199,15 +199,8 @@ fn a_guest_that_dirties_faster_than_the_link_is_throttled_until_it_converges() {
     );
     let before = count(&next_line(&src_out, "heartbeat n="), "n=");
     wait_socket(&s.socket);
-    let (ok, text) = migrate(&hosts, &s, &[]);
+    let (ok, text) = migrate(&hosts, &s, flags);
     assert!(ok && text.contains("migrated to"), "{text}");
-    let throttle: u32 = text
-        .split("throttled up to ")
-        .nth(1)
-        .and_then(|t| t.split('%').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no throttle in {text}"));
-    assert!(throttle > 0, "the guest had to be throttled: {text}");
     eprintln!("{text}");
     assert!(
         count(&next_line(&dst_out, "heartbeat n="), "n=") > before,
@@ -215,8 +208,37 @@ fn a_guest_that_dirties_faster_than_the_link_is_throttled_until_it_converges() {
     );
     let (status, err) = wait_exit(&mut src, Duration::from_secs(10));
     assert_eq!(status, Some(0), "{err}");
-    let _ = dst.kill();
-    let _ = dst.wait();
+    text
+}
+
+/// The number in `text` right after `key` and before `end`.
+fn number_after(text: &str, key: &str, end: char) -> f64 {
+    text.split(key)
+        .nth(1)
+        .and_then(|t| t.split(end).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no '{key}' in {text}"))
+}
+
+#[test]
+fn a_guest_that_dirties_faster_than_the_link_is_throttled_until_it_converges() {
+    // 256 MiB/s of dirtying against a 1 Gbit/s link: without throttling no round gets smaller.
+    let text = migrate_a_fast_dirtier("throttle", &[]);
+    assert!(
+        number_after(&text, "throttled up to ", '%') > 0.0,
+        "the guest had to be throttled: {text}"
+    );
+}
+
+#[test]
+fn a_guest_that_dirties_faster_than_the_link_converges_by_post_copy_when_asked() {
+    let text = migrate_a_fast_dirtier("converge", &["--postcopy"]);
+    assert!(text.contains("by post-copy"), "{text}");
+    assert_eq!(number_after(&text, "throttled up to ", '%'), 0.0, "{text}");
+    assert!(
+        number_after(&text, "downtime ", ' ') < 50.0,
+        "the switch does not wait for the pages left: {text}"
+    );
 }
 
 #[test]
@@ -244,7 +266,7 @@ fn post_copy_hands_the_guest_over_at_once_and_its_pages_follow() {
     );
     let before = count(&next_line(&src_out, "heartbeat n="), "n=");
     wait_socket(&s.socket);
-    let (ok, text) = migrate(&hosts, &s, &["--postcopy"]);
+    let (ok, text) = migrate(&hosts, &s, &["--postcopy-now"]);
     assert!(ok && text.contains("by post-copy"), "{text}");
     let downtime: f64 = text
         .split("downtime ")
@@ -276,7 +298,7 @@ fn post_copy_sends_the_pages_the_guest_waits_for_first() {
     );
     next_line(&src_out, "dirty: working set");
     wait_socket(&s.socket);
-    let (ok, text) = migrate(&hosts, &s, &["--postcopy"]);
+    let (ok, text) = migrate(&hosts, &s, &["--postcopy-now"]);
     assert!(ok, "{text}");
     let asked = text
         .split(" asked for by the guest")
@@ -308,7 +330,7 @@ fn post_copy_stops_the_destination_when_the_source_dies() {
     );
     next_line(&src_out, "dirty: working set");
     wait_socket(&s.socket);
-    let migration = migrate_in_background(&hosts, &s, &["--postcopy"]);
+    let migration = migrate_in_background(&hosts, &s, &["--postcopy-now"]);
     // The destination runs the guest (it prints) while its pages are still coming; then the
     // source dies.
     next_line(&dst_out, "dirty:");

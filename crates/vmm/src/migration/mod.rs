@@ -65,6 +65,20 @@ pub enum MigrationError {
     OutcomeUnknown(String),
 }
 
+/// Whether and when a migration switches to post-copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostcopyMode {
+    /// Pre-copy only; a guest that dirties faster than the link carries is throttled.
+    #[default]
+    Off,
+    /// Pre-copy first; if it does not converge, switch to post-copy for the pages left
+    /// instead of throttling the guest.
+    Converge,
+    /// Switch at once: every page follows the switch.
+    Now,
+}
+
 /// Tuning of the source side.
 #[derive(Clone, Copy, Debug)]
 pub struct MigrateOptions {
@@ -75,8 +89,8 @@ pub struct MigrateOptions {
     pub max_rounds: u32,
     /// A destination that neither reads nor answers for this long has failed.
     pub peer_timeout: Duration,
-    /// Post-copy: switch at once, the destination runs the guest while the pages follow.
-    pub postcopy: bool,
+    /// When the destination takes over before all memory is there.
+    pub postcopy: PostcopyMode,
     /// Compress page frames (LZ4) when that makes them smaller: for slow links.
     pub compress: bool,
 }
@@ -87,7 +101,7 @@ impl Default for MigrateOptions {
             max_downtime: Duration::from_millis(50),
             max_rounds: 30,
             peer_timeout: PEER_TIMEOUT,
-            postcopy: false,
+            postcopy: PostcopyMode::Off,
             compress: false,
         }
     }
@@ -348,7 +362,7 @@ pub fn migrate(
     let mut buf = Vec::new();
     // The destination answers only after it checked our certificate: no guest state before.
     wire::expect_frame(&mut stream, &mut buf, Kind::Accept, "ACCEPT")?;
-    if options.postcopy {
+    if options.postcopy == PostcopyMode::Now {
         let result = postcopy::switch(
             handle,
             &mut stream,
@@ -356,6 +370,8 @@ pub fn migrate(
             options.compress,
             started,
             options.peer_timeout,
+            || Ok(shared.ram.resident_pages()),
+            MigrationSummary::default(),
         );
         shared.set_progress(None);
         return result.map(|mut summary| {
@@ -463,7 +479,7 @@ impl DirtyRate {
     }
 }
 
-fn precopy_and_switch<S: Read + Write>(
+fn precopy_and_switch<S: Duplex>(
     handle: &VmHandle,
     stream: &mut S,
     options: MigrateOptions,
@@ -525,7 +541,7 @@ fn precopy_and_switch<S: Read + Write>(
     let mut rounds_without_progress = 0;
     let mut throttle: Option<Throttle> = None;
     let mut max_throttle = 0;
-    let last_pass = loop {
+    let (last_pass, to_postcopy) = loop {
         let bitmap = shared
             .vm_fd
             .get_dirty_log(0, size as usize)
@@ -559,9 +575,15 @@ fn precopy_and_switch<S: Read + Write>(
             best_dirty = dirty.len() as u64;
             rounds_without_progress = 0;
         }
+        // Stuck: the dirty set stopped shrinking, or the guest dirties more than half of what
+        // the link carries (pre-copy would take many rounds and still leave much behind).
+        let stuck = !fits && (rounds_without_progress >= 2 || (rounds >= 1 && dirty_rate > bandwidth / 2.0));
+        if stuck && was_running && options.postcopy == PostcopyMode::Converge {
+            break (dirty, true);
+        }
         let throttled_out = throttle.as_ref().is_some_and(|t| t.percent() >= MAX_THROTTLE);
         if fits || rounds >= options.max_rounds || (rounds_without_progress >= 3 && throttled_out) {
-            break dirty;
+            break (dirty, false);
         }
         // The guest dirties faster than the link carries: slow its vCPUs down, step by step.
         if rounds_without_progress >= 2 && was_running && !throttled_out {
@@ -588,6 +610,46 @@ fn precopy_and_switch<S: Read + Write>(
         }
     };
 
+    if to_postcopy {
+        // Wait until everything in flight is applied (the guest still runs), then switch: the
+        // pages left are those of the last dirty fetch and whatever the guest dirtied since.
+        sync(sender.out)?;
+        progress("post-copy", rounds, sender.pages, sender.bytes, last_pass.len() as u64);
+        let before = MigrationSummary {
+            rounds,
+            throttle_percent: max_throttle,
+            pages_sent: sender.pages,
+            zero_pages_sent: sender.zero_pages,
+            bytes_sent: sender.bytes,
+            ..Default::default()
+        };
+        let pages_left = || {
+            let bitmap = shared
+                .vm_fd
+                .get_dirty_log(0, size as usize)
+                .map_err(|source| MigrationError::Kvm {
+                    what: "read the dirty log",
+                    source,
+                })?;
+            let mut pages = dirty_pages(&bitmap);
+            pages.extend_from_slice(&last_pass);
+            pages.sort_unstable();
+            pages.dedup();
+            Ok(pages)
+        };
+        drop(throttle);
+        return postcopy::switch(
+            handle,
+            sender.out,
+            was_running,
+            options.compress,
+            started,
+            options.peer_timeout,
+            pages_left,
+            before,
+        );
+    }
+
     // The last pre-copy pass, sent while the guest still runs; then wait until the destination
     // has applied everything in flight, so that the downtime does not include draining the
     // socket buffers.
@@ -596,19 +658,7 @@ fn precopy_and_switch<S: Read + Write>(
         sender.page(pfn, &page)?;
     }
     sender.flush()?;
-    wire::write_frame(sender.out, Kind::Sync, &[])?;
-    sender.out.flush().map_err(WireError::from)?;
-    let mut buf = Vec::new();
-    match wire::read_frame(sender.out, &mut buf)? {
-        Kind::Synced => {}
-        other => {
-            return Err(WireError::Unexpected {
-                expected: "SYNCED",
-                got: other,
-            }
-            .into())
-        }
-    }
+    sync(sender.out)?;
 
     // Stop-and-copy: only what the guest dirtied since the last dirty-log fetch.
     drop(throttle);
@@ -658,6 +708,15 @@ fn precopy_and_switch<S: Read + Write>(
         bytes_sent,
         bandwidth_mbps: bytes_sent as f64 / total.as_secs_f64() / 1e6,
     })
+}
+
+/// SYNC: returns once the destination has applied every frame sent before it.
+fn sync<S: Read + Write>(stream: &mut S) -> Result<(), MigrationError> {
+    wire::write_frame(stream, Kind::Sync, &[])?;
+    stream.flush().map_err(WireError::from)?;
+    let mut buf = Vec::new();
+    wire::expect_frame(stream, &mut buf, Kind::Synced, "SYNCED")?;
+    Ok(())
 }
 
 /// Pauses a running source for the switch and returns what every failure before the handover
@@ -769,6 +828,28 @@ impl<S: Duplex + Send + 'static> Incoming<S> {
         }
         Ok(self.vm)
     }
+}
+
+/// Frees the pages `pfns` (increasing) of the guest RAM file, a run of consecutive pages at a
+/// time: reading them afterwards finds them missing.
+fn punch_holes(memfd: &std::fs::File, pfns: &[u64]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    for (first, count) in wire::runs(pfns) {
+        // SAFETY: fallocate on our own memfd with a range inside it (the page numbers were
+        // checked against the RAM size); it touches no memory of ours.
+        let rc = unsafe {
+            libc::fallocate(
+                memfd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (first * PAGE as u64) as libc::off_t,
+                (count * PAGE as u64) as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Writes the pages of one PAGES frame into guest RAM through its memfd: each run of
@@ -907,14 +988,24 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
         loop {
             match wire::read_frame(&mut stream, &mut buf)? {
                 Kind::Postcopy => {
-                    if pages_seen || postcopy.is_some() {
-                        return Err(refuse(&mut stream, "post-copy must start before any page".into()));
+                    if postcopy.is_some() {
+                        return Err(refuse(&mut stream, "a second POSTCOPY".into()));
                     }
                     let pfns = match wire::decode_pfns(&buf, pages) {
                         Ok(p) => p,
                         Err(e) => return Err(refuse(&mut stream, e.to_string())),
                     };
-                    // Guest RAM is untouched so far: every page is missing until it arrives.
+                    // After pre-copy, the pages still to come hold stale copies: drop them, so
+                    // that they are missing (and fault) until they arrive, as the pages never
+                    // sent are.
+                    if pages_seen {
+                        let dropped = caught_up().map_err(|e| e.to_string()).and_then(|_| {
+                            punch_holes(memfd, &pfns).map_err(|e| format!("cannot drop stale pages: {e}"))
+                        });
+                        if let Err(why) = dropped {
+                            return Err(refuse(&mut stream, why));
+                        }
+                    }
                     match crate::snapshot::lazy::Uffd::register(ram_base, ram_size) {
                         Ok(uffd) => postcopy = Some((uffd, pfns)),
                         Err(e) => return Err(refuse(&mut stream, format!("cannot set up post-copy here: {e}"))),

@@ -141,9 +141,11 @@ impl Inbox {
     }
 }
 
-/// Source: pause, send the list of pages to come and the state, hand over, then stream every
-/// page while the destination runs the guest, sending the pages it asks for first. The
-/// downtime does not grow with memory size or dirty rate.
+/// Source: pause, send the list of pages to come (`pages_left`, asked once the guest is
+/// paused) and the state, hand over, then stream those pages while the destination runs the
+/// guest, sending the pages it asks for first. The downtime does not grow with memory size or
+/// dirty rate. `before` is what pre-copy did before the switch (nothing in `Now` mode).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn switch<S: Duplex>(
     handle: &VmHandle,
     stream: &mut S,
@@ -151,27 +153,35 @@ pub(super) fn switch<S: Duplex>(
     compress: bool,
     started: Instant,
     peer_timeout: Duration,
+    pages_left: impl FnOnce() -> Result<Vec<u64>, MigrationError>,
+    before: MigrationSummary,
 ) -> Result<MigrationSummary, MigrationError> {
     let shared = &handle.shared;
     let pause_start = Instant::now();
     let fail = pause_for_switch(handle, was_running)?;
-    let pfns = shared.ram.resident_pages();
+    let pfns = pages_left().map_err(fail)?;
     let state = handle
         .collect_state()
         .and_then(|s| Ok(s.encode()?))
         .map_err(|e| fail(e.into()))?;
+    let limit = shared.ram.size() / PAGE as u64;
+    if pfns.last().is_some_and(|&last| last >= limit) || pfns.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(fail(MigrationError::Refused(
+            "the pages left are out of range or order".into(),
+        )));
+    }
     let announced = wire::encode_pfns(&pfns);
     wire::write_frame(stream, Kind::Postcopy, &announced).map_err(|e| fail(e.into()))?;
     hand_over(stream, &state).map_err(|h| h.into_error(fail))?;
     let downtime = pause_start.elapsed();
     let host_base = shared.ram.host_base() as *const u8;
     let page_of = |pfn: u64, page: &mut [u8]| {
-        // SAFETY: `pfn` comes from resident_pages, so it is below the RAM's page count and the
-        // 4 KiB at host_base + pfn * 4096 lie in the guest RAM mapping that `shared` keeps
-        // alive; the guest is paused for good, and `page` is our own distinct buffer.
+        // SAFETY: `pfn` comes from resident_pages or the dirty log, so it is below the RAM's
+        // page count (`pages_left` lists only such pages, checked below) and the 4 KiB at
+        // host_base + pfn * 4096 lie in the guest RAM mapping that `shared` keeps alive; the
+        // guest is paused for good, and `page` is our own distinct buffer.
         unsafe { std::ptr::copy_nonoverlapping(host_base.add(pfn as usize * PAGE), page.as_mut_ptr(), PAGE) };
     };
-    let limit = shared.ram.size() / PAGE as u64;
     let mut page = vec![0u8; PAGE];
     let mut sender = PageSender::with_frame_pages(stream, compress, FRAME_PAGES);
     let mut inbox = Inbox::new();
@@ -257,16 +267,16 @@ pub(super) fn switch<S: Duplex>(
         )));
     }
     let total = started.elapsed();
-    let bytes_sent = sender.bytes + state.len() as u64 + announced.len() as u64;
+    let bytes_sent = before.bytes_sent + sender.bytes + state.len() as u64 + announced.len() as u64;
     Ok(MigrationSummary {
         to: String::new(),
         total_ms: total.as_secs_f64() * 1e3,
         downtime_ms: downtime.as_secs_f64() * 1e3,
-        rounds: 0,
-        throttle_percent: 0,
+        rounds: before.rounds,
+        throttle_percent: before.throttle_percent,
         postcopy: true,
-        pages_sent: sender.pages,
-        zero_pages_sent: sender.zero_pages,
+        pages_sent: before.pages_sent + sender.pages,
+        zero_pages_sent: before.zero_pages_sent + sender.zero_pages,
         pages_requested: requested,
         bytes_sent,
         bandwidth_mbps: bytes_sent as f64 / total.as_secs_f64() / 1e6,
