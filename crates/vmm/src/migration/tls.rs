@@ -217,8 +217,18 @@ impl ClientCertVerifier for Pinned {
     }
 }
 
+/// ring's TLS 1.3 suites, AES-128-GCM first: it costs fewer AES rounds per byte of guest
+/// memory than AES-256-GCM (10 instead of 14) at a security level TLS 1.3 mandates.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite;
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 /// A TLS stream over TCP, either side.
