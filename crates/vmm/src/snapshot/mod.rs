@@ -480,32 +480,43 @@ pub fn read_memory(path: &Path, ram: &GuestRam) -> Result<u64, SnapshotError> {
     for pfn in &index {
         crc.update(&pfn.to_le_bytes());
     }
-    // Runs of consecutive pages go into the memfd with one write each: the kernel fills them
-    // without a page fault per page.
-    const RUN: usize = 256;
-    let mut run = Vec::with_capacity(RUN * PAGE as usize);
-    let mut run_start = 0u64;
+    // Two stages that overlap: this thread reads chunks of pages and checksums them, a writer
+    // puts each run of consecutive pages into the memfd with one pwritev (the kernel fills them
+    // without a page fault per page). Buffers go back and forth, so none is allocated twice.
+    const CHUNK: usize = 1024;
     let memfd = ram.file();
-    let flush = |run: &mut Vec<u8>, start: u64| -> Result<(), SnapshotError> {
-        if !run.is_empty() {
-            std::os::unix::fs::FileExt::write_all_at(memfd, run, start * PAGE)
-                .map_err(|_| malformed(format!("pages from {start} do not fit guest RAM")))?;
-            run.clear();
-        }
-        Ok(())
-    };
-    for &pfn in &index {
-        let contiguous = !run.is_empty() && run_start + (run.len() as u64 / PAGE) == pfn;
-        if !contiguous || run.len() == RUN * PAGE as usize {
-            flush(&mut run, run_start)?;
-            run_start = pfn;
-        }
-        let at = run.len();
-        run.resize(at + PAGE as usize, 0);
-        input.read_exact(&mut run[at..]).map_err(io)?;
-        crc.update(&run[at..]);
-    }
-    flush(&mut run, run_start)?;
+    let (to_writer, chunks) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(2);
+    let (recycle, spare) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|scope| -> Result<(), SnapshotError> {
+        let index = &index;
+        let writer = scope.spawn(move || -> Result<(), SnapshotError> {
+            for (first, chunk) in chunks {
+                let pfns = &index[first..first + chunk.len() / PAGE as usize];
+                write_runs(memfd, pfns, &chunk)
+                    .map_err(|e| malformed(format!("cannot put pages from {} into guest RAM: {e}", pfns[0])))?;
+                let _ = recycle.send(chunk);
+            }
+            Ok(())
+        });
+        let read = (|| -> Result<(), SnapshotError> {
+            for first in (0..index.len()).step_by(CHUNK) {
+                let pages = CHUNK.min(index.len() - first);
+                let mut chunk = spare.try_recv().unwrap_or_default();
+                chunk.resize(pages * PAGE as usize, 0);
+                input.read_exact(&mut chunk).map_err(io)?;
+                crc.update(&chunk);
+                if to_writer.send((first, chunk)).is_err() {
+                    break; // the writer failed: its error is the one to report
+                }
+            }
+            Ok(())
+        })();
+        drop(to_writer);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(malformed("the page writer panicked".into())));
+        read.and(written)
+    })?;
     let mut trailer = [0u8; 4];
     input.read_exact(&mut trailer).map_err(io)?;
     if u32::from_le_bytes(trailer) != crc.finalize() {
@@ -516,6 +527,22 @@ pub fn read_memory(path: &Path, ram: &GuestRam) -> Result<u64, SnapshotError> {
         .into());
     }
     Ok(count)
+}
+
+/// Writes `data` (the pages `pfns`, increasing, in order) into guest RAM through its memfd, one
+/// write per run of consecutive pages.
+fn write_runs(memfd: &std::fs::File, pfns: &[u64], data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut i = 0;
+    while i < pfns.len() {
+        let mut n = 1;
+        while i + n < pfns.len() && pfns[i + n] == pfns[i] + n as u64 {
+            n += 1;
+        }
+        memfd.write_all_at(&data[i * PAGE as usize..(i + n) * PAGE as usize], pfns[i] * PAGE)?;
+        i += n;
+    }
+    Ok(())
 }
 
 /// Writes `snapshot` and the memory into `dir` (created if needed). Files are written under
