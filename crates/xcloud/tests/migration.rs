@@ -318,6 +318,53 @@ fn post_copy_sends_the_pages_the_guest_waits_for_first() {
 }
 
 #[test]
+fn post_copy_keeps_the_source_paused_with_its_state_when_the_destination_dies() {
+    // 128 MiB over 100 Mbit/s: the pages take about 10 s to follow the switch.
+    let hosts = wan(100_000_000);
+    let s = setup("postcopy-dst-dies");
+    let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
+    let sock = s.socket.to_str().expect("utf-8");
+    let (mut src, src_out) = spawn_in(
+        &hosts.src,
+        &["run", "--mem", "256M", "--api", sock, "dirty", "--", "128", "1"],
+    );
+    next_line(&src_out, "dirty: working set");
+    wait_socket(&s.socket);
+    let migration = migrate_in_background(&hosts, &s, &["--postcopy-now"]);
+    // The destination runs the guest while its pages are still coming; then it dies.
+    next_line(&dst_out, "dirty:");
+    let _ = dst.kill();
+    let _ = dst.wait();
+    let (ok, text) = migration.join().expect("ctl thread");
+    assert!(!ok && text.contains("stays PAUSED"), "{text}");
+    // The source kept the whole guest as of the switch: resumed, it goes on from there.
+    assert!(ctl(&s.socket, &["status"]).1.starts_with("state: paused"));
+    let written = |line: &str| -> u64 {
+        line.split(" MiB written")
+            .next()
+            .and_then(|t| t.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no 'N MiB written' in {line}"))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let before = src_out
+        .try_iter()
+        .filter(|l| l.contains("MiB written"))
+        .map(|l| written(&l))
+        .last()
+        .unwrap_or(0);
+    let (resumed, answer) = ctl(&s.socket, &["resume"]);
+    assert!(resumed, "{answer}");
+    let after = written(&next_line(&src_out, "dirty: "));
+    assert!(
+        after > before,
+        "the guest writes on after the resume: {before} -> {after} MiB"
+    );
+    ctl(&s.socket, &["stop"]);
+    wait_exit(&mut src, Duration::from_secs(10));
+}
+
+#[test]
 fn post_copy_stops_the_destination_when_the_source_dies() {
     // 128 MiB over 100 Mbit/s: the pages take about 10 s to follow the switch.
     let hosts = wan(100_000_000);
