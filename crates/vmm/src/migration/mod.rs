@@ -527,7 +527,7 @@ fn precopy_and_switch<S: Duplex>(
     let pass_start = Instant::now();
     for &pfn in &resident {
         read_page(pfn, &mut page)?;
-        if page.iter().any(|&b| b != 0) {
+        if !crate::memory::is_zero(&page) {
             sender.page(pfn, &page)?;
         }
     }

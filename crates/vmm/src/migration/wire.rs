@@ -232,7 +232,7 @@ pub fn push_page(out: &mut Vec<u8>, pfn: u64, data: &[u8]) {
     if out.is_empty() {
         out.extend_from_slice(&0u32.to_le_bytes());
     }
-    if data.iter().all(|&b| b == 0) {
+    if crate::memory::is_zero(data) {
         out.extend_from_slice(&(pfn | ZERO_PAGE).to_le_bytes());
     } else {
         out.extend_from_slice(&pfn.to_le_bytes());

@@ -366,7 +366,7 @@ pub fn write_memory(path: &Path, ram: &GuestRam) -> Result<(u64, u64), SnapshotE
     for pfn in ram.resident_pages() {
         mem.read_slice(&mut page, GuestAddress(pfn * PAGE))
             .map_err(|_| SnapshotError::Busy("guest memory unreadable"))?;
-        if page.iter().any(|&b| b != 0) {
+        if !crate::memory::is_zero(&page) {
             index.push(pfn);
         }
     }
