@@ -542,14 +542,7 @@ fn precopy_and_switch<S: Duplex>(
     let mut throttle: Option<Throttle> = None;
     let mut max_throttle = 0;
     let (last_pass, to_postcopy) = loop {
-        let bitmap = shared
-            .vm_fd
-            .get_dirty_log(0, size as usize)
-            .map_err(|source| MigrationError::Kvm {
-                what: "read the dirty log",
-                source,
-            })?;
-        let dirty = dirty_pages(&bitmap);
+        let dirty = fetch_dirty_pages(handle)?;
         let remaining_bytes = dirty.len() as f64 * (8 + PAGE) as f64;
         let dirty_rate = dirty_rates.add(last_fetch.elapsed().as_secs_f64(), remaining_bytes);
         last_fetch = Instant::now();
@@ -624,14 +617,7 @@ fn precopy_and_switch<S: Duplex>(
             ..Default::default()
         };
         let pages_left = || {
-            let bitmap = shared
-                .vm_fd
-                .get_dirty_log(0, size as usize)
-                .map_err(|source| MigrationError::Kvm {
-                    what: "read the dirty log",
-                    source,
-                })?;
-            let mut pages = dirty_pages(&bitmap);
+            let mut pages = fetch_dirty_pages(handle)?;
             pages.extend_from_slice(&last_pass);
             pages.sort_unstable();
             pages.dedup();
@@ -665,13 +651,7 @@ fn precopy_and_switch<S: Duplex>(
     let pause_start = Instant::now();
     let fail = pause_for_switch(handle, was_running)?;
     progress("stop-and-copy", rounds, sender.pages, sender.bytes, 0);
-    let bitmap = shared.vm_fd.get_dirty_log(0, size as usize).map_err(|source| {
-        fail(MigrationError::Kvm {
-            what: "read the dirty log",
-            source,
-        })
-    })?;
-    let pending = dirty_pages(&bitmap);
+    let pending = fetch_dirty_pages(handle).map_err(fail)?;
     let paused_at = pause_start.elapsed();
     let state = handle
         .collect_state()
@@ -708,6 +688,19 @@ fn precopy_and_switch<S: Duplex>(
         bytes_sent,
         bandwidth_mbps: bytes_sent as f64 / total.as_secs_f64() / 1e6,
     })
+}
+
+/// The pages the guest dirtied since the last fetch (KVM clears the log as it hands it over).
+fn fetch_dirty_pages(handle: &VmHandle) -> Result<Vec<u64>, MigrationError> {
+    let shared = &handle.shared;
+    let bitmap = shared
+        .vm_fd
+        .get_dirty_log(0, shared.ram.size() as usize)
+        .map_err(|source| MigrationError::Kvm {
+            what: "read the dirty log",
+            source,
+        })?;
+    Ok(dirty_pages(&bitmap))
 }
 
 /// SYNC: returns once the destination has applied every frame sent before it.
