@@ -116,9 +116,9 @@ impl GuestRam {
 /// byte does not vectorize, and zero pages are read to the end).
 pub fn is_zero(bytes: &[u8]) -> bool {
     let mut chunks = bytes.chunks_exact(16);
-    let wide = chunks
-        .by_ref()
-        .fold(0u128, |acc, c| acc | u128::from_ne_bytes(c.try_into().unwrap_or([0xff; 16])));
+    let wide = chunks.by_ref().fold(0u128, |acc, c| {
+        acc | u128::from_ne_bytes(c.try_into().unwrap_or([0xff; 16]))
+    });
     wide == 0 && chunks.remainder().iter().all(|&b| b == 0)
 }
 

@@ -176,10 +176,9 @@ pub(super) fn switch<S: Duplex>(
     let downtime = pause_start.elapsed();
     let host_base = shared.ram.host_base() as *const u8;
     let page_of = |pfn: u64, page: &mut [u8]| {
-        // SAFETY: `pfn` comes from resident_pages or the dirty log, so it is below the RAM's
-        // page count (`pages_left` lists only such pages, checked below) and the 4 KiB at
-        // host_base + pfn * 4096 lie in the guest RAM mapping that `shared` keeps alive; the
-        // guest is paused for good, and `page` is our own distinct buffer.
+        // SAFETY: `pfn` is one of `pfns`, checked above to be below the RAM's page count, so
+        // the 4 KiB at host_base + pfn * 4096 lie in the guest RAM mapping that `shared` keeps
+        // alive; the guest is paused for good, and `page` is our own distinct buffer.
         unsafe { std::ptr::copy_nonoverlapping(host_base.add(pfn as usize * PAGE), page.as_mut_ptr(), PAGE) };
     };
     let mut page = vec![0u8; PAGE];
@@ -189,6 +188,8 @@ pub(super) fn switch<S: Duplex>(
     let mut requested = 0u64;
     let streamed = (|| -> Result<(), WireError> {
         let mut sent = vec![false; pfns.len()];
+        // Queued for sending out of turn: each page at most once, however often it is asked for.
+        let mut queued = vec![false; pfns.len()];
         let mut unsent = pfns.len();
         // Where the stream goes on: after a request, from the page after the requested one
         // (the guest is likely to touch it next), round to the start for what was skipped.
@@ -206,7 +207,10 @@ pub(super) fn switch<S: Duplex>(
                 for pfn in wire::decode_request(&frame, limit)? {
                     // A page not announced is a zero page the destination maps itself.
                     if let Ok(i) = pfns.binary_search(&pfn) {
-                        urgent.push_back(i);
+                        if !sent[i] && !queued[i] {
+                            queued[i] = true;
+                            urgent.push_back(i);
+                        }
                     }
                 }
             }
