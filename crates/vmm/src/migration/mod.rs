@@ -372,6 +372,7 @@ pub fn migrate(
             options.peer_timeout,
             || Ok(shared.ram.resident_pages()),
             MigrationSummary::default(),
+            &link,
         );
         shared.set_progress(None);
         return result.map(|mut summary| {
@@ -394,10 +395,30 @@ pub fn migrate(
     })
 }
 
-/// What the kernel knows of the migration's TCP connection.
-struct Link(std::os::fd::RawFd);
+/// What the kernel knows of the migration's TCP connection, and how it queues.
+pub(crate) struct Link(std::os::fd::RawFd);
 
 impl Link {
+    /// Makes writes wait while more than `bytes` are queued but not yet sent (TCP_NOTSENT_LOWAT),
+    /// so that what the sender chooses to send next does not queue behind megabytes of stream.
+    /// Best effort: without it, requests just wait longer.
+    fn limit_unsent(&self, bytes: u32) {
+        let value = bytes as libc::c_int;
+        // SAFETY: TCP_NOTSENT_LOWAT reads one int from `value`, which lives across the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.0,
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!("TCP_NOTSENT_LOWAT: {}", std::io::Error::last_os_error());
+        }
+    }
+
     /// The smoothed round-trip time (zero if the kernel cannot tell).
     fn rtt(&self) -> Duration {
         // SAFETY: tcp_info is plain old data; all zeros is a valid value.
@@ -633,6 +654,7 @@ fn precopy_and_switch<S: Duplex>(
             options.peer_timeout,
             pages_left,
             before,
+            link,
         );
     }
 

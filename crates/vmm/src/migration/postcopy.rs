@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 /// requested page does not queue behind much of the stream.
 const FRAME_PAGES: usize = 64;
 
+/// Unsent bytes the kernel may hold during post-copy (TCP_NOTSENT_LOWAT).
+const UNSENT_LIMIT: u32 = 256 * 1024;
+
 /// A connection both ends of post-copy read and write from one thread.
 pub trait Duplex: Read + Write {
     /// Reads what has already arrived: Ok(n > 0) bytes, Ok(0) the peer closed, an error of
@@ -155,6 +158,7 @@ pub(super) fn switch<S: Duplex>(
     peer_timeout: Duration,
     pages_left: impl FnOnce() -> Result<Vec<u64>, MigrationError>,
     before: MigrationSummary,
+    link: &super::Link,
 ) -> Result<MigrationSummary, MigrationError> {
     let shared = &handle.shared;
     let pause_start = Instant::now();
@@ -174,6 +178,8 @@ pub(super) fn switch<S: Duplex>(
     wire::write_frame(stream, Kind::Postcopy, &announced).map_err(|e| fail(e.into()))?;
     hand_over(stream, &state).map_err(|h| h.into_error(fail))?;
     let downtime = pause_start.elapsed();
+    // A requested page waits behind what the kernel holds unsent: keep that to a few frames.
+    link.limit_unsent(UNSENT_LIMIT);
     let host_base = shared.ram.host_base() as *const u8;
     let page_of = |pfn: u64, page: &mut [u8]| {
         // SAFETY: `pfn` is one of `pfns`, checked above to be below the RAM's page count, so
