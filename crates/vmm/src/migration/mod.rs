@@ -553,6 +553,12 @@ fn precopy_and_switch<S: Duplex>(
         }
     }
     sender.flush()?;
+    tracing::debug!(
+        "first pass: {} pages, {} MiB in {:?}",
+        sender.pages,
+        sender.bytes >> 20,
+        pass_start.elapsed()
+    );
     let delivered = sender.bytes.saturating_sub(link.in_flight()).max(1);
     let mut bandwidth = delivered as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
 
@@ -976,6 +982,9 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
     let received: Result<(Vec<u8>, Instant, Duration), MigrationError> = std::thread::scope(|scope| {
         let (to_applier, inbox) = std::sync::mpsc::sync_channel::<ToApplier>(4);
         let (reply, replies) = std::sync::mpsc::channel::<Result<Duration, WireError>>();
+        // Frame buffers go back to the reader once applied: a fresh 4 MiB buffer per frame
+        // costs page faults and zeroing on the receiving side.
+        let (recycle, spare) = std::sync::mpsc::channel::<Vec<u8>>();
         scope.spawn(move || {
             let mut applying = Duration::ZERO;
             let mut failed = None;
@@ -987,6 +996,7 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
                             failed = Some(e);
                         }
                         applying += t.elapsed();
+                        let _ = recycle.send(frame);
                     }
                     ToApplier::Pages(_) => {}
                     ToApplier::Barrier => {
@@ -1045,7 +1055,11 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
                     if let Err(e) = wire::for_each_page(&buf, pages, |_, _| Ok(())) {
                         return Err(refuse(&mut stream, e.to_string()));
                     }
-                    if to_applier.send(ToApplier::Pages(std::mem::take(&mut buf))).is_err() {
+                    let next = spare.try_recv().unwrap_or_default();
+                    if to_applier
+                        .send(ToApplier::Pages(std::mem::replace(&mut buf, next)))
+                        .is_err()
+                    {
                         return Err(applier_gone().into());
                     }
                 }

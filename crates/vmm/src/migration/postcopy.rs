@@ -13,7 +13,6 @@ use crate::snapshot::lazy::Uffd;
 use crate::vm::{self, VmHandle};
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
@@ -34,7 +33,7 @@ pub trait Duplex: Read + Write {
     fn poll_fd(&self) -> RawFd;
 }
 
-impl<C, D> Duplex for rustls::StreamOwned<C, TcpStream>
+impl<C, D> Duplex for rustls::StreamOwned<C, super::tls::Socket>
 where
     C: DerefMut + Deref<Target = rustls::ConnectionCommon<D>>,
     D: rustls::SideData,
@@ -46,7 +45,7 @@ where
                 other => return other,
             }
             // Nothing decrypted is waiting: take what the socket holds, if anything.
-            if !readable(self.sock.as_raw_fd(), 0)? {
+            if !self.sock.has_buffered() && !readable(self.sock.tcp().as_raw_fd(), 0)? {
                 return Err(ErrorKind::WouldBlock.into());
             }
             if self.conn.read_tls(&mut self.sock)? == 0 {
@@ -59,7 +58,7 @@ where
     }
 
     fn poll_fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
+        self.sock.tcp().as_raw_fd()
     }
 }
 

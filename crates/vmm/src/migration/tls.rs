@@ -9,6 +9,7 @@ use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvi
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme, StreamOwned};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -232,8 +233,69 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// A TLS stream over TCP, either side.
-pub type ClientStream = StreamOwned<rustls::ClientConnection, TcpStream>;
-pub type ServerStream = StreamOwned<rustls::ServerConnection, TcpStream>;
+pub type ClientStream = StreamOwned<rustls::ClientConnection, Socket>;
+pub type ServerStream = StreamOwned<rustls::ServerConnection, Socket>;
+
+/// The TCP socket under TLS, read in large chunks: rustls asks for one record (16 KiB) or less
+/// per read, which at a gigabyte per second is a system call every few microseconds.
+pub struct Socket {
+    tcp: TcpStream,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Socket {
+    const CHUNK: usize = 256 * 1024;
+
+    pub fn new(tcp: TcpStream) -> Self {
+        Self {
+            tcp,
+            buf: vec![0u8; Self::CHUNK].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Whether bytes read from the socket are waiting here (polling the socket would miss them).
+    pub fn has_buffered(&self) -> bool {
+        self.start < self.end
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.start == self.end {
+            if out.len() >= self.buf.len() {
+                return self.tcp.read(out);
+            }
+            self.end = self.tcp.read(&mut self.buf)?;
+            self.start = 0;
+        }
+        let n = out.len().min(self.end - self.start);
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        Ok(n)
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.tcp.write(data)
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.tcp.write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
 
 /// Opens the source side: connects TLS over `tcp` and completes the handshake.
 pub fn connect(tcp: TcpStream, creds: &Credentials) -> Result<ClientStream, TlsError> {
@@ -253,7 +315,7 @@ pub fn connect(tcp: TcpStream, creds: &Credentials) -> Result<ClientStream, TlsE
     let name = ServerName::try_from("xcloud-peer")
         .map_err(|_| TlsError::Config(rustls::Error::General("server name".into())))?;
     let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(TlsError::Config)?;
-    let mut stream = StreamOwned::new(conn, tcp);
+    let mut stream = StreamOwned::new(conn, Socket::new(tcp));
     handshake(&mut stream.conn, &mut stream.sock).map_err(|source| TlsError::Handshake { peer, source })?;
     Ok(stream)
 }
@@ -275,12 +337,12 @@ pub fn accept(tcp: TcpStream, creds: &Credentials) -> Result<ServerStream, TlsEr
     config.send_tls13_tickets = 0;
     let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let conn = rustls::ServerConnection::new(Arc::new(config)).map_err(TlsError::Config)?;
-    let mut stream = StreamOwned::new(conn, tcp);
+    let mut stream = StreamOwned::new(conn, Socket::new(tcp));
     handshake(&mut stream.conn, &mut stream.sock).map_err(|source| TlsError::Handshake { peer, source })?;
     Ok(stream)
 }
 
-fn handshake<C, S>(conn: &mut C, sock: &mut TcpStream) -> std::io::Result<()>
+fn handshake<C, S>(conn: &mut C, sock: &mut Socket) -> std::io::Result<()>
 where
     C: std::ops::DerefMut<Target = rustls::ConnectionCommon<S>>,
     S: rustls::SideData,
