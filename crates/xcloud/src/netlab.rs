@@ -345,8 +345,10 @@ fn deliver_packets(to: &OwnedFd, line: &Line, link: LinkSpec, stop: &AtomicBool)
         if let Some(rate) = link.rate_bits {
             link_free_at = departs + Duration::from_nanos(bytes.len() as u64 * 8 * 1_000_000_000 / rate);
         }
+        // Sleeps shorter than the timer's slack would slow the link down: packets due within
+        // 200 us leave at once (a burst of at most 200 us of the rate, as tbf allows).
         let now = Instant::now();
-        if departs > now {
+        if departs > now + Duration::from_micros(200) {
             std::thread::sleep(departs - now);
         }
         // SAFETY: writes `bytes.len()` bytes from our buffer; a refused packet is a lost packet.
