@@ -833,7 +833,9 @@ impl Vm {
 /// guest runs elsewhere: tearing the source down (unmapping and freeing guest RAM takes
 /// milliseconds of CPU) must not take a core from the guest's new home when both share a host.
 fn yield_to_the_destination() {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return };
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
     for task in tasks.flatten() {
         if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<libc::id_t>().ok()) {
             // SAFETY: setpriority only changes the scheduling priority of thread `tid` of this
