@@ -136,7 +136,8 @@ enum BenchCommand {
         #[arg(long, default_value_t = 512)]
         working_set: u64,
     },
-    /// Live migration over loopback: total time, downtime, guest-observed stall, bytes.
+    /// Live migration over loopback or an emulated WAN: total time, downtime, guest-observed
+    /// stall, bytes.
     Migrate {
         /// Guest sizes, e.g. 256M,1G.
         #[arg(long, default_value = "256M,1G", value_parser = xcloud::bench_migrate::parse_sizes)]
@@ -221,6 +222,9 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
             ", snapshot: {pages} pages, {:.1} MiB written",
             bytes as f64 / (1 << 20) as f64
         ));
+    }
+    if let Some(p) = answer.migration {
+        line.push_str(&format!(", migrating: {}", run::describe_progress(&p)));
     }
     println!("{line}");
     Ok(0)

@@ -108,6 +108,19 @@ pub struct MigrateFlags {
     pub compress: bool,
 }
 
+/// One line on a running migration: phase, round, what was sent, what is left.
+pub fn describe_progress(p: &xcloud_vmm::migration::MigrationProgress) -> String {
+    let left = if p.phase == "post-copy" { "left" } else { "dirty" };
+    format!(
+        "{} round {}: {} pages ({:.1} MiB) sent, {} {left}",
+        p.phase,
+        p.round,
+        p.pages_sent,
+        p.bytes_sent as f64 / (1 << 20) as f64,
+        p.dirty_pages
+    )
+}
+
 /// `xcloud ctl SOCK migrate`: runs the migration, showing its progress, and prints a summary.
 pub fn migrate(
     socket: &Path,
@@ -125,14 +138,7 @@ pub fn migrate(
             while !bar.is_finished() {
                 if let Ok(r) = call(&socket, Command::Status) {
                     if let Some(p) = r.migration {
-                        bar.set_message(format!(
-                            "{} round {}: {} pages ({:.1} MiB) sent, {} dirty",
-                            p.phase,
-                            p.round,
-                            p.pages_sent,
-                            p.bytes_sent as f64 / (1 << 20) as f64,
-                            p.dirty_pages
-                        ));
+                        bar.set_message(describe_progress(&p));
                     }
                 }
                 bar.tick();

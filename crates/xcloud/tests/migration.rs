@@ -331,8 +331,14 @@ fn post_copy_keeps_the_source_paused_with_its_state_when_the_destination_dies() 
     next_line(&src_out, "dirty: working set");
     wait_socket(&s.socket);
     let migration = migrate_in_background(&hosts, &s, &["--postcopy-now"]);
-    // The destination runs the guest while its pages are still coming; then it dies.
+    // The destination runs the guest while its pages are still coming (the source's status
+    // says how many are left); then it dies.
     next_line(&dst_out, "dirty:");
+    let status = ctl(&s.socket, &["status"]).1;
+    assert!(
+        status.contains("migrating: post-copy") && status.contains(" left"),
+        "{status}"
+    );
     let _ = dst.kill();
     let _ = dst.wait();
     let (ok, text) = migration.join().expect("ctl thread");

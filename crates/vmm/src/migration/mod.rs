@@ -139,6 +139,7 @@ pub struct MigrationProgress {
     pub round: u32,
     pub pages_sent: u64,
     pub bytes_sent: u64,
+    /// Pages still to send: dirty ones in pre-copy, the ones left in post-copy.
     pub dirty_pages: u64,
 }
 

@@ -234,6 +234,13 @@ pub(super) fn switch<S: Duplex>(
                 sender.flush()?;
                 continue;
             }
+            shared.set_progress(Some(super::MigrationProgress {
+                phase: "post-copy".into(),
+                round: before.rounds,
+                pages_sent: before.pages_sent + sender.pages,
+                bytes_sent: before.bytes_sent + sender.bytes,
+                dirty_pages: unsent as u64,
+            }));
             // Then one frame of the stream between looks at the inbox.
             while unsent > 0 {
                 if next >= pfns.len() {
