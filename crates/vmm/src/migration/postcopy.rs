@@ -419,3 +419,142 @@ fn wait_for_either(a: RawFd, b: RawFd, timeout_ms: i32) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source that has sent `input` and then closed; what the destination writes is kept.
+    struct Feed {
+        input: std::io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+
+    impl Read for Feed {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Feed {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.output.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Duplex for Feed {
+        fn read_arrived(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.input.read(buf)
+        }
+        fn poll_fd(&self) -> RawFd {
+            -1
+        }
+    }
+
+    /// Guest RAM of `pages` pages registered with userfaultfd, as at a post-copy destination.
+    struct Ram {
+        addr: *mut libc::c_void,
+        len: usize,
+        uffd: Uffd,
+    }
+
+    impl Ram {
+        fn new(pages: usize) -> Self {
+            let len = pages * PAGE;
+            // SAFETY: a fresh private anonymous mapping, unmapped in Drop.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(addr, libc::MAP_FAILED);
+            let uffd = Uffd::register(addr as u64, len as u64).expect("userfaultfd (run the tests as root)");
+            Self { addr, len, uffd }
+        }
+
+        fn byte(&self, pfn: usize) -> u8 {
+            // SAFETY: reads one byte inside our mapping, whose page has been placed (a missing
+            // page would block the test, which is what the caller checks it is not).
+            unsafe { *(self.addr as *const u8).add(pfn * PAGE) }
+        }
+    }
+
+    impl Drop for Ram {
+        fn drop(&mut self) {
+            self.uffd.unregister();
+            // SAFETY: unmaps exactly the mapping made in `new`; nothing refers to it after.
+            unsafe { libc::munmap(self.addr, self.len) };
+        }
+    }
+
+    fn frames(list: &[(Kind, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (kind, payload) in list {
+            wire::write_frame(&mut out, *kind, payload).expect("frame");
+        }
+        out
+    }
+
+    fn pages(list: &[(u64, u8)]) -> Vec<u8> {
+        let mut frame = Vec::new();
+        for &(pfn, fill) in list {
+            wire::push_page(&mut frame, pfn, &[fill; PAGE]);
+        }
+        frame
+    }
+
+    fn run(ram: &Ram, announced: &[u64], input: Vec<u8>) -> (Result<Arrivals, WireError>, Vec<u8>) {
+        let mut feed = Feed {
+            input: std::io::Cursor::new(input),
+            output: Vec::new(),
+        };
+        let result = receive_pages(&mut feed, &ram.uffd, announced, ram.len as u64);
+        (result, feed.output)
+    }
+
+    #[test]
+    fn pages_in_any_order_are_placed_and_complete_follows_end() {
+        let ram = Ram::new(8);
+        let input = frames(&[
+            (Kind::Pages, pages(&[(5, 0x55), (1, 0x11)])),
+            (Kind::Pages, pages(&[(2, 0), (1, 0x11)])),
+            (Kind::End, vec![]),
+        ]);
+        let (result, output) = run(&ram, &[1, 2, 5], input);
+        result.expect("complete");
+        assert_eq!(output, frames(&[(Kind::Complete, vec![])]));
+        assert_eq!((ram.byte(1), ram.byte(2), ram.byte(5)), (0x11, 0, 0x55));
+    }
+
+    #[test]
+    fn a_hostile_source_gets_an_error_and_no_complete() {
+        let cases: [(&str, Vec<u8>); 5] = [
+            ("unannounced page", frames(&[(Kind::Pages, pages(&[(3, 1)]))])),
+            ("page beyond RAM", frames(&[(Kind::Pages, pages(&[(8, 1)]))])),
+            (
+                "END before every page",
+                frames(&[(Kind::Pages, pages(&[(1, 1)])), (Kind::End, vec![])]),
+            ),
+            ("another frame kind", frames(&[(Kind::State, vec![1, 2, 3])])),
+            (
+                "cut mid-frame",
+                frames(&[(Kind::Pages, pages(&[(1, 1)]))])[..100].to_vec(),
+            ),
+        ];
+        for (what, input) in cases {
+            let ram = Ram::new(8);
+            let (result, output) = run(&ram, &[1, 2], input);
+            assert!(result.is_err(), "{what}: accepted");
+            assert!(output.is_empty(), "{what}: answered {output:?}");
+        }
+    }
+}
