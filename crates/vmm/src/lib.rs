@@ -1,8 +1,9 @@
 //! The xcloud VMM library: one VM per process, on whatever KVM the host offers.
 //!
 //! It owns KVM access ([`host`]), guest memory backed by a memfd ([`memory`]), PVH boot of any
-//! PVH ELF ([`boot`]), vCPU threads ([`vcpu`]), devices ([`devices`]), the host side of the
-//! guest hypercall ABI ([`hypercall`]), the VM lifecycle ([`vm`]) and the platform probes that
+//! PVH ELF ([`boot`]), vCPU threads (`vcpu`), devices ([`devices`]), the host side of the guest
+//! hypercall ABI (`hypercall`), the VM lifecycle ([`vm`]), the control socket ([`api`]),
+//! snapshots ([`snapshot`]), live migration ([`migration`]) and the platform probes that
 //! `xcloud doctor` reports ([`probe`]). It knows nothing of tenants or clusters.
 
 pub mod api;

@@ -227,7 +227,7 @@ impl Hello {
     }
 }
 
-/// Appends one page to a PAGES payload being built (`count` is patched in by [`finish_pages`]).
+/// Appends one page to a PAGES payload being built (the payload's page count goes up by one).
 pub fn push_page(out: &mut Vec<u8>, pfn: u64, data: &[u8]) {
     if out.is_empty() {
         out.extend_from_slice(&0u32.to_le_bytes());
