@@ -141,7 +141,13 @@ impl Hosts {
                 ip(&["-n", ns, "link", "set", dev, "up"])?;
                 if let Some(rate) = link.rate_bits {
                     let rate = format!("{rate}bit");
-                    tc(ns, &["qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate])?;
+                    tc(
+                        ns,
+                        &[
+                            "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst", "256kb", "latency",
+                            "50ms",
+                        ],
+                    )?;
                 }
             }
         } else {

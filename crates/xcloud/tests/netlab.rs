@@ -80,6 +80,22 @@ fn a_wan_link_has_its_round_trip_and_its_rate() {
 }
 
 #[test]
+fn a_rate_limited_link_without_delay_keeps_its_rate() {
+    let link = LinkSpec {
+        rate_bits: Some(100_000_000),
+        one_way_delay: Duration::ZERO,
+    };
+    let hosts = Hosts::new(link).expect("namespaces (run the tests as root)");
+    let (connect, rate) = measure(&hosts, 2, 8 << 20);
+    let mbit = rate * 8.0 / 1e6;
+    assert!(connect < Duration::from_millis(5), "{connect:?}");
+    assert!(
+        mbit <= 105.0 && mbit > 30.0,
+        "8 MiB over a 100 Mbit/s link went at {mbit:.1} Mbit/s"
+    );
+}
+
+#[test]
 fn a_plain_link_has_no_added_delay() {
     let hosts = Hosts::new(LinkSpec::default()).expect("namespaces (run the tests as root)");
     let (connect, _) = measure(&hosts, 3, 1 << 20);
