@@ -180,7 +180,7 @@ fn a_running_heartbeat_moves_to_another_host_and_keeps_counting() {
 fn migrate_a_fast_dirtier(name: &str, flags: &[&str]) -> String {
     let hosts = wan(1_000_000_000);
     let s = setup(name);
-    let (_dst, dst_out) = receive(&hosts, &s, &s.a);
+    let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
     let sock = s.socket.to_str().expect("utf-8");
     let (mut src, src_out) = spawn_in(
         &hosts.src,
@@ -206,6 +206,12 @@ fn migrate_a_fast_dirtier(name: &str, flags: &[&str]) -> String {
         count(&next_line(&dst_out, "heartbeat n="), "n=") > before,
         "the guest counts on at the destination"
     );
+    // Three more reports: several laps of the working set, each page checked by the guest
+    // against what it wrote before the move (a lost or stale page would stop it, status 101).
+    for _ in 0..3 {
+        next_line(&dst_out, "heartbeat n=");
+    }
+    assert!(dst.try_wait().expect("wait").is_none(), "the guest still runs");
     let (status, err) = wait_exit(&mut src, Duration::from_secs(10));
     assert_eq!(status, Some(0), "{err}");
     text

@@ -245,3 +245,51 @@ fn a_lazy_restore_whose_pages_are_corrupted_is_stopped() {
     assert_eq!(out.status.code(), Some(126), "{err}");
     assert!(err.contains("memory.pages is corrupted"), "{err}");
 }
+
+#[test]
+fn a_guest_whose_memory_changed_behind_its_back_says_so() {
+    // The working set of `dirty` checks every page it rewrites against what it wrote one lap
+    // before: change one page in a snapshot (and fix the checksum, so the restore accepts it)
+    // and the restored guest must notice, not compute on.
+    let dir = scratch("tampered");
+    let socket = dir.join("vm.sock");
+    let snap = dir.join("snap");
+    let (mut child, rx) = spawn(&[
+        "run",
+        "--api",
+        socket.to_str().expect("utf-8"),
+        "dirty",
+        "--",
+        "4",
+        "64",
+    ]);
+    next_line(&rx, "dirty: ");
+    assert!(ctl(&socket, &["snapshot", snap.to_str().expect("utf-8")]).0);
+    ctl(&socket, &["stop"]);
+    wait_exit(&mut child);
+
+    let memory = snap.join("memory.pages");
+    let mut bytes = std::fs::read(&memory).expect("memory");
+    let count = u64::from_le_bytes(bytes[24..32].try_into().expect("count")) as usize;
+    let data = 32 + count * 8;
+    // The working set's 1024 pages: a counter in the first word, zeros after it. A few other
+    // pages look alike (the allocator's free-block header), so take the median counter.
+    let mut candidates: Vec<(u64, usize)> = (0..count)
+        .map(|i| (i, &bytes[data + i * 4096..data + (i + 1) * 4096]))
+        .filter(|(_, p)| p[8..].iter().all(|&b| b == 0))
+        .map(|(i, p)| (u64::from_le_bytes(p[..8].try_into().expect("word")), i))
+        .collect();
+    assert!(candidates.len() >= 1024, "{} working-set-like pages", candidates.len());
+    candidates.sort_unstable();
+    let page = candidates[candidates.len() / 2].1;
+    bytes[data + page * 4096] ^= 1;
+    let len = bytes.len();
+    let crc = crc32fast::hash(&bytes[32..len - 4]);
+    bytes[len - 4..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&memory, &bytes).expect("write");
+
+    let out = run(&["restore", snap.to_str().expect("utf-8")]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(101), "{err}");
+    assert!(err.contains("guest memory corrupted"), "{err}");
+}

@@ -49,9 +49,27 @@ impl WorkingSet {
         self.pages
     }
 
+    /// Writes the next page's first word with the count of pages written so far. From the
+    /// second lap on, it first checks that the page still holds what it got one lap ago: a
+    /// page lost or left stale by a snapshot restore or a migration stops the guest with a
+    /// panic (exit status 101) instead of going unnoticed.
     fn write_next(&mut self) {
-        // SAFETY: next < pages, so the write is inside the allocated block.
-        unsafe { core::ptr::write_volatile(self.base.add(self.next * PAGE) as *mut u64, self.written) };
+        // SAFETY: next < pages, so the word is inside the allocated block.
+        let slot = unsafe { self.base.add(self.next * PAGE) } as *mut u64;
+        let lap = self.pages as u64;
+        if self.written >= lap {
+            let expected = self.written - lap;
+            // SAFETY: `slot` is inside the block (above) and aligned (the block is page-aligned).
+            let found = unsafe { core::ptr::read_volatile(slot) };
+            if found != expected {
+                panic!(
+                    "guest memory corrupted: working-set page {} holds {found}, expected {expected}",
+                    self.next
+                );
+            }
+        }
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(slot, self.written) };
         self.next = (self.next + 1) % self.pages;
         self.written += 1;
     }
