@@ -141,6 +141,17 @@ pub fn execute(handle: &VmHandle, line: &str) -> Response {
             request.api
         ));
     }
+    // While a migration runs, only what cannot disturb it is served (stop ends the VM, and the
+    // migration with it, before the switch; after it the source never runs again anyway).
+    let disturbs_migration = matches!(
+        request.command,
+        Command::Pause | Command::Resume | Command::Snapshot { .. } | Command::Migrate { .. }
+    );
+    if disturbs_migration && handle.migrating() {
+        let mut r = failure("a migration of this VM is running: wait until it ends (status shows it)".into());
+        r.state = Some(state_name(handle.state()));
+        return r;
+    }
     let with_state = |mut r: Response| {
         r.state = Some(state_name(handle.state()));
         r

@@ -13,7 +13,7 @@ use crate::memory::{GuestRam, MemoryError};
 use crate::snapshot::{self, SnapshotError, SnapshotSummary};
 use crate::vcpu::{self, ApStart};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -187,6 +187,8 @@ pub(crate) struct Shared {
     pub msr_indices: Vec<u32>,
     /// The outgoing migration's progress, while one runs.
     pub progress: Mutex<Option<crate::migration::MigrationProgress>>,
+    /// Whether an outgoing migration runs (see [`VmHandle::claim_migration`]).
+    migrating: AtomicBool,
     noise: AtomicU64,
 }
 
@@ -410,6 +412,24 @@ impl VmHandle {
         c.state = VmState::Running;
         self.shared.changed.notify_all();
         Ok(())
+    }
+
+    /// Claims the VM for one outgoing migration: None if one already runs. While the claim is
+    /// held, the control API refuses what would interfere (pause, resume, snapshot, another
+    /// migration): a resume during the switch would run the VM at both ends.
+    pub fn claim_migration(&self) -> Option<MigrationClaim> {
+        self.shared
+            .migrating
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| MigrationClaim {
+                shared: self.shared.clone(),
+            })
+    }
+
+    /// Whether an outgoing migration runs.
+    pub fn migrating(&self) -> bool {
+        self.shared.migrating.load(Ordering::SeqCst)
     }
 
     /// Ends a VM that was migrated away (its source copy, which must never run again).
@@ -648,6 +668,7 @@ impl Vm {
             tsc_khz: parts.tsc_khz,
             msr_indices: parts.msr_indices,
             progress: Mutex::new(None),
+            migrating: AtomicBool::new(false),
             noise: AtomicU64::new(0),
         });
         Self {
@@ -842,6 +863,17 @@ fn yield_to_the_destination() {
             // process; it touches no memory.
             unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) };
         }
+    }
+}
+
+/// An outgoing migration's hold on its VM, released when dropped.
+pub struct MigrationClaim {
+    shared: Arc<Shared>,
+}
+
+impl Drop for MigrationClaim {
+    fn drop(&mut self) {
+        self.shared.migrating.store(false, Ordering::SeqCst);
     }
 }
 

@@ -472,7 +472,23 @@ fn assert_source_runs_on(s: &Setup, src_out: &Receiver<String>) {
 fn the_source_keeps_running_when_the_destination_dies_mid_stream() {
     let (hosts, s, mut src, src_out, mut dst) = slow_migration("killed");
     let migration = migrate_in_background(&hosts, &s, &[]);
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(700));
+    // Nothing may pause, resume, snapshot or migrate the VM under a running migration (a
+    // resume during the switch would run it at both ends); status still answers.
+    for request in [
+        &["pause"][..],
+        &["resume"],
+        &["snapshot", "/tmp/xcloud-no-snapshot"],
+        &["migrate", "10.0.0.9:1", "--identity", "x", "--peer", "y"],
+    ] {
+        let (ok, text) = ctl(&s.socket, request);
+        assert!(
+            !ok && text.contains("a migration of this VM is running"),
+            "{request:?}: {text}"
+        );
+    }
+    assert!(ctl(&s.socket, &["status"]).1.contains("migrating: "));
+    std::thread::sleep(Duration::from_millis(800));
     let _ = dst.kill();
     let _ = dst.wait();
     let (ok, text) = migration.join().expect("ctl thread");

@@ -61,6 +61,8 @@ pub enum MigrationError {
     },
     #[error("refused: {0}")]
     Refused(String),
+    #[error("a migration of this VM is already running")]
+    Busy,
     #[error("the destination did not confirm that the VM runs ({0}); the source VM stays PAUSED so that it never runs twice: check the destination, then resume or stop the source")]
     OutcomeUnknown(String),
 }
@@ -329,6 +331,7 @@ pub fn migrate(
     options: MigrateOptions,
 ) -> Result<MigrationSummary, MigrationError> {
     let started = Instant::now();
+    let _claim = handle.claim_migration().ok_or(MigrationError::Busy)?;
     let was_running = match handle.state() {
         VmState::Running => true,
         VmState::Paused => false,
