@@ -132,6 +132,8 @@ pub enum VmError {
     },
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error("the VM's memory did not finish loading from its snapshot (lazy restore)")]
+    MemoryNotLoaded,
     #[error("cannot {action} a VM that is {state:?}")]
     InvalidTransition { action: &'static str, state: VmState },
 }
@@ -189,6 +191,8 @@ pub(crate) struct Shared {
     pub progress: Mutex<Option<crate::migration::MigrationProgress>>,
     /// Whether an outgoing migration runs (see [`VmHandle::claim_migration`]).
     migrating: AtomicBool,
+    /// After a lazy restore: turns true once all of guest RAM is loaded.
+    lazy_loaded: std::sync::OnceLock<Arc<AtomicBool>>,
     noise: AtomicU64,
 }
 
@@ -414,6 +418,22 @@ impl VmHandle {
         Ok(())
     }
 
+    /// Returns once all of guest RAM is in place: at once, except after a lazy restore whose
+    /// pages are still streaming in (a snapshot or migration started then would miss them).
+    pub fn wait_for_memory(&self) -> Result<(), VmError> {
+        let Some(loaded) = self.shared.lazy_loaded.get() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !loaded.load(Ordering::SeqCst) {
+            if self.shared.lock().request == Request::Stop || Instant::now() > deadline {
+                return Err(VmError::MemoryNotLoaded);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
     /// Claims the VM for one outgoing migration: None if one already runs. While the claim is
     /// held, the control API refuses what would interfere (pause, resume, snapshot, another
     /// migration): a resume during the switch would run the VM at both ends.
@@ -446,6 +466,7 @@ impl VmHandle {
     /// Writes a snapshot of the VM into `dir`. A running VM is paused for the snapshot and
     /// resumed after it; a paused VM stays paused.
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<SnapshotSummary, VmError> {
+        self.wait_for_memory()?;
         let was_running = match self.state() {
             VmState::Running => true,
             VmState::Paused => false,
@@ -669,6 +690,7 @@ impl Vm {
             msr_indices: parts.msr_indices,
             progress: Mutex::new(None),
             migrating: AtomicBool::new(false),
+            lazy_loaded: std::sync::OnceLock::new(),
             noise: AtomicU64::new(0),
         });
         Self {
@@ -728,6 +750,7 @@ impl Vm {
             on_corrupt,
         )?;
         let mut vm = Self::resume_from(parts, snap, console)?;
+        let _ = vm.shared.lazy_loaded.set(lazy.loaded_flag());
         vm.lazy = Some(lazy);
         let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
         if let CorruptionSlot::NoVmYet(Some(why)) = &*slot {

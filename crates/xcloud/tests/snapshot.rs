@@ -293,3 +293,57 @@ fn a_guest_whose_memory_changed_behind_its_back_says_so() {
     assert_eq!(out.status.code(), Some(101), "{err}");
     assert!(err.contains("guest memory corrupted"), "{err}");
 }
+
+#[test]
+fn a_snapshot_taken_while_a_lazy_restore_still_loads_has_all_the_memory() {
+    // A lazily restored guest runs while its memory still streams in; a snapshot taken at
+    // once must still hold every page (the working set checks them all within a lap).
+    let dir = scratch("lazy-then-snapshot");
+    let socket = dir.join("vm.sock");
+    let first = dir.join("first");
+    let (mut child, rx) = spawn(&[
+        "run",
+        "--mem",
+        "1G",
+        "--api",
+        socket.to_str().expect("utf-8"),
+        "dirty",
+        "--",
+        "512",
+        "512",
+    ]);
+    next_line(&rx, "dirty: working set");
+    assert!(ctl(&socket, &["snapshot", first.to_str().expect("utf-8")]).0);
+    ctl(&socket, &["stop"]);
+    wait_exit(&mut child);
+
+    let lazy_socket = dir.join("lazy.sock");
+    let second = dir.join("second");
+    let (mut lazy, _) = spawn(&[
+        "restore",
+        "--lazy",
+        "--api",
+        lazy_socket.to_str().expect("utf-8"),
+        first.to_str().expect("utf-8"),
+    ]);
+    wait_socket(&lazy_socket);
+    let (ok, text) = ctl(&lazy_socket, &["snapshot", second.to_str().expect("utf-8")]);
+    assert!(ok, "{text}");
+    ctl(&lazy_socket, &["stop"]);
+    wait_exit(&mut lazy);
+
+    // 512 MiB written at 512 MiB/s: a lap a second; two laps must pass without a complaint.
+    let (mut restored, out) = spawn(&["restore", second.to_str().expect("utf-8")]);
+    let deadline = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < deadline && restored.try_wait().expect("wait").is_none() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(status) = restored.try_wait().expect("wait") {
+        let mut err = String::new();
+        if let Some(mut e) = restored.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        panic!("the guest ended ({status}): {err}");
+    }
+    assert!(out.try_iter().any(|l| l.contains("MiB written")), "the guest works on");
+}

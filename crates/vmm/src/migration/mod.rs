@@ -332,6 +332,7 @@ pub fn migrate(
 ) -> Result<MigrationSummary, MigrationError> {
     let started = Instant::now();
     let _claim = handle.claim_migration().ok_or(MigrationError::Busy)?;
+    handle.wait_for_memory()?;
     let was_running = match handle.state() {
         VmState::Running => true,
         VmState::Paused => false,

@@ -127,6 +127,15 @@ pub fn userfaultfd_works() -> Result<(), std::io::Error> {
 pub struct LazyMemory {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    loaded: Arc<AtomicBool>,
+}
+
+impl LazyMemory {
+    /// Turns true once every saved page is in guest RAM and the checksum matched. Until then
+    /// guest RAM is incomplete: what reads it all (a snapshot, a migration) must wait.
+    pub fn loaded_flag(&self) -> Arc<AtomicBool> {
+        self.loaded.clone()
+    }
 }
 
 impl Drop for LazyMemory {
@@ -288,17 +297,20 @@ pub fn start(
             .spawn(move || serve_faults(&uffd, &index, &file, &stop, &done))
             .map_err(io)?
     };
+    let loaded = Arc::new(AtomicBool::new(false));
     let prefetcher = {
-        let (uffd, stop, done) = (uffd.clone(), stop.clone(), prefetch_done);
+        let (uffd, stop, done, loaded) = (uffd.clone(), stop.clone(), prefetch_done, loaded.clone());
         std::thread::Builder::new()
             .name("prefetch".into())
             .spawn(move || {
                 match prefetch(&uffd, &index, &file, &stop, expected_crc) {
+                    Ok(true) if !stop.load(Ordering::SeqCst) => loaded.store(true, Ordering::SeqCst),
                     Ok(true) => {}
                     Ok(false) => {
                         on_corrupt("memory.pages is corrupted: the checksum of the pages does not match".into())
                     }
-                    Err(e) => tracing::warn!("lazy restore prefetch stopped: {e}"),
+                    // Pages that cannot be read would be zero pages to the guest: stop it.
+                    Err(e) => on_corrupt(format!("memory.pages could not be read to the end: {e}")),
                 }
                 done.store(true, Ordering::SeqCst);
             })
@@ -307,6 +319,7 @@ pub fn start(
     Ok(LazyMemory {
         stop,
         threads: vec![handler, prefetcher],
+        loaded,
     })
 }
 
