@@ -54,6 +54,9 @@ pub(crate) fn handle(index: usize, fd: &VcpuFd, shared: &Shared, gpa: u64) -> Ou
         shared.guest_noise(format_args!(
             "vCPU {index}: cannot write the hypercall result at {gpa:#x}"
         ));
+    } else {
+        // A live migration must resend this page: KVM logs only the guest's own writes.
+        shared.note_vmm_write(gpa + RESULT_OFFSET);
     }
     outcome
 }

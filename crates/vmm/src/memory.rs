@@ -7,6 +7,8 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+/// Guest pages are 4 KiB: page numbers (pfns) count in these.
+pub const PAGE_BYTES: u64 = 4096;
 /// Smallest guest the VMM accepts: the boot area and 1 MiB above high memory.
 pub const MIN_GUEST_BYTES: u64 = 2 << 20;
 /// Largest guest in this version: RAM is one region below the 32-bit device hole at 3 GiB.

@@ -193,6 +193,9 @@ pub(crate) struct Shared {
     migrating: AtomicBool,
     /// After a lazy restore: turns true once all of guest RAM is loaded.
     lazy_loaded: std::sync::OnceLock<Arc<AtomicBool>>,
+    /// While dirty logging is on: the pages the VMM itself wrote (hypercall results), which
+    /// KVM's dirty log does not see.
+    vmm_writes: Mutex<Option<Vec<u64>>>,
     noise: AtomicU64,
 }
 
@@ -300,8 +303,27 @@ impl Shared {
         *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = progress;
     }
 
-    /// Turns KVM dirty-page logging of guest RAM on or off.
+    /// Records that the VMM wrote guest RAM at `gpa`, for the dirty log (while it is on).
+    pub fn note_vmm_write(&self, gpa: u64) {
+        if let Some(pages) = self.vmm_writes.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            pages.push(gpa / crate::memory::PAGE_BYTES);
+        }
+    }
+
+    /// The pages the VMM wrote since the last call (empty when dirty logging is off).
+    pub fn take_vmm_writes(&self) -> Vec<u64> {
+        self.vmm_writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Turns KVM dirty-page logging of guest RAM on or off, and the VMM's record of its own
+    /// writes with it.
     pub fn set_dirty_logging(&self, on: bool) -> Result<(), kvm_ioctls::Error> {
+        *self.vmm_writes.lock().unwrap_or_else(|p| p.into_inner()) = on.then(Vec::new);
         let region = kvm_bindings::kvm_userspace_memory_region {
             slot: 0,
             flags: if on { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
@@ -691,6 +713,7 @@ impl Vm {
             progress: Mutex::new(None),
             migrating: AtomicBool::new(false),
             lazy_loaded: std::sync::OnceLock::new(),
+            vmm_writes: Mutex::new(None),
             noise: AtomicU64::new(0),
         });
         Self {

@@ -723,9 +723,12 @@ fn precopy_and_switch<S: Duplex>(
     })
 }
 
-/// The pages the guest dirtied since the last fetch (KVM clears the log as it hands it over).
+/// The pages the guest dirtied since the last fetch (KVM clears the log as it hands it over),
+/// and those the VMM wrote itself (hypercall results), in order.
 fn fetch_dirty_pages(handle: &VmHandle) -> Result<Vec<u64>, MigrationError> {
     let shared = &handle.shared;
+    // The VMM's record first: a write between the two reads then shows up in the next fetch.
+    let mut by_vmm = shared.take_vmm_writes();
     let bitmap = shared
         .vm_fd
         .get_dirty_log(0, shared.ram.size() as usize)
@@ -733,7 +736,15 @@ fn fetch_dirty_pages(handle: &VmHandle) -> Result<Vec<u64>, MigrationError> {
             what: "read the dirty log",
             source,
         })?;
-    Ok(dirty_pages(&bitmap))
+    let mut pages = dirty_pages(&bitmap);
+    if !by_vmm.is_empty() {
+        let limit = shared.ram.size() / PAGE as u64;
+        by_vmm.retain(|&pfn| pfn < limit);
+        pages.append(&mut by_vmm);
+        pages.sort_unstable();
+        pages.dedup();
+    }
+    Ok(pages)
 }
 
 /// SYNC: returns once the destination has applied every frame sent before it.
