@@ -132,7 +132,7 @@ pub enum VmError {
     },
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
-    #[error("the VM's memory did not finish loading from its snapshot (lazy restore)")]
+    #[error("the VM's memory did not finish arriving (lazy restore or post-copy)")]
     MemoryNotLoaded,
     #[error("cannot {action} a VM that is {state:?}")]
     InvalidTransition { action: &'static str, state: VmState },
@@ -191,8 +191,9 @@ pub(crate) struct Shared {
     pub progress: Mutex<Option<crate::migration::MigrationProgress>>,
     /// Whether an outgoing migration runs (see [`VmHandle::claim_migration`]).
     migrating: AtomicBool,
-    /// After a lazy restore: turns true once all of guest RAM is loaded.
-    lazy_loaded: std::sync::OnceLock<Arc<AtomicBool>>,
+    /// When guest RAM fills in while the guest runs (lazy restore, post-copy): turns true once
+    /// every page is in.
+    pub(crate) memory_complete: std::sync::OnceLock<Arc<AtomicBool>>,
     /// While dirty logging is on: the pages the VMM itself wrote (hypercall results), which
     /// KVM's dirty log does not see.
     vmm_writes: Mutex<Option<Vec<u64>>>,
@@ -440,10 +441,11 @@ impl VmHandle {
         Ok(())
     }
 
-    /// Returns once all of guest RAM is in place: at once, except after a lazy restore whose
-    /// pages are still streaming in (a snapshot or migration started then would miss them).
+    /// Returns once all of guest RAM is in place: at once, except after a lazy restore or a
+    /// post-copy migration whose pages are still arriving (a snapshot or migration started
+    /// then would miss them).
     pub fn wait_for_memory(&self) -> Result<(), VmError> {
-        let Some(loaded) = self.shared.lazy_loaded.get() else {
+        let Some(loaded) = self.shared.memory_complete.get() else {
             return Ok(());
         };
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -712,7 +714,7 @@ impl Vm {
             msr_indices: parts.msr_indices,
             progress: Mutex::new(None),
             migrating: AtomicBool::new(false),
-            lazy_loaded: std::sync::OnceLock::new(),
+            memory_complete: std::sync::OnceLock::new(),
             vmm_writes: Mutex::new(None),
             noise: AtomicU64::new(0),
         });
@@ -773,7 +775,7 @@ impl Vm {
             on_corrupt,
         )?;
         let mut vm = Self::resume_from(parts, snap, console)?;
-        let _ = vm.shared.lazy_loaded.set(lazy.loaded_flag());
+        let _ = vm.shared.memory_complete.set(lazy.loaded_flag());
         vm.lazy = Some(lazy);
         let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
         if let CorruptionSlot::NoVmYet(Some(why)) = &*slot {

@@ -377,6 +377,57 @@ fn post_copy_keeps_the_source_paused_with_its_state_when_the_destination_dies() 
 }
 
 #[test]
+fn a_snapshot_at_the_destination_during_post_copy_has_all_the_memory() {
+    // The destination runs the guest while pages still arrive (64 MiB over 100 Mbit/s: ~5 s);
+    // a snapshot asked of it then waits for them all (the restored working set checks every
+    // page within a lap).
+    let hosts = wan(100_000_000);
+    let s = setup("postcopy-snapshot");
+    let dst_socket = s.dir.join("dst.sock");
+    let (mut dst, _) = spawn_in(
+        &hosts.dst,
+        &[
+            "receive",
+            "--listen",
+            &format!("{}:7710", hosts.dst_ip),
+            "--identity",
+            s.b.to_str().expect("utf-8"),
+            "--peer",
+            s.a.join("cert.der").to_str().expect("utf-8"),
+            "--api",
+            dst_socket.to_str().expect("utf-8"),
+        ],
+    );
+    let sock = s.socket.to_str().expect("utf-8");
+    let (mut src, src_out) = spawn_in(
+        &hosts.src,
+        &["run", "--mem", "128M", "--api", sock, "dirty", "--", "64", "64"],
+    );
+    next_line(&src_out, "dirty: working set");
+    wait_socket(&s.socket);
+    let migration = migrate_in_background(&hosts, &s, &["--postcopy-now"]);
+    // At once when it runs there, long before its pages are all in.
+    wait_socket(&dst_socket);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ctl(&dst_socket, &["status"]).1.starts_with("state: running") {
+        assert!(Instant::now() < deadline, "the destination never ran the guest");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let snap = s.dir.join("snap");
+    let (ok, text) = ctl(&dst_socket, &["snapshot", snap.to_str().expect("utf-8")]);
+    assert!(ok, "{text}");
+    let (ok, text) = migration.join().expect("ctl thread");
+    assert!(ok && text.contains("by post-copy"), "{text}");
+    wait_exit(&mut src, Duration::from_secs(10));
+    let _ = dst.kill();
+
+    let mut cmd = xcloud();
+    cmd.arg("restore").arg(&snap);
+    let (mut restored, out) = spawn_lines(cmd);
+    assert_keeps_running(&mut restored, &out, Duration::from_millis(2500), "MiB written");
+}
+
+#[test]
 fn post_copy_stops_the_destination_when_the_source_dies() {
     // 128 MiB over 100 Mbit/s: the pages take about 10 s to follow the switch.
     let hosts = wan(100_000_000);

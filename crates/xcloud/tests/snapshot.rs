@@ -334,16 +334,5 @@ fn a_snapshot_taken_while_a_lazy_restore_still_loads_has_all_the_memory() {
 
     // 512 MiB written at 512 MiB/s: a lap a second; two laps must pass without a complaint.
     let (mut restored, out) = spawn(&["restore", second.to_str().expect("utf-8")]);
-    let deadline = Instant::now() + Duration::from_millis(2500);
-    while Instant::now() < deadline && restored.try_wait().expect("wait").is_none() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if let Some(status) = restored.try_wait().expect("wait") {
-        let mut err = String::new();
-        if let Some(mut e) = restored.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
-        panic!("the guest ended ({status}): {err}");
-    }
-    assert!(out.try_iter().any(|l| l.contains("MiB written")), "the guest works on");
+    assert_keeps_running(&mut restored, &out, Duration::from_millis(2500), "MiB written");
 }

@@ -839,17 +839,22 @@ impl<S: Duplex + Send + 'static> Incoming<S> {
         self.stream.flush().map_err(WireError::from)?;
         if let Some((uffd, pfns)) = self.postcopy.take() {
             let handle = self.vm.handle();
+            let complete = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let _ = handle.shared.memory_complete.set(complete.clone());
             let mut stream = self.stream;
             std::thread::Builder::new()
                 .name("postcopy".into())
                 .spawn(move || {
                     match postcopy::receive_pages(&mut stream, &uffd, &pfns, handle.mem_bytes()) {
-                        Ok(arrivals) => tracing::info!(
-                            "post-copy complete: {} pages, {} asked for by the guest, longest wait {:?}",
-                            pfns.len(),
-                            arrivals.requested,
-                            arrivals.longest_wait
-                        ),
+                        Ok(arrivals) => {
+                            complete.store(true, std::sync::atomic::Ordering::SeqCst);
+                            tracing::info!(
+                                "post-copy complete: {} pages, {} asked for by the guest, longest wait {:?}",
+                                pfns.len(),
+                                arrivals.requested,
+                                arrivals.longest_wait
+                            )
+                        }
                         Err(e) => {
                             // Without its pages the guest cannot go on: stop it, then release
                             // vCPUs blocked on missing pages (below) so that they see the stop.

@@ -188,3 +188,25 @@ pub fn wait_socket(socket: &std::path::Path) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// Lets `child` run for `period` and checks that it did not end (a guest whose working set
+/// finds a lost page ends with status 101) and printed a line containing `needle`.
+pub fn assert_keeps_running(
+    child: &mut Proc,
+    out: &std::sync::mpsc::Receiver<String>,
+    period: std::time::Duration,
+    needle: &str,
+) {
+    let deadline = std::time::Instant::now() + period;
+    while std::time::Instant::now() < deadline && child.try_wait().expect("wait").is_none() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if let Some(status) = child.try_wait().expect("wait") {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        panic!("the guest ended ({status}): {err}");
+    }
+    assert!(out.try_iter().any(|l| l.contains(needle)), "no '{needle}' printed");
+}
