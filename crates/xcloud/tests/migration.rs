@@ -141,7 +141,23 @@ fn a_running_heartbeat_moves_to_another_host_and_keeps_counting() {
     let s = setup("heartbeat");
     let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
     let sock = s.socket.to_str().expect("utf-8");
-    let (mut src, src_out) = spawn_in(&hosts.src, &["run", "--vcpus", "2", "--api", sock, "heartbeat"]);
+    // With a 16 MiB working set written at 64 MiB/s, whose every page the guest checks each
+    // 250 ms lap: a page lost on the way stops it.
+    let (mut src, src_out) = spawn_in(
+        &hosts.src,
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--api",
+            sock,
+            "heartbeat",
+            "--",
+            "0",
+            "16",
+            "64",
+        ],
+    );
     let before = count(&next_line(&src_out, "heartbeat n="), "n=");
     wait_socket(&s.socket);
     std::thread::sleep(Duration::from_millis(300));
