@@ -145,18 +145,7 @@ fn a_running_heartbeat_moves_to_another_host_and_keeps_counting() {
     // 250 ms lap: a page lost on the way stops it.
     let (mut src, src_out) = spawn_in(
         &hosts.src,
-        &[
-            "run",
-            "--vcpus",
-            "2",
-            "--api",
-            sock,
-            "heartbeat",
-            "--",
-            "0",
-            "16",
-            "64",
-        ],
+        &["run", "--vcpus", "2", "--api", sock, "heartbeat", "--", "0", "16", "64"],
     );
     let before = count(&next_line(&src_out, "heartbeat n="), "n=");
     wait_socket(&s.socket);
