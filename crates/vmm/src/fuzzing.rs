@@ -34,6 +34,11 @@ impl HypercallHarness {
         Ok(Self { vm })
     }
 
+    /// A handle to the harness VM.
+    pub fn handle(&self) -> crate::vm::VmHandle {
+        self.vm.handle()
+    }
+
     /// Bytes of guest RAM.
     pub fn ram_size(&self) -> u64 {
         self.vm.shared.ram.size()

@@ -1179,6 +1179,26 @@ mod tests {
     }
 
     #[test]
+    fn pages_the_vmm_writes_are_resent_though_kvm_does_not_log_them() {
+        let harness = crate::fuzzing::HypercallHarness::new().expect("a KVM VM");
+        let handle = harness.handle();
+        handle.shared.set_dirty_logging(true).expect("dirty logging");
+        fetch_dirty_pages(&handle).expect("fetch");
+        // The block goes in and the result comes back by the VMM's own writes: KVM logs none.
+        let mut block = [0u8; xcloud_abi::BLOCK_SIZE];
+        block[..4].copy_from_slice(&(xcloud_abi::Op::TscKhz as u32).to_le_bytes());
+        assert!(harness.call(0x20_0000, &block).is_some_and(|khz| khz > 0));
+        assert_eq!(fetch_dirty_pages(&handle).expect("fetch"), [0x200]);
+        assert!(fetch_dirty_pages(&handle).expect("fetch").is_empty(), "taken once");
+        handle.shared.set_dirty_logging(false).expect("dirty logging off");
+        harness.call(0x20_0000, &block);
+        assert!(
+            handle.shared.take_vmm_writes().is_empty(),
+            "not recorded when no log is kept"
+        );
+    }
+
+    #[test]
     fn the_dirty_rate_spans_at_least_100_ms() {
         let mut rate = DirtyRate::default();
         assert_eq!(rate.add(0.2, 20e6), 100e6);
