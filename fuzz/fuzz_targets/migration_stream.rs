@@ -25,6 +25,14 @@ impl Write for Feed<'_> {
 
 fuzz_target!(|data: &[u8]| {
     let console = xcloud_vmm::Console::new(Box::new(std::io::sink()));
+    // An odd first byte: the stream starts with a HELLO this host accepts (a 4 MiB guest) and
+    // the rest is fuzzed, so that the frames after it get explored; otherwise all of it is.
+    let stream = match data.split_first() {
+        Some((&first, rest)) if first & 1 == 1 => {
+            [xcloud_vmm::fuzzing::migration_hello(4 << 20), rest.to_vec()].concat()
+        }
+        _ => data.to_vec(),
+    };
     // A received VM is dropped unstarted: `start` would wait for GO.
-    let _ = xcloud_vmm::migration::receive(Feed(data), console);
+    let _ = xcloud_vmm::migration::receive(Feed(&stream), console);
 });

@@ -169,7 +169,7 @@ pub fn cpu_features() -> [u32; wire::FEATURE_WORDS.len()] {
     words
 }
 
-fn cpu_vendor() -> [u8; 12] {
+pub(crate) fn cpu_vendor() -> [u8; 12] {
     // cpuid leaf 0 exists on every x86-64 processor and only reads registers.
     let r = core::arch::x86_64::__cpuid(0);
     let mut v = [0u8; 12];
