@@ -45,7 +45,7 @@ where
                 other => return other,
             }
             // Nothing decrypted is waiting: take what the socket holds, if anything.
-            if !self.sock.has_buffered() && !readable(self.sock.tcp().as_raw_fd(), 0)? {
+            if !self.sock.has_buffered() && !readable(&[self.sock.tcp().as_raw_fd()], 0)? {
                 return Err(ErrorKind::WouldBlock.into());
             }
             if self.conn.read_tls(&mut self.sock)? == 0 {
@@ -62,15 +62,21 @@ where
     }
 }
 
-/// Whether `fd` has input, waiting up to `timeout_ms`.
-fn readable(fd: RawFd, timeout_ms: i32) -> std::io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd,
+/// Whether any of `fds` (one or two: the connection, the userfaultfd) has input, waiting up to
+/// `timeout_ms` (an interrupted wait is "no"). Called for every frame: nothing is allocated.
+fn readable(fds: &[RawFd], timeout_ms: i32) -> std::io::Result<bool> {
+    let mut polled = [libc::pollfd {
+        fd: -1,
         events: libc::POLLIN,
         revents: 0,
-    };
-    // SAFETY: polls one descriptor the caller owns; `pfd` lives across the call.
-    match unsafe { libc::poll(&mut pfd, 1, timeout_ms) } {
+    }; 2];
+    let count = fds.len().min(polled.len());
+    for (slot, &fd) in polled.iter_mut().zip(fds) {
+        slot.fd = fd;
+    }
+    // SAFETY: polls the first `count` entries of `polled` (descriptors the caller owns); the
+    // array lives across the call.
+    match unsafe { libc::poll(polled.as_mut_ptr(), count as libc::nfds_t, timeout_ms) } {
         n if n < 0 => {
             let e = std::io::Error::last_os_error();
             if e.kind() == ErrorKind::Interrupted {
@@ -138,7 +144,7 @@ impl Inbox {
             if left.is_zero() {
                 return Err(WireError::Io(ErrorKind::TimedOut.into()));
             }
-            readable(stream.poll_fd(), left.as_millis().clamp(1, 1000) as i32)?;
+            readable(&[stream.poll_fd()], left.as_millis().clamp(1, 1000) as i32)?;
         }
     }
 }
@@ -399,30 +405,14 @@ pub(super) fn receive_pages<S: Duplex>(
             stream.flush()?;
             ask.clear();
         }
-        wait_for_either(stream.poll_fd(), uffd.raw_fd(), 100)?;
+        readable(&[stream.poll_fd(), uffd.raw_fd()], 100)?;
     }
-}
-
-/// Waits until either descriptor has input, or `timeout_ms` passes.
-fn wait_for_either(a: RawFd, b: RawFd, timeout_ms: i32) -> std::io::Result<()> {
-    let mut fds = [a, b].map(|fd| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    });
-    // SAFETY: polls two descriptors the caller owns; `fds` lives across the call.
-    if unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) } < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::lazy::ScratchMapping;
 
     /// A source that has sent `input` and then closed; what the destination writes is kept.
     struct Feed {
@@ -457,42 +447,28 @@ mod tests {
 
     /// Guest RAM of `pages` pages registered with userfaultfd, as at a post-copy destination.
     struct Ram {
-        addr: *mut libc::c_void,
-        len: usize,
         uffd: Uffd,
+        memory: ScratchMapping,
     }
 
     impl Ram {
         fn new(pages: usize) -> Self {
-            let len = pages * PAGE;
-            // SAFETY: a fresh private anonymous mapping, unmapped in Drop.
-            let addr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(addr, libc::MAP_FAILED);
-            let uffd = Uffd::register(addr as u64, len as u64).expect("userfaultfd (run the tests as root)");
-            Self { addr, len, uffd }
+            let memory = ScratchMapping::new(pages * PAGE).expect("an anonymous mapping");
+            let uffd = Uffd::register(memory.base(), memory.len() as u64).expect("userfaultfd (run the tests as root)");
+            Self { uffd, memory }
         }
 
         fn byte(&self, pfn: usize) -> u8 {
             // SAFETY: reads one byte inside our mapping, whose page has been placed (a missing
             // page would block the test, which is what the caller checks it is not).
-            unsafe { *(self.addr as *const u8).add(pfn * PAGE) }
+            unsafe { *(self.memory.base() as *const u8).add(pfn * PAGE) }
         }
     }
 
     impl Drop for Ram {
         fn drop(&mut self) {
+            // Before the mapping goes (fields drop after this).
             self.uffd.unregister();
-            // SAFETY: unmaps exactly the mapping made in `new`; nothing refers to it after.
-            unsafe { libc::munmap(self.addr, self.len) };
         }
     }
 
@@ -517,7 +493,7 @@ mod tests {
             input: std::io::Cursor::new(input),
             output: Vec::new(),
         };
-        let result = receive_pages(&mut feed, &ram.uffd, announced, ram.len as u64);
+        let result = receive_pages(&mut feed, &ram.uffd, announced, ram.memory.len() as u64);
         (result, feed.output)
     }
 

@@ -99,28 +99,52 @@ fn read_index(file: &mut File, size: u64) -> Result<(Index, u32), SnapshotError>
     ))
 }
 
+/// A private anonymous mapping, unmapped when dropped: memory to try userfaultfd on.
+pub(crate) struct ScratchMapping {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl ScratchMapping {
+    pub(crate) fn new(len: usize) -> std::io::Result<Self> {
+        // SAFETY: asks for a fresh private anonymous mapping; nothing else refers to it.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { addr, len })
+    }
+
+    pub(crate) fn base(&self) -> u64 {
+        self.addr as u64
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for ScratchMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; its owner is gone.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
 /// Whether this host lets the VMM register memory with userfaultfd (lazy restore and post-copy
 /// need it): registers a small anonymous mapping and lets it go.
 pub fn userfaultfd_works() -> Result<(), std::io::Error> {
-    let len = 2 * PAGE as usize;
-    // SAFETY: a fresh private anonymous mapping, unmapped below before anything else uses it.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if addr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    let result = Uffd::register(addr as u64, len as u64).map(|uffd| uffd.unregister());
-    // SAFETY: unmaps exactly the mapping made above; nothing refers to it any more.
-    unsafe { libc::munmap(addr, len) };
-    result
+    let scratch = ScratchMapping::new(2 * PAGE as usize)?;
+    Uffd::register(scratch.base(), scratch.len() as u64).map(|uffd| uffd.unregister())
 }
 
 /// Serves guest RAM from a snapshot on demand; stops its threads when dropped.
