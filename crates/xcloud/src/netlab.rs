@@ -141,13 +141,10 @@ impl Hosts {
                 ip(&["-n", ns, "link", "set", dev, "up"])?;
                 if let Some(rate) = link.rate_bits {
                     let rate = format!("{rate}bit");
-                    tc(
-                        ns,
-                        &[
-                            "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst", "256kb", "latency",
-                            "50ms",
-                        ],
-                    )?;
+                    ip(&[
+                        "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst",
+                        "256kb", "latency", "50ms",
+                    ])?;
                 }
             }
         } else {
@@ -191,18 +188,6 @@ impl Drop for Hosts {
         let _ = Command::new("ip").args(["netns", "del", &self.src]).status();
         let _ = Command::new("ip").args(["netns", "del", &self.dst]).status();
     }
-}
-
-fn tc(ns: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "tc"])
-        .args(args)
-        .output()
-        .context("cannot run tc (iproute2)")?;
-    if !out.status.success() {
-        bail!("tc {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
 }
 
 fn enter_ns(path: &str) -> Result<()> {
