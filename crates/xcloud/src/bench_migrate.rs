@@ -83,14 +83,7 @@ impl Qmp {
 
 /// QEMU for the guest `image`, inside network namespace `ns` if given.
 fn qemu_command(ns: Option<&str>, image: &Path, mem: u64, append: &str) -> Command {
-    let mut cmd = match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
-            c
-        }
-        None => Command::new("qemu-system-x86_64"),
-    };
+    let mut cmd = crate::netlab::command_in(ns, "qemu-system-x86_64");
     cmd.args(["-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m"])
         .arg(format!("{}M", mem >> 20))
         .args(["-nodefaults", "-no-user-config", "-nographic", "-kernel"])
@@ -195,14 +188,7 @@ fn qemu_migration(
 /// Starts `xcloud ARGS`, inside network namespace `ns` if given.
 fn spawn(ns: Option<&str>, args: &[&str]) -> Result<(Child, Receiver<String>)> {
     let exe = std::env::current_exe().context("cannot find the xcloud executable")?;
-    let mut cmd = match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(exe);
-            c
-        }
-        None => Command::new(exe),
-    };
+    let mut cmd = crate::netlab::command_in(ns, exe);
     // With XCLOUD_LOG set, the VMMs' logs show on the bench's stderr.
     let logs = if std::env::var_os("XCLOUD_LOG").is_some() {
         Stdio::inherit()

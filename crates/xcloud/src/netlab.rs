@@ -89,6 +89,18 @@ pub struct Hosts {
     relay: Option<Relay>,
 }
 
+/// A command that runs `program` inside network namespace `ns` (`ip netns exec`), or here.
+pub fn command_in(ns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns]).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
 fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)

@@ -5,7 +5,6 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 use xcloud::netlab::{Hosts, LinkSpec};
@@ -36,8 +35,8 @@ fn keygen(dir: &Path, name: &str) -> PathBuf {
 
 /// Runs `xcloud ARGS` inside namespace `ns`, its stdout read line by line.
 fn spawn_in(ns: &str, args: &[&str]) -> (Proc, Receiver<String>) {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_xcloud")]).args(args);
+    let mut cmd = xcloud::netlab::command_in(Some(ns), env!("CARGO_BIN_EXE_xcloud"));
+    cmd.args(args);
     spawn_lines(cmd)
 }
 
