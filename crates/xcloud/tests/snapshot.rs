@@ -160,27 +160,25 @@ fn a_guest_restored_mid_run_finishes_its_work_and_exits_normally() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
-fn snapshot_of_heartbeat(name: &str) -> PathBuf {
-    let dir = scratch(name);
+/// Runs `xcloud run --api SOCKET RUN_ARGS...` in `dir`, waits for its first line starting
+/// with `first_line`, snapshots it into `dir/snap`, stops it and returns the snapshot.
+fn snapshot_of(dir: &Path, run_args: &[&str], first_line: &str) -> PathBuf {
     let socket = dir.join("vm.sock");
     let snap = dir.join("snap");
-    // A 16 MiB working set written at 64 MiB/s: a lap every 250 ms, each page checked by the
-    // guest, so a restore that loses a page stops it.
-    let (mut child, rx) = spawn(&[
-        "run",
-        "--api",
-        socket.to_str().expect("utf-8"),
-        "heartbeat",
-        "--",
-        "0",
-        "16",
-        "64",
-    ]);
-    next_line(&rx, "heartbeat n=");
+    let mut args = vec!["run", "--api", socket.to_str().expect("utf-8")];
+    args.extend_from_slice(run_args);
+    let (mut child, rx) = spawn(&args);
+    next_line(&rx, first_line);
     assert!(ctl(&socket, &["snapshot", snap.to_str().expect("utf-8")]).0);
     ctl(&socket, &["stop"]);
     wait_exit(&mut child);
     snap
+}
+
+fn snapshot_of_heartbeat(name: &str) -> PathBuf {
+    // A 16 MiB working set written at 64 MiB/s: a lap every 250 ms, each page checked by the
+    // guest, so a restore that loses a page stops it.
+    snapshot_of(&scratch(name), &["heartbeat", "--", "0", "16", "64"], "heartbeat n=")
 }
 
 fn refused(snap: &Path, needle: &str) {
@@ -266,23 +264,7 @@ fn a_guest_whose_memory_changed_behind_its_back_says_so() {
     // The working set of `dirty` checks every page it rewrites against what it wrote one lap
     // before: change one page in a snapshot (and fix the checksum, so the restore accepts it)
     // and the restored guest must notice, not compute on.
-    let dir = scratch("tampered");
-    let socket = dir.join("vm.sock");
-    let snap = dir.join("snap");
-    let (mut child, rx) = spawn(&[
-        "run",
-        "--api",
-        socket.to_str().expect("utf-8"),
-        "dirty",
-        "--",
-        "4",
-        "64",
-    ]);
-    next_line(&rx, "dirty: ");
-    assert!(ctl(&socket, &["snapshot", snap.to_str().expect("utf-8")]).0);
-    ctl(&socket, &["stop"]);
-    wait_exit(&mut child);
-
+    let snap = snapshot_of(&scratch("tampered"), &["dirty", "--", "4", "64"], "dirty: ");
     let memory = snap.join("memory.pages");
     let mut bytes = std::fs::read(&memory).expect("memory");
     let count = u64::from_le_bytes(bytes[24..32].try_into().expect("count")) as usize;
@@ -314,23 +296,11 @@ fn a_snapshot_taken_while_a_lazy_restore_still_loads_has_all_the_memory() {
     // A lazily restored guest runs while its memory still streams in; a snapshot taken at
     // once must still hold every page (the working set checks them all within a lap).
     let dir = scratch("lazy-then-snapshot");
-    let socket = dir.join("vm.sock");
-    let first = dir.join("first");
-    let (mut child, rx) = spawn(&[
-        "run",
-        "--mem",
-        "1G",
-        "--api",
-        socket.to_str().expect("utf-8"),
-        "dirty",
-        "--",
-        "512",
-        "512",
-    ]);
-    next_line(&rx, "dirty: working set");
-    assert!(ctl(&socket, &["snapshot", first.to_str().expect("utf-8")]).0);
-    ctl(&socket, &["stop"]);
-    wait_exit(&mut child);
+    let first = snapshot_of(
+        &dir,
+        &["--mem", "1G", "dirty", "--", "512", "512"],
+        "dirty: working set",
+    );
 
     let lazy_socket = dir.join("lazy.sock");
     let second = dir.join("second");
