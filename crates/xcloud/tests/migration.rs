@@ -40,6 +40,17 @@ fn spawn_in(ns: &str, args: &[&str]) -> (Proc, Receiver<String>) {
     spawn_lines(cmd)
 }
 
+/// Starts `xcloud run --api SOCKET RUN_ARGS...` in the source namespace; returns it once it has
+/// printed a line starting with `first_line` (returned too) and its control socket is up.
+fn start_source(hosts: &Hosts, s: &Setup, run_args: &[&str], first_line: &str) -> (Proc, Receiver<String>, String) {
+    let mut args = vec!["run", "--api", s.socket.to_str().expect("utf-8")];
+    args.extend_from_slice(run_args);
+    let (src, src_out) = spawn_in(&hosts.src, &args);
+    let first = next_line(&src_out, first_line);
+    wait_socket(&s.socket);
+    (src, src_out, first)
+}
+
 fn count(line: &str, key: &str) -> u64 {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key))
@@ -138,26 +149,21 @@ fn migrate_in_background(hosts: &Hosts, s: &Setup, extra: &[&str]) -> std::threa
 fn a_running_heartbeat_moves_to_another_host_and_keeps_counting() {
     let hosts = wan(1_000_000_000);
     let s = setup("heartbeat");
-    let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
-    let sock = s.socket.to_str().expect("utf-8");
+    let (_dst, dst_out) = receive(&hosts, &s, &s.a);
     // With a 16 MiB working set written at 64 MiB/s, whose every page the guest checks each
     // 250 ms lap: a page lost on the way stops it.
-    let (mut src, src_out) = spawn_in(
-        &hosts.src,
-        &["run", "--vcpus", "2", "--api", sock, "heartbeat", "--", "0", "16", "64"],
+    let (mut src, _src_out, first) = start_source(
+        &hosts,
+        &s,
+        &["--vcpus", "2", "heartbeat", "--", "0", "16", "64"],
+        "heartbeat n=",
     );
-    let before = count(&next_line(&src_out, "heartbeat n="), "n=");
-    wait_socket(&s.socket);
+    let before = count(&first, "n=");
     std::thread::sleep(Duration::from_millis(300));
     // Compressed: the heartbeat's pages are mostly zeros, so far fewer bytes cross the link.
     let (ok, text) = migrate(&hosts, &s, &["--compress"]);
     assert!(ok && text.contains("migrated to 10.231."), "{text}");
-    let sent_mib: f64 = text
-        .split(" MiB sent")
-        .next()
-        .and_then(|t| t.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no MiB sent in {text}"));
+    let sent_mib = number_before(&text, " MiB sent");
     assert!(sent_mib < 1.0, "compressed pages: {text}");
     let (status, err) = wait_exit(&mut src, Duration::from_secs(10));
     assert_eq!(status, Some(0), "the source ends once the destination runs: {err}");
@@ -174,9 +180,6 @@ fn a_running_heartbeat_moves_to_another_host_and_keeps_counting() {
     );
     // The guest-observed stall across the move stays small (the budget is 50 ms).
     assert!(count(&first, "max_gap_us=") < 250_000, "{first}");
-    let _ = dst.kill();
-    let _ = dst.wait();
-    drop(s.dir);
 }
 
 /// Migrates a guest dirtying 256 MiB/s over a 1 Gbit/s link with `flags`; checks that it
@@ -185,24 +188,13 @@ fn migrate_a_fast_dirtier(name: &str, flags: &[&str]) -> String {
     let hosts = wan(1_000_000_000);
     let s = setup(name);
     let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
-    let sock = s.socket.to_str().expect("utf-8");
-    let (mut src, src_out) = spawn_in(
-        &hosts.src,
-        &[
-            "run",
-            "--mem",
-            "256M",
-            "--api",
-            sock,
-            "heartbeat",
-            "--",
-            "0",
-            "64",
-            "256",
-        ],
+    let (mut src, _src_out, first) = start_source(
+        &hosts,
+        &s,
+        &["--mem", "256M", "heartbeat", "--", "0", "64", "256"],
+        "heartbeat n=",
     );
-    let before = count(&next_line(&src_out, "heartbeat n="), "n=");
-    wait_socket(&s.socket);
+    let before = count(&first, "n=");
     let (ok, text) = migrate(&hosts, &s, flags);
     assert!(ok && text.contains("migrated to"), "{text}");
     eprintln!("{text}");
@@ -219,6 +211,16 @@ fn migrate_a_fast_dirtier(name: &str, flags: &[&str]) -> String {
     let (status, err) = wait_exit(&mut src, Duration::from_secs(10));
     assert_eq!(status, Some(0), "{err}");
     text
+}
+
+/// The number in `text` right before `key` (after the last space before it).
+fn number_before(text: &str, key: &str) -> f64 {
+    text.split(key)
+        .next()
+        .filter(|_| text.contains(key))
+        .and_then(|t| t.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number before '{key}' in {text}"))
 }
 
 /// The number in `text` right after `key` and before `end`.
@@ -255,43 +257,23 @@ fn a_guest_that_dirties_faster_than_the_link_converges_by_post_copy_when_asked()
 fn post_copy_hands_the_guest_over_at_once_and_its_pages_follow() {
     let hosts = wan(1_000_000_000);
     let s = setup("postcopy");
-    let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
-    let sock = s.socket.to_str().expect("utf-8");
-    let (mut src, src_out) = spawn_in(
-        &hosts.src,
-        &[
-            "run",
-            "--mem",
-            "256M",
-            "--vcpus",
-            "2",
-            "--api",
-            sock,
-            "heartbeat",
-            "--",
-            "0",
-            "64",
-            "64",
-        ],
+    let (_dst, dst_out) = receive(&hosts, &s, &s.a);
+    let (mut src, _src_out, first) = start_source(
+        &hosts,
+        &s,
+        &["--mem", "256M", "--vcpus", "2", "heartbeat", "--", "0", "64", "64"],
+        "heartbeat n=",
     );
-    let before = count(&next_line(&src_out, "heartbeat n="), "n=");
-    wait_socket(&s.socket);
+    let before = count(&first, "n=");
     let (ok, text) = migrate(&hosts, &s, &["--postcopy-now"]);
     assert!(ok && text.contains("by post-copy"), "{text}");
-    let downtime: f64 = text
-        .split("downtime ")
-        .nth(1)
-        .and_then(|t| t.split(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no downtime in {text}"));
+    let downtime = number_after(&text, "downtime ", ' ');
     assert!(downtime < 50.0, "the switch does not wait for memory: {text}");
     let first = count(&next_line(&dst_out, "heartbeat n="), "n=");
     let second = count(&next_line(&dst_out, "heartbeat n="), "n=");
     assert!(first > before && second > first, "{before} -> {first} -> {second}");
     let (status, err) = wait_exit(&mut src, Duration::from_secs(10));
     assert_eq!(status, Some(0), "{err}");
-    let _ = dst.kill();
-    let _ = dst.wait();
 }
 
 #[test]
@@ -300,31 +282,23 @@ fn post_copy_sends_the_pages_the_guest_waits_for_first() {
     // post-copy the guest soon touches pages the stream has not brought yet and must ask.
     let hosts = wan(100_000_000);
     let s = setup("postcopy-requests");
-    let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
-    let sock = s.socket.to_str().expect("utf-8");
-    let (mut src, src_out) = spawn_in(
-        &hosts.src,
-        &["run", "--mem", "128M", "--api", sock, "dirty", "--", "48", "200"],
+    let (_dst, dst_out) = receive(&hosts, &s, &s.a);
+    let (mut src, _src_out, _) = start_source(
+        &hosts,
+        &s,
+        &["--mem", "128M", "dirty", "--", "48", "200"],
+        "dirty: working set",
     );
-    next_line(&src_out, "dirty: working set");
-    wait_socket(&s.socket);
     let (ok, text) = migrate(&hosts, &s, &["--postcopy-now"]);
     assert!(ok, "{text}");
-    let asked = text
-        .split(" asked for by the guest")
-        .next()
-        .and_then(|t| t.rsplit(' ').next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("no request count in {text}"));
-    assert!(asked > 0, "the guest never had to ask: {text}");
+    let asked = number_before(&text, " asked for by the guest");
+    assert!(asked > 0.0, "the guest never had to ask: {text}");
     eprintln!("{text}");
     // The guest goes on writing at the destination once its memory is all there.
     let line = next_line(&dst_out, "dirty: ");
     assert!(line.contains("MiB written"), "{line}");
     let (status, err) = wait_exit(&mut src, Duration::from_secs(10));
     assert_eq!(status, Some(0), "{err}");
-    let _ = dst.kill();
-    let _ = dst.wait();
 }
 
 #[test]
@@ -333,13 +307,12 @@ fn post_copy_keeps_the_source_paused_with_its_state_when_the_destination_dies() 
     let hosts = wan(100_000_000);
     let s = setup("postcopy-dst-dies");
     let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
-    let sock = s.socket.to_str().expect("utf-8");
-    let (mut src, src_out) = spawn_in(
-        &hosts.src,
-        &["run", "--mem", "256M", "--api", sock, "dirty", "--", "128", "1"],
+    let (mut src, src_out, _) = start_source(
+        &hosts,
+        &s,
+        &["--mem", "256M", "dirty", "--", "128", "1"],
+        "dirty: working set",
     );
-    next_line(&src_out, "dirty: working set");
-    wait_socket(&s.socket);
     let migration = migrate_in_background(&hosts, &s, &["--postcopy-now"]);
     // The destination runs the guest while its pages are still coming (the source's status
     // says how many are left); then it dies.
@@ -355,20 +328,14 @@ fn post_copy_keeps_the_source_paused_with_its_state_when_the_destination_dies() 
     assert!(!ok && text.contains("stays PAUSED"), "{text}");
     // The source kept the whole guest as of the switch: resumed, it goes on from there.
     assert!(ctl(&s.socket, &["status"]).1.starts_with("state: paused"));
-    let written = |line: &str| -> u64 {
-        line.split(" MiB written")
-            .next()
-            .and_then(|t| t.rsplit(' ').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no 'N MiB written' in {line}"))
-    };
+    let written = |line: &str| number_before(line, " MiB written");
     std::thread::sleep(Duration::from_millis(300));
     let before = src_out
         .try_iter()
         .filter(|l| l.contains("MiB written"))
         .map(|l| written(&l))
         .last()
-        .unwrap_or(0);
+        .unwrap_or(0.0);
     let (resumed, answer) = ctl(&s.socket, &["resume"]);
     assert!(resumed, "{answer}");
     let after = written(&next_line(&src_out, "dirty: "));
@@ -402,13 +369,12 @@ fn a_snapshot_at_the_destination_during_post_copy_has_all_the_memory() {
             dst_socket.to_str().expect("utf-8"),
         ],
     );
-    let sock = s.socket.to_str().expect("utf-8");
-    let (mut src, src_out) = spawn_in(
-        &hosts.src,
-        &["run", "--mem", "128M", "--api", sock, "dirty", "--", "64", "64"],
+    let (mut src, _src_out, _) = start_source(
+        &hosts,
+        &s,
+        &["--mem", "128M", "dirty", "--", "64", "64"],
+        "dirty: working set",
     );
-    next_line(&src_out, "dirty: working set");
-    wait_socket(&s.socket);
     let migration = migrate_in_background(&hosts, &s, &["--postcopy-now"]);
     // At once when it runs there, long before its pages are all in.
     wait_socket(&dst_socket);
@@ -437,13 +403,12 @@ fn post_copy_stops_the_destination_when_the_source_dies() {
     let hosts = wan(100_000_000);
     let s = setup("postcopy-broken");
     let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
-    let sock = s.socket.to_str().expect("utf-8");
-    let (mut src, src_out) = spawn_in(
-        &hosts.src,
-        &["run", "--mem", "256M", "--api", sock, "dirty", "--", "128", "1"],
+    let (mut src, _src_out, _) = start_source(
+        &hosts,
+        &s,
+        &["--mem", "256M", "dirty", "--", "128", "1"],
+        "dirty: working set",
     );
-    next_line(&src_out, "dirty: working set");
-    wait_socket(&s.socket);
     let migration = migrate_in_background(&hosts, &s, &["--postcopy-now"]);
     // The destination runs the guest (it prints) while its pages are still coming; then the
     // source dies.
@@ -463,11 +428,9 @@ fn wrong_credentials_are_refused_and_the_source_keeps_running() {
     let s = setup("credentials");
     let stranger = keygen(&s.dir, "stranger");
     // The destination pins a certificate that is not the source's.
-    let (mut dst, _) = receive(&hosts, &s, &stranger);
-    let sock = s.socket.to_str().expect("utf-8");
-    let (mut src, src_out) = spawn_in(&hosts.src, &["run", "--api", sock, "heartbeat"]);
-    let before = count(&next_line(&src_out, "heartbeat n="), "n=");
-    wait_socket(&s.socket);
+    let (_dst, _) = receive(&hosts, &s, &stranger);
+    let (mut src, src_out, first) = start_source(&hosts, &s, &["heartbeat"], "heartbeat n=");
+    let before = count(&first, "n=");
     std::thread::sleep(Duration::from_millis(300));
     let (ok, text) = migrate(&hosts, &s, &[]);
     assert!(
@@ -496,8 +459,6 @@ fn wrong_credentials_are_refused_and_the_source_keeps_running() {
     assert_eq!(ctl(&s.socket, &["status"]).1, "state: running, 1 vCPUs, 64 MiB\n");
     ctl(&s.socket, &["stop"]);
     wait_exit(&mut src, Duration::from_secs(10));
-    let _ = dst.kill();
-    let _ = dst.wait();
 }
 
 /// A 128 MiB working set over a 100 Mbit/s link: the migration takes seconds.
@@ -505,13 +466,12 @@ fn slow_migration(name: &str) -> (Hosts, Setup, Proc, Receiver<String>, Proc) {
     let hosts = wan(100_000_000);
     let s = setup(name);
     let (dst, _) = receive(&hosts, &s, &s.a);
-    let sock = s.socket.to_str().expect("utf-8");
-    let (src, src_out) = spawn_in(
-        &hosts.src,
-        &["run", "--mem", "256M", "--api", sock, "dirty", "--", "128", "8"],
+    let (src, src_out, _) = start_source(
+        &hosts,
+        &s,
+        &["--mem", "256M", "dirty", "--", "128", "8"],
+        "dirty: working set",
     );
-    next_line(&src_out, "dirty: working set");
-    wait_socket(&s.socket);
     (hosts, s, src, src_out, dst)
 }
 
@@ -555,7 +515,7 @@ fn the_source_keeps_running_when_the_destination_dies_mid_stream() {
 
 #[test]
 fn the_source_keeps_running_when_the_link_is_cut() {
-    let (hosts, s, mut src, src_out, mut dst) = slow_migration("cut");
+    let (hosts, s, mut src, src_out, _dst) = slow_migration("cut");
     let migration = migrate_in_background(&hosts, &s, &["--timeout", "2000"]);
     std::thread::sleep(Duration::from_millis(1500));
     hosts.cut().expect("cut the link");
@@ -564,8 +524,6 @@ fn the_source_keeps_running_when_the_link_is_cut() {
     assert_source_runs_on(&s, &src_out);
     ctl(&s.socket, &["stop"]);
     wait_exit(&mut src, Duration::from_secs(10));
-    let _ = dst.kill();
-    let _ = dst.wait();
 }
 
 #[test]
