@@ -114,6 +114,19 @@ impl GuestRam {
     }
 }
 
+/// Runs of consecutive pages in `pfns` (increasing): (first page, count), each run at most
+/// u32::MAX pages (the migration stream's run counts are u32).
+pub fn page_runs(pfns: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &pfn in pfns {
+        match runs.last_mut() {
+            Some((first, count)) if *first + *count == pfn && *count < u32::MAX as u64 => *count += 1,
+            _ => runs.push((pfn, 1)),
+        }
+    }
+    runs
+}
+
 /// Whether `bytes` are all zero, 16 at a time (a byte loop that stops at the first non-zero
 /// byte does not vectorize, and zero pages are read to the end).
 pub fn is_zero(bytes: &[u8]) -> bool {

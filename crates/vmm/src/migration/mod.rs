@@ -876,7 +876,7 @@ impl<S: Duplex + Send + 'static> Incoming<S> {
 /// time: reading them afterwards finds them missing.
 fn punch_holes(memfd: &std::fs::File, pfns: &[u64]) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    for (first, count) in wire::runs(pfns) {
+    for (first, count) in crate::memory::page_runs(pfns) {
         // SAFETY: fallocate on our own memfd with a range inside it (the page numbers were
         // checked against the RAM size); it touches no memory of ours.
         let rc = unsafe {

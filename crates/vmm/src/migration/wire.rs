@@ -318,23 +318,11 @@ pub fn decompress_pages(payload: &[u8], out: &mut Vec<u8>) -> Result<(), WireErr
     }
 }
 
-/// Runs of consecutive pages in `pfns` (increasing): (first page, count).
-pub fn runs(pfns: &[u64]) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for &pfn in pfns {
-        match runs.last_mut() {
-            Some((first, count)) if *first + *count == pfn && *count < u32::MAX as u64 => *count += 1,
-            _ => runs.push((pfn, 1)),
-        }
-    }
-    runs
-}
-
 /// Encodes the POSTCOPY payload: `pfns` (increasing) as runs of consecutive pages, so that the
 /// list costs a few bytes per run instead of 8 per page (it is sent while the guest is paused).
 pub fn encode_pfns(pfns: &[u64]) -> Vec<u8> {
     let mut out = Vec::new();
-    for (first, count) in runs(pfns) {
+    for (first, count) in crate::memory::page_runs(pfns) {
         out.extend_from_slice(&first.to_le_bytes());
         out.extend_from_slice(&(count as u32).to_le_bytes());
     }

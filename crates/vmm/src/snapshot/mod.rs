@@ -533,14 +533,11 @@ pub fn read_memory(path: &Path, ram: &GuestRam) -> Result<u64, SnapshotError> {
 /// write per run of consecutive pages.
 fn write_runs(memfd: &std::fs::File, pfns: &[u64], data: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let mut i = 0;
-    while i < pfns.len() {
-        let mut n = 1;
-        while i + n < pfns.len() && pfns[i + n] == pfns[i] + n as u64 {
-            n += 1;
-        }
-        memfd.write_all_at(&data[i * PAGE as usize..(i + n) * PAGE as usize], pfns[i] * PAGE)?;
-        i += n;
+    let mut at = 0;
+    for (first, count) in crate::memory::page_runs(pfns) {
+        let bytes = count as usize * PAGE as usize;
+        memfd.write_all_at(&data[at..at + bytes], first * PAGE)?;
+        at += bytes;
     }
     Ok(())
 }
