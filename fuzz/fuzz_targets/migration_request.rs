@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use xcloud_vmm::migration::wire;
+use xcloud_migration::wire;
 
 fuzz_target!(|data: &[u8]| {
     // Guest sizes from tiny to the largest xcloud allows (3 GiB of 4 KiB pages).

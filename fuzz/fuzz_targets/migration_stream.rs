@@ -29,10 +29,10 @@ fuzz_target!(|data: &[u8]| {
     // the rest is fuzzed, so that the frames after it get explored; otherwise all of it is.
     let stream = match data.split_first() {
         Some((&first, rest)) if first & 1 == 1 => {
-            [xcloud_vmm::fuzzing::migration_hello(4 << 20), rest.to_vec()].concat()
+            [xcloud_migration::fuzzing::migration_hello(4 << 20), rest.to_vec()].concat()
         }
         _ => data.to_vec(),
     };
     // A received VM is dropped unstarted: `start` would wait for GO.
-    let _ = xcloud_vmm::migration::receive(Feed(&stream), console);
+    let _ = xcloud_migration::receive(Feed(&stream), console);
 });

@@ -1,12 +1,18 @@
 //! Entry points for the fuzz targets (fuzz/) and the robustness tests: the parsers of
 //! untrusted input, driven with arbitrary bytes against real KVM objects.
 
-use crate::boot::{self, BootInfo};
-use crate::console::Console;
+use crate::context::VcpuContext;
+use crate::error::VmError;
 use crate::hypercall;
-use crate::memory::GuestRam;
-use crate::vm::{Request, Vm, VmConfig, VmError};
+use crate::lifecycle::Request;
+use crate::vcpus::VcpuSet;
+use crate::vm::{Vm, VmConfig};
+use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress};
+use xcloud_devices::console::Console;
+use xcloud_state::{FormatError, Persist, StateTree};
+use xcloud_vm_core::boot::{self, BootInfo};
+use xcloud_vm_core::memory::GuestRam;
 
 /// Loads `image` as a PVH ELF into fresh guest RAM of `mem_bytes`.
 pub fn load_image(image: &[u8], mem_bytes: u64) -> Result<BootInfo, VmError> {
@@ -14,28 +20,44 @@ pub fn load_image(image: &[u8], mem_bytes: u64) -> Result<BootInfo, VmError> {
     Ok(boot::load_pvh(ram.mem(), ram.size(), image, "fuzz")?)
 }
 
-/// A HELLO frame this host accepts (its CPU vendor, no CPU features asked for) for a 1-vCPU
-/// guest of `mem_bytes`: fuzzing what follows the HELLO needs one, and random bytes rarely
-/// make one.
-pub fn migration_hello(mem_bytes: u64) -> Vec<u8> {
-    use crate::migration::wire;
-    let hello = wire::Hello {
-        mem_bytes,
-        vcpus: 1,
-        tsc_khz: 1_000_000,
-        cpu_vendor: crate::migration::cpu_vendor(),
-        cpu_features: [0; wire::FEATURE_WORDS.len()],
-    };
-    let mut frame = Vec::new();
-    // Writing into a Vec cannot fail, and the payload is far below the frame limit.
-    let _ = wire::write_frame(&mut frame, wire::Kind::Hello, &hello.encode());
-    frame
+/// Decodes `vm.state` bytes and every section of the kinds this VMM knows, as a restore
+/// would before any of it reaches KVM: how many sections decoded.
+pub fn decode_state(data: &[u8]) -> Result<usize, xcloud_state::StateError> {
+    use xcloud_devices::serial::persist::SerialState;
+    use xcloud_vm_core::clock::ClockState;
+    use xcloud_vm_core::irqchip::IrqchipState;
+    use xcloud_vm_core::machine::MachineConfig;
+    use xcloud_vm_core::memory::persist::RamLayout;
+    use xcloud_vm_core::vcpu::persist::VcpuSnapshot;
+    fn check<T: Persist>(version: u32, body: &[u8]) -> Result<(), FormatError> {
+        T::decode(version, body).map(|_| ())
+    }
+    let tree = StateTree::decode(data)?;
+    for s in tree.sections() {
+        let decoded = match s.kind.as_str() {
+            "machine" => check::<MachineConfig>(s.version, &s.body),
+            "vcpu" => check::<VcpuSnapshot>(s.version, &s.body),
+            "irqchip" => check::<IrqchipState>(s.version, &s.body),
+            "clock" => check::<ClockState>(s.version, &s.body),
+            "memory" => check::<RamLayout>(s.version, &s.body),
+            "serial" => check::<SerialState>(s.version, &s.body),
+            _ => Ok(()),
+        };
+        decoded.map_err(|source| xcloud_state::StateError::Section {
+            kind: s.kind.clone(),
+            instance: s.instance,
+            source,
+        })?;
+    }
+    Ok(tree.sections().len())
 }
 
 /// A VM that is built but never started, whose boot vCPU serves hypercalls from blocks that
 /// the caller writes into guest memory.
 pub struct HypercallHarness {
     vm: Vm,
+    ctx: Arc<VcpuContext>,
+    vcpus: Arc<VcpuSet>,
 }
 
 impl HypercallHarness {
@@ -48,8 +70,9 @@ impl HypercallHarness {
             cmdline: String::new(),
         };
         let vm = Vm::new(&config, &image, Console::new(Box::new(std::io::sink())))?;
-        vm.shared.lock().request = Request::Stop;
-        Ok(Self { vm })
+        let (ctx, vcpus) = vm.parts_for_harness();
+        ctx.control.lock().request = Request::Stop;
+        Ok(Self { vm, ctx, vcpus })
     }
 
     /// A handle to the harness VM.
@@ -59,15 +82,16 @@ impl HypercallHarness {
 
     /// Bytes of guest RAM.
     pub fn ram_size(&self) -> u64 {
-        self.vm.shared.ram.size()
+        self.ctx.machine.ram().size()
     }
 
     /// Writes `bytes` at `gpa` (ignored where they fall outside RAM), serves the hypercall
     /// whose block is at `gpa`, and returns the result the VMM wrote back, if it could.
     pub fn call(&self, gpa: u64, bytes: &[u8]) -> Option<i64> {
-        let mem = self.vm.shared.ram.mem();
+        let mem = self.ctx.machine.ram().mem();
         let _ = mem.write_slice(bytes, GuestAddress(gpa));
-        let _ = hypercall::handle(0, &self.vm.vcpus[0], &self.vm.shared, gpa);
+        self.vcpus
+            .with_unstarted(|fds| fds.first().map(|fd| hypercall::handle(0, fd, &self.ctx, gpa)))?;
         mem.read_obj::<i64>(GuestAddress(gpa.checked_add(xcloud_abi::RESULT_OFFSET)?))
             .ok()
     }
@@ -122,33 +146,25 @@ mod tests {
     }
 
     #[test]
-    fn the_fuzzing_hello_is_accepted_so_the_frames_after_it_get_explored() {
-        // The source side of the stream: the HELLO, then nothing. Accepted, the destination
-        // waits for the next frame and meets the end; refused, it would say why.
-        struct Feed(std::io::Cursor<Vec<u8>>, Vec<u8>);
-        impl std::io::Read for Feed {
-            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-                self.0.read(buf)
-            }
-        }
-        impl std::io::Write for Feed {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.1.extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let feed = Feed(std::io::Cursor::new(migration_hello(4 << 20)), Vec::new());
-        let result = crate::migration::receive(feed, Console::new(Box::new(std::io::sink())));
-        match result {
-            Err(crate::migration::MigrationError::Wire(crate::migration::wire::WireError::Io(e))) => {
-                assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof)
-            }
-            Err(other) => panic!("the HELLO was not accepted: {other}"),
-            Ok(_) => panic!("a VM without a state"),
-        }
+    fn pages_the_vmm_writes_are_resent_though_kvm_does_not_log_them() {
+        let harness = HypercallHarness::new().expect("a KVM VM");
+        let handle = harness.handle();
+        let machine = handle.machine();
+        machine.set_dirty_logging(true).expect("dirty logging");
+        machine.fetch_dirty_pages().expect("fetch");
+        // The block goes in and the result comes back by the VMM's own writes: KVM logs none.
+        let mut block = [0u8; xcloud_abi::BLOCK_SIZE];
+        block[..4].copy_from_slice(&(xcloud_abi::Op::TscKhz as u32).to_le_bytes());
+        assert!(harness.call(0x20_0000, &block).is_some_and(|khz| khz > 0));
+        assert_eq!(machine.fetch_dirty_pages().expect("fetch"), [0x200]);
+        assert!(machine.fetch_dirty_pages().expect("fetch").is_empty(), "taken once");
+        machine.set_dirty_logging(false).expect("dirty logging off");
+        harness.call(0x20_0000, &block);
+        machine.set_dirty_logging(true).expect("dirty logging");
+        assert!(
+            machine.fetch_dirty_pages().expect("fetch").is_empty(),
+            "not recorded when no log is kept"
+        );
     }
 
     #[test]

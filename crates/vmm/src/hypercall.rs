@@ -4,12 +4,13 @@
 //! every address range it names. A malformed call is refused with an error code in `result`
 //! (or, when the block itself is unreadable, logged and ignored); it never ends the VMM.
 
-use crate::vcpu::ApStart;
-use crate::vm::{Activity, Shared, VmExit};
+use crate::context::VcpuContext;
+use crate::lifecycle::{Activity, VmExit};
 use kvm_ioctls::VcpuFd;
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use xcloud_abi::{HcError, HypercallBlock, Op, BLOCK_SIZE, MAX_CONSOLE_WRITE, RESULT_OFFSET};
+use xcloud_vm_core::vcpu::ApStart;
 
 /// Longest panic message read from the guest.
 const MAX_PANIC_MESSAGE: u64 = 4096;
@@ -26,11 +27,11 @@ pub(crate) enum Outcome {
 }
 
 /// Serves the hypercall whose block is at guest-physical `gpa`, issued by vCPU `index`.
-pub(crate) fn handle(index: usize, fd: &VcpuFd, shared: &Shared, gpa: u64) -> Outcome {
-    let mem = shared.ram.mem();
+pub(crate) fn handle(index: usize, fd: &VcpuFd, ctx: &VcpuContext, gpa: u64) -> Outcome {
+    let mem = ctx.machine.ram().mem();
     let mut bytes = [0u8; BLOCK_SIZE];
     if gpa % 8 != 0 || mem.read_slice(&mut bytes, GuestAddress(gpa)).is_err() {
-        shared.guest_noise(format_args!(
+        ctx.guest_noise(format_args!(
             "vCPU {index}: hypercall block at {gpa:#x} is unaligned or not in RAM"
         ));
         return Outcome::Continue;
@@ -38,32 +39,32 @@ pub(crate) fn handle(index: usize, fd: &VcpuFd, shared: &Shared, gpa: u64) -> Ou
     let block = HypercallBlock::from_bytes(&bytes);
     let (result, outcome) = match Op::from_u32(block.op).filter(|_| block.flags == 0) {
         None => {
-            shared.guest_noise(format_args!(
+            ctx.guest_noise(format_args!(
                 "vCPU {index}: unknown hypercall op {} flags {:#x}",
                 block.op, block.flags
             ));
             (Err(HcError::BadOp), Outcome::Continue)
         }
-        Some(op) => serve(index, fd, shared, op, &block.args),
+        Some(op) => serve(index, fd, ctx, op, &block.args),
     };
     let value = match result {
         Ok(v) => v,
         Err(e) => -(e as i64),
     };
     if mem.write_obj(value, GuestAddress(gpa + RESULT_OFFSET)).is_err() {
-        shared.guest_noise(format_args!(
+        ctx.guest_noise(format_args!(
             "vCPU {index}: cannot write the hypercall result at {gpa:#x}"
         ));
     } else {
         // A live migration must resend this page: KVM logs only the guest's own writes.
-        shared.note_vmm_write(gpa + RESULT_OFFSET);
+        ctx.machine.note_vmm_write(gpa + RESULT_OFFSET);
     }
     outcome
 }
 
 /// Reads `len` guest bytes at `addr`, refusing ranges that are not entirely RAM.
-fn read_guest(shared: &Shared, addr: u64, len: u64) -> Result<Vec<u8>, HcError> {
-    let mem = shared.ram.mem();
+fn read_guest(ctx: &VcpuContext, addr: u64, len: u64) -> Result<Vec<u8>, HcError> {
+    let mem = ctx.machine.ram().mem();
     let end = addr.checked_add(len).ok_or(HcError::BadAddress)?;
     if len > 0 && !mem.address_in_range(GuestAddress(end - 1)) {
         return Err(HcError::BadAddress);
@@ -74,32 +75,32 @@ fn read_guest(shared: &Shared, addr: u64, len: u64) -> Result<Vec<u8>, HcError> 
     Ok(buf)
 }
 
-fn serve(index: usize, fd: &VcpuFd, shared: &Shared, op: Op, args: &[u64; 6]) -> (Result<i64, HcError>, Outcome) {
+fn serve(index: usize, fd: &VcpuFd, ctx: &VcpuContext, op: Op, args: &[u64; 6]) -> (Result<i64, HcError>, Outcome) {
     let done = |r| (r, Outcome::Continue);
     match op {
         Op::Nop => done(Ok(0)),
         Op::ConsoleWrite => {
             let len = args[1].min(MAX_CONSOLE_WRITE);
-            done(read_guest(shared, args[0], len).map(|bytes| {
-                shared.console.emit(&bytes);
+            done(read_guest(ctx, args[0], len).map(|bytes| {
+                ctx.console.emit(&bytes);
                 len as i64
             }))
         }
         Op::Exit => (Ok(0), Outcome::End(VmExit::Exited((args[0] & 0xff) as i32))),
         Op::Panic => {
-            let message = read_guest(shared, args[0], args[1].min(MAX_PANIC_MESSAGE))
+            let message = read_guest(ctx, args[0], args[1].min(MAX_PANIC_MESSAGE))
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_else(|_| "(the panic message was not in guest RAM)".into());
             (Ok(0), Outcome::End(VmExit::Panicked(message)))
         }
-        Op::TscKhz => done(Ok(shared.tsc_khz as i64)),
+        Op::TscKhz => done(Ok(ctx.machine.tsc_khz() as i64)),
         Op::Sleep => {
             let duration = Duration::from_nanos(args[0]).min(MAX_SLEEP);
             (Ok(0), Outcome::Sleep(std::time::Instant::now() + duration))
         }
-        Op::VcpuCount => done(Ok(shared.vcpu_count as i64)),
+        Op::VcpuCount => done(Ok(ctx.machine.vcpu_count() as i64)),
         Op::VcpuIndex => done(Ok(index as i64)),
-        Op::StartVcpu => done(start_vcpu(fd, shared, args)),
+        Op::StartVcpu => done(start_vcpu(fd, ctx, args)),
         Op::StopVcpu => {
             if index == 0 {
                 done(Err(HcError::BadState))
@@ -112,18 +113,18 @@ fn serve(index: usize, fd: &VcpuFd, shared: &Shared, op: Op, args: &[u64; 6]) ->
 
 /// Starts parked vCPU `args[0]` at `rip = args[1]`, `rsp = args[2]`, `rdi = args[3]`, with the
 /// caller's segments, descriptor tables and control registers.
-fn start_vcpu(fd: &VcpuFd, shared: &Shared, args: &[u64; 6]) -> Result<i64, HcError> {
+fn start_vcpu(fd: &VcpuFd, ctx: &VcpuContext, args: &[u64; 6]) -> Result<i64, HcError> {
     let target = args[0];
     let (rip, rsp) = (args[1], args[2]);
-    if target == 0 || target >= shared.vcpu_count as u64 {
+    if target == 0 || target >= ctx.machine.vcpu_count() as u64 {
         return Err(HcError::BadArg);
     }
-    let size = shared.ram.size();
+    let size = ctx.machine.ram().size();
     if rip >= size || rsp > size || rsp < 4096 {
         return Err(HcError::BadAddress);
     }
     let sregs = fd.get_sregs().map_err(|_| HcError::BadState)?;
-    let mut c = shared.lock();
+    let mut c = ctx.control.lock();
     let target = target as usize;
     if c.vcpus[target] != Activity::Parked || c.starts[target].is_some() {
         return Err(HcError::BadState);
@@ -134,6 +135,6 @@ fn start_vcpu(fd: &VcpuFd, shared: &Shared, args: &[u64; 6]) -> Result<i64, HcEr
         rsp,
         rdi: args[3],
     });
-    shared.changed.notify_all();
+    ctx.control.changed.notify_all();
     Ok(0)
 }

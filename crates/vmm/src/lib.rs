@@ -1,24 +1,25 @@
-//! The xcloud VMM library: one VM per process, on whatever KVM the host offers.
+//! The xcloud VMM library: one VM per process, composed of its components.
 //!
-//! It owns KVM access ([`host`]), guest memory backed by a memfd ([`memory`]), PVH boot of any
-//! PVH ELF ([`boot`]), vCPU threads (`vcpu`), devices ([`devices`]), the host side of the guest
-//! hypercall ABI (`hypercall`), the VM lifecycle ([`vm`]), the control socket ([`api`]),
-//! snapshots ([`snapshot`]), live migration ([`migration`]) and the platform probes that
-//! `xcloud doctor` reports ([`probe`]). It knows nothing of tenants or clusters.
+//! It builds a VM out of the core ([`xcloud_vm_core`]: KVM, memory, vCPUs, boot) and the
+//! devices ([`xcloud_devices`]), runs one thread per vCPU, serves the guest's hypercalls, and
+//! owns the VM's lifecycle ([`vm`]): pause, resume, stop, and the VM's whole state as the walk
+//! over its components ([`xcloud_state`]). The engines that operate on a whole VM — snapshots
+//! (`xcloud-snapshot`), live migration (`xcloud-migration`) — and the control API
+//! (`xcloud-api`) are built on [`VmHandle`] and [`Blank`], above this crate. It knows nothing
+//! of tenants or clusters.
 
-pub mod api;
-pub mod boot;
-pub mod console;
-pub mod devices;
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+mod context;
+pub mod error;
 pub mod fuzzing;
-pub mod host;
 mod hypercall;
-pub mod memory;
-pub mod migration;
-pub mod probe;
-pub mod snapshot;
-mod vcpu;
+pub mod lifecycle;
+mod vcpu_thread;
+mod vcpus;
 pub mod vm;
 
-pub use console::{CaptureBuffer, Console};
-pub use vm::{Vm, VmConfig, VmError, VmExit, VmHandle, VmState};
+pub use error::VmError;
+pub use lifecycle::{VmExit, VmState};
+pub use vm::{Blank, Vm, VmConfig, VmHandle};
+pub use xcloud_devices::console::{CaptureBuffer, Console};

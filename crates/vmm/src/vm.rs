@@ -1,26 +1,33 @@
-//! A VM: its memory, devices and vCPU threads, and its lifecycle.
+//! A VM: its machine, its components in order, its vCPU threads, and the lifecycle operations
+//! on the whole of it.
 //!
-//! The lifecycle is an explicit state machine — `Created -> Running <-> Paused -> Stopped` —
-//! and an illegal transition is an error. Every vCPU is a thread with its own activity
-//! (`Parked` until started, `Running`, `Paused`, `Halted`, `Exited`); pause waits until no
-//! vCPU is `Running`, kicking threads out of `KVM_RUN` with a signal until each acknowledges.
+//! The components are walked, never named, by what operates on the whole VM: pause stops the
+//! vCPUs first and then every other component; resume goes the other way; the saved state is
+//! the machine's shape followed by every component's sections; a restore hands the saved
+//! sections to the same components and refuses any section none of them took. A new device is
+//! one more entry in [`Vm::assemble`], with its state code beside the device.
 
-use crate::boot::{self, BootError};
-use crate::console::Console;
-use crate::devices::serial::{SerialPort, COM1_IRQ};
-use crate::host::{self, HostError};
-use crate::memory::{GuestRam, MemoryError};
-use crate::snapshot::{self, SnapshotError, SnapshotSummary};
-use crate::vcpu::{self, ApStart};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use crate::context::VcpuContext;
+use crate::error::VmError;
+use crate::lifecycle::{Activity, ControlBlock, Request, VmExit, VmState};
+use crate::vcpu_thread;
+use crate::vcpus::VcpuSet;
+use kvm_ioctls::VcpuFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
-
-/// Most vCPUs a VM may have.
-pub const MAX_VCPUS: usize = 64;
+use xcloud_devices::bus::PortBus;
+use xcloud_devices::console::Console;
+use xcloud_devices::serial::{SerialPort, COM1_BASE, COM1_IRQ, COM1_PORTS};
+use xcloud_state::{Component, StateError, StateTree};
+use xcloud_vm_core::clock::Clock;
+use xcloud_vm_core::irqchip::Irqchip;
+use xcloud_vm_core::machine::{Machine, MachineConfig};
+use xcloud_vm_core::memory::persist::GuestMemory;
+use xcloud_vm_core::memory::{self, GuestRam};
+use xcloud_vm_core::{boot, vcpu};
 
 /// What to build.
 #[derive(Clone, Debug)]
@@ -43,402 +50,145 @@ impl Default for VmConfig {
     }
 }
 
-/// The VM's lifecycle state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VmState {
-    Created,
-    Running,
-    Paused,
-    Stopped,
+/// A machine with its vCPUs, not yet a VM: what a restore or an incoming migration fills
+/// (guest RAM first) before [`Vm::from_state`] makes a VM of it.
+pub struct Blank {
+    machine: Arc<Machine>,
+    vcpus: Vec<VcpuFd>,
 }
 
-/// How a VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VmExit {
-    /// The guest asked to exit with this status.
-    Exited(i32),
-    /// The guest panicked with this message.
-    Panicked(String),
-    /// The guest crashed (triple fault, failed entry, ...).
-    Crashed { vcpu: usize, reason: String, rip: u64 },
-    /// The host stopped it.
-    Stopped,
-    /// It was migrated away and runs at this destination now.
-    Migrated(String),
-    /// The VMM failed while running it.
-    Failed(String),
-}
+impl Blank {
+    /// Builds the KVM VM, `mem_bytes` of RAM and `vcpus` vCPUs.
+    pub fn build(mem_bytes: u64, vcpus: usize) -> Result<Self, VmError> {
+        let (machine, vcpus) = Machine::build(mem_bytes, vcpus)?;
+        Ok(Self {
+            machine: Arc::new(machine),
+            vcpus,
+        })
+    }
 
-impl VmExit {
-    /// The process exit status that stands for this end.
-    pub fn status(&self) -> i32 {
-        match self {
-            VmExit::Exited(s) => *s,
-            VmExit::Panicked(_) => xcloud_abi::PANIC_EXIT_STATUS,
-            VmExit::Crashed { .. } => 125,
-            VmExit::Stopped => 130,
-            VmExit::Migrated(_) => 0,
-            VmExit::Failed(_) => 126,
-        }
+    /// Its guest RAM (still untouched by any guest).
+    pub fn ram(&self) -> &GuestRam {
+        self.machine.ram()
     }
 }
 
-impl std::fmt::Display for VmExit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            VmExit::Exited(s) => write!(f, "guest exited with status {s}"),
-            VmExit::Panicked(m) => write!(f, "guest panicked: {m}"),
-            VmExit::Crashed { vcpu, reason, rip } => {
-                write!(f, "guest crashed: vCPU {vcpu} {reason} at RIP {rip:#x}")
-            }
-            VmExit::Stopped => write!(f, "guest stopped by the host"),
-            VmExit::Migrated(to) => write!(f, "guest migrated to {to}"),
-            VmExit::Failed(m) => write!(f, "VMM failure: {m}"),
-        }
-    }
-}
-
-/// VM failures.
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    #[error(transparent)]
-    Host(#[from] HostError),
-    #[error(transparent)]
-    Memory(#[from] MemoryError),
-    #[error(transparent)]
-    Boot(#[from] BootError),
-    #[error("a VM needs 1 to {MAX_VCPUS} vCPUs, not {0}")]
-    VcpuCount(usize),
-    #[error("KVM refused to {what}")]
-    Kvm {
-        what: &'static str,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    #[error("cannot set up vCPU {index}: {what}")]
-    Vcpu {
-        index: usize,
-        what: &'static str,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    #[error("cannot create the serial interrupt eventfd")]
-    EventFd(#[source] std::io::Error),
-    #[error("cannot start the vCPU thread {index}")]
-    Thread {
-        index: usize,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Snapshot(#[from] SnapshotError),
-    #[error("the VM's memory did not finish arriving (lazy restore or post-copy)")]
-    MemoryNotLoaded,
-    #[error("cannot {action} a VM that is {state:?}")]
-    InvalidTransition { action: &'static str, state: VmState },
-}
-
-/// What the VMM asks of every vCPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Request {
-    Run,
-    Pause,
-    Stop,
-}
-
-/// What one vCPU thread is doing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Activity {
-    /// Created, never started (secondary vCPUs wait for a StartVcpu hypercall).
-    Parked,
-    /// In or about to enter KVM_RUN, or serving an exit.
-    Running,
-    /// Acknowledged a pause and waits.
-    Paused,
-    /// Stopped by its own StopVcpu hypercall; waits for the VM's end.
-    Halted,
-    /// Its thread has left the run loop.
-    Exited,
-}
-
-pub(crate) struct Control {
-    pub state: VmState,
-    pub request: Request,
-    pub vcpus: Vec<Activity>,
-    pub starts: Vec<Option<ApStart>>,
-    pub exit: Option<VmExit>,
-    pub threads: Vec<libc::pthread_t>,
-    /// Per vCPU: a state save was asked of its thread.
-    pub save_requested: Vec<bool>,
-    /// Per vCPU: the state its thread saved.
-    pub saved: Vec<Option<Result<crate::snapshot::VcpuState, String>>>,
-}
-
-/// What every vCPU thread shares.
-pub(crate) struct Shared {
-    // Declared before `ram` so the VM (and its memory slot) goes before the mapping does.
-    pub vm_fd: VmFd,
-    pub ram: GuestRam,
-    pub console: Console,
-    pub serial: Mutex<SerialPort>,
-    pub control: Mutex<Control>,
-    pub changed: Condvar,
-    pub vcpu_count: usize,
-    pub tsc_khz: u64,
-    /// MSRs a snapshot saves (those the vCPUs can read).
-    pub msr_indices: Vec<u32>,
-    /// The outgoing migration's progress, while one runs.
-    pub progress: Mutex<Option<crate::migration::MigrationProgress>>,
-    /// Whether an outgoing migration runs (see [`VmHandle::claim_migration`]).
-    migrating: AtomicBool,
+/// What the VM and its handles share.
+struct Shared {
+    ctx: Arc<VcpuContext>,
+    vcpus: Arc<VcpuSet>,
+    /// Every component, vCPUs included, in save and restore order.
+    components: Vec<Arc<dyn Component>>,
+    /// The same without the vCPUs, which pause first and resume last.
+    others: Vec<Arc<dyn Component>>,
+    /// Serializes pause and resume (a stop never waits for it).
+    transition: Mutex<()>,
+    cmdline: String,
     /// When guest RAM fills in while the guest runs (lazy restore, post-copy): turns true once
     /// every page is in.
-    pub(crate) memory_complete: std::sync::OnceLock<Arc<AtomicBool>>,
-    /// While dirty logging is on: the pages the VMM itself wrote (hypercall results), which
-    /// KVM's dirty log does not see.
-    vmm_writes: Mutex<Option<Vec<u64>>>,
-    noise: AtomicU64,
+    memory_complete: OnceLock<Arc<AtomicBool>>,
 }
-
-/// What a vCPU thread does next, decided under the control lock.
-pub(crate) enum Gate {
-    Run,
-    Start(Box<ApStart>),
-    /// Save the vCPU's state for a snapshot (asked only while it is not running guest code).
-    Save,
-    Stop,
-}
-
-/// How many ignored guest accesses are logged at warn level before the rest go to debug.
-const NOISE_WARNINGS: u64 = 10;
 
 impl Shared {
-    pub fn lock(&self) -> MutexGuard<'_, Control> {
-        self.control.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Logs a guest access the VMM ignores (unknown port, MMIO, malformed hypercall).
-    pub fn guest_noise(&self, what: std::fmt::Arguments<'_>) {
-        let n = self.noise.fetch_add(1, Ordering::Relaxed);
-        if n < NOISE_WARNINGS {
-            tracing::warn!("ignored guest access: {what}");
-        } else {
-            tracing::debug!("ignored guest access: {what}");
-        }
-    }
-
-    /// Blocks vCPU `index` until it may run, must apply a start, or must stop.
-    pub fn gate(&self, index: usize) -> Gate {
-        let mut c = self.lock();
-        loop {
-            if c.request == Request::Stop {
-                return Gate::Stop;
-            }
-            if c.save_requested[index] && matches!(c.vcpus[index], Activity::Paused | Activity::Halted) {
-                c.save_requested[index] = false;
-                return Gate::Save;
-            }
-            match c.vcpus[index] {
-                Activity::Parked => {
-                    if let Some(start) = c.starts[index].take() {
-                        c.vcpus[index] = Activity::Paused;
-                        return Gate::Start(Box::new(start));
-                    }
-                }
-                Activity::Running | Activity::Paused => match c.request {
-                    Request::Run => {
-                        if c.vcpus[index] == Activity::Paused {
-                            c.vcpus[index] = Activity::Running;
-                            self.changed.notify_all();
-                        }
-                        return Gate::Run;
-                    }
-                    _ => {
-                        if c.vcpus[index] == Activity::Running {
-                            c.vcpus[index] = Activity::Paused;
-                            self.changed.notify_all();
-                        }
-                    }
-                },
-                Activity::Halted => {}
-                Activity::Exited => return Gate::Stop,
-            }
-            c = self.changed.wait(c).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    /// Blocks vCPU `index` until `deadline` while the VM runs. Returns true when the deadline
-    /// passed, false when pause or stop was asked first (the run loop then goes through its
-    /// gate, where pause is acknowledged and state can be saved, and sleeps on afterwards).
-    pub fn sleep_until(&self, deadline: Instant) -> bool {
-        let mut c = self.lock();
-        loop {
-            if c.request != Request::Run {
-                return false;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return true;
-            }
-            c = self
-                .changed
-                .wait_timeout(c, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
-    /// Ends the VM with `exit` (the first end recorded wins) and stops every vCPU.
-    pub fn finish(&self, exit: VmExit) {
-        let mut c = self.lock();
-        if c.exit.is_none() {
-            c.exit = Some(exit);
-        }
-        c.request = Request::Stop;
-        self.changed.notify_all();
-        kick(&c);
-    }
-
-    /// Publishes the outgoing migration's progress (None: no migration runs).
-    pub fn set_progress(&self, progress: Option<crate::migration::MigrationProgress>) {
-        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = progress;
-    }
-
-    /// Records that the VMM wrote guest RAM at `gpa`, for the dirty log (while it is on).
-    pub fn note_vmm_write(&self, gpa: u64) {
-        if let Some(pages) = self.vmm_writes.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            pages.push(gpa / crate::memory::PAGE_BYTES);
-        }
-    }
-
-    /// The pages the VMM wrote since the last call (empty when dirty logging is off).
-    pub fn take_vmm_writes(&self) -> Vec<u64> {
-        self.vmm_writes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-            .map(std::mem::take)
-            .unwrap_or_default()
-    }
-
-    /// Turns KVM dirty-page logging of guest RAM on or off, and the VMM's record of its own
-    /// writes with it.
-    pub fn set_dirty_logging(&self, on: bool) -> Result<(), kvm_ioctls::Error> {
-        *self.vmm_writes.lock().unwrap_or_else(|p| p.into_inner()) = on.then(Vec::new);
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: 0,
-            flags: if on { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-            guest_phys_addr: 0,
-            memory_size: self.ram.size(),
-            userspace_addr: self.ram.host_base(),
-        };
-        // SAFETY: the same slot, address and size as registered at build time (the mapping is
-        // alive as long as `self`); only the logging flag changes.
-        unsafe { self.vm_fd.set_user_memory_region(region) }
-    }
-
-    /// Hands over the state vCPU `index` saved.
-    pub fn saved(&self, index: usize, state: Result<crate::snapshot::VcpuState, String>) {
-        let mut c = self.lock();
-        c.saved[index] = Some(state);
-        self.changed.notify_all();
-    }
-
-    /// Marks vCPU `index` as halted by its own request.
-    pub fn halt(&self, index: usize) {
-        let mut c = self.lock();
-        c.vcpus[index] = Activity::Halted;
-        self.changed.notify_all();
-    }
-
-    /// Marks vCPU `index`'s thread as gone.
-    pub fn exited(&self, index: usize) {
-        let mut c = self.lock();
-        c.vcpus[index] = Activity::Exited;
-        self.changed.notify_all();
+    fn control(&self) -> &ControlBlock {
+        &self.ctx.control
     }
 }
 
-/// Sends the kick signal to every vCPU thread that has not exited. Called with the control
-/// lock held, so no thread can be joined (and its id reused) while it is signalled.
-fn kick(c: &Control) {
-    for (i, &tid) in c.threads.iter().enumerate() {
-        if c.vcpus.get(i).is_some_and(|a| *a != Activity::Exited) {
-            // SAFETY: `tid` is a vCPU thread of this VM that has not been joined (threads are
-            // joined only after every vCPU is Exited, under this same lock); the signal's
-            // handler is installed before any thread starts and does nothing.
-            unsafe { libc::pthread_kill(tid, vcpu::kick_signal()) };
-        }
-    }
-}
-
-/// An error and its sources on one line (for logs and API answers).
-pub fn flatten_error(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-/// A handle that pauses, resumes and stops a VM from any thread.
+/// A handle that pauses, resumes, saves and stops a VM from any thread.
 #[derive(Clone)]
 pub struct VmHandle {
-    pub(crate) shared: Arc<Shared>,
+    shared: Arc<Shared>,
 }
 
 impl VmHandle {
     /// The current lifecycle state.
     pub fn state(&self) -> VmState {
-        self.shared.lock().state
+        self.shared.control().lock().state
     }
 
-    /// Stops every vCPU and returns once none runs guest code. The guest's clock keeps going.
+    fn refuse(&self, action: &'static str) -> VmError {
+        VmError::InvalidTransition {
+            action,
+            state: self.state(),
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.shared.control().lock().request == Request::Stop
+    }
+
+    /// Stops every vCPU, then every other component, and returns once none runs. The guest's
+    /// clock keeps going.
     pub fn pause(&self) -> Result<(), VmError> {
-        let mut c = self.shared.lock();
-        if c.state != VmState::Running {
-            return Err(VmError::InvalidTransition {
-                action: "pause",
-                state: c.state,
-            });
+        let _one_at_a_time = self.shared.transition.lock().unwrap_or_else(|p| p.into_inner());
+        if self.state() != VmState::Running {
+            return Err(self.refuse("pause"));
         }
-        c.request = Request::Pause;
-        self.shared.changed.notify_all();
-        while c.request == Request::Pause && c.vcpus.contains(&Activity::Running) {
-            kick(&c);
-            c = self
-                .shared
-                .changed
-                .wait_timeout(c, Duration::from_millis(1))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let stopped = || VmError::InvalidTransition {
+            action: "pause",
+            state: VmState::Stopped,
+        };
+        if let Err(e) = self.shared.vcpus.pause() {
+            return Err(if self.stopping() { stopped() } else { e.into() });
         }
+        let mut paused: Vec<&Arc<dyn Component>> = Vec::new();
+        for c in self.shared.others.iter() {
+            if let Err(e) = c.pause() {
+                for p in paused.iter().rev() {
+                    let _ = p.resume();
+                }
+                let _ = self.shared.vcpus.resume();
+                return Err(e.into());
+            }
+            paused.push(c);
+        }
+        let mut c = self.shared.control().lock();
         if c.request == Request::Stop {
-            return Err(VmError::InvalidTransition {
-                action: "pause",
-                state: VmState::Stopped,
-            });
+            return Err(stopped());
         }
         c.state = VmState::Paused;
         Ok(())
     }
 
-    /// Lets every paused vCPU run again.
+    /// Lets every component, then every vCPU, run again.
     pub fn resume(&self) -> Result<(), VmError> {
-        let mut c = self.shared.lock();
-        if c.state != VmState::Paused {
-            return Err(VmError::InvalidTransition {
-                action: "resume",
-                state: c.state,
-            });
+        let _one_at_a_time = self.shared.transition.lock().unwrap_or_else(|p| p.into_inner());
+        if self.state() != VmState::Paused {
+            return Err(self.refuse("resume"));
         }
-        c.request = Request::Run;
-        c.state = VmState::Running;
-        self.shared.changed.notify_all();
+        for c in self.shared.others.iter().rev() {
+            c.resume()?;
+        }
+        self.shared.vcpus.resume()?;
+        let mut c = self.shared.control().lock();
+        if c.request != Request::Stop {
+            c.state = VmState::Running;
+        }
         Ok(())
+    }
+
+    /// The whole state of a paused VM but its memory: the machine's shape, then every
+    /// component's sections (each vCPU thread saves its own vCPU).
+    pub fn save_state(&self) -> Result<StateTree, VmError> {
+        if self.state() != VmState::Paused {
+            return Err(self.refuse("save the state of"));
+        }
+        let machine = &self.shared.ctx.machine;
+        let mut tree = StateTree::new();
+        tree.save(
+            0,
+            &MachineConfig {
+                mem_bytes: machine.ram().size(),
+                vcpus: machine.vcpu_count(),
+                tsc_khz: machine.tsc_khz(),
+                cmdline: self.shared.cmdline.clone(),
+            },
+        )?;
+        for c in &self.shared.components {
+            c.save(&mut tree)?;
+        }
+        Ok(tree)
     }
 
     /// Returns once all of guest RAM is in place: at once, except after a lazy restore or a
@@ -450,7 +200,7 @@ impl VmHandle {
         };
         let deadline = Instant::now() + Duration::from_secs(120);
         while !loaded.load(Ordering::SeqCst) {
-            if self.shared.lock().request == Request::Stop || Instant::now() > deadline {
+            if self.stopping() || Instant::now() > deadline {
                 return Err(VmError::MemoryNotLoaded);
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -458,392 +208,181 @@ impl VmHandle {
         Ok(())
     }
 
-    /// Claims the VM for one outgoing migration: None if one already runs. While the claim is
-    /// held, the control API refuses what would interfere (pause, resume, snapshot, another
-    /// migration): a resume during the switch would run the VM at both ends.
-    pub fn claim_migration(&self) -> Option<MigrationClaim> {
-        self.shared
-            .migrating
-            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .ok()
-            .map(|_| MigrationClaim {
-                shared: self.shared.clone(),
-            })
-    }
-
-    /// Whether an outgoing migration runs.
-    pub fn migrating(&self) -> bool {
-        self.shared.migrating.load(Ordering::SeqCst)
+    /// Declares that guest RAM fills in while the guest runs, until `complete` turns true.
+    pub fn set_memory_arriving(&self, complete: Arc<AtomicBool>) {
+        let _ = self.shared.memory_complete.set(complete);
     }
 
     /// Ends a VM that was migrated away (its source copy, which must never run again).
     pub fn end_migrated(&self, to: &str) {
         yield_to_the_destination();
-        self.shared.finish(VmExit::Migrated(to.to_string()));
+        self.shared.control().finish(VmExit::Migrated(to.to_string()));
+    }
+
+    /// Ends the VM because the VMM cannot go on with it (its memory cannot be completed).
+    pub fn fail(&self, why: String) {
+        self.shared.control().finish(VmExit::Failed(why));
     }
 
     /// Stops the VM; `Vm::wait` then returns `VmExit::Stopped` unless the guest ended first.
     pub fn stop(&self) {
-        self.shared.finish(VmExit::Stopped);
+        self.shared.control().finish(VmExit::Stopped);
     }
 
-    /// Writes a snapshot of the VM into `dir`. A running VM is paused for the snapshot and
-    /// resumed after it; a paused VM stays paused.
-    pub fn snapshot(&self, dir: &std::path::Path) -> Result<SnapshotSummary, VmError> {
-        self.wait_for_memory()?;
-        let was_running = match self.state() {
-            VmState::Running => true,
-            VmState::Paused => false,
-            state => {
-                return Err(VmError::InvalidTransition {
-                    action: "snapshot",
-                    state,
-                })
-            }
-        };
-        if was_running {
-            self.pause()?;
-        }
-        let result = self.capture(dir);
-        if was_running {
-            // The VM may have been stopped meanwhile; then there is nothing to resume.
-            let _ = self.resume();
-        }
-        result
-    }
-
-    fn capture(&self, dir: &std::path::Path) -> Result<SnapshotSummary, VmError> {
-        let snap = self.collect_state()?;
-        let shared = &self.shared;
-        Ok(snapshot::write_dir(dir, &snap, &shared.ram)?)
-    }
-
-    /// The vCPU and device state of a paused VM (each vCPU thread saves its own vCPU).
-    pub(crate) fn collect_state(&self) -> Result<snapshot::VmSnapshot, VmError> {
-        let shared = &self.shared;
-        let mut c = shared.lock();
-        // A secondary vCPU whose start is still pending is not paused yet: wait for it.
-        while c.starts.iter().any(Option::is_some) && c.request == Request::Pause {
-            c = shared
-                .changed
-                .wait_timeout(c, Duration::from_millis(1))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        let needs_state: Vec<bool> = c
-            .vcpus
-            .iter()
-            .map(|a| matches!(a, Activity::Paused | Activity::Halted))
-            .collect();
-        for (i, &needed) in needs_state.iter().enumerate() {
-            c.save_requested[i] = needed;
-            c.saved[i] = None;
-        }
-        shared.changed.notify_all();
-        while needs_state
-            .iter()
-            .zip(&c.saved)
-            .any(|(&needed, saved)| needed && saved.is_none())
-        {
-            if c.request != Request::Pause {
-                return Err(SnapshotError::Busy("the VM stopped during the snapshot").into());
-            }
-            c = shared.changed.wait(c).unwrap_or_else(|p| p.into_inner());
-        }
-        let mut vcpus = Vec::with_capacity(c.vcpus.len());
-        for (index, activity) in c.vcpus.clone().into_iter().enumerate() {
-            let state = match c.saved[index].take() {
-                Some(Ok(state)) => Some(Box::new(state)),
-                Some(Err(what)) => return Err(SnapshotError::SaveVcpu { index, what }.into()),
-                None => None,
-            };
-            vcpus.push(snapshot::VcpuSnapshot { activity, state });
-        }
-        drop(c);
-        let mut irqchips = Vec::new();
-        for chip_id in 0..3 {
-            let mut chip = kvm_bindings::kvm_irqchip {
-                chip_id,
-                ..Default::default()
-            };
-            shared
-                .vm_fd
-                .get_irqchip(&mut chip)
-                .map_err(|source| SnapshotError::Kvm {
-                    what: "read the irqchip",
-                    source,
-                })?;
-            irqchips.push(chip);
-        }
-        let serial = shared.serial.lock().unwrap_or_else(|p| p.into_inner()).state();
-        Ok(snapshot::VmSnapshot {
-            config: snapshot::SnapshotConfig {
-                mem_bytes: shared.ram.size(),
-                vcpus: shared.vcpu_count,
-                tsc_khz: shared.tsc_khz,
-                cmdline: String::new(),
-            },
-            vcpus,
-            irqchips,
-            serial,
-        })
+    /// The machine: guest RAM, its dirty log, the KVM VM.
+    pub fn machine(&self) -> &Machine {
+        &self.shared.ctx.machine
     }
 
     /// Reads guest RAM at guest-physical `addr` (for inspection; the guest may be running).
     pub fn read_guest(&self, addr: u64, buf: &mut [u8]) -> Result<(), vm_memory::GuestMemoryError> {
         use vm_memory::Bytes;
-        self.shared.ram.mem().read_slice(buf, vm_memory::GuestAddress(addr))
-    }
-
-    /// The outgoing migration's progress, while one runs.
-    pub fn migration_progress(&self) -> Option<crate::migration::MigrationProgress> {
-        self.shared.progress.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.machine()
+            .ram()
+            .mem()
+            .read_slice(buf, vm_memory::GuestAddress(addr))
     }
 
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
-        self.shared.vcpu_count
+        self.machine().vcpu_count()
     }
 
     /// Bytes of guest RAM.
     pub fn mem_bytes(&self) -> u64 {
-        self.shared.ram.size()
+        self.machine().ram().size()
     }
 }
 
 /// A VM built and ready to start.
 pub struct Vm {
-    _kvm: Kvm,
-    /// Serves guest RAM on demand after a lazy restore.
-    lazy: Option<snapshot::lazy::LazyMemory>,
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) vcpus: Vec<VcpuFd>,
+    shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// Dropped after the vCPU threads are joined: what serves guest pages (a vCPU may be
+    /// waiting for a page it serves).
+    keep: Vec<Box<dyn Send + Sync>>,
 }
 
 static KICK_HANDLER: Once = Once::new();
 
-/// The KVM objects and memory of a VM before its vCPU threads exist.
-pub(crate) struct Parts {
-    kvm: Kvm,
-    vm_fd: VmFd,
-    pub(crate) ram: GuestRam,
-    serial_irq: EventFd,
-    vcpus: Vec<VcpuFd>,
-    pub(crate) tsc_khz: u64,
-    msr_indices: Vec<u32>,
-}
-
-pub(crate) fn build(mem_bytes: u64, vcpu_count: usize) -> Result<Parts, VmError> {
-    if vcpu_count == 0 || vcpu_count > MAX_VCPUS {
-        return Err(VmError::VcpuCount(vcpu_count));
-    }
-    let kvm_err = |what| move |source| VmError::Kvm { what, source };
-    let kvm = host::open_kvm()?;
-    let ram = GuestRam::new(mem_bytes)?;
-    let vm_fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-    // KVM on Intel needs a TSS area for real-mode emulation; place it in the 32-bit hole.
-    vm_fd
-        .set_tss_address(0xfffb_d000)
-        .map_err(kvm_err("set the TSS address"))?;
-    let region = kvm_bindings::kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: ram.size(),
-        userspace_addr: ram.host_base(),
-    };
-    // SAFETY: the region is the whole mmap of `ram`; `Shared` keeps `ram` alive and drops the
-    // VM fd (declared first) before it.
-    unsafe { vm_fd.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
-    vm_fd
-        .create_irq_chip()
-        .map_err(kvm_err("create the in-kernel irqchip"))?;
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-    vm_fd
-        .register_irqfd(&serial_irq, COM1_IRQ)
-        .map_err(kvm_err("register the serial irqfd"))?;
-    let cpuid = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("report supported CPUID"))?;
-    let mut vcpus = Vec::with_capacity(vcpu_count);
-    for index in 0..vcpu_count {
-        vcpus.push(vcpu::create(&vm_fd, index, &cpuid)?);
-    }
-    let tsc_khz = vcpus[0]
-        .get_tsc_khz()
-        .map(u64::from)
-        .unwrap_or_else(|_| vcpu::host_tsc_khz());
-    let candidates = kvm
-        .get_msr_index_list()
-        .map(|l| l.as_slice().to_vec())
-        .unwrap_or_default();
-    let msr_indices = vcpu::readable_msrs(&vcpus[0], &candidates);
-    Ok(Parts {
-        kvm,
-        vm_fd,
-        ram,
-        serial_irq,
-        vcpus,
-        tsc_khz,
-        msr_indices,
-    })
-}
-
 impl Vm {
-    fn assemble(parts: Parts, console: Console, activity: Vec<Activity>, serial: SerialPort) -> Self {
-        let count = parts.vcpus.len();
-        let shared = Arc::new(Shared {
-            vm_fd: parts.vm_fd,
-            serial: Mutex::new(serial),
-            console,
-            ram: parts.ram,
-            control: Mutex::new(Control {
-                state: VmState::Created,
-                request: Request::Run,
-                vcpus: activity,
-                starts: (0..count).map(|_| None).collect(),
-                exit: None,
-                threads: Vec::new(),
-                save_requested: vec![false; count],
-                saved: (0..count).map(|_| None).collect(),
+    fn assemble(blank: Blank, console: Console, activity: Vec<Activity>, cmdline: String) -> Result<Self, VmError> {
+        let Blank { machine, vcpus } = blank;
+        let control = Arc::new(ControlBlock::new(activity));
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Device {
+            device: "serial port's interrupt",
+            source,
+        })?;
+        machine
+            .vm_fd()
+            .register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(|e| VmError::Device {
+                device: "serial port's irqfd",
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            })?;
+        let serial = Arc::new(
+            SerialPort::new(serial_irq, console.clone()).map_err(|source| VmError::Device {
+                device: "serial port",
+                source,
+            })?,
+        );
+        let mut bus = PortBus::new();
+        bus.insert(COM1_BASE, COM1_PORTS, serial.clone())
+            .map_err(|e| VmError::Device {
+                device: "serial port",
+                source: std::io::Error::other(e),
+            })?;
+        let vcpu_set = Arc::new(VcpuSet::new(control.clone(), vcpus));
+        // Save and restore order: the VM-wide parts, the vCPUs (their LAPICs after the
+        // irqchip), then the devices.
+        let vm_wide: [Arc<dyn Component>; 3] = [
+            Arc::new(GuestMemory::new(machine.ram().size())),
+            Arc::new(Irqchip::new(machine.clone())),
+            Arc::new(Clock::new(machine.clone())),
+        ];
+        let devices: [Arc<dyn Component>; 1] = [serial];
+        let vcpu_part: Arc<dyn Component> = vcpu_set.clone();
+        let components = vm_wide
+            .iter()
+            .cloned()
+            .chain([vcpu_part])
+            .chain(devices.iter().cloned())
+            .collect();
+        let others = vm_wide.into_iter().chain(devices).collect();
+        let ctx = Arc::new(VcpuContext::new(machine, control, console, bus));
+        Ok(Self {
+            shared: Arc::new(Shared {
+                ctx,
+                vcpus: vcpu_set,
+                components,
+                others,
+                transition: Mutex::new(()),
+                cmdline,
+                memory_complete: OnceLock::new(),
             }),
-            changed: Condvar::new(),
-            vcpu_count: count,
-            tsc_khz: parts.tsc_khz,
-            msr_indices: parts.msr_indices,
-            progress: Mutex::new(None),
-            migrating: AtomicBool::new(false),
-            memory_complete: std::sync::OnceLock::new(),
-            vmm_writes: Mutex::new(None),
-            noise: AtomicU64::new(0),
-        });
-        Self {
-            _kvm: parts.kvm,
-            lazy: None,
-            shared,
-            vcpus: parts.vcpus,
             threads: Vec::new(),
-        }
+            keep: Vec::new(),
+        })
     }
 
     /// Builds a VM: KVM, memfd RAM, in-kernel irqchip, COM1, vCPUs, and the PVH image loaded.
     pub fn new(config: &VmConfig, image: &[u8], console: Console) -> Result<Self, VmError> {
         // A bad size is refused before KVM is opened, so the error names the size even on a
         // host without KVM.
-        crate::memory::validate_size(config.mem_bytes, crate::memory::host_ram_bytes())?;
-        let parts = build(config.mem_bytes, config.vcpus)?;
-        let boot = boot::load_pvh(parts.ram.mem(), parts.ram.size(), image, &config.cmdline)?;
-        vcpu::set_boot_state(&parts.vcpus[0], &boot)?;
+        memory::validate_size(config.mem_bytes, memory::host_ram_bytes())?;
+        let blank = Blank::build(config.mem_bytes, config.vcpus)?;
+        let boot = boot::load_pvh(blank.ram().mem(), blank.ram().size(), image, &config.cmdline)?;
+        vcpu::set_boot_state(&blank.vcpus[0], &boot)?;
         let mut activity = vec![Activity::Parked; config.vcpus];
         activity[0] = Activity::Paused;
-        let serial = SerialPort::new(parts.serial_irq.try_clone().map_err(VmError::EventFd)?, console.clone());
-        Ok(Self::assemble(parts, console, activity, serial))
+        Self::assemble(blank, console, activity, config.cmdline.clone())
     }
 
-    /// Rebuilds a VM from the snapshot in `dir`; `start` then continues it where it was.
-    /// Everything is read and checked before the VM can run; on any error nothing runs.
-    pub fn restore(dir: &std::path::Path, console: Console) -> Result<Self, VmError> {
-        let snap = snapshot::read_state(dir)?;
-        let parts = build(snap.config.mem_bytes, snap.config.vcpus)?;
-        snapshot::read_memory(&dir.join(snapshot::MEMORY_FILE), &parts.ram)?;
-        Self::resume_from(parts, snap, console)
-    }
-
-    /// Like [`Vm::restore`], but the guest runs before its memory is read: pages are loaded on
-    /// first touch (userfaultfd) and streamed in the background (see `snapshot::lazy`).
-    pub fn restore_lazy(dir: &std::path::Path, console: Console) -> Result<Self, VmError> {
-        let snap = snapshot::read_state(dir)?;
-        let parts = build(snap.config.mem_bytes, snap.config.vcpus)?;
-        // The prefetcher may find the pages corrupt before the VM exists (a small snapshot is
-        // read in a few milliseconds): the verdict then waits in the slot for the VM.
-        let slot: Arc<Mutex<CorruptionSlot>> = Arc::new(Mutex::new(CorruptionSlot::NoVmYet(None)));
-        let on_corrupt = {
-            let slot = slot.clone();
-            Box::new(move |why: String| {
-                let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-                match &mut *slot {
-                    CorruptionSlot::Vm(h) => h.shared.finish(VmExit::Failed(why)),
-                    CorruptionSlot::NoVmYet(verdict) => *verdict = Some(why),
-                }
-            })
-        };
-        let lazy = snapshot::lazy::start(
-            &dir.join(snapshot::MEMORY_FILE),
-            parts.ram.host_base(),
-            parts.ram.size(),
-            on_corrupt,
-        )?;
-        let mut vm = Self::resume_from(parts, snap, console)?;
-        let _ = vm.shared.memory_complete.set(lazy.loaded_flag());
-        vm.lazy = Some(lazy);
-        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if let CorruptionSlot::NoVmYet(Some(why)) = &*slot {
-            vm.handle().shared.finish(VmExit::Failed(why.clone()));
+    /// Makes a VM of `blank` (its memory already in place, or arriving) that continues from
+    /// `state`: every component takes its sections, and a section none takes is an error.
+    /// Nothing runs until [`Vm::start`]; on any error nothing ever runs.
+    pub fn from_state(blank: Blank, mut state: StateTree, console: Console) -> Result<Self, VmError> {
+        let config = state.require::<MachineConfig>(0)?;
+        let (mem_bytes, vcpus) = (blank.ram().size(), blank.vcpus.len());
+        if config.mem_bytes != mem_bytes || config.vcpus != vcpus {
+            return Err(StateError::Incompatible(format!(
+                "it is of a VM with {} bytes of RAM and {} vCPUs, this one has {mem_bytes} and {vcpus}",
+                config.mem_bytes, config.vcpus
+            ))
+            .into());
         }
-        *slot = CorruptionSlot::Vm(vm.handle());
-        drop(slot);
+        let tsc_khz = blank.machine.tsc_khz();
+        if tsc_khz != config.tsc_khz {
+            tracing::warn!(
+                "the saved TSC ran at {} kHz, this host's at {tsc_khz} kHz: guest time will run at this host's rate",
+                config.tsc_khz
+            );
+        }
+        let vm = Self::assemble(blank, console, vec![Activity::Parked; vcpus], config.cmdline)?;
+        for c in &vm.shared.components {
+            c.restore(&mut state)?;
+        }
+        state.ensure_all_taken()?;
         Ok(vm)
     }
 
-    /// Completes a restore whose memory is already in `parts`.
-    pub(crate) fn resume_from(parts: Parts, snap: snapshot::VmSnapshot, console: Console) -> Result<Self, VmError> {
-        if parts.tsc_khz != snap.config.tsc_khz {
-            tracing::warn!(
-                "the snapshot's TSC ran at {} kHz, this host's at {} kHz: guest time will run at this host's rate",
-                snap.config.tsc_khz,
-                parts.tsc_khz
-            );
-        }
-        for (chip_state, chip_id) in snap.irqchips.iter().zip(0u32..) {
-            if chip_state.chip_id != chip_id {
-                return Err(SnapshotError::Incompatible(format!(
-                    "irqchip {} where {chip_id} belongs",
-                    chip_state.chip_id
-                ))
-                .into());
-            }
-            parts
-                .vm_fd
-                .set_irqchip(chip_state)
-                .map_err(|source| SnapshotError::Kvm {
-                    what: "restore the irqchip",
-                    source,
-                })?;
-        }
-        let mut activity = Vec::with_capacity(snap.vcpus.len());
-        for (index, (v, fd)) in snap.vcpus.iter().zip(&parts.vcpus).enumerate() {
-            if let Some(state) = &v.state {
-                vcpu::restore_state(index, fd, state)?;
-            }
-            activity.push(v.activity);
-        }
-        let serial = SerialPort::from_state(
-            &snap.serial,
-            parts.serial_irq.try_clone().map_err(VmError::EventFd)?,
-            console.clone(),
-        )
-        .map_err(SnapshotError::Incompatible)?;
-        Ok(Self::assemble(parts, console, activity, serial))
-    }
-
-    /// A handle for pause, resume and stop.
+    /// A handle for pause, resume, save and stop.
     pub fn handle(&self) -> VmHandle {
         VmHandle {
             shared: self.shared.clone(),
         }
     }
 
+    /// Keeps `thing` alive until the vCPU threads have ended (a lazy restore's page server).
+    pub fn keep_until_stopped(&mut self, thing: Box<dyn Send + Sync>) {
+        self.keep.push(thing);
+    }
+
     /// Starts one thread per vCPU; the boot vCPU begins at the PVH entry.
     pub fn start(&mut self) -> Result<(), VmError> {
-        {
-            let c = self.shared.lock();
-            if c.state != VmState::Created {
-                return Err(VmError::InvalidTransition {
-                    action: "start",
-                    state: c.state,
-                });
-            }
+        let control = self.shared.control();
+        if control.lock().state != VmState::Created {
+            return Err(self.handle().refuse("start"));
         }
         let mut install = Ok(());
         KICK_HANDLER.call_once(|| install = vcpu::install_kick_handler());
@@ -851,19 +390,18 @@ impl Vm {
             index: 0,
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
-        let mut c = self.shared.lock();
-        for (index, fd) in self.vcpus.drain(..).enumerate() {
-            let shared = self.shared.clone();
+        let mut c = control.lock();
+        for (index, fd) in self.shared.vcpus.take_unstarted().into_iter().enumerate() {
+            let ctx = self.shared.ctx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .stack_size(256 * 1024)
-                .spawn(move || vcpu::run(index, fd, shared));
+                .spawn(move || vcpu_thread::run(index, fd, ctx));
             let thread = match thread {
                 Ok(t) => t,
                 Err(source) => {
                     drop(c);
-                    self.shared
-                        .finish(VmExit::Failed(format!("cannot start vCPU thread {index}")));
+                    control.finish(VmExit::Failed(format!("cannot start vCPU thread {index}")));
                     return Err(VmError::Thread { index, source });
                 }
             };
@@ -872,29 +410,35 @@ impl Vm {
             self.threads.push(thread);
         }
         c.state = VmState::Running;
-        self.shared.changed.notify_all();
+        control.changed.notify_all();
         Ok(())
     }
 
     /// Waits for the VM to end and returns how it ended.
     pub fn wait(mut self) -> VmExit {
+        let control = self.shared.ctx.control.clone();
         {
-            let mut c = self.shared.lock();
+            let mut c = control.lock();
             while c.vcpus.iter().any(|a| *a != Activity::Exited) {
                 if self.threads.is_empty() {
                     break;
                 }
-                c = self.shared.changed.wait(c).unwrap_or_else(|p| p.into_inner());
+                c = control.wait(c, None);
             }
         }
         for t in self.threads.drain(..) {
             if t.join().is_err() {
-                self.shared.finish(VmExit::Failed("a vCPU thread panicked".into()));
+                control.finish(VmExit::Failed("a vCPU thread panicked".into()));
             }
         }
-        let mut c = self.shared.lock();
+        let mut c = control.lock();
         c.state = VmState::Stopped;
         c.exit.clone().unwrap_or(VmExit::Stopped)
+    }
+
+    /// What the hypercall harness drives by hand (fuzzing.rs).
+    pub(crate) fn parts_for_harness(&self) -> (Arc<VcpuContext>, Arc<VcpuSet>) {
+        (self.shared.ctx.clone(), self.shared.vcpus.clone())
     }
 }
 
@@ -914,32 +458,15 @@ fn yield_to_the_destination() {
     }
 }
 
-/// An outgoing migration's hold on its VM, released when dropped.
-pub struct MigrationClaim {
-    shared: Arc<Shared>,
-}
-
-impl Drop for MigrationClaim {
-    fn drop(&mut self) {
-        self.shared.migrating.store(false, Ordering::SeqCst);
-    }
-}
-
-/// Where a lazy restore's checksum verdict goes: to the VM once it exists, kept until then.
-enum CorruptionSlot {
-    NoVmYet(Option<String>),
-    Vm(VmHandle),
-}
-
 impl Drop for Vm {
     fn drop(&mut self) {
         if !self.threads.is_empty() {
-            self.shared.finish(VmExit::Stopped);
+            self.shared.control().finish(VmExit::Stopped);
             for t in self.threads.drain(..) {
                 let _ = t.join();
             }
         }
-        // The loader goes after the vCPUs: a vCPU may be waiting for a page it serves.
-        self.lazy.take();
+        // The page server goes after the vCPUs: a vCPU may be waiting for a page it serves.
+        self.keep.clear();
     }
 }

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
-use xcloud_vmm::api::{call, Command as Op};
-use xcloud_vmm::migration::{MigrationSummary, PostcopyMode};
+use xcloud_api::{call, Command as Op};
+use xcloud_migration::{MigrationSummary, PostcopyMode};
 
 use crate::netlab::{Hosts, LinkSpec};
 
@@ -312,7 +312,7 @@ fn tcp_baseline(bytes: usize) -> Result<f64> {
 
 /// Bandwidth of one TLS stream (the migration's own transport and cipher) over loopback.
 fn tls_baseline(dir: &Path, bytes: usize) -> Result<f64> {
-    use xcloud_vmm::migration::tls::{accept, connect, Credentials};
+    use xcloud_migration::tls::{accept, connect, Credentials};
     let server_creds = Credentials::load(&dir.join("b"), &dir.join("a").join("cert.der"))?;
     let client_creds = Credentials::load(&dir.join("a"), &dir.join("b").join("cert.der"))?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -432,8 +432,8 @@ pub fn migrate(
         .context("cannot set up the WAN namespaces (needs root)")?;
     let dir = std::env::temp_dir().join(format!("xcloud-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    xcloud_vmm::migration::tls::Identity::generate(&dir.join("a"), "bench-a")?;
-    xcloud_vmm::migration::tls::Identity::generate(&dir.join("b"), "bench-b")?;
+    xcloud_migration::tls::Identity::generate(&dir.join("a"), "bench-a")?;
+    xcloud_migration::tls::Identity::generate(&dir.join("b"), "bench-b")?;
     let bar = ProgressBar::new((sizes.len() * rates.len() + 1) as u64).with_style(
         ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),

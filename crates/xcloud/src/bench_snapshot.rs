@@ -42,6 +42,7 @@ fn time_to_progress(start: Instant, handle: &VmHandle, page: u64) -> Result<Dura
     }
 }
 
+/// `xcloud bench snapshot`: snapshot, eager and lazy restore of a `mem`-byte guest with a working set of `working_set_mib`, against a plain read of the same file.
 pub fn snapshot(mem: u64, working_set_mib: u64) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("xcloud-bench-snapshot-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -63,12 +64,12 @@ pub fn snapshot(mem: u64, working_set_mib: u64) -> Result<()> {
         .context("no heartbeat page address")?;
     let handle = vm.handle();
     let t = Instant::now();
-    let summary = handle.snapshot(&dir)?;
+    let summary = xcloud_snapshot::save(&handle, &dir)?;
     let snapshot_time = t.elapsed();
     handle.stop();
     vm.wait();
 
-    let file = dir.join(xcloud_vmm::snapshot::MEMORY_FILE);
+    let file = dir.join(xcloud_snapshot::MEMORY_FILE);
     // Both the baseline read and the eager restore start from disk: drop this file's pages
     // from the page cache (this file's only) first.
     let drop_cache = || -> Result<()> {
@@ -96,7 +97,7 @@ pub fn snapshot(mem: u64, working_set_mib: u64) -> Result<()> {
     let sink = || Console::new(Box::new(std::io::sink()));
     drop_cache()?;
     let t = Instant::now();
-    let mut eager = Vm::restore(&dir, sink())?;
+    let mut eager = xcloud_snapshot::restore(&dir, sink())?;
     let eager_loaded = t.elapsed();
     eager.start()?;
     let eager_runs = time_to_progress(t, &eager.handle(), page)?;
@@ -105,7 +106,7 @@ pub fn snapshot(mem: u64, working_set_mib: u64) -> Result<()> {
 
     drop_cache()?;
     let t = Instant::now();
-    let mut lazy = Vm::restore_lazy(&dir, sink())?;
+    let mut lazy = xcloud_snapshot::restore_lazy(&dir, sink())?;
     lazy.start()?;
     let lazy_runs = time_to_progress(t, &lazy.handle(), page)?;
     lazy.handle().stop();

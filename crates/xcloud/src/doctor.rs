@@ -2,8 +2,8 @@
 //! which guest kinds can run here and why, and the measured costs that decide it.
 
 use anyhow::Result;
-use xcloud_vmm::host::{self, Virtualization, REQUIRED_CAPS, USEFUL_CAPS};
-use xcloud_vmm::probe;
+use xcloud_vm_core::host::{self, Virtualization, REQUIRED_CAPS, USEFUL_CAPS};
+use xcloud_vm_core::probe;
 
 /// Prints the report; returns 0 when xcloud can run guests here, 1 otherwise.
 pub fn doctor() -> Result<i32> {
@@ -34,7 +34,7 @@ pub fn doctor() -> Result<i32> {
         println!("  {:<36} {:<4} {}", name, if have { "yes" } else { "no" }, why);
     }
     println!("  max vCPUs per VM: {}", kvm.get_max_vcpus());
-    match xcloud_vmm::snapshot::lazy::userfaultfd_works() {
+    match xcloud_vm_core::memory::uffd::userfaultfd_works() {
         Ok(()) => println!("  userfaultfd                          yes  lazy restore and post-copy migration"),
         Err(e) => {
             println!("  userfaultfd                          NO   lazy restore and post-copy cannot work here: {e}")

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use xcloud_vmm::migration::PostcopyMode;
+use xcloud_migration::PostcopyMode;
 
 #[derive(Parser)]
 #[command(name = "xcloud", version, about = "The tenant's own hypervisor layer")]
@@ -172,7 +172,7 @@ enum BenchCommand {
 
 /// `xcloud ctl`: one request, its answer on stdout; a refused request fails the command.
 fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
-    use xcloud_vmm::api::{call, Command as Op};
+    use xcloud_api::{call, Command as Op};
     let op = match action {
         CtlAction::Status => Op::Status,
         CtlAction::Pause => Op::Pause,
@@ -258,7 +258,7 @@ fn main() -> ExitCode {
             peer,
             api,
         } => run::receive(&listen, &identity, &peer, api.as_deref()),
-        Command::Keygen { dir, name } => xcloud_vmm::migration::tls::Identity::generate(&dir, &name)
+        Command::Keygen { dir, name } => xcloud_migration::tls::Identity::generate(&dir, &name)
             .map(|_| {
                 println!(
                     "identity written to {} (give {} to the peer)",

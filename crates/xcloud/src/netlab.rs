@@ -37,6 +37,7 @@ impl LinkSpec {
         }
     }
 
+    /// The link in words ("1 Gbit/s, 20 ms RTT").
     pub fn describe(&self) -> String {
         let rate = self.rate_bits.map_or("unlimited".into(), format_rate);
         if self.one_way_delay.is_zero() {
@@ -80,10 +81,15 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 /// Two namespaces, `src` (at `src_ip`) and `dst` (at `dst_ip`), joined by one link. Dropping it
 /// removes both namespaces and stops the relay.
 pub struct Hosts {
+    /// The source host's namespace.
     pub src: String,
+    /// The destination host's namespace.
     pub dst: String,
+    /// The source host's address.
     pub src_ip: String,
+    /// The destination host's address.
     pub dst_ip: String,
+    /// The link between them.
     pub link: LinkSpec,
     src_dev: String,
     relay: Option<Relay>,

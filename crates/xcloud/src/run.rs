@@ -77,9 +77,9 @@ pub fn run(mem: u64, vcpus: usize, guest: &str, args: &[String], api: Option<&Pa
 pub fn restore(dir: &Path, lazy: bool, api: Option<&Path>) -> Result<i32> {
     let signals = block_termination_signals();
     let vm = if lazy {
-        Vm::restore_lazy(dir, Console::stdout())
+        xcloud_snapshot::restore_lazy(dir, Console::stdout())
     } else {
-        Vm::restore(dir, Console::stdout())
+        xcloud_snapshot::restore(dir, Console::stdout())
     }
     .with_context(|| format!("cannot restore the snapshot in {}", dir.display()))?;
     supervise(vm.handle(), signals, api, move || {
@@ -91,7 +91,7 @@ pub fn restore(dir: &Path, lazy: bool, api: Option<&Path>) -> Result<i32> {
 
 /// Receives a migrating VM on `listen` and runs it to its end.
 pub fn receive(listen: &str, identity: &Path, peer: &Path, api: Option<&Path>) -> Result<i32> {
-    use xcloud_vmm::migration::{listen_and_receive, tls::Credentials};
+    use xcloud_migration::{listen_and_receive, tls::Credentials};
     let signals = block_termination_signals();
     let creds = Credentials::load(identity, peer).context("cannot load the migration credentials")?;
     let incoming = listen_and_receive(listen, &creds, Console::stdout()).context("cannot receive the VM")?;
@@ -102,14 +102,18 @@ pub fn receive(listen: &str, identity: &Path, peer: &Path, api: Option<&Path>) -
 
 /// How `xcloud ctl SOCK migrate` was asked to migrate.
 pub struct MigrateFlags {
+    /// The downtime budget.
     pub max_downtime_ms: u64,
+    /// How long the destination may stay silent.
     pub timeout_ms: u64,
-    pub postcopy: xcloud_vmm::migration::PostcopyMode,
+    /// Whether and when to switch to post-copy.
+    pub postcopy: xcloud_migration::PostcopyMode,
+    /// Whether to compress page frames.
     pub compress: bool,
 }
 
 /// One line on a running migration: phase, round, what was sent, what is left.
-pub fn describe_progress(p: &xcloud_vmm::migration::MigrationProgress) -> String {
+pub fn describe_progress(p: &xcloud_migration::MigrationProgress) -> String {
     let left = if p.phase == "post-copy" { "left" } else { "dirty" };
     format!(
         "{} round {}: {} pages ({:.1} MiB) sent, {} {left}",
@@ -129,7 +133,7 @@ pub fn migrate(
     peer_cert: std::path::PathBuf,
     flags: MigrateFlags,
 ) -> Result<i32> {
-    use xcloud_vmm::api::{call, Command};
+    use xcloud_api::{call, Command};
     let bar = indicatif::ProgressBar::new_spinner();
     let watcher = {
         let bar = bar.clone();
@@ -192,7 +196,7 @@ fn supervise(
     start: impl FnOnce() -> Result<Vm>,
 ) -> Result<i32> {
     let _server = match api {
-        Some(path) => Some(xcloud_vmm::api::serve(path, handle.clone()).context("cannot open the control socket")?),
+        Some(path) => Some(xcloud_api::serve(path, handle.clone()).context("cannot open the control socket")?),
         None => None,
     };
     std::thread::Builder::new()

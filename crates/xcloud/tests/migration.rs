@@ -529,7 +529,7 @@ fn the_source_keeps_running_when_the_link_is_cut() {
 #[test]
 fn a_hostile_stream_is_refused_and_nothing_runs_at_the_destination() {
     use std::io::Write;
-    use xcloud_vmm::migration::{tls, wire};
+    use xcloud_migration::{tls, wire};
     let hosts = lan();
     let s = setup("hostile");
     let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
@@ -556,7 +556,7 @@ fn a_hostile_stream_is_refused_and_nothing_runs_at_the_destination() {
             vcpus: 1,
             tsc_khz: 1,
             cpu_vendor: xcloud_cpu_vendor(),
-            cpu_features: xcloud_vmm::migration::cpu_features(),
+            cpu_features: xcloud_migration::cpu_features(),
         };
         wire::write_frame(&mut stream, wire::Kind::Hello, &hello.encode()).expect("hello");
         stream.flush().expect("flush");

@@ -321,3 +321,25 @@ fn a_snapshot_taken_while_a_lazy_restore_still_loads_has_all_the_memory() {
     let (mut restored, out) = spawn(&["restore", second.to_str().expect("utf-8")]);
     assert_keeps_running(&mut restored, &out, Duration::from_millis(2500), "MiB written");
 }
+
+#[test]
+fn a_snapshot_written_by_format_1_still_restores() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/snapshot-v1-heartbeat");
+    // Every section decodes with today's components: the machine, 2 vCPUs, 3 irqchips, COM1.
+    let state = std::fs::read(fixture.join("vm.state")).expect("fixture");
+    assert_eq!(state[8..12], 1u32.to_le_bytes(), "the fixture is format 1");
+    assert_eq!(xcloud_vmm::fuzzing::decode_state(&state).expect("decodes"), 7);
+    if xcloud_migration::cpu_vendor() != *b"AuthenticAMD" {
+        eprintln!("not an AMD host: the fixture's AMD MSRs cannot be restored here, only decoded");
+        return;
+    }
+    let (mut child, rx) = spawn(&["restore", fixture.to_str().expect("utf-8")]);
+    let first = beat_count(&next_line(&rx, "heartbeat n="));
+    let second = beat_count(&next_line(&rx, "heartbeat n="));
+    assert!(
+        first > 96_924_283 && second > first,
+        "the heartbeat counts on from its snapshot: {first} then {second}"
+    );
+    child.kill().expect("kill");
+    let _ = child.wait();
+}

@@ -1,0 +1,13 @@
+//! The devices of an xcloud VM and what they are wired to: the port-I/O bus the vCPUs
+//! dispatch guest `in`/`out` to ([`bus`]), the console guest output goes to ([`console`]), and
+//! the COM1 UART ([`serial`]). Each device implements [`xcloud_state::Component`] in its own
+//! `persist.rs`, so snapshots and migrations carry it without knowing it.
+//!
+//! Devices know nothing of KVM: they raise interrupts through an eventfd the VMM wires to the
+//! irqchip, and the VMM puts them on the bus.
+
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod bus;
+pub mod console;
+pub mod serial;

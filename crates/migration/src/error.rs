@@ -1,0 +1,62 @@
+//! Why a migration failed.
+
+use crate::tls::TlsError;
+use crate::wire::WireError;
+use xcloud_state::StateError;
+use xcloud_vmm::{VmError, VmState};
+
+/// Migration failures.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The TLS layer failed (handshake, certificates).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    /// The stream is broken or hostile.
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    /// The VM could not be paused, saved, built or started.
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    /// The VM's state tree does not encode or decode.
+    SavedState(#[from] StateError),
+    #[error("cannot connect to {addr}")]
+    /// The destination cannot be reached.
+    Connect {
+        /// The destination.
+        addr: String,
+        #[source]
+        /// The system's answer.
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}")]
+    /// The destination cannot listen.
+    Listen {
+        /// The address to listen on.
+        addr: String,
+        #[source]
+        /// The system's answer.
+        source: std::io::Error,
+    },
+    #[error("cannot migrate a VM that is {0:?}")]
+    /// The VM is in a state that cannot migrate (created, stopped).
+    State(VmState),
+    #[error("KVM refused to {what}")]
+    /// KVM refused something the migration needs.
+    Kvm {
+        /// What was asked.
+        what: &'static str,
+        #[source]
+        /// KVM's answer.
+        source: kvm_ioctls::Error,
+    },
+    #[error("refused: {0}")]
+    /// The other end refused, with its reason.
+    Refused(String),
+    #[error("a migration of this VM is already running")]
+    /// Another migration of this VM runs.
+    Busy,
+    #[error("the destination did not confirm that the VM runs ({0}); the source VM stays PAUSED so that it never runs twice: check the destination, then resume or stop the source")]
+    /// After GO, the destination never confirmed that the VM runs.
+    OutcomeUnknown(String),
+}

@@ -1,0 +1,57 @@
+//! Entry points for the migration fuzz targets (fuzz/).
+
+use crate::host_cpu::cpu_vendor;
+use crate::wire;
+
+/// A HELLO frame this host accepts (its CPU vendor, no CPU features asked for) for a 1-vCPU
+/// guest of `mem_bytes`: fuzzing what follows the HELLO needs one, and random bytes rarely
+/// make one.
+pub fn migration_hello(mem_bytes: u64) -> Vec<u8> {
+    let hello = wire::Hello {
+        mem_bytes,
+        vcpus: 1,
+        tsc_khz: 1_000_000,
+        cpu_vendor: cpu_vendor(),
+        cpu_features: [0; wire::FEATURE_WORDS.len()],
+    };
+    let mut frame = Vec::new();
+    // Writing into a Vec cannot fail, and the payload is far below the frame limit.
+    let _ = wire::write_frame(&mut frame, wire::Kind::Hello, &hello.encode());
+    frame
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xcloud_vmm::Console;
+
+    #[test]
+    fn the_fuzzing_hello_is_accepted_so_the_frames_after_it_get_explored() {
+        // The source side of the stream: the HELLO, then nothing. Accepted, the destination
+        // waits for the next frame and meets the end; refused, it would say why.
+        struct Feed(std::io::Cursor<Vec<u8>>, Vec<u8>);
+        impl std::io::Read for Feed {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                self.0.read(buf)
+            }
+        }
+        impl std::io::Write for Feed {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.1.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let feed = Feed(std::io::Cursor::new(migration_hello(4 << 20)), Vec::new());
+        let result = crate::destination::receive(feed, Console::new(Box::new(std::io::sink())));
+        match result {
+            Err(crate::error::MigrationError::Wire(wire::WireError::Io(e))) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof)
+            }
+            Err(other) => panic!("the HELLO was not accepted: {other}"),
+            Ok(_) => panic!("a VM without a state"),
+        }
+    }
+}

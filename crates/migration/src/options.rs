@@ -1,0 +1,153 @@
+//! What a migration is asked to do, what it reports while it runs and when it ends, and the
+//! tracker that lets one migration at a time hold a VM.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long either side waits for the other's next message before giving up.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether and when a migration switches to post-copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostcopyMode {
+    /// Pre-copy only; a guest that dirties faster than the link carries is throttled.
+    #[default]
+    Off,
+    /// Pre-copy first; if it does not converge, switch to post-copy for the pages left
+    /// instead of throttling the guest.
+    Converge,
+    /// Switch at once: every page follows the switch.
+    Now,
+}
+
+/// Tuning of the source side.
+#[derive(Clone, Copy, Debug)]
+pub struct MigrateOptions {
+    /// Stop-and-copy starts once the remaining pages can be sent in this time.
+    pub max_downtime: Duration,
+    /// Stop-and-copy starts after this many rounds even if the guest dirties faster than the
+    /// link carries (the downtime is then longer than asked).
+    pub max_rounds: u32,
+    /// A destination that neither reads nor answers for this long has failed.
+    pub peer_timeout: Duration,
+    /// When the destination takes over before all memory is there.
+    pub postcopy: PostcopyMode,
+    /// Compress page frames (LZ4) when that makes them smaller: for slow links.
+    pub compress: bool,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self {
+            max_downtime: Duration::from_millis(50),
+            max_rounds: 30,
+            peer_timeout: PEER_TIMEOUT,
+            postcopy: PostcopyMode::Off,
+            compress: false,
+        }
+    }
+}
+
+/// What a migration did.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct MigrationSummary {
+    /// The destination.
+    pub to: String,
+    /// From the start of the migration to its end.
+    pub total_ms: f64,
+    /// From pausing the source to the destination's report that the VM runs.
+    pub downtime_ms: f64,
+    /// Pre-copy rounds after the first full pass.
+    pub rounds: u32,
+    /// The largest share of time the guest was kept paused to converge (percent).
+    pub throttle_percent: u32,
+    /// Whether the pages followed the switch (post-copy).
+    #[serde(default)]
+    pub postcopy: bool,
+    /// Pages sent, pre-copy and post-copy.
+    pub pages_sent: u64,
+    /// Of those, all-zero pages (sent as their number only).
+    pub zero_pages_sent: u64,
+    /// Post-copy: pages the destination's guest touched before they came, sent out of turn.
+    #[serde(default)]
+    pub pages_requested: u64,
+    /// Bytes on the stream, framing included.
+    pub bytes_sent: u64,
+    /// Achieved payload bandwidth over the whole migration, MB/s.
+    pub bandwidth_mbps: f64,
+}
+
+/// Progress of a running migration, for `status`.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct MigrationProgress {
+    /// "first pass", "pre-copy", "stop-and-copy", "handover" or "post-copy".
+    pub phase: String,
+    /// Pre-copy rounds so far.
+    pub round: u32,
+    /// Pages sent so far.
+    pub pages_sent: u64,
+    /// Bytes sent so far.
+    pub bytes_sent: u64,
+    /// Pages still to send: dirty ones in pre-copy, the ones left in post-copy.
+    pub dirty_pages: u64,
+}
+
+/// The outgoing migration of one VM, if one runs: at most one at a time, and its progress for
+/// `status`. The control API holds one per VM; while a migration runs it refuses what would
+/// interfere (pause, resume, snapshot, another migration): a resume during the switch would
+/// run the VM at both ends.
+#[derive(Clone, Default)]
+pub struct Outgoing {
+    inner: Arc<OutgoingState>,
+}
+
+#[derive(Default)]
+struct OutgoingState {
+    running: AtomicBool,
+    progress: Mutex<Option<MigrationProgress>>,
+}
+
+/// A running migration's hold on its VM, released when dropped.
+pub(crate) struct Claim {
+    outgoing: Outgoing,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.outgoing.set_progress(None);
+        self.outgoing.inner.running.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Outgoing {
+    /// A tracker with no migration.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether a migration runs.
+    pub fn running(&self) -> bool {
+        self.inner.running.load(Ordering::SeqCst)
+    }
+
+    /// The running migration's progress.
+    pub fn progress(&self) -> Option<MigrationProgress> {
+        self.inner.progress.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Claims the VM for one migration: None if one already runs.
+    pub(crate) fn claim(&self) -> Option<Claim> {
+        self.inner
+            .running
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| Claim { outgoing: self.clone() })
+    }
+
+    /// Publishes the progress (None: no migration runs).
+    pub(crate) fn set_progress(&self, progress: Option<MigrationProgress>) {
+        *self.inner.progress.lock().unwrap_or_else(|p| p.into_inner()) = progress;
+    }
+}

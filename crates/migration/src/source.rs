@@ -1,0 +1,415 @@
+//! The source side: pre-copy with dirty logging, auto-converge, stop-and-copy, or the switch to
+//! post-copy.
+
+use crate::duplex::Duplex;
+use crate::error::MigrationError;
+use crate::handover::{hand_over, pause_for_switch, sync};
+use crate::host_cpu::{cpu_features, cpu_vendor};
+use crate::link::Link;
+use crate::options::{MigrateOptions, MigrationProgress, MigrationSummary, Outgoing, PostcopyMode};
+use crate::postcopy;
+use crate::sender::PageSender;
+use crate::throttle::{Throttle, MAX_THROTTLE};
+use crate::tls::{self, Credentials};
+use crate::wire::{self, Hello, Kind, WireError, PAGE};
+use std::io::Write;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+use xcloud_vmm::{VmHandle, VmState};
+
+/// Migrates the VM behind `handle` to the destination at `addr`. On success the source VM is
+/// paused for good and the caller ends it with [`VmHandle::end_migrated`] once it has reported
+/// the result (the process may exit as soon as the VM ends).
+pub fn migrate(
+    handle: &VmHandle,
+    outgoing: &Outgoing,
+    addr: &str,
+    creds: &Credentials,
+    options: MigrateOptions,
+) -> Result<MigrationSummary, MigrationError> {
+    let started = Instant::now();
+    let _claim = outgoing.claim().ok_or(MigrationError::Busy)?;
+    handle.wait_for_memory()?;
+    let was_running = match handle.state() {
+        VmState::Running => true,
+        VmState::Paused => false,
+        other => return Err(MigrationError::State(other)),
+    };
+    let machine = handle.machine();
+    let connect_err = |source| MigrationError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let target = addr
+        .to_socket_addrs()
+        .map_err(connect_err)?
+        .next()
+        .ok_or_else(|| connect_err(std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))?;
+    let tcp = TcpStream::connect_timeout(&target, Duration::from_secs(10)).map_err(connect_err)?;
+    let _ = tcp.set_nodelay(true);
+    tcp.set_read_timeout(Some(options.peer_timeout)).map_err(connect_err)?;
+    tcp.set_write_timeout(Some(options.peer_timeout)).map_err(connect_err)?;
+    // The stream owns the socket for as long as `link` is used.
+    let link = Link::new(std::os::fd::AsRawFd::as_raw_fd(&tcp));
+    let mut stream = tls::connect(tcp, creds)?;
+    let hello = Hello {
+        mem_bytes: machine.ram().size(),
+        vcpus: machine.vcpu_count() as u32,
+        tsc_khz: machine.tsc_khz(),
+        cpu_vendor: cpu_vendor(),
+        cpu_features: cpu_features(),
+    };
+    wire::write_frame(&mut stream, Kind::Hello, &hello.encode())?;
+    stream.flush().map_err(WireError::from)?;
+    let mut buf = Vec::new();
+    // The destination answers only after it checked our certificate: no guest state before.
+    wire::expect_frame(&mut stream, &mut buf, Kind::Accept, "ACCEPT")?;
+    if options.postcopy == PostcopyMode::Now {
+        return postcopy::switch(
+            handle,
+            outgoing,
+            &mut stream,
+            was_running,
+            options.compress,
+            started,
+            options.peer_timeout,
+            || Ok(machine.ram().resident_pages()),
+            MigrationSummary::default(),
+            &link,
+        )
+        .map(|mut summary| {
+            summary.to = addr.to_string();
+            summary
+        });
+    }
+    machine.set_dirty_logging(true).map_err(|source| MigrationError::Kvm {
+        what: "start dirty-page logging",
+        source,
+    })?;
+    let result = precopy_and_switch(handle, outgoing, &mut stream, options, was_running, started, &link);
+    if !matches!(result, Err(MigrationError::OutcomeUnknown(_))) {
+        let _ = machine.set_dirty_logging(false);
+    }
+    result.map(|mut summary| {
+        summary.to = addr.to_string();
+        summary
+    })
+}
+
+/// Whether stop-and-copy may start with `dirty_bytes` left: sending them must fit the budget,
+/// and so must what the switch will then take with the guest paused — the pages it dirties
+/// while those and the bytes still in flight go out and the SYNC is answered, then one round
+/// trip for the handover.
+fn fits_downtime(
+    dirty_bytes: f64,
+    in_flight: f64,
+    bandwidth: f64,
+    dirty_rate: f64,
+    rtt: Duration,
+    budget: Duration,
+) -> bool {
+    let (rtt, budget) = (rtt.as_secs_f64(), budget.as_secs_f64());
+    let last_pass = dirty_bytes / bandwidth;
+    // Of the bytes in flight, a round trip's worth is on the wire; the rest waits in queues.
+    let queued = (in_flight - bandwidth * rtt).max(0.0);
+    let synced = (queued + dirty_bytes) / bandwidth + rtt;
+    let paused = dirty_rate * synced / bandwidth + rtt;
+    last_pass <= budget && paused <= budget
+}
+
+/// How fast the guest dirties memory, over the latest rounds that span at least 100 ms (single
+/// rounds can last microseconds: too short to tell a rate).
+#[derive(Default)]
+struct DirtyRate {
+    samples: std::collections::VecDeque<(f64, f64)>,
+}
+
+impl DirtyRate {
+    /// Records `bytes` dirtied over `seconds`; returns the rate in bytes per second.
+    fn add(&mut self, seconds: f64, bytes: f64) -> f64 {
+        self.samples.push_front((seconds, bytes));
+        let (mut time, mut dirtied, mut keep) = (0.0, 0.0, 0);
+        for &(t, b) in &self.samples {
+            time += t;
+            dirtied += b;
+            keep += 1;
+            if time >= 0.1 {
+                break;
+            }
+        }
+        self.samples.truncate(keep);
+        dirtied / time.max(1e-6)
+    }
+}
+
+fn precopy_and_switch<S: Duplex>(
+    handle: &VmHandle,
+    outgoing: &Outgoing,
+    stream: &mut S,
+    options: MigrateOptions,
+    was_running: bool,
+    started: Instant,
+    link: &Link,
+) -> Result<MigrationSummary, MigrationError> {
+    // Dirty logging was turned on just before this call.
+    let mut last_fetch = Instant::now();
+    let mut dirty_rates = DirtyRate::default();
+    let machine = handle.machine();
+    let size = machine.ram().size();
+    let mut page = vec![0u8; PAGE];
+    let mut sender = PageSender::new(stream, options.compress);
+    let host_base = machine.ram().host_base() as *const u8;
+    let pages_in_ram = size / PAGE as u64;
+    // Pages are copied with a plain memcpy while the guest may be writing them (as every VMM
+    // does): a torn copy is harmless because the write also marks the page dirty, so it is
+    // sent again in a later round or in stop-and-copy, when the guest is paused.
+    let read_page = |pfn: u64, page: &mut [u8]| {
+        if pfn >= pages_in_ram || page.len() != PAGE {
+            return Err(MigrationError::Refused(format!(
+                "guest page {pfn} is outside guest RAM"
+            )));
+        }
+        // SAFETY: pfn < pages_in_ram, so [host_base + pfn * 4096, +4096) lies inside the guest
+        // RAM mapping, which `handle` keeps alive for this whole call; `page` is a distinct
+        // 4096-byte buffer of ours, so the ranges do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(host_base.add(pfn as usize * PAGE), page.as_mut_ptr(), PAGE) };
+        Ok(())
+    };
+    let progress = |phase: &str, round: u32, pages_sent: u64, bytes_sent: u64, dirty_pages: u64| {
+        outgoing.set_progress(Some(MigrationProgress {
+            phase: phase.into(),
+            round,
+            pages_sent,
+            bytes_sent,
+            dirty_pages,
+        }))
+    };
+
+    // First pass: every page that was ever touched and is not zero.
+    let resident = machine.ram().resident_pages();
+    progress("first pass", 0, 0, 0, resident.len() as u64);
+    let pass_start = Instant::now();
+    for &pfn in &resident {
+        read_page(pfn, &mut page)?;
+        if !xcloud_vm_core::memory::is_zero(&page) {
+            sender.page(pfn, &page)?;
+        }
+    }
+    sender.flush()?;
+    tracing::debug!(
+        "first pass: {} pages, {} MiB in {:?}",
+        sender.pages,
+        sender.bytes >> 20,
+        pass_start.elapsed()
+    );
+    let delivered = sender.bytes.saturating_sub(link.in_flight()).max(1);
+    let mut bandwidth = delivered as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
+
+    // Rounds of dirtied pages until the rest fits the downtime budget.
+    let mut rounds = 0;
+    let mut best_dirty = u64::MAX;
+    let mut rounds_without_progress = 0;
+    let mut throttle: Option<Throttle> = None;
+    let mut max_throttle = 0;
+    let (last_pass, to_postcopy) = loop {
+        let dirty = fetch_dirty_pages(machine)?;
+        let remaining_bytes = dirty.len() as f64 * (8 + PAGE) as f64;
+        let dirty_rate = dirty_rates.add(last_fetch.elapsed().as_secs_f64(), remaining_bytes);
+        last_fetch = Instant::now();
+        let (rtt, in_flight) = (link.rtt(), link.in_flight());
+        let fits = fits_downtime(
+            remaining_bytes,
+            in_flight as f64,
+            bandwidth,
+            dirty_rate,
+            rtt,
+            options.max_downtime,
+        );
+        tracing::debug!(
+            "round {rounds}: {} dirty pages, {} KiB in flight, link {:.0} MB/s, guest dirties {:.0} MB/s, RTT {rtt:?}, fits: {fits}",
+            dirty.len(),
+            in_flight >> 10,
+            bandwidth / 1e6,
+            dirty_rate / 1e6
+        );
+        if dirty.len() as u64 >= best_dirty {
+            rounds_without_progress += 1;
+        } else {
+            best_dirty = dirty.len() as u64;
+            rounds_without_progress = 0;
+        }
+        // Stuck: the dirty set stopped shrinking, or the guest dirties more than half of what
+        // the link carries (pre-copy would take many rounds and still leave much behind).
+        let stuck = !fits && (rounds_without_progress >= 2 || (rounds >= 1 && dirty_rate > bandwidth / 2.0));
+        if stuck && was_running && options.postcopy == PostcopyMode::Converge {
+            break (dirty, true);
+        }
+        let throttled_out = throttle.as_ref().is_some_and(|t| t.percent() >= MAX_THROTTLE);
+        if fits || rounds >= options.max_rounds || (rounds_without_progress >= 3 && throttled_out) {
+            break (dirty, false);
+        }
+        // The guest dirties faster than the link carries: slow its vCPUs down, step by step.
+        if rounds_without_progress >= 2 && was_running && !throttled_out {
+            let t = throttle.get_or_insert_with(|| Throttle::start(handle.clone()));
+            t.raise();
+            max_throttle = max_throttle.max(t.percent());
+            rounds_without_progress = 0;
+            best_dirty = u64::MAX;
+        }
+        rounds += 1;
+        progress("pre-copy", rounds, sender.pages, sender.bytes, dirty.len() as u64);
+        let round_start = Instant::now();
+        let (bytes_before, in_flight_before) = (sender.bytes, link.in_flight());
+        for &pfn in &dirty {
+            read_page(pfn, &mut page)?;
+            sender.page(pfn, &page)?;
+        }
+        sender.flush()?;
+        let elapsed = round_start.elapsed().as_secs_f64();
+        // What left this host, not what went into the socket buffers.
+        let delivered = (sender.bytes - bytes_before + in_flight_before).saturating_sub(link.in_flight());
+        if elapsed > 0.005 && delivered > 0 {
+            bandwidth = delivered as f64 / elapsed;
+        }
+    };
+
+    if to_postcopy {
+        // Wait until everything in flight is applied (the guest still runs), then switch: the
+        // pages left are those of the last dirty fetch and whatever the guest dirtied since.
+        sync(sender.out)?;
+        progress("post-copy", rounds, sender.pages, sender.bytes, last_pass.len() as u64);
+        let before = MigrationSummary {
+            rounds,
+            throttle_percent: max_throttle,
+            pages_sent: sender.pages,
+            zero_pages_sent: sender.zero_pages,
+            bytes_sent: sender.bytes,
+            ..Default::default()
+        };
+        let pages_left = || {
+            let mut pages = fetch_dirty_pages(machine)?;
+            pages.extend_from_slice(&last_pass);
+            pages.sort_unstable();
+            pages.dedup();
+            Ok(pages)
+        };
+        drop(throttle);
+        return postcopy::switch(
+            handle,
+            outgoing,
+            sender.out,
+            was_running,
+            options.compress,
+            started,
+            options.peer_timeout,
+            pages_left,
+            before,
+            link,
+        );
+    }
+
+    // The last pre-copy pass, sent while the guest still runs; then wait until the destination
+    // has applied everything in flight, so that the downtime does not include draining the
+    // socket buffers.
+    for &pfn in &last_pass {
+        read_page(pfn, &mut page)?;
+        sender.page(pfn, &page)?;
+    }
+    sender.flush()?;
+    sync(sender.out)?;
+
+    // Stop-and-copy: only what the guest dirtied since the last dirty-log fetch.
+    drop(throttle);
+    let pause_start = Instant::now();
+    let fail = pause_for_switch(handle, was_running)?;
+    progress("stop-and-copy", rounds, sender.pages, sender.bytes, 0);
+    let pending = fetch_dirty_pages(machine).map_err(fail)?;
+    let paused_at = pause_start.elapsed();
+    let state = handle
+        .save_state()
+        .map_err(MigrationError::from)
+        .and_then(|s| Ok(s.encode()?))
+        .map_err(fail)?;
+    let state_at = pause_start.elapsed();
+    for &pfn in &pending {
+        read_page(pfn, &mut page).map_err(fail)?;
+        sender.page(pfn, &page).map_err(|e| fail(e.into()))?;
+    }
+    sender.flush().map_err(|e| fail(e.into()))?;
+    let (pages_sent, zero_pages_sent, page_bytes) = (sender.pages, sender.zero_pages, sender.bytes);
+    let stream = sender.out;
+    let sent_at = pause_start.elapsed();
+    progress("handover", rounds, pages_sent, page_bytes, 0);
+    hand_over(stream, &state).map_err(|h| h.into_error(fail))?;
+    let downtime = pause_start.elapsed();
+    tracing::debug!(
+        "stop-and-copy: paused after {paused_at:?}, state saved at {state_at:?}, {} pages sent at {sent_at:?}, running at {downtime:?}",
+        pending.len()
+    );
+    let total = started.elapsed();
+    let bytes_sent = page_bytes + 5 + state.len() as u64;
+    Ok(MigrationSummary {
+        to: String::new(),
+        postcopy: false,
+        throttle_percent: max_throttle,
+        total_ms: total.as_secs_f64() * 1e3,
+        downtime_ms: downtime.as_secs_f64() * 1e3,
+        rounds,
+        pages_sent,
+        zero_pages_sent,
+        pages_requested: 0,
+        bytes_sent,
+        bandwidth_mbps: bytes_sent as f64 / total.as_secs_f64() / 1e6,
+    })
+}
+
+/// The pages written since the last fetch.
+pub(crate) fn fetch_dirty_pages(machine: &xcloud_vm_core::machine::Machine) -> Result<Vec<u64>, MigrationError> {
+    machine.fetch_dirty_pages().map_err(|source| MigrationError::Kvm {
+        what: "read the dirty log",
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_downtime_budget_counts_the_round_trip_and_what_the_guest_dirties_meanwhile() {
+        let mb = 1e6;
+        let budget = Duration::from_millis(50);
+        let wan = Duration::from_millis(20);
+        // 3 MB at 80 MB/s is 37.5 ms: enough on a local link with an idle guest.
+        assert!(fits_downtime(3.0 * mb, 0.0, 80.0 * mb, 0.0, Duration::ZERO, budget));
+        // Over 20 ms RTT with a guest dirtying 64 MB/s, the pause would take ~66 ms.
+        assert!(!fits_downtime(3.0 * mb, 0.0, 80.0 * mb, 64.0 * mb, wan, budget));
+        // 1 MB left: ~46 ms...
+        assert!(fits_downtime(1.0 * mb, 0.0, 80.0 * mb, 64.0 * mb, wan, budget));
+        // ...unless 2 MB beyond what the link holds are queued: the guest dirties more
+        // pages while they drain.
+        assert!(!fits_downtime(1.0 * mb, 3.6 * mb, 80.0 * mb, 64.0 * mb, wan, budget));
+        assert!(fits_downtime(1.0 * mb, 1.6 * mb, 80.0 * mb, 64.0 * mb, wan, budget));
+        // A round trip longer than the budget never fits (the throttle and the round limit end
+        // the pre-copy then).
+        assert!(!fits_downtime(
+            0.0,
+            0.0,
+            80.0 * mb,
+            0.0,
+            Duration::from_millis(60),
+            budget
+        ));
+    }
+
+    #[test]
+    fn the_dirty_rate_spans_at_least_100_ms() {
+        let mut rate = DirtyRate::default();
+        assert_eq!(rate.add(0.2, 20e6), 100e6);
+        // A 1 ms round with 1 MB does not make it 1 GB/s: the 200 ms before still count.
+        let r = rate.add(0.001, 1e6);
+        assert!((r - 21e6 / 0.201).abs() < 1.0, "{r}");
+        // Once 100 ms of newer rounds exist, the old one drops out.
+        assert_eq!(rate.add(0.1, 1e6), 1e6 / 0.1);
+    }
+}

@@ -1,0 +1,90 @@
+//! The in-kernel irqchip (two 8259 PICs and the IOAPIC) as a component of the VM: section kind
+//! `irqchip`, instances 0 (PIC master), 1 (PIC slave) and 2 (IOAPIC), each the `kvm_irqchip`
+//! kernel ABI bytes (layout version 1, as snapshot format 1 wrote them).
+
+use crate::machine::Machine;
+use kvm_bindings::kvm_irqchip;
+use std::sync::Arc;
+use xcloud_state::{Component, FormatError, Persist, StateError, StateTree};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// The chips KVM emulates, by chip id.
+const CHIPS: u32 = 3;
+
+/// One chip's saved state.
+pub struct IrqchipState(pub kvm_irqchip);
+
+impl Persist for IrqchipState {
+    const KIND: &'static str = "irqchip";
+    const VERSION: u32 = 1;
+
+    fn encode(&self) -> Vec<u8> {
+        self.0.as_bytes().to_vec()
+    }
+
+    fn decode(version: u32, body: &[u8]) -> Result<Self, FormatError> {
+        if version != 1 {
+            return Err(xcloud_state::component::unknown_version::<Self>(version));
+        }
+        kvm_irqchip::read_from_bytes(body)
+            .map(IrqchipState)
+            .map_err(|_| FormatError::Malformed {
+                what: "irqchip",
+                detail: format!(
+                    "{} bytes where a kvm_irqchip has {}",
+                    body.len(),
+                    size_of::<kvm_irqchip>()
+                ),
+            })
+    }
+}
+
+/// The in-kernel irqchip of `machine`.
+pub struct Irqchip {
+    machine: Arc<Machine>,
+}
+
+impl Irqchip {
+    /// The irqchip KVM created with the machine.
+    pub fn new(machine: Arc<Machine>) -> Self {
+        Self { machine }
+    }
+}
+
+impl Component for Irqchip {
+    fn name(&self) -> &'static str {
+        "irqchip"
+    }
+
+    fn save(&self, into: &mut StateTree) -> Result<(), StateError> {
+        for chip_id in 0..CHIPS {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.machine
+                .vm_fd()
+                .get_irqchip(&mut chip)
+                .map_err(|e| StateError::device(format!("read irqchip {chip_id}"), e))?;
+            into.save(chip_id, &IrqchipState(chip))?;
+        }
+        Ok(())
+    }
+
+    fn restore(&self, from: &mut StateTree) -> Result<(), StateError> {
+        for chip_id in 0..CHIPS {
+            let chip = from.require::<IrqchipState>(chip_id)?.0;
+            if chip.chip_id != chip_id {
+                return Err(StateError::Incompatible(format!(
+                    "irqchip {} where {chip_id} belongs",
+                    chip.chip_id
+                )));
+            }
+            self.machine
+                .vm_fd()
+                .set_irqchip(&chip)
+                .map_err(|e| StateError::device(format!("restore irqchip {chip_id}"), e))?;
+        }
+        Ok(())
+    }
+}
