@@ -6,6 +6,9 @@
 //!
 //! The API drives one VM ([`xcloud_vmm::VmHandle`]) and the engines that operate on it
 //! (`xcloud-snapshot`, `xcloud-migration`); nothing below it knows the API exists.
+//!
+//! It may depend on `xcloud-vm-core`, `xcloud-vmm`, `xcloud-snapshot` and `xcloud-migration`
+//! (docs/architecture.md; crates/xcloud/tests/architecture.rs checks it).
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 

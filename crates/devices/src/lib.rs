@@ -5,6 +5,9 @@
 //!
 //! Devices know nothing of KVM: they raise interrupts through an eventfd the VMM wires to the
 //! irqchip, and the VMM puts them on the bus.
+//!
+//! It may depend on `xcloud-state` only (docs/architecture.md;
+//! crates/xcloud/tests/architecture.rs checks it).
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 

@@ -4,7 +4,7 @@
 //! Source ([`source`]): send every touched page while the guest runs, then rounds of the pages
 //! it dirtied, until what is left fits the downtime budget at the bandwidth measured so far;
 //! then pause, send the last dirty pages and the VM's state tree, and hand over — or switch to
-//! post-copy ([`postcopy`]). Destination ([`destination`]): check the stream and build the VM;
+//! post-copy (`postcopy`). Destination ([`destination`]): check the stream and build the VM;
 //! start it only when the source says so.
 //!
 //! Nothing is lost: until the source sends GO, any failure (the destination dies, the link
@@ -14,6 +14,9 @@
 //!
 //! The VM's state travels as the same tree a snapshot writes (`xcloud_state::StateTree`): the
 //! engine knows no component by name. Later, replication reuses the stream and the handover.
+//!
+//! It may depend on `xcloud-state`, `xcloud-vm-core` and `xcloud-vmm` (docs/architecture.md;
+//! crates/xcloud/tests/architecture.rs checks it).
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 

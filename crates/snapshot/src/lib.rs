@@ -10,6 +10,9 @@
 //!
 //! A reader refuses truncated, corrupted or foreign files before anything runs. The engine
 //! ([`engine`]) knows no component by name: a device added to the VM is snapshotted with it.
+//!
+//! It may depend on `xcloud-state`, `xcloud-vm-core` and `xcloud-vmm` (docs/architecture.md;
+//! crates/xcloud/tests/architecture.rs checks it).
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 

@@ -9,18 +9,25 @@
 //!
 //! The state of each component is a plain structure implementing [`Persist`]: a section kind,
 //! the version of the layout written now, and a decoder that reads every version it knows.
-//! [`format`] is the byte level: checksummed sections, and cursors that fail cleanly on short
+//! [`mod@format`] is the byte level: checksummed sections, and cursors that fail cleanly on short
 //! or hostile input.
 //!
 //! This crate depends on nothing of the VMM (no KVM): it sits at the bottom of the workspace,
 //! so that every layer above can implement its components' parts.
+//!
+//! It depends on no other crate of the workspace (docs/architecture.md;
+//! crates/xcloud/tests/architecture.rs checks it).
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod component;
+pub mod error;
 pub mod format;
+pub mod persist;
 pub mod tree;
 
-pub use component::{Component, Persist, StateError};
+pub use component::Component;
+pub use error::StateError;
 pub use format::{Fields, FormatError};
+pub use persist::Persist;
 pub use tree::{Section, StateTree};

@@ -6,8 +6,9 @@
 //! by xcloud before the component split) had one fixed tag per part; it is read into the same
 //! tree, each part as layout version 1 of its kind, so its snapshots still restore.
 
-use crate::component::{Persist, StateError};
+use crate::error::StateError;
 use crate::format::{Fields, FormatError, SectionReader, SectionWriter};
+use crate::persist::Persist;
 
 /// The magic of a `vm.state` file.
 pub const MAGIC: &[u8; 8] = b"XCLDSNAP";
@@ -248,7 +249,7 @@ mod tests {
             let value = match version {
                 1 => f.u32()? as u64,
                 2 => f.u64()?,
-                other => return Err(crate::component::unknown_version::<Self>(other)),
+                other => return Err(crate::persist::unknown_version::<Self>(other)),
             };
             f.finish()?;
             Ok(Counter(value))

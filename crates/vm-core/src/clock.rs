@@ -24,7 +24,7 @@ impl Persist for ClockState {
 
     fn decode(version: u32, body: &[u8]) -> Result<Self, FormatError> {
         if version != 1 {
-            return Err(xcloud_state::component::unknown_version::<Self>(version));
+            return Err(xcloud_state::persist::unknown_version::<Self>(version));
         }
         kvm_clock_data::read_from_bytes(body)
             .map(ClockState)

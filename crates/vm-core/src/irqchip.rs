@@ -24,7 +24,7 @@ impl Persist for IrqchipState {
 
     fn decode(version: u32, body: &[u8]) -> Result<Self, FormatError> {
         if version != 1 {
-            return Err(xcloud_state::component::unknown_version::<Self>(version));
+            return Err(xcloud_state::persist::unknown_version::<Self>(version));
         }
         kvm_irqchip::read_from_bytes(body)
             .map(IrqchipState)

@@ -7,6 +7,9 @@
 //! Each stateful part implements [`xcloud_state::Component`] beside itself. This crate knows
 //! nothing of devices, of the threads that run vCPUs, of snapshot files or migration streams:
 //! those layers are above it (docs/architecture.md).
+//!
+//! It may depend on `xcloud-abi` and `xcloud-state` only (docs/architecture.md;
+//! crates/xcloud/tests/architecture.rs checks it).
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 

@@ -223,7 +223,7 @@ impl Persist for MachineConfig {
 
     fn decode(version: u32, body: &[u8]) -> Result<Self, FormatError> {
         if version != 1 {
-            return Err(xcloud_state::component::unknown_version::<Self>(version));
+            return Err(xcloud_state::persist::unknown_version::<Self>(version));
         }
         let malformed = |detail: String| FormatError::Malformed {
             what: "machine",

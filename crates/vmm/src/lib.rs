@@ -7,6 +7,9 @@
 //! (`xcloud-snapshot`), live migration (`xcloud-migration`) — and the control API
 //! (`xcloud-api`) are built on [`VmHandle`] and [`Blank`], above this crate. It knows nothing
 //! of tenants or clusters.
+//!
+//! It may depend on `xcloud-abi`, `xcloud-state`, `xcloud-vm-core` and `xcloud-devices`
+//! (docs/architecture.md; crates/xcloud/tests/architecture.rs checks it).
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 

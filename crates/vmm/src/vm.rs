@@ -5,7 +5,7 @@
 //! vCPUs first and then every other component; resume goes the other way; the saved state is
 //! the machine's shape followed by every component's sections; a restore hands the saved
 //! sections to the same components and refuses any section none of them took. A new device is
-//! one more entry in [`Vm::assemble`], with its state code beside the device.
+//! one more entry in `Vm::assemble`, with its state code beside the device.
 
 use crate::context::VcpuContext;
 use crate::error::VmError;

@@ -34,7 +34,7 @@ impl Persist for RamLayout {
 
     fn decode(version: u32, body: &[u8]) -> Result<Self, FormatError> {
         if version != 1 {
-            return Err(xcloud_state::component::unknown_version::<Self>(version));
+            return Err(xcloud_state::persist::unknown_version::<Self>(version));
         }
         let mut f = Fields::new(body, "memory");
         let count = f.u32()?;

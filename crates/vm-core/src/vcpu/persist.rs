@@ -92,7 +92,7 @@ impl Persist for VcpuSnapshot {
 
     fn decode(version: u32, body: &[u8]) -> Result<Self, FormatError> {
         if version != 1 {
-            return Err(xcloud_state::component::unknown_version::<Self>(version));
+            return Err(xcloud_state::persist::unknown_version::<Self>(version));
         }
         let mut f = Fields::new(body, "vcpu");
         let index = f.u32()?;
