@@ -301,6 +301,18 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// A whole body that is one KVM structure's kernel ABI bytes, nothing more or less.
+pub fn kernel_abi<T: zerocopy::FromBytes>(what: &'static str, body: &[u8]) -> Result<T, FormatError> {
+    T::read_from_bytes(body).map_err(|_| FormatError::Malformed {
+        what,
+        detail: format!(
+            "{} bytes where the structure has {}",
+            body.len(),
+            std::mem::size_of::<T>()
+        ),
+    })
+}
+
 /// Appends a length-prefixed (u32) byte string.
 pub fn put_blob(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());

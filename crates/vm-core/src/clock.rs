@@ -9,7 +9,7 @@ use crate::machine::Machine;
 use kvm_bindings::kvm_clock_data;
 use std::sync::Arc;
 use xcloud_state::{Component, FormatError, Persist, StateError, StateTree};
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::IntoBytes;
 
 /// The saved kvmclock.
 pub struct ClockState(pub kvm_clock_data);
@@ -26,16 +26,7 @@ impl Persist for ClockState {
         if version != 1 {
             return Err(xcloud_state::persist::unknown_version::<Self>(version));
         }
-        kvm_clock_data::read_from_bytes(body)
-            .map(ClockState)
-            .map_err(|_| FormatError::Malformed {
-                what: "clock",
-                detail: format!(
-                    "{} bytes where a kvm_clock_data has {}",
-                    body.len(),
-                    size_of::<kvm_clock_data>()
-                ),
-            })
+        xcloud_state::format::kernel_abi("clock", body).map(ClockState)
     }
 }
 

@@ -6,7 +6,7 @@ use crate::machine::Machine;
 use kvm_bindings::kvm_irqchip;
 use std::sync::Arc;
 use xcloud_state::{Component, FormatError, Persist, StateError, StateTree};
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::IntoBytes;
 
 /// The chips KVM emulates, by chip id.
 const CHIPS: u32 = 3;
@@ -26,16 +26,7 @@ impl Persist for IrqchipState {
         if version != 1 {
             return Err(xcloud_state::persist::unknown_version::<Self>(version));
         }
-        kvm_irqchip::read_from_bytes(body)
-            .map(IrqchipState)
-            .map_err(|_| FormatError::Malformed {
-                what: "irqchip",
-                detail: format!(
-                    "{} bytes where a kvm_irqchip has {}",
-                    body.len(),
-                    size_of::<kvm_irqchip>()
-                ),
-            })
+        xcloud_state::format::kernel_abi("irqchip", body).map(IrqchipState)
     }
 }
 

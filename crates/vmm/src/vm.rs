@@ -470,3 +470,86 @@ impl Drop for Vm {
         self.keep.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xcloud_state::Section;
+
+    fn sink() -> Console {
+        Console::new(Box::new(std::io::sink()))
+    }
+
+    #[test]
+    fn the_saved_state_holds_every_component_and_a_restore_takes_every_section() {
+        // hlt; jmp back to it.
+        let image = boot::minimal_elf(0x10_0000, &[0xf4, 0xeb, 0xfd], true);
+        let config = VmConfig {
+            mem_bytes: 4 << 20,
+            vcpus: 2,
+            cmdline: "walk".into(),
+        };
+        let mut vm = Vm::new(&config, &image, sink()).expect("a KVM VM");
+        let handle = vm.handle();
+        assert!(matches!(handle.save_state(), Err(VmError::InvalidTransition { .. })));
+        vm.start().expect("start");
+        handle.pause().expect("pause");
+        let saved = handle.save_state().expect("save");
+        let parts: Vec<(&str, u32)> = saved.sections().iter().map(|s| (s.kind.as_str(), s.instance)).collect();
+        assert_eq!(
+            parts,
+            [
+                ("machine", 0),
+                ("memory", 0),
+                ("irqchip", 0),
+                ("irqchip", 1),
+                ("irqchip", 2),
+                ("clock", 0),
+                ("vcpu", 0),
+                ("vcpu", 1),
+                ("serial", 0),
+            ]
+        );
+        let back = StateTree::decode(&saved.encode().expect("encode")).expect("decode");
+        let blank = || Blank::build(4 << 20, 2).expect("a blank machine");
+        Vm::from_state(blank(), back.clone(), sink()).expect("every section taken");
+
+        let mut extra = back.clone();
+        extra
+            .put(Section {
+                kind: "virtio-net".into(),
+                instance: 0,
+                version: 1,
+                body: Vec::new(),
+            })
+            .expect("put");
+        let err = Vm::from_state(blank(), extra, sink()).err();
+        assert!(
+            matches!(err, Some(VmError::State(StateError::Unclaimed { ref kind, .. })) if kind == "virtio-net"),
+            "{err:?}"
+        );
+
+        let mut missing = back.clone();
+        missing.take("vcpu", 1).expect("vCPU 1 was saved");
+        let err = Vm::from_state(blank(), missing, sink()).err();
+        assert!(
+            matches!(
+                err,
+                Some(VmError::State(StateError::Missing {
+                    kind: "vcpu",
+                    instance: 1
+                }))
+            ),
+            "{err:?}"
+        );
+
+        let other_shape = Blank::build(8 << 20, 2).expect("a blank machine");
+        let err = Vm::from_state(other_shape, back, sink()).err();
+        assert!(
+            matches!(err, Some(VmError::State(StateError::Incompatible(_)))),
+            "{err:?}"
+        );
+        handle.stop();
+        vm.wait();
+    }
+}

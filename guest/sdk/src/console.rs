@@ -39,10 +39,12 @@ pub struct Console {
 }
 
 impl Console {
+    /// An empty buffer.
     pub const fn new() -> Self {
         Self { buf: [0; 256], len: 0 }
     }
 
+    /// Writes what is buffered (one hypercall).
     pub fn flush(&mut self) {
         write_bytes(&self.buf[..self.len]);
         self.len = 0;

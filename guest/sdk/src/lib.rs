@@ -40,6 +40,7 @@ extern "Rust" {
 #[macro_export]
 macro_rules! entry {
     ($main:path) => {
+        /// The guest's entry point, called by the SDK once the guest runs at CPL3.
         #[no_mangle]
         pub fn __xcloud_main() -> i32 {
             $main()

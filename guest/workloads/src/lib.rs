@@ -106,6 +106,7 @@ pub struct Pacer {
 }
 
 impl Pacer {
+    /// Paces writes to `set` at `rate_mib` MiB/s, counted from now.
     pub fn new(set: WorkingSet, rate_mib: u64) -> Self {
         Self {
             set,
