@@ -1,0 +1,118 @@
+//! What each request does to the VM.
+
+use crate::protocol::{parse_request, Command, Request, Response, API_VERSION};
+use xcloud_migration::{MigrateOptions, Outgoing};
+use xcloud_vm_core::report::flatten_error;
+use xcloud_vmm::{VmError, VmHandle, VmState};
+
+fn state_name(s: VmState) -> String {
+    match s {
+        VmState::Created => "created",
+        VmState::Running => "running",
+        VmState::Paused => "paused",
+        VmState::Stopped => "stopped",
+    }
+    .to_string()
+}
+
+pub(crate) fn failure(error: String) -> Response {
+    Response {
+        ok: false,
+        error: Some(error),
+        ..Default::default()
+    }
+}
+
+/// Executes one request line against the VM; `outgoing` tracks its outgoing migration.
+pub fn execute(handle: &VmHandle, outgoing: &Outgoing, line: &str) -> Response {
+    let request: Request = match parse_request(line) {
+        Ok(r) => r,
+        Err(e) => return failure(e),
+    };
+    if request.api != API_VERSION {
+        return failure(format!(
+            "API version {} is not supported (this VMM speaks {API_VERSION})",
+            request.api
+        ));
+    }
+    // While a migration runs, only what cannot disturb it is served (stop ends the VM, and the
+    // migration with it, before the switch; after it the source never runs again anyway).
+    let disturbs_migration = matches!(
+        request.command,
+        Command::Pause | Command::Resume | Command::Snapshot { .. } | Command::Migrate { .. }
+    );
+    if disturbs_migration && outgoing.running() {
+        let mut r = failure("a migration of this VM is running: wait until it ends (status shows it)".into());
+        r.state = Some(state_name(handle.state()));
+        return r;
+    }
+    let with_state = |mut r: Response| {
+        r.state = Some(state_name(handle.state()));
+        r
+    };
+    let done = |result: Result<(), VmError>| match result {
+        Ok(()) => with_state(Response {
+            ok: true,
+            ..Default::default()
+        }),
+        Err(e) => with_state(failure(flatten_error(&e))),
+    };
+    match request.command {
+        Command::Status => with_state(Response {
+            ok: true,
+            vcpus: Some(handle.vcpu_count()),
+            mem_bytes: Some(handle.mem_bytes()),
+            migration: outgoing.progress(),
+            ..Default::default()
+        }),
+        Command::Migrate {
+            to,
+            identity,
+            peer_cert,
+            max_downtime_ms,
+            timeout_ms,
+            postcopy,
+            compress,
+        } => {
+            let creds = match xcloud_migration::tls::Credentials::load(&identity, &peer_cert) {
+                Ok(c) => c,
+                Err(e) => return with_state(failure(flatten_error(&e))),
+            };
+            let mut options = MigrateOptions::default();
+            if let Some(ms) = max_downtime_ms {
+                options.max_downtime = std::time::Duration::from_millis(ms);
+            }
+            options.postcopy = postcopy;
+            options.compress = compress;
+            if let Some(ms) = timeout_ms {
+                options.peer_timeout = std::time::Duration::from_millis(ms.max(1));
+            }
+            match xcloud_migration::migrate(handle, outgoing, &to, &creds, options) {
+                Ok(summary) => with_state(Response {
+                    ok: true,
+                    migrated: Some(summary),
+                    ..Default::default()
+                }),
+                Err(e) => with_state(failure(flatten_error(&e))),
+            }
+        }
+        Command::Pause => done(handle.pause()),
+        Command::Resume => done(handle.resume()),
+        Command::Stop => {
+            handle.stop();
+            with_state(Response {
+                ok: true,
+                ..Default::default()
+            })
+        }
+        Command::Snapshot { dir } => match xcloud_snapshot::save(handle, &dir) {
+            Ok(summary) => with_state(Response {
+                ok: true,
+                snapshot_pages: Some(summary.pages),
+                snapshot_bytes: Some(summary.bytes),
+                ..Default::default()
+            }),
+            Err(e) => with_state(failure(flatten_error(&e))),
+        },
+    }
+}
