@@ -22,6 +22,14 @@ pub const KEY_FILE: &str = "key.der";
 /// Transport failures.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    #[error(
+        "{path} exists: an identity is there already, and peers pinned its certificate (pass --force to replace it)"
+    )]
+    /// An identity would be overwritten.
+    Exists {
+        /// The file that is there.
+        path: String,
+    },
     #[error("cannot read {path}")]
     /// A file cannot be read.
     Read {
@@ -65,8 +73,21 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Makes a new self-signed identity named `name` and writes it into `dir`.
-    pub fn generate(dir: &Path, name: &str) -> Result<Self, TlsError> {
+    /// Makes a new self-signed identity named `name` and writes it into `dir`. An identity
+    /// already there is kept (every peer pinned its certificate) unless `replace` is set; then
+    /// both files are replaced at once. The key is never readable by others, not even while it
+    /// is written.
+    pub fn generate(dir: &Path, name: &str, replace: bool) -> Result<Self, TlsError> {
+        if !replace {
+            for file in [CERT_FILE, KEY_FILE] {
+                let path = dir.join(file);
+                if std::fs::symlink_metadata(&path).is_ok() {
+                    return Err(TlsError::Exists {
+                        path: path.display().to_string(),
+                    });
+                }
+            }
+        }
         let certified = rcgen::generate_simple_self_signed(vec![name.to_string()]).map_err(TlsError::Generate)?;
         let cert = certified.cert.der().clone();
         let key = PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der());
@@ -74,16 +95,8 @@ impl Identity {
             path: dir.display().to_string(),
             source,
         })?;
-        let write = |file: &str, bytes: &[u8]| {
-            let path = dir.join(file);
-            std::fs::write(&path, bytes).map_err(|source| TlsError::Write {
-                path: path.display().to_string(),
-                source,
-            })
-        };
-        write(CERT_FILE, cert.as_ref())?;
-        write(KEY_FILE, key.secret_pkcs8_der())?;
-        restrict(&dir.join(KEY_FILE));
+        write_new(&dir.join(KEY_FILE), key.secret_pkcs8_der(), 0o600)?;
+        write_new(&dir.join(CERT_FILE), cert.as_ref(), 0o644)?;
         Ok(Self { cert, key })
     }
 
@@ -100,9 +113,30 @@ impl Identity {
     }
 }
 
-fn restrict(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+/// Writes `bytes` to `path` through a temporary file created with `mode` (so the bytes are
+/// never readable beyond it), synced and renamed over `path`.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| TlsError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(err)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {

@@ -3,7 +3,7 @@
 
 use crate::error::SnapshotError;
 use crate::lazy;
-use crate::memory_file::{read_memory, write_memory, MEMORY_FILE};
+use crate::memory_file::{read_memory, write_memory, MemoryFileRecord, MEMORY_FILE};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use xcloud_state::format::read_file;
@@ -46,7 +46,7 @@ pub fn save(handle: &VmHandle, dir: &Path) -> Result<SnapshotSummary, SnapshotEr
     let result = handle
         .save_state()
         .map_err(SnapshotError::from)
-        .and_then(|state| write_dir(dir, &state, handle));
+        .and_then(|state| write_dir(dir, state, handle));
     if was_running {
         // The VM may have been stopped meanwhile; then there is nothing to resume.
         let _ = handle.resume();
@@ -54,34 +54,144 @@ pub fn save(handle: &VmHandle, dir: &Path) -> Result<SnapshotSummary, SnapshotEr
     result
 }
 
-/// Writes `state` and the VM's memory into `dir` (created if needed). Files are written under
-/// temporary names and renamed, so a failed snapshot never leaves a half-written one behind.
-fn write_dir(dir: &Path, state: &StateTree, handle: &VmHandle) -> Result<SnapshotSummary, SnapshotError> {
-    std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Directory {
-        path: dir.display().to_string(),
+/// The files of a snapshot: all a snapshot directory may hold.
+const FILES: [&str; 2] = [STATE_FILE, MEMORY_FILE];
+
+/// Whether the process should stop dead at `point` (tests simulate a crash there):
+/// `XCLOUD_FAILPOINT=snapshot-before-rename` stops it after both files are written, before the
+/// directory takes their place; `snapshot-write-fails` fails the write with an error there.
+fn failpoint(point: &str) -> bool {
+    std::env::var("XCLOUD_FAILPOINT").is_ok_and(|p| p == point)
+}
+
+/// Removes what a snapshot writes in `dir` (only its own files), then `dir` if that leaves it
+/// empty.
+fn remove_snapshot_dir(dir: &Path) {
+    for file in FILES {
+        let _ = std::fs::remove_file(dir.join(file));
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes `state` and the VM's memory as the snapshot directory `dir`, which is complete or
+/// untouched whatever happens: both files are written and synced in a hidden sibling
+/// directory, which then takes `dir`'s place in one rename (an atomic exchange when `dir`
+/// holds an older snapshot, which is removed after). `vm.state` records the memory file it
+/// belongs to. A `dir` that holds anything but a snapshot is refused.
+fn write_dir(dir: &Path, mut state: StateTree, handle: &VmHandle) -> Result<SnapshotSummary, SnapshotError> {
+    let shown = || dir.display().to_string();
+    let unusable = |why: String| SnapshotError::Unusable { path: shown(), why };
+    let name = dir
+        .file_name()
+        .ok_or_else(|| unusable("it names no directory".into()))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let exists = match std::fs::symlink_metadata(dir) {
+        Ok(meta) if meta.is_dir() => {
+            let entries =
+                std::fs::read_dir(dir).map_err(|source| SnapshotError::Directory { path: shown(), source })?;
+            for entry in entries.flatten() {
+                let file = entry.file_name();
+                if !FILES.iter().any(|f| file == *f) {
+                    return Err(unusable(format!(
+                        "it holds {} besides a snapshot (name a new or empty directory)",
+                        file.to_string_lossy()
+                    )));
+                }
+            }
+            true
+        }
+        Ok(_) => return Err(unusable("it exists and is not a directory".into())),
+        Err(_) => false,
+    };
+    std::fs::create_dir_all(&parent).map_err(|source| SnapshotError::Directory {
+        path: parent.display().to_string(),
+        source,
+    })?;
+    let partial = parent.join(format!(".{name}.partial"));
+    // A crash during an earlier snapshot leaves this behind; it is ours.
+    remove_snapshot_dir(&partial);
+    std::fs::create_dir(&partial).map_err(|source| SnapshotError::Directory {
+        path: partial.display().to_string(),
         source,
     })?;
     let io = |source| xcloud_state::FormatError::Io {
         what: "vm.state",
         source,
     };
-    let state = state.encode()?;
-    let tmp_mem = dir.join(format!("{MEMORY_FILE}.tmp"));
-    let (pages, mem_bytes) = write_memory(&tmp_mem, handle.machine().ram())?;
-    let tmp_state = dir.join(format!("{STATE_FILE}.tmp"));
-    std::fs::write(&tmp_state, &state).map_err(io)?;
-    std::fs::rename(&tmp_mem, dir.join(MEMORY_FILE)).map_err(io)?;
-    std::fs::rename(&tmp_state, dir.join(STATE_FILE)).map_err(io)?;
-    Ok(SnapshotSummary {
-        pages,
-        bytes: mem_bytes + state.len() as u64,
-    })
+    let written = (|| -> Result<SnapshotSummary, SnapshotError> {
+        let record = write_memory(&partial.join(MEMORY_FILE), handle.machine().ram())?;
+        state.save(0, &record)?;
+        let bytes = state.encode()?;
+        if failpoint("snapshot-write-fails") {
+            return Err(io(std::io::Error::other("failpoint snapshot-write-fails")).into());
+        }
+        let mut file = std::fs::File::create(partial.join(STATE_FILE)).map_err(io)?;
+        std::io::Write::write_all(&mut file, &bytes).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        sync_dir(&partial).map_err(io)?;
+        if failpoint("snapshot-before-rename") {
+            std::process::abort();
+        }
+        if exists {
+            exchange(&partial, dir).map_err(io)?;
+            // `partial` now holds the older snapshot.
+            remove_snapshot_dir(&partial);
+        } else {
+            std::fs::rename(&partial, dir).map_err(io)?;
+        }
+        sync_dir(&parent).map_err(io)?;
+        Ok(SnapshotSummary {
+            pages: record.pages,
+            bytes: record.bytes + bytes.len() as u64,
+        })
+    })();
+    if written.is_err() {
+        remove_snapshot_dir(&partial);
+    }
+    written
 }
 
-/// Reads and checks the framing of `dir/vm.state` (version 1 or 2).
+/// Swaps two directories in one step (renameat2 RENAME_EXCHANGE).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: both paths are NUL-terminated strings that live across the call; renameat2 only
+    // reads them.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Reads and checks the framing of `dir/vm.state` (version 1 or 2), and that `memory.pages`
+/// is the file it was written with (snapshots of format 1 did not record it).
 pub fn read_state(dir: &Path) -> Result<StateTree, SnapshotError> {
     let data = read_file(&dir.join(STATE_FILE), "vm.state", MAX_STATE_FILE)?;
-    Ok(StateTree::decode(&data)?)
+    let mut state = StateTree::decode(&data)?;
+    if let Some(record) = state.load::<MemoryFileRecord>(0)? {
+        record.check(&dir.join(MEMORY_FILE))?;
+    }
+    Ok(state)
 }
 
 /// The machine the saved state needs, built (its RAM still empty).

@@ -24,6 +24,20 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
+    /// The two files are not of the same snapshot.
+    #[error("memory.pages does not belong to this vm.state (it is the memory.pages of another snapshot): {detail}")]
+    Mismatch {
+        /// How they differ.
+        detail: String,
+    },
+    /// The snapshot directory cannot be used as it is.
+    #[error("cannot write a snapshot into {path}: {why}")]
+    Unusable {
+        /// The directory.
+        path: String,
+        /// Why not.
+        why: String,
+    },
     /// Guest memory changed shape while it was being written.
     #[error("the VM changed while it was being snapshotted: {0}")]
     Busy(&'static str),

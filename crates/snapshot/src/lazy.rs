@@ -94,7 +94,7 @@ pub unsafe fn start(
 ) -> Result<LazyMemory, SnapshotError> {
     let what = "memory.pages";
     let io = |source| SnapshotError::Format(FormatError::Io { what, source });
-    let mut file = File::open(path).map_err(io)?;
+    let mut file = xcloud_state::format::open_regular(path, what)?;
     let (index, expected_crc) = read_index(&mut file, size)?;
     // SAFETY: this function's own contract is Uffd::register's.
     let uffd = Arc::new(unsafe { Uffd::register(base, size) }.map_err(io)?);

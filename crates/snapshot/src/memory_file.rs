@@ -7,7 +7,7 @@ use crate::error::SnapshotError;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use vm_memory::{Bytes, GuestAddress};
-use xcloud_state::{Fields, FormatError};
+use xcloud_state::{Fields, FormatError, Persist};
 use xcloud_vm_core::memory::{self, GuestRam, PAGE_BYTES as PAGE};
 
 /// The memory file's name inside a snapshot directory.
@@ -16,8 +16,86 @@ pub const MEMORY_FILE: &str = "memory.pages";
 pub const VERSION: u32 = 1;
 const MEMORY_MAGIC: &[u8; 8] = b"XCLDMEM\0";
 
-/// Writes the non-zero resident pages of `ram` to `path`; returns pages and bytes written.
-pub fn write_memory(path: &Path, ram: &GuestRam) -> Result<(u64, u64), SnapshotError> {
+/// What `vm.state` records of the `memory.pages` it was written with (section kind
+/// `memory-file`, owned by the snapshot engine): a restore refuses a memory file that is not
+/// that one, before reading it. Layout version 1: bytes u64, pages u64, checksum u32 (the
+/// file's trailer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryFileRecord {
+    /// The file's size.
+    pub bytes: u64,
+    /// Pages in it.
+    pub pages: u64,
+    /// Its CRC-32 over index and data (its last four bytes).
+    pub crc: u32,
+}
+
+impl Persist for MemoryFileRecord {
+    const KIND: &'static str = "memory-file";
+    const VERSION: u32 = 1;
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(20);
+        out.extend_from_slice(&self.bytes.to_le_bytes());
+        out.extend_from_slice(&self.pages.to_le_bytes());
+        out.extend_from_slice(&self.crc.to_le_bytes());
+        out
+    }
+
+    fn decode(version: u32, body: &[u8]) -> Result<Self, FormatError> {
+        if version != 1 {
+            return Err(xcloud_state::persist::unknown_version::<Self>(version));
+        }
+        let mut f = Fields::new(body, "memory-file");
+        let record = Self {
+            bytes: f.u64()?,
+            pages: f.u64()?,
+            crc: f.u32()?,
+        };
+        f.finish()?;
+        Ok(record)
+    }
+}
+
+impl MemoryFileRecord {
+    /// Checks that the memory file at `path` is the one recorded: its size and its trailer.
+    pub fn check(&self, path: &Path) -> Result<(), SnapshotError> {
+        use std::os::unix::fs::FileExt;
+        let what = "memory.pages";
+        let io = |source| SnapshotError::Format(FormatError::Io { what, source });
+        let file = xcloud_state::format::open_regular(path, what)?;
+        let len = file.metadata().map_err(io)?.len();
+        let mut trailer = [0u8; 4];
+        if len >= 4 {
+            file.read_exact_at(&mut trailer, len - 4).map_err(io)?;
+        }
+        if len < self.bytes {
+            return Err(FormatError::Truncated {
+                what,
+                detail: format!(
+                    "{len} bytes where vm.state recorded {} (cut short, or the memory.pages of another snapshot)",
+                    self.bytes
+                ),
+            }
+            .into());
+        }
+        if len != self.bytes || u32::from_le_bytes(trailer) != self.crc {
+            return Err(SnapshotError::Mismatch {
+                detail: format!(
+                    "vm.state was written with a memory.pages of {} bytes (checksum {:08x}); this one has {len} bytes (checksum {:08x})",
+                    self.bytes,
+                    self.crc,
+                    u32::from_le_bytes(trailer)
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Writes the non-zero resident pages of `ram` to `path` and syncs it to disk; returns what
+/// `vm.state` records of it.
+pub fn write_memory(path: &Path, ram: &GuestRam) -> Result<MemoryFileRecord, SnapshotError> {
     let what = "memory.pages";
     let io = |source| SnapshotError::Format(FormatError::Io { what, source });
     let mem = ram.mem();
@@ -50,10 +128,17 @@ pub fn write_memory(path: &Path, ram: &GuestRam) -> Result<(u64, u64), SnapshotE
         crc.update(&page);
         out.write_all(&page).map_err(io)?;
     }
-    out.write_all(&crc.finalize().to_le_bytes()).map_err(io)?;
-    out.flush().map_err(io)?;
-    let bytes = 32 + index.len() as u64 * (8 + PAGE) + 4;
-    Ok((index.len() as u64, bytes))
+    let crc = crc.finalize();
+    out.write_all(&crc.to_le_bytes()).map_err(io)?;
+    out.into_inner()
+        .map_err(|e| io(e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
+    Ok(MemoryFileRecord {
+        bytes: 32 + index.len() as u64 * (8 + PAGE) + 4,
+        pages: index.len() as u64,
+        crc,
+    })
 }
 
 /// The checked header and index of a `memory.pages` file: the page numbers (in range, strictly
@@ -133,7 +218,7 @@ pub fn read_memory(path: &Path, ram: &GuestRam) -> Result<u64, SnapshotError> {
     let what = "memory.pages";
     let io = |source| SnapshotError::Format(FormatError::Io { what, source });
     let malformed = |detail: String| SnapshotError::Format(FormatError::Malformed { what, detail });
-    let file = std::fs::File::open(path).map_err(io)?;
+    let file = xcloud_state::format::open_regular(path, what)?;
     let file_len = file.metadata().map_err(io)?.len();
     let mut input = BufReader::with_capacity(1 << 20, file);
     let index = read_memory_index(&mut input, file_len, size)?.pfns;

@@ -192,9 +192,43 @@ impl<'a> SectionReader<'a> {
     }
 }
 
+/// Opens `path` for reading if it is a regular file (following symbolic links). Anything else
+/// is refused before a byte is read: a FIFO or a device would be read without end (or block
+/// the open itself), a directory cannot be read. The open does not block on a FIFO.
+pub fn open_regular(path: &std::path::Path, what: &'static str) -> Result<std::fs::File, FormatError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        // Opening a FIFO for reading then returns at once instead of waiting for a writer (for
+        // regular files it changes nothing).
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| FormatError::Io { what, source })?;
+    let kind = file
+        .metadata()
+        .map_err(|source| FormatError::Io { what, source })?
+        .file_type();
+    if kind.is_file() {
+        return Ok(file);
+    }
+    let found = if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "a device"
+    };
+    Err(FormatError::Malformed {
+        what,
+        detail: format!("{} is {found}, not a regular file", path.display()),
+    })
+}
+
 /// Reads a whole file into memory, refusing files larger than `limit` bytes.
 pub fn read_file(path: &std::path::Path, what: &'static str, limit: u64) -> Result<Vec<u8>, FormatError> {
-    let file = std::fs::File::open(path).map_err(|source| FormatError::Io { what, source })?;
+    let file = open_regular(path, what)?;
     let len = file
         .metadata()
         .map_err(|source| FormatError::Io { what, source })?

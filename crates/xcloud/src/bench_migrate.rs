@@ -432,8 +432,8 @@ pub fn migrate(
         .context("cannot set up the WAN namespaces (needs root)")?;
     let dir = std::env::temp_dir().join(format!("xcloud-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    xcloud_migration::tls::Identity::generate(&dir.join("a"), "bench-a")?;
-    xcloud_migration::tls::Identity::generate(&dir.join("b"), "bench-b")?;
+    xcloud_migration::tls::Identity::generate(&dir.join("a"), "bench-a", true)?;
+    xcloud_migration::tls::Identity::generate(&dir.join("b"), "bench-b", true)?;
     let bar = ProgressBar::new((sizes.len() * rates.len() + 1) as u64).with_style(
         ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),

@@ -66,6 +66,10 @@ enum Command {
         /// The name in the certificate.
         #[arg(long, default_value = "xcloud-host")]
         name: String,
+        /// Replace an identity that is there (every peer that pinned its certificate must pin
+        /// the new one).
+        #[arg(long)]
+        force: bool,
     },
     /// Drive a running VMM through its control socket.
     Ctl {
@@ -258,7 +262,7 @@ fn main() -> ExitCode {
             peer,
             api,
         } => run::receive(&listen, &identity, &peer, api.as_deref()),
-        Command::Keygen { dir, name } => xcloud_migration::tls::Identity::generate(&dir, &name)
+        Command::Keygen { dir, name, force } => xcloud_migration::tls::Identity::generate(&dir, &name, force)
             .map(|_| {
                 println!(
                     "identity written to {} (give {} to the peer)",

@@ -92,3 +92,37 @@ fn a_missing_file_is_named() {
         "cannot read guest image /nonexistent/guest.elf",
     );
 }
+
+#[test]
+fn keygen_keeps_an_identity_that_is_there_and_never_exposes_the_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("keygen");
+    let _ = std::fs::remove_dir_all(&dir);
+    let id = dir.to_str().expect("utf-8");
+    assert!(run(&["keygen", id]).status.success());
+    let (cert, key) = (dir.join("cert.der"), dir.join("key.der"));
+    let mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "key mode {mode:o}");
+    let pinned = std::fs::read(&cert).expect("cert");
+
+    let out = run(&["keygen", id]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("exists") && err.contains("--force"), "{err}");
+    assert_eq!(
+        std::fs::read(&cert).expect("cert"),
+        pinned,
+        "the pinned certificate stays"
+    );
+
+    assert!(run(&["keygen", id, "--force"]).status.success());
+    assert_ne!(std::fs::read(&cert).expect("cert"), pinned, "replaced on request");
+    let mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "key mode {mode:o}");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+}

@@ -6,6 +6,7 @@ use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use xcloud_snapshot::memory_file::MemoryFileRecord;
 
 fn scratch(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("snapshots").join(name);
@@ -284,6 +285,13 @@ fn a_guest_whose_memory_changed_behind_its_back_says_so() {
     let crc = crc32fast::hash(&bytes[32..len - 4]);
     bytes[len - 4..].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&memory, &bytes).expect("write");
+    // vm.state records the memory file it was written with: record the tampered one.
+    let state_file = snap.join("vm.state");
+    let mut state = xcloud_state::StateTree::decode(&std::fs::read(&state_file).expect("state")).expect("decode");
+    let mut record: MemoryFileRecord = state.require(0).expect("the memory file's record");
+    record.crc = crc;
+    state.save(0, &record).expect("save");
+    std::fs::write(&state_file, state.encode().expect("encode")).expect("write");
 
     let out = run(&["restore", snap.to_str().expect("utf-8")]);
     let err = stderr(&out);
@@ -342,4 +350,125 @@ fn a_snapshot_written_by_format_1_still_restores() {
     );
     child.kill().expect("kill");
     let _ = child.wait();
+}
+
+#[test]
+fn the_memory_of_another_snapshot_is_refused() {
+    let first = snapshot_of_heartbeat("swap-a");
+    let second = snapshot_of(&scratch("swap-b"), &["heartbeat", "--", "0", "8", "64"], "heartbeat n=");
+    std::fs::copy(second.join("memory.pages"), first.join("memory.pages")).expect("swap");
+    refused(&first, "the memory.pages of another snapshot");
+    let out = run(&["restore", "--lazy", first.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("another snapshot"), "{}", stderr(&out));
+    // Of the same size, told apart by the checksum.
+    let third = snapshot_of(
+        &scratch("swap-c"),
+        &["heartbeat", "--", "0", "16", "64"],
+        "heartbeat n=",
+    );
+    let len = std::fs::metadata(third.join("memory.pages")).expect("memory").len();
+    let mut bytes = std::fs::read(snapshot_of_heartbeat("swap-d").join("memory.pages")).expect("d");
+    bytes.resize(len as usize, 0);
+    std::fs::write(third.join("memory.pages"), &bytes).expect("same size, other pages");
+    refused(&third, "does not belong to this vm.state");
+}
+
+/// A heartbeat VMM with `env` set, serving its control socket in `dir`.
+fn vmm_with_env(dir: &Path, env: &[(&str, &str)]) -> (Proc, PathBuf) {
+    let socket = dir.join("vm.sock");
+    let mut cmd = xcloud();
+    cmd.args(["run", "--api", socket.to_str().expect("utf-8"), "heartbeat"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let (child, rx) = spawn_lines(cmd);
+    next_line(&rx, "heartbeat n=");
+    (child, socket)
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_crash_between_the_snapshot_writes_leaves_the_older_snapshot_whole() {
+    let dir = scratch("crash");
+    let snap = snapshot_of(&dir, &["heartbeat"], "heartbeat n=");
+    let older = (
+        std::fs::read(snap.join("vm.state")).expect("state"),
+        std::fs::read(snap.join("memory.pages")).expect("memory"),
+    );
+    // The VMM dies after writing both files of the new snapshot, before they replace the old.
+    let (mut crashing, socket) = vmm_with_env(&dir, &[("XCLOUD_FAILPOINT", "snapshot-before-rename")]);
+    let (ok, _) = ctl(&socket, &["snapshot", snap.to_str().expect("utf-8")]);
+    assert!(!ok, "the VMM was to die in the snapshot");
+    wait_exit(&mut crashing);
+    assert_eq!(std::fs::read(snap.join("vm.state")).expect("state"), older.0);
+    assert_eq!(std::fs::read(snap.join("memory.pages")).expect("memory"), older.1);
+    let (mut restored, rx) = spawn(&["restore", snap.to_str().expect("utf-8")]);
+    next_line(&rx, "heartbeat n=");
+    restored.kill().expect("kill");
+    let _ = restored.wait();
+    // The next snapshot replaces the old one whole and clears what the crash left.
+    let (mut vmm, socket) = vmm_with_env(&dir, &[]);
+    assert!(ctl(&socket, &["snapshot", snap.to_str().expect("utf-8")]).0);
+    ctl(&socket, &["stop"]);
+    wait_exit(&mut vmm);
+    assert_ne!(std::fs::read(snap.join("vm.state")).expect("state"), older.0);
+    assert_eq!(files_in(&dir), ["snap"].map(String::from).to_vec());
+    assert_eq!(files_in(&snap), ["memory.pages", "vm.state"].map(String::from).to_vec());
+}
+
+#[test]
+fn a_failed_snapshot_leaves_nothing_behind_and_a_directory_of_other_files_is_refused() {
+    let dir = scratch("fail");
+    let (mut vmm, socket) = vmm_with_env(&dir, &[("XCLOUD_FAILPOINT", "snapshot-write-fails")]);
+    let snap = dir.join("snap");
+    let (ok, text) = ctl(&socket, &["snapshot", snap.to_str().expect("utf-8")]);
+    assert!(!ok && text.contains("failpoint"), "{text}");
+    assert_eq!(files_in(&dir), ["vm.sock"].map(String::from).to_vec(), "no leftovers");
+    let (ok, _) = ctl(&socket, &["status"]);
+    assert!(ok, "the VM runs on after a failed snapshot");
+    ctl(&socket, &["stop"]);
+    wait_exit(&mut vmm);
+
+    let mine = dir.join("mine");
+    std::fs::create_dir_all(&mine).expect("dir");
+    std::fs::write(mine.join("notes.txt"), "keep").expect("write");
+    let (mut vmm, socket) = vmm_with_env(&dir, &[]);
+    let (ok, text) = ctl(&socket, &["snapshot", mine.to_str().expect("utf-8")]);
+    assert!(!ok && text.contains("holds notes.txt"), "{text}");
+    ctl(&socket, &["stop"]);
+    wait_exit(&mut vmm);
+    assert_eq!(files_in(&mine), ["notes.txt"].map(String::from).to_vec());
+}
+
+#[test]
+fn a_fifo_or_a_directory_where_a_snapshot_file_belongs_is_refused_at_once() {
+    let snap = snapshot_of_heartbeat("fifo");
+    for file in ["vm.state", "memory.pages"] {
+        let path = snap.join(file);
+        let saved = std::fs::read(&path).expect("file");
+        std::fs::remove_file(&path).expect("remove");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let t = Instant::now();
+        refused(&snap, "is a FIFO, not a regular file");
+        assert!(t.elapsed() < Duration::from_secs(5), "a FIFO blocked the restore");
+        std::fs::remove_file(&path).expect("remove");
+        std::fs::create_dir(&path).expect("mkdir");
+        refused(&snap, "is a directory, not a regular file");
+        std::fs::remove_dir(&path).expect("rmdir");
+        std::fs::write(&path, saved).expect("restore the file");
+    }
 }
