@@ -236,7 +236,7 @@ pub fn read_file(path: &std::path::Path, what: &'static str, limit: u64) -> Resu
     if len > limit {
         return Err(FormatError::Malformed {
             what,
-            detail: format!("{len} bytes is more than the {limit} this snapshot can hold"),
+            detail: format!("{len} bytes is more than the {limit} bytes it may have"),
         });
     }
     let mut data = Vec::with_capacity(len as usize);

@@ -25,8 +25,10 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{text}' is too large"))
 }
 
-/// Loads GUEST: a built-in name or a path to a PVH ELF.
-pub fn load_image(guest: &str) -> Result<Cow<'static, [u8]>> {
+/// Loads GUEST: a built-in name or a path to a PVH ELF, which must be a regular file no larger
+/// than the guest's RAM (`mem` bytes: a larger image cannot be loaded into it). It is checked
+/// before a byte is read, so a FIFO, a device or a huge file costs nothing.
+pub fn load_image(guest: &str, mem: u64) -> Result<Cow<'static, [u8]>> {
     if let Some(image) = guests::builtin(guest) {
         return Ok(Cow::Borrowed(image));
     }
@@ -36,7 +38,8 @@ pub fn load_image(guest: &str) -> Result<Cow<'static, [u8]>> {
             guests::names().join(", ")
         );
     }
-    let bytes = std::fs::read(guest).with_context(|| format!("cannot read guest image {guest}"))?;
+    let bytes = xcloud_state::format::read_file(std::path::Path::new(guest), "guest image", mem)
+        .with_context(|| format!("cannot read guest image {guest}"))?;
     Ok(Cow::Owned(bytes))
 }
 
@@ -58,7 +61,7 @@ fn block_termination_signals() -> libc::sigset_t {
 
 /// Runs the guest to its end and returns the process exit status.
 pub fn run(mem: u64, vcpus: usize, guest: &str, args: &[String], api: Option<&Path>) -> Result<i32> {
-    let image = load_image(guest)?;
+    let image = load_image(guest, mem)?;
     let signals = block_termination_signals();
     let config = VmConfig {
         mem_bytes: mem,

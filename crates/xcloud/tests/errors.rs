@@ -126,3 +126,36 @@ fn keygen_keeps_an_identity_that_is_there_and_never_exposes_the_key() {
         .collect();
     assert_eq!(left.len(), 2, "{left:?}");
 }
+
+#[test]
+fn a_guest_image_that_is_not_a_regular_file_or_too_large_is_refused_before_it_is_read() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("images");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let fifo = dir.join("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
+    let huge = dir.join("huge.elf");
+    std::fs::File::create(&huge)
+        .and_then(|f| f.set_len(1 << 30))
+        .expect("a sparse 1 GiB file");
+    for (image, needle) in [
+        ("/dev/zero".to_string(), "is a device, not a regular file"),
+        (fifo.display().to_string(), "is a FIFO, not a regular file"),
+        (dir.display().to_string(), "is a directory, not a regular file"),
+        (
+            huge.display().to_string(),
+            "1073741824 bytes is more than the 67108864 bytes",
+        ),
+    ] {
+        let t = std::time::Instant::now();
+        let out = run(&["run", "--mem", "64M", &image]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{image}: {err}");
+        assert!(err.contains(needle), "{image}: {err}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{image} was read");
+    }
+}
