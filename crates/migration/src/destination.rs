@@ -325,27 +325,97 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
     Ok(Incoming { vm, stream, postcopy })
 }
 
+/// How long a connecting peer has to complete the TLS handshake (prove it is the pinned source).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; further connections are turned away until one ends.
+pub const MAX_HANDSHAKES: usize = 16;
+
+/// A handshake in progress: when it must be done, and the socket to cut if it is not.
+struct Pending {
+    deadline: Instant,
+    tcp: std::net::TcpStream,
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
 /// Listens on `addr`, accepts one authenticated source and receives its VM.
+///
+/// Handshakes run side by side, each on its own thread, and each is cut after
+/// [`HANDSHAKE_TIMEOUT`]: no client — silent, slow, or with the wrong certificate — keeps the
+/// real source out for longer than that, and at most [`MAX_HANDSHAKES`] wait at once. The
+/// first peer that proves to be the pinned source is served; nothing of the guest is read
+/// before that.
 pub fn listen_and_receive(
     addr: &str,
     creds: &Credentials,
     console: Console,
 ) -> Result<Incoming<tls::ServerStream>, MigrationError> {
-    let listener = TcpListener::bind(addr).map_err(|source| MigrationError::Listen {
+    use std::sync::atomic::Ordering;
+    let listen_err = |source| MigrationError::Listen {
         addr: addr.to_string(),
         source,
-    })?;
+    };
+    let listener = TcpListener::bind(addr).map_err(listen_err)?;
+    listener.set_nonblocking(true).map_err(listen_err)?;
+    let (done_tx, authenticated) = std::sync::mpsc::channel::<tls::ServerStream>();
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut backoff = Duration::ZERO;
     loop {
-        let (tcp, peer) = listener.accept().map_err(|source| MigrationError::Listen {
-            addr: addr.to_string(),
-            source,
-        })?;
+        for p in &pending {
+            if !p.done.load(Ordering::SeqCst) && Instant::now() > p.deadline {
+                // Unblocks the handshake's read: it fails, and its thread ends.
+                let _ = p.tcp.shutdown(std::net::Shutdown::Both);
+                p.done.store(true, Ordering::SeqCst);
+            }
+        }
+        pending.retain(|p| !p.done.load(Ordering::SeqCst));
+        if let Ok(stream) = authenticated.recv_timeout(Duration::from_millis(10)) {
+            return receive(stream, console);
+        }
+        let (tcp, peer) = match listener.accept() {
+            Ok(accepted) => {
+                backoff = Duration::ZERO;
+                accepted
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                tracing::warn!("migration listener: cannot accept ({e}); retrying in {backoff:?}");
+                std::thread::sleep(backoff);
+                continue;
+            }
+        };
+        if pending.len() >= MAX_HANDSHAKES {
+            tracing::warn!("turned away a migration connection from {peer}: {MAX_HANDSHAKES} handshakes already wait");
+            continue;
+        }
+        let (Ok(()), Ok(cut)) = (tcp.set_nonblocking(false), tcp.try_clone()) else {
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let _ = tcp.set_read_timeout(Some(PEER_TIMEOUT));
-        match tls::accept(tcp, creds) {
-            Ok(stream) => return receive(stream, console),
-            // A peer without the right credentials is turned away; keep waiting for the source.
-            Err(e) => tracing::warn!("refused a migration connection from {peer}: {}", flatten_error(&e)),
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        pending.push(Pending {
+            deadline: Instant::now() + HANDSHAKE_TIMEOUT,
+            tcp: cut,
+            done: done.clone(),
+        });
+        let (creds, done_tx) = (creds.clone(), done_tx.clone());
+        let spawned = std::thread::Builder::new().name("handshake".into()).spawn(move || {
+            let result = tls::accept(tcp, &creds);
+            // Past its deadline the socket was cut: whatever the handshake says now is late.
+            if done.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            match result {
+                Ok(stream) => {
+                    let _ = done_tx.send(stream);
+                }
+                // A peer without the right credentials is turned away; the wait goes on.
+                Err(e) => tracing::warn!("refused a migration connection from {peer}: {}", flatten_error(&e)),
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start a handshake thread: {e}");
         }
     }
 }

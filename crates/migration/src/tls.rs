@@ -72,6 +72,15 @@ pub struct Identity {
     key: PrivatePkcs8KeyDer<'static>,
 }
 
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self {
+            cert: self.cert.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
 impl Identity {
     /// Makes a new self-signed identity named `name` and writes it into `dir`. An identity
     /// already there is kept (every peer pinned its certificate) unless `replace` is set; then
@@ -152,6 +161,7 @@ pub fn load_cert(path: &Path) -> Result<CertificateDer<'static>, TlsError> {
 }
 
 /// Credentials for one side of a migration.
+#[derive(Clone)]
 pub struct Credentials {
     /// This host's key and certificate.
     pub identity: Identity,

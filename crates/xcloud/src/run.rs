@@ -43,9 +43,23 @@ pub fn load_image(guest: &str, mem: u64) -> Result<Cow<'static, [u8]>> {
     Ok(Cow::Owned(bytes))
 }
 
-/// Blocks the termination signals in this thread (and so in every thread it starts) and
-/// returns the set, for a dedicated thread to `sigwait` on.
-fn block_termination_signals() -> libc::sigset_t {
+/// Where a termination signal goes: to the VM once there is one (it stops, and the process
+/// ends with the VM's status), before that (waiting for a migration source, reading a
+/// snapshot) straight to the process's end with status 130.
+type SignalTarget = std::sync::Arc<std::sync::Mutex<SignalState>>;
+
+/// What a termination signal acts on.
+#[derive(Default)]
+struct SignalState {
+    /// The VM, once it exists.
+    vm: Option<xcloud_vmm::VmHandle>,
+    /// The control socket to remove if the process ends before the VM runs.
+    socket: Option<std::path::PathBuf>,
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and so in every thread it starts) and
+/// starts the thread that takes them, first of all, so that no state ignores them.
+fn watch_termination_signals() -> Result<SignalTarget> {
     // SAFETY: sigset_t is plain data that sigemptyset initialises before any other use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t; the calls only edit it and this thread's mask.
@@ -56,13 +70,41 @@ fn block_termination_signals() -> libc::sigset_t {
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
-    set
+    let target = SignalTarget::default();
+    let vm = target.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: `set` is an initialised set and `sig` a valid out-pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                return;
+            }
+            let state = vm.lock().unwrap_or_else(|p| p.into_inner());
+            match state.vm.as_ref() {
+                // A VM that never ran (a destination still waiting for GO) has nothing to lose.
+                Some(handle) if handle.state() != xcloud_vmm::VmState::Created => {
+                    tracing::info!("signal {sig}: stopping the VM");
+                    handle.stop();
+                }
+                _ => {
+                    if let Some(socket) = &state.socket {
+                        let _ = std::fs::remove_file(socket);
+                    }
+                    eprintln!("xcloud: stopped by signal {sig} before the VM ran");
+                    std::process::exit(130);
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(target)
 }
 
 /// Runs the guest to its end and returns the process exit status.
 pub fn run(mem: u64, vcpus: usize, guest: &str, args: &[String], api: Option<&Path>) -> Result<i32> {
     let image = load_image(guest, mem)?;
-    let signals = block_termination_signals();
+    let signals = watch_termination_signals()?;
     let config = VmConfig {
         mem_bytes: mem,
         vcpus,
@@ -78,7 +120,7 @@ pub fn run(mem: u64, vcpus: usize, guest: &str, args: &[String], api: Option<&Pa
 
 /// Continues the VM saved in `dir` and returns the process exit status.
 pub fn restore(dir: &Path, lazy: bool, api: Option<&Path>) -> Result<i32> {
-    let signals = block_termination_signals();
+    let signals = watch_termination_signals()?;
     let vm = if lazy {
         xcloud_snapshot::restore_lazy(dir, Console::stdout())
     } else {
@@ -95,7 +137,7 @@ pub fn restore(dir: &Path, lazy: bool, api: Option<&Path>) -> Result<i32> {
 /// Receives a migrating VM on `listen` and runs it to its end.
 pub fn receive(listen: &str, identity: &Path, peer: &Path, api: Option<&Path>) -> Result<i32> {
     use xcloud_migration::{listen_and_receive, tls::Credentials};
-    let signals = block_termination_signals();
+    let signals = watch_termination_signals()?;
     let creds = Credentials::load(identity, peer).context("cannot load the migration credentials")?;
     let incoming = listen_and_receive(listen, &creds, Console::stdout()).context("cannot receive the VM")?;
     supervise(incoming.handle(), signals, api, move || {
@@ -194,7 +236,7 @@ pub fn migrate(
 /// and waits for its end.
 fn supervise(
     handle: xcloud_vmm::VmHandle,
-    signals: libc::sigset_t,
+    signals: SignalTarget,
     api: Option<&Path>,
     start: impl FnOnce() -> Result<Vm>,
 ) -> Result<i32> {
@@ -202,18 +244,10 @@ fn supervise(
         Some(path) => Some(xcloud_api::serve(path, handle.clone()).context("cannot open the control socket")?),
         None => None,
     };
-    std::thread::Builder::new()
-        .name("signals".into())
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            let mut sig = 0;
-            // SAFETY: `signals` is an initialised set and `sig` a valid out-pointer.
-            if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
-                tracing::info!("signal {sig}: stopping the VM");
-                handle.stop();
-            }
-        })
-        .context("cannot start the signal thread")?;
+    *signals.lock().unwrap_or_else(|p| p.into_inner()) = SignalState {
+        vm: Some(handle),
+        socket: api.map(Path::to_path_buf),
+    };
     let vm = start()?;
     let exit = vm.wait();
     match &exit {

@@ -595,3 +595,78 @@ fn xcloud_cpu_vendor() -> [u8; 12] {
     v[8..].copy_from_slice(&r.ecx.to_le_bytes());
     v
 }
+
+#[test]
+fn a_destination_waiting_for_its_source_ends_on_every_termination_signal() {
+    let dir = scratch("signals");
+    let (a, b) = (keygen(&dir, "host-a"), keygen(&dir, "host-b"));
+    for (signal, name) in [
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGHUP, "SIGHUP"),
+    ] {
+        let mut cmd = xcloud();
+        cmd.args([
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--identity",
+            b.to_str().expect("utf-8"),
+            "--peer",
+            a.join("cert.der").to_str().expect("utf-8"),
+        ]);
+        let mut child = Proc(cmd.stderr(std::process::Stdio::piped()).spawn().expect("spawn"));
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: sends a signal to our own child, which is alive (Proc kills it on drop).
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} did not end the waiting destination"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(130), "{name}");
+    }
+}
+
+#[test]
+fn clients_that_stall_their_handshake_do_not_keep_the_source_out() {
+    let hosts = lan();
+    let s = setup("stallers");
+    let (_dst, dst_out) = receive(&hosts, &s, &s.a);
+    std::thread::sleep(Duration::from_millis(300));
+    // Four peers that connect first and never finish a handshake: one silent, three that
+    // trickle a TLS record a byte a second (each read alone is well inside any timeout).
+    let script = format!(
+        "exec 3<>/dev/tcp/{}/7710; [ \"$1\" = silent ] || {{ printf '\\x16\\x03\\x01\\x00\\xff' >&3; \
+         while sleep 1; do printf 'a' >&3 || exit; done; }}; sleep 120",
+        hosts.dst_ip
+    );
+    let stallers: Vec<Proc> = ["silent", "slow", "slow", "slow"]
+        .iter()
+        .map(|mode| {
+            let mut cmd = xcloud::netlab::command_in(Some(&hosts.src), "bash");
+            cmd.args(["-c", &script, "staller", mode]);
+            Proc(cmd.spawn().expect("bash"))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut src, _src_out, _) = start_source(&hosts, &s, &["heartbeat"], "heartbeat n=");
+    let t = Instant::now();
+    let (ok, text) = migrate(&hosts, &s, &[]);
+    assert!(ok, "{text}");
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "the source waited {:?}",
+        t.elapsed()
+    );
+    next_line(&dst_out, "heartbeat n=");
+    let (status, _) = wait_exit(&mut src, Duration::from_secs(10));
+    assert_eq!(status, Some(0));
+    drop(stallers);
+}
