@@ -54,14 +54,13 @@ pub enum TlsError {
     #[error("cannot set up TLS")]
     /// The TLS configuration is refused (a broken key or certificate).
     Config(#[source] rustls::Error),
-    #[error("TLS handshake with {peer} failed (wrong credentials on either side?)")]
+    #[error("TLS handshake with {peer} failed: {reason}")]
     /// The handshake failed: the peer is not the one pinned, or is not there.
     Handshake {
         /// The peer's address.
         peer: String,
-        #[source]
-        /// What failed.
-        source: std::io::Error,
+        /// What happened, in the user's terms.
+        reason: String,
     },
 }
 
@@ -380,7 +379,7 @@ pub fn connect(tcp: TcpStream, creds: &Credentials) -> Result<ClientStream, TlsE
         .map_err(|_| TlsError::Config(rustls::Error::General("server name".into())))?;
     let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(TlsError::Config)?;
     let mut stream = StreamOwned::new(conn, Socket::new(tcp));
-    handshake(&mut stream.conn, &mut stream.sock).map_err(|source| TlsError::Handshake { peer, source })?;
+    handshake(&mut stream.conn, &mut stream.sock).map_err(|e| handshake_failed(peer, &e, &stream.sock))?;
     Ok(stream)
 }
 
@@ -402,8 +401,41 @@ pub fn accept(tcp: TcpStream, creds: &Credentials) -> Result<ServerStream, TlsEr
     let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let conn = rustls::ServerConnection::new(Arc::new(config)).map_err(TlsError::Config)?;
     let mut stream = StreamOwned::new(conn, Socket::new(tcp));
-    handshake(&mut stream.conn, &mut stream.sock).map_err(|source| TlsError::Handshake { peer, source })?;
+    handshake(&mut stream.conn, &mut stream.sock).map_err(|e| handshake_failed(peer, &e, &stream.sock))?;
     Ok(stream)
+}
+
+/// A failed handshake in the user's terms: the peer was silent, closed the connection, or
+/// refused or presented a certificate. The TLS library's own text (which points at its docs)
+/// goes to the debug log only.
+fn handshake_failed(peer: String, e: &std::io::Error, sock: &Socket) -> TlsError {
+    use std::io::ErrorKind;
+    tracing::debug!("TLS handshake with {peer}: {e:?}");
+    let timeout = sock.tcp().read_timeout().ok().flatten();
+    let reason = match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => match timeout {
+            Some(t) => format!("the peer sent nothing for {} s", t.as_secs_f64()),
+            None => "the peer did not answer in time".into(),
+        },
+        ErrorKind::UnexpectedEof
+        | ErrorKind::ConnectionReset
+        | ErrorKind::BrokenPipe
+        | ErrorKind::ConnectionAborted => {
+            "the peer closed the connection (it may not accept this host's certificate)".into()
+        }
+        _ => match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            Some(rustls::Error::InvalidCertificate(_)) => {
+                "the peer's certificate is not the one pinned for it (--peer)".into()
+            }
+            Some(rustls::Error::NoCertificatesPresented) => "the peer presented no certificate".into(),
+            Some(rustls::Error::AlertReceived(alert)) => {
+                format!("the peer refused this host ({alert:?}): it does not accept this host's certificate")
+            }
+            Some(_) => "the peer does not speak xcloud's TLS (a protocol error)".into(),
+            None => e.to_string(),
+        },
+    };
+    TlsError::Handshake { peer, reason }
 }
 
 fn handshake<C, S>(conn: &mut C, sock: &mut Socket) -> std::io::Result<()>
@@ -419,4 +451,46 @@ where
         conn.write_tls(sock)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xcloud_vm_core::report::flatten_error;
+
+    fn creds(dir: &Path) -> Credentials {
+        let me = Identity::generate(&dir.join("me"), "me", true).expect("identity");
+        let peer = Identity::generate(&dir.join("peer"), "peer", true).expect("identity");
+        Credentials {
+            identity: me,
+            peer: peer.cert,
+        }
+    }
+
+    #[test]
+    fn a_silent_or_departing_peer_is_reported_in_plain_words() {
+        let dir = std::env::temp_dir().join(format!("xcloud-tls-test-{}", std::process::id()));
+        let creds = creds(&dir);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        // Accepts and says nothing.
+        let silent = std::thread::spawn(move || {
+            let held = listener.accept();
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            drop(held);
+            let (closing, _) = listener.accept().expect("accept");
+            drop(closing);
+        });
+        let tcp = TcpStream::connect(addr).expect("connect");
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .expect("timeout");
+        let err = flatten_error(&connect(tcp, &creds).err().expect("no answer"));
+        assert!(err.contains("the peer sent nothing for 1 s"), "{err}");
+        let tcp = TcpStream::connect(addr).expect("connect");
+        let err = flatten_error(&connect(tcp, &creds).err().expect("closed"));
+        assert!(err.contains("the peer closed the connection"), "{err}");
+        assert!(!err.contains("docs.rs") && !err.contains("os error"), "{err}");
+        silent.join().expect("peer thread");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -112,6 +112,31 @@ pub enum WireError {
     Refused(String),
 }
 
+/// Longest text of the peer's that is shown.
+const MAX_PEER_TEXT: usize = 300;
+
+/// Text the peer sent, safe to print: control characters escaped (no terminal sequences, no
+/// fake extra lines), cut to [`MAX_PEER_TEXT`] characters.
+pub fn peer_text(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out: String = text
+        .chars()
+        .take(MAX_PEER_TEXT)
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect();
+    if text.chars().count() > MAX_PEER_TEXT {
+        out.push_str("...");
+    }
+    out
+}
+
 /// Writes one frame.
 pub fn write_frame(out: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
     let len = u32::try_from(payload.len())
@@ -138,7 +163,7 @@ pub fn read_frame(input: &mut impl Read, buf: &mut Vec<u8>) -> Result<Kind, Wire
     buf.resize(len as usize, 0);
     input.read_exact(buf)?;
     if kind == Kind::Refuse {
-        return Err(WireError::Refused(String::from_utf8_lossy(buf).into_owned()));
+        return Err(WireError::Refused(peer_text(buf)));
     }
     Ok(kind)
 }
@@ -477,6 +502,8 @@ mod tests {
         let mut out = Vec::new();
         write_frame(&mut out, Kind::Refuse, b"no room").expect("write");
         assert!(matches!(read_frame(&mut &out[..], &mut buf), Err(WireError::Refused(r)) if r == "no room"));
+        assert_eq!(peer_text(b"a\x1b[2Jb\nfake line\x07"), "a\\u{1b}[2Jb\\nfake line\\u{7}");
+        assert_eq!(peer_text(&[b'x'; 1000]).len(), MAX_PEER_TEXT + 3);
     }
 
     #[test]

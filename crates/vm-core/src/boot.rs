@@ -66,6 +66,34 @@ pub enum BootError {
         /// Bytes of guest RAM.
         mem: u64,
     },
+    #[error(
+        "ELF segment {index} has {filesz:#x} bytes in the file but only {memsz:#x} in memory (p_filesz > p_memsz)"
+    )]
+    /// A segment claims more file bytes than memory.
+    FileLargerThanMemory {
+        /// Which program header.
+        index: usize,
+        /// Its bytes in the file.
+        filesz: u64,
+        /// Its bytes in memory.
+        memsz: u64,
+    },
+    #[error("ELF segments {first} [{first_start:#x}, {first_end:#x}) and {second} [{second_start:#x}, {second_end:#x}) overlap in guest memory")]
+    /// Two loadable segments claim the same guest memory.
+    Overlap {
+        /// The first segment's program header.
+        first: usize,
+        /// Its first guest-physical byte.
+        first_start: u64,
+        /// One past its last.
+        first_end: u64,
+        /// The second segment's program header.
+        second: usize,
+        /// Its first guest-physical byte.
+        second_start: u64,
+        /// One past its last.
+        second_end: u64,
+    },
     #[error("ELF has no loadable segment")]
     /// No loadable segment.
     NoSegments,
@@ -158,6 +186,8 @@ fn check_elf(image: &[u8], mem_size: u64) -> Result<Vec<Segment>, BootError> {
         });
     }
     let mut segments = Vec::new();
+    // The program header index of each segment, for errors.
+    let mut indices = Vec::new();
     for index in 0..phnum as usize {
         let ph = &image[phoff as usize + index * PHDR_BYTES..][..PHDR_BYTES];
         if u32_at(ph, 0) != PT_LOAD {
@@ -170,7 +200,10 @@ fn check_elf(image: &[u8], mem_size: u64) -> Result<Vec<Segment>, BootError> {
         if filesz == 0 && memsz == 0 {
             continue;
         }
-        if offset.checked_add(filesz).is_none_or(|e| e > image.len() as u64) || filesz > memsz {
+        if filesz > memsz {
+            return Err(BootError::FileLargerThanMemory { index, filesz, memsz });
+        }
+        if offset.checked_add(filesz).is_none_or(|e| e > image.len() as u64) {
             return Err(BootError::SegmentOutsideFile {
                 index,
                 offset,
@@ -187,7 +220,23 @@ fn check_elf(image: &[u8], mem_size: u64) -> Result<Vec<Segment>, BootError> {
                 mem: mem_size,
             });
         }
+        if let Some((first, other)) = segments
+            .iter()
+            .zip(&indices)
+            .find(|(other, _): &(&Segment, &usize)| paddr < other.end && other.start < end)
+            .map(|(other, &i)| (i, other))
+        {
+            return Err(BootError::Overlap {
+                first,
+                first_start: other.start,
+                first_end: other.end,
+                second: index,
+                second_start: paddr,
+                second_end: end,
+            });
+        }
         segments.push(Segment { start: paddr, end });
+        indices.push(index);
     }
     if segments.is_empty() {
         return Err(BootError::NoSegments);
@@ -489,5 +538,44 @@ mod tests {
             assert_eq!(w[0].addr + w[0].size, w[1].addr);
         }
         assert_eq!(map.last().map(|e| e.addr + e.size), Some(64 << 20));
+    }
+
+    #[test]
+    fn file_bytes_beyond_memory_bytes_and_overlapping_segments_are_named() {
+        let good = minimal_elf(0x10_0000, &[0x90; 64], true);
+        let phdr0 = ELF_HEADER_BYTES;
+        let mut bad = good.clone();
+        bad[phdr0 + 40..phdr0 + 48].copy_from_slice(&16u64.to_le_bytes());
+        let err = check_elf(&bad, 4 << 20).expect_err("p_filesz > p_memsz");
+        assert!(
+            matches!(
+                err,
+                BootError::FileLargerThanMemory {
+                    index: 0,
+                    filesz: 64,
+                    memsz: 16
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("p_filesz > p_memsz"), "{err}");
+
+        let phdr1 = ELF_HEADER_BYTES + PHDR_BYTES;
+        let mut overlapping = good;
+        overlapping[phdr1..phdr1 + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        overlapping[phdr1 + 24..phdr1 + 32].copy_from_slice(&0x10_0020u64.to_le_bytes());
+        let err = check_elf(&overlapping, 4 << 20).expect_err("overlap");
+        assert!(
+            matches!(
+                err,
+                BootError::Overlap {
+                    first: 0,
+                    second: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("overlap"), "{err}");
     }
 }

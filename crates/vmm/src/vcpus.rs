@@ -154,6 +154,14 @@ impl Component for VcpuSet {
                 VcpuActivity::Halted => Activity::Halted,
             });
         }
+        // A vCPU that never started waits for another to start it, a halted one for nothing:
+        // without a runnable vCPU the guest would never run again and nothing would end it.
+        if !activities.contains(&Activity::Paused) {
+            return Err(StateError::Incompatible(format!(
+                "none of its {} vCPUs can run (each is parked or halted): the guest could never continue",
+                activities.len()
+            )));
+        }
         self.control.lock().vcpus = activities;
         Ok(())
     }

@@ -543,6 +543,24 @@ mod tests {
             "{err:?}"
         );
 
+        let mut stuck = back.clone();
+        stuck.take("vcpu", 0).expect("vCPU 0 was saved");
+        stuck
+            .save(
+                0,
+                &xcloud_vm_core::vcpu::persist::VcpuSnapshot {
+                    index: 0,
+                    activity: xcloud_vm_core::vcpu::persist::VcpuActivity::Parked,
+                    state: None,
+                },
+            )
+            .expect("save");
+        let err = Vm::from_state(blank(), stuck, sink()).err();
+        assert!(
+            matches!(err, Some(VmError::State(StateError::Incompatible(ref why))) if why.contains("none of its 2 vCPUs can run")),
+            "{err:?}"
+        );
+
         let other_shape = Blank::build(8 << 20, 2).expect("a blank machine");
         let err = Vm::from_state(other_shape, back, sink()).err();
         assert!(
