@@ -147,10 +147,15 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
     written.map_err(err)
 }
 
+/// The largest certificate or key file read (real ones are a few hundred bytes).
+const MAX_CREDENTIAL_FILE: u64 = 64 * 1024;
+
+/// Reads a key or certificate file: a regular file of at most [`MAX_CREDENTIAL_FILE`] bytes (a
+/// FIFO or a device would be read without end).
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    xcloud_state::format::read_file(path, "credential file", MAX_CREDENTIAL_FILE).map_err(|e| TlsError::Read {
         path: path.display().to_string(),
-        source,
+        source: std::io::Error::other(xcloud_vm_core::report::flatten_error(&e)),
     })
 }
 
@@ -465,6 +470,19 @@ mod tests {
             identity: me,
             peer: peer.cert,
         }
+    }
+
+    #[test]
+    fn credentials_that_are_not_small_regular_files_are_refused_at_once() {
+        let err = flatten_error(&load_cert(Path::new("/dev/zero")).err().expect("a device"));
+        assert!(err.contains("is a device, not a regular file"), "{err}");
+        let dir = std::env::temp_dir().join(format!("xcloud-tls-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let big = dir.join("cert.der");
+        std::fs::write(&big, vec![0u8; 1 << 20]).expect("write");
+        let err = flatten_error(&load_cert(&big).err().expect("too large"));
+        assert!(err.contains("more than the 65536 bytes"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -28,6 +28,10 @@ pub struct SnapshotSummary {
 /// Writes a snapshot of the VM into `dir`. A running VM is paused for the snapshot and resumed
 /// after it; a paused VM stays paused.
 pub fn save(handle: &VmHandle, dir: &Path) -> Result<SnapshotSummary, SnapshotError> {
+    // One snapshot at a time in this process (one VM): two into the same directory would share
+    // its partial sibling, and a second one of a VM the first has paused would not resume it.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     handle.wait_for_memory()?;
     let was_running = match handle.state() {
         VmState::Running => true,

@@ -138,6 +138,8 @@ fn a_guest_image_that_is_not_a_regular_file_or_too_large_is_refused_before_it_is
         .status()
         .expect("mkfifo")
         .success());
+    let link = dir.join("zero.elf");
+    std::os::unix::fs::symlink("/dev/zero", &link).expect("symlink");
     let huge = dir.join("huge.elf");
     std::fs::File::create(&huge)
         .and_then(|f| f.set_len(1 << 30))
@@ -145,6 +147,7 @@ fn a_guest_image_that_is_not_a_regular_file_or_too_large_is_refused_before_it_is
     for (image, needle) in [
         ("/dev/zero".to_string(), "is a device, not a regular file"),
         (fifo.display().to_string(), "is a FIFO, not a regular file"),
+        (link.display().to_string(), "is a device, not a regular file"),
         (dir.display().to_string(), "is a directory, not a regular file"),
         (
             huge.display().to_string(),
