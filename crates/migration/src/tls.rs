@@ -474,13 +474,13 @@ mod tests {
 
     #[test]
     fn credentials_that_are_not_small_regular_files_are_refused_at_once() {
-        let err = flatten_error(&load_cert(Path::new("/dev/zero")).err().expect("a device"));
+        let err = flatten_error(&load_cert(Path::new("/dev/zero")).expect_err("a device"));
         assert!(err.contains("is a device, not a regular file"), "{err}");
         let dir = std::env::temp_dir().join(format!("xcloud-tls-big-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let big = dir.join("cert.der");
         std::fs::write(&big, vec![0u8; 1 << 20]).expect("write");
-        let err = flatten_error(&load_cert(&big).err().expect("too large"));
+        let err = flatten_error(&load_cert(&big).expect_err("too large"));
         assert!(err.contains("more than the 65536 bytes"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
