@@ -28,3 +28,30 @@ pub fn unknown_version<T: Persist>(version: u32) -> FormatError {
         supported: T::VERSION,
     }
 }
+
+/// Declares a saved state that is one KVM structure's kernel ABI bytes, at layout version 1:
+/// `kernel_abi_state!(/** docs */ IrqchipState(kvm_irqchip), "irqchip");`. The calling crate
+/// needs `zerocopy`.
+#[macro_export]
+macro_rules! kernel_abi_state {
+    ($(#[$doc:meta])* $name:ident($ty:ty), $kind:literal) => {
+        $(#[$doc])*
+        pub struct $name(pub $ty);
+
+        impl $crate::Persist for $name {
+            const KIND: &'static str = $kind;
+            const VERSION: u32 = 1;
+
+            fn encode(&self) -> Vec<u8> {
+                ::zerocopy::IntoBytes::as_bytes(&self.0).to_vec()
+            }
+
+            fn decode(version: u32, body: &[u8]) -> Result<Self, $crate::FormatError> {
+                if version != 1 {
+                    return Err($crate::persist::unknown_version::<Self>(version));
+                }
+                $crate::format::kernel_abi($kind, body).map($name)
+            }
+        }
+    };
+}

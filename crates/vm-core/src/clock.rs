@@ -8,27 +8,13 @@
 use crate::machine::Machine;
 use kvm_bindings::kvm_clock_data;
 use std::sync::Arc;
-use xcloud_state::{Component, FormatError, Persist, StateError, StateTree};
-use zerocopy::IntoBytes;
+use xcloud_state::{Component, StateError, StateTree};
 
-/// The saved kvmclock.
-pub struct ClockState(pub kvm_clock_data);
-
-impl Persist for ClockState {
-    const KIND: &'static str = "clock";
-    const VERSION: u32 = 1;
-
-    fn encode(&self) -> Vec<u8> {
-        self.0.as_bytes().to_vec()
-    }
-
-    fn decode(version: u32, body: &[u8]) -> Result<Self, FormatError> {
-        if version != 1 {
-            return Err(xcloud_state::persist::unknown_version::<Self>(version));
-        }
-        xcloud_state::format::kernel_abi("clock", body).map(ClockState)
-    }
-}
+xcloud_state::kernel_abi_state!(
+    /// The saved kvmclock.
+    ClockState(kvm_clock_data),
+    "clock"
+);
 
 /// The kvmclock of `machine`.
 pub struct Clock {

@@ -5,30 +5,16 @@
 use crate::machine::Machine;
 use kvm_bindings::kvm_irqchip;
 use std::sync::Arc;
-use xcloud_state::{Component, FormatError, Persist, StateError, StateTree};
-use zerocopy::IntoBytes;
+use xcloud_state::{Component, StateError, StateTree};
 
 /// The chips KVM emulates, by chip id.
 const CHIPS: u32 = 3;
 
-/// One chip's saved state.
-pub struct IrqchipState(pub kvm_irqchip);
-
-impl Persist for IrqchipState {
-    const KIND: &'static str = "irqchip";
-    const VERSION: u32 = 1;
-
-    fn encode(&self) -> Vec<u8> {
-        self.0.as_bytes().to_vec()
-    }
-
-    fn decode(version: u32, body: &[u8]) -> Result<Self, FormatError> {
-        if version != 1 {
-            return Err(xcloud_state::persist::unknown_version::<Self>(version));
-        }
-        xcloud_state::format::kernel_abi("irqchip", body).map(IrqchipState)
-    }
-}
+xcloud_state::kernel_abi_state!(
+    /// One chip's saved state.
+    IrqchipState(kvm_irqchip),
+    "irqchip"
+);
 
 /// The in-kernel irqchip of `machine`.
 pub struct Irqchip {
