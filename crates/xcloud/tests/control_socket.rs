@@ -153,6 +153,10 @@ fn running_out_of_file_descriptors_does_not_spin_and_the_socket_recovers() {
     let child = vmm(&socket, &["prlimit", "--nofile=40:40", "--"]);
     let held: Vec<UnixStream> = (0..60).filter_map(|_| UnixStream::connect(&socket).ok()).collect();
     std::thread::sleep(Duration::from_millis(300));
+    // One more, once every descriptor is taken: it waits in the backlog, and every accept of
+    // it fails until descriptors are free again.
+    let waiting = UnixStream::connect(&socket).expect("connect");
+    std::thread::sleep(Duration::from_millis(300));
     let (before, t) = (cpu_ticks(child.id()), Instant::now());
     std::thread::sleep(Duration::from_secs(1));
     let ticks_per_s = 100.0; // USER_HZ
@@ -164,6 +168,7 @@ fn running_out_of_file_descriptors_does_not_spin_and_the_socket_recovers() {
         busy * 100.0
     );
     drop(held);
+    drop(waiting);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !ctl(&socket, &["status"]).0 {
         assert!(Instant::now() < deadline, "the socket never answered again");
