@@ -247,8 +247,11 @@ fn a_guest_that_dirties_faster_than_the_link_converges_by_post_copy_when_asked()
     let text = migrate_a_fast_dirtier("converge", &["--postcopy"]);
     assert!(text.contains("by post-copy"), "{text}");
     assert_eq!(number_after(&text, "throttled up to ", '%'), 0.0, "{text}");
+    // The pages left at the switch (tens of MiB) would take far more than a second over this
+    // link: a downtime of a few round trips shows they follow the switch. (It is 30-37 ms
+    // here; the bound leaves room for a busy shared host, where one run saw 71 ms.)
     assert!(
-        number_after(&text, "downtime ", ' ') < 50.0,
+        number_after(&text, "downtime ", ' ') < 150.0,
         "the switch does not wait for the pages left: {text}"
     );
 }
