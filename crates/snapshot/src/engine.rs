@@ -200,8 +200,8 @@ pub fn read_state(dir: &Path) -> Result<StateTree, SnapshotError> {
 
 /// The machine the saved state needs, built (its RAM still empty).
 fn blank_for(state: &StateTree) -> Result<Blank, SnapshotError> {
-    // Read from a copy: the VM takes the machine section again when it restores.
-    let config = state.clone().require::<MachineConfig>(0)?;
+    // Left in the tree: the VM takes the machine section when it restores.
+    let config = state.peek::<MachineConfig>(0)?;
     Ok(Blank::build(config.mem_bytes, config.vcpus)?)
 }
 

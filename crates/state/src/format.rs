@@ -311,11 +311,6 @@ impl<'a> Fields<'a> {
         })
     }
 
-    /// Whether every byte has been read.
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-
     /// The bytes not read yet (the cursor is then at the end).
     pub fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.data)
