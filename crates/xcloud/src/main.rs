@@ -146,9 +146,15 @@ enum BenchCommand {
         /// Guest sizes, e.g. 256M,1G.
         #[arg(long, default_value = "256M,1G", value_parser = xcloud::bench_migrate::parse_sizes)]
         sizes: std::vec::Vec<u64>,
+        /// Working sets: hot (64 MiB touched), full (7/8 of the guest, at most 256 MiB).
+        #[arg(long, default_value = "hot,full", value_parser = xcloud::bench_migrate::parse_sets)]
+        sets: std::vec::Vec<xcloud::bench_migrate::WorkingSet>,
         /// Dirtying rates in MiB/s.
         #[arg(long, default_value = "0,16,64", value_parser = xcloud::bench_migrate::parse_rates)]
         rates: std::vec::Vec<u64>,
+        /// Runs per cell (xcloud and tuned QEMU each).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
         /// Skip the QEMU comparison.
         #[arg(long)]
         no_qemu: bool,
@@ -275,7 +281,9 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Micro { scale, startup_runs }) => bench::micro(scale, startup_runs).map(|_| 0),
         Command::Bench(BenchCommand::Migrate {
             sizes,
+            sets,
             rates,
+            runs,
             no_qemu,
             wan,
             rtt_ms,
@@ -287,7 +295,16 @@ fn main() -> ExitCode {
             } else {
                 PostcopyMode::Off
             };
-            xcloud::bench_migrate::migrate(&sizes, &rates, !no_qemu, link, mode).map(|_| 0)
+            xcloud::bench_migrate::migrate(&xcloud::bench_migrate::MigrateBench {
+                sizes,
+                sets,
+                rates,
+                runs,
+                with_qemu: !no_qemu,
+                wan_link: link,
+                postcopy: mode,
+            })
+            .map(|_| 0)
         }
         Command::Bench(BenchCommand::Snapshot { mem, working_set }) => {
             xcloud::bench_snapshot::snapshot(mem, working_set).map(|_| 0)
