@@ -154,7 +154,28 @@ fn refuse<S: Write>(stream: &mut S, reason: String) -> MigrationError {
 }
 
 /// Receives a VM over an authenticated `stream`. On any error nothing runs.
-pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incoming<S>, MigrationError> {
+///
+/// The receiving runs on a thread of its own at background priority
+/// ([`xcloud_vm_core::host::BACKGROUND_NICE`]): when source and destination share a host, the
+/// guest still runs at the source meanwhile, and decrypting and writing pages at normal
+/// priority took its core for whole scheduler ticks. The VM is started later from the calling
+/// thread, so its vCPUs keep the caller's priority.
+pub fn receive<S: Read + Write + Send>(stream: S, console: Console) -> Result<Incoming<S>, MigrationError> {
+    std::thread::scope(|scope| {
+        let receiver = std::thread::Builder::new()
+            .name("receiver".into())
+            .spawn_scoped(scope, move || {
+                xcloud_vm_core::host::lower_thread_priority(0);
+                receive_here(stream, console)
+            })
+            .map_err(|e| MigrationError::Wire(WireError::Io(e)))?;
+        receiver
+            .join()
+            .unwrap_or_else(|_| Err(MigrationError::Refused("the receiving thread failed".into())))
+    })
+}
+
+fn receive_here<S: Read + Write>(mut stream: S, console: Console) -> Result<Incoming<S>, MigrationError> {
     let mut buf = Vec::new();
     wire::expect_frame(&mut stream, &mut buf, Kind::Hello, "HELLO")?;
     let hello = match Hello::decode(&buf) {
@@ -183,7 +204,7 @@ pub fn receive<S: Read + Write>(mut stream: S, console: Console) -> Result<Incom
     if let Err(e) = xcloud_vm_core::memory::validate_size(hello.mem_bytes, xcloud_vm_core::memory::host_ram_bytes()) {
         return Err(refuse(&mut stream, e.to_string()));
     }
-    let blank = match Blank::build(hello.mem_bytes, hello.vcpus as usize) {
+    let blank = match Blank::build(hello.mem_bytes, hello.vcpus as usize).and_then(|mut b| b.prime().map(|_| b)) {
         Ok(b) => b,
         Err(e) => return Err(refuse(&mut stream, flatten_error(&e))),
     };

@@ -20,7 +20,32 @@ use xcloud_vmm::{VmHandle, VmState};
 /// Migrates the VM behind `handle` to the destination at `addr`. On success the source VM is
 /// paused for good and the caller ends it with [`VmHandle::end_migrated`] once it has reported
 /// the result (the process may exit as soon as the VM ends).
+///
+/// The work runs on a thread of its own at background priority
+/// ([`xcloud_vm_core::host::BACKGROUND_NICE`]), so that reading, encrypting and sending pages
+/// never takes a core from the guest's vCPUs while they run.
 pub fn migrate(
+    handle: &VmHandle,
+    outgoing: &Outgoing,
+    addr: &str,
+    creds: &Credentials,
+    options: MigrateOptions,
+) -> Result<MigrationSummary, MigrationError> {
+    std::thread::scope(|scope| {
+        let sender = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn_scoped(scope, || {
+                xcloud_vm_core::host::lower_thread_priority(0);
+                migrate_here(handle, outgoing, addr, creds, options)
+            })
+            .map_err(|e| MigrationError::Wire(WireError::Io(e)))?;
+        sender
+            .join()
+            .unwrap_or_else(|_| Err(MigrationError::Refused("the migration thread failed".into())))
+    })
+}
+
+fn migrate_here(
     handle: &VmHandle,
     outgoing: &Outgoing,
     addr: &str,

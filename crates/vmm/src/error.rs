@@ -31,6 +31,9 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// A vCPU could not be entered once before the guest runs ([`crate::Blank::prime`]).
+    #[error("cannot prime the vCPUs: {0}")]
+    Prime(String),
     /// A vCPU thread could not be started.
     #[error("cannot start the vCPU thread {index}")]
     Thread {

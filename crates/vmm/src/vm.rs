@@ -71,6 +71,19 @@ impl Blank {
     pub fn ram(&self) -> &GuestRam {
         self.machine.ram()
     }
+
+    /// Does now, on the calling thread, what KVM otherwise does at a VM's first KVM_RUN: each
+    /// vCPU enters KVM_RUN once with immediate exit, running no guest code. On this kernel the
+    /// first KVM_RUN also starts the VM's NX huge page recovery thread, which was seen taking a
+    /// core for a whole scheduler tick (4 ms) right when a migrated guest started; primed
+    /// before the switch, that happens while the source still runs the guest, and at the
+    /// priority of the thread that primes (a migration's receiver runs at background priority).
+    pub fn prime(&mut self) -> Result<(), VmError> {
+        for fd in &mut self.vcpus {
+            xcloud_vm_core::vcpu::run_without_guest(fd).map_err(VmError::Prime)?;
+        }
+        Ok(())
+    }
 }
 
 /// What the VM and its handles share.
@@ -451,9 +464,7 @@ fn yield_to_the_destination() {
     };
     for task in tasks.flatten() {
         if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<libc::id_t>().ok()) {
-            // SAFETY: setpriority only changes the scheduling priority of thread `tid` of this
-            // process; it touches no memory.
-            unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) };
+            xcloud_vm_core::host::lower_thread_priority(tid);
         }
     }
 }

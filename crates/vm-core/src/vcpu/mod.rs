@@ -145,13 +145,19 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_bindings::kvm_msr_e
 /// past a port write) without running guest code, so that the saved state is consistent: an
 /// `in` or `out` is never executed twice after a restore.
 pub fn complete_pending_io(fd: &mut VcpuFd) -> Result<(), String> {
+    run_without_guest(fd).map_err(|e| format!("cannot complete the pending exit: {e}"))
+}
+
+/// Enters KVM_RUN with immediate exit: KVM does its entry work (completing a served exit, the
+/// first run's setup) and returns without running guest code.
+pub fn run_without_guest(fd: &mut VcpuFd) -> Result<(), String> {
     fd.set_kvm_immediate_exit(1);
     let result = fd.run().map(|_| ());
     fd.set_kvm_immediate_exit(0);
     match result {
         Err(e) if e.errno() == libc::EINTR => Ok(()),
         Ok(()) => Ok(()),
-        Err(e) => Err(format!("cannot complete the pending exit: {e}")),
+        Err(e) => Err(e.to_string()),
     }
 }
 
