@@ -372,24 +372,48 @@ fn tcp_baseline(bytes: usize) -> Result<f64> {
     Ok(got as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Bandwidth of one TLS stream (the migration's own transport and cipher) over loopback.
-fn tls_baseline(dir: &Path, bytes: usize) -> Result<f64> {
+/// Pins the calling thread to `cpu`. Best effort: a failure leaves it where it was.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data that CPU_ZERO and CPU_SET only write inside;
+    // sched_setaffinity(0, ..) reads the set and changes the calling thread's affinity only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Bandwidth of one TLS stream (the migration's own transport and cipher) over loopback; with
+/// `one_core`, both ends share one CPU, as a migration's two ends share the core a running
+/// guest leaves them on a 2-core host.
+fn tls_baseline(dir: &Path, bytes: usize, one_core: Option<usize>) -> Result<f64> {
     use xcloud_migration::tls::{accept, connect, Credentials};
     let server_creds = Credentials::load(&dir.join("b"), &dir.join("a").join("cert.der"))?;
     let client_creds = Credentials::load(&dir.join("a"), &dir.join("b").join("cert.der"))?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let reader = std::thread::spawn(move || -> Result<usize> {
+        if let Some(cpu) = one_core {
+            pin_to_cpu(cpu);
+        }
         let (tcp, _) = listener.accept()?;
         let mut s = accept(tcp, &server_creds)?;
         Ok(drain(&mut s)?)
     });
-    let start = Instant::now();
-    let mut s = connect(std::net::TcpStream::connect(addr)?, &client_creds)?;
-    fill(&mut s, bytes)?;
-    s.conn.send_close_notify();
-    let _ = s.flush();
-    drop(s);
+    // The writer runs on a thread of its own, so that pinning it leaves the bench's as it was.
+    let writer = std::thread::spawn(move || -> Result<Instant> {
+        if let Some(cpu) = one_core {
+            pin_to_cpu(cpu);
+        }
+        let start = Instant::now();
+        let mut s = connect(std::net::TcpStream::connect(addr)?, &client_creds)?;
+        fill(&mut s, bytes)?;
+        s.conn.send_close_notify();
+        let _ = s.flush();
+        Ok(start)
+    });
+    let start = writer.join().map_err(|_| anyhow::anyhow!("writer thread failed"))??;
     let got = reader.join().map_err(|_| anyhow::anyhow!("reader thread failed"))??;
     Ok(got as f64 / start.elapsed().as_secs_f64())
 }
@@ -530,16 +554,24 @@ pub fn migrate(bench: &MigrateBench) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message("plain TCP and TLS baselines");
-    let (tcp, tls) = match &wan {
+    let baselines = match &wan {
         // On a rate-limited link the cipher is not the bottleneck: TCP is the baseline for both.
         Some(w) => {
             let tcp = wan_tcp_baseline(w, 64 << 20).context("the WAN TCP baseline")?;
-            (tcp, tcp)
+            Baselines {
+                tcp,
+                tls: tcp,
+                tls_one_core: None,
+            }
         }
-        None => (
-            tcp_baseline(1 << 30).context("the TCP baseline")?,
-            tls_baseline(&dir, 512 << 20).context("the TLS baseline")?,
-        ),
+        None => {
+            let last_cpu = std::thread::available_parallelism().map_or(0, |n| n.get() - 1);
+            Baselines {
+                tcp: tcp_baseline(1 << 30).context("the TCP baseline")?,
+                tls: tls_baseline(&dir, 512 << 20, None).context("the TLS baseline")?,
+                tls_one_core: Some(tls_baseline(&dir, 512 << 20, Some(last_cpu)).context("the one-core TLS baseline")?),
+            }
+        }
     };
     bar.inc(1);
     let mut cells = Vec::new();
@@ -582,7 +614,7 @@ pub fn migrate(bench: &MigrateBench) -> Result<()> {
     }
     bar.finish_and_clear();
     let _ = std::fs::remove_dir_all(&dir);
-    print_table(&cells, tcp, tls, wan.as_ref().map(|w| w.link.describe()), runs);
+    print_table(&cells, &baselines, wan.as_ref().map(|w| w.link.describe()), runs);
     Ok(())
 }
 
@@ -595,7 +627,16 @@ fn median_max(mut values: Vec<f64>) -> (f64, f64) {
     (values[values.len() / 2], values[values.len() - 1])
 }
 
-fn print_table(cells: &[Cell], tcp: f64, tls: f64, wan: Option<String>, runs: usize) {
+/// Streams measured in the same run, bytes per second.
+struct Baselines {
+    tcp: f64,
+    tls: f64,
+    /// Both ends of the TLS stream on one CPU (loopback only).
+    tls_one_core: Option<f64>,
+}
+
+fn print_table(cells: &[Cell], baselines: &Baselines, wan: Option<String>, runs: usize) {
+    let (tcp, tls) = (baselines.tcp, baselines.tls);
     let link = wan.map_or("loopback".to_string(), |link| format!("two namespaces over a {link}"));
     println!(
         "xcloud bench migrate: {link}, TLS 1.3 with pinned certificates, downtime budget 50 ms, {runs} runs per cell"
@@ -605,6 +646,12 @@ fn print_table(cells: &[Cell], tcp: f64, tls: f64, wan: Option<String>, runs: us
         tcp / 1e6,
         tls / 1e6
     );
+    if let Some(one_core) = baselines.tls_one_core {
+        println!(
+            "and the TLS stream with both ends on one CPU {:.0} MB/s (\"1-core\": a running guest leaves a 2-core host's migration one core)",
+            one_core / 1e6
+        );
+    }
     println!("touched: MiB of guest RAM the heartbeat keeps written (it dirties within it at the rate)");
     println!("guest gap: the guest's own largest gap between two loop iterations over the whole migration");
     println!("figures: median (worst) of the runs; MiB sent and rounds of the median run");
@@ -613,8 +660,18 @@ fn print_table(cells: &[Cell], tcp: f64, tls: f64, wan: Option<String>, runs: us
     }
     println!();
     println!(
-        "{:>6} {:>7} {:>6} {:>16} {:>14} {:>14} {:>7} {:>8} {:>6} {:>7}",
-        "guest", "touched", "dirty", "total ms", "downtime ms", "guest gap ms", "rounds", "MiB sent", "MB/s", "vs TLS"
+        "{:>6} {:>7} {:>6} {:>16} {:>14} {:>14} {:>7} {:>8} {:>6} {:>7} {:>7}",
+        "guest",
+        "touched",
+        "dirty",
+        "total ms",
+        "downtime ms",
+        "guest gap ms",
+        "rounds",
+        "MiB sent",
+        "MB/s",
+        "vs TLS",
+        "1-core"
     );
     for c in cells {
         let (total, total_max) = median_max(c.runs.iter().map(|r| r.summary.total_ms).collect());
@@ -625,9 +682,13 @@ fn print_table(cells: &[Cell], tcp: f64, tls: f64, wan: Option<String>, runs: us
         };
         let s = &median_run.summary;
         // Time taken against the time the same bytes take in the TLS stream alone.
-        let over_tls = s.total_ms / (s.bytes_sent as f64 / tls * 1e3).max(1e-3);
+        let over = |stream: f64| s.total_ms / (s.bytes_sent as f64 / stream * 1e3).max(1e-3);
+        let over_tls = over(tls);
+        let over_one_core = baselines
+            .tls_one_core
+            .map_or_else(|| "-".to_string(), |b| format!("{:.2}x", over(b)));
         println!(
-            "{:>5}M {:>6}M {:>4}/s {:>16} {:>14} {:>14} {:>7} {:>8.1} {:>6.0} {:>6.2}x",
+            "{:>5}M {:>6}M {:>4}/s {:>16} {:>14} {:>14} {:>7} {:>8.1} {:>6.0} {:>6.2}x {:>7}",
             c.load.mem >> 20,
             c.load.set.mib(c.load.mem),
             format!("{}M", c.load.rate),
@@ -641,7 +702,8 @@ fn print_table(cells: &[Cell], tcp: f64, tls: f64, wan: Option<String>, runs: us
             },
             s.bytes_sent as f64 / (1 << 20) as f64,
             s.bandwidth_mbps,
-            over_tls
+            over_tls,
+            over_one_core
         );
     }
     let with_qemu = cells.iter().any(|c| !c.qemu_tuned.is_empty());
