@@ -209,6 +209,28 @@ pub fn detect_virtualization() -> Virtualization {
 /// for whole scheduler ticks (4 ms at HZ=250) during pre-copy.
 pub const BACKGROUND_NICE: libc::c_int = 19;
 
+/// Lowers every thread of this process whose name starts with `prefix` (all of them for "")
+/// to [`BACKGROUND_NICE`]. Best effort, as [`lower_thread_priority`].
+pub fn lower_threads_named(prefix: &str) {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let named = prefix.is_empty()
+            || std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.starts_with(prefix));
+        if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<libc::id_t>().ok()) {
+            if named {
+                lower_thread_priority(tid);
+            }
+        }
+    }
+}
+
+/// The thread KVM starts in the VMM's process at a VM's first KVM_RUN to undo split huge
+/// pages (NX huge page recovery). It inherits the priority of the thread that ran first: a
+/// vCPU's, so it competes with vCPUs unless lowered.
+pub const KVM_NX_RECOVERY_THREAD: &str = "kvm-nx-lpage-re";
+
 /// Lowers thread `tid` (0: the calling thread) to [`BACKGROUND_NICE`]. Threads it creates
 /// afterwards inherit the priority; raising it back needs CAP_SYS_NICE, so callers run such
 /// work on a thread of its own. Best effort: a failure leaves the priority as it was.

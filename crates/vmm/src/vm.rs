@@ -459,14 +459,7 @@ impl Vm {
 /// guest runs elsewhere: tearing the source down (unmapping and freeing guest RAM takes
 /// milliseconds of CPU) must not take a core from the guest's new home when both share a host.
 fn yield_to_the_destination() {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return;
-    };
-    for task in tasks.flatten() {
-        if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<libc::id_t>().ok()) {
-            xcloud_vm_core::host::lower_thread_priority(tid);
-        }
-    }
+    xcloud_vm_core::host::lower_threads_named("");
 }
 
 impl Drop for Vm {

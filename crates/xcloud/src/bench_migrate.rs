@@ -490,6 +490,12 @@ fn one_migration(
         let first = line_with(&dst_out, "heartbeat n=", Duration::from_secs(10))?;
         field(&first, "window_max_us=").context("no window_max_us")?;
         let during: Vec<String> = src_out.try_iter().collect();
+        if std::env::var_os("XCLOUD_LOG").is_some() {
+            for line in &during {
+                eprintln!("source guest: {line}");
+            }
+            eprintln!("destination guest: {first}");
+        }
         Ok(XcloudRun {
             summary,
             guest_stall_ms: largest_window_ms(during.iter().map(String::as_str).chain([first.as_str()])),
