@@ -12,7 +12,7 @@ use crate::error::MigrationError;
 use crate::handover::{hand_over, pause_for_switch};
 use crate::link::Link;
 use crate::options::{MigrationProgress, MigrationSummary, Outgoing, PEER_TIMEOUT};
-use crate::sender::{GuestPages, PageSender};
+use crate::sender::PageSender;
 use crate::wire::{self, Kind, WireError, PAGE};
 use std::collections::VecDeque;
 use std::io::ErrorKind;
@@ -66,8 +66,14 @@ pub(crate) fn switch<S: Duplex>(
     let downtime = pause_start.elapsed();
     // A requested page waits behind what the kernel holds unsent: keep that to a few frames.
     link.limit_unsent(UNSENT_LIMIT);
-    // Every pfn is below the RAM's page count (checked above), and the guest is paused for good.
-    let guest = GuestPages::new(ram);
+    let host_base = ram.host_base() as *const u8;
+    let page_of = |pfn: u64, page: &mut [u8]| {
+        // SAFETY: `pfn` is one of `pfns`, checked above to be below the RAM's page count, so
+        // the 4 KiB at host_base + pfn * 4096 lie in the guest RAM mapping that `handle` keeps
+        // alive; the guest is paused for good, and `page` is our own distinct buffer.
+        unsafe { std::ptr::copy_nonoverlapping(host_base.add(pfn as usize * PAGE), page.as_mut_ptr(), PAGE) };
+    };
+    let mut page = vec![0u8; PAGE];
     let mut sender = PageSender::with_frame_pages(stream, compress, FRAME_PAGES);
     let mut inbox = Inbox::new();
     let mut frame = Vec::new();
@@ -107,7 +113,8 @@ pub(crate) fn switch<S: Duplex>(
                         sent[i] = true;
                         unsent -= 1;
                         requested += 1;
-                        sender.page(pfns[i], guest.page(pfns[i])?)?;
+                        page_of(pfns[i], &mut page);
+                        sender.page(pfns[i], &page)?;
                         next = i + 1;
                     }
                 }
@@ -133,7 +140,8 @@ pub(crate) fn switch<S: Duplex>(
                 }
                 sent[i] = true;
                 unsent -= 1;
-                if sender.page(pfns[i], guest.page(pfns[i])?)? {
+                page_of(pfns[i], &mut page);
+                if sender.page(pfns[i], &page)? {
                     break;
                 }
             }

@@ -8,7 +8,7 @@ use crate::host_cpu::{cpu_features, cpu_vendor};
 use crate::link::Link;
 use crate::options::{MigrateOptions, MigrationProgress, MigrationSummary, Outgoing, PostcopyMode};
 use crate::postcopy;
-use crate::sender::{GuestPages, PageSender};
+use crate::sender::PageSender;
 use crate::throttle::{Throttle, MAX_THROTTLE};
 use crate::tls::{self, Credentials};
 use crate::wire::{self, Hello, Kind, WireError, PAGE};
@@ -195,8 +195,26 @@ fn precopy_and_switch<S: Duplex>(
     let mut last_fetch = Instant::now();
     let mut dirty_rates = DirtyRate::default();
     let machine = handle.machine();
+    let size = machine.ram().size();
+    let mut page = vec![0u8; PAGE];
     let mut sender = PageSender::new(stream, options.compress);
-    let guest = GuestPages::new(machine.ram());
+    let host_base = machine.ram().host_base() as *const u8;
+    let pages_in_ram = size / PAGE as u64;
+    // Pages are copied with a plain memcpy while the guest may be writing them (as every VMM
+    // does): a torn copy is harmless because the write also marks the page dirty, so it is
+    // sent again in a later round or in stop-and-copy, when the guest is paused.
+    let read_page = |pfn: u64, page: &mut [u8]| {
+        if pfn >= pages_in_ram || page.len() != PAGE {
+            return Err(MigrationError::Refused(format!(
+                "guest page {pfn} is outside guest RAM"
+            )));
+        }
+        // SAFETY: pfn < pages_in_ram, so [host_base + pfn * 4096, +4096) lies inside the guest
+        // RAM mapping, which `handle` keeps alive for this whole call; `page` is a distinct
+        // 4096-byte buffer of ours, so the ranges do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(host_base.add(pfn as usize * PAGE), page.as_mut_ptr(), PAGE) };
+        Ok(())
+    };
     let progress = |phase: &str, round: u32, pages_sent: u64, bytes_sent: u64, dirty_pages: u64| {
         outgoing.set_progress(Some(MigrationProgress {
             phase: phase.into(),
@@ -212,9 +230,9 @@ fn precopy_and_switch<S: Duplex>(
     progress("first pass", 0, 0, 0, resident.len() as u64);
     let pass_start = Instant::now();
     for &pfn in &resident {
-        let data = guest.page(pfn)?;
-        if !xcloud_vm_core::memory::is_zero(data) {
-            sender.page(pfn, data)?;
+        read_page(pfn, &mut page)?;
+        if !xcloud_vm_core::memory::is_zero(&page) {
+            sender.page(pfn, &page)?;
         }
     }
     sender.flush()?;
@@ -293,7 +311,8 @@ fn precopy_and_switch<S: Duplex>(
         let round_start = Instant::now();
         let (bytes_before, in_flight_before) = (sender.bytes, link.in_flight());
         for &pfn in &dirty {
-            sender.page(pfn, guest.page(pfn)?)?;
+            read_page(pfn, &mut page)?;
+            sender.page(pfn, &page)?;
         }
         sender.flush()?;
         sent_last = dirty.len();
@@ -344,7 +363,8 @@ fn precopy_and_switch<S: Duplex>(
     // has applied everything in flight, so that the downtime does not include draining the
     // socket buffers.
     for &pfn in &last_pass {
-        sender.page(pfn, guest.page(pfn)?)?;
+        read_page(pfn, &mut page)?;
+        sender.page(pfn, &page)?;
     }
     sender.flush()?;
     sync(sender.out)?;
@@ -363,8 +383,8 @@ fn precopy_and_switch<S: Duplex>(
         .map_err(fail)?;
     let state_at = pause_start.elapsed();
     for &pfn in &pending {
-        let data = guest.page(pfn).map_err(|e| fail(e.into()))?;
-        sender.page(pfn, data).map_err(|e| fail(e.into()))?;
+        read_page(pfn, &mut page).map_err(fail)?;
+        sender.page(pfn, &page).map_err(|e| fail(e.into()))?;
     }
     sender.flush().map_err(|e| fail(e.into()))?;
     let (pages_sent, zero_pages_sent, page_bytes) = (sender.pages, sender.zero_pages, sender.bytes);

@@ -153,18 +153,14 @@ pub fn page_runs(pfns: &[u64]) -> Vec<(u64, u64)> {
     runs
 }
 
-/// Whether `bytes` are all zero. Blocks of 256 bytes are folded 16 bytes at a time (that
-/// vectorizes, where a byte loop that stops at the first non-zero byte does not), and the scan
-/// stops at the first block that is not zero: a page with data is then read for one block only,
-/// so that sending it reads it from memory once, not twice.
+/// Whether `bytes` are all zero, 16 at a time (a byte loop that stops at the first non-zero
+/// byte does not vectorize, and zero pages are read to the end).
 pub fn is_zero(bytes: &[u8]) -> bool {
-    let mut blocks = bytes.chunks_exact(256);
-    let zero_blocks = blocks.by_ref().all(|block| {
-        block.chunks_exact(16).fold(0u128, |acc, c| {
-            acc | u128::from_ne_bytes(c.try_into().unwrap_or([0xff; 16]))
-        }) == 0
+    let mut chunks = bytes.chunks_exact(16);
+    let wide = chunks.by_ref().fold(0u128, |acc, c| {
+        acc | u128::from_ne_bytes(c.try_into().unwrap_or([0xff; 16]))
     });
-    zero_blocks && blocks.remainder().iter().all(|&b| b == 0)
+    wide == 0 && chunks.remainder().iter().all(|&b| b == 0)
 }
 
 /// Checks a requested guest size against the VMM's and the host's limits.
@@ -206,14 +202,12 @@ mod tests {
     fn zero_pages_are_told_from_others_at_every_byte() {
         let mut page = vec![0u8; 4096];
         assert!(is_zero(&page));
-        for at in [0, 15, 16, 255, 256, 4000, 4095] {
+        for at in [0, 15, 16, 4000, 4095] {
             page[at] = 1;
             assert!(!is_zero(&page), "byte {at}");
             page[at] = 0;
         }
         assert!(is_zero(&page[..7]) && !is_zero(&[0, 0, 3]));
-        page[290] = 1;
-        assert!(is_zero(&page[..290]) && !is_zero(&page[..300]));
     }
 
     #[test]
