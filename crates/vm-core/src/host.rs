@@ -216,12 +216,13 @@ pub fn lower_threads_named(prefix: &str) {
         return;
     };
     for task in tasks.flatten() {
-        let named = prefix.is_empty()
-            || std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.starts_with(prefix));
-        if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<libc::id_t>().ok()) {
-            if named {
-                lower_thread_priority(tid);
-            }
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<libc::id_t>().ok()) else {
+            continue;
+        };
+        if prefix.is_empty()
+            || std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.starts_with(prefix))
+        {
+            lower_thread_priority(tid);
         }
     }
 }
