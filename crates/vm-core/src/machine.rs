@@ -140,6 +140,17 @@ impl Machine {
         }
     }
 
+    /// Records that the VMM (a device) wrote `len` bytes of guest RAM at `gpa`.
+    pub fn note_vmm_write_range(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        if let Some(pages) = lock(&self.vmm_writes).as_mut() {
+            let last = gpa.saturating_add(len - 1) / PAGE_BYTES;
+            pages.extend(gpa / PAGE_BYTES..=last);
+        }
+    }
+
     /// Turns KVM dirty-page logging of guest RAM on or off, and the VMM's record of its own
     /// writes with it.
     pub fn set_dirty_logging(&self, on: bool) -> Result<(), kvm_ioctls::Error> {

@@ -31,6 +31,17 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// A disk image cannot be used.
+    #[error(transparent)]
+    Disk(#[from] xcloud_devices::disk::DiskError),
+    /// More devices than the VM has room for.
+    #[error("a VM takes at most {max} virtio devices; {asked} were asked for")]
+    TooManyDevices {
+        /// The limit.
+        max: usize,
+        /// How many were asked for.
+        asked: usize,
+    },
     /// A vCPU could not be entered once before the guest runs ([`crate::Blank::prime`]).
     #[error("cannot prime the vCPUs: {0}")]
     Prime(String),

@@ -20,9 +20,11 @@ mod hypercall;
 pub mod lifecycle;
 mod vcpu_thread;
 mod vcpus;
+mod virtio;
 pub mod vm;
 
 pub use error::VmError;
 pub use lifecycle::{VmExit, VmState};
 pub use vm::{Blank, Vm, VmConfig, VmHandle};
 pub use xcloud_devices::console::{CaptureBuffer, Console};
+pub use xcloud_devices::disk::DiskSpec;

@@ -20,7 +20,10 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 use xcloud_devices::bus::PortBus;
 use xcloud_devices::console::Console;
+use xcloud_devices::disk::DiskSpec;
 use xcloud_devices::serial::{SerialPort, COM1_BASE, COM1_IRQ, COM1_PORTS};
+use xcloud_devices::virtio::block::BlockDevice;
+use xcloud_devices::virtio::persist::BlockState;
 use xcloud_state::{Component, StateError, StateTree};
 use xcloud_vm_core::clock::Clock;
 use xcloud_vm_core::irqchip::Irqchip;
@@ -38,6 +41,8 @@ pub struct VmConfig {
     pub vcpus: usize,
     /// The guest's command line.
     pub cmdline: String,
+    /// Its disks, in the order the guest finds them (virtio-blk 0, 1, ...).
+    pub disks: Vec<DiskSpec>,
 }
 
 impl Default for VmConfig {
@@ -46,6 +51,7 @@ impl Default for VmConfig {
             mem_bytes: 64 << 20,
             vcpus: 1,
             cmdline: String::new(),
+            disks: Vec::new(),
         }
     }
 }
@@ -272,15 +278,27 @@ pub struct Vm {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     /// Dropped after the vCPU threads are joined: what serves guest pages (a vCPU may be
-    /// waiting for a page it serves).
+    /// waiting for a page it serves), and the devices' worker threads.
     keep: Vec<Box<dyn Send + Sync>>,
+    /// The disks, whose workers start with the VM.
+    disks: Vec<Arc<BlockDevice>>,
 }
 
 static KICK_HANDLER: Once = Once::new();
 
 impl Vm {
-    fn assemble(blank: Blank, console: Console, activity: Vec<Activity>, cmdline: String) -> Result<Self, VmError> {
+    fn assemble(
+        blank: Blank,
+        console: Console,
+        activity: Vec<Activity>,
+        cmdline: String,
+        disks: &[DiskSpec],
+    ) -> Result<Self, VmError> {
         let Blank { machine, vcpus } = blank;
+        let mut bus = PortBus::new();
+        // Disks first: an image that cannot be used is the likeliest error, and nothing else
+        // should be set up for a VM that cannot have it.
+        let disk_devices = crate::virtio::attach_disks(&machine, &mut bus, disks)?;
         let control = Arc::new(ControlBlock::new(activity));
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Device {
             device: "serial port's interrupt",
@@ -299,7 +317,6 @@ impl Vm {
                 source,
             })?,
         );
-        let mut bus = PortBus::new();
         bus.insert(COM1_BASE, COM1_PORTS, serial.clone())
             .map_err(|e| VmError::Device {
                 device: "serial port",
@@ -313,7 +330,9 @@ impl Vm {
             Arc::new(Irqchip::new(machine.clone())),
             Arc::new(Clock::new(machine.clone())),
         ];
-        let devices: [Arc<dyn Component>; 1] = [serial];
+        let devices: Vec<Arc<dyn Component>> = std::iter::once(serial as Arc<dyn Component>)
+            .chain(disk_devices.iter().map(|d| d.clone() as Arc<dyn Component>))
+            .collect();
         let vcpu_part: Arc<dyn Component> = vcpu_set.clone();
         let components = vm_wide
             .iter()
@@ -335,6 +354,7 @@ impl Vm {
             }),
             threads: Vec::new(),
             keep: Vec::new(),
+            disks: disk_devices,
         })
     }
 
@@ -348,7 +368,7 @@ impl Vm {
         vcpu::set_boot_state(&blank.vcpus[0], &boot)?;
         let mut activity = vec![Activity::Parked; config.vcpus];
         activity[0] = Activity::Paused;
-        Self::assemble(blank, console, activity, config.cmdline.clone())
+        Self::assemble(blank, console, activity, config.cmdline.clone(), &config.disks)
     }
 
     /// Makes a VM of `blank` (its memory already in place, or arriving) that continues from
@@ -371,7 +391,8 @@ impl Vm {
                 config.tsc_khz
             );
         }
-        let vm = Self::assemble(blank, console, vec![Activity::Parked; vcpus], config.cmdline)?;
+        let disks = saved_disks(&state)?;
+        let vm = Self::assemble(blank, console, vec![Activity::Parked; vcpus], config.cmdline, &disks)?;
         for c in &vm.shared.components {
             c.restore(&mut state)?;
         }
@@ -403,6 +424,13 @@ impl Vm {
             index: 0,
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
+        for disk in &self.disks {
+            let worker = disk.start_worker().map_err(|source| VmError::Device {
+                device: "virtio-blk worker thread",
+                source,
+            })?;
+            self.keep.push(Box::new(worker));
+        }
         let mut c = control.lock();
         for (index, fd) in self.shared.vcpus.take_unstarted().into_iter().enumerate() {
             let ctx = self.shared.ctx.clone();
@@ -455,6 +483,24 @@ impl Vm {
     }
 }
 
+/// The disks a saved VM had, in order: its `virtio-blk` sections name their images.
+fn saved_disks(state: &StateTree) -> Result<Vec<DiskSpec>, VmError> {
+    let count = state
+        .sections()
+        .iter()
+        .filter(|s| s.kind == <BlockState as xcloud_state::Persist>::KIND)
+        .count();
+    (0..count as u32)
+        .map(|i| {
+            let s = state.peek::<BlockState>(i)?;
+            Ok(DiskSpec {
+                path: s.path.into(),
+                read_only: s.read_only,
+            })
+        })
+        .collect()
+}
+
 /// Lowers every thread of this process to the lowest CPU priority (nice 19). Called once the
 /// guest runs elsewhere: tearing the source down (unmapping and freeing guest RAM takes
 /// milliseconds of CPU) must not take a core from the guest's new home when both share a host.
@@ -492,6 +538,7 @@ mod tests {
             mem_bytes: 4 << 20,
             vcpus: 2,
             cmdline: "walk".into(),
+            disks: Vec::new(),
         };
         let mut vm = Vm::new(&config, &image, sink()).expect("a KVM VM");
         let handle = vm.handle();

@@ -52,6 +52,7 @@ pub fn snapshot(mem: u64, working_set_mib: u64) -> Result<()> {
         mem_bytes: mem,
         vcpus: 1,
         cmdline: format!("0 {working_set_mib} 0"),
+        disks: Vec::new(),
     };
     let mut vm = Vm::new(&config, image, Console::new(Box::new(capture.clone())))?;
     vm.start()?;

@@ -25,7 +25,10 @@ enum Command {
         /// Number of vCPUs.
         #[arg(long, default_value_t = 1)]
         vcpus: usize,
-        /// Built-in guest name (hello, heartbeat, dirty, micro) or path to a PVH ELF.
+        /// A raw disk image for a virtio-blk disk, `PATH` or `PATH,ro` (repeat for more).
+        #[arg(long = "disk", value_name = "PATH[,ro]")]
+        disks: Vec<xcloud_vmm::DiskSpec>,
+        /// Built-in guest name (hello, heartbeat, dirty, micro, diskwrite, diskread) or path to a PVH ELF.
         guest: String,
         /// Arguments passed to the guest on its command line.
         #[arg(last = true)]
@@ -256,10 +259,20 @@ fn main() -> ExitCode {
         Command::Run {
             mem,
             vcpus,
+            disks,
             guest,
             args,
             api,
-        } => run::run(mem, vcpus, &guest, &args, api.as_deref()),
+        } => run::run(
+            xcloud_vmm::VmConfig {
+                mem_bytes: mem,
+                vcpus,
+                cmdline: args.join(" "),
+                disks,
+            },
+            &guest,
+            api.as_deref(),
+        ),
         Command::Restore { dir, lazy, api } => run::restore(&dir, lazy, api.as_deref()),
         Command::Ctl { socket, action } => ctl(&socket, action),
         Command::Receive {

@@ -102,14 +102,9 @@ fn watch_termination_signals() -> Result<SignalTarget> {
 }
 
 /// Runs the guest to its end and returns the process exit status.
-pub fn run(mem: u64, vcpus: usize, guest: &str, args: &[String], api: Option<&Path>) -> Result<i32> {
-    let image = load_image(guest, mem)?;
+pub fn run(config: VmConfig, guest: &str, api: Option<&Path>) -> Result<i32> {
+    let image = load_image(guest, config.mem_bytes)?;
     let signals = watch_termination_signals()?;
-    let config = VmConfig {
-        mem_bytes: mem,
-        vcpus,
-        cmdline: args.join(" "),
-    };
     let vm = Vm::new(&config, &image, Console::stdout()).context("cannot create the VM")?;
     supervise(vm.handle(), signals, api, move || {
         let mut vm = vm;

@@ -44,6 +44,7 @@ fn boot(guest: &str, cmdline: &str, vcpus: usize) -> (Vm, CaptureBuffer) {
         mem_bytes: 64 << 20,
         vcpus,
         cmdline: cmdline.into(),
+        disks: Vec::new(),
     };
     let mut vm = Vm::new(&config, image, Console::new(Box::new(capture.clone()))).expect("VM");
     vm.start().expect("start");

@@ -24,7 +24,32 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
-fn inl(port: u16) -> u32 {
+/// Writes a 16-bit word to an I/O port.
+#[inline]
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as for `outb`.
+    unsafe { core::arch::asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Writes a 32-bit word to an I/O port.
+#[inline]
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outb`.
+    unsafe { core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Reads a 16-bit word from an I/O port.
+#[inline]
+pub fn inw(port: u16) -> u16 {
+    let value: u16;
+    // SAFETY: as for `inb`.
+    unsafe { core::arch::asm!("in ax, dx", in("dx") port, out("ax") value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+/// Reads a 32-bit word from an I/O port.
+#[inline]
+pub fn inl(port: u16) -> u32 {
     let value: u32;
     // SAFETY: as for `inb`.
     unsafe { core::arch::asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) }

@@ -4,7 +4,8 @@
 //! A guest is a `#![no_std] #![no_main]` binary that calls [`entry!`] with its `main`. The SDK
 //! provides the PVH boot stub (`boot`), hypercalls (`hypercall`), the console and `println!`
 //! (`console`), a heap (`mem`), a calibrated clock and sleep (`clock`), the command line
-//! ([`args`]), secondary vCPUs ([`start_vcpu`]), [`exit`], and a panic handler that reports the
+//! ([`args`]), secondary vCPUs ([`start_vcpu`]), PCI bus 0 (`pci`) and a polling virtio-blk
+//! driver (`virtio_blk`), [`exit`], and a panic handler that reports the
 //! panic by hypercall and ends the VM with a failure status.
 //!
 //! All code after the stub runs at CPL3 with IOPL=3 and interrupts off; nothing may fault.
@@ -17,6 +18,8 @@ pub mod clock;
 pub mod console;
 pub mod hypercall;
 pub mod mem;
+pub mod pci;
+pub mod virtio_blk;
 
 use alloc::boxed::Box;
 use core::sync::atomic::{AtomicUsize, Ordering};

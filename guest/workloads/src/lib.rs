@@ -131,3 +131,29 @@ impl Pacer {
 pub fn arg(n: usize) -> Option<u64> {
     sdk::args().nth(n).and_then(|a| a.parse().ok())
 }
+
+/// The word a disk test writes at byte `offset` (a multiple of 8) for `seed`: a different
+/// value at every offset, so a block written to the wrong place, lost or doubled shows.
+#[inline]
+pub fn disk_word(seed: u64, offset: u64) -> u64 {
+    let mut z = (seed ^ offset).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Fills `buf`, which goes to byte `offset` of the disk, with the pattern of `seed`.
+pub fn fill_disk_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
+    for (i, word) in buf.chunks_exact_mut(8).enumerate() {
+        word.copy_from_slice(&disk_word(seed, offset + 8 * i as u64).to_le_bytes());
+    }
+}
+
+/// The first byte offset in `buf` (read from byte `offset` of the disk) that does not hold
+/// the pattern of `seed`.
+pub fn check_disk_pattern(seed: u64, offset: u64, buf: &[u8]) -> Option<u64> {
+    buf.chunks_exact(8).enumerate().find_map(|(i, word)| {
+        let at = offset + 8 * i as u64;
+        (word != disk_word(seed, at).to_le_bytes()).then_some(at)
+    })
+}
