@@ -172,6 +172,21 @@ enum BenchCommand {
         #[arg(long)]
         postcopy: bool,
     },
+    /// The seed paper's dd: a guest writes to a virtio disk and flushes, vs dd on the host.
+    Disk {
+        /// Bytes each side writes (the seed paper: 1.6 GB).
+        #[arg(long, default_value = "1600M", value_parser = run::parse_size)]
+        bytes: u64,
+        /// Runs of each side (alternating).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Directory for the files (the filesystem under test).
+        #[arg(long, default_value = "/var/tmp")]
+        dir: PathBuf,
+        /// Requests the guest keeps in flight.
+        #[arg(long, default_value_t = 8)]
+        depth: usize,
+    },
     /// Basic operations native vs in a guest, start time, VMM memory overhead.
     Micro {
         /// Multiplies the iteration counts (longer, steadier runs).
@@ -291,6 +306,18 @@ fn main() -> ExitCode {
                 0
             })
             .map_err(Into::into),
+        Command::Bench(BenchCommand::Disk {
+            bytes,
+            runs,
+            dir,
+            depth,
+        }) => xcloud::bench_disk::disk(&xcloud::bench_disk::DiskBench {
+            bytes,
+            runs,
+            dir,
+            depth,
+        })
+        .map(|_| 0),
         Command::Bench(BenchCommand::Micro { scale, startup_runs }) => bench::micro(scale, startup_runs).map(|_| 0),
         Command::Bench(BenchCommand::Migrate {
             sizes,
