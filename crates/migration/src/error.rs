@@ -38,6 +38,9 @@ pub enum MigrationError {
         /// The system's answer.
         source: std::io::Error,
     },
+    #[error("cannot migrate a VM with disks yet ({0}): a live migration does not carry disk contents, and a destination with a copy of the image would run the guest on stale data")]
+    /// The VM has virtio disks, which a migration does not carry yet.
+    HasDisks(String),
     #[error("cannot migrate a VM that is {0:?}")]
     /// The VM is in a state that cannot migrate (created, stopped).
     State(VmState),

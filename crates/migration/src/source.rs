@@ -54,6 +54,10 @@ fn migrate_here(
 ) -> Result<MigrationSummary, MigrationError> {
     let started = Instant::now();
     let _claim = outgoing.claim().ok_or(MigrationError::Busy)?;
+    if !handle.disks().is_empty() {
+        let paths: Vec<String> = handle.disks().iter().map(|d| d.path.display().to_string()).collect();
+        return Err(MigrationError::HasDisks(paths.join(", ")));
+    }
     // Measured: the source's NX-recovery thread, at the priority of the vCPU that started it,
     // took the destination guest's core for a 4 ms tick around the switch.
     xcloud_vm_core::host::lower_threads_named(xcloud_vm_core::host::KVM_NX_RECOVERY_THREAD);

@@ -103,6 +103,8 @@ struct Shared {
     /// Serializes pause and resume (a stop never waits for it).
     transition: Mutex<()>,
     cmdline: String,
+    /// The disks, as given.
+    disks: Vec<DiskSpec>,
     /// When guest RAM fills in while the guest runs (lazy restore, post-copy): turns true once
     /// every page is in.
     memory_complete: OnceLock<Arc<AtomicBool>>,
@@ -262,6 +264,11 @@ impl VmHandle {
             .read_slice(buf, vm_memory::GuestAddress(addr))
     }
 
+    /// The VM's disks, in the order the guest finds them.
+    pub fn disks(&self) -> &[DiskSpec] {
+        &self.shared.disks
+    }
+
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
         self.machine().vcpu_count()
@@ -350,6 +357,7 @@ impl Vm {
                 others,
                 transition: Mutex::new(()),
                 cmdline,
+                disks: disks.to_vec(),
                 memory_complete: OnceLock::new(),
             }),
             threads: Vec::new(),

@@ -154,3 +154,34 @@ fn bad_disks_are_refused_before_the_guest_starts() {
         let _ = std::fs::remove_file(p);
     }
 }
+
+#[test]
+fn a_vm_with_a_disk_refuses_to_migrate_and_keeps_running() {
+    let path = image("migrate", 1 << 20);
+    let keys = std::env::temp_dir().join(format!("xcloud-test-{}-disk-keys", std::process::id()));
+    let _ = std::fs::remove_dir_all(&keys);
+    xcloud_migration::tls::Identity::generate(&keys, "source", true).expect("identity");
+    let creds = xcloud_migration::tls::Credentials::load(&keys, &keys.join("cert.der")).expect("credentials");
+    let (vm, capture) = boot("heartbeat", "", &path);
+    let handle = vm.handle();
+    let err = xcloud_migration::migrate(
+        &handle,
+        &xcloud_migration::Outgoing::new(),
+        "127.0.0.1:9",
+        &creds,
+        Default::default(),
+    )
+    .expect_err("a VM with a disk must not migrate yet");
+    assert!(err.to_string().contains("with disks"), "{err}");
+    assert_eq!(handle.state(), xcloud_vmm::VmState::Running);
+    let seen = capture.text().matches("heartbeat n=").count();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while capture.text().matches("heartbeat n=").count() <= seen {
+        assert!(Instant::now() < deadline, "the guest goes on: {}", capture.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    handle.stop();
+    vm.wait();
+    let _ = std::fs::remove_dir_all(&keys);
+    let _ = std::fs::remove_file(path);
+}
