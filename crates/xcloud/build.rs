@@ -4,7 +4,15 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const WORKLOADS: &[&str] = &["hello", "heartbeat", "dirty", "micro", "diskwrite", "diskread"];
+const WORKLOADS: &[&str] = &[
+    "hello",
+    "heartbeat",
+    "dirty",
+    "micro",
+    "diskwrite",
+    "diskread",
+    "netrecv",
+];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));

@@ -1,7 +1,7 @@
 //! The devices of an xcloud VM and what they are wired to: the port-I/O bus the vCPUs
 //! dispatch guest `in`/`out` to ([`bus`]), the console guest output goes to ([`console`]), and
 //! the COM1 UART ([`serial`]), PCI bus 0 ([`pci`]) and the virtio devices on it ([`virtio`]),
-//! and the disk images behind virtio-blk ([`disk`]). Each device implements [`xcloud_state::Component`] in its own
+//! the disk images behind virtio-blk ([`disk`]) and the TAP devices behind virtio-net ([`tap`]). Each device implements [`xcloud_state::Component`] in its own
 //! `persist.rs`, so snapshots and migrations carry it without knowing it.
 //!
 //! Devices know nothing of KVM: they raise interrupts through an eventfd the VMM wires to the
@@ -17,4 +17,5 @@ pub mod console;
 pub mod disk;
 pub mod pci;
 pub mod serial;
+pub mod tap;
 pub mod virtio;

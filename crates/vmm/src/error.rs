@@ -34,6 +34,9 @@ pub enum VmError {
     /// A disk image cannot be used.
     #[error(transparent)]
     Disk(#[from] xcloud_devices::disk::DiskError),
+    /// A TAP device cannot be used.
+    #[error(transparent)]
+    Tap(#[from] xcloud_devices::tap::TapError),
     /// More devices than the VM has room for.
     #[error("a VM takes at most {max} virtio devices; {asked} were asked for")]
     TooManyDevices {

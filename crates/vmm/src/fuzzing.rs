@@ -24,7 +24,7 @@ pub fn load_image(image: &[u8], mem_bytes: u64) -> Result<BootInfo, VmError> {
 /// would before any of it reaches KVM: how many sections decoded.
 pub fn decode_state(data: &[u8]) -> Result<usize, xcloud_state::StateError> {
     use xcloud_devices::serial::persist::SerialState;
-    use xcloud_devices::virtio::persist::BlockState;
+    use xcloud_devices::virtio::persist::{BlockState, NetState};
     use xcloud_vm_core::clock::ClockState;
     use xcloud_vm_core::irqchip::IrqchipState;
     use xcloud_vm_core::machine::MachineConfig;
@@ -43,6 +43,7 @@ pub fn decode_state(data: &[u8]) -> Result<usize, xcloud_state::StateError> {
             "memory" => check::<RamLayout>(s.version, &s.body),
             "serial" => check::<SerialState>(s.version, &s.body),
             "virtio-blk" => check::<BlockState>(s.version, &s.body),
+            "virtio-net" => check::<NetState>(s.version, &s.body),
             _ => Ok(()),
         };
         decoded.map_err(|source| xcloud_state::StateError::Section {
@@ -71,6 +72,7 @@ impl HypercallHarness {
             vcpus: 2,
             cmdline: String::new(),
             disks: Vec::new(),
+            nets: Vec::new(),
         };
         let vm = Vm::new(&config, &image, Console::new(Box::new(std::io::sink())))?;
         let (ctx, vcpus) = vm.parts_for_harness();

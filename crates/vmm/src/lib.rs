@@ -28,3 +28,4 @@ pub use lifecycle::{VmExit, VmState};
 pub use vm::{Blank, Vm, VmConfig, VmHandle};
 pub use xcloud_devices::console::{CaptureBuffer, Console};
 pub use xcloud_devices::disk::DiskSpec;
+pub use xcloud_devices::tap::NetSpec;

@@ -6,13 +6,15 @@ use crate::error::VmError;
 use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
-use xcloud_devices::bus::PortBus;
+use xcloud_devices::bus::{PortBus, PortDevice};
 use xcloud_devices::disk::{DiskFile, DiskSpec};
 use xcloud_devices::pci::{PciFunction, PciIdentity, PciResources, PciRoot, PCI_CONFIG_BASE, PCI_CONFIG_PORTS};
+use xcloud_devices::tap::{NetSpec, Tap};
 use xcloud_devices::virtio::block::BlockDevice;
+use xcloud_devices::virtio::net::NetDevice;
 use xcloud_devices::virtio::{
-    legacy, GuestMemoryHost, BLOCK_DEVICE_TYPE, BLOCK_PCI_DEVICE, MAX_VIRTIO_DEVICES, VIRTIO_IO_BASE, VIRTIO_IO_SIZE,
-    VIRTIO_IRQS, VIRTIO_VENDOR,
+    legacy, GuestMemoryHost, BLOCK_DEVICE_TYPE, BLOCK_PCI_DEVICE, MAX_VIRTIO_DEVICES, NET_DEVICE_TYPE, NET_PCI_DEVICE,
+    VIRTIO_IO_BASE, VIRTIO_IO_SIZE, VIRTIO_IRQS, VIRTIO_VENDOR,
 };
 use xcloud_vm_core::machine::Machine;
 
@@ -40,68 +42,156 @@ fn kvm_error(device: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
     }
 }
 
-/// Opens every disk (so a missing, locked or unusable image fails before anything else is
-/// built), then wires a virtio-blk device for each onto `bus`, with PCI bus 0 in front.
-pub(crate) fn attach_disks(
+/// A device's place: its I/O window, its interrupt, its PCI identity.
+struct Placement {
+    io_base: u16,
+    irq_line: u8,
+    irq: EventFd,
+}
+
+/// Allocates device `n`'s window and interrupt (its irqfd registered).
+fn place(machine: &Machine, n: usize, what: &'static str) -> Result<Placement, VmError> {
+    let io_base = VIRTIO_IO_BASE + n as u16 * VIRTIO_IO_SIZE;
+    let irq_line = VIRTIO_IRQS[n % VIRTIO_IRQS.len()];
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_error(what))?;
+    machine
+        .vm_fd()
+        .register_irqfd(&irq, irq_line as u32)
+        .map_err(kvm_error(what))?;
+    Ok(Placement { io_base, irq_line, irq })
+}
+
+/// What kind of virtio device: its PCI identity and its name in errors.
+struct DeviceKind {
+    pci_device: u16,
+    subsystem: u16,
+    class: [u8; 3],
+    what: &'static str,
+}
+
+const BLOCK: DeviceKind = DeviceKind {
+    pci_device: BLOCK_PCI_DEVICE,
+    subsystem: BLOCK_DEVICE_TYPE,
+    class: [0x01, 0x80, 0x00],
+    what: "virtio-blk device",
+};
+
+const NET: DeviceKind = DeviceKind {
+    pci_device: NET_PCI_DEVICE,
+    subsystem: NET_DEVICE_TYPE,
+    class: [0x02, 0x00, 0x00],
+    what: "virtio-net device",
+};
+
+/// Puts a placed device on the buses: its doorbell as an ioeventfd on the notify port, its
+/// window on the port bus, its function on PCI bus 0.
+fn plug(
+    machine: &Machine,
+    bus: &mut PortBus,
+    pci: &mut PciRoot,
+    at: &Placement,
+    device: Arc<dyn PortDevice>,
+    kick: &EventFd,
+    kind: &DeviceKind,
+) -> Result<(), VmError> {
+    let what = kind.what;
+    machine
+        .vm_fd()
+        .register_ioevent(
+            kick,
+            &kvm_ioctls::IoEventAddress::Pio((at.io_base + legacy::QUEUE_NOTIFY) as u64),
+            kvm_ioctls::NoDatamatch,
+        )
+        .map_err(kvm_error(what))?;
+    bus.insert(at.io_base, VIRTIO_IO_SIZE, device)
+        .map_err(|e| VmError::Device {
+            device: what,
+            source: std::io::Error::other(e),
+        })?;
+    let function = PciFunction::with_io_window(
+        PciIdentity {
+            vendor: VIRTIO_VENDOR,
+            device: kind.pci_device,
+            class: kind.class,
+            subsystem_vendor: VIRTIO_VENDOR,
+            subsystem: kind.subsystem,
+        },
+        PciResources {
+            io_base: at.io_base,
+            io_size: VIRTIO_IO_SIZE,
+            irq: at.irq_line,
+        },
+    );
+    pci.add(function).map(|_| ()).ok_or(VmError::TooManyDevices {
+        max: MAX_VIRTIO_DEVICES,
+        asked: MAX_VIRTIO_DEVICES + 1,
+    })
+}
+
+/// A MAC address no other NIC is likely to have: locally administered, unicast, random.
+fn random_mac() -> [u8; 6] {
+    let mut tail = [0u8; 3];
+    // SAFETY: getrandom writes at most `tail.len()` bytes into the live array.
+    let n = unsafe { libc::getrandom(tail.as_mut_ptr().cast(), tail.len(), 0) };
+    if n != tail.len() as isize {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            ^ std::process::id();
+        tail.copy_from_slice(&t.to_le_bytes()[..3]);
+    }
+    [0x02, 0x78, 0x63, tail[0], tail[1], tail[2]]
+}
+
+/// The virtio devices of a VM.
+pub(crate) struct Devices {
+    pub disks: Vec<Arc<BlockDevice>>,
+    pub nics: Vec<Arc<NetDevice>>,
+}
+
+/// Opens every disk image and TAP device (so a missing, locked or unusable one fails before
+/// anything else is built), then wires a virtio device for each onto `bus`: disks first,
+/// then NICs, with PCI bus 0 in front.
+pub(crate) fn attach(
     machine: &Arc<Machine>,
     bus: &mut PortBus,
     disks: &[DiskSpec],
-) -> Result<Vec<Arc<BlockDevice>>, VmError> {
-    if disks.len() > MAX_VIRTIO_DEVICES {
+    nets: &[NetSpec],
+) -> Result<Devices, VmError> {
+    let asked = disks.len() + nets.len();
+    if asked > MAX_VIRTIO_DEVICES {
         return Err(VmError::TooManyDevices {
             max: MAX_VIRTIO_DEVICES,
-            asked: disks.len(),
+            asked,
         });
     }
     let files = disks.iter().map(DiskFile::open).collect::<Result<Vec<_>, _>>()?;
+    let taps = nets.iter().map(|n| Tap::open(&n.tap)).collect::<Result<Vec<_>, _>>()?;
     let mut pci = PciRoot::new();
     let memory: Arc<dyn GuestMemoryHost> = Arc::new(VmMemory(machine.clone()));
-    let mut devices = Vec::new();
+    let mut devices = Devices {
+        disks: Vec::new(),
+        nics: Vec::new(),
+    };
     for (index, file) in files.into_iter().enumerate() {
-        let io_base = VIRTIO_IO_BASE + index as u16 * VIRTIO_IO_SIZE;
-        let irq_line = VIRTIO_IRQS[index % VIRTIO_IRQS.len()];
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_error("virtio-blk interrupt"))?;
-        machine
-            .vm_fd()
-            .register_irqfd(&irq, irq_line as u32)
-            .map_err(kvm_error("virtio-blk irqfd"))?;
+        let at = place(machine, index, "virtio-blk interrupt")?;
+        let irq = at.irq.try_clone().map_err(device_error("virtio-blk interrupt"))?;
         let device = Arc::new(
             BlockDevice::new(index as u32, file, memory.clone(), irq).map_err(device_error("virtio-blk device"))?,
         );
-        machine
-            .vm_fd()
-            .register_ioevent(
-                device.kick_fd(),
-                &kvm_ioctls::IoEventAddress::Pio((io_base + legacy::QUEUE_NOTIFY) as u64),
-                kvm_ioctls::NoDatamatch,
-            )
-            .map_err(kvm_error("virtio-blk doorbell (ioeventfd)"))?;
-        bus.insert(io_base, VIRTIO_IO_SIZE, device.clone())
-            .map_err(|e| VmError::Device {
-                device: "virtio-blk ports",
-                source: std::io::Error::other(e),
-            })?;
-        let function = PciFunction::with_io_window(
-            PciIdentity {
-                vendor: VIRTIO_VENDOR,
-                device: BLOCK_PCI_DEVICE,
-                class: [0x01, 0x80, 0x00],
-                subsystem_vendor: VIRTIO_VENDOR,
-                subsystem: BLOCK_DEVICE_TYPE,
-            },
-            PciResources {
-                io_base,
-                io_size: VIRTIO_IO_SIZE,
-                irq: irq_line,
-            },
+        plug(machine, bus, &mut pci, &at, device.clone(), device.kick_fd(), &BLOCK)?;
+        devices.disks.push(device);
+    }
+    for (index, (tap, spec)) in taps.into_iter().zip(nets).enumerate() {
+        let at = place(machine, disks.len() + index, "virtio-net interrupt")?;
+        let irq = at.irq.try_clone().map_err(device_error("virtio-net interrupt"))?;
+        let mac = spec.mac.unwrap_or_else(random_mac);
+        let device = Arc::new(
+            NetDevice::new(index as u32, tap, mac, memory.clone(), irq).map_err(device_error("virtio-net device"))?,
         );
-        if pci.add(function).is_none() {
-            return Err(VmError::TooManyDevices {
-                max: MAX_VIRTIO_DEVICES,
-                asked: disks.len(),
-            });
-        }
-        devices.push(device);
+        plug(machine, bus, &mut pci, &at, device.clone(), device.kick_fd(), &NET)?;
+        devices.nics.push(device);
     }
     bus.insert(PCI_CONFIG_BASE, PCI_CONFIG_PORTS, Arc::new(pci))
         .map_err(|e| VmError::Device {

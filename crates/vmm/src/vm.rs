@@ -22,8 +22,10 @@ use xcloud_devices::bus::PortBus;
 use xcloud_devices::console::Console;
 use xcloud_devices::disk::DiskSpec;
 use xcloud_devices::serial::{SerialPort, COM1_BASE, COM1_IRQ, COM1_PORTS};
+use xcloud_devices::tap::NetSpec;
 use xcloud_devices::virtio::block::BlockDevice;
-use xcloud_devices::virtio::persist::BlockState;
+use xcloud_devices::virtio::net::NetDevice;
+use xcloud_devices::virtio::persist::{BlockState, NetState};
 use xcloud_state::{Component, StateError, StateTree};
 use xcloud_vm_core::clock::Clock;
 use xcloud_vm_core::irqchip::Irqchip;
@@ -43,6 +45,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Its disks, in the order the guest finds them (virtio-blk 0, 1, ...).
     pub disks: Vec<DiskSpec>,
+    /// Its NICs, in the order the guest finds them (virtio-net 0, 1, ...).
+    pub nets: Vec<NetSpec>,
 }
 
 impl Default for VmConfig {
@@ -52,6 +56,7 @@ impl Default for VmConfig {
             vcpus: 1,
             cmdline: String::new(),
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 }
@@ -105,6 +110,8 @@ struct Shared {
     cmdline: String,
     /// The disks, as given.
     disks: Vec<DiskSpec>,
+    /// The NICs, with the MAC each got.
+    nets: Vec<NetSpec>,
     /// When guest RAM fills in while the guest runs (lazy restore, post-copy): turns true once
     /// every page is in.
     memory_complete: OnceLock<Arc<AtomicBool>>,
@@ -269,6 +276,11 @@ impl VmHandle {
         &self.shared.disks
     }
 
+    /// The VM's NICs, each with its MAC, in the order the guest finds them.
+    pub fn nets(&self) -> &[NetSpec] {
+        &self.shared.nets
+    }
+
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
         self.machine().vcpu_count()
@@ -287,8 +299,9 @@ pub struct Vm {
     /// Dropped after the vCPU threads are joined: what serves guest pages (a vCPU may be
     /// waiting for a page it serves), and the devices' worker threads.
     keep: Vec<Box<dyn Send + Sync>>,
-    /// The disks, whose workers start with the VM.
+    /// The disks and NICs, whose workers start with the VM.
     disks: Vec<Arc<BlockDevice>>,
+    nics: Vec<Arc<NetDevice>>,
 }
 
 static KICK_HANDLER: Once = Once::new();
@@ -300,12 +313,16 @@ impl Vm {
         activity: Vec<Activity>,
         cmdline: String,
         disks: &[DiskSpec],
+        nets: &[NetSpec],
     ) -> Result<Self, VmError> {
         let Blank { machine, vcpus } = blank;
         let mut bus = PortBus::new();
         // Disks first: an image that cannot be used is the likeliest error, and nothing else
         // should be set up for a VM that cannot have it.
-        let disk_devices = crate::virtio::attach_disks(&machine, &mut bus, disks)?;
+        let crate::virtio::Devices {
+            disks: disk_devices,
+            nics,
+        } = crate::virtio::attach(&machine, &mut bus, disks, nets)?;
         let control = Arc::new(ControlBlock::new(activity));
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Device {
             device: "serial port's interrupt",
@@ -339,6 +356,15 @@ impl Vm {
         ];
         let devices: Vec<Arc<dyn Component>> = std::iter::once(serial as Arc<dyn Component>)
             .chain(disk_devices.iter().map(|d| d.clone() as Arc<dyn Component>))
+            .chain(nics.iter().map(|d| d.clone() as Arc<dyn Component>))
+            .collect();
+        let nets: Vec<NetSpec> = nics
+            .iter()
+            .zip(nets)
+            .map(|(nic, spec)| NetSpec {
+                tap: spec.tap.clone(),
+                mac: Some(nic.mac()),
+            })
             .collect();
         let vcpu_part: Arc<dyn Component> = vcpu_set.clone();
         let components = vm_wide
@@ -358,11 +384,13 @@ impl Vm {
                 transition: Mutex::new(()),
                 cmdline,
                 disks: disks.to_vec(),
+                nets,
                 memory_complete: OnceLock::new(),
             }),
             threads: Vec::new(),
             keep: Vec::new(),
             disks: disk_devices,
+            nics,
         })
     }
 
@@ -376,7 +404,14 @@ impl Vm {
         vcpu::set_boot_state(&blank.vcpus[0], &boot)?;
         let mut activity = vec![Activity::Parked; config.vcpus];
         activity[0] = Activity::Paused;
-        Self::assemble(blank, console, activity, config.cmdline.clone(), &config.disks)
+        Self::assemble(
+            blank,
+            console,
+            activity,
+            config.cmdline.clone(),
+            &config.disks,
+            &config.nets,
+        )
     }
 
     /// Makes a VM of `blank` (its memory already in place, or arriving) that continues from
@@ -399,8 +434,15 @@ impl Vm {
                 config.tsc_khz
             );
         }
-        let disks = saved_disks(&state)?;
-        let vm = Self::assemble(blank, console, vec![Activity::Parked; vcpus], config.cmdline, &disks)?;
+        let (disks, nets) = saved_devices(&state)?;
+        let vm = Self::assemble(
+            blank,
+            console,
+            vec![Activity::Parked; vcpus],
+            config.cmdline,
+            &disks,
+            &nets,
+        )?;
         for c in &vm.shared.components {
             c.restore(&mut state)?;
         }
@@ -435,6 +477,13 @@ impl Vm {
         for disk in &self.disks {
             let worker = disk.start_worker().map_err(|source| VmError::Device {
                 device: "virtio-blk worker thread",
+                source,
+            })?;
+            self.keep.push(Box::new(worker));
+        }
+        for nic in &self.nics {
+            let worker = nic.start_worker().map_err(|source| VmError::Device {
+                device: "virtio-net worker thread",
                 source,
             })?;
             self.keep.push(Box::new(worker));
@@ -491,14 +540,11 @@ impl Vm {
     }
 }
 
-/// The disks a saved VM had, in order: its `virtio-blk` sections name their images.
-fn saved_disks(state: &StateTree) -> Result<Vec<DiskSpec>, VmError> {
-    let count = state
-        .sections()
-        .iter()
-        .filter(|s| s.kind == <BlockState as xcloud_state::Persist>::KIND)
-        .count();
-    (0..count as u32)
+/// The disks and NICs a saved VM had, in order: their sections name their images and TAPs.
+fn saved_devices(state: &StateTree) -> Result<(Vec<DiskSpec>, Vec<NetSpec>), VmError> {
+    use xcloud_state::Persist;
+    let count = |kind: &str| state.sections().iter().filter(|s| s.kind == kind).count() as u32;
+    let disks = (0..count(BlockState::KIND))
         .map(|i| {
             let s = state.peek::<BlockState>(i)?;
             Ok(DiskSpec {
@@ -506,7 +552,17 @@ fn saved_disks(state: &StateTree) -> Result<Vec<DiskSpec>, VmError> {
                 read_only: s.read_only,
             })
         })
-        .collect()
+        .collect::<Result<_, VmError>>()?;
+    let nets = (0..count(NetState::KIND))
+        .map(|i| {
+            let s = state.peek::<NetState>(i)?;
+            Ok(NetSpec {
+                tap: s.tap,
+                mac: Some(s.mac),
+            })
+        })
+        .collect::<Result<_, VmError>>()?;
+    Ok((disks, nets))
 }
 
 /// Lowers every thread of this process to the lowest CPU priority (nice 19). Called once the
@@ -547,6 +603,7 @@ mod tests {
             vcpus: 2,
             cmdline: "walk".into(),
             disks: Vec::new(),
+            nets: Vec::new(),
         };
         let mut vm = Vm::new(&config, &image, sink()).expect("a KVM VM");
         let handle = vm.handle();
@@ -576,7 +633,7 @@ mod tests {
         let mut extra = back.clone();
         extra
             .put(Section {
-                kind: "virtio-net".into(),
+                kind: "virtio-gpu".into(),
                 instance: 0,
                 version: 1,
                 body: Vec::new(),
@@ -584,7 +641,7 @@ mod tests {
             .expect("put");
         let err = Vm::from_state(blank(), extra, sink()).err();
         assert!(
-            matches!(err, Some(VmError::State(StateError::Unclaimed { ref kind, .. })) if kind == "virtio-net"),
+            matches!(err, Some(VmError::State(StateError::Unclaimed { ref kind, .. })) if kind == "virtio-gpu"),
             "{err:?}"
         );
 

@@ -51,6 +51,7 @@ fn guest_rows(scale: u64) -> Result<(Vec<Row>, u64)> {
         vcpus: 1,
         cmdline: scale.to_string(),
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     let mut vm = Vm::new(&config, image, Console::new(Box::new(capture.clone())))?;
     vm.start()?;

@@ -85,6 +85,7 @@ fn guest(path: &Path, bytes: u64, depth: usize) -> Result<(f64, u64, f64)> {
             path: path.to_path_buf(),
             read_only: false,
         }],
+        nets: Vec::new(),
     };
     let start = Instant::now();
     let mut vm = Vm::new(&config, image, Console::new(Box::new(capture.clone())))?;

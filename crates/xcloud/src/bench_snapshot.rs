@@ -53,6 +53,7 @@ pub fn snapshot(mem: u64, working_set_mib: u64) -> Result<()> {
         vcpus: 1,
         cmdline: format!("0 {working_set_mib} 0"),
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     let mut vm = Vm::new(&config, image, Console::new(Box::new(capture.clone())))?;
     vm.start()?;

@@ -28,6 +28,10 @@ enum Command {
         /// A raw disk image for a virtio-blk disk, `PATH` or `PATH,ro` (repeat for more).
         #[arg(long = "disk", value_name = "PATH[,ro]")]
         disks: Vec<xcloud_vmm::DiskSpec>,
+        /// A virtio-net NIC on a TAP device (created if missing), `tap=NAME[,mac=MAC]` (repeat
+        /// for more).
+        #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+        nets: Vec<xcloud_vmm::NetSpec>,
         /// Built-in guest name (hello, heartbeat, dirty, micro, diskwrite, diskread) or path to a PVH ELF.
         guest: String,
         /// Arguments passed to the guest on its command line.
@@ -275,6 +279,7 @@ fn main() -> ExitCode {
             mem,
             vcpus,
             disks,
+            nets,
             guest,
             args,
             api,
@@ -284,6 +289,7 @@ fn main() -> ExitCode {
                 vcpus,
                 cmdline: args.join(" "),
                 disks,
+                nets,
             },
             &guest,
             api.as_deref(),

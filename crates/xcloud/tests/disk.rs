@@ -48,6 +48,7 @@ fn boot(guest: &str, cmdline: &str, disk: &Path) -> (Vm, CaptureBuffer) {
             path: disk.to_path_buf(),
             read_only: false,
         }],
+        nets: Vec::new(),
     };
     let image = xcloud::guests::builtin(guest).expect("built-in guest");
     let mut vm = Vm::new(&config, image, Console::new(Box::new(capture.clone()))).expect("VM");

@@ -45,6 +45,7 @@ fn boot(guest: &str, cmdline: &str, vcpus: usize) -> (Vm, CaptureBuffer) {
         vcpus,
         cmdline: cmdline.into(),
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     let mut vm = Vm::new(&config, image, Console::new(Box::new(capture.clone()))).expect("VM");
     vm.start().expect("start");

@@ -5,7 +5,8 @@
 //! provides the PVH boot stub (`boot`), hypercalls (`hypercall`), the console and `println!`
 //! (`console`), a heap (`mem`), a calibrated clock and sleep (`clock`), the command line
 //! ([`args`]), secondary vCPUs ([`start_vcpu`]), PCI bus 0 (`pci`) and a polling virtio-blk
-//! driver (`virtio_blk`), [`exit`], and a panic handler that reports the
+//! driver (`virtio_blk`), a polling virtio-net driver (`virtio_net`) and a TCP/IP stack on it
+//! (`net`, smoltcp), [`exit`], and a panic handler that reports the
 //! panic by hypercall and ends the VM with a failure status.
 //!
 //! All code after the stub runs at CPL3 with IOPL=3 and interrupts off; nothing may fault.
@@ -18,8 +19,11 @@ pub mod clock;
 pub mod console;
 pub mod hypercall;
 pub mod mem;
+pub mod net;
 pub mod pci;
 pub mod virtio_blk;
+pub mod virtio_net;
+pub mod virtqueue;
 
 use alloc::boxed::Box;
 use core::sync::atomic::{AtomicUsize, Ordering};

@@ -11,12 +11,13 @@
 
 use super::legacy::{self, Effect, Transport, F_EVENT_IDX, F_INDIRECT_DESC, ISR_QUEUE};
 use super::persist::BlockState;
+use super::worker::{self, Gate, Serve, WorkerGuard};
 use super::{GuestMemoryHost, GuestRange};
 use crate::bus::PortDevice;
 use crate::disk::{DiskFile, SECTOR_BYTES};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -71,10 +72,6 @@ const HEADER_BYTES: u32 = 16;
 const DISCARD_SEGMENT_BYTES: u64 = 16;
 /// Most discard segments in one request.
 const MAX_DISCARD_SEGMENTS: u32 = 256;
-/// How long the worker keeps polling an empty queue before it sleeps on the doorbell.
-const SPIN: Duration = Duration::from_micros(200);
-/// How long a pause waits for the worker to finish the request it is doing.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a chain is not a request: the driver is broken.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -215,13 +212,6 @@ struct Inner {
     disk: DiskFile,
 }
 
-#[derive(Default)]
-struct Run {
-    paused: bool,
-    parked: bool,
-    stop: bool,
-}
-
 /// A virtio-blk device.
 pub struct BlockDevice {
     index: u32,
@@ -229,12 +219,10 @@ pub struct BlockDevice {
     mem: Arc<dyn GuestMemoryHost>,
     /// The doorbell: the VMM registers it as a KVM ioeventfd on the notify port.
     kick: EventFd,
-    /// Wakes the worker for a status change, a pause or a stop.
-    wake: EventFd,
     /// The interrupt line's irqfd.
     irq: EventFd,
-    run: Mutex<Run>,
-    changed: Condvar,
+    gate: Gate,
+    started: AtomicBool,
     stats: BlockStats,
 }
 
@@ -258,10 +246,9 @@ impl BlockDevice {
             inner: Mutex::new(Inner { transport, disk }),
             mem,
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
-            wake: EventFd::new(libc::EFD_NONBLOCK)?,
             irq,
-            run: Mutex::new(Run::default()),
-            changed: Condvar::new(),
+            gate: Gate::new()?,
+            started: AtomicBool::new(false),
             stats: BlockStats::default(),
         })
     }
@@ -280,10 +267,6 @@ impl BlockDevice {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn run_state(&self) -> MutexGuard<'_, Run> {
-        self.run.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn config_bytes(&self, disk: &DiskFile) -> [u8; CONFIG_BYTES] {
         let mut c = [0u8; CONFIG_BYTES];
         c[0..8].copy_from_slice(&(disk.size() / SECTOR_BYTES).to_le_bytes());
@@ -299,94 +282,8 @@ impl BlockDevice {
 
     /// Starts the worker thread; dropping the guard stops it.
     pub fn start_worker(self: &Arc<Self>) -> std::io::Result<WorkerGuard> {
-        let device = self.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("virtio-blk{}", self.index))
-            .spawn(move || device.work())?;
-        Ok(WorkerGuard {
-            device: self.clone(),
-            thread: Some(thread),
-        })
-    }
-
-    fn work(&self) {
-        let mut idle_since: Option<Instant> = None;
-        loop {
-            {
-                let mut run = self.run_state();
-                if run.stop {
-                    return;
-                }
-                if run.paused {
-                    run.parked = true;
-                    self.changed.notify_all();
-                    while run.paused && !run.stop {
-                        run = self.changed.wait(run).unwrap_or_else(|p| p.into_inner());
-                    }
-                    run.parked = false;
-                    continue;
-                }
-            }
-            match self.serve_queue() {
-                Some(n) if n > 0 => {
-                    idle_since = None;
-                    continue;
-                }
-                Some(_) => {
-                    let since = *idle_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() < SPIN {
-                        std::hint::spin_loop();
-                        continue;
-                    }
-                    if self.arm_doorbell() {
-                        continue;
-                    }
-                }
-                None => {}
-            }
-            self.sleep();
-            idle_since = None;
-        }
-    }
-
-    /// Asks the driver to ring the doorbell for new buffers; true when some arrived meanwhile.
-    fn arm_doorbell(&self) -> bool {
-        let mut inner = self.inner();
-        if !inner.transport.running() {
-            return false;
-        }
-        let mem = self.mem.memory();
-        let queue = &mut inner.transport.queues[0].0;
-        let more = queue.enable_notification(mem).unwrap_or(false);
-        self.note_used_ring(queue);
-        more
-    }
-
-    fn sleep(&self) {
-        let mut fds = [
-            libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&self.kick),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&self.wake),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: poll reads and writes the two pollfds of a live local array.
-        unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if let Ok(n) = self.kick.read() {
-            self.stats.kicks.fetch_add(n, Ordering::Relaxed);
-        }
-        let _ = self.wake.read();
-        let mut inner = self.inner();
-        if inner.transport.running() {
-            let queue = &mut inner.transport.queues[0].0;
-            let _ = queue.disable_notification(self.mem.memory());
-            self.note_used_ring(queue);
-        }
+        self.started.store(true, Ordering::SeqCst);
+        worker::start(self, format!("virtio-blk{}", self.index))
     }
 
     fn note_used_ring(&self, queue: &virtio_queue::Queue) {
@@ -542,19 +439,51 @@ impl BlockDevice {
     /// The device's state for a snapshot (taken while paused).
     fn state(&self) -> BlockState {
         let inner = self.inner();
-        let t = &inner.transport;
-        let (queue, pfn) = &t.queues[0];
         BlockState {
             path: inner.disk.path().to_string_lossy().into_owned(),
             read_only: inner.disk.read_only(),
             size: inner.disk.size(),
-            driver_features: t.driver_features,
-            status: t.status,
-            queue_select: t.queue_select,
-            isr: t.isr,
-            queue_pfn: *pfn,
-            next_avail: queue.next_avail(),
-            next_used: queue.next_used(),
+            transport: inner.transport.save_state(),
+        }
+    }
+}
+
+impl Serve for BlockDevice {
+    fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    fn serve(&self) -> Option<usize> {
+        self.serve_queue()
+    }
+
+    fn arm(&self) -> bool {
+        let mut inner = self.inner();
+        if !inner.transport.running() {
+            return false;
+        }
+        let queue = &mut inner.transport.queues[0].0;
+        let more = queue.enable_notification(self.mem.memory()).unwrap_or(false);
+        self.note_used_ring(queue);
+        more
+    }
+
+    fn disarm(&self) {
+        let mut inner = self.inner();
+        if inner.transport.running() {
+            let queue = &mut inner.transport.queues[0].0;
+            let _ = queue.disable_notification(self.mem.memory());
+            self.note_used_ring(queue);
+        }
+    }
+
+    fn sleep_fds(&self) -> Vec<(std::os::fd::RawFd, i16)> {
+        vec![(std::os::fd::AsRawFd::as_raw_fd(&self.kick), libc::POLLIN)]
+    }
+
+    fn woke(&self, _ready: &[(std::os::fd::RawFd, i16)]) {
+        if let Ok(n) = self.kick.read() {
+            self.stats.kicks.fetch_add(n, Ordering::Relaxed);
         }
     }
 }
@@ -608,9 +537,7 @@ impl PortDevice for BlockDevice {
             Effect::Kick(_) => {
                 let _ = self.kick.write(1);
             }
-            Effect::Status => {
-                let _ = self.wake.write(1);
-            }
+            Effect::Status => self.gate.wake(),
             Effect::None => {}
         }
     }
@@ -622,28 +549,11 @@ impl Component for BlockDevice {
     }
 
     fn pause(&self) -> Result<(), StateError> {
-        let mut run = self.run_state();
-        run.paused = true;
-        let _ = self.wake.write(1);
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        while !run.parked && !run.stop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                run.paused = false;
-                return Err(StateError::Busy("a virtio-blk request did not finish in 30 s"));
-            }
-            run = self
-                .changed
-                .wait_timeout(run, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        Ok(())
+        self.gate.pause(self.started.load(Ordering::SeqCst))
     }
 
     fn resume(&self) -> Result<(), StateError> {
-        self.run_state().paused = false;
-        self.changed.notify_all();
+        self.gate.resume();
         Ok(())
     }
 
@@ -665,47 +575,13 @@ impl Component for BlockDevice {
                 if disk.read_only() { " read-only" } else { "" },
             )));
         }
-        let offered = inner.transport.device_features;
-        let t = &mut inner.transport;
-        t.reset();
-        t.driver_features = s.driver_features & offered;
-        t.queue_select = s.queue_select;
-        t.isr = s.isr;
-        if s.queue_pfn != 0 {
-            t.write(legacy::QUEUE_SELECT, &0u16.to_le_bytes());
-            t.write(legacy::QUEUE_PFN, &s.queue_pfn.to_le_bytes());
-            t.queue_select = s.queue_select;
-        }
-        let queue = &mut t.queues[0].0;
-        queue.set_next_avail(s.next_avail);
-        queue.set_next_used(s.next_used);
-        t.status = s.status;
-        if t.running() && !t.activate(self.mem.as_ref()) {
-            return Err(StateError::Incompatible(format!(
-                "the saved queue of virtio-blk{} lies outside guest RAM",
-                self.index
-            )));
-        }
+        inner
+            .transport
+            .restore_state(&s.transport, self.mem.as_ref())
+            .map_err(|why| StateError::Incompatible(format!("virtio-blk{}: {why}", self.index)))?;
         drop(inner);
-        let _ = self.wake.write(1);
+        self.gate.wake();
         Ok(())
-    }
-}
-
-/// Stops a device's worker thread when dropped.
-pub struct WorkerGuard {
-    device: Arc<BlockDevice>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for WorkerGuard {
-    fn drop(&mut self) {
-        self.device.run_state().stop = true;
-        self.device.changed.notify_all();
-        let _ = self.device.wake.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -785,21 +661,31 @@ pub mod testing {
         disk
     }
 
-    /// Guest RAM of a hostile driver: `data` is copied over the descriptor table, the
-    /// available ring and the data area, then the device serves the queue. It must neither
-    /// panic nor touch anything outside guest RAM.
+    /// Guest RAM of a hostile driver, laid out so that short inputs reach the device: the
+    /// first 2 bytes are the available index, the next 32 the first 16 available-ring
+    /// entries, the next 4096 the descriptor table, the rest the data area (the request
+    /// headers and buffers the descriptors may point at). Then the device serves the queue.
+    /// It must neither panic nor touch anything outside guest RAM.
     pub fn serve_hostile_queue(data: &[u8]) {
         thread_local! {
             static DEVICE: (Arc<BlockDevice>, Arc<Ram>) = device(scratch_disk("fuzz", 1 << 20, false), 1 << 20, F_INDIRECT_DESC);
         }
         DEVICE.with(|(dev, ram)| {
-            // A fresh start each time: reset, place the queue, run.
+            // A fresh start each time: reset, clean rings, place the queue, run.
             dev.write(legacy::STATUS, &[0]);
+            let (desc, avail, used) = rings();
+            let _ = ram.mem.write_slice(&[0u8; 3 * 4096], GuestAddress(desc));
             dev.write(legacy::QUEUE_PFN, &PFN.to_le_bytes());
             dev.write(legacy::STATUS, &[super::super::status::DRIVER_OK]);
-            let (desc, _, used) = rings();
-            let n = data.len().min((used - desc) as usize + 0x4000);
-            let _ = ram.mem.write_slice(&data[..n], GuestAddress(desc));
+            let (idx, rest) = data.split_at(data.len().min(2));
+            let (ring, rest) = rest.split_at(rest.len().min(32));
+            let (table, rest) = rest.split_at(rest.len().min(4096));
+            let _ = ram.mem.write_slice(idx, GuestAddress(avail + 2));
+            let _ = ram.mem.write_slice(ring, GuestAddress(avail + 4));
+            let _ = ram.mem.write_slice(table, GuestAddress(desc));
+            let data_len = rest.len().min(0x8000);
+            let _ = ram.mem.write_slice(&rest[..data_len], GuestAddress(DATA));
+            let _ = used;
             let _ = dev.serve_queue();
         });
     }
@@ -809,6 +695,7 @@ pub mod testing {
 mod tests {
     use super::testing::*;
     use super::*;
+    use std::time::{Duration, Instant};
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::desc::RawDescriptor;
 
@@ -1010,7 +897,7 @@ mod tests {
         dev.resume().expect("resume");
         drop(worker);
         let saved = tree.peek::<BlockState>(0).expect("saved");
-        assert_eq!((saved.next_avail, saved.next_used, saved.queue_pfn), (1, 1, PFN));
+        assert_eq!(saved.transport.queues, [(PFN, 1, 1)]);
         let (copy, _) = device(scratch_disk("pause2", 1 << 20, false), 1 << 20, 0);
         copy.restore(&mut tree).expect("restore");
         let t = &copy.inner().transport;

@@ -72,6 +72,21 @@ pub enum Effect {
     Status,
 }
 
+/// The transport's part of a device's saved state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TransportState {
+    /// The driver's accepted features.
+    pub driver_features: u32,
+    /// Device status.
+    pub status: u8,
+    /// The selected queue.
+    pub queue_select: u16,
+    /// ISR status.
+    pub isr: u8,
+    /// Per queue: page frame (0: not placed), next available entry, next used entry.
+    pub queues: Vec<(u32, u16, u16)>,
+}
+
 /// The registers and queues of one device.
 pub struct Transport {
     /// What the device offers.
@@ -143,6 +158,51 @@ impl Transport {
             self.mark_broken();
         }
         ok
+    }
+
+    /// What a snapshot keeps (the device is paused: no buffer is half served).
+    pub fn save_state(&self) -> TransportState {
+        TransportState {
+            driver_features: self.driver_features,
+            status: self.status,
+            queue_select: self.queue_select,
+            isr: self.isr,
+            queues: self
+                .queues
+                .iter()
+                .map(|(q, pfn)| (*pfn, q.next_avail(), q.next_used()))
+                .collect(),
+        }
+    }
+
+    /// Continues from `s`: the queues are placed where the driver had them, and a running
+    /// device is activated again (its queues must lie in guest RAM).
+    pub fn restore_state(&mut self, s: &TransportState, mem: &dyn GuestMemoryHost) -> Result<(), String> {
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{} queues saved, the device has {}",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        self.reset();
+        self.driver_features = s.driver_features & self.device_features;
+        self.isr = s.isr;
+        for (i, &(pfn, next_avail, next_used)) in s.queues.iter().enumerate() {
+            self.queue_select = i as u16;
+            if pfn != 0 {
+                self.write(QUEUE_PFN, &pfn.to_le_bytes());
+            }
+            let q = &mut self.queues[i].0;
+            q.set_next_avail(next_avail);
+            q.set_next_used(next_used);
+        }
+        self.queue_select = s.queue_select;
+        self.status = s.status;
+        if self.running() && !self.activate(mem) {
+            return Err("a saved queue lies outside guest RAM".into());
+        }
+        Ok(())
     }
 
     fn selected(&mut self) -> Option<&mut (Queue, u32)> {

@@ -12,7 +12,9 @@
 
 pub mod block;
 pub mod legacy;
+pub mod net;
 pub mod persist;
+pub mod worker;
 
 use vm_memory::GuestMemoryMmap;
 
@@ -22,6 +24,10 @@ pub const VIRTIO_VENDOR: u16 = 0x1af4;
 pub const BLOCK_PCI_DEVICE: u16 = 0x1001;
 /// The virtio device type of a block device (the PCI subsystem ID).
 pub const BLOCK_DEVICE_TYPE: u16 = 2;
+/// The transitional device ID of a network device.
+pub const NET_PCI_DEVICE: u16 = 0x1000;
+/// The virtio device type of a network device.
+pub const NET_DEVICE_TYPE: u16 = 1;
 
 /// First port of the I/O windows of virtio devices: device n has 0x100 ports from
 /// `VIRTIO_IO_BASE + n * 0x100`.

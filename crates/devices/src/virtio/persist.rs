@@ -9,8 +9,52 @@
 //! of its progress. The image's contents are not in the section: a restore opens the same
 //! path, which must hold what it held when the snapshot was taken (docs/snapshot-format.md).
 
+use super::legacy::TransportState;
 use xcloud_state::format::put_blob;
 use xcloud_state::{Fields, FormatError, Persist};
+
+/// Appends the transport's part: driver_features u32 | status u8 | queue_select u32 | isr u8,
+/// then per queue pfn u32 | next_avail u32 | next_used u32 (the count is the device's).
+pub fn put_transport(out: &mut Vec<u8>, t: &TransportState) {
+    out.extend_from_slice(&t.driver_features.to_le_bytes());
+    out.push(t.status);
+    out.extend_from_slice(&(t.queue_select as u32).to_le_bytes());
+    out.push(t.isr);
+    for &(pfn, next_avail, next_used) in &t.queues {
+        out.extend_from_slice(&pfn.to_le_bytes());
+        out.extend_from_slice(&(next_avail as u32).to_le_bytes());
+        out.extend_from_slice(&(next_used as u32).to_le_bytes());
+    }
+}
+
+fn u16_field(f: &mut Fields<'_>, what: &'static str, name: &str) -> Result<u16, FormatError> {
+    u16::try_from(f.u32()?).map_err(|_| FormatError::Malformed {
+        what,
+        detail: format!("{name} is over 16 bits"),
+    })
+}
+
+/// Reads what [`put_transport`] wrote for a device of `queues` queues.
+pub fn read_transport(f: &mut Fields<'_>, what: &'static str, queues: usize) -> Result<TransportState, FormatError> {
+    let driver_features = f.u32()?;
+    let status = f.u8()?;
+    let queue_select = u16_field(f, what, "queue_select")?;
+    let isr = f.u8()?;
+    let mut q = Vec::with_capacity(queues);
+    for _ in 0..queues {
+        let pfn = f.u32()?;
+        let next_avail = u16_field(f, what, "next_avail")?;
+        let next_used = u16_field(f, what, "next_used")?;
+        q.push((pfn, next_avail, next_used));
+    }
+    Ok(TransportState {
+        driver_features,
+        status,
+        queue_select,
+        isr,
+        queues: q,
+    })
+}
 
 const MAX_PATH: usize = 4096;
 
@@ -23,20 +67,8 @@ pub struct BlockState {
     pub read_only: bool,
     /// Bytes the guest saw.
     pub size: u64,
-    /// The driver's accepted features.
-    pub driver_features: u32,
-    /// Device status.
-    pub status: u8,
-    /// The selected queue.
-    pub queue_select: u16,
-    /// ISR status.
-    pub isr: u8,
-    /// The request queue's page frame (0: not placed).
-    pub queue_pfn: u32,
-    /// Next available-ring entry the device will take.
-    pub next_avail: u16,
-    /// Next used-ring entry the device will fill.
-    pub next_used: u16,
+    /// The transport and its one queue.
+    pub transport: TransportState,
 }
 
 impl Persist for BlockState {
@@ -48,13 +80,7 @@ impl Persist for BlockState {
         put_blob(&mut out, self.path.as_bytes());
         out.push(self.read_only as u8);
         out.extend_from_slice(&self.size.to_le_bytes());
-        out.extend_from_slice(&self.driver_features.to_le_bytes());
-        out.push(self.status);
-        out.extend_from_slice(&(self.queue_select as u32).to_le_bytes());
-        out.push(self.isr);
-        out.extend_from_slice(&self.queue_pfn.to_le_bytes());
-        out.extend_from_slice(&(self.next_avail as u32).to_le_bytes());
-        out.extend_from_slice(&(self.next_used as u32).to_le_bytes());
+        put_transport(&mut out, &self.transport);
         out
     }
 
@@ -74,26 +100,57 @@ impl Persist for BlockState {
             _ => return Err(malformed("read_only is neither 0 nor 1")),
         };
         let size = f.u64()?;
-        let driver_features = f.u32()?;
-        let status = f.u8()?;
-        let queue_select = u16::try_from(f.u32()?).map_err(|_| malformed("queue_select is over 16 bits"))?;
-        let isr = f.u8()?;
-        let queue_pfn = f.u32()?;
-        let next_avail = u16::try_from(f.u32()?).map_err(|_| malformed("next_avail is over 16 bits"))?;
-        let next_used = u16::try_from(f.u32()?).map_err(|_| malformed("next_used is over 16 bits"))?;
+        let transport = read_transport(&mut f, "virtio-blk", 1)?;
         f.finish()?;
         Ok(Self {
             path,
             read_only,
             size,
-            driver_features,
-            status,
-            queue_select,
-            isr,
-            queue_pfn,
-            next_avail,
-            next_used,
+            transport,
         })
+    }
+}
+
+/// What a virtio-net NIC saves: section kind `virtio-net`, instance = the NIC's index on the
+/// command line. Layout version 1: tap name (u32 length + bytes, at most 15) | mac [6] | the
+/// transport with its two queues (receive, transmit). The MAC is part of the VM's identity:
+/// a restored or migrated VM keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetState {
+    /// The TAP device's name on the host it was saved on.
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// The transport and its queues.
+    pub transport: TransportState,
+}
+
+impl Persist for NetState {
+    const KIND: &'static str = "virtio-net";
+    const VERSION: u32 = 1;
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_blob(&mut out, self.tap.as_bytes());
+        out.extend_from_slice(&self.mac);
+        put_transport(&mut out, &self.transport);
+        out
+    }
+
+    fn decode(version: u32, body: &[u8]) -> Result<Self, FormatError> {
+        if version != 1 {
+            return Err(xcloud_state::persist::unknown_version::<Self>(version));
+        }
+        let mut f = Fields::new(body, "virtio-net");
+        let tap = String::from_utf8(f.blob(15)?.to_vec()).map_err(|_| FormatError::Malformed {
+            what: "virtio-net",
+            detail: "the TAP name is not UTF-8".into(),
+        })?;
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(f.bytes(6)?);
+        let transport = read_transport(&mut f, "virtio-net", 2)?;
+        f.finish()?;
+        Ok(Self { tap, mac, transport })
     }
 }
 
@@ -102,18 +159,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_nic_state_round_trips_and_damage_is_refused() {
+        let s = NetState {
+            tap: "xc0".into(),
+            mac: [2, 0x78, 0x63, 1, 2, 3],
+            transport: TransportState {
+                driver_features: 0x20,
+                status: 7,
+                queue_select: 1,
+                isr: 0,
+                queues: vec![(0x100, 256, 0), (0x104, 7, 7)],
+            },
+        };
+        let body = s.encode();
+        assert_eq!(NetState::decode(1, &body).expect("decode"), s);
+        for cut in 0..body.len() {
+            assert!(NetState::decode(1, &body[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
     fn the_state_round_trips_and_damage_is_refused() {
         let s = BlockState {
             path: "/var/lib/xcloud/a.img".into(),
             read_only: false,
             size: 1 << 30,
-            driver_features: 0x3000_0244,
-            status: 7,
-            queue_select: 0,
-            isr: 1,
-            queue_pfn: 0x1234,
-            next_avail: 65535,
-            next_used: 3,
+            transport: TransportState {
+                driver_features: 0x3000_0244,
+                status: 7,
+                queue_select: 0,
+                isr: 1,
+                queues: vec![(0x1234, 65535, 3)],
+            },
         };
         let body = s.encode();
         assert_eq!(BlockState::decode(1, &body).expect("decode"), s);

@@ -1,0 +1,474 @@
+//! virtio-net (virtio 1.x, 5.1) over a TAP device: a receive queue (0) and a transmit queue
+//! (1) of 256 entries, the MAC in the configuration, frames with the 10-byte legacy header.
+//!
+//! The worker moves frames between the TAP and guest buffers with one `readv`/`writev` each,
+//! no copy in the VMM: it pops a receive buffer, reads a frame into it, and gives the buffer
+//! back unused when the TAP had nothing. A transmit chain must be device-readable and a
+//! receive chain device-writable, both in guest RAM; anything else breaks the device
+//! (NEEDS_RESET), as for virtio-blk. With no receive buffer posted the device stops reading
+//! the TAP (frames wait in its queue, then the kernel drops them) and asks for a doorbell.
+
+use super::legacy::{self, Effect, Transport, F_EVENT_IDX, F_INDIRECT_DESC, ISR_QUEUE};
+use super::persist::NetState;
+use super::worker::{self, Gate, Serve, WorkerGuard};
+use super::{GuestMemoryHost, GuestRange};
+use crate::bus::PortDevice;
+use crate::tap::{Tap, VNET_HDR_BYTES};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+use xcloud_state::{Component, StateError, StateTree};
+
+/// Entries in each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// The receive queue.
+pub const RX: usize = 0;
+/// The transmit queue.
+pub const TX: usize = 1;
+/// Feature bit: the configuration holds the MAC.
+pub const F_MAC: u32 = 1 << 5;
+/// Feature bit: the configuration holds the link status.
+pub const F_STATUS: u32 = 1 << 16;
+/// Largest frame a transmit chain may carry (a 64 KiB GSO frame and its header).
+const MAX_TX_BYTES: u64 = 65_536 + VNET_HDR_BYTES as u64;
+/// Most buffers served in one pass of one queue, so that neither direction starves the other.
+const BATCH: usize = 64;
+
+/// Why a chain is not a frame buffer: the driver is broken.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The chain never ends within the queue's size, or is empty.
+    #[error("the chain loops, is empty, is longer than the queue, or names a descriptor outside the table")]
+    Chain,
+    /// A buffer goes the wrong way.
+    #[error("a {} buffer is device-{}", if *rx { "receive" } else { "transmit" }, if *rx { "readable" } else { "writable" })]
+    Direction {
+        /// A receive buffer (else transmit).
+        rx: bool,
+    },
+    /// A buffer lies outside guest RAM.
+    #[error("a buffer at {addr:#x} ({len} bytes) is outside guest RAM")]
+    OutOfRange {
+        /// Its address.
+        addr: u64,
+        /// Its length.
+        len: u32,
+    },
+    /// A transmit chain of no frame or of more than 64 KiB.
+    #[error("a transmit chain of {0} bytes (a frame is 10 header bytes plus up to 64 KiB)")]
+    Length(u64),
+}
+
+/// Takes a chain apart into its buffers: all device-writable for receive, all device-readable
+/// for transmit, all in guest RAM.
+pub fn parse_frame_chain<M>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemoryMmap,
+    rx: bool,
+) -> Result<Vec<GuestRange>, FrameError>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    let mut ranges = Vec::new();
+    let mut unterminated = false;
+    for d in chain {
+        unterminated = d.has_next();
+        if d.is_write_only() != rx {
+            return Err(FrameError::Direction { rx });
+        }
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return Err(FrameError::OutOfRange {
+                addr: d.addr().0,
+                len: d.len(),
+            });
+        }
+        ranges.push(GuestRange {
+            addr: d.addr().0,
+            len: d.len(),
+        });
+    }
+    if unterminated || ranges.is_empty() {
+        return Err(FrameError::Chain);
+    }
+    if !rx {
+        let total: u64 = ranges.iter().map(|r| r.len as u64).sum();
+        if total <= VNET_HDR_BYTES as u64 || total > MAX_TX_BYTES {
+            return Err(FrameError::Length(total));
+        }
+    }
+    Ok(ranges)
+}
+
+/// Counters a benchmark reads.
+#[derive(Default)]
+pub struct NetStats {
+    /// Doorbells the device woke for (each one a VM exit).
+    pub kicks: AtomicU64,
+    /// Frames into the guest.
+    pub rx_frames: AtomicU64,
+    /// Frames from the guest.
+    pub tx_frames: AtomicU64,
+}
+
+struct Inner {
+    transport: Transport,
+    tap: Tap,
+    mac: [u8; 6],
+}
+
+/// A virtio-net NIC.
+pub struct NetDevice {
+    index: u32,
+    inner: Mutex<Inner>,
+    mem: Arc<dyn GuestMemoryHost>,
+    kick: EventFd,
+    irq: EventFd,
+    gate: Gate,
+    started: AtomicBool,
+    /// The last pass found no receive buffer.
+    starved: AtomicBool,
+    stats: NetStats,
+}
+
+fn iovecs(mem: &GuestMemoryMmap, ranges: &[GuestRange]) -> Option<Vec<libc::iovec>> {
+    ranges
+        .iter()
+        .map(|r| {
+            let slice = mem.get_slice(GuestAddress(r.addr), r.len as usize).ok()?;
+            Some(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: r.len as usize,
+            })
+        })
+        .collect()
+}
+
+impl NetDevice {
+    /// NIC `index` on `tap` with address `mac`, raising `irq`.
+    pub fn new(
+        index: u32,
+        tap: Tap,
+        mac: [u8; 6],
+        mem: Arc<dyn GuestMemoryHost>,
+        irq: EventFd,
+    ) -> std::io::Result<Self> {
+        let features = F_MAC | F_STATUS | F_EVENT_IDX | F_INDIRECT_DESC;
+        let transport =
+            Transport::new(features, &[QUEUE_SIZE, QUEUE_SIZE]).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        Ok(Self {
+            index,
+            inner: Mutex::new(Inner { transport, tap, mac }),
+            mem,
+            kick: EventFd::new(libc::EFD_NONBLOCK)?,
+            irq,
+            gate: Gate::new()?,
+            started: AtomicBool::new(false),
+            starved: AtomicBool::new(false),
+            stats: NetStats::default(),
+        })
+    }
+
+    /// The doorbell eventfd, for the VMM to register on the notify port.
+    pub fn kick_fd(&self) -> &EventFd {
+        &self.kick
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> &NetStats {
+        &self.stats
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.inner().mac
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the worker thread; dropping the guard stops it.
+    pub fn start_worker(self: &Arc<Self>) -> std::io::Result<WorkerGuard> {
+        self.started.store(true, Ordering::SeqCst);
+        worker::start(self, format!("virtio-net{}", self.index))
+    }
+
+    fn note_used_ring(&self, queue: &virtio_queue::Queue) {
+        self.mem.note_write(queue.used_ring(), 6 + 8 * queue.size() as u64);
+    }
+
+    fn transmit(&self, inner: &mut Inner, mem: &GuestMemoryMmap) -> Result<usize, String> {
+        let Inner { transport, tap, .. } = inner;
+        let queue = &mut transport.queues[TX].0;
+        let mut served = 0;
+        while served < BATCH {
+            let chain = match queue.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => return Err(format!("its transmit ring is invalid: {e}")),
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let ranges = parse_frame_chain(chain, mem, false).map_err(|e| format!("transmit chain {head}: {e}"))?;
+            let iov = iovecs(mem, &ranges).ok_or_else(|| format!("transmit chain {head} left guest RAM"))?;
+            // SAFETY: every iovec is a checked range of guest RAM, mapped while the VM lives.
+            match unsafe { tap.write_frame(&iov) } {
+                Ok(_) => {}
+                Err(e) => tracing::debug!("virtio-net{}: a frame to {} was dropped: {e}", self.index, tap.name()),
+            }
+            queue
+                .add_used(mem, head, 0)
+                .map_err(|e| format!("cannot complete transmit chain {head}: {e}"))?;
+            served += 1;
+        }
+        Ok(served)
+    }
+
+    fn receive(&self, inner: &mut Inner, mem: &GuestMemoryMmap) -> Result<usize, String> {
+        let Inner { transport, tap, .. } = inner;
+        let queue = &mut transport.queues[RX].0;
+        let mut served = 0;
+        while served < BATCH {
+            let chain = match queue.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => return Err(format!("its receive ring is invalid: {e}")),
+            };
+            let Some(chain) = chain else {
+                self.starved.store(true, Ordering::Relaxed);
+                break;
+            };
+            self.starved.store(false, Ordering::Relaxed);
+            let head = chain.head_index();
+            let ranges = parse_frame_chain(chain, mem, true).map_err(|e| format!("receive chain {head}: {e}"))?;
+            let iov = iovecs(mem, &ranges).ok_or_else(|| format!("receive chain {head} left guest RAM"))?;
+            // SAFETY: as for transmit; the device writes these buffers, which the driver gave it.
+            match unsafe { tap.read_frame(&iov) } {
+                Ok(Some(n)) => {
+                    let mut left = n as u64;
+                    for r in &ranges {
+                        let wrote = left.min(r.len as u64);
+                        self.mem.note_write(r.addr, wrote);
+                        left -= wrote;
+                    }
+                    queue
+                        .add_used(mem, head, n as u32)
+                        .map_err(|e| format!("cannot complete receive chain {head}: {e}"))?;
+                    served += 1;
+                }
+                Ok(None) => {
+                    // Nothing waiting: the buffer goes back for the next frame.
+                    queue.go_to_previous_position();
+                    break;
+                }
+                Err(e) => {
+                    queue.go_to_previous_position();
+                    tracing::warn!("virtio-net{}: reading {} failed: {e}", self.index, tap.name());
+                    break;
+                }
+            }
+        }
+        Ok(served)
+    }
+
+    fn serve_queues(&self) -> Option<usize> {
+        let mut guard = self.inner();
+        if !guard.transport.running() {
+            return None;
+        }
+        let mem = self.mem.memory();
+        let placed = |q: usize| guard.transport.queues[q].1 != 0;
+        let (tx_placed, rx_placed) = (placed(TX), placed(RX));
+        let mut served = [0usize; 2];
+        let mut broken = None;
+        if tx_placed {
+            match self.transmit(&mut guard, mem) {
+                Ok(n) => served[TX] = n,
+                Err(why) => broken = Some(why),
+            }
+        }
+        if rx_placed && broken.is_none() {
+            match self.receive(&mut guard, mem) {
+                Ok(n) => served[RX] = n,
+                Err(why) => broken = Some(why),
+            }
+        }
+        let mut interrupt = false;
+        for q in [RX, TX] {
+            if served[q] > 0 {
+                let queue = &mut guard.transport.queues[q].0;
+                self.note_used_ring(queue);
+                interrupt |= queue.needs_notification(mem).unwrap_or(true);
+            }
+        }
+        self.stats.rx_frames.fetch_add(served[RX] as u64, Ordering::Relaxed);
+        self.stats.tx_frames.fetch_add(served[TX] as u64, Ordering::Relaxed);
+        if let Some(why) = &broken {
+            tracing::error!(
+                "virtio-net{} ({}): the driver broke the queue rules, the device needs a reset: {why}",
+                self.index,
+                guard.tap.name()
+            );
+            guard.transport.mark_broken();
+            interrupt = true;
+        }
+        if interrupt {
+            guard.transport.isr |= ISR_QUEUE;
+            let _ = self.irq.write(1);
+        }
+        Some(served[RX] + served[TX])
+    }
+
+    fn config_bytes(&self, mac: &[u8; 6]) -> [u8; 8] {
+        let mut c = [0u8; 8];
+        c[..6].copy_from_slice(mac);
+        // VIRTIO_NET_S_LINK_UP.
+        c[6] = 1;
+        c
+    }
+
+    fn state(&self) -> NetState {
+        let inner = self.inner();
+        NetState {
+            tap: inner.tap.name().to_string(),
+            mac: inner.mac,
+            transport: inner.transport.save_state(),
+        }
+    }
+}
+
+impl Serve for NetDevice {
+    fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    fn serve(&self) -> Option<usize> {
+        self.serve_queues()
+    }
+
+    fn arm(&self) -> bool {
+        let mut inner = self.inner();
+        if !inner.transport.running() {
+            return false;
+        }
+        let mem = self.mem.memory();
+        let mut more = false;
+        if inner.transport.queues[TX].1 != 0 {
+            let q = &mut inner.transport.queues[TX].0;
+            more |= q.enable_notification(mem).unwrap_or(false);
+            self.note_used_ring(q);
+        }
+        // Receive buffers are usually waiting (the driver posts them ahead); the doorbell is
+        // wanted only when there are none, and frames from the TAP wake the worker otherwise.
+        if self.starved.load(Ordering::Relaxed) && inner.transport.queues[RX].1 != 0 {
+            let q = &mut inner.transport.queues[RX].0;
+            more |= q.enable_notification(mem).unwrap_or(false);
+            self.note_used_ring(q);
+        }
+        more
+    }
+
+    fn disarm(&self) {
+        let mut inner = self.inner();
+        if !inner.transport.running() {
+            return;
+        }
+        let mem = self.mem.memory();
+        for q in [RX, TX] {
+            if inner.transport.queues[q].1 != 0 {
+                let queue = &mut inner.transport.queues[q].0;
+                let _ = queue.disable_notification(mem);
+                self.note_used_ring(queue);
+            }
+        }
+    }
+
+    fn sleep_fds(&self) -> Vec<(RawFd, i16)> {
+        let mut fds = vec![(self.kick.as_raw_fd(), libc::POLLIN)];
+        let inner = self.inner();
+        if inner.transport.running() && !self.starved.load(Ordering::Relaxed) {
+            fds.push((inner.tap.as_raw_fd(), libc::POLLIN));
+        }
+        fds
+    }
+
+    fn woke(&self, _ready: &[(RawFd, i16)]) {
+        if let Ok(n) = self.kick.read() {
+            self.stats.kicks.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+impl PortDevice for NetDevice {
+    fn read(&self, offset: u16, data: &mut [u8]) {
+        let mut inner = self.inner();
+        if offset < legacy::CONFIG {
+            inner.transport.read(offset, data);
+        } else {
+            let config = self.config_bytes(&inner.mac);
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = config.get((offset - legacy::CONFIG) as usize + i).copied().unwrap_or(0);
+            }
+        }
+    }
+
+    fn write(&self, offset: u16, data: &[u8]) {
+        let effect = {
+            let mut inner = self.inner();
+            let was_running = inner.transport.running();
+            let effect = inner.transport.write(offset, data);
+            if effect == Effect::Status
+                && !was_running
+                && inner.transport.running()
+                && !inner.transport.activate(self.mem.as_ref())
+            {
+                tracing::error!(
+                    "virtio-net{}: the driver placed a queue outside guest RAM; the device needs a reset",
+                    self.index
+                );
+            }
+            effect
+        };
+        match effect {
+            Effect::Kick(_) => {
+                let _ = self.kick.write(1);
+            }
+            Effect::Status => self.gate.wake(),
+            Effect::None => {}
+        }
+    }
+}
+
+impl Component for NetDevice {
+    fn name(&self) -> &'static str {
+        "virtio-net"
+    }
+
+    fn pause(&self) -> Result<(), StateError> {
+        self.gate.pause(self.started.load(Ordering::SeqCst))
+    }
+
+    fn resume(&self) -> Result<(), StateError> {
+        self.gate.resume();
+        Ok(())
+    }
+
+    fn save(&self, into: &mut StateTree) -> Result<(), StateError> {
+        into.save(self.index, &self.state())
+    }
+
+    fn restore(&self, from: &mut StateTree) -> Result<(), StateError> {
+        let s = from.require::<NetState>(self.index)?;
+        let mut inner = self.inner();
+        inner.mac = s.mac;
+        inner
+            .transport
+            .restore_state(&s.transport, self.mem.as_ref())
+            .map_err(|why| StateError::Incompatible(format!("virtio-net{}: {why}", self.index)))?;
+        drop(inner);
+        self.gate.wake();
+        Ok(())
+    }
+}
