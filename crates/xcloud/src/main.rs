@@ -191,6 +191,15 @@ enum BenchCommand {
         #[arg(long, default_value_t = 8)]
         depth: usize,
     },
+    /// TCP receive into a guest (virtio-net, smoltcp) vs TCP over the host's loopback.
+    Net {
+        /// Bytes per connection.
+        #[arg(long, default_value = "512M", value_parser = run::parse_size)]
+        bytes: u64,
+        /// Runs of each side (alternating).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Basic operations native vs in a guest, start time, VMM memory overhead.
     Micro {
         /// Multiplies the iteration counts (longer, steadier runs).
@@ -324,6 +333,9 @@ fn main() -> ExitCode {
             depth,
         })
         .map(|_| 0),
+        Command::Bench(BenchCommand::Net { bytes, runs }) => {
+            xcloud::bench_net::net(&xcloud::bench_net::NetBench { bytes, runs }).map(|_| 0)
+        }
         Command::Bench(BenchCommand::Micro { scale, startup_runs }) => bench::micro(scale, startup_runs).map(|_| 0),
         Command::Bench(BenchCommand::Migrate {
             sizes,

@@ -1,7 +1,9 @@
 //! A polling virtio-net driver (docs/virtio.md) and the smoltcp device over it.
 //!
 //! The receive queue holds 128 posted buffers of 2 KiB (a 10-byte virtio-net header and a
-//! frame of up to 1514 bytes); the transmit queue 128 slots of the same size. Frames go in
+//! frame of up to 1514 bytes), or of 68 KiB when the device offers 64 KiB TCP segments
+//! (GUEST_TSO4 with GUEST_CSUM: the host's kernel then need not cut a stream into 1514-byte
+//! frames, nor finish its checksums); the transmit queue 128 slots of 2 KiB. Frames go in
 //! and out by copy into those buffers (one copy per frame, as a NIC's DMA buffers), the used
 //! rings are polled, and the doorbell is rung only when the device sleeps.
 
@@ -22,10 +24,19 @@ const REG_QUEUE_SELECT: u16 = 0x0e;
 const REG_QUEUE_NOTIFY: u16 = 0x10;
 const REG_STATUS: u16 = 0x12;
 const REG_CONFIG: u16 = 0x14;
+const F_GUEST_CSUM: u32 = 1 << 1;
+const F_GUEST_TSO4: u32 = 1 << 7;
 const F_MAC: u32 = 1 << 5;
+/// Header flag: the checksum is partial (the sender's host will not finish it; it is valid).
+const HDR_F_NEEDS_CSUM: u8 = 1;
+/// Header flag: the device checked the checksums.
+const HDR_F_DATA_VALID: u8 = 2;
 
 const HEADER: usize = 10;
 const BUF: usize = 2048;
+/// A receive buffer when the device may hand over 64 KiB TCP segments: header, 64 KiB, and
+/// the Ethernet, IP and TCP headers in front of them.
+const BIG_BUF: usize = 68 * 1024;
 /// The largest Ethernet frame (no FCS).
 pub const MAX_FRAME: usize = 1514;
 const BUFFERS: u16 = 128;
@@ -43,14 +54,15 @@ struct Side {
     io: u16,
     queue: Virtqueue,
     bufs: *mut u8,
+    buf_size: usize,
     /// Doorbells rung.
     kicks: u64,
 }
 
 impl Side {
     fn buf(&self, i: u16) -> *mut u8 {
-        // SAFETY: i < BUFFERS: inside the BUFFERS * BUF block.
-        unsafe { self.bufs.add(i as usize * BUF) }
+        // SAFETY: i < BUFFERS: inside the BUFFERS * buf_size block.
+        unsafe { self.bufs.add(i as usize * self.buf_size) }
     }
 
     fn push(&mut self, i: u16, queue_index: u16) {
@@ -71,24 +83,28 @@ pub struct Nic {
     rx: RefCell<Side>,
     tx: RefCell<TxSide>,
     mac: [u8; 6],
+    /// The device may hand over partial checksums: the driver checks the rest itself and
+    /// smoltcp checks none.
+    csum_offload: bool,
 }
 
 // SAFETY: the NIC owns its queues and buffers exclusively.
 unsafe impl Send for Nic {}
 
-fn setup_queue(io: u16, index: u16) -> Result<Side, NicError> {
+fn setup_queue(io: u16, index: u16, buf_size: usize) -> Result<Side, NicError> {
     outw(io + REG_QUEUE_SELECT, index);
     let size = inw(io + REG_QUEUE_SIZE);
     if size < BUFFERS || !size.is_power_of_two() {
         return Err(NicError::Refused);
     }
     let queue = Virtqueue::new(size).ok_or(NicError::Refused)?;
-    let bufs = alloc_pages(BUFFERS as usize * BUF).ok_or(NicError::Refused)?;
+    let bufs = alloc_pages(BUFFERS as usize * buf_size).ok_or(NicError::Refused)?;
     outl(io + REG_QUEUE_PFN, queue.pfn());
     Ok(Side {
         io,
         queue,
         bufs,
+        buf_size,
         kicks: 0,
     })
 }
@@ -110,9 +126,14 @@ impl Nic {
             outb(io + REG_STATUS, 0x80);
             return Err(NicError::Refused);
         }
-        outl(io + REG_DRIVER_FEATURES, F_MAC);
-        let mut rx = setup_queue(io, 0)?;
-        let tx = setup_queue(io, 1)?;
+        let mut accepted = F_MAC;
+        if offered & F_GUEST_CSUM != 0 {
+            accepted |= F_GUEST_CSUM | (offered & F_GUEST_TSO4);
+        }
+        outl(io + REG_DRIVER_FEATURES, accepted);
+        let rx_buf = if accepted & F_GUEST_TSO4 != 0 { BIG_BUF } else { BUF };
+        let mut rx = setup_queue(io, 0, rx_buf)?;
+        let tx = setup_queue(io, 1, BUF)?;
         let mut mac = [0u8; 6];
         for (i, b) in mac.iter_mut().enumerate() {
             *b = inb(io + REG_CONFIG + i as u16);
@@ -123,7 +144,7 @@ impl Nic {
                 i,
                 Desc {
                     addr,
-                    len: BUF as u32,
+                    len: rx_buf as u32,
                     flags: DESC_F_WRITE,
                     next: 0,
                 },
@@ -143,6 +164,7 @@ impl Nic {
                 free: (0..BUFFERS).collect(),
             }),
             mac,
+            csum_offload: accepted & F_GUEST_CSUM != 0,
         })
     }
 
@@ -173,6 +195,49 @@ pub struct NicRx<'a> {
     len: usize,
 }
 
+/// Whether an IPv4 frame's IP and TCP/UDP checksums hold (anything else passes: smoltcp
+/// checks what it parses).
+fn checksums_hold(frame: &[u8]) -> bool {
+    fn sum(data: &[u8], mut acc: u32) -> u32 {
+        let mut chunks = data.chunks_exact(2);
+        for c in &mut chunks {
+            acc += u16::from_be_bytes([c[0], c[1]]) as u32;
+        }
+        if let [last] = chunks.remainder() {
+            acc += (*last as u32) << 8;
+        }
+        acc
+    }
+    fn fold(mut acc: u32) -> u16 {
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        acc as u16
+    }
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
+        return true;
+    }
+    let ip = &frame[14..];
+    let ihl = (ip[0] & 0x0f) as usize * 4;
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if ihl < 20 || ip.len() < ihl || total < ihl || total > ip.len() {
+        return false;
+    }
+    if fold(sum(&ip[..ihl], 0)) != 0xffff {
+        return false;
+    }
+    let proto = ip[9];
+    if proto != 6 && proto != 17 {
+        return true;
+    }
+    let segment = &ip[ihl..total];
+    if proto == 17 && segment.len() >= 8 && segment[6..8] == [0, 0] {
+        return true;
+    }
+    let pseudo = sum(&ip[12..20], proto as u32 + segment.len() as u32);
+    fold(sum(segment, pseudo)) == 0xffff
+}
+
 /// A transmit slot.
 pub struct NicTx<'a> {
     tx: &'a RefCell<TxSide>,
@@ -180,8 +245,11 @@ pub struct NicTx<'a> {
 
 impl RxToken for NicRx<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        let buf = self.rx.borrow().buf(self.id);
-        let len = self.len.clamp(HEADER, BUF);
+        let (buf, size) = {
+            let rx = self.rx.borrow();
+            (rx.buf(self.id), rx.buf_size)
+        };
+        let len = self.len.clamp(HEADER, size);
         // SAFETY: buffer `id` has BUF bytes, of which the device wrote `len`; it is posted
         // again only when the token drops, after this read.
         let frame = unsafe { core::slice::from_raw_parts(buf.add(HEADER), len - HEADER) };
@@ -229,20 +297,27 @@ impl Device for Nic {
     type TxToken<'a> = NicTx<'a>;
 
     fn receive(&mut self, _now: smoltcp::time::Instant) -> Option<(NicRx<'_>, NicTx<'_>)> {
-        let (id, len) = self.rx.get_mut().queue.pop_used()?;
+        let (id, len) = loop {
+            let rx = self.rx.get_mut();
+            let (id, len) = rx.queue.pop_used()?;
+            if id >= BUFFERS {
+                return None;
+            }
+            let len = (len as usize).clamp(HEADER, rx.buf_size);
+            if !self.csum_offload {
+                break (id, len);
+            }
+            // SAFETY: buffer `id` has buf_size bytes, of which the device wrote `len`.
+            let whole = unsafe { core::slice::from_raw_parts(rx.buf(id), len) };
+            if whole[0] & (HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID) != 0 || checksums_hold(&whole[HEADER..]) {
+                break (id, len);
+            }
+            // A corrupted frame is dropped, as a NIC drops it.
+            rx.push(id, 0);
+        };
         let tx = self.tx.get_mut();
         Self::reap_tx(tx);
-        if id >= BUFFERS {
-            return None;
-        }
-        Some((
-            NicRx {
-                rx: &self.rx,
-                id,
-                len: len as usize,
-            },
-            NicTx { tx: &self.tx },
-        ))
+        Some((NicRx { rx: &self.rx, id, len }, NicTx { tx: &self.tx }))
     }
 
     fn transmit(&mut self, _now: smoltcp::time::Instant) -> Option<NicTx<'_>> {
@@ -258,6 +333,12 @@ impl Device for Nic {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = MAX_FRAME;
+        if self.csum_offload {
+            // The driver checked every frame whose checksum the device left complete.
+            caps.checksum.ipv4 = smoltcp::phy::Checksum::Tx;
+            caps.checksum.tcp = smoltcp::phy::Checksum::Tx;
+            caps.checksum.udp = smoltcp::phy::Checksum::Tx;
+        }
         caps
     }
 }

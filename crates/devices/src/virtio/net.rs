@@ -13,7 +13,7 @@ use super::persist::NetState;
 use super::worker::{self, Gate, Serve, WorkerGuard};
 use super::{GuestMemoryHost, GuestRange};
 use crate::bus::PortDevice;
-use crate::tap::{Tap, VNET_HDR_BYTES};
+use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, VNET_HDR_BYTES};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,6 +28,10 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const RX: usize = 0;
 /// The transmit queue.
 pub const TX: usize = 1;
+/// Feature bit: the driver takes frames with a partial checksum (NEEDS_CSUM).
+pub const F_GUEST_CSUM: u32 = 1 << 1;
+/// Feature bit: the driver takes TCPv4 segments of up to 64 KiB.
+pub const F_GUEST_TSO4: u32 = 1 << 7;
 /// Feature bit: the configuration holds the MAC.
 pub const F_MAC: u32 = 1 << 5;
 /// Feature bit: the configuration holds the link status.
@@ -156,7 +160,7 @@ impl NetDevice {
         mem: Arc<dyn GuestMemoryHost>,
         irq: EventFd,
     ) -> std::io::Result<Self> {
-        let features = F_MAC | F_STATUS | F_EVENT_IDX | F_INDIRECT_DESC;
+        let features = F_MAC | F_STATUS | F_GUEST_CSUM | F_GUEST_TSO4 | F_EVENT_IDX | F_INDIRECT_DESC;
         let transport =
             Transport::new(features, &[QUEUE_SIZE, QUEUE_SIZE]).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         Ok(Self {
@@ -329,6 +333,25 @@ impl NetDevice {
         c
     }
 
+    /// Tells the TAP what the driver accepted, so the kernel hands over only frames it takes.
+    fn apply_offloads(&self, inner: &Inner) {
+        let features = inner.transport.driver_features;
+        let mut flags = 0;
+        if features & F_GUEST_CSUM != 0 {
+            flags |= TUN_F_CSUM;
+            if features & F_GUEST_TSO4 != 0 {
+                flags |= TUN_F_TSO4;
+            }
+        }
+        if let Err(e) = inner.tap.set_offload(flags) {
+            tracing::warn!(
+                "virtio-net{}: cannot set the offloads of {}: {e}",
+                self.index,
+                inner.tap.name()
+            );
+        }
+    }
+
     fn state(&self) -> NetState {
         let inner = self.inner();
         NetState {
@@ -419,15 +442,15 @@ impl PortDevice for NetDevice {
             let mut inner = self.inner();
             let was_running = inner.transport.running();
             let effect = inner.transport.write(offset, data);
-            if effect == Effect::Status
-                && !was_running
-                && inner.transport.running()
-                && !inner.transport.activate(self.mem.as_ref())
-            {
-                tracing::error!(
-                    "virtio-net{}: the driver placed a queue outside guest RAM; the device needs a reset",
-                    self.index
-                );
+            if effect == Effect::Status && !was_running && inner.transport.running() {
+                if inner.transport.activate(self.mem.as_ref()) {
+                    self.apply_offloads(&inner);
+                } else {
+                    tracing::error!(
+                        "virtio-net{}: the driver placed a queue outside guest RAM; the device needs a reset",
+                        self.index
+                    );
+                }
             }
             effect
         };
@@ -467,6 +490,7 @@ impl Component for NetDevice {
             .transport
             .restore_state(&s.transport, self.mem.as_ref())
             .map_err(|why| StateError::Incompatible(format!("virtio-net{}: {why}", self.index)))?;
+        self.apply_offloads(&inner);
         drop(inner);
         self.gate.wake();
         Ok(())

@@ -54,7 +54,10 @@ fn main() -> i32 {
         }
         let mut bytes = 0u64;
         let mut first_ns = 0u64;
+        let mut idle_ns = 0u64;
         loop {
+            let t0 = clock::now_ns();
+            let before = bytes;
             stack.poll();
             let s = stack.sockets.get_mut::<tcp::Socket>(handle);
             while s.can_recv() {
@@ -66,6 +69,9 @@ fn main() -> i32 {
                     first_ns = clock::now_ns();
                 }
                 bytes += got as u64;
+            }
+            if bytes == before && bytes > 0 {
+                idle_ns += clock::now_ns() - t0;
             }
             if s.state() == tcp::State::CloseWait || (bytes > 0 && !s.is_active()) {
                 s.close();
@@ -82,8 +88,9 @@ fn main() -> i32 {
         stack.poll();
         served += 1;
         println!(
-            "netrecv: connection {served}: {bytes} bytes in {:.1} ms, {:.1} MB/s, {} doorbells",
+            "netrecv: connection {served}: {bytes} bytes in {:.1} ms ({:.1} ms idle), {:.1} MB/s, {} doorbells",
             seconds * 1e3,
+            idle_ns as f64 / 1e6,
             bytes as f64 / 1e6 / seconds.max(1e-9),
             stack.nic.kicks()
         );
