@@ -16,12 +16,21 @@ use xcloud_vm_core::vcpu::ApStart;
 const MAX_PANIC_MESSAGE: u64 = 4096;
 /// Longest single sleep (a guest asking for more is cut to this, then may ask again).
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
+/// Longest single wait for I/O.
+const MAX_WAIT_IO: Duration = Duration::from_secs(1);
 
 /// What the vCPU does after a hypercall.
 pub(crate) enum Outcome {
     Continue,
     /// Keep the vCPU out of the guest until this instant (the `Sleep` hypercall).
     Sleep(std::time::Instant),
+    /// Keep the vCPU out of the guest until the I/O generation moves from `seen` or the
+    /// deadline passes, then write the generation into the block's result at `result_gpa`.
+    WaitIo {
+        seen: u64,
+        deadline: std::time::Instant,
+        result_gpa: u64,
+    },
     End(VmExit),
     Halt,
 }
@@ -45,6 +54,20 @@ pub(crate) fn handle(index: usize, fd: &VcpuFd, ctx: &VcpuContext, gpa: u64) -> 
             ));
             (Err(HcError::BadOp), Outcome::Continue)
         }
+        Some(Op::WaitIo) => {
+            let now = ctx.control.io_generation();
+            if now != block.args[1] {
+                (Ok(now as i64), Outcome::Continue)
+            } else {
+                let wait = Duration::from_nanos(block.args[0]).min(MAX_WAIT_IO);
+                let outcome = Outcome::WaitIo {
+                    seen: now,
+                    deadline: std::time::Instant::now() + wait,
+                    result_gpa: gpa + RESULT_OFFSET,
+                };
+                (Ok(now as i64), outcome)
+            }
+        }
         Some(op) => serve(index, fd, ctx, op, &block.args),
     };
     let value = match result {
@@ -60,6 +83,20 @@ pub(crate) fn handle(index: usize, fd: &VcpuFd, ctx: &VcpuContext, gpa: u64) -> 
         ctx.machine.note_vmm_write(gpa + RESULT_OFFSET);
     }
     outcome
+}
+
+/// Writes the I/O generation into a `WaitIo` block's result once the wait is over.
+pub(crate) fn finish_wait_io(ctx: &VcpuContext, result_gpa: u64) {
+    let generation = ctx.control.io_generation() as i64;
+    if ctx
+        .machine
+        .ram()
+        .mem()
+        .write_obj(generation, GuestAddress(result_gpa))
+        .is_ok()
+    {
+        ctx.machine.note_vmm_write(result_gpa);
+    }
 }
 
 /// Reads `len` guest bytes at `addr`, refusing ranges that are not entirely RAM.
@@ -100,6 +137,8 @@ fn serve(index: usize, fd: &VcpuFd, ctx: &VcpuContext, op: Op, args: &[u64; 6]) 
         }
         Op::VcpuCount => done(Ok(ctx.machine.vcpu_count() as i64)),
         Op::VcpuIndex => done(Ok(index as i64)),
+        // Served in `handle`, which knows the block's address.
+        Op::WaitIo => done(Err(HcError::BadState)),
         Op::StartVcpu => done(start_vcpu(fd, ctx, args)),
         Op::StopVcpu => {
             if index == 0 {

@@ -126,6 +126,10 @@ pub(crate) enum Gate {
 pub(crate) struct ControlBlock {
     control: Mutex<Control>,
     pub changed: Condvar,
+    /// Bumped whenever a device completes buffers (the `WaitIo` hypercall waits on it).
+    io_generation: std::sync::atomic::AtomicU64,
+    /// vCPUs in `WaitIo` now: devices lock and notify only when there are some.
+    io_waiters: std::sync::atomic::AtomicUsize,
 }
 
 impl ControlBlock {
@@ -144,7 +148,45 @@ impl ControlBlock {
                 saved: (0..count).map(|_| None).collect(),
             }),
             changed: Condvar::new(),
+            io_generation: std::sync::atomic::AtomicU64::new(0),
+            io_waiters: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// The current I/O generation.
+    pub fn io_generation(&self) -> u64 {
+        self.io_generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A device completed buffers: wakes the vCPUs waiting for I/O.
+    pub fn io_happened(&self) {
+        use std::sync::atomic::Ordering;
+        self.io_generation.fetch_add(1, Ordering::SeqCst);
+        if self.io_waiters.load(Ordering::SeqCst) > 0 {
+            let _c = self.lock();
+            self.changed.notify_all();
+        }
+    }
+
+    /// Blocks a vCPU until the I/O generation is no longer `seen`, or `deadline`, while the
+    /// VM runs. Returns false when pause or stop was asked first.
+    pub fn wait_io(&self, seen: u64, deadline: Instant) -> bool {
+        use std::sync::atomic::Ordering;
+        self.io_waiters.fetch_add(1, Ordering::SeqCst);
+        let mut c = self.lock();
+        let result = loop {
+            if c.request != Request::Run {
+                break false;
+            }
+            let now = Instant::now();
+            if self.io_generation() != seen || now >= deadline {
+                break true;
+            }
+            c = self.wait(c, Some(deadline - now));
+        };
+        drop(c);
+        self.io_waiters.fetch_sub(1, Ordering::SeqCst);
+        result
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Control> {

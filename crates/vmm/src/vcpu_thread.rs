@@ -25,6 +25,7 @@ enum Pending {
 /// The body of vCPU thread `index`.
 pub(crate) fn run(index: usize, mut fd: VcpuFd, ctx: Arc<VcpuContext>) {
     let mut sleep_until: Option<std::time::Instant> = None;
+    let mut waiting_io: Option<(u64, std::time::Instant, u64)> = None;
     loop {
         match ctx.control.gate(index) {
             Gate::Stop => break,
@@ -33,6 +34,9 @@ pub(crate) fn run(index: usize, mut fd: VcpuFd, ctx: Arc<VcpuContext>) {
                     vcpu::complete_pending_io(&mut fd).and_then(|_| vcpu::save_state(&fd, ctx.machine.msr_indices()));
                 // A saved vCPU continues from its saved state: an interrupted sleep ends.
                 sleep_until = None;
+                if let Some((_, _, result_gpa)) = waiting_io.take() {
+                    hypercall::finish_wait_io(&ctx, result_gpa);
+                }
                 ctx.control.saved(index, state);
                 continue;
             }
@@ -51,6 +55,13 @@ pub(crate) fn run(index: usize, mut fd: VcpuFd, ctx: Arc<VcpuContext>) {
             }
             sleep_until = None;
         }
+        if let Some((seen, deadline, result_gpa)) = waiting_io {
+            if !ctx.control.wait_io(seen, deadline) {
+                continue;
+            }
+            hypercall::finish_wait_io(&ctx, result_gpa);
+            waiting_io = None;
+        }
         let pending = match fd.run() {
             Ok(exit) => classify(index, exit, &ctx),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Pending::None,
@@ -66,6 +77,11 @@ pub(crate) fn run(index: usize, mut fd: VcpuFd, ctx: Arc<VcpuContext>) {
             Pending::Hypercall(gpa) => match hypercall::handle(index, &fd, &ctx, gpa) {
                 Outcome::Continue => {}
                 Outcome::Sleep(deadline) => sleep_until = Some(deadline),
+                Outcome::WaitIo {
+                    seen,
+                    deadline,
+                    result_gpa,
+                } => waiting_io = Some((seen, deadline, result_gpa)),
                 Outcome::End(exit) => ctx.control.finish(exit),
                 Outcome::Halt => ctx.control.halt(index),
             },

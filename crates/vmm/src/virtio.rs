@@ -3,6 +3,7 @@
 //! leaves the kernel) and its interrupt line as an irqfd.
 
 use crate::error::VmError;
+use crate::lifecycle::ControlBlock;
 use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -19,7 +20,7 @@ use xcloud_devices::virtio::{
 use xcloud_vm_core::machine::Machine;
 
 /// Guest RAM as the devices see it, with their writes recorded for a live migration.
-struct VmMemory(Arc<Machine>);
+struct VmMemory(Arc<Machine>, Arc<ControlBlock>);
 
 impl GuestMemoryHost for VmMemory {
     fn memory(&self) -> &GuestMemoryMmap {
@@ -28,6 +29,10 @@ impl GuestMemoryHost for VmMemory {
 
     fn note_write(&self, gpa: u64, len: u64) {
         self.0.note_vmm_write_range(gpa, len);
+    }
+
+    fn completed(&self) {
+        self.1.io_happened();
     }
 }
 
@@ -155,6 +160,7 @@ pub(crate) struct Devices {
 /// then NICs, with PCI bus 0 in front.
 pub(crate) fn attach(
     machine: &Arc<Machine>,
+    control: &Arc<ControlBlock>,
     bus: &mut PortBus,
     disks: &[DiskSpec],
     nets: &[NetSpec],
@@ -169,7 +175,7 @@ pub(crate) fn attach(
     let files = disks.iter().map(DiskFile::open).collect::<Result<Vec<_>, _>>()?;
     let taps = nets.iter().map(|n| Tap::open(&n.tap)).collect::<Result<Vec<_>, _>>()?;
     let mut pci = PciRoot::new();
-    let memory: Arc<dyn GuestMemoryHost> = Arc::new(VmMemory(machine.clone()));
+    let memory: Arc<dyn GuestMemoryHost> = Arc::new(VmMemory(machine.clone(), control.clone()));
     let mut devices = Devices {
         disks: Vec::new(),
         nics: Vec::new(),

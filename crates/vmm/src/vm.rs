@@ -316,14 +316,14 @@ impl Vm {
         nets: &[NetSpec],
     ) -> Result<Self, VmError> {
         let Blank { machine, vcpus } = blank;
+        let control = Arc::new(ControlBlock::new(activity));
         let mut bus = PortBus::new();
         // Disks first: an image that cannot be used is the likeliest error, and nothing else
         // should be set up for a VM that cannot have it.
         let crate::virtio::Devices {
             disks: disk_devices,
             nics,
-        } = crate::virtio::attach(&machine, &mut bus, disks, nets)?;
-        let control = Arc::new(ControlBlock::new(activity));
+        } = crate::virtio::attach(&machine, &control, &mut bus, disks, nets)?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Device {
             device: "serial port's interrupt",
             source,

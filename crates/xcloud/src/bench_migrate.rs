@@ -373,7 +373,7 @@ fn tcp_baseline(bytes: usize) -> Result<f64> {
 }
 
 /// Pins the calling thread to `cpu`. Best effort: a failure leaves it where it was.
-fn pin_to_cpu(cpu: usize) {
+pub(crate) fn pin_to_cpu(cpu: usize) {
     // SAFETY: cpu_set_t is plain data that CPU_ZERO and CPU_SET only write inside;
     // sched_setaffinity(0, ..) reads the set and changes the calling thread's affinity only.
     unsafe {

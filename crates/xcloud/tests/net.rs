@@ -14,7 +14,10 @@ struct Namespace(String);
 impl Namespace {
     fn new(tag: &str) -> Self {
         let name = format!("xct-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
         let ok = Command::new("ip")
             .args(["netns", "add", &name])
             .status()
@@ -93,6 +96,39 @@ fn a_host_client_streams_to_the_guest_over_a_tap_and_every_byte_arrives() {
         .expect("the client sent everything");
     let result = next_line(&lines, "netrecv: connection 1:");
     assert!(result.contains(&format!(": {sent} bytes")), "{result}");
+}
+
+/// CPU time (ms) the thread named `name` of process `pid` has used.
+fn thread_cpu_ms(pid: u32, name: &str) -> u64 {
+    let tick_ms = 1000 / 100;
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the VMM's threads")
+        .filter_map(Result::ok)
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .map(|stat| {
+            let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+            (ticks(11) + ticks(12)) * tick_ms
+        })
+        .sum()
+}
+
+#[test]
+fn an_idle_network_guest_gives_its_core_back() {
+    let ns = Namespace::new("idle");
+    let (vm, lines) = spawn_lines(xcloud_in(
+        &ns,
+        &["run", "--net", "tap=xc0", "netrecv", "--", "10.76.0.2/24"],
+    ));
+    next_line(&lines, "netrecv: listening");
+    let pid = vm.id();
+    let before = thread_cpu_ms(pid, "vcpu0");
+    std::thread::sleep(Duration::from_secs(1));
+    let used = thread_cpu_ms(pid, "vcpu0") - before;
+    // A spinning vCPU uses the whole second; one that waits for I/O (WaitIo) about 1%.
+    assert!(used < 500, "the idle guest's vCPU used {used} ms of CPU in 1 s");
 }
 
 #[test]

@@ -140,6 +140,25 @@ pub fn exit(status: i32) -> ! {
     }
 }
 
+static IO_GENERATION: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static WAIT_IO_MISSING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Gives the host CPU back until a device completes buffers (a frame arrived, a request is
+/// done), or `timeout_ns` passes (at most 1 s): one exit instead of a spinning vCPU. Under a
+/// VMM without the `WaitIo` hypercall it returns at once and the caller spins on.
+pub fn wait_io(timeout_ns: u64) {
+    if !hypercall::xcloud_present() || WAIT_IO_MISSING.load(Ordering::Relaxed) {
+        return;
+    }
+    let seen = IO_GENERATION.load(Ordering::Relaxed);
+    let generation = hypercall::call(Op::WaitIo, [timeout_ns, seen, 0, 0, 0, 0]);
+    if generation < 0 {
+        WAIT_IO_MISSING.store(true, Ordering::Relaxed);
+    } else {
+        IO_GENERATION.store(generation as u64, Ordering::Relaxed);
+    }
+}
+
 /// Number of vCPUs the VM has (1 when not under xcloud: secondaries need xcloud's StartVcpu).
 pub fn vcpu_count() -> usize {
     if hypercall::xcloud_present() {

@@ -76,6 +76,8 @@ impl Side {
 struct TxSide {
     side: Side,
     free: crate::heap::vec::Vec<u16>,
+    /// Slots the device has given back.
+    reaped: u64,
 }
 
 /// An open virtio-net NIC.
@@ -86,6 +88,7 @@ pub struct Nic {
     /// The device may hand over partial checksums: the driver checks the rest itself and
     /// smoltcp checks none.
     csum_offload: bool,
+    received: u64,
 }
 
 // SAFETY: the NIC owns its queues and buffers exclusively.
@@ -162,7 +165,9 @@ impl Nic {
             tx: RefCell::new(TxSide {
                 side: tx,
                 free: (0..BUFFERS).collect(),
+                reaped: 0,
             }),
+            received: 0,
             mac,
             csum_offload: accepted & F_GUEST_CSUM != 0,
         })
@@ -178,11 +183,17 @@ impl Nic {
         self.rx.borrow().kicks + self.tx.borrow().side.kicks
     }
 
+    /// A count that moves whenever the device hands something back (a frame, a sent slot).
+    pub fn activity(&self) -> u64 {
+        self.received + self.tx.borrow().reaped
+    }
+
     /// Takes back the transmit slots the device is done with.
     fn reap_tx(tx: &mut TxSide) {
         while let Some((id, _)) = tx.side.queue.pop_used() {
             if id < BUFFERS {
                 tx.free.push(id);
+                tx.reaped += 1;
             }
         }
     }
@@ -312,9 +323,11 @@ impl Device for Nic {
             if whole[0] & (HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID) != 0 || checksums_hold(&whole[HEADER..]) {
                 break (id, len);
             }
+            self.received += 1;
             // A corrupted frame is dropped, as a NIC drops it.
             rx.push(id, 0);
         };
+        self.received += 1;
         let tx = self.tx.get_mut();
         Self::reap_tx(tx);
         Some((NicRx { rx: &self.rx, id, len }, NicTx { tx: &self.tx }))

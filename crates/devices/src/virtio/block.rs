@@ -321,6 +321,7 @@ impl BlockDevice {
         if served > 0 {
             self.note_used_ring(queue);
             self.stats.requests.fetch_add(served as u64, Ordering::Relaxed);
+            self.mem.completed();
             if queue.needs_notification(mem).unwrap_or(true) {
                 transport.isr |= ISR_QUEUE;
                 let _ = self.irq.write(1);

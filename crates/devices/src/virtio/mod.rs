@@ -62,6 +62,8 @@ pub trait GuestMemoryHost: Send + Sync {
     fn memory(&self) -> &GuestMemoryMmap;
     /// The device wrote `len` bytes at guest-physical `gpa`.
     fn note_write(&self, gpa: u64, len: u64);
+    /// The device completed buffers: a vCPU waiting for I/O (the `WaitIo` hypercall) goes on.
+    fn completed(&self) {}
 }
 
 /// A guest-physical range of a descriptor.

@@ -307,6 +307,9 @@ impl NetDevice {
                 interrupt |= queue.needs_notification(mem).unwrap_or(true);
             }
         }
+        if served[RX] + served[TX] > 0 {
+            self.mem.completed();
+        }
         self.stats.rx_frames.fetch_add(served[RX] as u64, Ordering::Relaxed);
         self.stats.tx_frames.fetch_add(served[TX] as u64, Ordering::Relaxed);
         if let Some(why) = &broken {

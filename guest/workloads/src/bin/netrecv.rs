@@ -58,7 +58,7 @@ fn main() -> i32 {
         loop {
             let t0 = clock::now_ns();
             let before = bytes;
-            stack.poll();
+            stack.poll_or_wait();
             let s = stack.sockets.get_mut::<tcp::Socket>(handle);
             while s.can_recv() {
                 let got = s.recv(|b| (b.len(), b.len())).unwrap_or(0);
