@@ -12,6 +12,7 @@ const WORKLOADS: &[&str] = &[
     "diskwrite",
     "diskread",
     "netrecv",
+    "httpd",
 ];
 
 fn main() {

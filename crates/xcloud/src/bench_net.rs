@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 /// The message size of the seed paper's netperf runs.
 const MESSAGE: usize = 16 * 1024;
-const GUEST_IP: &str = "10.79.0.2";
-const HOST_IP: &str = "10.79.0.1";
+pub(crate) const GUEST_IP: &str = "10.79.0.2";
+pub(crate) const HOST_IP: &str = "10.79.0.1";
 const PORT: u16 = 5001;
 
 /// What to measure.
@@ -100,6 +100,84 @@ impl Drop for Namespace {
     }
 }
 
+/// A guest with a NIC on TAP `xcb0`, inside a network namespace of its own whose host side of
+/// the TAP has `HOST_IP`; the guest's console read line by line. Dropping it ends both.
+pub(crate) struct NsGuest {
+    ns: Namespace,
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl NsGuest {
+    /// Boots `xcloud run --mem 256M --net tap=xcb0 ARGS` in a new namespace and waits for the
+    /// guest's line starting with `ready`.
+    pub(crate) fn start(tag: &str, args: &[String], ready: &str) -> Result<Self> {
+        let ns = Namespace(format!("xcb-{tag}-{}", std::process::id()));
+        let _ = Command::new("ip")
+            .args(["netns", "del", &ns.0])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["netns", "add", &ns.0])?;
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"])?;
+        let exe = std::env::current_exe().context("cannot find the xcloud executable")?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(exe)
+            .args(["run", "--mem", "256M", "--net", "tap=xcb0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start the guest")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, lines) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let guest = Self { ns, child, lines };
+        guest.next(ready)?;
+        ip(&[
+            "-n",
+            &guest.ns.0,
+            "addr",
+            "add",
+            &format!("{HOST_IP}/24"),
+            "dev",
+            "xcb0",
+        ])?;
+        Ok(guest)
+    }
+
+    /// The namespace's name.
+    pub(crate) fn ns(&self) -> &str {
+        &self.ns.0
+    }
+
+    /// The guest's next line starting with `prefix` (60 s at most).
+    pub(crate) fn next(&self, prefix: &str) -> Result<String> {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(60))
+                .with_context(|| format!("the guest printed no '{prefix}' line"))?;
+            if line.starts_with(prefix) {
+                return Ok(line);
+            }
+        }
+    }
+}
+
+impl Drop for NsGuest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -108,47 +186,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Runs the benchmark and prints its table.
 pub fn net(b: &NetBench) -> Result<()> {
     let runs = b.runs.max(1);
-    let ns = Namespace(format!("xcb-net-{}", std::process::id()));
-    let _ = Command::new("ip")
-        .args(["netns", "del", &ns.0])
-        .stderr(Stdio::null())
-        .status();
-    ip(&["netns", "add", &ns.0])?;
-    ip(&["-n", &ns.0, "link", "set", "lo", "up"])?;
-    let exe = std::env::current_exe().context("cannot find the xcloud executable")?;
-    let mut guest = Command::new("ip")
-        .args(["netns", "exec", &ns.0])
-        .arg(exe)
-        .args(["run", "--mem", "256M", "--net", "tap=xcb0", "netrecv", "--"])
-        .arg(format!("{GUEST_IP}/24"))
-        .arg(PORT.to_string())
-        .arg(runs.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("cannot start the guest")?;
-    let stdout = guest.stdout.take().context("no stdout")?;
-    let (tx, lines) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let next = |prefix: &str| -> Result<String> {
-        loop {
-            let line = lines
-                .recv_timeout(Duration::from_secs(60))
-                .with_context(|| format!("the guest printed no '{prefix}' line"))?;
-            if line.starts_with(prefix) {
-                return Ok(line);
-            }
-        }
-    };
+    let guest = NsGuest::start(
+        "net",
+        &[
+            "netrecv".into(),
+            "--".into(),
+            format!("{GUEST_IP}/24"),
+            PORT.to_string(),
+            runs.to_string(),
+        ],
+        "netrecv: listening",
+    )?;
+    let ns = &guest.ns;
+    let next = |prefix: &str| guest.next(prefix);
     let result = (|| -> Result<()> {
-        next("netrecv: listening")?;
-        ip(&["-n", &ns.0, "addr", "add", &format!("{HOST_IP}/24"), "dev", "xcb0"])?;
         let bar = ProgressBar::new(2 * runs as u64 + runs as u64).with_style(
             ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -232,7 +283,5 @@ pub fn net(b: &NetBench) -> Result<()> {
         );
         Ok(())
     })();
-    let _ = guest.kill();
-    let _ = guest.wait();
     result
 }

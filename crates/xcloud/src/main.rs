@@ -200,6 +200,18 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// HTTP request rate and latency of the httpd guest under wrk vs a host-native server.
+    Httpd {
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Connections wrk keeps open.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Runs of each side (alternating).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Basic operations native vs in a guest, start time, VMM memory overhead.
     Micro {
         /// Multiplies the iteration counts (longer, steadier runs).
@@ -336,6 +348,16 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Net { bytes, runs }) => {
             xcloud::bench_net::net(&xcloud::bench_net::NetBench { bytes, runs }).map(|_| 0)
         }
+        Command::Bench(BenchCommand::Httpd {
+            seconds,
+            connections,
+            runs,
+        }) => xcloud::bench_http::httpd(&xcloud::bench_http::HttpBench {
+            seconds,
+            connections,
+            runs,
+        })
+        .map(|_| 0),
         Command::Bench(BenchCommand::Micro { scale, startup_runs }) => bench::micro(scale, startup_runs).map(|_| 0),
         Command::Bench(BenchCommand::Migrate {
             sizes,

@@ -165,3 +165,63 @@ fn bad_nics_are_refused_before_the_guest_starts() {
     );
     assert!(!stdout(&out).contains("Hello"), "the guest never ran");
 }
+
+#[test]
+fn httpd_serves_keep_alive_requests_counts_them_and_refuses_bad_ones() {
+    use std::io::{BufRead, BufReader, Read};
+    let ns = Namespace::new("http");
+    let (_vm, lines) = spawn_lines(xcloud_in(
+        &ns,
+        &["run", "--net", "tap=xc0", "httpd", "--", "10.75.0.2/24", "8080", "4"],
+    ));
+    next_line(&lines, "httpd: serving");
+    ip(&["-n", &ns.0, "addr", "add", "10.75.0.1/24", "dev", "xc0"]);
+    let client = xcloud::netlab::Hosts::in_ns(&ns.0, || {
+        let s = std::net::TcpStream::connect_timeout(&"10.75.0.2:8080".parse()?, Duration::from_secs(10))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut w = s.try_clone()?;
+        let mut r = BufReader::new(s);
+        // Two requests, one connection: keep-alive, and the count goes up.
+        let mut bodies = Vec::new();
+        for path in ["/", "/count", "/count"] {
+            write!(w, "GET {path} HTTP/1.1\r\nHost: guest\r\n\r\n")?;
+            let mut status = String::new();
+            r.read_line(&mut status)?;
+            let mut len = 0;
+            loop {
+                let mut h = String::new();
+                r.read_line(&mut h)?;
+                if h == "\r\n" {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse()?;
+                }
+            }
+            let mut body = vec![0u8; len];
+            r.read_exact(&mut body)?;
+            bodies.push((status.trim().to_string(), String::from_utf8(body)?));
+        }
+        // A method it does not serve, on a new connection: refused, then closed.
+        let mut s2 = std::net::TcpStream::connect_timeout(&"10.75.0.2:8080".parse()?, Duration::from_secs(10))?;
+        s2.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s2, "DELETE / HTTP/1.1\r\n\r\n")?;
+        let mut answer = String::new();
+        s2.read_to_string(&mut answer)?;
+        Ok((bodies, answer))
+    });
+    let (bodies, refused) = client
+        .join()
+        .expect("client thread")
+        .expect("the client talked to httpd");
+    assert_eq!(
+        bodies[0],
+        (
+            "HTTP/1.1 200 OK".to_string(),
+            "Hello from an xcloud guest\n".to_string()
+        )
+    );
+    assert_eq!(bodies[1].1, "2\n");
+    assert_eq!(bodies[2].1, "3\n");
+    assert!(refused.starts_with("HTTP/1.1 405"), "{refused}");
+}
