@@ -302,6 +302,9 @@ pub struct Vm {
     /// The disks and NICs, whose workers start with the VM.
     disks: Vec<Arc<BlockDevice>>,
     nics: Vec<Arc<NetDevice>>,
+    /// The VM continues a saved one (restored or migrated in): its NICs announce its MAC when
+    /// it starts.
+    announce: bool,
 }
 
 static KICK_HANDLER: Once = Once::new();
@@ -391,6 +394,7 @@ impl Vm {
             keep: Vec::new(),
             disks: disk_devices,
             nics,
+            announce: false,
         })
     }
 
@@ -435,7 +439,7 @@ impl Vm {
             );
         }
         let (disks, nets) = saved_devices(&state)?;
-        let vm = Self::assemble(
+        let mut vm = Self::assemble(
             blank,
             console,
             vec![Activity::Parked; vcpus],
@@ -443,6 +447,7 @@ impl Vm {
             &disks,
             &nets,
         )?;
+        vm.announce = true;
         for c in &vm.shared.components {
             c.restore(&mut state)?;
         }
@@ -509,6 +514,10 @@ impl Vm {
         }
         c.state = VmState::Running;
         control.changed.notify_all();
+        drop(c);
+        if self.announce && !self.nics.is_empty() {
+            announce(self.nics.clone());
+        }
         Ok(())
     }
 
@@ -537,6 +546,24 @@ impl Vm {
     /// What the hypercall harness drives by hand (fuzzing.rs).
     pub(crate) fn parts_for_harness(&self) -> (Arc<VcpuContext>, Arc<VcpuSet>) {
         (self.shared.ctx.clone(), self.shared.vcpus.clone())
+    }
+}
+
+/// Announces the NICs' MACs now and twice more (50 and 200 ms later), on a thread of its own:
+/// one frame can be lost while a bridge or an overlay is still catching up.
+fn announce(nics: Vec<Arc<NetDevice>>) {
+    let spawned = std::thread::Builder::new().name("announce".into()).spawn(move || {
+        for pause in [0, 50, 150] {
+            std::thread::sleep(Duration::from_millis(pause));
+            for (i, nic) in nics.iter().enumerate() {
+                if let Err(e) = nic.announce() {
+                    tracing::warn!("virtio-net{i}: cannot announce the MAC: {e}");
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the thread that announces the NICs: {e}");
     }
 }
 

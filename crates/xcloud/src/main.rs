@@ -32,7 +32,7 @@ enum Command {
         /// for more).
         #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
         nets: Vec<xcloud_vmm::NetSpec>,
-        /// Built-in guest name (hello, heartbeat, dirty, micro, diskwrite, diskread) or path to a PVH ELF.
+        /// Built-in guest name (hello, heartbeat, dirty, micro, diskwrite, diskread, netrecv, httpd) or path to a PVH ELF.
         guest: String,
         /// Arguments passed to the guest on its command line.
         #[arg(last = true)]

@@ -673,3 +673,127 @@ fn clients_that_stall_their_handshake_do_not_keep_the_source_out() {
     assert_eq!(status, Some(0));
     drop(stallers);
 }
+
+/// `GET /count` from inside namespace `ns`, on a new connection.
+fn get_count(ns: &str, addr: &'static str) -> u64 {
+    Hosts::in_ns(ns, move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(10))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /count HTTP/1.1\r\nConnection: close\r\n\r\n")?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_string();
+        Ok(body.parse::<u64>()?)
+    })
+    .join()
+    .expect("client thread")
+    .expect("httpd answered /count")
+}
+
+/// Waits (up to 10 s) on a packet socket bound to `dev` in namespace `ns` for a RARP frame
+/// from `mac`.
+fn watch_for_rarp(ns: &str, dev: &'static str, mac: [u8; 6]) -> std::thread::JoinHandle<anyhow::Result<bool>> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let watcher = Hosts::in_ns(ns, move || {
+        let name = std::ffi::CString::new(dev)?;
+        // SAFETY: if_nametoindex reads a NUL-terminated string.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        anyhow::ensure!(index != 0, "no {dev}");
+        let proto = (0x8035u16).to_be();
+        // SAFETY: socket() returns a new descriptor or -1.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as i32) };
+        anyhow::ensure!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+        // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = index as i32;
+        // SAFETY: binds fd to a live, correctly sized sockaddr_ll.
+        let r = unsafe {
+            libc::bind(
+                fd,
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        anyhow::ensure!(r == 0, "bind: {}", std::io::Error::last_os_error());
+        let _ = ready_tx.send(());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut buf = [0u8; 128];
+        while Instant::now() < deadline {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one live pollfd.
+            if unsafe { libc::poll(&mut p, 1, 200) } <= 0 {
+                continue;
+            }
+            // SAFETY: reads into a live buffer of its length.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n >= 14 && buf[6..12] == mac && buf[12..14] == [0x80, 0x35] {
+                // SAFETY: fd is ours.
+                unsafe { libc::close(fd) };
+                return Ok(true);
+            }
+        }
+        // SAFETY: fd is ours.
+        unsafe { libc::close(fd) };
+        Ok(false)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the RARP watcher is ready");
+    watcher
+}
+
+#[test]
+fn httpd_with_its_nic_moves_keeps_its_mac_announces_it_and_counts_on() {
+    const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x42];
+    let hosts = lan();
+    let s = setup("nic");
+    // Each host has a TAP for the VM and an address beside it on the VM's subnet.
+    for ns in [&hosts.src, &hosts.dst] {
+        let ok = std::process::Command::new("ip")
+            .args(["-n", ns, "tuntap", "add", "xc0", "mode", "tap", "vnet_hdr"])
+            .status()
+            .expect("ip");
+        assert!(ok.success());
+        let ok = std::process::Command::new("ip")
+            .args(["-n", ns, "addr", "add", "10.74.0.1/24", "dev", "xc0"])
+            .status()
+            .expect("ip");
+        assert!(ok.success());
+    }
+    let (_dst, _dst_out) = receive(&hosts, &s, &s.a);
+    let (mut src, _src_out, first) = start_source(
+        &hosts,
+        &s,
+        &[
+            "--net",
+            "tap=xc0,mac=02:00:00:00:00:42",
+            "httpd",
+            "--",
+            "10.74.0.2/24",
+            "80",
+            "4",
+        ],
+        "httpd: serving",
+    );
+    assert!(first.contains("10.74.0.2"), "{first}");
+    let before = get_count(&hosts.src, "10.74.0.2:80");
+    assert_eq!(get_count(&hosts.src, "10.74.0.2:80"), before + 1);
+    let rarp = watch_for_rarp(&hosts.dst, "xc0", MAC);
+    let (ok, text) = migrate(&hosts, &s, &[]);
+    assert!(ok && text.contains("migrated to"), "{text}");
+    let (status, err) = wait_exit(&mut src, Duration::from_secs(10));
+    assert_eq!(status, Some(0), "{err}");
+    assert!(
+        rarp.join().expect("watcher").expect("watching"),
+        "the destination announced the VM's MAC"
+    );
+    // The same server, its count carried: one more than the last answer, never less.
+    assert_eq!(get_count(&hosts.dst, "10.74.0.2:80"), before + 2);
+}

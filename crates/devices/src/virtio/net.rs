@@ -355,6 +355,29 @@ impl NetDevice {
         }
     }
 
+    /// Sends a RARP from the guest's MAC through the TAP, as QEMU does after a migration or a
+    /// restore: bridges, switches and an overlay's forwarding tables learn at once where the
+    /// MAC is now, without waiting for the guest to send. It needs no IP address.
+    pub fn announce(&self) -> std::io::Result<()> {
+        let inner = self.inner();
+        let mac = inner.mac;
+        let mut frame = [0u8; VNET_HDR_BYTES + 60];
+        let f = &mut frame[VNET_HDR_BYTES..];
+        f[0..6].fill(0xff);
+        f[6..12].copy_from_slice(&mac);
+        f[12..14].copy_from_slice(&[0x80, 0x35]);
+        // Hardware Ethernet, protocol IPv4, lengths 6 and 4, operation 3 (reverse request).
+        f[14..22].copy_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 3]);
+        f[22..28].copy_from_slice(&mac);
+        f[32..38].copy_from_slice(&mac);
+        let iov = [libc::iovec {
+            iov_base: frame.as_mut_ptr().cast(),
+            iov_len: frame.len(),
+        }];
+        // SAFETY: the iovec names a live local array.
+        unsafe { inner.tap.write_frame(&iov) }.map(|_| ())
+    }
+
     fn state(&self) -> NetState {
         let inner = self.inner();
         NetState {
@@ -497,5 +520,81 @@ impl Component for NetDevice {
         drop(inner);
         self.gate.wake();
         Ok(())
+    }
+}
+
+/// Hostile queues for tests and fuzzing.
+#[doc(hidden)]
+pub mod testing {
+    use super::*;
+
+    /// Guest RAM of a hostile driver laid out as for virtio-blk's harness (the available
+    /// index, 16 ring entries, the descriptor table, then data); every chain the queue yields
+    /// is taken apart as a receive and as a transmit chain. Neither may panic, and every range
+    /// either accepts must lie in guest RAM.
+    pub fn parse_hostile_chains(data: &[u8]) {
+        let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]) else {
+            return;
+        };
+        let (desc, avail, used) = legacy::queue_layout(1, QUEUE_SIZE);
+        let (idx, rest) = data.split_at(data.len().min(2));
+        let (ring, rest) = rest.split_at(rest.len().min(32));
+        let (table, rest) = rest.split_at(rest.len().min(4096));
+        use vm_memory::Bytes;
+        let _ = mem.write_slice(idx, GuestAddress(avail + 2));
+        let _ = mem.write_slice(ring, GuestAddress(avail + 4));
+        let _ = mem.write_slice(table, GuestAddress(desc));
+        let _ = mem.write_slice(&rest[..rest.len().min(0x8000)], GuestAddress(0x10000));
+        let Ok(mut queue) = virtio_queue::Queue::new(QUEUE_SIZE) else {
+            return;
+        };
+        queue.set_size(QUEUE_SIZE);
+        let placed = queue
+            .try_set_desc_table_address(GuestAddress(desc))
+            .and_then(|_| queue.try_set_avail_ring_address(GuestAddress(avail)))
+            .and_then(|_| queue.try_set_used_ring_address(GuestAddress(used)));
+        if placed.is_err() {
+            return;
+        }
+        queue.set_ready(true);
+        for _ in 0..QUEUE_SIZE {
+            let chain = match queue.iter(&mem) {
+                Ok(mut it) => it.next(),
+                Err(_) => return,
+            };
+            let Some(chain) = chain else { return };
+            for rx in [true, false] {
+                if let Ok(ranges) = parse_frame_chain(chain.clone(), &mem, rx) {
+                    for r in ranges {
+                        assert!(GuestMemoryBackend::check_range(
+                            &mem,
+                            GuestAddress(r.addr),
+                            r.len as usize
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::parse_hostile_chains;
+
+    #[test]
+    fn hostile_chains_never_panic() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..300 {
+            let data: Vec<u8> = (0..0x1200)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            parse_hostile_chains(&data);
+        }
     }
 }
