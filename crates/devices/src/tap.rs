@@ -21,13 +21,27 @@ const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 
-/// A NIC as the command line names it: `tap=NAME[,mac=52:54:00:12:34:56]`.
+/// A NIC as the command line names it: `tap=NAME[,mac=02:00:00:12:34:56][,bridge=BR]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetSpec {
     /// The TAP device's name (at most 15 bytes).
     pub tap: String,
     /// The guest's MAC address; None: one is made up (locally administered, random).
     pub mac: Option<[u8; 6]>,
+    /// A bridge the TAP joins (an overlay's, `xcloud overlay up`).
+    pub bridge: Option<String>,
+}
+
+fn check_ifname(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains('/')
+        || name.contains('\0')
+        || name.contains(char::is_whitespace)
+    {
+        return Err(format!("{name:?} is not a network interface name (1-15 bytes)"));
+    }
+    Ok(())
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -57,18 +71,21 @@ impl std::str::FromStr for NetSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         let mut tap = None;
         let mut mac = None;
+        let mut bridge = None;
         for part in s.split(',') {
             match part.split_once('=') {
                 Some(("tap", name)) => tap = Some(name.to_string()),
                 Some(("mac", m)) => mac = Some(parse_mac(m)?),
-                _ => return Err(format!("unknown NIC option {part:?} (tap=NAME[,mac=MAC])")),
+                Some(("bridge", b)) => {
+                    check_ifname(b)?;
+                    bridge = Some(b.to_string());
+                }
+                _ => return Err(format!("unknown NIC option {part:?} (tap=NAME[,mac=MAC][,bridge=BR])")),
             }
         }
-        let tap = tap.ok_or("a NIC needs a TAP device: tap=NAME[,mac=MAC]")?;
-        if tap.is_empty() || tap.len() > 15 || tap.contains('/') || tap.contains('\0') {
-            return Err(format!("{tap:?} is not a network interface name (1-15 bytes)"));
-        }
-        Ok(Self { tap, mac })
+        let tap = tap.ok_or("a NIC needs a TAP device: tap=NAME[,mac=MAC][,bridge=BR]")?;
+        check_ifname(&tap)?;
+        Ok(Self { tap, mac, bridge })
     }
 }
 
@@ -263,5 +280,10 @@ mod tests {
         assert!("tap=x,mac=01:00:00:00:00:01".parse::<NetSpec>().is_err(), "multicast");
         assert!("tap=x,mac=zz:00:00:00:00:01".parse::<NetSpec>().is_err());
         assert!("tap=x,queues=4".parse::<NetSpec>().is_err());
+        assert_eq!(
+            "tap=x,bridge=xo0".parse::<NetSpec>().expect("bridge").bridge.as_deref(),
+            Some("xo0")
+        );
+        assert!("tap=x,bridge=".parse::<NetSpec>().is_err());
     }
 }

@@ -37,6 +37,9 @@ pub enum VmError {
     /// A TAP device cannot be used.
     #[error(transparent)]
     Tap(#[from] xcloud_devices::tap::TapError),
+    /// The host's network (a bridge) refused a NIC's setup.
+    #[error(transparent)]
+    HostNet(xcloud_devices::hostnet::NetlinkError),
     /// More devices than the VM has room for.
     #[error("a VM takes at most {max} virtio devices; {asked} were asked for")]
     TooManyDevices {

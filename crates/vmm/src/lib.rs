@@ -28,4 +28,5 @@ pub use lifecycle::{VmExit, VmState};
 pub use vm::{Blank, Vm, VmConfig, VmHandle};
 pub use xcloud_devices::console::{CaptureBuffer, Console};
 pub use xcloud_devices::disk::DiskSpec;
+pub use xcloud_devices::hostnet;
 pub use xcloud_devices::tap::NetSpec;

@@ -192,9 +192,15 @@ pub(crate) fn attach(
     for (index, (tap, spec)) in taps.into_iter().zip(nets).enumerate() {
         let at = place(machine, disks.len() + index, "virtio-net interrupt")?;
         let irq = at.irq.try_clone().map_err(device_error("virtio-net interrupt"))?;
+        if let Some(bridge) = &spec.bridge {
+            xcloud_devices::hostnet::Netlink::open()
+                .and_then(|mut nl| nl.set_master(&spec.tap, bridge))
+                .map_err(VmError::HostNet)?;
+        }
         let mac = spec.mac.unwrap_or_else(random_mac);
         let device = Arc::new(
-            NetDevice::new(index as u32, tap, mac, memory.clone(), irq).map_err(device_error("virtio-net device"))?,
+            NetDevice::new(index as u32, tap, mac, spec.bridge.clone(), memory.clone(), irq)
+                .map_err(device_error("virtio-net device"))?,
         );
         plug(machine, bus, &mut pci, &at, device.clone(), device.kick_fd(), &NET)?;
         devices.nics.push(device);

@@ -367,6 +367,7 @@ impl Vm {
             .map(|(nic, spec)| NetSpec {
                 tap: spec.tap.clone(),
                 mac: Some(nic.mac()),
+                bridge: spec.bridge.clone(),
             })
             .collect();
         let vcpu_part: Arc<dyn Component> = vcpu_set.clone();
@@ -586,6 +587,7 @@ fn saved_devices(state: &StateTree) -> Result<(Vec<DiskSpec>, Vec<NetSpec>), VmE
             Ok(NetSpec {
                 tap: s.tap,
                 mac: Some(s.mac),
+                bridge: s.bridge,
             })
         })
         .collect::<Result<_, VmError>>()?;

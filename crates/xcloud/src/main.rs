@@ -41,6 +41,12 @@ enum Command {
         #[arg(long)]
         api: Option<PathBuf>,
     },
+    /// An L2 overlay between hosts (a bridge and a VXLAN device, set up by rtnetlink): VMs
+    /// whose NICs join it (`--net tap=T,bridge=NAME`) keep their MAC and IP when they move.
+    Overlay {
+        #[command(subcommand)]
+        action: OverlayAction,
+    },
     /// Continue a VM from a snapshot directory.
     Restore {
         /// The directory `xcloud ctl PATH snapshot DIR` wrote.
@@ -133,6 +139,32 @@ enum CtlAction {
         /// Compress page frames with LZ4 (worth it on slow links).
         #[arg(long)]
         compress: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum OverlayAction {
+    /// Creates (or extends) the overlay on this host.
+    Up {
+        /// The bridge's name (the VXLAN device is NAME-vx).
+        name: String,
+        /// The VXLAN network identifier, the same on every host of the overlay.
+        #[arg(long)]
+        vni: u32,
+        /// This host's address on the network between the hosts.
+        #[arg(long)]
+        local: std::net::Ipv4Addr,
+        /// Another host of the overlay (repeat for each).
+        #[arg(long = "peer")]
+        peers: Vec<std::net::Ipv4Addr>,
+        /// The UDP port of VXLAN.
+        #[arg(long, default_value_t = xcloud_vmm::hostnet::VXLAN_PORT)]
+        port: u16,
+    },
+    /// Removes the overlay from this host.
+    Down {
+        /// The bridge's name.
+        name: String,
     },
 }
 
@@ -323,6 +355,26 @@ fn main() -> ExitCode {
             peer,
             api,
         } => run::receive(&listen, &identity, &peer, api.as_deref()),
+        Command::Overlay { action } => match action {
+            OverlayAction::Up {
+                name,
+                vni,
+                local,
+                peers,
+                port,
+            } => xcloud_vmm::hostnet::overlay_up(&name, vni, local, port, &peers)
+                .map(|o| {
+                    println!(
+                        "overlay {} up: VNI {vni}, {} via {local}, {} peers",
+                        o.bridge,
+                        o.vxlan,
+                        peers.len()
+                    );
+                    0
+                })
+                .map_err(Into::into),
+            OverlayAction::Down { name } => xcloud_vmm::hostnet::overlay_down(&name).map(|_| 0).map_err(Into::into),
+        },
         Command::Keygen { dir, name, force } => xcloud_migration::tls::Identity::generate(&dir, &name, force)
             .map(|_| {
                 println!(

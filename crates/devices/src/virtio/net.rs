@@ -122,6 +122,7 @@ struct Inner {
     transport: Transport,
     tap: Tap,
     mac: [u8; 6],
+    bridge: Option<String>,
 }
 
 /// A virtio-net NIC.
@@ -152,11 +153,12 @@ fn iovecs(mem: &GuestMemoryMmap, ranges: &[GuestRange]) -> Option<Vec<libc::iove
 }
 
 impl NetDevice {
-    /// NIC `index` on `tap` with address `mac`, raising `irq`.
+    /// NIC `index` on `tap` (on `bridge`, if any) with address `mac`, raising `irq`.
     pub fn new(
         index: u32,
         tap: Tap,
         mac: [u8; 6],
+        bridge: Option<String>,
         mem: Arc<dyn GuestMemoryHost>,
         irq: EventFd,
     ) -> std::io::Result<Self> {
@@ -165,7 +167,12 @@ impl NetDevice {
             Transport::new(features, &[QUEUE_SIZE, QUEUE_SIZE]).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         Ok(Self {
             index,
-            inner: Mutex::new(Inner { transport, tap, mac }),
+            inner: Mutex::new(Inner {
+                transport,
+                tap,
+                mac,
+                bridge,
+            }),
             mem,
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
             irq,
@@ -382,6 +389,7 @@ impl NetDevice {
         let inner = self.inner();
         NetState {
             tap: inner.tap.name().to_string(),
+            bridge: inner.bridge.clone(),
             mac: inner.mac,
             transport: inner.transport.save_state(),
         }

@@ -112,13 +112,16 @@ impl Persist for BlockState {
 }
 
 /// What a virtio-net NIC saves: section kind `virtio-net`, instance = the NIC's index on the
-/// command line. Layout version 1: tap name (u32 length + bytes, at most 15) | mac [6] | the
-/// transport with its two queues (receive, transmit). The MAC is part of the VM's identity:
-/// a restored or migrated VM keeps it.
+/// command line. Layout version 2: tap name (u32 length + bytes, at most 15) | bridge (u32
+/// length + bytes, at most 15; empty: none) | mac [6] | the transport with its two queues
+/// (receive, transmit). Version 1 had no bridge. The MAC is part of the VM's identity: a
+/// restored or migrated VM keeps it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetState {
     /// The TAP device's name on the host it was saved on.
     pub tap: String,
+    /// The bridge the TAP joined, if any.
+    pub bridge: Option<String>,
     /// The guest's MAC address.
     pub mac: [u8; 6],
     /// The transport and its queues.
@@ -127,30 +130,44 @@ pub struct NetState {
 
 impl Persist for NetState {
     const KIND: &'static str = "virtio-net";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         put_blob(&mut out, self.tap.as_bytes());
+        put_blob(&mut out, self.bridge.as_deref().unwrap_or("").as_bytes());
         out.extend_from_slice(&self.mac);
         put_transport(&mut out, &self.transport);
         out
     }
 
     fn decode(version: u32, body: &[u8]) -> Result<Self, FormatError> {
-        if version != 1 {
+        if version != 1 && version != 2 {
             return Err(xcloud_state::persist::unknown_version::<Self>(version));
         }
         let mut f = Fields::new(body, "virtio-net");
-        let tap = String::from_utf8(f.blob(15)?.to_vec()).map_err(|_| FormatError::Malformed {
-            what: "virtio-net",
-            detail: "the TAP name is not UTF-8".into(),
-        })?;
+        let name = |f: &mut Fields<'_>, what: &str| {
+            String::from_utf8(f.blob(15)?.to_vec()).map_err(|_| FormatError::Malformed {
+                what: "virtio-net",
+                detail: format!("the {what} name is not UTF-8"),
+            })
+        };
+        let tap = name(&mut f, "TAP")?;
+        let bridge = if version >= 2 {
+            Some(name(&mut f, "bridge")?).filter(|b| !b.is_empty())
+        } else {
+            None
+        };
         let mut mac = [0u8; 6];
         mac.copy_from_slice(f.bytes(6)?);
         let transport = read_transport(&mut f, "virtio-net", 2)?;
         f.finish()?;
-        Ok(Self { tap, mac, transport })
+        Ok(Self {
+            tap,
+            bridge,
+            mac,
+            transport,
+        })
     }
 }
 
@@ -162,6 +179,7 @@ mod tests {
     fn the_nic_state_round_trips_and_damage_is_refused() {
         let s = NetState {
             tap: "xc0".into(),
+            bridge: Some("xo0".into()),
             mac: [2, 0x78, 0x63, 1, 2, 3],
             transport: TransportState {
                 driver_features: 0x20,
@@ -172,10 +190,18 @@ mod tests {
             },
         };
         let body = s.encode();
-        assert_eq!(NetState::decode(1, &body).expect("decode"), s);
+        assert_eq!(NetState::decode(2, &body).expect("decode"), s);
         for cut in 0..body.len() {
-            assert!(NetState::decode(1, &body[..cut]).is_err(), "cut at {cut}");
+            assert!(NetState::decode(2, &body[..cut]).is_err(), "cut at {cut}");
         }
+        // Version 1: no bridge field.
+        let mut v1 = Vec::new();
+        put_blob(&mut v1, b"xc0");
+        v1.extend_from_slice(&s.mac);
+        put_transport(&mut v1, &s.transport);
+        let old = NetState::decode(1, &v1).expect("version 1");
+        assert_eq!((old.bridge, old.mac), (None, s.mac));
+        assert!(NetState::decode(3, &body).is_err());
     }
 
     #[test]

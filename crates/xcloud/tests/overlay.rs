@@ -1,0 +1,191 @@
+//! The L2 overlay: three "hosts" (network namespaces) on one underlay network, each with the
+//! overlay (`xcloud overlay up`, rtnetlink); httpd runs on host A behind the overlay, a real
+//! HTTP client on host C keeps a keep-alive connection busy, and the VM migrates to host B in
+//! the middle: no request fails, the connection survives, `/count` never goes back.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Namespaces(Vec<String>);
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn xcloud_in(ns: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
+        .arg(env!("CARGO_BIN_EXE_xcloud"))
+        .args(args)
+        .env("XCLOUD_LOG", "warn");
+    cmd
+}
+
+/// One response to `GET /count` on a keep-alive connection.
+fn get_count(r: &mut BufReader<std::net::TcpStream>, w: &mut std::net::TcpStream) -> anyhow::Result<u64> {
+    w.write_all(b"GET /count HTTP/1.1\r\nHost: vm\r\n\r\n")?;
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    anyhow::ensure!(status.starts_with("HTTP/1.1 200"), "status {status:?}");
+    let mut len = 0;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        anyhow::ensure!(!h.is_empty(), "the connection closed");
+        if h == "\r\n" {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse()?;
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(String::from_utf8(body)?.trim().parse()?)
+}
+
+#[test]
+fn a_client_across_the_overlay_sees_no_failed_request_while_the_vm_moves() {
+    let tag = std::process::id();
+    let [sw, a, b, c] = ["sw", "a", "b", "c"].map(|h| format!("xco-{h}-{tag}"));
+    let _cleanup = Namespaces(vec![sw.clone(), a.clone(), b.clone(), c.clone()]);
+    for ns in [&sw, &a, &b, &c] {
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(std::process::Stdio::null())
+            .status();
+        ip(&["netns", "add", ns]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+    }
+    // The underlay: the three hosts on one switch.
+    ip(&["-n", &sw, "link", "add", "u0", "type", "bridge"]);
+    ip(&["-n", &sw, "link", "set", "u0", "up"]);
+    let hosts = [(&a, "10.80.0.1"), (&b, "10.80.0.2"), (&c, "10.80.0.3")];
+    for (i, (ns, addr)) in hosts.iter().enumerate() {
+        let port = format!("s{i}");
+        ip(&[
+            "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ]);
+        ip(&["-n", &sw, "link", "set", &port, "master", "u0", "up"]);
+        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ip(&["-n", ns, "link", "set", "eth0", "up"]);
+    }
+    // The overlay on every host, each listing the other two.
+    for (ns, local) in hosts {
+        let mut args = vec!["overlay", "up", "xo0", "--vni", "42", "--local", local];
+        for (_, peer) in hosts.iter().filter(|(_, p)| *p != local) {
+            args.extend(["--peer", peer]);
+        }
+        let out = output_within(xcloud_in(ns, &args), Duration::from_secs(20));
+        assert!(out.status.success(), "overlay up on {ns}: {}", stderr(&out));
+    }
+    ip(&["-n", &c, "addr", "add", "10.74.0.1/24", "dev", "xo0"]);
+
+    let dir = std::env::temp_dir().join(format!("xcloud-overlay-{tag}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch");
+    for name in ["host-a", "host-b"] {
+        let out = run(&["keygen", dir.join(name).to_str().expect("utf-8"), "--name", name]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let socket = dir.join("src.sock");
+    let (_dst, _dst_out) = spawn_lines(xcloud_in(
+        &b,
+        &[
+            "receive",
+            "--listen",
+            "10.80.0.2:7710",
+            "--identity",
+            dir.join("host-b").to_str().expect("utf-8"),
+            "--peer",
+            dir.join("host-a").join("cert.der").to_str().expect("utf-8"),
+        ],
+    ));
+    let (mut src, src_out) = spawn_lines(xcloud_in(
+        &a,
+        &[
+            "run",
+            "--api",
+            socket.to_str().expect("utf-8"),
+            "--net",
+            "tap=xc0,mac=02:00:00:00:00:43,bridge=xo0",
+            "httpd",
+            "--",
+            "10.74.0.2/24",
+            "80",
+            "8",
+        ],
+    ));
+    next_line(&src_out, "httpd: serving");
+    wait_socket(&socket);
+
+    // The client on host C: one keep-alive connection, a request after another.
+    let stop = Arc::new(AtomicBool::new(false));
+    let client_stop = stop.clone();
+    let client = xcloud::netlab::Hosts::in_ns(&c, move || {
+        let s = std::net::TcpStream::connect_timeout(&"10.74.0.2:80".parse()?, Duration::from_secs(10))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut w = s.try_clone()?;
+        let mut r = BufReader::new(s);
+        let mut counts = Vec::new();
+        let mut slowest = Duration::ZERO;
+        while !client_stop.load(Ordering::SeqCst) {
+            let t = Instant::now();
+            counts.push(get_count(&mut r, &mut w)?);
+            slowest = slowest.max(t.elapsed());
+        }
+        Ok((counts, slowest))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let peer = dir.join("host-b").join("cert.der");
+    let (ok, text) = ctl(
+        &socket,
+        &[
+            "migrate",
+            "10.80.0.2:7710",
+            "--identity",
+            dir.join("host-a").to_str().expect("utf-8"),
+            "--peer",
+            peer.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(ok && text.contains("migrated to"), "{text}");
+    let migrated_at = Instant::now();
+    let status = src.wait().expect("the source ends");
+    assert!(status.success(), "the source ends once the VM runs on B");
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::SeqCst);
+    let (counts, slowest) = client
+        .join()
+        .expect("client thread")
+        .expect("no request failed and the connection survived");
+    eprintln!(
+        "{} requests, slowest {slowest:?}, migration: {text}, {:?} since the switch",
+        counts.len(),
+        migrated_at.elapsed()
+    );
+    assert!(counts.len() > 20, "the client kept going: {} requests", counts.len());
+    for pair in counts.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "/count goes up by one per request, never back");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
