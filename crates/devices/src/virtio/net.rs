@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use xcloud_state::{Component, StateError, StateTree};
 
@@ -123,7 +123,15 @@ struct Inner {
     tap: Tap,
     mac: [u8; 6],
     bridge: Option<String>,
+    /// Frames (with their header) taken from the TAP for a snapshot or a migration, delivered
+    /// before anything else the TAP has.
+    pending: std::collections::VecDeque<Vec<u8>>,
 }
+
+/// Most frames a saved NIC carries (what its TAP had queued while the VM was paused).
+pub const MAX_PENDING_FRAMES: usize = 256;
+/// Largest frame the TAP hands over (a 64 KiB segment and its headers).
+const MAX_RX_FRAME: usize = VNET_HDR_BYTES + 65_536 + 256;
 
 /// A virtio-net NIC.
 pub struct NetDevice {
@@ -172,6 +180,7 @@ impl NetDevice {
                 tap,
                 mac,
                 bridge,
+                pending: std::collections::VecDeque::new(),
             }),
             mem,
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -239,9 +248,42 @@ impl NetDevice {
     }
 
     fn receive(&self, inner: &mut Inner, mem: &GuestMemoryMmap) -> Result<usize, String> {
-        let Inner { transport, tap, .. } = inner;
+        let Inner {
+            transport,
+            tap,
+            pending,
+            ..
+        } = inner;
         let queue = &mut transport.queues[RX].0;
         let mut served = 0;
+        while let Some(frame) = pending.front() {
+            let chain = match queue.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => return Err(format!("its receive ring is invalid: {e}")),
+            };
+            let Some(chain) = chain else {
+                self.starved.store(true, Ordering::Relaxed);
+                return Ok(served);
+            };
+            let head = chain.head_index();
+            let ranges = parse_frame_chain(chain, mem, true).map_err(|e| format!("receive chain {head}: {e}"))?;
+            let mut at = 0usize;
+            for r in &ranges {
+                let n = (frame.len() - at).min(r.len as usize);
+                if n == 0 {
+                    break;
+                }
+                mem.write_slice(&frame[at..at + n], GuestAddress(r.addr))
+                    .map_err(|e| format!("receive chain {head}: {e}"))?;
+                self.mem.note_write(r.addr, n as u64);
+                at += n;
+            }
+            queue
+                .add_used(mem, head, at as u32)
+                .map_err(|e| format!("cannot complete receive chain {head}: {e}"))?;
+            pending.pop_front();
+            served += 1;
+        }
         while served < BATCH {
             let chain = match queue.iter(mem) {
                 Ok(mut it) => it.next(),
@@ -385,9 +427,29 @@ impl NetDevice {
         unsafe { inner.tap.write_frame(&iov) }.map(|_| ())
     }
 
+    /// Takes what the TAP has queued (frames that arrived while the VM was paused) into the
+    /// pending frames, so that a snapshot or a migration carries them instead of leaving them
+    /// behind on this host.
+    fn drain_tap(&self, inner: &mut Inner) {
+        let mut buf = vec![0u8; MAX_RX_FRAME];
+        while inner.pending.len() < MAX_PENDING_FRAMES {
+            let iov = [libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }];
+            // SAFETY: the iovec names a live local buffer.
+            match unsafe { inner.tap.read_frame(&iov) } {
+                Ok(Some(n)) => inner.pending.push_back(buf[..n].to_vec()),
+                _ => break,
+            }
+        }
+    }
+
     fn state(&self) -> NetState {
-        let inner = self.inner();
+        let mut inner = self.inner();
+        self.drain_tap(&mut inner);
         NetState {
+            pending: inner.pending.iter().cloned().collect(),
             tap: inner.tap.name().to_string(),
             bridge: inner.bridge.clone(),
             mac: inner.mac,
@@ -520,6 +582,7 @@ impl Component for NetDevice {
         let s = from.require::<NetState>(self.index)?;
         let mut inner = self.inner();
         inner.mac = s.mac;
+        inner.pending = s.pending.into_iter().collect();
         inner
             .transport
             .restore_state(&s.transport, self.mem.as_ref())
@@ -548,7 +611,7 @@ pub mod testing {
         let (idx, rest) = data.split_at(data.len().min(2));
         let (ring, rest) = rest.split_at(rest.len().min(32));
         let (table, rest) = rest.split_at(rest.len().min(4096));
-        use vm_memory::Bytes;
+
         let _ = mem.write_slice(idx, GuestAddress(avail + 2));
         let _ = mem.write_slice(ring, GuestAddress(avail + 4));
         let _ = mem.write_slice(table, GuestAddress(desc));

@@ -112,9 +112,12 @@ impl Persist for BlockState {
 }
 
 /// What a virtio-net NIC saves: section kind `virtio-net`, instance = the NIC's index on the
-/// command line. Layout version 2: tap name (u32 length + bytes, at most 15) | bridge (u32
+/// command line. Layout version 3: tap name (u32 length + bytes, at most 15) | bridge (u32
 /// length + bytes, at most 15; empty: none) | mac [6] | the transport with its two queues
-/// (receive, transmit). Version 1 had no bridge. The MAC is part of the VM's identity: a
+/// (receive, transmit) | pending frames: u32 count (at most 256), each u32 length + bytes (at
+/// most 65,802: header and a 64 KiB segment) — what the TAP had queued while the VM was
+/// paused, delivered first where it continues. Version 2 had no pending frames, version 1 no
+/// bridge either. The MAC is part of the VM's identity: a
 /// restored or migrated VM keeps it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetState {
@@ -126,11 +129,16 @@ pub struct NetState {
     pub mac: [u8; 6],
     /// The transport and its queues.
     pub transport: TransportState,
+    /// Frames for the guest, with their virtio-net header, not delivered yet.
+    pub pending: Vec<Vec<u8>>,
 }
+
+const MAX_PENDING: usize = 256;
+const MAX_PENDING_FRAME: usize = 10 + 65_536 + 256;
 
 impl Persist for NetState {
     const KIND: &'static str = "virtio-net";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
 
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -138,11 +146,15 @@ impl Persist for NetState {
         put_blob(&mut out, self.bridge.as_deref().unwrap_or("").as_bytes());
         out.extend_from_slice(&self.mac);
         put_transport(&mut out, &self.transport);
+        out.extend_from_slice(&(self.pending.len() as u32).to_le_bytes());
+        for frame in &self.pending {
+            put_blob(&mut out, frame);
+        }
         out
     }
 
     fn decode(version: u32, body: &[u8]) -> Result<Self, FormatError> {
-        if version != 1 && version != 2 {
+        if !(1..=3).contains(&version) {
             return Err(xcloud_state::persist::unknown_version::<Self>(version));
         }
         let mut f = Fields::new(body, "virtio-net");
@@ -161,12 +173,26 @@ impl Persist for NetState {
         let mut mac = [0u8; 6];
         mac.copy_from_slice(f.bytes(6)?);
         let transport = read_transport(&mut f, "virtio-net", 2)?;
+        let mut pending = Vec::new();
+        if version >= 3 {
+            let count = f.u32()? as usize;
+            if count > MAX_PENDING {
+                return Err(FormatError::Malformed {
+                    what: "virtio-net",
+                    detail: format!("{count} pending frames (at most {MAX_PENDING})"),
+                });
+            }
+            for _ in 0..count {
+                pending.push(f.blob(MAX_PENDING_FRAME)?.to_vec());
+            }
+        }
         f.finish()?;
         Ok(Self {
             tap,
             bridge,
             mac,
             transport,
+            pending,
         })
     }
 }
@@ -188,11 +214,12 @@ mod tests {
                 isr: 0,
                 queues: vec![(0x100, 256, 0), (0x104, 7, 7)],
             },
+            pending: vec![vec![1, 2, 3], vec![0; 70]],
         };
         let body = s.encode();
-        assert_eq!(NetState::decode(2, &body).expect("decode"), s);
+        assert_eq!(NetState::decode(3, &body).expect("decode"), s);
         for cut in 0..body.len() {
-            assert!(NetState::decode(2, &body[..cut]).is_err(), "cut at {cut}");
+            assert!(NetState::decode(3, &body[..cut]).is_err(), "cut at {cut}");
         }
         // Version 1: no bridge field.
         let mut v1 = Vec::new();
@@ -201,7 +228,7 @@ mod tests {
         put_transport(&mut v1, &s.transport);
         let old = NetState::decode(1, &v1).expect("version 1");
         assert_eq!((old.bridge, old.mac), (None, s.mac));
-        assert!(NetState::decode(3, &body).is_err());
+        assert!(NetState::decode(4, &body).is_err());
     }
 
     #[test]
