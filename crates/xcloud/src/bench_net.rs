@@ -5,6 +5,7 @@
 //! the guest side's rate is the client's (from connect to the receiver's close), the same
 //! measure as the loopback side's, and exits per MiB are the guest's doorbells.
 
+use crate::netlab::ip;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -79,17 +80,6 @@ fn loopback(bytes: u64, one_core: Option<usize>) -> Result<f64> {
         bail!("loopback receiver got {got} of {bytes} bytes");
     }
     Ok(seconds)
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("cannot run ip (iproute2)")?;
-    if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
 }
 
 struct Namespace(String);

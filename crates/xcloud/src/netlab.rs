@@ -107,7 +107,9 @@ pub fn command_in(ns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Com
     }
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+/// `ip ARGS` (iproute2), which must succeed: how the benchmarks and tests set up their hosts
+/// (the product configures host networking through rtnetlink, never with `ip`).
+pub fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()

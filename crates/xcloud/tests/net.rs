@@ -5,60 +5,18 @@
 mod common;
 use common::*;
 use std::io::Write;
-use std::process::Command;
 use std::time::Duration;
 
-/// A network namespace that is deleted when dropped.
-struct Namespace(String);
-
-impl Namespace {
-    fn new(tag: &str) -> Self {
-        let name = format!("xct-{tag}-{}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(std::process::Stdio::null())
-            .status();
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip netns add");
-        assert!(ok.success(), "cannot create namespace {name}");
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        Self(name)
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn xcloud_in(ns: &Namespace, args: &[&str]) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.0])
-        .arg(env!("CARGO_BIN_EXE_xcloud"))
-        .args(args)
-        .env("XCLOUD_LOG", "warn");
-    cmd
+fn namespace(tag: &str) -> Namespace {
+    Namespace::new(&format!("xct-{tag}-{}", std::process::id()))
 }
 
 #[test]
 fn a_host_client_streams_to_the_guest_over_a_tap_and_every_byte_arrives() {
     const BYTES: usize = 32 << 20;
-    let ns = Namespace::new("net");
+    let ns = namespace("net");
     let (_vm, lines) = spawn_lines(xcloud_in(
-        &ns,
+        &ns.0,
         &[
             "run",
             "--net",
@@ -117,9 +75,9 @@ fn thread_cpu_ms(pid: u32, name: &str) -> u64 {
 
 #[test]
 fn an_idle_network_guest_gives_its_core_back() {
-    let ns = Namespace::new("idle");
+    let ns = namespace("idle");
     let (vm, lines) = spawn_lines(xcloud_in(
-        &ns,
+        &ns.0,
         &["run", "--net", "tap=xc0", "netrecv", "--", "10.76.0.2/24"],
     ));
     next_line(&lines, "netrecv: listening");
@@ -147,14 +105,14 @@ fn bad_nics_are_refused_before_the_guest_starts() {
         );
     }
     // A TAP another process holds.
-    let ns = Namespace::new("busy");
+    let ns = namespace("busy");
     let (_vm, lines) = spawn_lines(xcloud_in(
-        &ns,
+        &ns.0,
         &["run", "--net", "tap=xc0", "netrecv", "--", "10.78.0.2/24"],
     ));
     next_line(&lines, "netrecv: listening");
     let out = output_within(
-        xcloud_in(&ns, &["run", "--net", "tap=xc0", "hello"]),
+        xcloud_in(&ns.0, &["run", "--net", "tap=xc0", "hello"]),
         Duration::from_secs(30),
     );
     assert!(!out.status.success(), "a second VMM on the same TAP is refused");
@@ -169,9 +127,9 @@ fn bad_nics_are_refused_before_the_guest_starts() {
 #[test]
 fn httpd_serves_keep_alive_requests_counts_them_and_refuses_bad_ones() {
     use std::io::{BufRead, BufReader, Read};
-    let ns = Namespace::new("http");
+    let ns = namespace("http");
     let (_vm, lines) = spawn_lines(xcloud_in(
-        &ns,
+        &ns.0,
         &["run", "--net", "tap=xc0", "httpd", "--", "10.75.0.2/24", "8080", "4"],
     ));
     next_line(&lines, "httpd: serving");

@@ -11,35 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-struct Namespaces(Vec<String>);
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn xcloud_in(ns: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns])
-        .arg(env!("CARGO_BIN_EXE_xcloud"))
-        .args(args)
-        .env("XCLOUD_LOG", "warn");
-    cmd
-}
-
 /// One response to `GET /count` on a keep-alive connection.
 fn get_count(r: &mut BufReader<std::net::TcpStream>, w: &mut std::net::TcpStream) -> anyhow::Result<u64> {
     w.write_all(b"GET /count HTTP/1.1\r\nHost: vm\r\n\r\n")?;
@@ -86,15 +57,7 @@ struct Topology {
 /// A LAN: the three hosts on one switch.
 fn lan(tag: &str) -> Topology {
     let [sw, a, b, c] = ["s", "a", "b", "c"].map(|h| format!("xo{h}-{tag}"));
-    let keep = Namespaces(vec![sw.clone(), a.clone(), b.clone(), c.clone()]);
-    for ns in [&sw, &a, &b, &c] {
-        let _ = Command::new("ip")
-            .args(["netns", "del", ns])
-            .stderr(std::process::Stdio::null())
-            .status();
-        ip(&["netns", "add", ns]);
-        ip(&["-n", ns, "link", "set", "lo", "up"]);
-    }
+    let keep: Vec<Namespace> = [&sw, &a, &b, &c].iter().map(|ns| Namespace::new(ns)).collect();
     ip(&["-n", &sw, "link", "add", "u0", "type", "bridge"]);
     ip(&["-n", &sw, "link", "set", "u0", "up"]);
     let ips = ["10.80.0.1", "10.80.0.2", "10.80.0.3"].map(String::from);
@@ -122,13 +85,7 @@ fn wan(tag: &str) -> Topology {
     let hosts = xcloud::netlab::Hosts::new(xcloud::netlab::LinkSpec::wan(1_000_000_000, Duration::from_millis(20)))
         .expect("namespaces (run the tests as root)");
     let c = format!("xoc-{tag}");
-    let keep_c = Namespaces(vec![c.clone()]);
-    let _ = Command::new("ip")
-        .args(["netns", "del", &c])
-        .stderr(std::process::Stdio::null())
-        .status();
-    ip(&["netns", "add", &c]);
-    ip(&["-n", &c, "link", "set", "lo", "up"]);
+    let keep_c = Namespace::new(&c);
     ip(&[
         "-n", &hosts.dst, "link", "add", "bc0", "type", "veth", "peer", "name", "eth0", "netns", &c,
     ]);

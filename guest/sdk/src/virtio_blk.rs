@@ -12,7 +12,7 @@
 use crate::heap::alloc::{alloc_zeroed, dealloc, Layout};
 use crate::heap::vec::Vec;
 use crate::hypercall::{inb, inl, inw, outb, outl, outw};
-use core::sync::atomic::{fence, Ordering};
+use crate::virtqueue::{alloc_pages, Desc, Virtqueue, DESC_F_NEXT, DESC_F_WRITE};
 
 const VENDOR: u16 = 0x1af4;
 const BLOCK_TYPE: u16 = 2;
@@ -35,11 +35,6 @@ const STATUS_FAILED: u8 = 0x80;
 
 const F_RO: u32 = 1 << 5;
 const F_FLUSH: u32 = 1 << 9;
-
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
-const AVAIL_F_NO_INTERRUPT: u16 = 1;
-const USED_F_NO_NOTIFY: u16 = 1;
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
@@ -71,15 +66,6 @@ pub enum DiskError {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct Desc {
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
-}
-
-#[repr(C)]
 struct Slot {
     header: [u8; 16],
     status: u8,
@@ -88,15 +74,10 @@ struct Slot {
 /// An open virtio-blk disk.
 pub struct Disk {
     io: u16,
-    size: u16,
-    desc: *mut Desc,
-    avail: *mut u16,
-    used: *mut u16,
+    queue: Virtqueue,
     slots: *mut Slot,
     /// Slots in use; a slot's chain is descriptors 3s, 3s+1, 3s+2.
     busy: Vec<bool>,
-    avail_idx: u16,
-    last_used: u16,
     sectors: u64,
     read_only: bool,
     /// Doorbells rung (each one a VM exit).
@@ -106,13 +87,6 @@ pub struct Disk {
 // SAFETY: the disk owns its queue memory exclusively; moving it to another vCPU moves that
 // ownership with it.
 unsafe impl Send for Disk {}
-
-fn alloc_pages(bytes: usize) -> Option<*mut u8> {
-    let layout = Layout::from_size_align(bytes.div_ceil(PAGE) * PAGE, PAGE).ok()?;
-    // SAFETY: non-zero size; the memory belongs to the device for the rest of the guest's life.
-    let p = unsafe { alloc_zeroed(layout) };
-    (!p.is_null()).then_some(p)
-}
 
 impl Disk {
     /// Opens the `index`th virtio-blk disk on PCI bus 0.
@@ -135,37 +109,24 @@ impl Disk {
             outb(io + REG_STATUS, STATUS_FAILED);
             return Err(DiskError::Refused);
         }
-        let n = size as usize;
-        let avail_at = 16 * n;
-        let used_at = (avail_at + 6 + 2 * n).div_ceil(PAGE) * PAGE;
-        let ring = alloc_pages(used_at + 6 + 8 * n).ok_or(DiskError::Refused)?;
-        let slot_count = n / 3;
+        let queue = Virtqueue::new(size).ok_or(DiskError::Refused)?;
+        let slot_count = size as usize / 3;
         let slots = alloc_pages(slot_count * core::mem::size_of::<Slot>()).ok_or(DiskError::Refused)? as *mut Slot;
         let sectors = inl(io + REG_CONFIG) as u64 | (inl(io + REG_CONFIG + 4) as u64) << 32;
-        let mut disk = Self {
+        outl(io + REG_QUEUE_PFN, queue.pfn());
+        let disk = Self {
             io,
-            size,
-            desc: ring as *mut Desc,
-            // SAFETY: both offsets are inside the block just allocated for the rings.
-            avail: unsafe { ring.add(avail_at) } as *mut u16,
-            // SAFETY: as above.
-            used: unsafe { ring.add(used_at) } as *mut u16,
+            queue,
             slots,
             busy: alloc::vec![false; slot_count],
-            avail_idx: 0,
-            last_used: 0,
             sectors,
             read_only: offered & F_RO != 0,
             kicks: 0,
         };
-        // SAFETY: the available ring's flags word is the first u16 of the ring.
-        unsafe { core::ptr::write_volatile(disk.avail, AVAIL_F_NO_INTERRUPT) };
-        outl(io + REG_QUEUE_PFN, (ring as usize / PAGE) as u32);
         outb(io + REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK);
         if inb(io + REG_STATUS) & (STATUS_NEEDS_RESET | STATUS_FAILED) != 0 {
             return Err(DiskError::Refused);
         }
-        disk.busy.fill(false);
         Ok(disk)
     }
 
@@ -199,9 +160,9 @@ impl Disk {
     /// available; rings the doorbell if the device sleeps.
     fn submit(&mut self, s: usize, kind: u32, sector: u64, data: u64, len: u32) {
         self.busy[s] = true;
-        // SAFETY: s < slot count, so the slot and its three descriptors (3s + 2 < size) are
-        // inside the driver's own allocations; the device reads them only after the avail
-        // index below is published.
+        // SAFETY: s < slot count, so the slot is inside the driver's own allocation (and its
+        // three descriptors, 3s + 2 < size, inside the table); the device reads them only after
+        // `push` below publishes the available index.
         unsafe {
             let slot = &mut *self.slots.add(s);
             slot.header[0..4].copy_from_slice(&kind.to_le_bytes());
@@ -235,20 +196,12 @@ impl Disk {
                 chain[0].next = head + 2;
             }
             for (i, d) in chain.iter().enumerate() {
-                core::ptr::write_volatile(self.desc.add(head as usize + i), *d);
+                self.queue.set_desc(head + i as u16, *d);
             }
-            let ring = self.avail.add(2);
-            core::ptr::write_volatile(ring.add((self.avail_idx % self.size) as usize), head);
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-            fence(Ordering::Release);
-            core::ptr::write_volatile(self.avail.add(1), self.avail_idx);
-            // The device may have gone to sleep just before the index moved: the full fence
-            // orders the index store before the flags load (virtio 1.x, 2.7.13).
-            fence(Ordering::SeqCst);
-            if core::ptr::read_volatile(self.used) & USED_F_NO_NOTIFY == 0 {
-                outw(self.io + REG_QUEUE_NOTIFY, 0);
-                self.kicks += 1;
-            }
+        }
+        if self.queue.push(3 * s as u16) {
+            outw(self.io + REG_QUEUE_NOTIFY, 0);
+            self.kicks += 1;
         }
     }
 
@@ -256,18 +209,8 @@ impl Disk {
     fn reap(&mut self) -> Result<usize, DiskError> {
         let mut done = 0;
         let mut failure = None;
-        loop {
-            // SAFETY: the used index is the second u16 of the used ring, written by the device.
-            let used_idx = unsafe { core::ptr::read_volatile(self.used.add(1)) };
-            if used_idx == self.last_used {
-                break;
-            }
-            fence(Ordering::Acquire);
-            let at = (self.last_used % self.size) as usize;
-            // SAFETY: element `at` < size of the used ring (u32 id, u32 len after the 4-byte
-            // header), inside the ring allocation.
-            let id = unsafe { core::ptr::read_volatile((self.used.add(2) as *const u32).add(2 * at)) } as usize;
-            self.last_used = self.last_used.wrapping_add(1);
+        while let Some((id, _)) = self.queue.pop_used() {
+            let id = id as usize;
             let s = id / 3;
             if !id.is_multiple_of(3) || s >= self.busy.len() || !self.busy[s] {
                 return Err(DiskError::Broken);

@@ -12,7 +12,7 @@
 use super::legacy::{self, Effect, Transport, F_EVENT_IDX, F_INDIRECT_DESC, ISR_QUEUE};
 use super::persist::BlockState;
 use super::worker::{self, Gate, Serve, WorkerGuard};
-use super::{GuestMemoryHost, GuestRange};
+use super::{guest_iovecs, GuestMemoryHost, GuestRange};
 use crate::bus::PortDevice;
 use crate::disk::{DiskFile, SECTOR_BYTES};
 use std::sync::atomic::AtomicBool;
@@ -368,7 +368,7 @@ impl BlockDevice {
                 if bytes % SECTOR_BYTES != 0 || !in_disk {
                     return Err(status_byte::IOERR);
                 }
-                let mut iov = iovecs(mem, &r.data).ok_or(status_byte::IOERR)?;
+                let mut iov = guest_iovecs(mem, &r.data).ok_or(status_byte::IOERR)?;
                 if r.kind == request::IN {
                     // SAFETY: every iovec is a checked range of guest RAM, which stays mapped
                     // while the VM (which owns this device) lives.
@@ -487,20 +487,6 @@ impl Serve for BlockDevice {
             self.stats.kicks.fetch_add(n, Ordering::Relaxed);
         }
     }
-}
-
-/// Guest RAM ranges as iovecs (None when a range is not entirely RAM).
-fn iovecs(mem: &GuestMemoryMmap, ranges: &[GuestRange]) -> Option<Vec<libc::iovec>> {
-    ranges
-        .iter()
-        .map(|r| {
-            let slice = mem.get_slice(GuestAddress(r.addr), r.len as usize).ok()?;
-            Some(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: r.len as usize,
-            })
-        })
-        .collect()
 }
 
 impl PortDevice for BlockDevice {

@@ -66,6 +66,23 @@ pub trait GuestMemoryHost: Send + Sync {
     fn completed(&self) {}
 }
 
+/// Guest RAM ranges as iovecs for `readv`/`writev` straight to and from guest memory (None
+/// when a range is not entirely RAM). The pointers stay valid while the VM's memory is mapped,
+/// which outlives every device.
+pub(crate) fn guest_iovecs(mem: &GuestMemoryMmap, ranges: &[GuestRange]) -> Option<Vec<libc::iovec>> {
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
+    ranges
+        .iter()
+        .map(|r| {
+            let slice = mem.get_slice(GuestAddress(r.addr), r.len as usize).ok()?;
+            Some(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: r.len as usize,
+            })
+        })
+        .collect()
+}
+
 /// A guest-physical range of a descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GuestRange {

@@ -11,7 +11,7 @@
 use super::legacy::{self, Effect, Transport, F_EVENT_IDX, F_INDIRECT_DESC, ISR_QUEUE};
 use super::persist::NetState;
 use super::worker::{self, Gate, Serve, WorkerGuard};
-use super::{GuestMemoryHost, GuestRange};
+use super::{guest_iovecs, GuestMemoryHost, GuestRange};
 use crate::bus::PortDevice;
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, VNET_HDR_BYTES};
 use std::os::fd::{AsRawFd, RawFd};
@@ -147,19 +147,6 @@ pub struct NetDevice {
     stats: NetStats,
 }
 
-fn iovecs(mem: &GuestMemoryMmap, ranges: &[GuestRange]) -> Option<Vec<libc::iovec>> {
-    ranges
-        .iter()
-        .map(|r| {
-            let slice = mem.get_slice(GuestAddress(r.addr), r.len as usize).ok()?;
-            Some(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: r.len as usize,
-            })
-        })
-        .collect()
-}
-
 impl NetDevice {
     /// NIC `index` on `tap` (on `bridge`, if any) with address `mac`, raising `irq`.
     pub fn new(
@@ -233,7 +220,7 @@ impl NetDevice {
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let ranges = parse_frame_chain(chain, mem, false).map_err(|e| format!("transmit chain {head}: {e}"))?;
-            let iov = iovecs(mem, &ranges).ok_or_else(|| format!("transmit chain {head} left guest RAM"))?;
+            let iov = guest_iovecs(mem, &ranges).ok_or_else(|| format!("transmit chain {head} left guest RAM"))?;
             // SAFETY: every iovec is a checked range of guest RAM, mapped while the VM lives.
             match unsafe { tap.write_frame(&iov) } {
                 Ok(_) => {}
@@ -296,7 +283,7 @@ impl NetDevice {
             self.starved.store(false, Ordering::Relaxed);
             let head = chain.head_index();
             let ranges = parse_frame_chain(chain, mem, true).map_err(|e| format!("receive chain {head}: {e}"))?;
-            let iov = iovecs(mem, &ranges).ok_or_else(|| format!("receive chain {head} left guest RAM"))?;
+            let iov = guest_iovecs(mem, &ranges).ok_or_else(|| format!("receive chain {head} left guest RAM"))?;
             // SAFETY: as for transmit; the device writes these buffers, which the driver gave it.
             match unsafe { tap.read_frame(&iov) } {
                 Ok(Some(n)) => {

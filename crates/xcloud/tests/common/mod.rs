@@ -210,3 +210,46 @@ pub fn assert_keeps_running(
     }
     assert!(out.try_iter().any(|l| l.contains(needle)), "no '{needle}' printed");
 }
+
+/// A network namespace a test made (with its loopback up); deleted when dropped.
+pub struct Namespace(pub String);
+
+impl Namespace {
+    /// Namespace `name`, made afresh (a leftover of that name is deleted first).
+    pub fn new(name: &str) -> Self {
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        ip(&["netns", "add", name]);
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        Self(name.to_string())
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// `ip ARGS`, which must succeed (tests set up their hosts with it; the product never does).
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `xcloud ARGS` inside namespace `ns`.
+pub fn xcloud_in(ns: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
+        .arg(env!("CARGO_BIN_EXE_xcloud"))
+        .args(args)
+        .env("XCLOUD_LOG", "warn");
+    cmd
+}
