@@ -254,6 +254,11 @@ impl DiskFile {
         Ok(done)
     }
 
+    /// A second descriptor of the image, for reading it beside the device (a migration's copy).
+    pub fn reader(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// Makes every completed write durable.
     pub fn flush(&self) -> std::io::Result<()> {
         self.file.sync_data()
@@ -276,6 +281,33 @@ impl DiskFile {
             Err(std::io::Error::last_os_error())
         }
     }
+}
+
+/// The byte ranges of `file` (of `size` bytes) that hold data, by SEEK_DATA/SEEK_HOLE: a
+/// sparse image's holes need not be read or sent. A filesystem without them reports all data.
+pub fn data_extents(file: &File, size: u64) -> Vec<(u64, u64)> {
+    let fd = file.as_raw_fd();
+    let mut extents = Vec::new();
+    let mut at = 0u64;
+    while at < size {
+        // SAFETY: lseek on a descriptor the caller owns; it only moves that file's offset.
+        let data = unsafe { libc::lseek(fd, at as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                // No SEEK_DATA here: everything is data.
+                extents.push((at, size));
+            }
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { size } else { (hole as u64).min(size) };
+        if end > data as u64 {
+            extents.push((data as u64, end));
+        }
+        at = end.max(data as u64 + 1);
+    }
+    extents
 }
 
 /// Drops `n` transferred bytes from the front of `iov[first..]`; returns the new first iovec.
@@ -365,6 +397,25 @@ mod tests {
         for p in [small, ok] {
             let _ = std::fs::remove_file(p);
         }
+    }
+
+    #[test]
+    fn extents_skip_the_holes_of_a_sparse_image() {
+        use std::io::{Seek, SeekFrom, Write};
+        let path = temp("sparse", 16 << 20);
+        let mut f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.seek(SeekFrom::Start(8 << 20)).expect("seek");
+        f.write_all(&[7u8; 4096]).expect("write");
+        f.sync_all().expect("sync");
+        let f = File::open(&path).expect("open");
+        let extents = data_extents(&f, 16 << 20);
+        let covered: u64 = extents.iter().map(|(a, b)| b - a).sum();
+        assert!(
+            extents.iter().any(|&(a, b)| a <= 8 << 20 && b >= (8 << 20) + 4096),
+            "{extents:?}"
+        );
+        assert!(covered < 4 << 20, "the holes are skipped: {extents:?}");
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The destination side: checks the stream, builds the VM, applies pages while they arrive,
 //! and starts the VM only on the source's GO.
 
+use crate::disks::DiskReceiver;
 use crate::duplex::Duplex;
 use crate::error::MigrationError;
 use crate::host_cpu::{cpu_features, cpu_vendor};
@@ -23,6 +24,16 @@ pub struct Incoming<S: Read + Write> {
     stream: S,
     /// Set in post-copy: the pages still to come, and the userfaultfd that holds them back.
     postcopy: Option<(Uffd, Vec<u64>)>,
+    /// The images the disks were copied into: removed unless the VM starts here.
+    disks: Option<DiskReceiver>,
+}
+
+/// Tuning of the destination side.
+#[derive(Clone, Debug, Default)]
+pub struct ReceiveOptions {
+    /// Where a VM's disks are copied to (a new image per disk, named as at the source); None:
+    /// a VM with disks is refused.
+    pub disk_dir: Option<std::path::PathBuf>,
 }
 
 impl<S: Read + Write> Incoming<S> {
@@ -40,6 +51,9 @@ impl<S: Duplex + Send + 'static> Incoming<S> {
         let mut buf = Vec::new();
         wire::expect_frame(&mut self.stream, &mut buf, Kind::Go, "GO")?;
         self.vm.start()?;
+        if let Some(disks) = self.disks.take() {
+            disks.keep();
+        }
         wire::write_frame(&mut self.stream, Kind::Running, &[])?;
         self.stream.flush().map_err(WireError::from)?;
         if let Some((uffd, pfns)) = self.postcopy.take() {
@@ -160,13 +174,17 @@ fn refuse<S: Write>(stream: &mut S, reason: String) -> MigrationError {
 /// guest still runs at the source meanwhile, and decrypting and writing pages at normal
 /// priority took its core for whole scheduler ticks. The VM is started later from the calling
 /// thread, so its vCPUs keep the caller's priority.
-pub fn receive<S: Read + Write + Send>(stream: S, console: Console) -> Result<Incoming<S>, MigrationError> {
+pub fn receive<S: Read + Write + Send>(
+    stream: S,
+    console: Console,
+    options: &ReceiveOptions,
+) -> Result<Incoming<S>, MigrationError> {
     std::thread::scope(|scope| {
         let receiver = std::thread::Builder::new()
             .name("receiver".into())
             .spawn_scoped(scope, move || {
                 xcloud_vm_core::host::lower_thread_priority(0);
-                receive_here(stream, console)
+                receive_here(stream, console, options)
             })
             .map_err(|e| MigrationError::Wire(WireError::Io(e)))?;
         receiver
@@ -175,7 +193,12 @@ pub fn receive<S: Read + Write + Send>(stream: S, console: Console) -> Result<In
     })
 }
 
-fn receive_here<S: Read + Write>(mut stream: S, console: Console) -> Result<Incoming<S>, MigrationError> {
+fn receive_here<S: Read + Write>(
+    mut stream: S,
+    console: Console,
+    options: &ReceiveOptions,
+) -> Result<Incoming<S>, MigrationError> {
+    let mut disks = DiskReceiver::new(options.disk_dir.as_deref());
     let mut buf = Vec::new();
     wire::expect_frame(&mut stream, &mut buf, Kind::Hello, "HELLO")?;
     let hello = match Hello::decode(&buf) {
@@ -310,6 +333,16 @@ fn receive_here<S: Read + Write>(mut stream: S, console: Console) -> Result<Inco
                         return Err(applier_gone().into());
                     }
                 }
+                Kind::DiskBegin => {
+                    if let Err(why) = disks.begin(&buf) {
+                        return Err(refuse(&mut stream, why));
+                    }
+                }
+                Kind::DiskData => {
+                    if let Err(why) = disks.data(&buf) {
+                        return Err(refuse(&mut stream, why));
+                    }
+                }
                 Kind::Sync => {
                     if let Err(e) = caught_up() {
                         return Err(refuse(&mut stream, e.to_string()));
@@ -329,10 +362,13 @@ fn receive_here<S: Read + Write>(mut stream: S, console: Console) -> Result<Inco
         }
     });
     let (state, state_arrived, applying) = received?;
-    let state = match StateTree::decode(&state) {
+    let mut state = match StateTree::decode(&state) {
         Ok(s) => s,
         Err(e) => return Err(refuse(&mut stream, flatten_error(&e))),
     };
+    if let Err(why) = disks.finish(&mut state) {
+        return Err(refuse(&mut stream, why));
+    }
     // The state is checked against the machine built for the HELLO (its shape, every section).
     let vm = match Vm::from_state(blank, state, console) {
         Ok(vm) => vm,
@@ -343,7 +379,12 @@ fn receive_here<S: Read + Write>(mut stream: S, console: Console) -> Result<Inco
         state_arrived - receiving,
         state_arrived.elapsed()
     );
-    Ok(Incoming { vm, stream, postcopy })
+    Ok(Incoming {
+        vm,
+        stream,
+        postcopy,
+        disks: Some(disks),
+    })
 }
 
 /// How long a connecting peer has to complete the TLS handshake (prove it is the pinned source).
@@ -369,6 +410,7 @@ pub fn listen_and_receive(
     addr: &str,
     creds: &Credentials,
     console: Console,
+    options: &ReceiveOptions,
 ) -> Result<Incoming<tls::ServerStream>, MigrationError> {
     use std::sync::atomic::Ordering;
     let listen_err = |source| MigrationError::Listen {
@@ -390,7 +432,7 @@ pub fn listen_and_receive(
         }
         pending.retain(|p| !p.done.load(Ordering::SeqCst));
         if let Ok(stream) = authenticated.recv_timeout(Duration::from_millis(10)) {
-            return receive(stream, console);
+            return receive(stream, console, options);
         }
         let (tcp, peer) = match listener.accept() {
             Ok(accepted) => {

@@ -38,8 +38,8 @@ pub enum MigrationError {
         /// The system's answer.
         source: std::io::Error,
     },
-    #[error("cannot migrate a VM with disks yet ({0}): a live migration does not carry disk contents, and a destination with a copy of the image would run the guest on stale data")]
-    /// The VM has virtio disks, which a migration does not carry yet.
+    #[error("cannot migrate a VM with disks ({0}) by post-copy yet: its disks move with pre-copy only (leave out --postcopy)")]
+    /// The VM has virtio disks, which only a pre-copy migration carries.
     HasDisks(String),
     #[error("cannot migrate a VM that is {0:?}")]
     /// The VM is in a state that cannot migrate (created, stopped).

@@ -45,7 +45,7 @@ mod tests {
             }
         }
         let feed = Feed(std::io::Cursor::new(migration_hello(4 << 20)), Vec::new());
-        let result = crate::destination::receive(feed, Console::new(Box::new(std::io::sink())));
+        let result = crate::destination::receive(feed, Console::new(Box::new(std::io::sink())), &Default::default());
         match result {
             Err(crate::error::MigrationError::Wire(wire::WireError::Io(e))) => {
                 assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof)

@@ -21,6 +21,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod destination;
+mod disks;
 mod duplex;
 pub mod error;
 pub mod fuzzing;
@@ -35,7 +36,7 @@ mod throttle;
 pub mod tls;
 pub mod wire;
 
-pub use destination::{listen_and_receive, receive, Incoming};
+pub use destination::{listen_and_receive, receive, Incoming, ReceiveOptions};
 pub use duplex::Duplex;
 pub use error::MigrationError;
 pub use host_cpu::{cpu_features, cpu_vendor};

@@ -1,6 +1,7 @@
 //! The source side: pre-copy with dirty logging, auto-converge, stop-and-copy, or the switch to
 //! post-copy.
 
+use crate::disks::DiskCopy;
 use crate::duplex::Duplex;
 use crate::error::MigrationError;
 use crate::handover::{hand_over, pause_for_switch, sync};
@@ -54,7 +55,7 @@ fn migrate_here(
 ) -> Result<MigrationSummary, MigrationError> {
     let started = Instant::now();
     let _claim = outgoing.claim().ok_or(MigrationError::Busy)?;
-    if !handle.disks().is_empty() {
+    if !handle.disks().is_empty() && options.postcopy != PostcopyMode::Off {
         let paths: Vec<String> = handle.disks().iter().map(|d| d.path.display().to_string()).collect();
         return Err(MigrationError::HasDisks(paths.join(", ")));
     }
@@ -201,6 +202,8 @@ fn precopy_and_switch<S: Duplex>(
     let machine = handle.machine();
     let size = machine.ram().size();
     let mut page = vec![0u8; PAGE];
+    // Disks first, while the guest runs; what it writes meanwhile is tracked and sent again.
+    let mut disk_copy = DiskCopy::start(handle, stream)?;
     let mut sender = PageSender::new(stream, options.compress);
     let host_base = machine.ram().host_base() as *const u8;
     let pages_in_ram = size / PAGE as u64;
@@ -391,7 +394,9 @@ fn precopy_and_switch<S: Duplex>(
         sender.page(pfn, &page).map_err(|e| fail(e.into()))?;
     }
     sender.flush().map_err(|e| fail(e.into()))?;
-    let (pages_sent, zero_pages_sent, page_bytes) = (sender.pages, sender.zero_pages, sender.bytes);
+    // The disk chunks written since the last round: the device is paused, nothing is in flight.
+    disk_copy.send_dirty(sender.out).map_err(fail)?;
+    let (pages_sent, zero_pages_sent, page_bytes) = (sender.pages, sender.zero_pages, sender.bytes + disk_copy.bytes);
     let stream = sender.out;
     let sent_at = pause_start.elapsed();
     progress("handover", rounds, pages_sent, page_bytes, 0);

@@ -55,6 +55,11 @@ pub enum Kind {
     /// destination -> source, during post-copy: send these pages (u64 each, at most
     /// MAX_REQUEST) before the others: the guest waits for them.
     Request = 15,
+    /// source -> destination, before the memory: a disk follows: index u32, size u64, the
+    /// image's path at the source (UTF-8).
+    DiskBegin = 16,
+    /// source -> destination: disk bytes: index u32, offset u64, the bytes.
+    DiskData = 17,
 }
 
 impl Kind {
@@ -74,6 +79,8 @@ impl Kind {
             13 => Kind::Complete,
             14 => Kind::PagesLz4,
             15 => Kind::Request,
+            16 => Kind::DiskBegin,
+            17 => Kind::DiskData,
             _ => return None,
         })
     }

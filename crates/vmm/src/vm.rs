@@ -112,6 +112,8 @@ struct Shared {
     disks: Vec<DiskSpec>,
     /// The NICs, with the MAC each got.
     nets: Vec<NetSpec>,
+    /// The disk devices (a migration copies their images).
+    block_devices: Vec<Arc<BlockDevice>>,
     /// When guest RAM fills in while the guest runs (lazy restore, post-copy): turns true once
     /// every page is in.
     memory_complete: OnceLock<Arc<AtomicBool>>,
@@ -276,6 +278,11 @@ impl VmHandle {
         &self.shared.disks
     }
 
+    /// The VM's disk devices, in the order the guest finds them.
+    pub fn block_devices(&self) -> &[Arc<BlockDevice>] {
+        &self.shared.block_devices
+    }
+
     /// The VM's NICs, each with its MAC, in the order the guest finds them.
     pub fn nets(&self) -> &[NetSpec] {
         &self.shared.nets
@@ -389,6 +396,7 @@ impl Vm {
                 cmdline,
                 disks: disks.to_vec(),
                 nets,
+                block_devices: disk_devices.clone(),
                 memory_complete: OnceLock::new(),
             }),
             threads: Vec::new(),

@@ -72,6 +72,10 @@ enum Command {
         /// Serve the control API on this Unix socket.
         #[arg(long)]
         api: Option<PathBuf>,
+        /// Copy the VM's disks into new images in this directory (named as at the source;
+        /// an image already there is never overwritten). Without it a VM with disks is refused.
+        #[arg(long)]
+        disk_dir: Option<PathBuf>,
     },
     /// Make this host's migration identity (a self-signed certificate and key) in DIR.
     Keygen {
@@ -354,7 +358,14 @@ fn main() -> ExitCode {
             identity,
             peer,
             api,
-        } => run::receive(&listen, &identity, &peer, api.as_deref()),
+            disk_dir,
+        } => run::receive(
+            &listen,
+            &identity,
+            &peer,
+            api.as_deref(),
+            &xcloud_migration::ReceiveOptions { disk_dir },
+        ),
         Command::Overlay { action } => match action {
             OverlayAction::Up {
                 name,

@@ -130,11 +130,22 @@ pub fn restore(dir: &Path, lazy: bool, api: Option<&Path>) -> Result<i32> {
 }
 
 /// Receives a migrating VM on `listen` and runs it to its end.
-pub fn receive(listen: &str, identity: &Path, peer: &Path, api: Option<&Path>) -> Result<i32> {
+pub fn receive(
+    listen: &str,
+    identity: &Path,
+    peer: &Path,
+    api: Option<&Path>,
+    options: &xcloud_migration::ReceiveOptions,
+) -> Result<i32> {
     use xcloud_migration::{listen_and_receive, tls::Credentials};
     let signals = watch_termination_signals()?;
     let creds = Credentials::load(identity, peer).context("cannot load the migration credentials")?;
-    let incoming = listen_and_receive(listen, &creds, Console::stdout()).context("cannot receive the VM")?;
+    if let Some(dir) = &options.disk_dir {
+        if !dir.is_dir() {
+            anyhow::bail!("the disk directory {} is not a directory", dir.display());
+        }
+    }
+    let incoming = listen_and_receive(listen, &creds, Console::stdout(), options).context("cannot receive the VM")?;
     supervise(incoming.handle(), signals, api, move || {
         incoming.start().context("the source did not hand the VM over")
     })

@@ -157,7 +157,7 @@ fn bad_disks_are_refused_before_the_guest_starts() {
 }
 
 #[test]
-fn a_vm_with_a_disk_refuses_to_migrate_and_keeps_running() {
+fn a_vm_with_a_disk_refuses_to_migrate_by_post_copy_and_keeps_running() {
     let path = image("migrate", 1 << 20);
     let keys = std::env::temp_dir().join(format!("xcloud-test-{}-disk-keys", std::process::id()));
     let _ = std::fs::remove_dir_all(&keys);
@@ -170,10 +170,13 @@ fn a_vm_with_a_disk_refuses_to_migrate_and_keeps_running() {
         &xcloud_migration::Outgoing::new(),
         "127.0.0.1:9",
         &creds,
-        Default::default(),
+        xcloud_migration::MigrateOptions {
+            postcopy: xcloud_migration::PostcopyMode::Now,
+            ..Default::default()
+        },
     )
-    .expect_err("a VM with a disk must not migrate yet");
-    assert!(err.to_string().contains("with disks"), "{err}");
+    .expect_err("a VM with a disk moves by pre-copy only");
+    assert!(err.to_string().contains("by post-copy"), "{err}");
     assert_eq!(handle.state(), xcloud_vmm::VmState::Running);
     let seen = capture.text().matches("heartbeat n=").count();
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -797,3 +797,89 @@ fn httpd_with_its_nic_moves_keeps_its_mac_announces_it_and_counts_on() {
     // The same server, its count carried: one more than the last answer, never less.
     assert_eq!(get_count(&hosts.dst, "10.74.0.2:80"), before + 2);
 }
+
+/// The word `diskwrite` writes at byte `offset` for `seed` (guest/workloads, `disk_word`).
+fn disk_word(seed: u64, offset: u64) -> u64 {
+    let mut z = (seed ^ offset).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[test]
+fn a_guest_writing_its_disk_moves_with_it_and_the_image_ends_byte_for_byte() {
+    const BYTES: u64 = 32 << 20;
+    let hosts = lan();
+    let s = setup("disk");
+    let (src_dir, dst_dir) = (s.dir.join("src-disks"), s.dir.join("dst-disks"));
+    std::fs::create_dir_all(&src_dir).expect("dir");
+    std::fs::create_dir_all(&dst_dir).expect("dir");
+    let image = src_dir.join("data.img");
+    std::fs::File::create(&image)
+        .expect("image")
+        .set_len(64 << 20)
+        .expect("size");
+    // A destination without a disk directory refuses the VM, and the source goes on.
+    let (_refuser, _) = receive(&hosts, &s, &s.a);
+    let disk = image.to_str().expect("utf-8").to_string();
+    let (mut src, src_out, _) = start_source(&hosts, &s, &["--disk", &disk, "heartbeat"], "heartbeat n=");
+    let (ok, text) = migrate(&hosts, &s, &[]);
+    assert!(!ok && text.contains("no disk directory"), "{text}");
+    assert!(next_line(&src_out, "heartbeat n=").contains("n="), "the source runs on");
+    let _ = ctl(&s.socket, &["stop"]);
+    let _ = wait_exit(&mut src, Duration::from_secs(10));
+    drop(_refuser);
+
+    // The guest writes 32 MiB at 16 MiB/s; the VM moves after half a second, the writes go on
+    // at the destination, which holds every byte of them in the end.
+    let listen = format!("{}:7710", hosts.dst_ip);
+    let (mut dst, dst_out) = spawn_in(
+        &hosts.dst,
+        &[
+            "receive",
+            "--listen",
+            &listen,
+            "--identity",
+            s.b.to_str().expect("utf-8"),
+            "--peer",
+            s.a.join("cert.der").to_str().expect("utf-8"),
+            "--disk-dir",
+            dst_dir.to_str().expect("utf-8"),
+        ],
+    );
+    // diskwrite prints only at its end: wait for the control socket, not for a line.
+    let bytes = BYTES.to_string();
+    let (mut src, _src_out) = spawn_in(
+        &hosts.src,
+        &[
+            "run",
+            "--api",
+            s.socket.to_str().expect("utf-8"),
+            "--disk",
+            &disk,
+            "diskwrite",
+            "--",
+            &bytes,
+            "77",
+            "8",
+            "16",
+        ],
+    );
+    wait_socket(&s.socket);
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, text) = migrate(&hosts, &s, &[]);
+    assert!(ok && text.contains("migrated to"), "{text}");
+    let (status, err) = wait_exit(&mut src, Duration::from_secs(10));
+    assert_eq!(status, Some(0), "{err}");
+    let done = next_line(&dst_out, "diskwrite:");
+    assert!(done.contains("MB/s"), "{done}");
+    let (status, err) = wait_exit(&mut dst, Duration::from_secs(20));
+    assert_eq!(status, Some(0), "the guest finished at the destination: {err}");
+    let moved = std::fs::read(dst_dir.join("data.img")).expect("the destination's image");
+    assert_eq!(moved.len() as u64, 64 << 20);
+    for (i, word) in moved.chunks_exact(8).enumerate() {
+        let at = 8 * i as u64;
+        let want = if at < BYTES { disk_word(77, at) } else { 0 };
+        assert_eq!(u64::from_le_bytes(word.try_into().expect("8")), want, "byte {at}");
+    }
+}

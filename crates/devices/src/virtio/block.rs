@@ -224,7 +224,12 @@ pub struct BlockDevice {
     gate: Gate,
     started: AtomicBool,
     stats: BlockStats,
+    /// While a migration copies the image: the chunks the guest wrote since the last look.
+    dirty: Mutex<Option<std::collections::BTreeSet<u64>>>,
 }
+
+/// The unit a migration tracks and copies an image in.
+pub const DIRTY_CHUNK: u64 = 256 * 1024;
 
 fn device_features(disk: &DiskFile) -> u32 {
     let mut f = feature::SEG_MAX | feature::BLK_SIZE | feature::FLUSH | F_EVENT_IDX | F_INDIRECT_DESC;
@@ -250,6 +255,7 @@ impl BlockDevice {
             gate: Gate::new()?,
             started: AtomicBool::new(false),
             stats: BlockStats::default(),
+            dirty: Mutex::new(None),
         })
     }
 
@@ -261,6 +267,42 @@ impl BlockDevice {
     /// Its counters.
     pub fn stats(&self) -> &BlockStats {
         &self.stats
+    }
+
+    /// Its image's size, path, and a descriptor to read it with.
+    pub fn image(&self) -> std::io::Result<(u64, std::path::PathBuf, std::fs::File)> {
+        let inner = self.inner();
+        Ok((inner.disk.size(), inner.disk.path().to_path_buf(), inner.disk.reader()?))
+    }
+
+    /// Starts recording which chunks the guest writes (a migration copies them again).
+    pub fn start_tracking(&self) {
+        *self.dirty.lock().unwrap_or_else(|p| p.into_inner()) = Some(Default::default());
+    }
+
+    /// The chunks written since tracking started or since the last call, in order.
+    pub fn take_dirty(&self) -> Vec<u64> {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        dirty
+            .as_mut()
+            .map(|d| std::mem::take(d).into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// Stops recording.
+    pub fn stop_tracking(&self) {
+        *self.dirty.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Records a completed write of `len` bytes at `offset` (after it reached the image, so
+    /// that a copy of the chunk read before this is sent again).
+    fn wrote(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        if let Some(d) = self.dirty.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            d.extend(offset / DIRTY_CHUNK..=(offset + len - 1) / DIRTY_CHUNK);
+        }
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
@@ -384,6 +426,7 @@ impl BlockDevice {
                     }
                     // SAFETY: as for reads; the device only reads these buffers.
                     unsafe { disk.write_vectored_at(&mut iov, offset) }.map_err(|e| io_error("a write", e))?;
+                    self.wrote(offset, bytes);
                     self.stats.written_bytes.fetch_add(bytes, Ordering::Relaxed);
                     Ok(0)
                 }
@@ -430,6 +473,7 @@ impl BlockDevice {
                         return Err(status_byte::IOERR);
                     }
                     disk.discard(offset, len).map_err(|e| io_error("a discard", e))?;
+                    self.wrote(offset, len);
                 }
                 Ok(0)
             }
