@@ -255,7 +255,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("xcloud-disks-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
-        assert!(DiskReceiver::new(None).begin(&begin(0, 4096, "/a/b.img")).is_err(), "no directory");
+        assert!(
+            DiskReceiver::new(None).begin(&begin(0, 4096, "/a/b.img")).is_err(),
+            "no directory"
+        );
         let mut r = DiskReceiver::new(Some(&dir));
         assert!(r.begin(&begin(1, 4096, "/a/b.img")).is_err(), "out of order");
         assert!(r.begin(&[0; 5]).is_err(), "short");
