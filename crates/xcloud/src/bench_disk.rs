@@ -187,3 +187,129 @@ pub fn disk(b: &DiskBench) -> Result<()> {
     );
     Ok(())
 }
+
+/// How a disk backend issues the writes of one sequential stream.
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    /// One thread, one `pwrite` after another (the virtio-blk worker today).
+    Sync,
+    /// Four threads taking blocks from a shared counter, `depth` in flight at most.
+    Pool,
+    /// io_uring with `depth` writes in flight.
+    Uring,
+}
+
+/// Writes `bytes` in 256 KiB blocks into a fresh file with `backend`, then fdatasync; MB/s.
+fn backend_run(path: &Path, bytes: u64, depth: usize, backend: Backend) -> Result<f64> {
+    use std::os::unix::fs::FileExt;
+    let _ = std::fs::remove_file(path);
+    sync_host();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let blocks = bytes / BLOCK;
+    let block = vec![0u8; BLOCK as usize];
+    let start = Instant::now();
+    match backend {
+        Backend::Sync => {
+            for i in 0..blocks {
+                file.write_all_at(&block, i * BLOCK)?;
+            }
+        }
+        Backend::Pool => {
+            let next = std::sync::atomic::AtomicU64::new(0);
+            std::thread::scope(|scope| -> Result<()> {
+                let workers: Vec<_> = (0..4)
+                    .map(|_| {
+                        scope.spawn(|| -> std::io::Result<()> {
+                            loop {
+                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                if i >= blocks {
+                                    return Ok(());
+                                }
+                                file.write_all_at(&block, i * BLOCK)?;
+                            }
+                        })
+                    })
+                    .collect();
+                for w in workers {
+                    w.join().map_err(|_| anyhow::anyhow!("a pool thread panicked"))??;
+                }
+                Ok(())
+            })?;
+        }
+        Backend::Uring => {
+            use io_uring::{opcode, types, IoUring};
+            use std::os::fd::AsRawFd;
+            let mut ring = IoUring::new(depth.max(1) as u32).context("io_uring is not available here")?;
+            let fd = types::Fd(file.as_raw_fd());
+            let (mut submitted, mut done) = (0u64, 0u64);
+            while done < blocks {
+                while submitted < blocks && submitted - done < depth as u64 {
+                    let entry = opcode::Write::new(fd, block.as_ptr(), BLOCK as u32)
+                        .offset(submitted * BLOCK)
+                        .build()
+                        .user_data(submitted);
+                    // SAFETY: `block` outlives every write in flight (they all complete below
+                    // before it drops), and the ring only reads it.
+                    if unsafe { ring.submission().push(&entry) }.is_err() {
+                        break;
+                    }
+                    submitted += 1;
+                }
+                ring.submit_and_wait(1)?;
+                for cqe in ring.completion() {
+                    if cqe.result() != BLOCK as i32 {
+                        bail!("an io_uring write returned {}", cqe.result());
+                    }
+                    done += 1;
+                }
+            }
+        }
+    }
+    file.sync_data()?;
+    let seconds = start.elapsed().as_secs_f64();
+    drop(file);
+    let _ = std::fs::remove_file(path);
+    Ok(bytes as f64 / 1e6 / seconds)
+}
+
+/// `xcloud bench disk --backends`: the three ways the block device could issue a sequential
+/// stream's writes, on the host alone, alternating, so that the choice is measured here.
+pub fn backends(b: &DiskBench) -> Result<()> {
+    let bytes = b.bytes / BLOCK * BLOCK;
+    let path = b.dir.join(format!("xcloud-bench-backend-{}.img", std::process::id()));
+    let all = [Backend::Sync, Backend::Pool, Backend::Uring];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); all.len()];
+    let bar = ProgressBar::new((b.runs.max(1) * all.len()) as u64);
+    for run in 0..b.runs.max(1) {
+        for k in 0..all.len() {
+            let which = (k + run) % all.len();
+            bar.set_message(format!("run {}: {:?}", run + 1, all[which]));
+            rates[which].push(backend_run(&path, bytes, b.depth, all[which])?);
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    println!(
+        "disk backends: {bytes} bytes in 256 KiB writes then fdatasync, {} in flight, files in {}",
+        b.depth,
+        b.dir.display()
+    );
+    let sync_median = median(rates[0].clone());
+    for (backend, r) in all.iter().zip(&rates) {
+        let m = median(r.clone());
+        let runs: Vec<String> = r.iter().map(|x| format!("{x:.0}")).collect();
+        println!(
+            "{:>8?}: median {m:>7.1} MB/s ({:>5.1}% of sync), runs {}",
+            backend,
+            100.0 * m / sync_median,
+            runs.join(" ")
+        );
+    }
+    Ok(())
+}

@@ -226,6 +226,10 @@ enum BenchCommand {
         /// Requests the guest keeps in flight.
         #[arg(long, default_value_t = 8)]
         depth: usize,
+        /// Compare the host-side ways to issue the writes (one thread, a pool, io_uring)
+        /// instead of guest vs dd.
+        #[arg(long)]
+        backends: bool,
     },
     /// TCP receive into a guest (virtio-net, smoltcp) vs TCP over the host's loopback.
     Net {
@@ -401,13 +405,21 @@ fn main() -> ExitCode {
             runs,
             dir,
             depth,
-        }) => xcloud::bench_disk::disk(&xcloud::bench_disk::DiskBench {
-            bytes,
-            runs,
-            dir,
-            depth,
-        })
-        .map(|_| 0),
+            backends,
+        }) => {
+            let b = xcloud::bench_disk::DiskBench {
+                bytes,
+                runs,
+                dir,
+                depth,
+            };
+            if backends {
+                xcloud::bench_disk::backends(&b)
+            } else {
+                xcloud::bench_disk::disk(&b)
+            }
+            .map(|_| 0)
+        }
         Command::Bench(BenchCommand::Net { bytes, runs }) => {
             xcloud::bench_net::net(&xcloud::bench_net::NetBench { bytes, runs }).map(|_| 0)
         }
