@@ -130,13 +130,11 @@ fn client_across_a_migration(name: &str, over_wan: bool) {
     // On the LAN, below Linux's smallest retransmission timeout (200 ms): no request was lost
     // at the switch (a frame that reached the old host while the VM was paused moves with the
     // NIC's state; before it did, such a request waited 207 ms for its retransmission). Over
-    // the WAN, pre-copy throttles a guest serving ten thousand requests a second to make it
-    // converge (slowest request 229-233 ms), so the bound there only catches a hang.
-    let budget = if over_wan {
-        Duration::from_secs(1)
-    } else {
-        Duration::from_millis(150)
-    };
+    // the WAN the move converges by post-copy, as a busy guest on a slow link should (pre-copy
+    // throttled this one up to 90% and its slowest request took 227-233 ms; by post-copy it
+    // took 72-122 ms, downtime 42-87 ms). A request still on the WAN when the source saved its
+    // NIC reaches the old host after the save and waits for the client's retransmission (seen
+    // once in five runs: 226 ms), so over the WAN the bound only catches a hang.
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch");
     for name in ["host-a", "host-b"] {
@@ -203,6 +201,7 @@ fn client_across_a_migration(name: &str, over_wan: bool) {
             dir.join("host-a").to_str().expect("utf-8"),
             "--peer",
             peer.to_str().expect("utf-8"),
+            if over_wan { "--postcopy" } else { "--compress" },
         ],
     );
     assert!(ok && text.contains("migrated to"), "{text}");
@@ -221,7 +220,15 @@ fn client_across_a_migration(name: &str, over_wan: bool) {
         migrated_at.elapsed()
     );
     assert!(counts.len() > 20, "the client kept going: {} requests", counts.len());
-    assert!(slowest < budget, "the slowest request took {slowest:?}");
+    let budget = if over_wan {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_millis(150)
+    };
+    assert!(
+        slowest < budget,
+        "the slowest request took {slowest:?} (bound {budget:?}): {text}"
+    );
     for pair in counts.windows(2) {
         assert_eq!(pair[1], pair[0] + 1, "/count goes up by one per request, never back");
     }
