@@ -98,13 +98,13 @@ pub fn execute(handle: &VmHandle, outgoing: &Outgoing, line: &str) -> Response {
         }
         Command::Pause => done(handle.pause()),
         Command::Resume => done(handle.resume()),
-        Command::Stop => {
-            handle.stop();
-            with_state(Response {
-                ok: true,
-                ..Default::default()
-            })
-        }
+        // The VM is stopped once this answer is out (serve_connection): stopping it ends the
+        // process, which could otherwise exit before the client hears back.
+        Command::Stop => with_state(Response {
+            ok: true,
+            stopping: true,
+            ..Default::default()
+        }),
         Command::Snapshot { dir } => match xcloud_snapshot::save(handle, &dir) {
             Ok(summary) => with_state(Response {
                 ok: true,

@@ -161,6 +161,9 @@ pub struct Response {
     /// For `migrate`: what it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migrated: Option<MigrationSummary>,
+    /// For `stop`: the server stops the VM once this answer is written (never on the wire).
+    #[serde(skip)]
+    pub stopping: bool,
 }
 
 #[cfg(test)]

@@ -185,6 +185,10 @@ fn serve_connection(stream: UnixStream, handle: &VmHandle, outgoing: &Outgoing) 
         if let Some(summary) = &response.migrated {
             handle.end_migrated(&summary.to);
         }
+        // Likewise a stop: the process ends with the VM.
+        if response.stopping {
+            handle.stop();
+        }
         if written.is_err() {
             return;
         }

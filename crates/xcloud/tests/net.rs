@@ -225,8 +225,8 @@ fn a_snapshot_of_a_vm_with_a_nic_restores_with_its_mac_and_its_count() {
     let before = count(&ns.0);
     let (ok, text) = ctl(&socket, &["snapshot", snapshot.to_str().expect("utf-8")]);
     assert!(ok, "{text}");
-    // The VMM may end before its answer to `stop` is out (the other tests ignore it too).
-    let _ = ctl(&socket, &["stop"]);
+    let (ok, text) = ctl(&socket, &["stop"]);
+    assert!(ok, "stop is answered before the VMM ends: {text}");
     let _ = vm.wait();
     let (_restored, restored_lines) = spawn_lines(xcloud_in(&ns.0, &["restore", snapshot.to_str().expect("utf-8")]));
     // The TAP went with the first VMM and comes back with the restored one (same name, same
