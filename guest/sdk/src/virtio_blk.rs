@@ -12,26 +12,10 @@
 use crate::heap::alloc::{alloc_zeroed, dealloc, Layout};
 use crate::heap::vec::Vec;
 use crate::hypercall::{inb, inl, inw, outb, outl, outw};
-use crate::virtqueue::{alloc_pages, Desc, Virtqueue, DESC_F_NEXT, DESC_F_WRITE};
+use crate::virtqueue::*;
 
-const VENDOR: u16 = 0x1af4;
 const BLOCK_TYPE: u16 = 2;
 const LEGACY_BLOCK_DEVICE: u16 = 0x1001;
-
-const REG_DEVICE_FEATURES: u16 = 0x00;
-const REG_DRIVER_FEATURES: u16 = 0x04;
-const REG_QUEUE_PFN: u16 = 0x08;
-const REG_QUEUE_SIZE: u16 = 0x0c;
-const REG_QUEUE_SELECT: u16 = 0x0e;
-const REG_QUEUE_NOTIFY: u16 = 0x10;
-const REG_STATUS: u16 = 0x12;
-const REG_CONFIG: u16 = 0x14;
-
-const STATUS_ACKNOWLEDGE: u8 = 1;
-const STATUS_DRIVER: u8 = 2;
-const STATUS_DRIVER_OK: u8 = 4;
-const STATUS_NEEDS_RESET: u8 = 0x40;
-const STATUS_FAILED: u8 = 0x80;
 
 const F_RO: u32 = 1 << 5;
 const F_FLUSH: u32 = 1 << 9;
@@ -93,7 +77,7 @@ impl Disk {
     pub fn open(index: usize) -> Result<Self, DiskError> {
         let function = crate::pci::scan()
             .filter(|f| {
-                f.vendor == VENDOR
+                f.vendor == VIRTIO_VENDOR
                     && (f.device == LEGACY_BLOCK_DEVICE || f.subsystem == BLOCK_TYPE && f.device < 0x1040)
             })
             .nth(index)

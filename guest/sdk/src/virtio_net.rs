@@ -8,22 +8,13 @@
 //! rings are polled, and the doorbell is rung only when the device sleeps.
 
 use crate::hypercall::{inb, inl, inw, outb, outl, outw};
-use crate::virtqueue::{alloc_pages, Desc, Virtqueue, DESC_F_WRITE};
+use crate::virtqueue::*;
 use core::cell::RefCell;
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 
-const VENDOR: u16 = 0x1af4;
 const NET_TYPE: u16 = 1;
 const LEGACY_NET_DEVICE: u16 = 0x1000;
 
-const REG_DEVICE_FEATURES: u16 = 0x00;
-const REG_DRIVER_FEATURES: u16 = 0x04;
-const REG_QUEUE_PFN: u16 = 0x08;
-const REG_QUEUE_SIZE: u16 = 0x0c;
-const REG_QUEUE_SELECT: u16 = 0x0e;
-const REG_QUEUE_NOTIFY: u16 = 0x10;
-const REG_STATUS: u16 = 0x12;
-const REG_CONFIG: u16 = 0x14;
 const F_GUEST_CSUM: u32 = 1 << 1;
 const F_GUEST_TSO4: u32 = 1 << 7;
 const F_MAC: u32 = 1 << 5;
@@ -117,16 +108,17 @@ impl Nic {
     pub fn open(index: usize) -> Result<Self, NicError> {
         let function = crate::pci::scan()
             .filter(|f| {
-                f.vendor == VENDOR && (f.device == LEGACY_NET_DEVICE || f.subsystem == NET_TYPE && f.device < 0x1040)
+                f.vendor == VIRTIO_VENDOR
+                    && (f.device == LEGACY_NET_DEVICE || f.subsystem == NET_TYPE && f.device < 0x1040)
             })
             .nth(index)
             .ok_or(NicError::NotFound)?;
         let io = function.io_base.ok_or(NicError::Refused)?;
         outb(io + REG_STATUS, 0);
-        outb(io + REG_STATUS, 1 | 2);
+        outb(io + REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         let offered = inl(io + REG_DEVICE_FEATURES);
         if offered & F_MAC == 0 {
-            outb(io + REG_STATUS, 0x80);
+            outb(io + REG_STATUS, STATUS_FAILED);
             return Err(NicError::Refused);
         }
         let mut accepted = F_MAC;
@@ -154,8 +146,8 @@ impl Nic {
             );
             rx.queue.push(i);
         }
-        outb(io + REG_STATUS, 1 | 2 | 4);
-        if inb(io + REG_STATUS) & 0xc0 != 0 {
+        outb(io + REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK);
+        if inb(io + REG_STATUS) & (STATUS_NEEDS_RESET | STATUS_FAILED) != 0 {
             return Err(NicError::Refused);
         }
         // The device may have slept before the buffers were there.

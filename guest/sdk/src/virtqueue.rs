@@ -6,6 +6,35 @@ use crate::heap::alloc::{alloc_zeroed, Layout};
 use core::sync::atomic::{fence, Ordering};
 
 const PAGE: usize = 4096;
+
+/// The virtio PCI vendor ID.
+pub const VIRTIO_VENDOR: u16 = 0x1af4;
+/// The legacy register block at the start of a device's I/O window (docs/virtio.md).
+pub const REG_DEVICE_FEATURES: u16 = 0x00;
+/// Driver features.
+pub const REG_DRIVER_FEATURES: u16 = 0x04;
+/// Page frame number of the selected queue.
+pub const REG_QUEUE_PFN: u16 = 0x08;
+/// Size of the selected queue.
+pub const REG_QUEUE_SIZE: u16 = 0x0c;
+/// Queue select.
+pub const REG_QUEUE_SELECT: u16 = 0x0e;
+/// Queue notify: the doorbell.
+pub const REG_QUEUE_NOTIFY: u16 = 0x10;
+/// Device status.
+pub const REG_STATUS: u16 = 0x12;
+/// Start of the device configuration.
+pub const REG_CONFIG: u16 = 0x14;
+/// Status: the guest noticed the device.
+pub const STATUS_ACKNOWLEDGE: u8 = 1;
+/// Status: the guest has a driver for it.
+pub const STATUS_DRIVER: u8 = 2;
+/// Status: the driver is ready.
+pub const STATUS_DRIVER_OK: u8 = 4;
+/// Status: the device needs a reset (the driver broke a rule).
+pub const STATUS_NEEDS_RESET: u8 = 0x40;
+/// Status: the driver gave up.
+pub const STATUS_FAILED: u8 = 0x80;
 /// Descriptor flag: the chain goes on at `next`.
 pub const DESC_F_NEXT: u16 = 1;
 /// Descriptor flag: the device writes this buffer.

@@ -15,7 +15,6 @@ use super::worker::{self, Gate, Serve, WorkerGuard};
 use super::{guest_iovecs, GuestMemoryHost, GuestRange};
 use crate::bus::PortDevice;
 use crate::disk::{DiskFile, SECTOR_BYTES};
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
@@ -222,7 +221,6 @@ pub struct BlockDevice {
     /// The interrupt line's irqfd.
     irq: EventFd,
     gate: Gate,
-    started: AtomicBool,
     stats: BlockStats,
     /// While a migration copies the image: the chunks the guest wrote since the last look.
     dirty: Mutex<Option<std::collections::BTreeSet<u64>>>,
@@ -253,7 +251,6 @@ impl BlockDevice {
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
             irq,
             gate: Gate::new()?,
-            started: AtomicBool::new(false),
             stats: BlockStats::default(),
             dirty: Mutex::new(None),
         })
@@ -324,7 +321,6 @@ impl BlockDevice {
 
     /// Starts the worker thread; dropping the guard stops it.
     pub fn start_worker(self: &Arc<Self>) -> std::io::Result<WorkerGuard> {
-        self.started.store(true, Ordering::SeqCst);
         worker::start(self, format!("virtio-blk{}", self.index))
     }
 
@@ -536,14 +532,8 @@ impl Serve for BlockDevice {
 impl PortDevice for BlockDevice {
     fn read(&self, offset: u16, data: &mut [u8]) {
         let mut inner = self.inner();
-        if offset < legacy::CONFIG {
-            inner.transport.read(offset, data);
-        } else {
-            let config = self.config_bytes(&inner.disk);
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = config.get((offset - legacy::CONFIG) as usize + i).copied().unwrap_or(0);
-            }
-        }
+        let config = self.config_bytes(&inner.disk);
+        inner.transport.read_window(offset, data, &config);
     }
 
     fn write(&self, offset: u16, data: &[u8]) {
@@ -563,14 +553,7 @@ impl PortDevice for BlockDevice {
             }
             effect
         };
-        match effect {
-            // Without an ioeventfd on the notify port, the doorbell arrives here.
-            Effect::Kick(_) => {
-                let _ = self.kick.write(1);
-            }
-            Effect::Status => self.gate.wake(),
-            Effect::None => {}
-        }
+        worker::deliver(effect, &self.kick, &self.gate);
     }
 }
 
@@ -580,7 +563,7 @@ impl Component for BlockDevice {
     }
 
     fn pause(&self) -> Result<(), StateError> {
-        self.gate.pause(self.started.load(Ordering::SeqCst))
+        self.gate.pause()
     }
 
     fn resume(&self) -> Result<(), StateError> {

@@ -233,6 +233,18 @@ impl Transport {
         }
     }
 
+    /// A driver's read anywhere in the device's window: the register block, then the device
+    /// configuration `config` (bytes past it read as zero).
+    pub fn read_window(&mut self, offset: u16, data: &mut [u8], config: &[u8]) {
+        if offset < CONFIG {
+            self.read(offset, data);
+        } else {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = config.get((offset - CONFIG) as usize + i).copied().unwrap_or(0);
+            }
+        }
+    }
+
     /// A driver's write to the register block. Writes of the wrong width are ignored.
     pub fn write(&mut self, offset: u16, data: &[u8]) -> Effect {
         let value = match *data {

@@ -141,7 +141,6 @@ pub struct NetDevice {
     kick: EventFd,
     irq: EventFd,
     gate: Gate,
-    started: AtomicBool,
     /// The last pass found no receive buffer.
     starved: AtomicBool,
     stats: NetStats,
@@ -173,7 +172,6 @@ impl NetDevice {
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
             irq,
             gate: Gate::new()?,
-            started: AtomicBool::new(false),
             starved: AtomicBool::new(false),
             stats: NetStats::default(),
         })
@@ -200,7 +198,6 @@ impl NetDevice {
 
     /// Starts the worker thread; dropping the guard stops it.
     pub fn start_worker(self: &Arc<Self>) -> std::io::Result<WorkerGuard> {
-        self.started.store(true, Ordering::SeqCst);
         worker::start(self, format!("virtio-net{}", self.index))
     }
 
@@ -510,14 +507,8 @@ impl Serve for NetDevice {
 impl PortDevice for NetDevice {
     fn read(&self, offset: u16, data: &mut [u8]) {
         let mut inner = self.inner();
-        if offset < legacy::CONFIG {
-            inner.transport.read(offset, data);
-        } else {
-            let config = self.config_bytes(&inner.mac);
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = config.get((offset - legacy::CONFIG) as usize + i).copied().unwrap_or(0);
-            }
-        }
+        let config = self.config_bytes(&inner.mac);
+        inner.transport.read_window(offset, data, &config);
     }
 
     fn write(&self, offset: u16, data: &[u8]) {
@@ -537,13 +528,7 @@ impl PortDevice for NetDevice {
             }
             effect
         };
-        match effect {
-            Effect::Kick(_) => {
-                let _ = self.kick.write(1);
-            }
-            Effect::Status => self.gate.wake(),
-            Effect::None => {}
-        }
+        worker::deliver(effect, &self.kick, &self.gate);
     }
 }
 
@@ -553,7 +538,7 @@ impl Component for NetDevice {
     }
 
     fn pause(&self) -> Result<(), StateError> {
-        self.gate.pause(self.started.load(Ordering::SeqCst))
+        self.gate.pause()
     }
 
     fn resume(&self) -> Result<(), StateError> {

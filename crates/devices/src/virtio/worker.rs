@@ -28,6 +28,8 @@ struct Run {
 pub struct Gate {
     run: Mutex<Run>,
     changed: Condvar,
+    /// A worker thread runs behind this gate (a pause then waits for it to park).
+    started: std::sync::atomic::AtomicBool,
     /// Wakes the worker for a status change, a pause or a stop.
     wake: EventFd,
 }
@@ -55,6 +57,7 @@ impl Gate {
         Ok(Self {
             run: Mutex::new(Run::default()),
             changed: Condvar::new(),
+            started: std::sync::atomic::AtomicBool::new(false),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
         })
     }
@@ -69,10 +72,10 @@ impl Gate {
     }
 
     /// Parks the worker; returns once it is parked (or was never started).
-    pub fn pause(&self, started: bool) -> Result<(), StateError> {
+    pub fn pause(&self) -> Result<(), StateError> {
         let mut run = self.lock();
         run.paused = true;
-        if !started {
+        if !self.started.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
         self.wake();
@@ -119,6 +122,7 @@ impl Gate {
 
 /// Starts `device`'s worker thread, named `name`; dropping the guard stops it.
 pub fn start<D: Serve>(device: &Arc<D>, name: String) -> std::io::Result<WorkerGuard> {
+    device.gate().started.store(true, std::sync::atomic::Ordering::SeqCst);
     let d = device.clone();
     let thread = std::thread::Builder::new().name(name).spawn(move || work(d.as_ref()))?;
     let stop_device = device.clone();
@@ -176,6 +180,18 @@ fn sleep<D: Serve>(d: &D) {
         .map(|p| (p.fd, p.revents))
         .collect();
     d.woke(&ready);
+}
+
+/// What a register write asks of the worker: a doorbell (without an ioeventfd on the notify
+/// port it arrives here) or a look at the new status.
+pub fn deliver(effect: super::legacy::Effect, kick: &EventFd, gate: &Gate) {
+    match effect {
+        super::legacy::Effect::Kick(_) => {
+            let _ = kick.write(1);
+        }
+        super::legacy::Effect::Status => gate.wake(),
+        super::legacy::Effect::None => {}
+    }
 }
 
 /// Stops a device's worker thread when dropped.
