@@ -177,19 +177,24 @@ impl DiskFile {
         &self.spec.path
     }
 
-    /// Reads into `iov` from byte `offset`, all of it; past the end of the file (which another
-    /// process shrank) reads zeroes.
+    /// Moves all of `iov` at byte `offset` with `op` (preadv or pwritev), resuming after
+    /// partial transfers and signals; `at_end` says what a transfer of 0 bytes means.
     ///
     /// # Safety
-    /// Every iovec must name memory valid for writes for its whole length, which nothing else
-    /// reads or frees during the call.
-    pub unsafe fn read_vectored_at(&self, iov: &mut [libc::iovec], offset: u64) -> std::io::Result<u64> {
+    /// Every iovec must name memory valid for what `op` does with it for its whole length.
+    unsafe fn vectored_at(
+        &self,
+        iov: &mut [libc::iovec],
+        offset: u64,
+        op: unsafe extern "C" fn(libc::c_int, *const libc::iovec, libc::c_int, libc::off_t) -> libc::ssize_t,
+        at_end: impl Fn(&[libc::iovec]) -> std::io::Result<u64>,
+    ) -> std::io::Result<u64> {
         let mut done = 0u64;
         let mut first = 0;
         while first < iov.len() {
             // SAFETY: the caller vouches for the buffers; the slice of iovecs is live.
             let n = unsafe {
-                libc::preadv(
+                op(
                     self.file.as_raw_fd(),
                     iov[first..].as_ptr(),
                     (iov.len() - first).min(libc::UIO_MAXIOV as usize) as i32,
@@ -204,13 +209,7 @@ impl DiskFile {
                 return Err(e);
             }
             if n == 0 {
-                // End of file: the rest reads as zeroes, as a sparse tail does.
-                for v in &iov[first..] {
-                    // SAFETY: the caller vouches that the buffer is valid for writes.
-                    unsafe { std::ptr::write_bytes(v.iov_base as *mut u8, 0, v.iov_len) };
-                    done += v.iov_len as u64;
-                }
-                break;
+                return at_end(&iov[first..]).map(|rest| done + rest);
             }
             done += n as u64;
             first = advance(iov, first, n as usize);
@@ -218,40 +217,40 @@ impl DiskFile {
         Ok(done)
     }
 
+    /// Reads into `iov` from byte `offset`, all of it; past the end of the file (which another
+    /// process shrank) reads zeroes.
+    ///
+    /// # Safety
+    /// Every iovec must name memory valid for writes for its whole length, which nothing else
+    /// reads or frees during the call.
+    pub unsafe fn read_vectored_at(&self, iov: &mut [libc::iovec], offset: u64) -> std::io::Result<u64> {
+        // End of file: the rest reads as zeroes, as a sparse tail does.
+        let zero_rest = |rest: &[libc::iovec]| {
+            let mut n = 0;
+            for v in rest {
+                // SAFETY: the caller vouches that the buffer is valid for writes.
+                unsafe { std::ptr::write_bytes(v.iov_base as *mut u8, 0, v.iov_len) };
+                n += v.iov_len as u64;
+            }
+            Ok(n)
+        };
+        // SAFETY: the caller's promise is preadv's requirement.
+        unsafe { self.vectored_at(iov, offset, libc::preadv, zero_rest) }
+    }
+
     /// Writes all of `iov` at byte `offset`.
     ///
     /// # Safety
     /// Every iovec must name memory valid for reads for its whole length during the call.
     pub unsafe fn write_vectored_at(&self, iov: &mut [libc::iovec], offset: u64) -> std::io::Result<u64> {
-        let mut done = 0u64;
-        let mut first = 0;
-        while first < iov.len() {
-            // SAFETY: the caller vouches for the buffers; the slice of iovecs is live.
-            let n = unsafe {
-                libc::pwritev(
-                    self.file.as_raw_fd(),
-                    iov[first..].as_ptr(),
-                    (iov.len() - first).min(libc::UIO_MAXIOV as usize) as i32,
-                    (offset + done) as i64,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::WriteZero,
-                    "the disk took no bytes",
-                ));
-            }
-            done += n as u64;
-            first = advance(iov, first, n as usize);
-        }
-        Ok(done)
+        let took_nothing = |_: &[libc::iovec]| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                "the disk took no bytes",
+            ))
+        };
+        // SAFETY: the caller's promise is pwritev's requirement.
+        unsafe { self.vectored_at(iov, offset, libc::pwritev, took_nothing) }
     }
 
     /// A second descriptor of the image, for reading it beside the device (a migration's copy).
