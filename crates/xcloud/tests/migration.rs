@@ -271,7 +271,10 @@ fn post_copy_hands_the_guest_over_at_once_and_its_pages_follow() {
     let (ok, text) = migrate(&hosts, &s, &["--postcopy-now"]);
     assert!(ok && text.contains("by post-copy"), "{text}");
     let downtime = number_after(&text, "downtime ", ' ');
-    assert!(downtime < 50.0, "the switch does not wait for memory: {text}");
+    // Waiting for memory would take the whole transfer (about 1300 ms here). Alone this switch
+    // takes 28-32 ms; beside the other tests of this file on 2 cores it took 50.9 and 53.6 ms
+    // in two clean CI runs, so the bound leaves room for a busy host, as the converge test's.
+    assert!(downtime < 150.0, "the switch does not wait for memory: {text}");
     let first = count(&next_line(&dst_out, "heartbeat n="), "n=");
     let second = count(&next_line(&dst_out, "heartbeat n="), "n=");
     assert!(first > before && second > first, "{before} -> {first} -> {second}");
