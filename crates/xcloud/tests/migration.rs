@@ -677,23 +677,6 @@ fn clients_that_stall_their_handshake_do_not_keep_the_source_out() {
     drop(stallers);
 }
 
-/// `GET /count` from inside namespace `ns`, on a new connection.
-fn get_count(ns: &str, addr: &'static str) -> u64 {
-    Hosts::in_ns(ns, move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(10))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(b"GET /count HTTP/1.1\r\nConnection: close\r\n\r\n")?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer)?;
-        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_string();
-        Ok(body.parse::<u64>()?)
-    })
-    .join()
-    .expect("client thread")
-    .expect("httpd answered /count")
-}
-
 /// Waits (up to 10 s) on a packet socket bound to `dev` in namespace `ns` for a RARP frame
 /// from `mac`.
 fn watch_for_rarp(ns: &str, dev: &'static str, mac: [u8; 6]) -> std::thread::JoinHandle<anyhow::Result<bool>> {

@@ -186,26 +186,12 @@ fn httpd_serves_keep_alive_requests_counts_them_and_refuses_bad_ones() {
 
 #[test]
 fn a_snapshot_of_a_vm_with_a_nic_restores_with_its_mac_and_its_count() {
-    use std::io::Read;
     let ns = namespace("snap");
     let dir = std::env::temp_dir().join(format!("xcloud-test-{}-nic-snapshot", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch");
     let socket = dir.join("vm.sock");
     let snapshot = dir.join("snap");
-    let count = |ns: &str| {
-        xcloud::netlab::Hosts::in_ns(ns, || {
-            let mut s = std::net::TcpStream::connect_timeout(&"10.73.0.2:80".parse()?, Duration::from_secs(10))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(b"GET /count HTTP/1.1\r\nConnection: close\r\n\r\n")?;
-            let mut answer = String::new();
-            s.read_to_string(&mut answer)?;
-            Ok(answer.split("\r\n\r\n").nth(1).unwrap_or("").trim().parse::<u64>()?)
-        })
-        .join()
-        .expect("client thread")
-        .expect("httpd answered")
-    };
     let (mut vm, lines) = spawn_lines(xcloud_in(
         &ns.0,
         &[
@@ -222,7 +208,7 @@ fn a_snapshot_of_a_vm_with_a_nic_restores_with_its_mac_and_its_count() {
     next_line(&lines, "httpd: serving");
     wait_socket(&socket);
     ip(&["-n", &ns.0, "addr", "add", "10.73.0.1/24", "dev", "xc0"]);
-    let before = count(&ns.0);
+    let before = get_count(&ns.0, "10.73.0.2:80");
     let (ok, text) = ctl(&socket, &["snapshot", snapshot.to_str().expect("utf-8")]);
     assert!(ok, "{text}");
     let (ok, text) = ctl(&socket, &["stop"]);
@@ -243,7 +229,11 @@ fn a_snapshot_of_a_vm_with_a_nic_restores_with_its_mac_and_its_count() {
         std::thread::sleep(Duration::from_millis(20));
     }
     ip(&["-n", &ns.0, "addr", "add", "10.73.0.1/24", "dev", "xc0"]);
-    assert_eq!(count(&ns.0), before + 1, "the count continues from the snapshot");
+    assert_eq!(
+        get_count(&ns.0, "10.73.0.2:80"),
+        before + 1,
+        "the count continues from the snapshot"
+    );
     let neigh = std::process::Command::new("ip")
         .args(["-n", &ns.0, "neigh", "show", "10.73.0.2"])
         .output()

@@ -75,17 +75,10 @@ unsafe impl Send for Disk {}
 impl Disk {
     /// Opens the `index`th virtio-blk disk on PCI bus 0.
     pub fn open(index: usize) -> Result<Self, DiskError> {
-        let function = crate::pci::scan()
-            .filter(|f| {
-                f.vendor == VIRTIO_VENDOR
-                    && (f.device == LEGACY_BLOCK_DEVICE || f.subsystem == BLOCK_TYPE && f.device < 0x1040)
-            })
-            .nth(index)
-            .ok_or(DiskError::NotFound)?;
-        let io = function.io_base.ok_or(DiskError::Refused)?;
-        outb(io + REG_STATUS, 0);
-        outb(io + REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        let offered = inl(io + REG_DEVICE_FEATURES);
+        let (io, offered) = claim(LEGACY_BLOCK_DEVICE, BLOCK_TYPE, index).map_err(|e| match e {
+            ClaimError::NotFound => DiskError::NotFound,
+            ClaimError::NoIoWindow => DiskError::Refused,
+        })?;
         outl(io + REG_DRIVER_FEATURES, offered & (F_RO | F_FLUSH));
         outw(io + REG_QUEUE_SELECT, 0);
         let size = inw(io + REG_QUEUE_SIZE);

@@ -7,7 +7,7 @@
 //! and out by copy into those buffers (one copy per frame, as a NIC's DMA buffers), the used
 //! rings are polled, and the doorbell is rung only when the device sleeps.
 
-use crate::hypercall::{inb, inl, inw, outb, outl, outw};
+use crate::hypercall::{inb, inw, outb, outl, outw};
 use crate::virtqueue::*;
 use core::cell::RefCell;
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
@@ -106,17 +106,10 @@ fn setup_queue(io: u16, index: u16, buf_size: usize) -> Result<Side, NicError> {
 impl Nic {
     /// Opens the `index`th virtio-net NIC on PCI bus 0.
     pub fn open(index: usize) -> Result<Self, NicError> {
-        let function = crate::pci::scan()
-            .filter(|f| {
-                f.vendor == VIRTIO_VENDOR
-                    && (f.device == LEGACY_NET_DEVICE || f.subsystem == NET_TYPE && f.device < 0x1040)
-            })
-            .nth(index)
-            .ok_or(NicError::NotFound)?;
-        let io = function.io_base.ok_or(NicError::Refused)?;
-        outb(io + REG_STATUS, 0);
-        outb(io + REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        let offered = inl(io + REG_DEVICE_FEATURES);
+        let (io, offered) = claim(LEGACY_NET_DEVICE, NET_TYPE, index).map_err(|e| match e {
+            ClaimError::NotFound => NicError::NotFound,
+            ClaimError::NoIoWindow => NicError::Refused,
+        })?;
         if offered & F_MAC == 0 {
             outb(io + REG_STATUS, STATUS_FAILED);
             return Err(NicError::Refused);

@@ -153,3 +153,29 @@ impl Virtqueue {
         Some((id as u16, len))
     }
 }
+
+/// Why no device could be claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimError {
+    /// There is no such device on PCI bus 0.
+    NotFound,
+    /// It has no I/O window (a modern-only device, unreachable from CPL3).
+    NoIoWindow,
+}
+
+/// Finds the `index`th virtio device of `device_type` (transitional PCI ID `legacy_id`) on
+/// PCI bus 0, resets it and acknowledges it with a driver; returns its I/O base and the
+/// features it offers. The driver then accepts features, sets up queues and sets DRIVER_OK.
+pub fn claim(legacy_id: u16, device_type: u16, index: usize) -> Result<(u16, u32), ClaimError> {
+    use crate::hypercall::{inl, outb};
+    let function = crate::pci::scan()
+        .filter(|f| {
+            f.vendor == VIRTIO_VENDOR && (f.device == legacy_id || f.subsystem == device_type && f.device < 0x1040)
+        })
+        .nth(index)
+        .ok_or(ClaimError::NotFound)?;
+    let io = function.io_base.ok_or(ClaimError::NoIoWindow)?;
+    outb(io + REG_STATUS, 0);
+    outb(io + REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    Ok((io, inl(io + REG_DEVICE_FEATURES)))
+}

@@ -157,3 +157,14 @@ pub fn check_disk_pattern(seed: u64, offset: u64, buf: &[u8]) -> Option<u64> {
         (word != disk_word(seed, at).to_le_bytes()).then_some(at)
     })
 }
+
+/// Virtio disk 0, or None after printing why `workload` cannot use it.
+pub fn open_disk(workload: &str) -> Option<sdk::virtio_blk::Disk> {
+    match sdk::virtio_blk::Disk::open(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            sdk::println!("{workload}: no usable virtio disk: {e:?}");
+            None
+        }
+    }
+}

@@ -9,7 +9,7 @@
 //! well-formed request the disk cannot do (past the end, a write to a read-only disk, an I/O
 //! error) completes with an error status, as on real hardware.
 
-use super::legacy::{self, Effect, Transport, F_EVENT_IDX, F_INDIRECT_DESC, ISR_QUEUE};
+use super::legacy::{self, Transport, F_EVENT_IDX, F_INDIRECT_DESC, ISR_QUEUE};
 use super::persist::BlockState;
 use super::worker::{self, Gate, Serve, WorkerGuard};
 use super::{guest_iovecs, GuestMemoryHost, GuestRange};
@@ -537,22 +537,10 @@ impl PortDevice for BlockDevice {
     }
 
     fn write(&self, offset: u16, data: &[u8]) {
-        let effect = {
-            let mut inner = self.inner();
-            let was_running = inner.transport.running();
-            let effect = inner.transport.write(offset, data);
-            if effect == Effect::Status
-                && !was_running
-                && inner.transport.running()
-                && !inner.transport.activate(self.mem.as_ref())
-            {
-                tracing::error!(
-                    "virtio-blk{}: the driver placed its queue outside guest RAM; the device needs a reset",
-                    self.index
-                );
-            }
-            effect
-        };
+        let (effect, _) =
+            self.inner()
+                .transport
+                .driver_write(offset, data, self.mem.as_ref(), ("virtio-blk", self.index));
         worker::deliver(effect, &self.kick, &self.gate);
     }
 }

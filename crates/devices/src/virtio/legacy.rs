@@ -245,6 +245,28 @@ impl Transport {
         }
     }
 
+    /// A driver's write through a device's port: the register, and when it starts the device
+    /// (DRIVER_OK), the queues' activation. Returns the effect, and whether the device just
+    /// started with its queues in guest RAM; a queue outside it breaks the device (logged).
+    pub fn driver_write(
+        &mut self,
+        offset: u16,
+        data: &[u8],
+        mem: &dyn GuestMemoryHost,
+        (device, index): (&str, u32),
+    ) -> (Effect, bool) {
+        let was_running = self.running();
+        let effect = self.write(offset, data);
+        if effect != Effect::Status || was_running || !self.running() {
+            return (effect, false);
+        }
+        let started = self.activate(mem);
+        if !started {
+            tracing::error!("{device}{index}: the driver placed a queue outside guest RAM; the device needs a reset");
+        }
+        (effect, started)
+    }
+
     /// A driver's write to the register block. Writes of the wrong width are ignored.
     pub fn write(&mut self, offset: u16, data: &[u8]) -> Effect {
         let value = match *data {

@@ -8,7 +8,7 @@
 //! (NEEDS_RESET), as for virtio-blk. With no receive buffer posted the device stops reading
 //! the TAP (frames wait in its queue, then the kernel drops them) and asks for a doorbell.
 
-use super::legacy::{self, Effect, Transport, F_EVENT_IDX, F_INDIRECT_DESC, ISR_QUEUE};
+use super::legacy::{self, Transport, F_EVENT_IDX, F_INDIRECT_DESC, ISR_QUEUE};
 use super::persist::NetState;
 use super::worker::{self, Gate, Serve, WorkerGuard};
 use super::{guest_iovecs, GuestMemoryHost, GuestRange};
@@ -514,17 +514,12 @@ impl PortDevice for NetDevice {
     fn write(&self, offset: u16, data: &[u8]) {
         let effect = {
             let mut inner = self.inner();
-            let was_running = inner.transport.running();
-            let effect = inner.transport.write(offset, data);
-            if effect == Effect::Status && !was_running && inner.transport.running() {
-                if inner.transport.activate(self.mem.as_ref()) {
-                    self.apply_offloads(&inner);
-                } else {
-                    tracing::error!(
-                        "virtio-net{}: the driver placed a queue outside guest RAM; the device needs a reset",
-                        self.index
-                    );
-                }
+            let (effect, started) =
+                inner
+                    .transport
+                    .driver_write(offset, data, self.mem.as_ref(), ("virtio-net", self.index));
+            if started {
+                self.apply_offloads(&inner);
             }
             effect
         };

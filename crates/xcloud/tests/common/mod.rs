@@ -253,3 +253,20 @@ pub fn xcloud_in(ns: &str, args: &[&str]) -> Command {
         .env("XCLOUD_LOG", "warn");
     cmd
 }
+
+/// httpd's `GET /count` at `addr` from inside namespace `ns`, on a connection of its own.
+pub fn get_count(ns: &str, addr: &'static str) -> u64 {
+    xcloud::netlab::Hosts::in_ns(ns, move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&addr.parse()?, std::time::Duration::from_secs(10))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        s.write_all(b"GET /count HTTP/1.1\r\nConnection: close\r\n\r\n")?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_string();
+        Ok(body.parse::<u64>()?)
+    })
+    .join()
+    .expect("client thread")
+    .expect("httpd answered /count")
+}

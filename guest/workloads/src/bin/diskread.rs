@@ -5,9 +5,8 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![no_main]
 
-use xcloud_guest_sdk::virtio_blk::Disk;
 use xcloud_guest_sdk::{self as sdk, clock, println};
-use xcloud_workloads::{arg, check_disk_pattern};
+use xcloud_workloads::{arg, check_disk_pattern, open_disk};
 
 const BLOCK: usize = 256 * 1024;
 
@@ -17,12 +16,8 @@ fn main() -> i32 {
         return 2;
     };
     let seed = arg(1).unwrap_or(0);
-    let mut disk = match Disk::open(0) {
-        Ok(d) => d,
-        Err(e) => {
-            println!("diskread: no usable virtio disk: {e:?}");
-            return 1;
-        }
+    let Some(mut disk) = open_disk("diskread") else {
+        return 1;
     };
     let bytes = (bytes / 512 * 512).min(disk.capacity());
     let mut buf = sdk::heap::vec![0u8; BLOCK];

@@ -7,9 +7,8 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![no_main]
 
-use xcloud_guest_sdk::virtio_blk::Disk;
 use xcloud_guest_sdk::{self as sdk, clock, println};
-use xcloud_workloads::{arg, fill_disk_pattern};
+use xcloud_workloads::{arg, fill_disk_pattern, open_disk};
 
 const BLOCK: usize = 256 * 1024;
 
@@ -21,12 +20,8 @@ fn main() -> i32 {
     let seed = arg(1).unwrap_or(0);
     let depth = arg(2).unwrap_or(8) as usize;
     let rate = arg(3).unwrap_or(0);
-    let mut disk = match Disk::open(0) {
-        Ok(d) => d,
-        Err(e) => {
-            println!("diskwrite: no usable virtio disk: {e:?}");
-            return 1;
-        }
+    let Some(mut disk) = open_disk("diskwrite") else {
+        return 1;
     };
     if bytes > disk.capacity() {
         println!("diskwrite: {bytes} bytes do not fit the {}-byte disk", disk.capacity());
