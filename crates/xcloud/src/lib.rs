@@ -7,6 +7,7 @@ pub mod bench_http;
 pub mod bench_migrate;
 pub mod bench_net;
 pub mod bench_snapshot;
+pub mod cloud;
 pub mod doctor;
 pub mod guests;
 pub mod netlab;

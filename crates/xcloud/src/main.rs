@@ -102,6 +102,8 @@ enum Command {
     /// Benchmarks that print their figures as a table, with targets.
     #[command(subcommand)]
     Bench(BenchCommand),
+    #[command(flatten)]
+    Cloud(xcloud::cloud::CloudCommand),
 }
 
 #[derive(Subcommand)]
@@ -465,6 +467,7 @@ fn main() -> ExitCode {
             xcloud::bench_snapshot::snapshot(mem, working_set).map(|_| 0)
         }
         Command::Doctor => doctor::doctor(),
+        Command::Cloud(command) => xcloud::cloud::run(command),
         Command::Guests => {
             for name in guests::names() {
                 println!("{name}");

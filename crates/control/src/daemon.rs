@@ -1,0 +1,639 @@
+//! The daemon: its state, and the life of each VM as one VMM process (`xcloud run` or
+//! `xcloud restore`) that it starts, drives through the VMM's control socket, and watches.
+//!
+//! VMM processes run in their own process group, so they outlive a restart of xcloudd: a new
+//! daemon finds them by their pid and control socket and watches them again.
+
+use crate::auth;
+use crate::model::{self, now, now_f64, Event, Image, InstanceType, Snapshot, Tenant, Vm, VmState};
+use crate::store::{Store, Table};
+use crate::ControlError;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, watch, Mutex};
+use xcloud_api::{Command as VmmCommand, Response as VmmResponse};
+
+/// How long a new VMM may take to answer on its control socket.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a stopped VMM may take to end before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often a VMM found after a restart (not a child of this daemon) is checked.
+const ADOPTED_POLL: Duration = Duration::from_millis(250);
+
+/// How the daemon is set up.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the state file, images, VM directories and snapshots live (absolute).
+    pub data_dir: PathBuf,
+    /// The `xcloud` binary that runs each VM.
+    pub vmm_binary: PathBuf,
+    /// This host's name.
+    pub host_name: String,
+    /// The provider this host is rented from.
+    pub provider: String,
+    /// The provider's region.
+    pub region: String,
+    /// What an hour of this host costs.
+    pub price_per_hour: f64,
+}
+
+/// A VMM this daemon watches.
+struct Runtime {
+    /// Set when the daemon asked the VMM to stop (its end is then no failure).
+    stopping: Arc<AtomicBool>,
+    /// Becomes true once the VMM has ended and its record says so.
+    ended: watch::Receiver<bool>,
+}
+
+/// The daemon's state, shared by its request handlers.
+pub struct Daemon {
+    /// How it is set up.
+    pub config: Config,
+    /// The state file.
+    pub store: Store,
+    events: broadcast::Sender<Event>,
+    seq: AtomicU64,
+    /// Held while a VM record is read, changed and written, and while quotas are checked.
+    records: Mutex<()>,
+    /// One lock per VM, held for a whole lifecycle operation (start, stop, snapshot...).
+    ops: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    running: std::sync::Mutex<HashMap<String, Runtime>>,
+}
+
+/// What a VMM starts from.
+enum Launch {
+    Boot(PathBuf),
+    Restore(PathBuf),
+}
+
+impl Daemon {
+    /// Opens the state in `config.data_dir` (making it on first use, with an admin tenant
+    /// whose key is written to `admin.key`), and watches the VMMs that still run.
+    pub async fn open(config: Config) -> Result<Arc<Self>, ControlError> {
+        for sub in ["images", "vms", "snapshots"] {
+            let d = config.data_dir.join(sub);
+            std::fs::create_dir_all(&d).map_err(|e| ControlError::io(format!("creating {}", d.display()), e))?;
+        }
+        let store = Store::open(&config.data_dir.join("state.redb"))?;
+        let (events, _) = broadcast::channel(1024);
+        let daemon = Arc::new(Self {
+            config,
+            store,
+            events,
+            seq: AtomicU64::new(0),
+            records: Mutex::new(()),
+            ops: Default::default(),
+            running: Default::default(),
+        });
+        daemon.bootstrap()?;
+        daemon.adopt().await?;
+        Ok(daemon)
+    }
+
+    fn bootstrap(&self) -> Result<(), ControlError> {
+        if self.store.list::<InstanceType>(Table::InstanceTypes)?.is_empty() {
+            for t in model::default_instance_types() {
+                self.store.put(Table::InstanceTypes, &t.name.clone(), &t)?;
+            }
+        }
+        if self.store.get::<Tenant>(Table::Tenants, "admin")?.is_some() {
+            return Ok(());
+        }
+        let admin = Tenant {
+            name: "admin".into(),
+            role: model::Role::Admin,
+            quota: model::Quota {
+                vcpus: 1024,
+                mem_mib: 1 << 22,
+                vms: 4096,
+            },
+            created: now(),
+        };
+        let (stored, key) = auth::new_key("admin")?;
+        let path = self.admin_key_path();
+        write_private(&path, format!("{key}\n").as_bytes())
+            .map_err(|e| ControlError::io(format!("writing {}", path.display()), e))?;
+        self.store.put(Table::Keys, &stored.id.clone(), &stored)?;
+        self.store.put(Table::Tenants, "admin", &admin)?;
+        tracing::info!("first start: the admin key is in {}", path.display());
+        Ok(())
+    }
+
+    /// The file the first admin key is written to.
+    pub fn admin_key_path(&self) -> PathBuf {
+        self.config.data_dir.join("admin.key")
+    }
+
+    /// Finds the VMMs that ran before this daemon started and watches them again; records of
+    /// VMMs that ended meanwhile are brought up to date.
+    async fn adopt(self: &Arc<Self>) -> Result<(), ControlError> {
+        for mut vm in self.store.list::<Vm>(Table::Vms)? {
+            if !vm.state.has_vmm() {
+                continue;
+            }
+            let sock = self.api_socket(&vm.id);
+            let alive = match vm.pid {
+                Some(pid) if crate::host::process_is(pid, &sock) => ctl(&sock, VmmCommand::Status).await.ok(),
+                _ => None,
+            };
+            match (alive, vm.pid) {
+                (Some(status), Some(pid)) => {
+                    vm.state = vmm_state(&status).unwrap_or(VmState::Running);
+                    self.store.put(Table::Vms, &vm.id.clone(), &vm)?;
+                    self.watch(vm.id.clone(), vm.tenant.clone(), None, pid);
+                    tracing::info!("{}: its VMM (pid {pid}) still runs; watching it again", vm.id);
+                }
+                _ => {
+                    vm.state = VmState::Exited;
+                    vm.exit = Some("its VMM ended while xcloudd was not running".into());
+                    close_run(&mut vm);
+                    self.store.put(Table::Vms, &vm.id.clone(), &vm)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes an event to the stream.
+    pub fn emit(&self, tenant: &str, kind: &str, id: &str, detail: Option<String>) {
+        let event = Event {
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            at: now(),
+            tenant: tenant.into(),
+            kind: kind.into(),
+            id: id.into(),
+            detail,
+        };
+        let _ = self.events.send(event);
+    }
+
+    /// A receiver of every event from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// The lock of the records (quota checks and record updates hold it).
+    pub async fn lock_records(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.records.lock().await
+    }
+
+    fn op_lock(&self, id: &str) -> Arc<Mutex<()>> {
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        ops.entry(id.to_string()).or_default().clone()
+    }
+
+    /// Where VM `id`'s files (control socket, console log, VMM log) live.
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.config.data_dir.join("vms").join(id)
+    }
+
+    fn api_socket(&self, id: &str) -> PathBuf {
+        self.vm_dir(id).join("api.sock")
+    }
+
+    /// VM `id`'s console log.
+    pub fn console_log(&self, id: &str) -> PathBuf {
+        self.vm_dir(id).join("console.log")
+    }
+
+    /// Where image `id`'s bytes are.
+    pub fn image_path(&self, id: &str) -> PathBuf {
+        self.config
+            .data_dir
+            .join("images")
+            .join(id.trim_start_matches("sha256:"))
+    }
+
+    /// Where snapshot `id` is.
+    pub fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.config.data_dir.join("snapshots").join(id)
+    }
+
+    async fn update_vm(&self, id: &str, change: impl FnOnce(&mut Vm)) -> Result<Vm, ControlError> {
+        let _records = self.records.lock().await;
+        let mut vm: Vm = self
+            .store
+            .get(Table::Vms, id)?
+            .ok_or_else(|| ControlError::NotFound(format!("no VM {id}")))?;
+        change(&mut vm);
+        self.store.put(Table::Vms, id, &vm)?;
+        Ok(vm)
+    }
+
+    /// Boots `vm` from its image (it must have no VMM).
+    pub async fn start(self: &Arc<Self>, id: &str) -> Result<Vm, ControlError> {
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        let vm = self.vm(id)?;
+        if vm.state.has_vmm() {
+            return Err(ControlError::Conflict(
+                format!("VM {} is {:?} already", vm.name, vm.state).to_lowercase(),
+            ));
+        }
+        let image = self.image_path(&vm.image);
+        self.launch(vm, Launch::Boot(image)).await
+    }
+
+    /// The record of VM `id`.
+    pub fn vm(&self, id: &str) -> Result<Vm, ControlError> {
+        self.store
+            .get(Table::Vms, id)?
+            .ok_or_else(|| ControlError::NotFound(format!("no VM {id}")))
+    }
+
+    async fn launch(self: &Arc<Self>, vm: Vm, how: Launch) -> Result<Vm, ControlError> {
+        let dir = self.vm_dir(&vm.id);
+        std::fs::create_dir_all(&dir).map_err(|e| ControlError::io(format!("creating {}", dir.display()), e))?;
+        let sock = self.api_socket(&vm.id);
+        let _ = std::fs::remove_file(&sock);
+        let console = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.console_log(&vm.id))
+            .map_err(|e| ControlError::io("opening the console log", e))?;
+        let vmm_log_path = dir.join("vmm.log");
+        let vmm_log = std::fs::File::create(&vmm_log_path).map_err(|e| ControlError::io("creating the VMM log", e))?;
+        let mut cmd = tokio::process::Command::new(&self.config.vmm_binary);
+        match &how {
+            Launch::Boot(image) => {
+                cmd.arg("run")
+                    .arg("--vcpus")
+                    .arg(vm.vcpus.to_string())
+                    .arg("--mem")
+                    .arg(format!("{}M", vm.mem_mib))
+                    .arg("--api")
+                    .arg(&sock)
+                    .arg(image)
+                    .arg("--")
+                    .args(&vm.args);
+            }
+            Launch::Restore(snapshot) => {
+                cmd.arg("restore").arg(snapshot).arg("--api").arg(&sock);
+            }
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(console)
+            .stderr(vmm_log)
+            .env("XCLOUD_LOG", "warn")
+            .process_group(0);
+        let child = cmd.spawn().map_err(|e| {
+            ControlError::Vmm(format!(
+                "cannot start the VMM {}: {e}",
+                self.config.vmm_binary.display()
+            ))
+        })?;
+        let pid = child.id().unwrap_or(0);
+        let vm = self
+            .update_vm(&vm.id, |v| {
+                v.state = VmState::Starting;
+                v.exit = None;
+                v.pid = Some(pid);
+                v.running_since = Some(now_f64());
+            })
+            .await?;
+        let mut ended = self.watch(vm.id.clone(), vm.tenant.clone(), Some(child), pid);
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            if *ended.borrow() {
+                break;
+            }
+            if let Ok(status) = ctl(&sock, VmmCommand::Status).await {
+                let state = vmm_state(&status).unwrap_or(VmState::Running);
+                let vm = self
+                    .update_vm(&vm.id, |v| {
+                        if v.state == VmState::Starting {
+                            v.state = state;
+                        }
+                    })
+                    .await?;
+                self.emit(&vm.tenant, "vm.running", &vm.id, None);
+                return Ok(vm);
+            }
+            if tokio::time::Instant::now() > deadline {
+                self.kill(&vm.id, pid).await;
+                return Err(ControlError::Vmm(format!(
+                    "the VMM of {} did not answer within {} s: {}",
+                    vm.name,
+                    START_TIMEOUT.as_secs(),
+                    tail(&vmm_log_path)
+                )));
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(20), ended.changed()).await;
+        }
+        // It ended before it answered: a guest that ran to its end, or a VMM that refused it.
+        let vm = self.vm(&vm.id)?;
+        if vm.state == VmState::Failed {
+            return Err(ControlError::Vmm(format!(
+                "VM {} did not start: {}",
+                vm.name,
+                tail(&vmm_log_path)
+            )));
+        }
+        Ok(vm)
+    }
+
+    /// Watches VMM `pid` of VM `id` until it ends, then brings the record up to date.
+    fn watch(
+        self: &Arc<Self>,
+        id: String,
+        tenant: String,
+        child: Option<tokio::process::Child>,
+        pid: u32,
+    ) -> watch::Receiver<bool> {
+        let (ended_tx, ended_rx) = watch::channel(false);
+        let stopping = Arc::new(AtomicBool::new(false));
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id.clone(),
+            Runtime {
+                stopping: stopping.clone(),
+                ended: ended_rx.clone(),
+            },
+        );
+        let daemon = self.clone();
+        tokio::spawn(async move {
+            let how = match child {
+                Some(mut child) => match child.wait().await {
+                    Ok(status) => Some(status),
+                    Err(e) => {
+                        tracing::error!("{id}: waiting for its VMM failed: {e}");
+                        None
+                    }
+                },
+                None => {
+                    let sock = daemon.api_socket(&id);
+                    while crate::host::process_is(pid, &sock) {
+                        tokio::time::sleep(ADOPTED_POLL).await;
+                    }
+                    None
+                }
+            };
+            let asked = stopping.load(Ordering::SeqCst);
+            let (state, exit) = ended_state(how, asked);
+            let kind = match state {
+                VmState::Stopped => "vm.stopped",
+                VmState::Failed => "vm.failed",
+                _ => "vm.exited",
+            };
+            let result = daemon
+                .update_vm(&id, |v| {
+                    v.state = state;
+                    v.exit = Some(exit.clone());
+                    close_run(v);
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::warn!("{id}: cannot record the end of its VMM: {e}");
+            }
+            daemon.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            daemon.emit(&tenant, kind, &id, Some(exit));
+            let _ = ended_tx.send(true);
+        });
+        ended_rx
+    }
+
+    fn runtime(&self, id: &str) -> Option<(Arc<AtomicBool>, watch::Receiver<bool>)> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.get(id).map(|r| (r.stopping.clone(), r.ended.clone()))
+    }
+
+    /// Stops VM `id`'s VMM (through its control socket; killed if it does not end in time).
+    pub async fn stop(self: &Arc<Self>, id: &str) -> Result<Vm, ControlError> {
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        self.stop_locked(id).await
+    }
+
+    async fn stop_locked(&self, id: &str) -> Result<Vm, ControlError> {
+        let vm = self.vm(id)?;
+        let Some((stopping, mut ended)) = self.runtime(id) else {
+            return Err(ControlError::Conflict(format!("VM {} is not running", vm.name)));
+        };
+        stopping.store(true, Ordering::SeqCst);
+        if let Err(e) = ctl(&self.api_socket(id), VmmCommand::Stop).await {
+            tracing::warn!("{id}: stop through the control socket failed ({e}); killing its VMM");
+            if let Some(pid) = vm.pid {
+                self.kill(id, pid).await;
+            }
+        }
+        if tokio::time::timeout(STOP_TIMEOUT, ended.wait_for(|e| *e))
+            .await
+            .is_err()
+        {
+            if let Some(pid) = vm.pid {
+                self.kill(id, pid).await;
+            }
+            let _ = tokio::time::timeout(STOP_TIMEOUT, ended.wait_for(|e| *e)).await;
+        }
+        self.vm(id)
+    }
+
+    async fn kill(&self, id: &str, pid: u32) {
+        if pid == 0 || !crate::host::process_is(pid, &self.api_socket(id)) {
+            return;
+        }
+        // SAFETY: kill sends a signal; the pid was checked to be this VM's VMM just now.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+
+    /// Pauses or resumes VM `id`.
+    pub async fn set_paused(self: &Arc<Self>, id: &str, pause: bool) -> Result<Vm, ControlError> {
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        let vm = self.vm(id)?;
+        let (from, to, command, kind) = if pause {
+            (VmState::Running, VmState::Paused, VmmCommand::Pause, "vm.paused")
+        } else {
+            (VmState::Paused, VmState::Running, VmmCommand::Resume, "vm.resumed")
+        };
+        if vm.state != from {
+            return Err(ControlError::Conflict(
+                format!("VM {} is {:?}, not {:?}", vm.name, vm.state, from).to_lowercase(),
+            ));
+        }
+        ctl_ok(&self.api_socket(id), command).await?;
+        let vm = self.update_vm(id, |v| v.state = to).await?;
+        self.emit(&vm.tenant, kind, &vm.id, None);
+        Ok(vm)
+    }
+
+    /// Takes a snapshot of VM `id` (running or paused; a running one is paused for it).
+    pub async fn snapshot(self: &Arc<Self>, id: &str) -> Result<Snapshot, ControlError> {
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        let vm = self.vm(id)?;
+        if !matches!(vm.state, VmState::Running | VmState::Paused) {
+            return Err(ControlError::Conflict(format!(
+                "VM {} has no running VMM to snapshot",
+                vm.name
+            )));
+        }
+        let snap_id = format!("snap-{}", auth::hex(&auth::random_bytes::<6>()?));
+        let dir = self.snapshot_dir(&snap_id);
+        let answer = match ctl_ok(&self.api_socket(id), VmmCommand::Snapshot { dir: dir.clone() }).await {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let snapshot = Snapshot {
+            id: snap_id.clone(),
+            vm: vm.id.clone(),
+            tenant: vm.tenant.clone(),
+            bytes: answer.snapshot_bytes.unwrap_or(0),
+            created: now(),
+        };
+        self.store.put(Table::Snapshots, &snap_id, &snapshot)?;
+        self.emit(&vm.tenant, "snapshot.created", &snap_id, Some(vm.id.clone()));
+        Ok(snapshot)
+    }
+
+    /// Runs VM `id` from snapshot `snap` (stopping the VMM it has first).
+    pub async fn restore(self: &Arc<Self>, id: &str, snap: &Snapshot) -> Result<Vm, ControlError> {
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        if self.runtime(id).is_some() {
+            self.stop_locked(id).await?;
+        }
+        let vm = self.vm(id)?;
+        self.launch(vm, Launch::Restore(self.snapshot_dir(&snap.id))).await
+    }
+
+    /// Deletes VM `id`: stops its VMM, removes its files, its snapshots and its record.
+    pub async fn delete(self: &Arc<Self>, id: &str) -> Result<(), ControlError> {
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        if self.runtime(id).is_some() {
+            self.stop_locked(id).await?;
+        }
+        let vm = self.vm(id)?;
+        for snap in self.store.list::<Snapshot>(Table::Snapshots)? {
+            if snap.vm == vm.id {
+                let _ = std::fs::remove_dir_all(self.snapshot_dir(&snap.id));
+                self.store.delete(Table::Snapshots, &snap.id)?;
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.vm_dir(id));
+        {
+            let _records = self.records.lock().await;
+            self.store.delete(Table::Vms, id)?;
+        }
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.emit(&vm.tenant, "vm.deleted", &vm.id, None);
+        Ok(())
+    }
+
+    /// The images of `tenant`.
+    pub fn images_of(&self, tenant: &str) -> Result<Vec<Image>, ControlError> {
+        Ok(self
+            .store
+            .list::<Image>(Table::Images)?
+            .into_iter()
+            .filter(|i| i.tenant == tenant)
+            .collect())
+    }
+}
+
+/// The VMM's answer to `command` on `sock` (the client is blocking: it runs off the runtime).
+async fn ctl(sock: &Path, command: VmmCommand) -> Result<VmmResponse, ControlError> {
+    let sock = sock.to_path_buf();
+    tokio::task::spawn_blocking(move || xcloud_api::client::call(&sock, command))
+        .await
+        .map_err(|e| ControlError::Vmm(format!("the control call failed: {e}")))?
+        .map_err(|e| ControlError::Vmm(e.to_string()))
+}
+
+/// As [`ctl`], and an answer that says the command failed is an error.
+async fn ctl_ok(sock: &Path, command: VmmCommand) -> Result<VmmResponse, ControlError> {
+    let answer = ctl(sock, command).await?;
+    if answer.ok {
+        Ok(answer)
+    } else {
+        Err(ControlError::Vmm(format!(
+            "the VMM refused: {}",
+            answer.error.unwrap_or_else(|| "no reason given".into())
+        )))
+    }
+}
+
+fn vmm_state(status: &VmmResponse) -> Option<VmState> {
+    match status.state.as_deref()? {
+        "paused" => Some(VmState::Paused),
+        "running" | "created" => Some(VmState::Running),
+        _ => None,
+    }
+}
+
+/// Ends the metering of the current run.
+fn close_run(vm: &mut Vm) {
+    vm.run_seconds = vm.run_seconds_now();
+    vm.running_since = None;
+    vm.pid = None;
+}
+
+/// What a VMM's end means for its VM (`xcloud run`'s exit statuses: README).
+fn ended_state(status: Option<std::process::ExitStatus>, asked_to_stop: bool) -> (VmState, String) {
+    use std::os::unix::process::ExitStatusExt;
+    let code = status.and_then(|s| s.code());
+    if asked_to_stop {
+        return (VmState::Stopped, "stopped on request".into());
+    }
+    match (code, status.and_then(|s| s.signal())) {
+        (Some(0), _) => (VmState::Exited, "the guest ended, exit status 0".into()),
+        (Some(101), _) => (VmState::Failed, "the guest panicked, exit status 101".into()),
+        (Some(125), _) => (VmState::Failed, "the guest crashed, exit status 125".into()),
+        (Some(130), _) => (VmState::Stopped, "stopped by a signal, exit status 130".into()),
+        (Some(1), _) => (VmState::Failed, "the VMM could not run the guest, exit status 1".into()),
+        (Some(c), _) => (VmState::Exited, format!("the guest ended, exit status {c}")),
+        (None, Some(sig)) => (VmState::Failed, format!("the VMM was killed by signal {sig}")),
+        (None, None) => (VmState::Exited, "its VMM ended".into()),
+    }
+}
+
+/// The last lines of a log, for an error message.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let start = lines.len().saturating_sub(3);
+    let joined = lines[start..].join(" / ");
+    if joined.is_empty() {
+        "its log is empty".into()
+    } else {
+        joined
+    }
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn a_vmm_end_is_read_by_its_status() {
+        let st = |raw| Some(std::process::ExitStatus::from_raw(raw));
+        assert_eq!(ended_state(st(0), false).0, VmState::Exited);
+        assert_eq!(ended_state(st(101 << 8), false).0, VmState::Failed);
+        assert_eq!(ended_state(st(1 << 8), false).0, VmState::Failed);
+        assert_eq!(ended_state(st(9), false).0, VmState::Failed);
+        assert_eq!(ended_state(st(9), true).0, VmState::Stopped);
+        assert_eq!(ended_state(st(130 << 8), false).0, VmState::Stopped);
+    }
+}

@@ -1,0 +1,802 @@
+//! The REST API, version 1 (docs/cloud-api.md): the routes, their handlers, who may call
+//! them, and the OpenAPI document generated from them (served at `/v1/openapi.json`).
+
+use crate::auth;
+use crate::daemon::Daemon;
+use crate::error::ErrorBody;
+use crate::model::{
+    check_name, now, CreateTenant, CreateVm, Event, Host, Image, InstanceType, NewKey, Quota, RestoreVm, Role,
+    Snapshot, Tenant, Usage, UsageLine, Vm, VmMetrics, VmState, WhoAmI,
+};
+use crate::store::Table;
+use crate::ControlError;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::sse::{KeepAlive, Sse};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use http_body_util::BodyExt;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::Arc;
+use tokio_stream::StreamExt;
+use utoipa::OpenApi;
+
+/// The largest image an upload may carry.
+pub const MAX_IMAGE_BYTES: u64 = 128 << 20;
+/// The most of a console log one request returns.
+const MAX_CONSOLE_BYTES: u64 = 1 << 20;
+/// The most arguments a guest's command line may hold, and the longest one.
+const MAX_ARGS: usize = 32;
+const MAX_ARG_BYTES: usize = 256;
+
+type D = State<Arc<Daemon>>;
+type Res<T> = Result<T, ControlError>;
+
+/// A JSON body whose rejection is one of ours (a JSON error body, not axum's text).
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ControlError))]
+pub struct Json<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> axum::response::Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// The caller, known by its API key (`Authorization: Bearer KEY`).
+pub struct Caller {
+    /// Its tenant.
+    pub tenant: Tenant,
+}
+
+impl Caller {
+    fn is_admin(&self) -> bool {
+        self.tenant.role == Role::Admin
+    }
+
+    fn require_admin(&self) -> Res<()> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ControlError::Forbidden("only an admin may do this".into()))
+        }
+    }
+
+    /// Whether the caller may see and touch what `tenant` owns.
+    fn may_touch(&self, tenant: &str) -> bool {
+        self.is_admin() || self.tenant.name == tenant
+    }
+}
+
+impl FromRequestParts<Arc<Daemon>> for Caller {
+    type Rejection = ControlError;
+
+    async fn from_request_parts(parts: &mut Parts, daemon: &Arc<Daemon>) -> Res<Self> {
+        let unauthorized = || ControlError::Unauthorized("a valid API key is needed: Authorization: Bearer KEY".into());
+        let value = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(unauthorized)?;
+        let key = value.strip_prefix("Bearer ").ok_or_else(unauthorized)?.trim();
+        let (id, secret) = auth::parse_key(key).ok_or_else(unauthorized)?;
+        let stored: crate::model::StoredKey = daemon.store.get(Table::Keys, id)?.ok_or_else(unauthorized)?;
+        if !auth::verify(&stored, secret) {
+            return Err(unauthorized());
+        }
+        let tenant = daemon
+            .store
+            .get(Table::Tenants, &stored.tenant)?
+            .ok_or_else(unauthorized)?;
+        Ok(Self { tenant })
+    }
+}
+
+/// The router of the API.
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/whoami", get(whoami))
+        .route("/v1/tenants", get(list_tenants).post(create_tenant))
+        .route("/v1/tenants/{tenant}", axum::routing::delete(delete_tenant))
+        .route("/v1/tenants/{tenant}/keys", post(create_key))
+        .route("/v1/instance-types", get(list_types).post(create_type))
+        .route(
+            "/v1/images",
+            get(list_images)
+                .post(upload_image)
+                .layer(DefaultBodyLimit::max(MAX_IMAGE_BYTES as usize + 1)),
+        )
+        .route("/v1/images/{image}", axum::routing::delete(delete_image))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{vm}", get(show_vm).delete(delete_vm))
+        .route("/v1/vms/{vm}/start", post(start_vm))
+        .route("/v1/vms/{vm}/stop", post(stop_vm))
+        .route("/v1/vms/{vm}/pause", post(pause_vm))
+        .route("/v1/vms/{vm}/resume", post(resume_vm))
+        .route("/v1/vms/{vm}/console", get(console))
+        .route("/v1/vms/{vm}/metrics", get(metrics))
+        .route("/v1/vms/{vm}/snapshots", get(list_snapshots).post(create_snapshot))
+        .route("/v1/vms/{vm}/restore", post(restore_vm))
+        .route("/v1/hosts", get(list_hosts))
+        .route("/v1/usage", get(usage))
+        .route("/v1/events", get(events))
+        .fallback(|| async { ControlError::NotFound("no such route in API v1 (see /v1/openapi.json)".into()) })
+        .with_state(daemon)
+}
+
+/// The OpenAPI document of this API.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "xcloudd", description = "The xcloud control plane's REST API (docs/cloud-api.md)"),
+    paths(
+        whoami, list_tenants, create_tenant, delete_tenant, create_key, list_types, create_type, list_images,
+        upload_image, delete_image, list_vms, create_vm, show_vm, delete_vm, start_vm, stop_vm, pause_vm,
+        resume_vm, console, metrics, list_snapshots, create_snapshot, restore_vm, list_hosts, usage, events
+    ),
+    components(schemas(ErrorBody)),
+    modifiers(&BearerKey),
+    security(("api_key" = []))
+)]
+pub struct ApiDoc;
+
+struct BearerKey;
+
+impl utoipa::Modify for BearerKey {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+async fn openapi() -> impl IntoResponse {
+    axum::Json(ApiDoc::openapi())
+}
+
+/// Who the key belongs to.
+#[utoipa::path(get, path = "/v1/whoami", responses((status = 200, body = WhoAmI), (status = 401, body = ErrorBody)))]
+async fn whoami(caller: Caller) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        tenant: caller.tenant.name,
+        role: caller.tenant.role,
+        quota: caller.tenant.quota,
+    })
+}
+
+/// Every tenant (admin).
+#[utoipa::path(get, path = "/v1/tenants", responses((status = 200, body = Vec<Tenant>), (status = 403, body = ErrorBody)))]
+async fn list_tenants(State(d): D, caller: Caller) -> Res<Json<Vec<Tenant>>> {
+    caller.require_admin()?;
+    Ok(Json(d.store.list(Table::Tenants)?))
+}
+
+/// A new tenant and its first key (admin).
+#[utoipa::path(post, path = "/v1/tenants", request_body = CreateTenant,
+    responses((status = 201, body = NewKey), (status = 409, body = ErrorBody)))]
+async fn create_tenant(State(d): D, caller: Caller, Json(req): Json<CreateTenant>) -> Res<(StatusCode, Json<NewKey>)> {
+    caller.require_admin()?;
+    check_name("tenant", &req.name)?;
+    let tenant = Tenant {
+        name: req.name.clone(),
+        role: Role::Tenant,
+        quota: req.quota.unwrap_or_default(),
+        created: now(),
+    };
+    if !d.store.put_new(Table::Tenants, &req.name, &tenant)? {
+        return Err(ControlError::Conflict(format!("tenant {} exists", req.name)));
+    }
+    let key = issue_key(&d, &req.name)?;
+    d.emit(&req.name, "tenant.created", &req.name, None);
+    Ok((StatusCode::CREATED, Json(key)))
+}
+
+fn issue_key(d: &Daemon, tenant: &str) -> Res<NewKey> {
+    let (stored, key) = auth::new_key(tenant)?;
+    d.store.put(Table::Keys, &stored.id.clone(), &stored)?;
+    Ok(NewKey {
+        tenant: tenant.into(),
+        key,
+    })
+}
+
+/// Removes a tenant that holds nothing, and its keys (admin).
+#[utoipa::path(delete, path = "/v1/tenants/{tenant}", params(("tenant" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_tenant(State(d): D, caller: Caller, Path(name): Path<String>) -> Res<StatusCode> {
+    caller.require_admin()?;
+    if name == "admin" {
+        return Err(ControlError::Conflict("the admin tenant cannot be removed".into()));
+    }
+    let _records = d.lock_records().await;
+    if d.store.get::<Tenant>(Table::Tenants, &name)?.is_none() {
+        return Err(ControlError::NotFound(format!("no tenant {name}")));
+    }
+    let vms = d
+        .store
+        .list::<Vm>(Table::Vms)?
+        .into_iter()
+        .filter(|v| v.tenant == name)
+        .count();
+    let images = d.images_of(&name)?.len();
+    if vms + images > 0 {
+        return Err(ControlError::Conflict(format!(
+            "tenant {name} still holds {vms} VMs and {images} images"
+        )));
+    }
+    for k in d.store.list::<crate::model::StoredKey>(Table::Keys)? {
+        if k.tenant == name {
+            d.store.delete(Table::Keys, &k.id)?;
+        }
+    }
+    d.store.delete(Table::Tenants, &name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Another API key for a tenant (admin, or the tenant itself).
+#[utoipa::path(post, path = "/v1/tenants/{tenant}/keys", params(("tenant" = String, Path)),
+    responses((status = 201, body = NewKey), (status = 404, body = ErrorBody)))]
+async fn create_key(State(d): D, caller: Caller, Path(name): Path<String>) -> Res<(StatusCode, Json<NewKey>)> {
+    if !caller.may_touch(&name) || d.store.get::<Tenant>(Table::Tenants, &name)?.is_none() {
+        return Err(ControlError::NotFound(format!("no tenant {name}")));
+    }
+    Ok((StatusCode::CREATED, Json(issue_key(&d, &name)?)))
+}
+
+/// The instance types VMs can be made of.
+#[utoipa::path(get, path = "/v1/instance-types", responses((status = 200, body = Vec<InstanceType>)))]
+async fn list_types(State(d): D, _caller: Caller) -> Res<Json<Vec<InstanceType>>> {
+    Ok(Json(d.store.list(Table::InstanceTypes)?))
+}
+
+/// Adds or changes an instance type (admin).
+#[utoipa::path(post, path = "/v1/instance-types", request_body = InstanceType,
+    responses((status = 201, body = InstanceType), (status = 400, body = ErrorBody)))]
+async fn create_type(
+    State(d): D,
+    caller: Caller,
+    Json(t): Json<InstanceType>,
+) -> Res<(StatusCode, Json<InstanceType>)> {
+    caller.require_admin()?;
+    check_name("instance type", &t.name)?;
+    if t.vcpus == 0
+        || t.vcpus > 64
+        || t.mem_mib < 2
+        || t.mem_mib > (1 << 20)
+        || !t.price_per_hour.is_finite()
+        || t.price_per_hour < 0.0
+    {
+        return Err(ControlError::BadRequest(
+            "an instance type has 1-64 vCPUs, 2 MiB - 1 TiB of memory and a price >= 0".into(),
+        ));
+    }
+    d.store.put(Table::InstanceTypes, &t.name.clone(), &t)?;
+    Ok((StatusCode::CREATED, Json(t)))
+}
+
+/// The caller's images (an admin's: every tenant's).
+#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = Vec<Image>)))]
+async fn list_images(State(d): D, caller: Caller) -> Res<Json<Vec<Image>>> {
+    let all: Vec<Image> = d.store.list(Table::Images)?;
+    Ok(Json(all.into_iter().filter(|i| caller.may_touch(&i.tenant)).collect()))
+}
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+struct ImageQuery {
+    /// The image's name.
+    name: String,
+}
+
+/// Uploads a PVH ELF image (the body, at most 128 MiB); it is named by its SHA-256.
+#[utoipa::path(post, path = "/v1/images", params(ImageQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = Image), (status = 400, body = ErrorBody), (status = 413, body = ErrorBody)))]
+async fn upload_image(
+    State(d): D,
+    caller: Caller,
+    query: Result<Query<ImageQuery>, axum::extract::rejection::QueryRejection>,
+    body: axum::body::Body,
+) -> Res<(StatusCode, Json<Image>)> {
+    let Query(q) = query?;
+    check_name("image", &q.name)?;
+    let dir = d.config.data_dir.join("images");
+    let partial = dir.join(format!(".upload-{}", auth::hex(&auth::random_bytes::<8>()?)));
+    let result = receive_image(body, &partial).await;
+    let (digest, size) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    let id = format!("sha256:{digest}");
+    let blob = d.image_path(&id);
+    std::fs::rename(&partial, &blob).map_err(|e| ControlError::io("storing the image", e))?;
+    let image = Image {
+        id: id.clone(),
+        tenant: caller.tenant.name.clone(),
+        name: q.name.clone(),
+        size,
+        created: now(),
+    };
+    let _records = d.lock_records().await;
+    let mine = d.images_of(&caller.tenant.name)?;
+    if let Some(same) = mine.iter().find(|i| i.id == id && i.name == q.name) {
+        return Ok((StatusCode::OK, Json(same.clone())));
+    }
+    if mine.iter().any(|i| i.name == q.name) {
+        return Err(ControlError::Conflict(format!(
+            "an image named {} exists: delete it first or choose another name",
+            q.name
+        )));
+    }
+    if mine.iter().any(|i| i.id == id) {
+        return Err(ControlError::Conflict(format!(
+            "this image is uploaded already as {id}"
+        )));
+    }
+    d.store
+        .put(Table::Images, &format!("{}/{id}", caller.tenant.name), &image)?;
+    d.emit(&caller.tenant.name, "image.created", &id, Some(q.name));
+    Ok((StatusCode::CREATED, Json(image)))
+}
+
+/// Streams an upload into `path`, hashing it and checking it is an x86-64 ELF executable.
+async fn receive_image(mut body: axum::body::Body, path: &std::path::Path) -> Res<(String, u64)> {
+    use sha2::Digest;
+    let mut file = std::fs::File::create(path).map_err(|e| ControlError::io("receiving an image", e))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut size = 0u64;
+    let mut head = Vec::with_capacity(64);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            if e.to_string().contains("length limit") {
+                ControlError::TooLarge(format!("an image is at most {} MiB", MAX_IMAGE_BYTES >> 20))
+            } else {
+                ControlError::BadRequest(format!("the upload broke off: {e}"))
+            }
+        })?;
+        let Ok(data) = frame.into_data() else { continue };
+        size += data.len() as u64;
+        if size > MAX_IMAGE_BYTES {
+            return Err(ControlError::TooLarge(format!(
+                "an image is at most {} MiB",
+                MAX_IMAGE_BYTES >> 20
+            )));
+        }
+        if head.len() < 64 {
+            let take = (64 - head.len()).min(data.len());
+            head.extend_from_slice(&data[..take]);
+        }
+        hasher.update(&data);
+        file.write_all(&data)
+            .map_err(|e| ControlError::io("receiving an image", e))?;
+    }
+    check_elf(&head)?;
+    file.sync_all().map_err(|e| ControlError::io("receiving an image", e))?;
+    Ok((auth::hex(&hasher.finalize()), size))
+}
+
+/// Whether `head` (the first 64 bytes) starts an x86-64 ELF executable; the VMM checks the
+/// rest (its PVH note) when it boots it.
+fn check_elf(head: &[u8]) -> Res<()> {
+    let bad = |why: &str| Err(ControlError::BadRequest(format!("not a PVH ELF image: {why}")));
+    if head.len() < 64 {
+        return bad("shorter than an ELF header");
+    }
+    if &head[..4] != b"\x7fELF" {
+        return bad("no ELF magic");
+    }
+    if head[4] != 2 || head[5] != 1 {
+        return bad("not a 64-bit little-endian ELF");
+    }
+    if u16::from_le_bytes([head[16], head[17]]) != 2 {
+        return bad("not an executable (ET_EXEC)");
+    }
+    if u16::from_le_bytes([head[18], head[19]]) != 62 {
+        return bad("not for x86-64");
+    }
+    Ok(())
+}
+
+/// Removes one of the caller's images (refused while a VM boots from it).
+#[utoipa::path(delete, path = "/v1/images/{image}", params(("image" = String, Path, description = "id or name")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_image(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<StatusCode> {
+    let _records = d.lock_records().await;
+    let image = d
+        .images_of(&caller.tenant.name)?
+        .into_iter()
+        .find(|i| i.id == key || i.name == key)
+        .ok_or_else(|| ControlError::NotFound(format!("no image {key}")))?;
+    let users: Vec<String> = d
+        .store
+        .list::<Vm>(Table::Vms)?
+        .into_iter()
+        .filter(|v| v.tenant == image.tenant && v.image == image.id)
+        .map(|v| v.name)
+        .collect();
+    if !users.is_empty() {
+        return Err(ControlError::Conflict(format!(
+            "image {} is used by VMs {}",
+            image.name,
+            users.join(", ")
+        )));
+    }
+    d.store
+        .delete(Table::Images, &format!("{}/{}", image.tenant, image.id))?;
+    let still_used = d.store.list::<Image>(Table::Images)?.iter().any(|i| i.id == image.id);
+    if !still_used {
+        let _ = std::fs::remove_file(d.image_path(&image.id));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Finds a VM by id or by the caller's name for it; another tenant's VM is not found.
+fn find_vm(d: &Daemon, caller: &Caller, key: &str) -> Res<Vm> {
+    let not_found = || ControlError::NotFound(format!("no VM {key}"));
+    if key.starts_with("vm-") {
+        if let Some(vm) = d.store.get::<Vm>(Table::Vms, key)? {
+            return if caller.may_touch(&vm.tenant) {
+                Ok(vm)
+            } else {
+                Err(not_found())
+            };
+        }
+    }
+    d.store
+        .list::<Vm>(Table::Vms)?
+        .into_iter()
+        .find(|v| v.tenant == caller.tenant.name && v.name == key)
+        .ok_or_else(not_found)
+}
+
+/// The caller's VMs (an admin's: every tenant's).
+#[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = Vec<Vm>)))]
+async fn list_vms(State(d): D, caller: Caller) -> Res<Json<Vec<Vm>>> {
+    let all: Vec<Vm> = d.store.list(Table::Vms)?;
+    Ok(Json(all.into_iter().filter(|v| caller.may_touch(&v.tenant)).collect()))
+}
+
+/// Makes a VM from an image and an instance type, within the tenant's quota, and boots it
+/// unless `start` is false.
+#[utoipa::path(post, path = "/v1/vms", request_body = CreateVm,
+    responses((status = 201, body = Vm), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 502, body = ErrorBody)))]
+async fn create_vm(State(d): D, caller: Caller, Json(req): Json<CreateVm>) -> Res<(StatusCode, Json<Vm>)> {
+    check_name("VM", &req.name)?;
+    if req.args.len() > MAX_ARGS
+        || req
+            .args
+            .iter()
+            .any(|a| a.len() > MAX_ARG_BYTES || a.contains('\0') || a.contains(char::is_whitespace))
+    {
+        return Err(ControlError::BadRequest(format!(
+            "a guest takes at most {MAX_ARGS} arguments of at most {MAX_ARG_BYTES} bytes, without spaces or NULs"
+        )));
+    }
+    let type_name = req.instance_type.as_deref().unwrap_or("x1.nano");
+    let itype: InstanceType = d
+        .store
+        .get(Table::InstanceTypes, type_name)?
+        .ok_or_else(|| ControlError::BadRequest(format!("no instance type {type_name}")))?;
+    let tenant = &caller.tenant;
+    let image = d
+        .images_of(&tenant.name)?
+        .into_iter()
+        .find(|i| i.id == req.image || i.name == req.image)
+        .ok_or_else(|| ControlError::BadRequest(format!("no image {}", req.image)))?;
+    let id = format!("vm-{}", auth::hex(&auth::random_bytes::<6>()?));
+    let vm = Vm {
+        id: id.clone(),
+        tenant: tenant.name.clone(),
+        name: req.name.clone(),
+        image: image.id,
+        instance_type: itype.name.clone(),
+        vcpus: itype.vcpus,
+        mem_mib: itype.mem_mib,
+        args: req.args.clone(),
+        state: VmState::Stopped,
+        exit: None,
+        pid: None,
+        created: now(),
+        run_seconds: 0.0,
+        running_since: None,
+    };
+    {
+        let _records = d.lock_records().await;
+        let mine: Vec<Vm> = d
+            .store
+            .list::<Vm>(Table::Vms)?
+            .into_iter()
+            .filter(|v| v.tenant == tenant.name)
+            .collect();
+        if mine.iter().any(|v| v.name == req.name) {
+            return Err(ControlError::Conflict(format!("a VM named {} exists", req.name)));
+        }
+        check_quota(&tenant.name, &tenant.quota, &mine, &itype)?;
+        d.store.put(Table::Vms, &id, &vm)?;
+    }
+    d.emit(&tenant.name, "vm.created", &id, Some(req.name));
+    let vm = if req.start.unwrap_or(true) {
+        d.start(&id).await?
+    } else {
+        vm
+    };
+    Ok((StatusCode::CREATED, Json(vm)))
+}
+
+fn check_quota(tenant: &str, quota: &Quota, vms: &[Vm], adding: &InstanceType) -> Res<()> {
+    let count = vms.len() as u32 + 1;
+    let vcpus: u32 = vms.iter().map(|v| v.vcpus).sum::<u32>() + adding.vcpus;
+    let mem: u64 = vms.iter().map(|v| v.mem_mib).sum::<u64>() + adding.mem_mib;
+    let over = if count > quota.vms {
+        Some(format!("{count} VMs"))
+    } else if vcpus > quota.vcpus {
+        Some(format!("{vcpus} vCPUs"))
+    } else if mem > quota.mem_mib {
+        Some(format!("{mem} MiB of memory"))
+    } else {
+        None
+    };
+    match over {
+        Some(what) => Err(ControlError::Quota(format!(
+            "quota: {what} would exceed tenant {tenant}'s quota ({} VMs, {} vCPUs, {} MiB)",
+            quota.vms, quota.vcpus, quota.mem_mib
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// One VM.
+#[utoipa::path(get, path = "/v1/vms/{vm}", params(("vm" = String, Path, description = "id or name")),
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody)))]
+async fn show_vm(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<Vm>> {
+    Ok(Json(find_vm(&d, &caller, &key)?))
+}
+
+/// Stops a VM if it runs and removes it, its files and its snapshots.
+#[utoipa::path(delete, path = "/v1/vms/{vm}", params(("vm" = String, Path, description = "id or name")),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn delete_vm(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<StatusCode> {
+    let vm = find_vm(&d, &caller, &key)?;
+    d.delete(&vm.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Boots a VM that has no VMM.
+#[utoipa::path(post, path = "/v1/vms/{vm}/start", params(("vm" = String, Path, description = "id or name")),
+    responses((status = 200, body = Vm), (status = 409, body = ErrorBody), (status = 502, body = ErrorBody)))]
+async fn start_vm(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<Vm>> {
+    let vm = find_vm(&d, &caller, &key)?;
+    Ok(Json(d.start(&vm.id).await?))
+}
+
+/// Stops a VM's VMM (the VM stays defined).
+#[utoipa::path(post, path = "/v1/vms/{vm}/stop", params(("vm" = String, Path, description = "id or name")),
+    responses((status = 200, body = Vm), (status = 409, body = ErrorBody)))]
+async fn stop_vm(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<Vm>> {
+    let vm = find_vm(&d, &caller, &key)?;
+    Ok(Json(d.stop(&vm.id).await?))
+}
+
+/// Stops a running VM's vCPUs.
+#[utoipa::path(post, path = "/v1/vms/{vm}/pause", params(("vm" = String, Path, description = "id or name")),
+    responses((status = 200, body = Vm), (status = 409, body = ErrorBody)))]
+async fn pause_vm(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<Vm>> {
+    let vm = find_vm(&d, &caller, &key)?;
+    Ok(Json(d.set_paused(&vm.id, true).await?))
+}
+
+/// Lets a paused VM's vCPUs run again.
+#[utoipa::path(post, path = "/v1/vms/{vm}/resume", params(("vm" = String, Path, description = "id or name")),
+    responses((status = 200, body = Vm), (status = 409, body = ErrorBody)))]
+async fn resume_vm(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<Vm>> {
+    let vm = find_vm(&d, &caller, &key)?;
+    Ok(Json(d.set_paused(&vm.id, false).await?))
+}
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+struct ConsoleQuery {
+    /// How many bytes from the end of the log (default 65536, at most 1 MiB).
+    bytes: Option<u64>,
+}
+
+/// The end of a VM's console output (over all its runs).
+#[utoipa::path(get, path = "/v1/vms/{vm}/console", params(("vm" = String, Path, description = "id or name"), ConsoleQuery),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ErrorBody)))]
+async fn console(
+    State(d): D,
+    caller: Caller,
+    Path(key): Path<String>,
+    query: Result<Query<ConsoleQuery>, axum::extract::rejection::QueryRejection>,
+) -> Res<impl IntoResponse> {
+    let Query(q) = query?;
+    let vm = find_vm(&d, &caller, &key)?;
+    let want = q.bytes.unwrap_or(64 << 10).min(MAX_CONSOLE_BYTES);
+    let mut text = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(d.console_log(&vm.id)) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(want)));
+        let _ = f.take(want).read_to_end(&mut text);
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text))
+}
+
+/// A VM's resource use.
+#[utoipa::path(get, path = "/v1/vms/{vm}/metrics", params(("vm" = String, Path, description = "id or name")),
+    responses((status = 200, body = VmMetrics), (status = 404, body = ErrorBody)))]
+async fn metrics(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<VmMetrics>> {
+    let vm = find_vm(&d, &caller, &key)?;
+    let pid = vm.pid.filter(|_| vm.state.has_vmm());
+    Ok(Json(VmMetrics {
+        state: vm.state,
+        cpu_seconds: pid.and_then(crate::host::cpu_seconds).unwrap_or(0.0),
+        rss_bytes: pid.and_then(crate::host::rss_bytes).unwrap_or(0),
+        run_seconds: vm.run_seconds_now(),
+    }))
+}
+
+/// A VM's snapshots.
+#[utoipa::path(get, path = "/v1/vms/{vm}/snapshots", params(("vm" = String, Path, description = "id or name")),
+    responses((status = 200, body = Vec<Snapshot>), (status = 404, body = ErrorBody)))]
+async fn list_snapshots(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<Vec<Snapshot>>> {
+    let vm = find_vm(&d, &caller, &key)?;
+    let all: Vec<Snapshot> = d.store.list(Table::Snapshots)?;
+    Ok(Json(all.into_iter().filter(|s| s.vm == vm.id).collect()))
+}
+
+/// Takes a snapshot of a running or paused VM (a running one goes on after it).
+#[utoipa::path(post, path = "/v1/vms/{vm}/snapshots", params(("vm" = String, Path, description = "id or name")),
+    responses((status = 201, body = Snapshot), (status = 409, body = ErrorBody)))]
+async fn create_snapshot(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<(StatusCode, Json<Snapshot>)> {
+    let vm = find_vm(&d, &caller, &key)?;
+    Ok((StatusCode::CREATED, Json(d.snapshot(&vm.id).await?)))
+}
+
+/// Runs a VM from one of its snapshots (its current VMM, if any, is stopped first).
+#[utoipa::path(post, path = "/v1/vms/{vm}/restore", params(("vm" = String, Path, description = "id or name")),
+    request_body = RestoreVm, responses((status = 200, body = Vm), (status = 404, body = ErrorBody)))]
+async fn restore_vm(State(d): D, caller: Caller, Path(key): Path<String>, Json(req): Json<RestoreVm>) -> Res<Json<Vm>> {
+    let vm = find_vm(&d, &caller, &key)?;
+    let snap: Snapshot = d
+        .store
+        .get(Table::Snapshots, &req.snapshot)?
+        .filter(|s: &Snapshot| s.vm == vm.id)
+        .ok_or_else(|| ControlError::NotFound(format!("VM {} has no snapshot {}", vm.name, req.snapshot)))?;
+    Ok(Json(d.restore(&vm.id, &snap).await?))
+}
+
+/// The hosts of the cloud (alone: this one).
+#[utoipa::path(get, path = "/v1/hosts", responses((status = 200, body = Vec<Host>)))]
+async fn list_hosts(State(d): D, _caller: Caller) -> Res<Json<Vec<Host>>> {
+    let vms: Vec<Vm> = d.store.list(Table::Vms)?;
+    let c = &d.config;
+    Ok(Json(vec![Host {
+        name: c.host_name.clone(),
+        provider: c.provider.clone(),
+        region: c.region.clone(),
+        price_per_hour: c.price_per_hour,
+        cpus: crate::host::cpus(),
+        mem_mib: crate::host::mem_mib(),
+        vcpus_used: vms.iter().map(|v| v.vcpus).sum(),
+        mem_mib_used: vms.iter().map(|v| v.mem_mib).sum(),
+        vms: vms.len() as u32,
+        state: "up".into(),
+    }]))
+}
+
+/// What the caller's VMs have cost so far (an admin's: every tenant's).
+#[utoipa::path(get, path = "/v1/usage", responses((status = 200, body = Usage)))]
+async fn usage(State(d): D, caller: Caller) -> Res<Json<Usage>> {
+    let types: Vec<InstanceType> = d.store.list(Table::InstanceTypes)?;
+    let vms: Vec<UsageLine> = d
+        .store
+        .list::<Vm>(Table::Vms)?
+        .into_iter()
+        .filter(|v| caller.may_touch(&v.tenant))
+        .map(|v| {
+            let price = types
+                .iter()
+                .find(|t| t.name == v.instance_type)
+                .map(|t| t.price_per_hour)
+                .unwrap_or(0.0);
+            let run_seconds = v.run_seconds_now();
+            UsageLine {
+                vm: v.id,
+                tenant: v.tenant,
+                instance_type: v.instance_type,
+                run_seconds,
+                price_per_hour: price,
+                cost: run_seconds / 3600.0 * price,
+            }
+        })
+        .collect();
+    let total_cost = vms.iter().map(|l| l.cost).sum();
+    Ok(Json(Usage { vms, total_cost }))
+}
+
+/// What happens to the caller's resources, as server-sent events (`event:` the kind,
+/// `data:` the event as JSON), from the moment of the request on.
+#[utoipa::path(get, path = "/v1/events",
+    responses((status = 200, content_type = "text/event-stream", body = Event)))]
+async fn events(State(d): D, caller: Caller) -> impl IntoResponse {
+    let stream = tokio_stream::wrappers::BroadcastStream::new(d.subscribe()).filter_map(move |item| {
+        let event = match item {
+            Ok(e) if caller.may_touch(&e.tenant) => e,
+            Ok(_) => return None,
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                return Some(Ok::<_, std::convert::Infallible>(
+                    axum::response::sse::Event::default()
+                        .event("lagged")
+                        .data(format!("{n} events were dropped: this reader was too slow")),
+                ))
+            }
+        };
+        let data = serde_json::to_string(&event).unwrap_or_default();
+        Some(Ok(axum::response::sse::Event::default().event(event.kind).data(data)))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_x86_64_executables_pass_the_elf_check() {
+        let mut head = vec![0u8; 64];
+        head[..4].copy_from_slice(b"\x7fELF");
+        head[4] = 2;
+        head[5] = 1;
+        head[16] = 2;
+        head[18] = 62;
+        assert!(check_elf(&head).is_ok());
+        assert!(check_elf(&head[..63]).is_err());
+        let mut arm = head.clone();
+        arm[18] = 183;
+        assert!(check_elf(&arm).is_err());
+        let mut shared = head.clone();
+        shared[16] = 3;
+        assert!(check_elf(&shared).is_err());
+        assert!(check_elf(&[b'#'; 64]).is_err());
+    }
+
+    #[test]
+    fn quotas_count_every_vm() {
+        let quota = Quota {
+            vcpus: 2,
+            mem_mib: 512,
+            vms: 2,
+        };
+        let t = |vcpus, mem_mib| InstanceType {
+            name: "t".into(),
+            vcpus,
+            mem_mib,
+            price_per_hour: 0.0,
+        };
+        assert!(check_quota("a", &quota, &[], &t(2, 512)).is_ok());
+        assert!(check_quota("a", &quota, &[], &t(3, 64)).is_err());
+        assert!(check_quota("a", &quota, &[], &t(1, 513)).is_err());
+    }
+
+    #[test]
+    fn the_openapi_document_names_every_route() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).expect("json");
+        let paths = doc["paths"].as_object().expect("paths");
+        for p in [
+            "/v1/vms",
+            "/v1/vms/{vm}/snapshots",
+            "/v1/images",
+            "/v1/events",
+            "/v1/usage",
+        ] {
+            assert!(paths.contains_key(p), "{p}");
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The control plane (layer 2 of docs/architecture.md): `xcloudd`'s tenants and API keys,
+//! images, instance types, VMs, snapshots, metering and events, behind a versioned REST API
+//! (docs/cloud-api.md), with state in one embedded file.
+//!
+//! Each VM is its own VMM process (`xcloud run`), driven through the VMM's control socket
+//! (crates/api): this crate knows VMs only from outside, and the VMM knows nothing of tenants.
+
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod auth;
+pub mod client;
+pub mod daemon;
+pub mod error;
+pub mod host;
+pub mod http;
+pub mod model;
+pub mod store;
+
+pub use daemon::{Config, Daemon};
+pub use error::ControlError;
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+/// Serves the API on the Unix socket `socket` until `shutdown` completes. VMs keep running
+/// after the daemon ends; the next daemon on the same data directory watches them again.
+pub async fn serve(
+    config: Config,
+    socket: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ControlError> {
+    let data = &config.data_dir;
+    std::fs::create_dir_all(data).map_err(|e| ControlError::io(format!("creating {}", data.display()), e))?;
+    let lock_path = data.join("xcloudd.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| ControlError::io(format!("opening {}", lock_path.display()), e))?;
+    // SAFETY: flock on a descriptor this function owns (kept open for the daemon's life).
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(ControlError::Conflict(format!(
+            "another xcloudd uses {} (it holds {})",
+            data.display(),
+            lock_path.display()
+        )));
+    }
+    let daemon = Daemon::open(config).await?;
+    let listener = bind(socket)?;
+    tracing::info!("xcloudd: serving API v1 on {}", socket.display());
+    let served = axum::serve(listener, http::router(daemon))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    let _ = std::fs::remove_file(socket);
+    drop(lock);
+    served.map_err(|e| ControlError::io("serving the API", e))
+}
+
+/// Binds `path`, replacing a socket left by a daemon that died, never anything else.
+fn bind(path: &Path) -> Result<tokio::net::UnixListener, ControlError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ControlError::Conflict(format!(
+                "{} exists and is not a socket: refusing to replace it",
+                path.display()
+            )));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ControlError::Conflict(format!(
+                "a server already listens on {}",
+                path.display()
+            )));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let listener =
+        tokio::net::UnixListener::bind(path).map_err(|e| ControlError::io(format!("binding {}", path.display()), e))?;
+    // Keys authenticate every call; the mode keeps other local users from even trying.
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
+    Ok(listener)
+}

@@ -1,0 +1,379 @@
+//! The resources of the control plane as they are stored and as the API shows them
+//! (docs/cloud-api.md).
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch, as a float (for metering).
+pub fn now_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// What a caller may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Everything, on every tenant's resources.
+    Admin,
+    /// Its own resources only.
+    Tenant,
+}
+
+/// What a tenant may hold at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Quota {
+    /// vCPUs over all its VMs (running or not).
+    pub vcpus: u32,
+    /// MiB of guest memory over all its VMs.
+    pub mem_mib: u64,
+    /// Number of VMs.
+    pub vms: u32,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Self {
+            vcpus: 8,
+            mem_mib: 8192,
+            vms: 16,
+        }
+    }
+}
+
+/// A tenant: the owner of images, VMs and API keys.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Tenant {
+    /// Its name (lower-case letters, digits and '-').
+    pub name: String,
+    /// What its keys may do.
+    pub role: Role,
+    /// What it may hold.
+    pub quota: Quota,
+    /// When it was made (Unix seconds).
+    pub created: u64,
+}
+
+/// An API key as stored: never the secret, only a salted SHA-256 of it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoredKey {
+    /// The key's public part (`xck_ID_SECRET`).
+    pub id: String,
+    /// Whose key it is.
+    pub tenant: String,
+    /// 16 random bytes, hex.
+    pub salt: String,
+    /// SHA-256(salt || secret), hex.
+    pub hash: String,
+    /// When it was made.
+    pub created: u64,
+}
+
+/// A guest image: a PVH ELF, named by the SHA-256 of its bytes.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    /// `sha256:` and the hex digest of its bytes.
+    pub id: String,
+    /// Whose it is.
+    pub tenant: String,
+    /// The tenant's name for it.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was uploaded.
+    pub created: u64,
+}
+
+/// A shape a VM can have, and its price.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct InstanceType {
+    /// Its name, e.g. `x1.small`.
+    pub name: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// What an hour of a running VM of this type costs (any currency).
+    pub price_per_hour: f64,
+}
+
+/// The instance types a new daemon starts with.
+pub fn default_instance_types() -> Vec<InstanceType> {
+    [
+        ("x1.nano", 1, 64, 0.002),
+        ("x1.small", 1, 256, 0.008),
+        ("x1.medium", 2, 1024, 0.032),
+        ("x1.large", 4, 4096, 0.128),
+    ]
+    .into_iter()
+    .map(|(name, vcpus, mem_mib, price_per_hour)| InstanceType {
+        name: name.into(),
+        vcpus,
+        mem_mib,
+        price_per_hour,
+    })
+    .collect()
+}
+
+/// Where a VM is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Defined, no VMM process.
+    Stopped,
+    /// Its VMM is starting.
+    Starting,
+    /// Its guest runs.
+    Running,
+    /// Its vCPUs are stopped; its VMM holds its memory.
+    Paused,
+    /// Its guest ended by itself (see `exit`).
+    Exited,
+    /// Its VMM failed (see `exit`).
+    Failed,
+}
+
+impl VmState {
+    /// Whether a VMM process holds the VM.
+    pub fn has_vmm(self) -> bool {
+        matches!(self, Self::Starting | Self::Running | Self::Paused)
+    }
+}
+
+/// A VM.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    /// `vm-` and 12 hex digits.
+    pub id: String,
+    /// Whose it is.
+    pub tenant: String,
+    /// The tenant's name for it (unique per tenant).
+    pub name: String,
+    /// The image it boots (`sha256:...`).
+    pub image: String,
+    /// Its instance type.
+    pub instance_type: String,
+    /// vCPUs (from the type).
+    pub vcpus: u32,
+    /// Guest memory in MiB (from the type).
+    pub mem_mib: u64,
+    /// The guest's command line arguments.
+    pub args: Vec<String>,
+    /// Where it is.
+    pub state: VmState,
+    /// How its last VMM ended, when it did.
+    pub exit: Option<String>,
+    /// The VMM's process id while one runs.
+    pub pid: Option<u32>,
+    /// When it was made.
+    pub created: u64,
+    /// Seconds it ran before its current run (metering).
+    pub run_seconds: f64,
+    /// When its current run began (Unix seconds, fractional).
+    pub running_since: Option<f64>,
+}
+
+impl Vm {
+    /// Seconds of running so far, the current run included.
+    pub fn run_seconds_now(&self) -> f64 {
+        self.run_seconds + self.running_since.map(|s| (now_f64() - s).max(0.0)).unwrap_or(0.0)
+    }
+}
+
+/// A snapshot of a VM, kept by the daemon.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    /// `snap-` and 12 hex digits.
+    pub id: String,
+    /// The VM it was taken of.
+    pub vm: String,
+    /// Whose it is.
+    pub tenant: String,
+    /// Bytes written.
+    pub bytes: u64,
+    /// When it was taken.
+    pub created: u64,
+}
+
+/// This host, as the control plane sees it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Host {
+    /// Its name.
+    pub name: String,
+    /// The provider it is rented from (`local` for one's own machine).
+    pub provider: String,
+    /// The provider's region.
+    pub region: String,
+    /// What an hour of this host costs.
+    pub price_per_hour: f64,
+    /// Its CPUs.
+    pub cpus: u32,
+    /// Its memory in MiB.
+    pub mem_mib: u64,
+    /// vCPUs of the VMs it holds (every state).
+    pub vcpus_used: u32,
+    /// MiB of the VMs it holds.
+    pub mem_mib_used: u64,
+    /// VMs it holds.
+    pub vms: u32,
+    /// `up`.
+    pub state: String,
+}
+
+/// Something that happened, as the events stream shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    /// Numbered from 1 since the daemon started.
+    pub seq: u64,
+    /// Unix seconds.
+    pub at: u64,
+    /// The tenant it concerns.
+    pub tenant: String,
+    /// e.g. `vm.created`, `vm.running`, `vm.exited`.
+    pub kind: String,
+    /// The resource it concerns.
+    pub id: String,
+    /// More about it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// `POST /v1/tenants`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    /// Its name.
+    pub name: String,
+    /// Its quota (a default one if absent).
+    #[serde(default)]
+    pub quota: Option<Quota>,
+}
+
+/// A new API key: shown once, stored only hashed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NewKey {
+    /// The tenant.
+    pub tenant: String,
+    /// The key, to send as `Authorization: Bearer KEY`.
+    pub key: String,
+}
+
+/// Who the caller is.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WhoAmI {
+    /// Its tenant.
+    pub tenant: String,
+    /// Its role.
+    pub role: Role,
+    /// Its quota.
+    pub quota: Quota,
+}
+
+/// `POST /v1/vms`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// Its name.
+    pub name: String,
+    /// An image id (`sha256:...`) or the name of one of the tenant's images.
+    pub image: String,
+    /// The instance type (default `x1.nano`).
+    #[serde(default)]
+    pub instance_type: Option<String>,
+    /// The guest's arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Boot it at once (default true).
+    #[serde(default)]
+    pub start: Option<bool>,
+}
+
+/// `POST /v1/vms/{vm}/restore`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreVm {
+    /// A snapshot of this VM.
+    pub snapshot: String,
+}
+
+/// `GET /v1/vms/{vm}/metrics`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct VmMetrics {
+    /// Its state.
+    pub state: VmState,
+    /// CPU seconds its VMM process used (guest and VMM, user and system).
+    pub cpu_seconds: f64,
+    /// Resident memory of its VMM process, guest memory included.
+    pub rss_bytes: u64,
+    /// Seconds it ran, over all its runs.
+    pub run_seconds: f64,
+}
+
+/// One VM's line in `GET /v1/usage`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UsageLine {
+    /// The VM.
+    pub vm: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its instance type.
+    pub instance_type: String,
+    /// Seconds it ran.
+    pub run_seconds: f64,
+    /// The type's price per hour.
+    pub price_per_hour: f64,
+    /// run_seconds / 3600 * price_per_hour.
+    pub cost: f64,
+}
+
+/// `GET /v1/usage`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    /// Per VM.
+    pub vms: Vec<UsageLine>,
+    /// The sum of the costs.
+    pub total_cost: f64,
+}
+
+/// Whether `name` is a good resource name: 1 to 63 of `a-z`, `0-9`, `-`, `.`, `_`, starting
+/// with a letter or digit.
+pub fn check_name(what: &str, name: &str) -> Result<(), crate::ControlError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::ControlError::BadRequest(format!(
+            "{what} name {name:?} is not 1-63 of a-z, 0-9, '-', '.', '_' starting with a letter or digit"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["a", "web-1", "x1.small", "a_b"] {
+            assert!(check_name("vm", good).is_ok(), "{good}");
+        }
+        for bad in ["", "-a", "A", "a/b", "../x", "a b", &"a".repeat(64)] {
+            assert!(check_name("vm", bad).is_err(), "{bad}");
+        }
+    }
+}

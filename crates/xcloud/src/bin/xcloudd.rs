@@ -1,0 +1,98 @@
+//! `xcloudd`: the control plane of one host. Alone it needs no flags: state, images and VMs
+//! under /var/lib/xcloud, the API on /var/lib/xcloud/xcloudd.sock (docs/cloud-api.md).
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "xcloudd", version, about = "The xcloud control plane daemon of one host")]
+struct Args {
+    /// Where state, images, VM files and snapshots live.
+    #[arg(long, default_value = "/var/lib/xcloud")]
+    data: PathBuf,
+    /// The API's Unix socket (default: DATA/xcloudd.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The `xcloud` binary that runs each VM (default: the one beside xcloudd).
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    /// This host's name (default: the kernel's host name).
+    #[arg(long)]
+    host: Option<String>,
+    /// The provider this host is rented from.
+    #[arg(long, default_value = "local")]
+    provider: String,
+    /// The provider's region.
+    #[arg(long, default_value = "local")]
+    region: String,
+    /// What an hour of this host costs.
+    #[arg(long, default_value_t = 0.0)]
+    price_per_hour: f64,
+}
+
+fn config(args: &Args) -> anyhow::Result<xcloud_control::Config> {
+    std::fs::create_dir_all(&args.data)?;
+    let data_dir = std::fs::canonicalize(&args.data)?;
+    let vmm_binary = match &args.vmm {
+        Some(p) => std::path::absolute(p)?,
+        None => std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("xcloud"))
+            .ok_or_else(|| anyhow::anyhow!("cannot tell where xcloudd is: give --vmm"))?,
+    };
+    if !vmm_binary.is_file() {
+        anyhow::bail!("the VMM binary {} is missing: give --vmm", vmm_binary.display());
+    }
+    Ok(xcloud_control::Config {
+        data_dir,
+        vmm_binary,
+        host_name: args.host.clone().unwrap_or_else(xcloud_control::host::hostname),
+        provider: args.provider.clone(),
+        region: args.region.clone(),
+        price_per_hour: args.price_per_hour,
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("xcloudd: stopping (VMs keep running)");
+}
+
+fn main() -> ExitCode {
+    let level = std::env::var("XCLOUD_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing_subscriber::filter::LevelFilter>().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let result = config(&args).and_then(|config| {
+        let socket = args
+            .socket
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("xcloudd.sock"));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        runtime.block_on(xcloud_control::serve(config, &socket, shutdown_signal()))?;
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xcloudd: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! The tenant's commands: `xcloud vm|image|tenant|type|host|usage|events|whoami`, clients of
+//! xcloudd's REST API (docs/cloud-api.md) over its Unix socket.
+// The doc comments here are the commands' --help; the plumbing (flattened endpoints,
+// subcommand fields, positional names that say what they are) needs none.
+#![allow(missing_docs)]
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+use std::path::PathBuf;
+use xcloud_control::client::{Answer, Client};
+
+/// Where the daemon is and which key to call it with.
+#[derive(Args, Clone, Debug)]
+pub struct Endpoint {
+    /// xcloudd's socket.
+    #[arg(
+        long,
+        env = "XCLOUD_ENDPOINT",
+        default_value = "/var/lib/xcloud/xcloudd.sock",
+        global = true
+    )]
+    endpoint: PathBuf,
+    /// The API key (default: the admin key beside the socket, when this user can read it).
+    #[arg(long, env = "XCLOUD_KEY", hide_env_values = true, global = true)]
+    key: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// The control plane's commands.
+#[derive(Subcommand, Debug)]
+pub enum CloudCommand {
+    /// VMs: create, list, start, stop, pause, resume, snapshot, restore, remove (through xcloudd).
+    Vm {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        #[command(subcommand)]
+        action: VmAction,
+    },
+    /// Guest images (PVH ELFs) kept by xcloudd.
+    Image {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        #[command(subcommand)]
+        action: ImageAction,
+    },
+    /// Tenants and their API keys (admin).
+    Tenant {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        #[command(subcommand)]
+        action: TenantAction,
+    },
+    /// Instance types: the shapes and prices of VMs.
+    Type {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        #[command(subcommand)]
+        action: TypeAction,
+    },
+    /// The hosts of the cloud.
+    Hosts {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// What the caller's VMs have cost so far.
+    Usage {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Follow what happens to the caller's resources.
+    Events {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// Who the API key belongs to.
+    Whoami {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+/// `xcloud vm ...`.
+#[derive(Subcommand, Debug)]
+pub enum VmAction {
+    /// List VMs.
+    Ls,
+    /// Make a VM and boot it.
+    Create {
+        /// Its name.
+        name: String,
+        /// An image id or name (`xcloud image ls`).
+        #[arg(long)]
+        image: String,
+        /// Its instance type (`xcloud type ls`).
+        #[arg(long = "type", default_value = "x1.nano")]
+        instance_type: String,
+        /// Define it only.
+        #[arg(long)]
+        no_start: bool,
+        /// The guest's arguments.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Show one VM.
+    Show { vm: String },
+    /// Boot a stopped VM.
+    Start { vm: String },
+    /// Stop a VM's VMM.
+    Stop { vm: String },
+    /// Pause a running VM.
+    Pause { vm: String },
+    /// Resume a paused VM.
+    Resume { vm: String },
+    /// Remove a VM (stopped first), its files and its snapshots.
+    Rm { vm: String },
+    /// Print the end of a VM's console output.
+    Console {
+        vm: String,
+        /// Bytes from the end.
+        #[arg(long, default_value_t = 65536)]
+        bytes: u64,
+    },
+    /// A VM's CPU time, memory and running time.
+    Metrics { vm: String },
+    /// Take a snapshot of a VM.
+    Snapshot { vm: String },
+    /// List a VM's snapshots.
+    Snapshots { vm: String },
+    /// Run a VM from one of its snapshots.
+    Restore { vm: String, snapshot: String },
+}
+
+/// `xcloud image ...`.
+#[derive(Subcommand, Debug)]
+pub enum ImageAction {
+    /// List images.
+    Ls,
+    /// Upload a PVH ELF (a path, or the name of a built-in guest).
+    Push {
+        /// The ELF file or built-in guest.
+        source: String,
+        /// The image's name (default: the source's file name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Remove an image.
+    Rm { image: String },
+}
+
+/// `xcloud tenant ...`.
+#[derive(Subcommand, Debug)]
+pub enum TenantAction {
+    /// List tenants.
+    Ls,
+    /// Make a tenant and print its first API key.
+    Create {
+        name: String,
+        /// vCPU quota.
+        #[arg(long, default_value_t = 8)]
+        vcpus: u32,
+        /// Memory quota in MiB.
+        #[arg(long, default_value_t = 8192)]
+        mem_mib: u64,
+        /// VM quota.
+        #[arg(long, default_value_t = 16)]
+        vms: u32,
+    },
+    /// Another API key for a tenant.
+    Key { name: String },
+    /// Remove a tenant that holds nothing.
+    Rm { name: String },
+}
+
+/// `xcloud type ...`.
+#[derive(Subcommand, Debug)]
+pub enum TypeAction {
+    /// List instance types.
+    Ls,
+    /// Add or change an instance type (admin).
+    Add {
+        name: String,
+        #[arg(long)]
+        vcpus: u32,
+        #[arg(long)]
+        mem_mib: u64,
+        #[arg(long)]
+        price_per_hour: f64,
+    },
+}
+
+fn client(e: &Endpoint) -> Client {
+    let key = e.key.clone().or_else(|| {
+        let file = e.endpoint.parent()?.join("admin.key");
+        std::fs::read_to_string(file).ok().map(|k| k.trim().to_string())
+    });
+    Client::new(e.endpoint.clone(), key)
+}
+
+/// Calls the API and returns the JSON of a successful answer; an error answer is an error.
+fn call(e: &Endpoint, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    let body = body.map(|b| (b.to_string().into_bytes(), "application/json"));
+    let answer = client(e).call(method, path, body)?;
+    json_of(answer)
+}
+
+fn json_of(answer: Answer) -> anyhow::Result<Value> {
+    if !(200..300).contains(&answer.status) {
+        bail!("{} (HTTP {})", answer.error_text(), answer.status);
+    }
+    if answer.body.is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(&answer.body).context("xcloudd's answer is not JSON")
+}
+
+fn s(v: &Value, field: &str) -> String {
+    match &v[field] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Number(n) if n.is_f64() => format!("{:.6}", n.as_f64().unwrap_or(0.0)),
+        other => other.to_string(),
+    }
+}
+
+/// Prints `rows` as a table of `fields`, or their JSON.
+fn table(e: &Endpoint, rows: &Value, fields: &[&str]) {
+    if e.json {
+        println!("{}", serde_json::to_string_pretty(rows).unwrap_or_default());
+        return;
+    }
+    let rows: Vec<Vec<String>> = rows
+        .as_array()
+        .map(|a| a.iter().map(|r| fields.iter().map(|f| s(r, f)).collect()).collect())
+        .unwrap_or_default();
+    let widths: Vec<usize> = fields
+        .iter()
+        .enumerate()
+        .map(|(i, f)| rows.iter().map(|r| r[i].len()).chain([f.len()]).max().unwrap_or(0))
+        .collect();
+    let line = |cells: Vec<String>| {
+        let text: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(fields.iter().map(|f| f.to_uppercase()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn show(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+const VM_FIELDS: &[&str] = &["id", "name", "state", "instance_type", "vcpus", "mem_mib", "image"];
+
+/// Runs one of the control plane's commands.
+pub fn run(command: CloudCommand) -> anyhow::Result<i32> {
+    match command {
+        CloudCommand::Vm { endpoint: e, action } => vm(&e, action)?,
+        CloudCommand::Image { endpoint: e, action } => match action {
+            ImageAction::Ls => table(
+                &e,
+                &call(&e, "GET", "/v1/images", None)?,
+                &["id", "name", "size", "tenant"],
+            ),
+            ImageAction::Push { source, name } => {
+                let (bytes, default_name) = match crate::guests::builtin(&source) {
+                    Some(image) => (image.to_vec(), source.clone()),
+                    None => {
+                        let bytes = std::fs::read(&source).with_context(|| format!("reading {source}"))?;
+                        let stem = std::path::Path::new(&source)
+                            .file_name()
+                            .map(|n| n.to_string_lossy().to_lowercase())
+                            .unwrap_or_else(|| "image".into());
+                        (bytes, stem)
+                    }
+                };
+                let name = name.unwrap_or(default_name);
+                let path = format!("/v1/images?name={}", query_escape(&name));
+                let answer = client(&e).call("POST", &path, Some((bytes, "application/octet-stream")))?;
+                let image = json_of(answer)?;
+                if e.json {
+                    show(&image);
+                } else {
+                    println!("{} {}", s(&image, "id"), s(&image, "name"));
+                }
+            }
+            ImageAction::Rm { image } => {
+                call(&e, "DELETE", &format!("/v1/images/{}", path_escape(&image)), None)?;
+            }
+        },
+        CloudCommand::Tenant { endpoint: e, action } => match action {
+            TenantAction::Ls => table(&e, &call(&e, "GET", "/v1/tenants", None)?, &["name", "role", "quota"]),
+            TenantAction::Create {
+                name,
+                vcpus,
+                mem_mib,
+                vms,
+            } => {
+                let body = serde_json::json!({"name": name, "quota": {"vcpus": vcpus, "mem_mib": mem_mib, "vms": vms}});
+                print_key(&e, &call(&e, "POST", "/v1/tenants", Some(body))?);
+            }
+            TenantAction::Key { name } => print_key(
+                &e,
+                &call(&e, "POST", &format!("/v1/tenants/{}/keys", path_escape(&name)), None)?,
+            ),
+            TenantAction::Rm { name } => {
+                call(&e, "DELETE", &format!("/v1/tenants/{}", path_escape(&name)), None)?;
+            }
+        },
+        CloudCommand::Type { endpoint: e, action } => match action {
+            TypeAction::Ls => table(
+                &e,
+                &call(&e, "GET", "/v1/instance-types", None)?,
+                &["name", "vcpus", "mem_mib", "price_per_hour"],
+            ),
+            TypeAction::Add {
+                name,
+                vcpus,
+                mem_mib,
+                price_per_hour,
+            } => show(&call(
+                &e,
+                "POST",
+                "/v1/instance-types",
+                Some(
+                    serde_json::json!({"name": name, "vcpus": vcpus, "mem_mib": mem_mib, "price_per_hour": price_per_hour}),
+                ),
+            )?),
+        },
+        CloudCommand::Hosts { endpoint: e } => table(
+            &e,
+            &call(&e, "GET", "/v1/hosts", None)?,
+            &[
+                "name",
+                "provider",
+                "region",
+                "cpus",
+                "mem_mib",
+                "vms",
+                "vcpus_used",
+                "price_per_hour",
+                "state",
+            ],
+        ),
+        CloudCommand::Usage { endpoint: e } => {
+            let usage = call(&e, "GET", "/v1/usage", None)?;
+            if e.json {
+                show(&usage);
+                return Ok(0);
+            }
+            table(
+                &e,
+                &usage["vms"],
+                &["vm", "tenant", "instance_type", "run_seconds", "price_per_hour", "cost"],
+            );
+            println!("total cost: {:.6}", usage["total_cost"].as_f64().unwrap_or(0.0));
+        }
+        CloudCommand::Events { endpoint: e, count } => events(&e, count)?,
+        CloudCommand::Whoami { endpoint: e } => show(&call(&e, "GET", "/v1/whoami", None)?),
+    }
+    Ok(0)
+}
+
+fn print_key(e: &Endpoint, answer: &Value) {
+    if e.json {
+        show(answer);
+    } else {
+        println!("{}", s(answer, "key"));
+    }
+}
+
+fn vm(e: &Endpoint, action: VmAction) -> anyhow::Result<()> {
+    let at = |vm: &str, what: &str| format!("/v1/vms/{}{what}", path_escape(vm));
+    let one = |v: Value| {
+        if e.json {
+            show(&v)
+        } else {
+            let exit = if v["exit"].is_string() {
+                format!(" ({})", s(&v, "exit"))
+            } else {
+                String::new()
+            };
+            println!("{} {} {}{exit}", s(&v, "id"), s(&v, "name"), s(&v, "state"));
+        }
+    };
+    match action {
+        VmAction::Ls => table(e, &call(e, "GET", "/v1/vms", None)?, VM_FIELDS),
+        VmAction::Create {
+            name,
+            image,
+            instance_type,
+            no_start,
+            args,
+        } => one(call(
+            e,
+            "POST",
+            "/v1/vms",
+            Some(
+                serde_json::json!({"name": name, "image": image, "instance_type": instance_type, "args": args, "start": !no_start}),
+            ),
+        )?),
+        VmAction::Show { vm } => show(&call(e, "GET", &at(&vm, ""), None)?),
+        VmAction::Start { vm } => one(call(e, "POST", &at(&vm, "/start"), None)?),
+        VmAction::Stop { vm } => one(call(e, "POST", &at(&vm, "/stop"), None)?),
+        VmAction::Pause { vm } => one(call(e, "POST", &at(&vm, "/pause"), None)?),
+        VmAction::Resume { vm } => one(call(e, "POST", &at(&vm, "/resume"), None)?),
+        VmAction::Rm { vm } => {
+            call(e, "DELETE", &at(&vm, ""), None)?;
+        }
+        VmAction::Console { vm, bytes } => {
+            let answer = client(e).call("GET", &at(&vm, &format!("/console?bytes={bytes}")), None)?;
+            if !(200..300).contains(&answer.status) {
+                bail!("{} (HTTP {})", answer.error_text(), answer.status);
+            }
+            use std::io::Write;
+            std::io::stdout().write_all(&answer.body)?;
+        }
+        VmAction::Metrics { vm } => show(&call(e, "GET", &at(&vm, "/metrics"), None)?),
+        VmAction::Snapshot { vm } => {
+            let snap = call(e, "POST", &at(&vm, "/snapshots"), None)?;
+            if e.json {
+                show(&snap)
+            } else {
+                println!("{} {} bytes", s(&snap, "id"), s(&snap, "bytes"));
+            }
+        }
+        VmAction::Snapshots { vm } => table(
+            e,
+            &call(e, "GET", &at(&vm, "/snapshots"), None)?,
+            &["id", "vm", "bytes", "created"],
+        ),
+        VmAction::Restore { vm, snapshot } => one(call(
+            e,
+            "POST",
+            &at(&vm, "/restore"),
+            Some(serde_json::json!({ "snapshot": snapshot })),
+        )?),
+    }
+    Ok(())
+}
+
+/// Prints events as they arrive: one JSON object per line.
+fn events(e: &Endpoint, count: Option<usize>) -> anyhow::Result<()> {
+    let mut seen = 0usize;
+    let mut pending = String::new();
+    let mut failed = Vec::new();
+    let status = client(e).call_streaming("GET", "/v1/events", None, |chunk| {
+        pending.push_str(&String::from_utf8_lossy(chunk));
+        failed.extend_from_slice(chunk);
+        while let Some(end) = pending.find('\n') {
+            let line: String = pending.drain(..=end).collect();
+            if let Some(data) = line.trim_end().strip_prefix("data:") {
+                println!("{}", data.trim_start());
+                seen += 1;
+                if count.is_some_and(|c| seen >= c) {
+                    return false;
+                }
+            }
+        }
+        true
+    })?;
+    if !(200..300).contains(&status) {
+        bail!("{} (HTTP {status})", Answer { status, body: failed }.error_text());
+    }
+    Ok(())
+}
+
+fn path_escape(s: &str) -> String {
+    query_escape(s)
+}
+
+/// Percent-encodes everything but unreserved characters.
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

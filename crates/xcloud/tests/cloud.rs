@@ -1,0 +1,386 @@
+//! xcloudd and the tenant's CLI: a real daemon on a Unix socket, real VMM processes booting
+//! real guests, tenants kept apart, quotas, snapshots, a daemon restart under running VMs.
+
+mod common;
+
+use common::{build_asm_guest, output_within, spawn_lines, stderr, stdout, xcloud, Proc};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use xcloud_control::client::Client;
+
+/// An xcloudd on its own data directory; its VMs are killed with it when the test ends.
+struct Daemon {
+    proc: Option<Proc>,
+    data: PathBuf,
+    sock: PathBuf,
+    admin: String,
+}
+
+impl Daemon {
+    fn start(name: &str) -> Self {
+        let data = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cloud-{name}"));
+        let _ = std::fs::remove_dir_all(&data);
+        let mut d = Self {
+            proc: None,
+            sock: data.join("xcloudd.sock"),
+            data,
+            admin: String::new(),
+        };
+        d.spawn();
+        d.admin = std::fs::read_to_string(d.data.join("admin.key"))
+            .expect("the first start writes admin.key")
+            .trim()
+            .to_string();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_xcloudd"))
+            .arg("--data")
+            .arg(&self.data)
+            .env("XCLOUD_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start xcloudd");
+        self.proc = Some(Proc(child));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&self.sock).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "xcloudd did not listen on {}",
+                self.sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the daemon the way an operator does (SIGTERM) and starts it again.
+    fn restart(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            // SAFETY: kill sends SIGTERM to the daemon this test started.
+            unsafe { libc::kill(p.id() as libc::pid_t, libc::SIGTERM) };
+            let status = p.0.wait().expect("wait for xcloudd");
+            assert!(status.success(), "xcloudd ended with {status} on SIGTERM");
+        }
+        self.spawn();
+    }
+
+    fn cli(&self, key: &str, args: &[&str]) -> Output {
+        let mut cmd = xcloud();
+        cmd.env("XCLOUD_ENDPOINT", &self.sock).env("XCLOUD_KEY", key).args(args);
+        output_within(cmd, Duration::from_secs(60))
+    }
+
+    /// `xcloud ARGS --json` that must succeed, as JSON.
+    fn json(&self, key: &str, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(key, &all);
+        assert!(out.status.success(), "xcloud {args:?}: {}", stderr(&out));
+        serde_json::from_str(&stdout(&out))
+            .unwrap_or_else(|e| panic!("xcloud {args:?} printed no JSON ({e}): {}", stdout(&out)))
+    }
+
+    /// `xcloud ARGS` that must fail; its error line.
+    fn fails(&self, key: &str, args: &[&str]) -> String {
+        let out = self.cli(key, args);
+        assert!(!out.status.success(), "xcloud {args:?} succeeded: {}", stdout(&out));
+        stderr(&out)
+    }
+
+    fn http(&self, key: Option<&str>, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let client = Client::new(self.sock.clone(), key.map(String::from));
+        let answer = client
+            .call(method, path, body.map(|b| (b.as_bytes().to_vec(), "application/json")))
+            .expect("xcloudd answers");
+        (answer.status, String::from_utf8_lossy(&answer.body).into_owned())
+    }
+
+    fn console(&self, key: &str, vm: &str) -> String {
+        let out = self.cli(key, &["vm", "console", vm]);
+        assert!(out.status.success(), "console: {}", stderr(&out));
+        stdout(&out)
+    }
+
+    /// Waits until VM `vm`'s console holds `lines` lines starting with `prefix`.
+    fn wait_console(&self, key: &str, vm: &str, prefix: &str, lines: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = self.console(key, vm);
+            if text.lines().filter(|l| l.starts_with(prefix)).count() >= lines {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{vm}'s console never showed {lines} x {prefix:?}: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_state(&self, key: &str, vm: &str, state: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = self.json(key, &["vm", "show", vm]);
+            if v["state"] == state {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{vm} never became {state}: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // The VMs outlive their daemon by design: end them with the test.
+        if let Ok(answer) = Client::new(self.sock.clone(), Some(self.admin.clone())).call("GET", "/v1/vms", None) {
+            let vms: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+            for vm in vms.as_array().into_iter().flatten() {
+                if let Some(pid) = vm["pid"].as_u64() {
+                    // SAFETY: kill sends a signal to a VMM this test's daemon started.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+fn alive(pid: u64) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z"))
+}
+
+fn wait_gone(pid: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "VMM {pid} still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn tenants_run_vms_from_their_images_within_their_quotas() {
+    let d = Daemon::start("tenants");
+    let admin = d.admin.clone();
+    let acme = stdout(&d.cli(&admin, &["tenant", "create", "acme", "--vcpus", "2", "--vms", "2"]))
+        .trim()
+        .to_string();
+    let other = stdout(&d.cli(&admin, &["tenant", "create", "other"]))
+        .trim()
+        .to_string();
+    assert!(
+        acme.starts_with("xck_") && other.starts_with("xck_"),
+        "{acme} / {other}"
+    );
+    assert!(d
+        .fails(&admin, &["tenant", "create", "acme"])
+        .contains("tenant acme exists"));
+    assert!(d.fails(&acme, &["tenant", "ls"]).contains("only an admin"));
+    assert_eq!(d.json(&acme, &["whoami"])["tenant"], "acme");
+
+    // Images: content-addressed, per tenant, checked.
+    let image = d.json(&acme, &["image", "push", "heartbeat"]);
+    let id = image["id"].as_str().expect("id").to_string();
+    assert!(id.starts_with("sha256:") && id.len() == 7 + 64, "{id}");
+    assert_eq!(
+        d.json(&acme, &["image", "push", "heartbeat"])["id"],
+        id.as_str(),
+        "the same bytes, the same image"
+    );
+    let junk = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("not-an-elf");
+    std::fs::write(&junk, b"#!/bin/sh\necho not a guest\n".repeat(8)).expect("write");
+    assert!(d
+        .fails(&acme, &["image", "push", junk.to_str().expect("path")])
+        .contains("not a PVH ELF image"));
+    assert_eq!(
+        d.json(&other, &["image", "ls"]),
+        Value::Array(vec![]),
+        "another tenant's images are not listed"
+    );
+
+    // A VM boots and runs its guest; its console and metrics are there.
+    let vm = d.json(&acme, &["vm", "create", "web", "--image", "heartbeat"]);
+    assert_eq!(vm["state"], "running", "{vm}");
+    let pid = vm["pid"].as_u64().expect("a VMM pid");
+    d.wait_console(&acme, "web", "heartbeat n=", 2);
+    let m = d.json(&acme, &["vm", "metrics", "web"]);
+    assert!(
+        m["cpu_seconds"].as_f64().unwrap_or(0.0) > 0.0 && m["rss_bytes"].as_u64().unwrap_or(0) > 1 << 20,
+        "{m}"
+    );
+
+    // Tenants are kept apart: another tenant finds neither the name nor the id.
+    let vm_id = vm["id"].as_str().expect("id").to_string();
+    assert!(d.fails(&other, &["vm", "show", "web"]).contains("no VM web"));
+    assert!(d.fails(&other, &["vm", "stop", &vm_id]).contains("404"));
+    assert_eq!(d.json(&other, &["vm", "ls"]), Value::Array(vec![]));
+    assert!(d
+        .fails(&other, &["vm", "create", "x", "--image", &id])
+        .contains("no image"));
+
+    // Quotas: acme has 2 vCPUs, web holds 1.
+    let err = d.fails(
+        &acme,
+        &["vm", "create", "big", "--image", "heartbeat", "--type", "x1.medium"],
+    );
+    assert!(err.contains("quota: 3 vCPUs") && err.contains("403"), "{err}");
+    assert!(d
+        .fails(&acme, &["vm", "create", "web", "--image", "heartbeat"])
+        .contains("a VM named web exists"));
+
+    // Pause holds the guest: its console does not grow; resume lets it go on.
+    assert_eq!(d.json(&acme, &["vm", "pause", "web"])["state"], "paused");
+    let before = d.console(&acme, "web");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(d.console(&acme, "web"), before, "a paused guest printed");
+    assert!(d.fails(&acme, &["vm", "pause", "web"]).contains("409"));
+    let snap = d.json(&acme, &["vm", "snapshot", "web"]);
+    assert!(snap["bytes"].as_u64().unwrap_or(0) > 0, "{snap}");
+    assert_eq!(d.json(&acme, &["vm", "resume", "web"])["state"], "running");
+    let n = before.lines().filter(|l| l.starts_with("heartbeat n=")).count();
+    d.wait_console(&acme, "web", "heartbeat n=", n + 2);
+
+    // Restore replaces the VMM with one from the snapshot; the guest goes on from there.
+    let snap_id = snap["id"].as_str().expect("id");
+    let restored = d.json(&acme, &["vm", "restore", "web", snap_id]);
+    assert_eq!(restored["state"], "running", "{restored}");
+    wait_gone(pid);
+    let pid = restored["pid"].as_u64().expect("pid");
+    let n = d
+        .console(&acme, "web")
+        .lines()
+        .filter(|l| l.starts_with("heartbeat n="))
+        .count();
+    d.wait_console(&acme, "web", "heartbeat n=", n + 2);
+    assert!(d.fails(&other, &["vm", "restore", "web", snap_id]).contains("404"));
+
+    // Stop ends the VMM; the VM stays, and its running time is metered.
+    assert_eq!(d.json(&acme, &["vm", "stop", "web"])["state"], "stopped");
+    wait_gone(pid);
+    let usage = d.json(&acme, &["usage"]);
+    let line = &usage["vms"][0];
+    assert!(
+        line["run_seconds"].as_f64().unwrap_or(0.0) > 2.0 && usage["total_cost"].as_f64().unwrap_or(0.0) > 0.0,
+        "{usage}"
+    );
+    assert!(d.fails(&acme, &["vm", "stop", "web"]).contains("not running"));
+    assert!(d
+        .fails(&acme, &["image", "rm", "heartbeat"])
+        .contains("used by VMs web"));
+    assert!(d.cli(&acme, &["vm", "rm", "web"]).status.success());
+    assert!(d.cli(&acme, &["image", "rm", "heartbeat"]).status.success());
+    assert_eq!(d.json(&acme, &["vm", "ls"]), Value::Array(vec![]));
+
+    // Wrong calls get a status and one JSON error line, never a hang or a crash.
+    let (status, body) = d.http(None, "GET", "/v1/vms", None);
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = d.http(
+        Some("xck_000000000000_0000000000000000000000000000000000000000000000000000000000000000"),
+        "GET",
+        "/v1/vms",
+        None,
+    );
+    assert_eq!(status, 401, "{body}");
+    for bad in [
+        "{",
+        "[]",
+        r#"{"name":"a","image":"x","cores":4}"#,
+        r#"{"name":"../x","image":"x"}"#,
+    ] {
+        let (status, body) = d.http(Some(&acme), "POST", "/v1/vms", Some(bad));
+        assert_eq!(status, 400, "{bad}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{bad}: not JSON: {body}"));
+        assert!(v["error"].is_string(), "{body}");
+    }
+    let (status, _) = d.http(Some(&acme), "GET", "/v2/vms", None);
+    assert_eq!(status, 404);
+    let (status, doc) = d.http(None, "GET", "/v1/openapi.json", None);
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_str(&doc).expect("OpenAPI JSON");
+    assert!(doc["paths"]["/v1/vms/{vm}/snapshots"]["post"].is_object(), "{doc}");
+    assert!(d
+        .fails(&admin, &["tenant", "rm", "admin"])
+        .contains("cannot be removed"));
+    assert!(d.cli(&admin, &["tenant", "rm", "other"]).status.success());
+    assert!(
+        d.fails(&other, &["vm", "ls"]).contains("401"),
+        "a removed tenant's key is dead"
+    );
+}
+
+#[test]
+fn vms_outlive_a_daemon_restart_and_their_ends_are_recorded() {
+    let mut d = Daemon::start("restart");
+    let admin = d.admin.clone();
+    let mut events = xcloud();
+    events
+        .env("XCLOUD_ENDPOINT", &d.sock)
+        .env("XCLOUD_KEY", &admin)
+        .args(["events", "--count", "3"]);
+    let (_events, lines) = spawn_lines(events);
+    std::thread::sleep(Duration::from_millis(300));
+    d.json(&admin, &["image", "push", "heartbeat"]);
+    let vm = d.json(&admin, &["vm", "create", "hb", "--image", "heartbeat"]);
+    let pid = vm["pid"].as_u64().expect("pid");
+    let kinds: Vec<String> = (0..3)
+        .map(|_| {
+            let line = lines.recv_timeout(Duration::from_secs(10)).expect("an event");
+            let e: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("event line {line}"));
+            e["kind"].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    assert_eq!(kinds, ["image.created", "vm.created", "vm.running"]);
+
+    // The daemon goes away and comes back: the VM ran on and is watched again.
+    d.wait_console(&admin, "hb", "heartbeat n=", 1);
+    d.restart();
+    assert!(alive(pid), "the VM's VMM ended with its daemon");
+    assert_eq!(d.json(&admin, &["vm", "show", "hb"])["state"], "running");
+    let n = d
+        .console(&admin, "hb")
+        .lines()
+        .filter(|l| l.starts_with("heartbeat n="))
+        .count();
+    d.wait_console(&admin, "hb", "heartbeat n=", n + 1);
+    assert_eq!(d.json(&admin, &["vm", "stop", "hb"])["state"], "stopped");
+    wait_gone(pid);
+
+    // A VMM killed behind the daemon's back: recorded as failed, with why.
+    let vm = d.json(&admin, &["vm", "start", "hb"]);
+    let pid = vm["pid"].as_u64().expect("pid");
+    // SAFETY: kill sends SIGKILL to the VMM this test's daemon started.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    let v = d.wait_state(&admin, "hb", "failed");
+    assert!(v["exit"].as_str().unwrap_or("").contains("signal 9"), "{v}");
+
+    // A guest that ends by itself is recorded as exited.
+    d.json(&admin, &["image", "push", "hello"]);
+    d.json(&admin, &["vm", "create", "once", "--image", "hello"]);
+    let v = d.wait_state(&admin, "once", "exited");
+    assert!(v["exit"].as_str().unwrap_or("").contains("exit status 0"), "{v}");
+    assert!(d.console(&admin, "once").contains("Hello from xcloud guest"));
+
+    // An ELF the VMM cannot boot: one clear error, the VM recorded as failed.
+    let elf = build_asm_guest("cloud-no-note", ".text\n.globl _start\n_start: hlt\n");
+    d.json(&admin, &["image", "push", elf.to_str().expect("path"), "--name", "bad"]);
+    let err = d.fails(&admin, &["vm", "create", "broken", "--image", "bad"]);
+    assert!(err.contains("did not start") && err.contains("PVH"), "{err}");
+    assert_eq!(d.json(&admin, &["vm", "show", "broken"])["state"], "failed");
+
+    // A second daemon on the same data refuses at once.
+    let mut second = Command::new(env!("CARGO_BIN_EXE_xcloudd"));
+    second
+        .arg("--data")
+        .arg(&d.data)
+        .arg("--socket")
+        .arg(d.data.join("second.sock"));
+    let out = output_within(second, Duration::from_secs(10));
+    assert!(
+        !out.status.success() && stderr(&out).contains("another xcloudd uses"),
+        "{}",
+        stderr(&out)
+    );
+}
