@@ -62,6 +62,8 @@ pub struct Daemon {
     /// One lock per VM, held for a whole lifecycle operation (start, stop, snapshot...).
     ops: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     running: std::sync::Mutex<HashMap<String, Runtime>>,
+    /// Where VMMs get their CPU and memory limits (None: the host has no usable cgroups).
+    cgroups: Option<crate::cgroups::Cgroups>,
 }
 
 /// What a VMM starts from.
@@ -80,7 +82,17 @@ impl Daemon {
         }
         let store = Store::open(&config.data_dir.join("state.redb"))?;
         let (events, _) = broadcast::channel(1024);
+        let tag =
+            auth::hex(&<sha2::Sha256 as sha2::Digest>::digest(config.data_dir.as_os_str().as_encoded_bytes())[..4]);
+        let cgroups = crate::cgroups::Cgroups::detect(&format!("xcloud-{tag}"));
+        match &cgroups {
+            Some(c) => tracing::info!("VMMs run in their own cgroups: {}", c.describe()),
+            None => tracing::warn!(
+                "no cgroup hierarchy with cpu and memory controllers: VMMs run without CPU and memory limits"
+            ),
+        }
         let daemon = Arc::new(Self {
+            cgroups,
             config,
             store,
             events,
@@ -111,6 +123,7 @@ impl Daemon {
                 mem_mib: 1 << 22,
                 vms: 4096,
             },
+            cpu_weight: 100,
             created: now(),
         };
         let (stored, key) = auth::new_key("admin")?;
@@ -257,6 +270,21 @@ impl Daemon {
             .map_err(|e| ControlError::io("opening the console log", e))?;
         let vmm_log_path = dir.join("vmm.log");
         let vmm_log = std::fs::File::create(&vmm_log_path).map_err(|e| ControlError::io("creating the VMM log", e))?;
+        let placement = match &self.cgroups {
+            Some(cg) => {
+                let tenant: Tenant = self
+                    .store
+                    .get(Table::Tenants, &vm.tenant)?
+                    .ok_or_else(|| ControlError::NotFound(format!("no tenant {}", vm.tenant)))?;
+                let limits = crate::cgroups::Limits {
+                    cpu_weight: vm.cpu_weight,
+                    cpu_cap_percent: vm.cpu_cap_percent,
+                    mem_bytes: (vm.mem_mib << 20) + crate::cgroups::VMM_OVERHEAD_BYTES,
+                };
+                Some(cg.prepare(&vm.tenant, tenant.cpu_weight, &vm.id, &limits)?)
+            }
+            None => None,
+        };
         let mut cmd = tokio::process::Command::new(&self.config.vmm_binary);
         match &how {
             Launch::Boot(image) => {
@@ -280,12 +308,27 @@ impl Daemon {
             .stderr(vmm_log)
             .env("XCLOUD_LOG", "warn")
             .process_group(0);
-        let child = cmd.spawn().map_err(|e| {
-            ControlError::Vmm(format!(
-                "cannot start the VMM {}: {e}",
-                self.config.vmm_binary.display()
-            ))
-        })?;
+        if let Some(p) = &placement {
+            let fds = p.procs_fds();
+            // SAFETY: the hook runs between fork and exec and only calls write(2) on
+            // descriptors `placement` keeps open until spawn returns.
+            unsafe {
+                cmd.pre_exec(move || crate::cgroups::enter(&fds));
+            }
+        }
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                if let Some(cg) = &self.cgroups {
+                    cg.remove(&vm.tenant, &vm.id);
+                }
+                return Err(ControlError::Vmm(format!(
+                    "cannot start the VMM {}: {e}",
+                    self.config.vmm_binary.display()
+                )));
+            }
+        };
+        drop(placement);
         let pid = child.id().unwrap_or(0);
         let vm = self
             .update_vm(&vm.id, |v| {
@@ -389,6 +432,9 @@ impl Daemon {
                 tracing::warn!("{id}: cannot record the end of its VMM: {e}");
             }
             daemon.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            if let Some(cg) = &daemon.cgroups {
+                cg.remove(&tenant, &id);
+            }
             daemon.emit(&tenant, kind, &id, Some(exit));
             let _ = ended_tx.send(true);
         });
@@ -525,6 +571,14 @@ impl Daemon {
         self.ops.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         self.emit(&vm.tenant, "vm.deleted", &vm.id, None);
         Ok(())
+    }
+
+    /// The cgroup directories of `vm`'s VMM.
+    pub fn cgroup_dirs(&self, vm: &Vm) -> Vec<PathBuf> {
+        self.cgroups
+            .as_ref()
+            .map(|c| c.dirs(&vm.tenant, &vm.id))
+            .unwrap_or_default()
     }
 
     /// The images of `tenant`.

@@ -186,6 +186,7 @@ async fn create_tenant(State(d): D, caller: Caller, Json(req): Json<CreateTenant
         name: req.name.clone(),
         role: Role::Tenant,
         quota: req.quota.unwrap_or_default(),
+        cpu_weight: req.cpu_weight.unwrap_or(100).clamp(1, 10_000),
         created: now(),
     };
     if !d.store.put_new(Table::Tenants, &req.name, &tenant)? {
@@ -491,6 +492,15 @@ async fn create_vm(State(d): D, caller: Caller, Json(req): Json<CreateVm>) -> Re
         .into_iter()
         .find(|i| i.id == req.image || i.name == req.image)
         .ok_or_else(|| ControlError::BadRequest(format!("no image {}", req.image)))?;
+    let cpu_weight = req.cpu_weight.unwrap_or(100);
+    if !(1..=10_000).contains(&cpu_weight) {
+        return Err(ControlError::BadRequest("cpu_weight is 1-10000".into()));
+    }
+    let cpu_cap_percent = match (itype.cpu_cap_percent, req.cpu_cap_percent) {
+        (_, Some(0)) => return Err(ControlError::BadRequest("cpu_cap_percent is at least 1".into())),
+        (Some(t), Some(r)) => Some(t.min(r)),
+        (t, r) => t.or(r),
+    };
     let id = format!("vm-{}", auth::hex(&auth::random_bytes::<6>()?));
     let vm = Vm {
         id: id.clone(),
@@ -501,6 +511,8 @@ async fn create_vm(State(d): D, caller: Caller, Json(req): Json<CreateVm>) -> Re
         vcpus: itype.vcpus,
         mem_mib: itype.mem_mib,
         args: req.args.clone(),
+        cpu_weight,
+        cpu_cap_percent,
         state: VmState::Stopped,
         exit: None,
         pid: None,
@@ -639,6 +651,7 @@ async fn metrics(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Js
         cpu_seconds: pid.and_then(crate::host::cpu_seconds).unwrap_or(0.0),
         rss_bytes: pid.and_then(crate::host::rss_bytes).unwrap_or(0),
         run_seconds: vm.run_seconds_now(),
+        cgroups: d.cgroup_dirs(&vm).iter().map(|p| p.display().to_string()).collect(),
     }))
 }
 
@@ -779,6 +792,7 @@ mod tests {
             vcpus,
             mem_mib,
             price_per_hour: 0.0,
+            cpu_cap_percent: None,
         };
         assert!(check_quota("a", &quota, &[], &t(2, 512)).is_ok());
         assert!(check_quota("a", &quota, &[], &t(3, 64)).is_err());

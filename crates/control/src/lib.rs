@@ -9,6 +9,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod auth;
+pub mod cgroups;
 pub mod client;
 pub mod daemon;
 pub mod error;

@@ -51,6 +51,10 @@ impl Default for Quota {
     }
 }
 
+fn default_weight() -> u32 {
+    100
+}
+
 /// A tenant: the owner of images, VMs and API keys.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct Tenant {
@@ -60,6 +64,10 @@ pub struct Tenant {
     pub role: Role,
     /// What it may hold.
     pub quota: Quota,
+    /// Its CPU weight against other tenants (100 by default; the provider's to set). Its VMs'
+    /// weights divide its share.
+    #[serde(default = "default_weight")]
+    pub cpu_weight: u32,
     /// When it was made (Unix seconds).
     pub created: u64,
 }
@@ -105,6 +113,9 @@ pub struct InstanceType {
     pub mem_mib: u64,
     /// What an hour of a running VM of this type costs (any currency).
     pub price_per_hour: f64,
+    /// At most this many percent of one CPU for the whole VM (none: uncapped).
+    #[serde(default)]
+    pub cpu_cap_percent: Option<u32>,
 }
 
 /// The instance types a new daemon starts with.
@@ -121,6 +132,7 @@ pub fn default_instance_types() -> Vec<InstanceType> {
         vcpus,
         mem_mib,
         price_per_hour,
+        cpu_cap_percent: None,
     })
     .collect()
 }
@@ -169,6 +181,12 @@ pub struct Vm {
     pub mem_mib: u64,
     /// The guest's command line arguments.
     pub args: Vec<String>,
+    /// Its CPU weight among its tenant's VMs (100 by default).
+    #[serde(default = "default_weight")]
+    pub cpu_weight: u32,
+    /// At most this many percent of one CPU (from its type, or lower if asked).
+    #[serde(default)]
+    pub cpu_cap_percent: Option<u32>,
     /// Where it is.
     pub state: VmState,
     /// How its last VMM ended, when it did.
@@ -257,6 +275,9 @@ pub struct CreateTenant {
     /// Its quota (a default one if absent).
     #[serde(default)]
     pub quota: Option<Quota>,
+    /// Its CPU weight against other tenants (default 100).
+    #[serde(default)]
+    pub cpu_weight: Option<u32>,
 }
 
 /// A new API key: shown once, stored only hashed.
@@ -296,6 +317,12 @@ pub struct CreateVm {
     /// Boot it at once (default true).
     #[serde(default)]
     pub start: Option<bool>,
+    /// Its CPU weight among the tenant's VMs, 1-10000 (default 100).
+    #[serde(default)]
+    pub cpu_weight: Option<u32>,
+    /// A CPU cap in percent of one CPU, below its type's if the type has one.
+    #[serde(default)]
+    pub cpu_cap_percent: Option<u32>,
 }
 
 /// `POST /v1/vms/{vm}/restore`.
@@ -317,6 +344,8 @@ pub struct VmMetrics {
     pub rss_bytes: u64,
     /// Seconds it ran, over all its runs.
     pub run_seconds: f64,
+    /// The cgroup directories its VMM runs in (none where the host has no cgroups).
+    pub cgroups: Vec<String>,
 }
 
 /// One VM's line in `GET /v1/usage`.

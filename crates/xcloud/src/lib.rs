@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_disk;
+pub mod bench_fair;
 pub mod bench_http;
 pub mod bench_migrate;
 pub mod bench_net;

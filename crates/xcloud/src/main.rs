@@ -254,6 +254,18 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// CPU fairness of VMMs jailed by xcloudd: weights 1:3 on one core, and a CPU cap.
+    Fair {
+        /// Seconds per window.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Windows.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// The capped VM's cap, in percent of one CPU.
+        #[arg(long, default_value_t = 30)]
+        cap: u32,
+    },
     /// Basic operations native vs in a guest, start time, VMM memory overhead.
     Micro {
         /// Multiplies the iteration counts (longer, steadier runs).
@@ -435,6 +447,9 @@ fn main() -> ExitCode {
             runs,
         })
         .map(|_| 0),
+        Command::Bench(BenchCommand::Fair { seconds, runs, cap }) => {
+            xcloud::bench_fair::fair(&xcloud::bench_fair::FairBench { seconds, runs, cap }).map(|_| 0)
+        }
         Command::Bench(BenchCommand::Micro { scale, startup_runs }) => bench::micro(scale, startup_runs).map(|_| 0),
         Command::Bench(BenchCommand::Migrate {
             sizes,

@@ -384,3 +384,77 @@ fn vms_outlive_a_daemon_restart_and_their_ends_are_recorded() {
         stderr(&out)
     );
 }
+
+#[test]
+fn each_vmm_runs_in_its_own_cgroup_with_its_weight_cap_and_memory_limit() {
+    let d = Daemon::start("cgroups");
+    let admin = d.admin.clone();
+    d.json(&admin, &["image", "push", "heartbeat"]);
+    let (status, body) = d.http(
+        Some(&admin),
+        "POST",
+        "/v1/vms",
+        Some(r#"{"name":"capped","image":"heartbeat","cpu_weight":300,"cpu_cap_percent":20}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let vm: Value = serde_json::from_str(&body).expect("json");
+    let pid = vm["pid"].as_u64().expect("pid");
+    let m = d.json(&admin, &["vm", "metrics", "capped"]);
+    let dirs: Vec<PathBuf> = m["cgroups"]
+        .as_array()
+        .expect("cgroups")
+        .iter()
+        .map(|p| PathBuf::from(p.as_str().expect("path")))
+        .collect();
+    assert!(!dirs.is_empty(), "this host has cgroups: the VMM must be in one: {m}");
+    let read = |name: &str| {
+        dirs.iter()
+            .map(|d| d.join(name))
+            .find(|p| p.exists())
+            .map(|p| std::fs::read_to_string(p).expect("read").trim().to_string())
+    };
+    let limit = ((64u64 + 64) << 20).to_string();
+    match read("cpu.shares") {
+        Some(shares) => {
+            assert_eq!(shares, "3072");
+            assert_eq!(read("cpu.cfs_quota_us").as_deref(), Some("20000"));
+            assert_eq!(read("memory.limit_in_bytes"), Some(limit));
+        }
+        None => {
+            assert_eq!(read("cpu.weight").as_deref(), Some("300"));
+            assert_eq!(read("cpu.max").as_deref(), Some("20000 100000"));
+            assert_eq!(read("memory.max"), Some(limit));
+        }
+    }
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    assert!(
+        own.contains(vm["id"].as_str().expect("id")),
+        "the VMM is not in its cgroup: {own}"
+    );
+
+    // The cap holds: a guest that spins gets at most 20% of a CPU (plus one period of slack).
+    let cpu = || {
+        d.json(&admin, &["vm", "metrics", "capped"])["cpu_seconds"]
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    let (c0, t0) = (cpu(), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let (used, wall) = (cpu() - c0, t0.elapsed().as_secs_f64());
+    assert!(
+        used <= 0.2 * wall + 0.12,
+        "a VM capped at 20% used {used:.2} CPU s in {wall:.2} s"
+    );
+    assert!(used > 0.05, "the capped VM did not run at all: {used:.2} CPU s");
+
+    d.json(&admin, &["vm", "stop", "capped"]);
+    wait_gone(pid);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dirs.iter().any(|d| d.exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "the cgroups of a stopped VM stayed: {dirs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
