@@ -39,7 +39,13 @@ pub struct Config {
     pub region: String,
     /// What an hour of this host costs.
     pub price_per_hour: f64,
+    /// Run each VMM jailed (`xcloud jail`: namespaces, its directory as root, an unprivileged
+    /// uid, seccomp); needs root.
+    pub jail: bool,
 }
+
+/// The first uid (and gid) given to a jailed VMM; each VM has its own above it.
+pub const FIRST_VM_UID: u32 = 200_000;
 
 /// A VMM this daemon watches.
 struct Runtime {
@@ -76,7 +82,7 @@ impl Daemon {
     /// Opens the state in `config.data_dir` (making it on first use, with an admin tenant
     /// whose key is written to `admin.key`), and watches the VMMs that still run.
     pub async fn open(config: Config) -> Result<Arc<Self>, ControlError> {
-        for sub in ["images", "vms", "snapshots"] {
+        for sub in ["images", "vms"] {
             let d = config.data_dir.join(sub);
             std::fs::create_dir_all(&d).map_err(|e| ControlError::io(format!("creating {}", d.display()), e))?;
         }
@@ -150,7 +156,9 @@ impl Daemon {
             }
             let sock = self.api_socket(&vm.id);
             let alive = match vm.pid {
-                Some(pid) if crate::host::process_is(pid, &sock) => ctl(&sock, VmmCommand::Status).await.ok(),
+                Some(pid) if crate::host::process_is(pid, &self.vm_dir(&vm.id)) => {
+                    ctl(&sock, VmmCommand::Status).await.ok()
+                }
                 _ => None,
             };
             match (alive, vm.pid) {
@@ -221,9 +229,74 @@ impl Daemon {
             .join(id.trim_start_matches("sha256:"))
     }
 
-    /// Where snapshot `id` is.
-    pub fn snapshot_dir(&self, id: &str) -> PathBuf {
-        self.config.data_dir.join("snapshots").join(id)
+    /// Where snapshot `id` of VM `vm` is (in the VM's directory, so that its jailed VMM
+    /// reaches it).
+    pub fn snapshot_dir(&self, vm: &str, id: &str) -> PathBuf {
+        self.vm_dir(vm).join("snapshots").join(id)
+    }
+
+    /// The name the VMM of VM `vm` knows `path` by (its root is the VM's directory when jailed).
+    fn vmm_path(&self, vm: &str, path: &Path) -> PathBuf {
+        if !self.config.jail {
+            return path.to_path_buf();
+        }
+        match path.strip_prefix(self.vm_dir(vm)) {
+            Ok(inside) => Path::new("/").join(inside),
+            Err(_) => path.to_path_buf(),
+        }
+    }
+
+    /// The VMM process of a VM whose daemon-side process is `pid` (jailed: the jail's child).
+    pub fn vmm_pid(&self, pid: u32) -> u32 {
+        if !self.config.jail {
+            return pid;
+        }
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .unwrap_or(pid)
+    }
+
+    /// Gives VM `id` its own uid (kept in its record) and its directory to that uid.
+    async fn prepare_jail(&self, vm: &Vm, image: Option<&Path>) -> Result<(u32, Option<PathBuf>), ControlError> {
+        let uid = match vm.uid {
+            Some(uid) => uid,
+            None => {
+                let _records = self.records.lock().await;
+                let taken: Vec<u32> = self
+                    .store
+                    .list::<Vm>(Table::Vms)?
+                    .iter()
+                    .filter_map(|v| v.uid)
+                    .collect();
+                let uid = (FIRST_VM_UID..).find(|u| !taken.contains(u)).unwrap_or(FIRST_VM_UID);
+                let mut record: Vm = self
+                    .store
+                    .get(Table::Vms, &vm.id)?
+                    .ok_or_else(|| ControlError::NotFound(format!("no VM {}", vm.id)))?;
+                record.uid = Some(uid);
+                self.store.put(Table::Vms, &vm.id, &record)?;
+                uid
+            }
+        };
+        let dir = self.vm_dir(&vm.id);
+        let io = |what: &str, e| ControlError::io(format!("{what} {}", dir.display()), e);
+        std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).map_err(|e| io("giving the VMM", e))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| io("closing", e))?;
+        let linked = match image {
+            Some(image) => {
+                // The image enters the jail as a hard link (the same file, read-only to the VMM).
+                let inside = dir.join("image");
+                let _ = std::fs::remove_file(&inside);
+                if std::fs::hard_link(image, &inside).is_err() {
+                    std::fs::copy(image, &inside).map_err(|e| io("copying the image into", e))?;
+                }
+                Some(inside)
+            }
+            None => None,
+        };
+        Ok((uid, linked))
     }
 
     async fn update_vm(&self, id: &str, change: impl FnOnce(&mut Vm)) -> Result<Vm, ControlError> {
@@ -286,6 +359,28 @@ impl Daemon {
             None => None,
         };
         let mut cmd = tokio::process::Command::new(&self.config.vmm_binary);
+        let how = if self.config.jail {
+            let image = match &how {
+                Launch::Boot(image) => Some(image.as_path()),
+                Launch::Restore(_) => None,
+            };
+            let (uid, linked) = self.prepare_jail(&vm, image).await?;
+            cmd.arg("jail")
+                .arg("--root")
+                .arg(&dir)
+                .arg("--uid")
+                .arg(uid.to_string())
+                .arg("--gid")
+                .arg(uid.to_string())
+                .arg("--");
+            match how {
+                Launch::Boot(image) => Launch::Boot(self.vmm_path(&vm.id, &linked.unwrap_or(image))),
+                Launch::Restore(dir) => Launch::Restore(self.vmm_path(&vm.id, &dir)),
+            }
+        } else {
+            how
+        };
+        let sock_arg = self.vmm_path(&vm.id, &sock);
         match &how {
             Launch::Boot(image) => {
                 cmd.arg("run")
@@ -294,13 +389,13 @@ impl Daemon {
                     .arg("--mem")
                     .arg(format!("{}M", vm.mem_mib))
                     .arg("--api")
-                    .arg(&sock)
+                    .arg(&sock_arg)
                     .arg(image)
                     .arg("--")
                     .args(&vm.args);
             }
             Launch::Restore(snapshot) => {
-                cmd.arg("restore").arg(snapshot).arg("--api").arg(&sock);
+                cmd.arg("restore").arg(snapshot).arg("--api").arg(&sock_arg);
             }
         }
         cmd.stdin(Stdio::null())
@@ -407,8 +502,8 @@ impl Daemon {
                     }
                 },
                 None => {
-                    let sock = daemon.api_socket(&id);
-                    while crate::host::process_is(pid, &sock) {
+                    let dir = daemon.vm_dir(&id);
+                    while crate::host::process_is(pid, &dir) {
                         tokio::time::sleep(ADOPTED_POLL).await;
                     }
                     None
@@ -478,7 +573,7 @@ impl Daemon {
     }
 
     async fn kill(&self, id: &str, pid: u32) {
-        if pid == 0 || !crate::host::process_is(pid, &self.api_socket(id)) {
+        if pid == 0 || !crate::host::process_is(pid, &self.vm_dir(id)) {
             return;
         }
         // SAFETY: kill sends a signal; the pid was checked to be this VM's VMM just now.
@@ -518,8 +613,9 @@ impl Daemon {
             )));
         }
         let snap_id = format!("snap-{}", auth::hex(&auth::random_bytes::<6>()?));
-        let dir = self.snapshot_dir(&snap_id);
-        let answer = match ctl_ok(&self.api_socket(id), VmmCommand::Snapshot { dir: dir.clone() }).await {
+        let dir = self.snapshot_dir(id, &snap_id);
+        let inside = self.vmm_path(id, &dir);
+        let answer = match ctl_ok(&self.api_socket(id), VmmCommand::Snapshot { dir: inside }).await {
             Ok(a) => a,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -546,7 +642,7 @@ impl Daemon {
             self.stop_locked(id).await?;
         }
         let vm = self.vm(id)?;
-        self.launch(vm, Launch::Restore(self.snapshot_dir(&snap.id))).await
+        self.launch(vm, Launch::Restore(self.snapshot_dir(id, &snap.id))).await
     }
 
     /// Deletes VM `id`: stops its VMM, removes its files, its snapshots and its record.
@@ -559,7 +655,6 @@ impl Daemon {
         let vm = self.vm(id)?;
         for snap in self.store.list::<Snapshot>(Table::Snapshots)? {
             if snap.vm == vm.id {
-                let _ = std::fs::remove_dir_all(self.snapshot_dir(&snap.id));
                 self.store.delete(Table::Snapshots, &snap.id)?;
             }
         }
@@ -643,6 +738,13 @@ fn ended_state(status: Option<std::process::ExitStatus>, asked_to_stop: bool) ->
         (Some(130), _) => (VmState::Stopped, "stopped by a signal, exit status 130".into()),
         (Some(1), _) => (VmState::Failed, "the VMM could not run the guest, exit status 1".into()),
         (Some(c), _) => (VmState::Exited, format!("the guest ended, exit status {c}")),
+        (None, Some(libc::SIGSYS)) => (
+            VmState::Failed,
+            format!(
+                "the VMM was killed by signal {} (SIGSYS: a system call outside its seccomp filter)",
+                libc::SIGSYS
+            ),
+        ),
         (None, Some(sig)) => (VmState::Failed, format!("the VMM was killed by signal {sig}")),
         (None, None) => (VmState::Exited, "its VMM ended".into()),
     }

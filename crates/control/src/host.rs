@@ -33,14 +33,16 @@ fn kib_field(text: &str, field: &str) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
-/// Whether process `pid` is alive and its command line names `marker` (so a reused pid of
-/// another program is not taken for it).
+/// Whether process `pid` is alive and an argument of its command line is `marker` or a path
+/// under it (so a reused pid of another program is not taken for it).
 pub fn process_is(pid: u32, marker: &Path) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
     let marker = marker.as_os_str().as_encoded_bytes();
-    cmdline.split(|&b| b == 0).any(|arg| arg == marker)
+    cmdline
+        .split(|&b| b == 0)
+        .any(|arg| arg == marker || (arg.starts_with(marker) && arg.get(marker.len()) == Some(&b'/')))
 }
 
 /// CPU seconds (user + system) process `pid` has used.

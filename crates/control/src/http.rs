@@ -516,6 +516,7 @@ async fn create_vm(State(d): D, caller: Caller, Json(req): Json<CreateVm>) -> Re
         state: VmState::Stopped,
         exit: None,
         pid: None,
+        uid: None,
         created: now(),
         run_seconds: 0.0,
         running_since: None,
@@ -645,12 +646,13 @@ async fn console(
     responses((status = 200, body = VmMetrics), (status = 404, body = ErrorBody)))]
 async fn metrics(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<VmMetrics>> {
     let vm = find_vm(&d, &caller, &key)?;
-    let pid = vm.pid.filter(|_| vm.state.has_vmm());
+    let pid = vm.pid.filter(|_| vm.state.has_vmm()).map(|p| d.vmm_pid(p));
     Ok(Json(VmMetrics {
         state: vm.state,
         cpu_seconds: pid.and_then(crate::host::cpu_seconds).unwrap_or(0.0),
         rss_bytes: pid.and_then(crate::host::rss_bytes).unwrap_or(0),
         run_seconds: vm.run_seconds_now(),
+        vmm_pid: pid,
         cgroups: d.cgroup_dirs(&vm).iter().map(|p| p.display().to_string()).collect(),
     }))
 }

@@ -191,8 +191,11 @@ pub struct Vm {
     pub state: VmState,
     /// How its last VMM ended, when it did.
     pub exit: Option<String>,
-    /// The VMM's process id while one runs.
+    /// The VMM's process id while one runs (the jail's, when jailed).
     pub pid: Option<u32>,
+    /// The uid its jailed VMM runs as (given at its first start, kept).
+    #[serde(default)]
+    pub uid: Option<u32>,
     /// When it was made.
     pub created: u64,
     /// Seconds it ran before its current run (metering).
@@ -344,6 +347,8 @@ pub struct VmMetrics {
     pub rss_bytes: u64,
     /// Seconds it ran, over all its runs.
     pub run_seconds: f64,
+    /// The VMM process itself (inside its jail, when jailed).
+    pub vmm_pid: Option<u32>,
     /// The cgroup directories its VMM runs in (none where the host has no cgroups).
     pub cgroups: Vec<String>,
 }

@@ -143,7 +143,8 @@ pub fn fair(b: &FairBench) -> Result<()> {
         if vm["state"] != "running" {
             bail!("{name} did not start: {vm}");
         }
-        pids.push(vm["pid"].as_u64().context("no pid")?);
+        let metrics = call(&d, "GET", &format!("/v1/vms/{name}/metrics"), None)?;
+        pids.push(metrics["vmm_pid"].as_u64().context("no VMM pid")?);
     }
     // The weighted pair shares CPU 0; the capped VM has the last CPU to itself (on a
     // one-CPU host it competes too, and its figure is only an upper bound).

@@ -11,5 +11,6 @@ pub mod bench_snapshot;
 pub mod cloud;
 pub mod doctor;
 pub mod guests;
+pub mod jail;
 pub mod netlab;
 pub mod run;

@@ -104,6 +104,23 @@ enum Command {
     Bench(BenchCommand),
     #[command(flatten)]
     Cloud(xcloud::cloud::CloudCommand),
+    /// Run a VMM jailed (namespaces, root = DIR, an unprivileged uid, seccomp); xcloudd
+    /// starts every VMM this way when it runs as root.
+    #[command(hide = true)]
+    Jail {
+        /// The VM's directory, the VMM's root.
+        #[arg(long)]
+        root: PathBuf,
+        /// The uid to run as.
+        #[arg(long)]
+        uid: u32,
+        /// The gid to run as.
+        #[arg(long)]
+        gid: u32,
+        /// The VMM's command line: `run ...` or `restore ...`.
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -483,6 +500,7 @@ fn main() -> ExitCode {
         }
         Command::Doctor => doctor::doctor(),
         Command::Cloud(command) => xcloud::cloud::run(command),
+        Command::Jail { root, uid, gid, args } => xcloud::jail::jail(&xcloud::jail::JailSpec { root, uid, gid, args }),
         Command::Guests => {
             for name in guests::names() {
                 println!("{name}");

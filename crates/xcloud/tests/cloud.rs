@@ -351,10 +351,14 @@ fn vms_outlive_a_daemon_restart_and_their_ends_are_recorded() {
     // A VMM killed behind the daemon's back: recorded as failed, with why.
     let vm = d.json(&admin, &["vm", "start", "hb"]);
     let pid = vm["pid"].as_u64().expect("pid");
+    let vmm = d.json(&admin, &["vm", "metrics", "hb"])["vmm_pid"]
+        .as_u64()
+        .expect("vmm pid");
     // SAFETY: kill sends SIGKILL to the VMM this test's daemon started.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     let v = d.wait_state(&admin, "hb", "failed");
     assert!(v["exit"].as_str().unwrap_or("").contains("signal 9"), "{v}");
+    wait_gone(vmm);
 
     // A guest that ends by itself is recorded as exited.
     d.json(&admin, &["image", "push", "hello"]);
@@ -426,10 +430,41 @@ fn each_vmm_runs_in_its_own_cgroup_with_its_weight_cap_and_memory_limit() {
             assert_eq!(read("memory.max"), Some(limit));
         }
     }
-    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    let vmm = m["vmm_pid"].as_u64().expect("the VMM's pid");
+    let own = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).expect("cgroup");
     assert!(
         own.contains(vm["id"].as_str().expect("id")),
         "the VMM is not in its cgroup: {own}"
+    );
+
+    // The jail: an unprivileged uid, no new privileges, a seccomp filter, namespaces of its
+    // own, and a root that holds only the VM's own files.
+    assert_ne!(vmm, pid, "xcloudd runs as root here, so the VMM runs under its jail");
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    assert!(field("Uid:").parse::<u32>().expect("uid") >= 200_000, "{status}");
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("Seccomp:"), "2", "no seccomp filter");
+    for ns in ["pid", "mnt"] {
+        let theirs = std::fs::read_link(format!("/proc/{vmm}/ns/{ns}")).expect("ns");
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("ns");
+        assert_ne!(theirs, ours, "the VMM shares our {ns} namespace");
+    }
+    let mut seen: Vec<String> = std::fs::read_dir(format!("/proc/{vmm}/root"))
+        .expect("the VMM's root")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["api.sock", "console.log", "dev", "image", "proc", "vmm.log"],
+        "the VMM sees more than its own files"
     );
 
     // The cap holds: a guest that spins gets at most 20% of a CPU (plus one period of slack).
@@ -449,6 +484,7 @@ fn each_vmm_runs_in_its_own_cgroup_with_its_weight_cap_and_memory_limit() {
 
     d.json(&admin, &["vm", "stop", "capped"]);
     wait_gone(pid);
+    wait_gone(vmm);
     let deadline = Instant::now() + Duration::from_secs(5);
     while dirs.iter().any(|d| d.exists()) {
         assert!(

@@ -29,6 +29,9 @@ struct Args {
     /// What an hour of this host costs.
     #[arg(long, default_value_t = 0.0)]
     price_per_hour: f64,
+    /// Run VMMs without their jail (namespaces, uid, seccomp), as xcloudd does when not root.
+    #[arg(long)]
+    no_jail: bool,
 }
 
 fn config(args: &Args) -> anyhow::Result<xcloud_control::Config> {
@@ -51,6 +54,8 @@ fn config(args: &Args) -> anyhow::Result<xcloud_control::Config> {
         provider: args.provider.clone(),
         region: args.region.clone(),
         price_per_hour: args.price_per_hour,
+        // SAFETY: geteuid has no preconditions.
+        jail: !args.no_jail && unsafe { libc::geteuid() } == 0,
     })
 }
 
