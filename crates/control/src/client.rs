@@ -1,4 +1,5 @@
-//! A blocking client of the API over xcloudd's Unix socket, for the `xcloud` CLI.
+//! A blocking client of the API, over xcloudd's Unix socket or over TCP with TLS (the
+//! server's certificate pinned), for the `xcloud` CLI.
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -8,7 +9,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The socket could not be reached.
-    #[error("cannot reach xcloudd at {endpoint} (is xcloudd running? --endpoint or XCLOUD_ENDPOINT names its socket)")]
+    #[error("cannot reach xcloudd at {endpoint} (is xcloudd running? --endpoint or XCLOUD_ENDPOINT names its socket, or https://HOST:PORT)")]
     Connect {
         /// The socket.
         endpoint: String,
@@ -42,22 +43,90 @@ impl Answer {
     }
 }
 
+/// Where a daemon answers.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    /// Its Unix socket.
+    Unix(PathBuf),
+    /// `HOST:PORT` over TLS, accepting only the certificate in the file named.
+    Tls {
+        /// The address.
+        addr: String,
+        /// The server's certificate (DER), pinned.
+        server_cert: PathBuf,
+    },
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(p) => write!(f, "{}", p.display()),
+            Self::Tls { addr, .. } => write!(f, "https://{addr}"),
+        }
+    }
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// A client of one daemon.
 pub struct Client {
-    endpoint: PathBuf,
+    endpoint: Endpoint,
     key: Option<String>,
 }
 
 impl Client {
     /// A client of the daemon at Unix socket `endpoint`, calling with API key `key`.
     pub fn new(endpoint: PathBuf, key: Option<String>) -> Self {
+        Self::at(Endpoint::Unix(endpoint), key)
+    }
+
+    /// A client of the daemon at `endpoint`, calling with API key `key`.
+    pub fn at(endpoint: Endpoint, key: Option<String>) -> Self {
         Self { endpoint, key }
     }
 
     fn http(&self, detail: impl std::fmt::Display) -> ClientError {
         ClientError::Http {
-            endpoint: self.endpoint.display().to_string(),
+            endpoint: self.endpoint.to_string(),
             detail: detail.to_string(),
+        }
+    }
+
+    fn unreachable(&self, source: std::io::Error) -> ClientError {
+        ClientError::Connect {
+            endpoint: self.endpoint.to_string(),
+            source,
+        }
+    }
+
+    async fn connect(&self) -> Result<Box<dyn Io>, ClientError> {
+        match &self.endpoint {
+            Endpoint::Unix(path) => {
+                let s = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|e| self.unreachable(e))?;
+                Ok(Box::new(s))
+            }
+            Endpoint::Tls { addr, server_cert } => {
+                let pinned = xcloud_migration::tls::load_cert(server_cert).map_err(|e| self.http(e))?;
+                let config = xcloud_migration::tls::pinned_client_config(pinned).map_err(|e| self.http(e))?;
+                let tcp = tokio::net::TcpStream::connect(addr.as_str())
+                    .await
+                    .map_err(|e| self.unreachable(e))?;
+                // The certificate is pinned, so the name is not checked; TLS needs one.
+                let name = rustls::pki_types::ServerName::try_from("xcloudd").map_err(|e| self.http(e))?;
+                let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| {
+                        self.http(format!(
+                            "TLS handshake failed ({e}): is {} the server's certificate?",
+                            server_cert.display()
+                        ))
+                    })?;
+                Ok(Box::new(tls))
+            }
         }
     }
 
@@ -75,12 +144,7 @@ impl Client {
             .build()
             .map_err(|e| self.http(e))?;
         runtime.block_on(async {
-            let stream = tokio::net::UnixStream::connect(&self.endpoint)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    endpoint: self.endpoint.display().to_string(),
-                    source,
-                })?;
+            let stream = self.connect().await?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
                 .map_err(|e| self.http(e))?;

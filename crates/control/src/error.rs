@@ -22,6 +22,9 @@ pub enum ControlError {
     /// A malformed request: bad JSON, a bad name, an image that is not a PVH ELF.
     #[error("{0}")]
     BadRequest(String),
+    /// The route exists, not with this method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// The tenant's quota does not allow it.
     #[error("{0}")]
     Quota(String),
@@ -51,6 +54,7 @@ impl ControlError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) | Self::Quota(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

@@ -10,7 +10,7 @@ use crate::model::{
 };
 use crate::store::Table;
 use crate::ControlError;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::sse::{KeepAlive, Sse};
@@ -44,6 +44,16 @@ impl<T: serde::Serialize> IntoResponse for Json<T> {
         axum::Json(self.0).into_response()
     }
 }
+
+/// A path parameter whose rejection is one of ours.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ControlError))]
+pub struct Path<T>(pub T);
+
+/// A query whose rejection is one of ours.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ControlError))]
+pub struct Query<T>(pub T);
 
 /// The caller, known by its API key (`Authorization: Bearer KEY`).
 pub struct Caller {
@@ -124,6 +134,9 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/usage", get(usage))
         .route("/v1/events", get(events))
         .fallback(|| async { ControlError::NotFound("no such route in API v1 (see /v1/openapi.json)".into()) })
+        .method_not_allowed_fallback(|| async {
+            ControlError::MethodNotAllowed("this route does not take that method (see /v1/openapi.json)".into())
+        })
         .with_state(daemon)
 }
 
@@ -300,10 +313,9 @@ struct ImageQuery {
 async fn upload_image(
     State(d): D,
     caller: Caller,
-    query: Result<Query<ImageQuery>, axum::extract::rejection::QueryRejection>,
+    Query(q): Query<ImageQuery>,
     body: axum::body::Body,
 ) -> Res<(StatusCode, Json<Image>)> {
-    let Query(q) = query?;
     check_name("image", &q.name)?;
     let dir = d.config.data_dir.join("images");
     let partial = dir.join(format!(".upload-{}", auth::hex(&auth::random_bytes::<8>()?)));
@@ -627,9 +639,8 @@ async fn console(
     State(d): D,
     caller: Caller,
     Path(key): Path<String>,
-    query: Result<Query<ConsoleQuery>, axum::extract::rejection::QueryRejection>,
+    Query(q): Query<ConsoleQuery>,
 ) -> Res<impl IntoResponse> {
-    let Query(q) = query?;
     let vm = find_vm(&d, &caller, &key)?;
     let want = q.bytes.unwrap_or(64 << 10).min(MAX_CONSOLE_BYTES);
     let mut text = Vec::new();

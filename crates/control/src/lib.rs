@@ -13,10 +13,12 @@ pub mod cgroups;
 pub mod client;
 pub mod daemon;
 pub mod error;
+pub mod fuzzing;
 pub mod host;
 pub mod http;
 pub mod model;
 pub mod store;
+pub mod tls;
 
 pub use daemon::{Config, Daemon};
 pub use error::ControlError;
@@ -29,6 +31,7 @@ use std::path::Path;
 pub async fn serve(
     config: Config,
     socket: &Path,
+    tls: Option<TlsOptions>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControlError> {
     let data = &config.data_dir;
@@ -48,15 +51,54 @@ pub async fn serve(
             lock_path.display()
         )));
     }
+    let tls_identity = match &tls {
+        Some(t) => Some(
+            xcloud_migration::tls::Identity::load(&t.identity)
+                .map_err(|e| ControlError::Conflict(format!("the TLS identity {}: {e}", t.identity.display())))?,
+        ),
+        None => None,
+    };
     let daemon = Daemon::open(config).await?;
     let listener = bind(socket)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let tcp = match (&tls, &tls_identity) {
+        (Some(t), Some(identity)) => {
+            let listener = tls::bind(&t.listen, identity).await?;
+            tracing::info!("xcloudd: serving API v1 over TLS on {}", listener.local_addr());
+            let router = http::router(daemon.clone());
+            let stop = stopped(stop_rx.clone());
+            Some(tokio::spawn(async move {
+                axum::serve(listener, router).with_graceful_shutdown(stop).await
+            }))
+        }
+        _ => None,
+    };
     tracing::info!("xcloudd: serving API v1 on {}", socket.display());
     let served = axum::serve(listener, http::router(daemon))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(stopped(stop_rx))
         .await;
+    if let Some(tcp) = tcp {
+        let _ = tcp.await;
+    }
     let _ = std::fs::remove_file(socket);
     drop(lock);
     served.map_err(|e| ControlError::io("serving the API", e))
+}
+
+/// The API over TCP with TLS.
+#[derive(Clone, Debug)]
+pub struct TlsOptions {
+    /// The address to listen on, e.g. `0.0.0.0:7443`.
+    pub listen: String,
+    /// The host's identity directory (`xcloud keygen`): its certificate is what clients pin.
+    pub identity: std::path::PathBuf,
 }
 
 /// Binds `path`, replacing a socket left by a daemon that died, never anything else.

@@ -365,6 +365,29 @@ impl Write for Socket {
     }
 }
 
+/// A TLS 1.3 server configuration presenting `identity` to any client (for xcloudd's API,
+/// whose clients authenticate by API key inside the connection).
+pub fn server_config(identity: &Identity) -> Result<rustls::ServerConfig, TlsError> {
+    rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
+        .with_no_client_auth()
+        .with_single_cert(vec![identity.cert.clone()], identity.key())
+        .map_err(TlsError::Config)
+}
+
+/// A TLS 1.3 client configuration that accepts the server certificate `pinned` and no
+/// other, and presents none of its own.
+pub fn pinned_client_config(pinned: CertificateDer<'static>) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    Ok(rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned { cert: pinned, provider }))
+        .with_no_client_auth())
+}
+
 /// Opens the source side: connects TLS over `tcp` and completes the handshake.
 pub fn connect(tcp: TcpStream, creds: &Credentials) -> Result<ClientStream, TlsError> {
     let provider = provider();

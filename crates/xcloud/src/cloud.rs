@@ -13,14 +13,18 @@ use xcloud_control::client::{Answer, Client};
 /// Where the daemon is and which key to call it with.
 #[derive(Args, Clone, Debug)]
 pub struct Endpoint {
-    /// xcloudd's socket.
+    /// xcloudd's socket, or `https://HOST:PORT` (with --server-cert).
     #[arg(
         long,
         env = "XCLOUD_ENDPOINT",
         default_value = "/var/lib/xcloud/xcloudd.sock",
         global = true
     )]
-    endpoint: PathBuf,
+    endpoint: String,
+    /// The certificate (DER) the server at an https endpoint must present: its identity's
+    /// cert.der.
+    #[arg(long, env = "XCLOUD_SERVER_CERT", global = true)]
+    server_cert: Option<PathBuf>,
     /// The API key (default: the admin key beside the socket, when this user can read it).
     #[arg(long, env = "XCLOUD_KEY", hide_env_values = true, global = true)]
     key: Option<String>,
@@ -194,18 +198,32 @@ pub enum TypeAction {
     },
 }
 
-fn client(e: &Endpoint) -> Client {
-    let key = e.key.clone().or_else(|| {
-        let file = e.endpoint.parent()?.join("admin.key");
-        std::fs::read_to_string(file).ok().map(|k| k.trim().to_string())
+fn client(e: &Endpoint) -> anyhow::Result<Client> {
+    use xcloud_control::client::Endpoint as At;
+    let at = match e.endpoint.strip_prefix("https://") {
+        Some(addr) => At::Tls {
+            addr: addr.trim_end_matches('/').to_string(),
+            server_cert: e
+                .server_cert
+                .clone()
+                .context("an https endpoint needs --server-cert (the server identity's cert.der)")?,
+        },
+        None => At::Unix(PathBuf::from(&e.endpoint)),
+    };
+    let key = e.key.clone().or_else(|| match &at {
+        At::Unix(sock) => {
+            let file = sock.parent()?.join("admin.key");
+            std::fs::read_to_string(file).ok().map(|k| k.trim().to_string())
+        }
+        At::Tls { .. } => None,
     });
-    Client::new(e.endpoint.clone(), key)
+    Ok(Client::at(at, key))
 }
 
 /// Calls the API and returns the JSON of a successful answer; an error answer is an error.
 fn call(e: &Endpoint, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
     let body = body.map(|b| (b.to_string().into_bytes(), "application/json"));
-    let answer = client(e).call(method, path, body)?;
+    let answer = client(e)?.call(method, path, body)?;
     json_of(answer)
 }
 
@@ -283,7 +301,7 @@ pub fn run(command: CloudCommand) -> anyhow::Result<i32> {
                 };
                 let name = name.unwrap_or(default_name);
                 let path = format!("/v1/images?name={}", query_escape(&name));
-                let answer = client(&e).call("POST", &path, Some((bytes, "application/octet-stream")))?;
+                let answer = client(&e)?.call("POST", &path, Some((bytes, "application/octet-stream")))?;
                 let image = json_of(answer)?;
                 if e.json {
                     show(&image);
@@ -415,7 +433,7 @@ fn vm(e: &Endpoint, action: VmAction) -> anyhow::Result<()> {
             call(e, "DELETE", &at(&vm, ""), None)?;
         }
         VmAction::Console { vm, bytes } => {
-            let answer = client(e).call("GET", &at(&vm, &format!("/console?bytes={bytes}")), None)?;
+            let answer = client(e)?.call("GET", &at(&vm, &format!("/console?bytes={bytes}")), None)?;
             if !(200..300).contains(&answer.status) {
                 bail!("{} (HTTP {})", answer.error_text(), answer.status);
             }
@@ -451,7 +469,7 @@ fn events(e: &Endpoint, count: Option<usize>) -> anyhow::Result<()> {
     let mut seen = 0usize;
     let mut pending = String::new();
     let mut failed = Vec::new();
-    let status = client(e).call_streaming("GET", "/v1/events", None, |chunk| {
+    let status = client(e)?.call_streaming("GET", "/v1/events", None, |chunk| {
         pending.push_str(&String::from_utf8_lossy(chunk));
         failed.extend_from_slice(chunk);
         while let Some(end) = pending.find('\n') {

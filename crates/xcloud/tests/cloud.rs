@@ -16,10 +16,15 @@ struct Daemon {
     data: PathBuf,
     sock: PathBuf,
     admin: String,
+    extra: Vec<String>,
 }
 
 impl Daemon {
     fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    fn start_with(name: &str, extra: &[&str]) -> Self {
         let data = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cloud-{name}"));
         let _ = std::fs::remove_dir_all(&data);
         let mut d = Self {
@@ -27,6 +32,7 @@ impl Daemon {
             sock: data.join("xcloudd.sock"),
             data,
             admin: String::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         d.spawn();
         d.admin = std::fs::read_to_string(d.data.join("admin.key"))
@@ -40,6 +46,7 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_xcloudd"))
             .arg("--data")
             .arg(&self.data)
+            .args(&self.extra)
             .env("XCLOUD_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .spawn()
@@ -493,4 +500,68 @@ fn each_vmm_runs_in_its_own_cgroup_with_its_weight_cap_and_memory_limit() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn the_api_is_served_over_tls_to_clients_that_pin_its_certificate() {
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let (identity, stranger) = (tmp.join("cloud-tls-identity"), tmp.join("cloud-tls-stranger"));
+    for dir in [&identity, &stranger] {
+        let _ = std::fs::remove_dir_all(dir);
+        let out = common::run(&["keygen", dir.to_str().expect("path")]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let addr = format!("127.0.0.1:{}", 20_000 + std::process::id() % 20_000);
+    let d = Daemon::start_with(
+        "tls",
+        &["--tls-listen", &addr, "--identity", identity.to_str().expect("path")],
+    );
+    let endpoint = format!("https://{addr}");
+    let over_tls = |cert: &PathBuf, key: Option<&str>| {
+        let mut cmd = xcloud();
+        cmd.env("XCLOUD_ENDPOINT", &endpoint)
+            .env("XCLOUD_SERVER_CERT", cert.join("cert.der"))
+            .args(["whoami", "--json"]);
+        if let Some(key) = key {
+            cmd.env("XCLOUD_KEY", key);
+        }
+        output_within(cmd, Duration::from_secs(30))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = over_tls(&identity, Some(&d.admin));
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(out.status.success(), "whoami over TLS: {}", stderr(&out));
+    assert!(stdout(&out).contains("\"admin\""), "{}", stdout(&out));
+
+    // Another certificate pinned: the handshake fails, nothing is sent.
+    let out = over_tls(&stranger, Some(&d.admin));
+    assert!(
+        !out.status.success() && stderr(&out).contains("TLS handshake failed"),
+        "{}",
+        stderr(&out)
+    );
+    // TLS without a key: 401, as on the socket.
+    let out = over_tls(&identity, None);
+    assert!(
+        !out.status.success() && stderr(&out).contains("401"),
+        "{}",
+        stderr(&out)
+    );
+    // Plain HTTP to the TLS port gets no answer, and the daemon goes on serving.
+    use std::io::{Read, Write};
+    let mut plain = std::net::TcpStream::connect(&addr).expect("connect");
+    plain.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+    let _ = plain.write_all(b"GET /v1/whoami HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("200 OK"),
+        "plain HTTP was served"
+    );
+    assert!(over_tls(&identity, Some(&d.admin)).status.success());
 }

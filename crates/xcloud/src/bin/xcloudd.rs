@@ -32,6 +32,12 @@ struct Args {
     /// Run VMMs without their jail (namespaces, uid, seccomp), as xcloudd does when not root.
     #[arg(long)]
     no_jail: bool,
+    /// Also serve the API over TCP with TLS on this address, e.g. 0.0.0.0:7443.
+    #[arg(long, requires = "identity")]
+    tls_listen: Option<String>,
+    /// This host's identity directory (`xcloud keygen`) for TLS: clients pin its cert.der.
+    #[arg(long)]
+    identity: Option<PathBuf>,
 }
 
 fn config(args: &Args) -> anyhow::Result<xcloud_control::Config> {
@@ -90,7 +96,14 @@ fn main() -> ExitCode {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        runtime.block_on(xcloud_control::serve(config, &socket, shutdown_signal()))?;
+        let tls = match (&args.tls_listen, &args.identity) {
+            (Some(listen), Some(identity)) => Some(xcloud_control::TlsOptions {
+                listen: listen.clone(),
+                identity: identity.clone(),
+            }),
+            _ => None,
+        };
+        runtime.block_on(xcloud_control::serve(config, &socket, tls, shutdown_signal()))?;
         Ok(())
     });
     match result {
