@@ -300,7 +300,7 @@ pub fn run(command: CloudCommand) -> anyhow::Result<i32> {
                     }
                 };
                 let name = name.unwrap_or(default_name);
-                let path = format!("/v1/images?name={}", query_escape(&name));
+                let path = format!("/v1/images?name={}", escape(&name));
                 let answer = client(&e)?.call("POST", &path, Some((bytes, "application/octet-stream")))?;
                 let image = json_of(answer)?;
                 if e.json {
@@ -310,7 +310,7 @@ pub fn run(command: CloudCommand) -> anyhow::Result<i32> {
                 }
             }
             ImageAction::Rm { image } => {
-                call(&e, "DELETE", &format!("/v1/images/{}", path_escape(&image)), None)?;
+                call(&e, "DELETE", &format!("/v1/images/{}", escape(&image)), None)?;
             }
         },
         CloudCommand::Tenant { endpoint: e, action } => match action {
@@ -326,10 +326,10 @@ pub fn run(command: CloudCommand) -> anyhow::Result<i32> {
             }
             TenantAction::Key { name } => print_key(
                 &e,
-                &call(&e, "POST", &format!("/v1/tenants/{}/keys", path_escape(&name)), None)?,
+                &call(&e, "POST", &format!("/v1/tenants/{}/keys", escape(&name)), None)?,
             ),
             TenantAction::Rm { name } => {
-                call(&e, "DELETE", &format!("/v1/tenants/{}", path_escape(&name)), None)?;
+                call(&e, "DELETE", &format!("/v1/tenants/{}", escape(&name)), None)?;
             }
         },
         CloudCommand::Type { endpoint: e, action } => match action {
@@ -395,7 +395,7 @@ fn print_key(e: &Endpoint, answer: &Value) {
 }
 
 fn vm(e: &Endpoint, action: VmAction) -> anyhow::Result<()> {
-    let at = |vm: &str, what: &str| format!("/v1/vms/{}{what}", path_escape(vm));
+    let at = |vm: &str, what: &str| format!("/v1/vms/{}{what}", escape(vm));
     let one = |v: Value| {
         if e.json {
             show(&v)
@@ -490,12 +490,8 @@ fn events(e: &Endpoint, count: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn path_escape(s: &str) -> String {
-    query_escape(s)
-}
-
-/// Percent-encodes everything but unreserved characters.
-fn query_escape(s: &str) -> String {
+/// Percent-encodes everything but unreserved characters (for a path segment or a query value).
+fn escape(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {

@@ -14,3 +14,17 @@ pub mod guests;
 pub mod jail;
 pub mod netlab;
 pub mod run;
+
+/// Logs to stderr at the level `XCLOUD_LOG` names (`default` without one). A plain level, not
+/// an EnvFilter with its regex engine: the VMM's resident memory is a measured target, and the
+/// log is per process anyway.
+pub fn init_log(default: tracing_subscriber::filter::LevelFilter) {
+    let level = std::env::var("XCLOUD_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing_subscriber::filter::LevelFilter>().ok())
+        .unwrap_or(default);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -355,16 +355,7 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
 }
 
 fn main() -> ExitCode {
-    // A plain level (not an EnvFilter with its regex engine): the VMM's resident memory is a
-    // measured target, and the log is per process anyway.
-    let level = std::env::var("XCLOUD_LOG")
-        .ok()
-        .and_then(|l| l.parse::<tracing_subscriber::filter::LevelFilter>().ok())
-        .unwrap_or(tracing_subscriber::filter::LevelFilter::WARN);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .init();
+    xcloud::init_log(tracing_subscriber::filter::LevelFilter::WARN);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run {

@@ -78,14 +78,7 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
-    let level = std::env::var("XCLOUD_LOG")
-        .ok()
-        .and_then(|l| l.parse::<tracing_subscriber::filter::LevelFilter>().ok())
-        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .init();
+    xcloud::init_log(tracing_subscriber::filter::LevelFilter::INFO);
     let args = Args::parse();
     let result = config(&args).and_then(|config| {
         let socket = args
