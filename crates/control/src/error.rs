@@ -22,6 +22,9 @@ pub enum ControlError {
     /// A malformed request: bad JSON, a bad name, an image that is not a PVH ELF.
     #[error("{0}")]
     BadRequest(String),
+    /// The request did not arrive in time.
+    #[error("{0}")]
+    Timeout(String),
     /// The route exists, not with this method.
     #[error("{0}")]
     MethodNotAllowed(String),
@@ -55,6 +58,7 @@ impl ControlError {
             Self::Forbidden(_) | Self::Quota(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

@@ -23,6 +23,11 @@ use std::sync::Arc;
 use tokio_stream::StreamExt;
 use utoipa::OpenApi;
 
+/// How long a request's body may take to arrive (an image upload: each piece of it).
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The largest body of any request but an image upload.
+const MAX_BODY_BYTES: usize = 1 << 20;
+
 /// The largest image an upload may carry.
 pub const MAX_IMAGE_BYTES: u64 = 128 << 20;
 /// The most of a console log one request returns.
@@ -137,7 +142,30 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .method_not_allowed_fallback(|| async {
             ControlError::MethodNotAllowed("this route does not take that method (see /v1/openapi.json)".into())
         })
+        .layer(axum::middleware::from_fn(body_deadline))
         .with_state(daemon)
+}
+
+/// Reads a request's body (but an image's, which its handler streams with a deadline per
+/// piece) within [`BODY_TIMEOUT`] before the handler sees it, so that a client that sends its
+/// body slowly, or never, holds no handler.
+async fn body_deadline(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    if request.uri().path() == "/v1/images" {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => next.run(axum::extract::Request::from_parts(parts, bytes.into())).await,
+        Ok(Err(_)) => ControlError::TooLarge(format!(
+            "a request body is at most {MAX_BODY_BYTES} bytes (or it broke off)"
+        ))
+        .into_response(),
+        Err(_) => ControlError::Timeout(format!(
+            "the request body did not arrive within {} s",
+            BODY_TIMEOUT.as_secs()
+        ))
+        .into_response(),
+    }
 }
 
 /// The OpenAPI document of this API.
@@ -366,7 +394,11 @@ async fn receive_image(mut body: axum::body::Body, path: &std::path::Path) -> Re
     let mut hasher = sha2::Sha256::new();
     let mut size = 0u64;
     let mut head = Vec::with_capacity(64);
-    while let Some(frame) = body.frame().await {
+    loop {
+        let next = tokio::time::timeout(BODY_TIMEOUT, body.frame())
+            .await
+            .map_err(|_| ControlError::Timeout(format!("the upload stalled for {} s", BODY_TIMEOUT.as_secs())))?;
+        let Some(frame) = next else { break };
         let frame = frame.map_err(|e| {
             if e.to_string().contains("length limit") {
                 ControlError::TooLarge(format!("an image is at most {} MiB", MAX_IMAGE_BYTES >> 20))

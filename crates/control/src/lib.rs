@@ -74,22 +74,61 @@ pub async fn serve(
             tracing::info!("xcloudd: serving API v1 over TLS on {}", listener.local_addr());
             let router = http::router(daemon.clone());
             let stop = stopped(stop_rx.clone());
-            Some(tokio::spawn(async move {
-                axum::serve(listener, router).with_graceful_shutdown(stop).await
-            }))
+            Some(tokio::spawn(serve_on(listener, router, stop)))
         }
         _ => None,
     };
     tracing::info!("xcloudd: serving API v1 on {}", socket.display());
-    let served = axum::serve(listener, http::router(daemon))
-        .with_graceful_shutdown(stopped(stop_rx))
-        .await;
+    serve_on(listener, http::router(daemon), stopped(stop_rx)).await;
     if let Some(tcp) = tcp {
         let _ = tcp.await;
     }
     let _ = std::fs::remove_file(socket);
     drop(lock);
-    served.map_err(|e| ControlError::io("serving the API", e))
+    Ok(())
+}
+
+/// How long a client may take to send a request's headers (also: how long an idle
+/// keep-alive connection stays open). axum's own `serve` sets no timer, so a client that
+/// trickles its headers would hold its connection for ever.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How many connections are served at once on one listener; the next waits to be accepted.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// Serves `router` on `listener` until `stop` completes: HTTP/1.1 with [`HEADER_TIMEOUT`],
+/// at most [`MAX_CONNECTIONS`] connections.
+async fn serve_on<L: axum::serve::Listener>(
+    mut listener: L,
+    router: axum::Router,
+    stop: impl std::future::Future<Output = ()> + Send,
+) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(stop);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut stop => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let io = tokio::select! {
+            _ = &mut stop => return,
+            (io, _) = listener.accept() => io,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!("an API connection ended: {e}");
+            }
+        });
+    }
 }
 
 /// The API over TCP with TLS.

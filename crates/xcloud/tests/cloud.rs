@@ -565,3 +565,44 @@ fn the_api_is_served_over_tls_to_clients_that_pin_its_certificate() {
     );
     assert!(over_tls(&identity, Some(&d.admin)).status.success());
 }
+
+#[test]
+fn slow_clients_are_cut_off_and_hold_nobody_up() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let d = Daemon::start("slow");
+    let started = Instant::now();
+    // Headers that never end, and a body that never comes.
+    let mut trickle = UnixStream::connect(&d.sock).expect("connect");
+    trickle
+        .write_all(b"GET /v1/whoami HTTP/1.1\r\nHost: x\r\n")
+        .expect("write");
+    let mut stalled = UnixStream::connect(&d.sock).expect("connect");
+    let head = format!(
+        "POST /v1/vms HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"na",
+        d.admin
+    );
+    stalled.write_all(head.as_bytes()).expect("write");
+    // Meanwhile the daemon answers everyone else at once.
+    let t = Instant::now();
+    assert_eq!(d.json(&d.admin, &["whoami"])["tenant"], "admin");
+    assert!(t.elapsed() < Duration::from_secs(5), "a slow client held up another");
+    for s in [&trickle, &stalled] {
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    }
+    let mut answer = Vec::new();
+    let _ = stalled.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("did not arrive"),
+        "{answer}"
+    );
+    let mut rest = Vec::new();
+    let n = trickle.read_to_end(&mut rest).unwrap_or(0);
+    assert!(
+        n == 0 || !String::from_utf8_lossy(&rest).contains("200 OK"),
+        "trickled headers were served"
+    );
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(25), "slow clients were held {waited:?}");
+}
