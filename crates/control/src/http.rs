@@ -10,7 +10,7 @@ use crate::model::{
 };
 use crate::store::Table;
 use crate::ControlError;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, State};
+use axum::extract::{FromRequest, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::sse::{KeepAlive, Sse};
@@ -118,12 +118,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/tenants/{tenant}", axum::routing::delete(delete_tenant))
         .route("/v1/tenants/{tenant}/keys", post(create_key))
         .route("/v1/instance-types", get(list_types).post(create_type))
-        .route(
-            "/v1/images",
-            get(list_images)
-                .post(upload_image)
-                .layer(DefaultBodyLimit::max(MAX_IMAGE_BYTES as usize + 1)),
-        )
+        .route("/v1/images", get(list_images).post(upload_image))
         .route("/v1/images/{image}", axum::routing::delete(delete_image))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{vm}", get(show_vm).delete(delete_vm))
@@ -399,13 +394,7 @@ async fn receive_image(mut body: axum::body::Body, path: &std::path::Path) -> Re
             .await
             .map_err(|_| ControlError::Timeout(format!("the upload stalled for {} s", BODY_TIMEOUT.as_secs())))?;
         let Some(frame) = next else { break };
-        let frame = frame.map_err(|e| {
-            if e.to_string().contains("length limit") {
-                ControlError::TooLarge(format!("an image is at most {} MiB", MAX_IMAGE_BYTES >> 20))
-            } else {
-                ControlError::BadRequest(format!("the upload broke off: {e}"))
-            }
-        })?;
+        let frame = frame.map_err(|e| ControlError::BadRequest(format!("the upload broke off: {e}")))?;
         let Ok(data) = frame.into_data() else { continue };
         size += data.len() as u64;
         if size > MAX_IMAGE_BYTES {

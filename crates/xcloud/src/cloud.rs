@@ -471,7 +471,10 @@ fn events(e: &Endpoint, count: Option<usize>) -> anyhow::Result<()> {
     let mut failed = Vec::new();
     let status = client(e)?.call_streaming("GET", "/v1/events", None, |chunk| {
         pending.push_str(&String::from_utf8_lossy(chunk));
-        failed.extend_from_slice(chunk);
+        // Kept for an error answer's text; a stream that goes on for hours keeps only its start.
+        if failed.len() < 64 << 10 {
+            failed.extend_from_slice(chunk);
+        }
         while let Some(end) = pending.find('\n') {
             let line: String = pending.drain(..=end).collect();
             if let Some(data) = line.trim_end().strip_prefix("data:") {
