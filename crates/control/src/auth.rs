@@ -28,7 +28,8 @@ fn hash(salt: &[u8], secret: &str) -> String {
     hex(&h.finalize())
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+/// The bytes of a hex string (None if it is not one).
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
         return None;
     }

@@ -5,7 +5,7 @@
 //! daemon finds them by their pid and control socket and watches them again.
 
 use crate::auth;
-use crate::model::{self, now, now_f64, Event, Image, InstanceType, Snapshot, Tenant, Vm, VmState};
+use crate::model::{self, now, now_f64, Desired, Event, Image, InstanceType, Snapshot, Tenant, Vm, VmState};
 use crate::store::{Store, Table};
 use crate::ControlError;
 use std::collections::HashMap;
@@ -44,11 +44,29 @@ pub struct Config {
     pub jail: bool,
 }
 
+impl Config {
+    /// A daemon alone on this host, named after it, with VMMs jailed when run as root.
+    pub fn alone(data_dir: PathBuf, vmm_binary: PathBuf) -> Self {
+        Self {
+            data_dir,
+            vmm_binary,
+            host_name: crate::host::hostname(),
+            provider: "local".into(),
+            region: "local".into(),
+            price_per_hour: 0.0,
+            // SAFETY: geteuid has no preconditions.
+            jail: unsafe { libc::geteuid() } == 0,
+        }
+    }
+}
+
 /// The first uid (and gid) given to a jailed VMM; each VM has its own above it.
 pub const FIRST_VM_UID: u32 = 200_000;
 
 /// A VMM this daemon watches.
 struct Runtime {
+    /// The VMM's process (the jail's, when jailed).
+    pid: u32,
     /// Set when the daemon asked the VMM to stop (its end is then no failure).
     stopping: Arc<AtomicBool>,
     /// Becomes true once the VMM has ended and its record says so.
@@ -70,6 +88,29 @@ pub struct Daemon {
     running: std::sync::Mutex<HashMap<String, Runtime>>,
     /// Where VMMs get their CPU and memory limits (None: the host has no usable cgroups).
     cgroups: Option<crate::cgroups::Cgroups>,
+    /// Its part in a cluster (None: alone, records in its own file).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+}
+
+/// How long a call waits for another host to release the records' lock.
+const RECORDS_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The records' lock (see [`Daemon::lock_records`]); released when dropped.
+pub struct RecordsLock<'a> {
+    _local: tokio::sync::MutexGuard<'a, ()>,
+    etcd: Option<(etcd_client::Client, Vec<u8>)>,
+}
+
+impl Drop for RecordsLock<'_> {
+    fn drop(&mut self) {
+        if let Some((mut client, key)) = self.etcd.take() {
+            tokio::spawn(async move {
+                if let Err(e) = client.unlock(key).await {
+                    tracing::warn!("cluster: releasing the records' lock failed ({e}); it goes with the lease");
+                }
+            });
+        }
+    }
 }
 
 /// What a VMM starts from.
@@ -82,20 +123,33 @@ impl Daemon {
     /// Opens the state in `config.data_dir` (making it on first use, with an admin tenant
     /// whose key is written to `admin.key`), and watches the VMMs that still run.
     pub async fn open(config: Config) -> Result<Arc<Self>, ControlError> {
-        Self::open_with(config, true).await
+        Self::open_with(config, true, None).await
     }
 
     /// As [`Daemon::open`], with VMMs left out of cgroups (the fuzzing harness: nothing boots).
     pub async fn open_without_cgroups(config: Config) -> Result<Arc<Self>, ControlError> {
-        Self::open_with(config, false).await
+        Self::open_with(config, false, None).await
     }
 
-    async fn open_with(config: Config, use_cgroups: bool) -> Result<Arc<Self>, ControlError> {
+    /// As [`Daemon::open`], with the records in the cluster's etcd; the daemon joins the
+    /// cluster when [`crate::cluster::join`] is called.
+    pub async fn open_in_cluster(config: Config, cluster: crate::cluster::Cluster) -> Result<Arc<Self>, ControlError> {
+        Self::open_with(config, true, Some(cluster)).await
+    }
+
+    async fn open_with(
+        config: Config,
+        use_cgroups: bool,
+        cluster: Option<crate::cluster::Cluster>,
+    ) -> Result<Arc<Self>, ControlError> {
         for sub in ["images", "vms"] {
             let d = config.data_dir.join(sub);
             std::fs::create_dir_all(&d).map_err(|e| ControlError::io(format!("creating {}", d.display()), e))?;
         }
-        let store = Store::open(&config.data_dir.join("state.redb"))?;
+        let store = match &cluster {
+            None => Store::open(&config.data_dir.join("state.redb"))?,
+            Some(c) => Store::connect(&c.config.etcd, &c.config.prefix).await?,
+        };
         let (events, _) = broadcast::channel(1024);
         let tag =
             auth::hex(&<sha2::Sha256 as sha2::Digest>::digest(config.data_dir.as_os_str().as_encoded_bytes())[..4]);
@@ -111,6 +165,7 @@ impl Daemon {
             ),
         }
         let daemon = Arc::new(Self {
+            cluster: cluster.map(Arc::new),
             cgroups,
             config,
             store,
@@ -120,18 +175,18 @@ impl Daemon {
             ops: Default::default(),
             running: Default::default(),
         });
-        daemon.bootstrap()?;
+        daemon.bootstrap().await?;
         daemon.adopt().await?;
         Ok(daemon)
     }
 
-    fn bootstrap(&self) -> Result<(), ControlError> {
-        if self.store.list::<InstanceType>(Table::InstanceTypes)?.is_empty() {
+    async fn bootstrap(&self) -> Result<(), ControlError> {
+        if self.store.list::<InstanceType>(Table::InstanceTypes).await?.is_empty() {
             for t in model::default_instance_types() {
-                self.store.put(Table::InstanceTypes, &t.name.clone(), &t)?;
+                self.store.put(Table::InstanceTypes, &t.name.clone(), &t).await?;
             }
         }
-        if self.store.get::<Tenant>(Table::Tenants, "admin")?.is_some() {
+        if self.store.get::<Tenant>(Table::Tenants, "admin").await?.is_some() {
             return Ok(());
         }
         let admin = Tenant {
@@ -145,12 +200,15 @@ impl Daemon {
             cpu_weight: 100,
             created: now(),
         };
+        // In a cluster the first daemon to get here makes the admin tenant; the others leave it.
+        if !self.store.put_new(Table::Tenants, "admin", &admin).await? {
+            return Ok(());
+        }
         let (stored, key) = auth::new_key("admin")?;
         let path = self.admin_key_path();
         write_private(&path, format!("{key}\n").as_bytes())
             .map_err(|e| ControlError::io(format!("writing {}", path.display()), e))?;
-        self.store.put(Table::Keys, &stored.id.clone(), &stored)?;
-        self.store.put(Table::Tenants, "admin", &admin)?;
+        self.store.put(Table::Keys, &stored.id.clone(), &stored).await?;
         tracing::info!("first start: the admin key is in {}", path.display());
         Ok(())
     }
@@ -163,33 +221,242 @@ impl Daemon {
     /// Finds the VMMs that ran before this daemon started and watches them again; records of
     /// VMMs that ended meanwhile are brought up to date.
     async fn adopt(self: &Arc<Self>) -> Result<(), ControlError> {
-        for mut vm in self.store.list::<Vm>(Table::Vms)? {
-            if !vm.state.has_vmm() {
+        let vms = self.store.list::<Vm>(Table::Vms).await?;
+        self.kill_strays(&vms);
+        for vm in vms {
+            // A VM marked lost may still run here: this host was cut off, not dead.
+            if !(vm.state.has_vmm() || vm.state == VmState::Lost) || !self.is_mine(&vm) {
                 continue;
             }
             let sock = self.api_socket(&vm.id);
             let alive = match vm.pid {
                 Some(pid) if crate::host::process_is(pid, &self.vm_dir(&vm.id)) => {
-                    ctl(&sock, VmmCommand::Status).await.ok()
+                    ctl(&sock, VmmCommand::Status).await.ok().map(|status| (status, pid))
                 }
                 _ => None,
             };
-            match (alive, vm.pid) {
-                (Some(status), Some(pid)) => {
-                    vm.state = vmm_state(&status).unwrap_or(VmState::Running);
-                    self.store.put(Table::Vms, &vm.id.clone(), &vm)?;
-                    self.watch(vm.id.clone(), vm.tenant.clone(), None, pid);
-                    tracing::info!("{}: its VMM (pid {pid}) still runs; watching it again", vm.id);
+            // Only if the record is still as read: the scheduler may give the VM away meanwhile.
+            let unchanged = |v: &Vm| v.generation == vm.generation && v.host == vm.host;
+            match alive {
+                Some((status, pid)) => {
+                    let state = vmm_state(&status).unwrap_or(VmState::Running);
+                    let kept = self
+                        .update_if(&vm.id, unchanged, |v| {
+                            if v.state == VmState::Lost {
+                                v.exit = None;
+                                v.running_since = Some(now_f64());
+                            }
+                            v.state = state;
+                        })
+                        .await?;
+                    if kept.is_some() {
+                        self.watch(vm.id.clone(), vm.tenant.clone(), None, pid);
+                        tracing::info!("{}: its VMM (pid {pid}) still runs; watching it again", vm.id);
+                    } else {
+                        tracing::warn!("{}: given to another host meanwhile: killing its VMM here", vm.id);
+                        self.kill(&vm.id, pid).await;
+                    }
                 }
-                _ => {
-                    vm.state = VmState::Exited;
-                    vm.exit = Some("its VMM ended while xcloudd was not running".into());
-                    close_run(&mut vm);
-                    self.store.put(Table::Vms, &vm.id.clone(), &vm)?;
+                None => {
+                    self.update_if(&vm.id, unchanged, |v| {
+                        v.state = VmState::Exited;
+                        v.exit = Some("its VMM ended while xcloudd was not running".into());
+                        close_run(v);
+                    })
+                    .await?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Whether `vm` is this host's (alone: every VM is).
+    pub fn is_mine(&self, vm: &Vm) -> bool {
+        match &vm.host {
+            Some(h) => *h == self.config.host_name,
+            None => self.cluster.is_none(),
+        }
+    }
+
+    /// Kills every VMM on this host that its VM's record does not name: one whose VM was given
+    /// to another host while this daemon was down (fencing), or one left by a crash.
+    fn kill_strays(&self, vms: &[Vm]) {
+        let Ok(dirs) = std::fs::read_dir(self.config.data_dir.join("vms")) else {
+            return;
+        };
+        for entry in dirs.flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let record = vms.iter().find(|v| v.id == id);
+            for pid in crate::host::processes_marked(&entry.path()) {
+                let keep = record.is_some_and(|v| {
+                    (v.state.has_vmm() || v.state == VmState::Lost) && self.is_mine(v) && v.pid == Some(pid)
+                });
+                if !keep {
+                    tracing::warn!("{id}: a VMM (pid {pid}) runs here that its record does not name: killing it");
+                    // SAFETY: kill sends a signal to a process whose command line names this VM's directory.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+
+    /// The VMs whose VMMs this daemon watches.
+    pub fn running_ids(&self) -> Vec<String> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Kills VM `id`'s VMM here, if this daemon watches one (its record is not touched: it
+    /// may be another host's now).
+    pub async fn kill_local(&self, id: &str) {
+        let pid = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|r| (r.pid, r.stopping.clone()));
+        if let Some((pid, stopping)) = pid {
+            stopping.store(true, Ordering::SeqCst);
+            self.kill(id, pid).await;
+        }
+    }
+
+    /// Changes VM `id`'s record by `change` if `applies` holds for it; None if it did not
+    /// (another writer got there first) or there is no record.
+    async fn update_if(
+        &self,
+        id: &str,
+        applies: impl Fn(&Vm) -> bool,
+        mut change: impl FnMut(&mut Vm),
+    ) -> Result<Option<Vm>, ControlError> {
+        let result = self
+            .store
+            .update(Table::Vms, id, |vm: &mut Vm| {
+                if !applies(vm) {
+                    return Err(ControlError::Conflict(String::new()));
+                }
+                change(vm);
+                Ok(())
+            })
+            .await;
+        match result {
+            Err(ControlError::Conflict(why)) if why.is_empty() => Ok(None),
+            other => other,
+        }
+    }
+
+    /// The scheduler's choice: VM `id` (still waiting at `generation`) goes on `host`.
+    pub async fn assign(&self, id: &str, generation: u64, host: &str) -> Result<Option<Vm>, ControlError> {
+        self.update_if(
+            id,
+            |v| v.host.is_none() && v.generation == generation && v.state == VmState::Pending,
+            |v| {
+                v.host = Some(host.to_string());
+                v.generation += 1;
+                v.exit = None;
+            },
+        )
+        .await
+    }
+
+    /// Says on a waiting VM's record why it waits.
+    pub async fn note(&self, id: &str, why: &str) -> Result<(), ControlError> {
+        self.update_if(id, |v| v.state == VmState::Pending, |v| v.exit = Some(why.to_string()))
+            .await
+            .map(|_| ())
+    }
+
+    /// VM `id` lost its host `host`: it waits for another (restored from `snapshot` there when
+    /// that host has it).
+    pub async fn requeue(
+        &self,
+        id: &str,
+        generation: u64,
+        host: &str,
+        snapshot: Option<Snapshot>,
+    ) -> Result<Option<Vm>, ControlError> {
+        self.update_if(
+            id,
+            |v| v.generation == generation && v.host.as_deref() == Some(host),
+            |v| {
+                v.host = None;
+                v.state = VmState::Pending;
+                v.generation += 1;
+                v.restore_from = snapshot.as_ref().map(|s| s.id.clone());
+                v.exit = Some(format!("its host {host} was lost; restarting it on another host"));
+                close_run(v);
+            },
+        )
+        .await
+    }
+
+    /// VM `id` lost its host `host` and has no restart policy.
+    pub async fn mark_lost(&self, id: &str, generation: u64, host: &str) -> Result<Option<Vm>, ControlError> {
+        self.update_if(
+            id,
+            |v| v.generation == generation && v.host.as_deref() == Some(host),
+            |v| {
+                v.state = VmState::Lost;
+                v.exit = Some(format!("its host {host} was lost"));
+                // Metering stops; the pid stays, for the host to know its VMM if it comes back.
+                v.run_seconds = v.run_seconds_now();
+                v.running_since = None;
+            },
+        )
+        .await
+    }
+
+    /// A VM marked lost whose VMM still runs here (its host came back in time).
+    pub async fn mark_found(&self, id: &str) -> Result<Option<Vm>, ControlError> {
+        let me = self.config.host_name.clone();
+        self.update_if(
+            id,
+            |v| v.state == VmState::Lost && v.host.as_deref() == Some(me.as_str()),
+            |v| {
+                v.state = VmState::Running;
+                v.exit = None;
+                v.running_since = Some(now_f64());
+            },
+        )
+        .await
+    }
+
+    /// Records that VM `id`'s placement `generation` could not start here.
+    pub async fn mark_failed(&self, id: &str, generation: u64, why: &str) -> Result<Option<Vm>, ControlError> {
+        self.update_if(
+            id,
+            |v| v.generation == generation && !v.state.has_vmm(),
+            |v| {
+                v.state = VmState::Failed;
+                v.exit = Some(why.to_string());
+            },
+        )
+        .await
+    }
+
+    /// Starts VM `id`, which the scheduler gave this host at `generation`: from the snapshot
+    /// its record names when this host has it, from its image otherwise.
+    pub async fn start_placed(self: &Arc<Self>, id: &str, generation: u64) -> Result<Vm, ControlError> {
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        let vm = self.vm(id).await?;
+        if vm.generation != generation || vm.state != VmState::Pending || !self.is_mine(&vm) {
+            return Ok(vm);
+        }
+        let snapshot = vm
+            .restore_from
+            .as_ref()
+            .map(|s| self.snapshot_dir(id, s))
+            .filter(|d| d.is_dir());
+        let how = match snapshot {
+            Some(dir) => Launch::Restore(dir),
+            None => Launch::Boot(self.image_path(&vm.image)),
+        };
+        self.launch(vm, how).await
     }
 
     /// Publishes an event to the stream.
@@ -211,8 +478,22 @@ impl Daemon {
     }
 
     /// The lock of the records (quota checks and record updates hold it).
-    pub async fn lock_records(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.records.lock().await
+    /// In a cluster it is also an etcd lock under this host's lease, so that quotas hold across
+    /// hosts (a host that dies holding it frees it when its lease expires).
+    pub async fn lock_records(&self) -> Result<RecordsLock<'_>, ControlError> {
+        let local = self.records.lock().await;
+        let etcd = match (self.store.etcd(), &self.cluster) {
+            (Some((mut client, prefix)), Some(cluster)) => {
+                let options = etcd_client::LockOptions::new().with_lease(cluster.lease());
+                let name = format!("{prefix}/locks/records");
+                let held = tokio::time::timeout(RECORDS_LOCK_TIMEOUT, client.lock(name, Some(options)))
+                    .await
+                    .map_err(|_| ControlError::Cluster("another host holds the records' lock".into()))??;
+                Some((client, held.key().to_vec()))
+            }
+            _ => None,
+        };
+        Ok(RecordsLock { _local: local, etcd })
     }
 
     fn op_lock(&self, id: &str) -> Arc<Mutex<()>> {
@@ -275,20 +556,22 @@ impl Daemon {
         let uid = match vm.uid {
             Some(uid) => uid,
             None => {
-                let _records = self.records.lock().await;
+                let _records = self.lock_records().await?;
                 let taken: Vec<u32> = self
                     .store
-                    .list::<Vm>(Table::Vms)?
+                    .list::<Vm>(Table::Vms)
+                    .await?
                     .iter()
                     .filter_map(|v| v.uid)
                     .collect();
                 let uid = (FIRST_VM_UID..).find(|u| !taken.contains(u)).unwrap_or(FIRST_VM_UID);
                 let mut record: Vm = self
                     .store
-                    .get(Table::Vms, &vm.id)?
+                    .get(Table::Vms, &vm.id)
+                    .await?
                     .ok_or_else(|| ControlError::NotFound(format!("no VM {}", vm.id)))?;
                 record.uid = Some(uid);
-                self.store.put(Table::Vms, &vm.id, &record)?;
+                self.store.put(Table::Vms, &vm.id, &record).await?;
                 uid
             }
         };
@@ -312,22 +595,21 @@ impl Daemon {
         Ok((uid, linked))
     }
 
-    async fn update_vm(&self, id: &str, change: impl FnOnce(&mut Vm)) -> Result<Vm, ControlError> {
-        let _records = self.records.lock().await;
-        let mut vm: Vm = self
-            .store
-            .get(Table::Vms, id)?
-            .ok_or_else(|| ControlError::NotFound(format!("no VM {id}")))?;
-        change(&mut vm);
-        self.store.put(Table::Vms, id, &vm)?;
-        Ok(vm)
+    async fn update_vm(&self, id: &str, mut change: impl FnMut(&mut Vm)) -> Result<Vm, ControlError> {
+        self.store
+            .update(Table::Vms, id, |vm: &mut Vm| {
+                change(vm);
+                Ok(())
+            })
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("no VM {id}")))
     }
 
     /// Boots `vm` from its image (it must have no VMM).
     pub async fn start(self: &Arc<Self>, id: &str) -> Result<Vm, ControlError> {
         let lock = self.op_lock(id);
         let _op = lock.lock().await;
-        let vm = self.vm(id)?;
+        let vm = self.vm(id).await?;
         if vm.state.has_vmm() {
             return Err(ControlError::Conflict(
                 format!("VM {} is {:?} already", vm.name, vm.state).to_lowercase(),
@@ -338,9 +620,10 @@ impl Daemon {
     }
 
     /// The record of VM `id`.
-    pub fn vm(&self, id: &str) -> Result<Vm, ControlError> {
+    pub async fn vm(&self, id: &str) -> Result<Vm, ControlError> {
         self.store
-            .get(Table::Vms, id)?
+            .get(Table::Vms, id)
+            .await?
             .ok_or_else(|| ControlError::NotFound(format!("no VM {id}")))
     }
 
@@ -360,7 +643,8 @@ impl Daemon {
             Some(cg) => {
                 let tenant: Tenant = self
                     .store
-                    .get(Table::Tenants, &vm.tenant)?
+                    .get(Table::Tenants, &vm.tenant)
+                    .await?
                     .ok_or_else(|| ControlError::NotFound(format!("no tenant {}", vm.tenant)))?;
                 let limits = crate::cgroups::Limits {
                     cpu_weight: vm.cpu_weight,
@@ -443,6 +727,8 @@ impl Daemon {
                 v.state = VmState::Starting;
                 v.exit = None;
                 v.pid = Some(pid);
+                v.want = Desired::Running;
+                v.restore_from = None;
                 v.running_since = Some(now_f64());
             })
             .await?;
@@ -476,7 +762,7 @@ impl Daemon {
             let _ = tokio::time::timeout(Duration::from_millis(20), ended.changed()).await;
         }
         // It ended before it answered: a guest that ran to its end, or a VMM that refused it.
-        let vm = self.vm(&vm.id)?;
+        let vm = self.vm(&vm.id).await?;
         if vm.state == VmState::Failed {
             return Err(ControlError::Vmm(format!(
                 "VM {} did not start: {}",
@@ -500,6 +786,7 @@ impl Daemon {
         self.running.lock().unwrap_or_else(|p| p.into_inner()).insert(
             id.clone(),
             Runtime {
+                pid,
                 stopping: stopping.clone(),
                 ended: ended_rx.clone(),
             },
@@ -558,11 +845,21 @@ impl Daemon {
     pub async fn stop(self: &Arc<Self>, id: &str) -> Result<Vm, ControlError> {
         let lock = self.op_lock(id);
         let _op = lock.lock().await;
+        let vm = self.update_vm(id, |v| v.want = Desired::Stopped).await?;
+        if self.runtime(id).is_none() && matches!(vm.state, VmState::Pending | VmState::Lost) {
+            // No VMM here to stop: a VM that waits for a host, or whose host is gone.
+            return self
+                .update_vm(id, |v| {
+                    v.state = VmState::Stopped;
+                    close_run(v);
+                })
+                .await;
+        }
         self.stop_locked(id).await
     }
 
     async fn stop_locked(&self, id: &str) -> Result<Vm, ControlError> {
-        let vm = self.vm(id)?;
+        let vm = self.vm(id).await?;
         let Some((stopping, mut ended)) = self.runtime(id) else {
             return Err(ControlError::Conflict(format!("VM {} is not running", vm.name)));
         };
@@ -582,7 +879,7 @@ impl Daemon {
             }
             let _ = tokio::time::timeout(STOP_TIMEOUT, ended.wait_for(|e| *e)).await;
         }
-        self.vm(id)
+        self.vm(id).await
     }
 
     async fn kill(&self, id: &str, pid: u32) {
@@ -597,7 +894,7 @@ impl Daemon {
     pub async fn set_paused(self: &Arc<Self>, id: &str, pause: bool) -> Result<Vm, ControlError> {
         let lock = self.op_lock(id);
         let _op = lock.lock().await;
-        let vm = self.vm(id)?;
+        let vm = self.vm(id).await?;
         let (from, to, command, kind) = if pause {
             (VmState::Running, VmState::Paused, VmmCommand::Pause, "vm.paused")
         } else {
@@ -618,7 +915,7 @@ impl Daemon {
     pub async fn snapshot(self: &Arc<Self>, id: &str) -> Result<Snapshot, ControlError> {
         let lock = self.op_lock(id);
         let _op = lock.lock().await;
-        let vm = self.vm(id)?;
+        let vm = self.vm(id).await?;
         if !matches!(vm.state, VmState::Running | VmState::Paused) {
             return Err(ControlError::Conflict(format!(
                 "VM {} has no running VMM to snapshot",
@@ -641,8 +938,9 @@ impl Daemon {
             tenant: vm.tenant.clone(),
             bytes: answer.snapshot_bytes.unwrap_or(0),
             created: now(),
+            host: Some(self.config.host_name.clone()),
         };
-        self.store.put(Table::Snapshots, &snap_id, &snapshot)?;
+        self.store.put(Table::Snapshots, &snap_id, &snapshot).await?;
         self.emit(&vm.tenant, "snapshot.created", &snap_id, Some(vm.id.clone()));
         Ok(snapshot)
     }
@@ -654,7 +952,7 @@ impl Daemon {
         if self.runtime(id).is_some() {
             self.stop_locked(id).await?;
         }
-        let vm = self.vm(id)?;
+        let vm = self.vm(id).await?;
         self.launch(vm, Launch::Restore(self.snapshot_dir(id, &snap.id))).await
     }
 
@@ -665,16 +963,16 @@ impl Daemon {
         if self.runtime(id).is_some() {
             self.stop_locked(id).await?;
         }
-        let vm = self.vm(id)?;
-        for snap in self.store.list::<Snapshot>(Table::Snapshots)? {
+        let vm = self.vm(id).await?;
+        for snap in self.store.list::<Snapshot>(Table::Snapshots).await? {
             if snap.vm == vm.id {
-                self.store.delete(Table::Snapshots, &snap.id)?;
+                self.store.delete(Table::Snapshots, &snap.id).await?;
             }
         }
         let _ = std::fs::remove_dir_all(self.vm_dir(id));
         {
-            let _records = self.records.lock().await;
-            self.store.delete(Table::Vms, id)?;
+            let _records = self.lock_records().await?;
+            self.store.delete(Table::Vms, id).await?;
         }
         self.ops.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         self.emit(&vm.tenant, "vm.deleted", &vm.id, None);
@@ -690,10 +988,11 @@ impl Daemon {
     }
 
     /// The images of `tenant`.
-    pub fn images_of(&self, tenant: &str) -> Result<Vec<Image>, ControlError> {
+    pub async fn images_of(&self, tenant: &str) -> Result<Vec<Image>, ControlError> {
         Ok(self
             .store
-            .list::<Image>(Table::Images)?
+            .list::<Image>(Table::Images)
+            .await?
             .into_iter()
             .filter(|i| i.tenant == tenant)
             .collect())

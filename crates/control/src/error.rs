@@ -40,6 +40,9 @@ pub enum ControlError {
     /// The state file could not be read or written.
     #[error("state store: {0}")]
     Store(String),
+    /// The cluster (etcd, or the host a VM lives on) could not be reached or did not agree.
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// A file of the daemon's could not be read or written.
     #[error("{what}: {source}")]
     Io {
@@ -64,6 +67,7 @@ impl ControlError {
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Vmm(_) => StatusCode::BAD_GATEWAY,
             Self::Store(_) | Self::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Cluster(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -99,6 +103,12 @@ store_errors!(
     redb::CommitError
 );
 
+impl From<etcd_client::Error> for ControlError {
+    fn from(e: etcd_client::Error) -> Self {
+        Self::Cluster(format!("etcd: {e}"))
+    }
+}
+
 impl From<axum::extract::rejection::JsonRejection> for ControlError {
     fn from(e: axum::extract::rejection::JsonRejection) -> Self {
         Self::BadRequest(format!("malformed request body: {}", e.body_text()))
@@ -129,7 +139,7 @@ impl IntoResponse for ControlError {
         let status = self.status();
         match &self {
             Self::Store(_) | Self::Io { .. } => tracing::error!("{self}"),
-            Self::Vmm(_) => tracing::warn!("{self}"),
+            Self::Vmm(_) | Self::Cluster(_) => tracing::warn!("{self}"),
             _ => {}
         }
         (

@@ -45,6 +45,18 @@ pub fn process_is(pid: u32, marker: &Path) -> bool {
         .any(|arg| arg == marker || (arg.starts_with(marker) && arg.get(marker.len()) == Some(&b'/')))
 }
 
+/// The processes whose command line names `marker` (as [`process_is`] tells).
+pub fn processes_marked(marker: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|&pid| pid != std::process::id() && process_is(pid, marker))
+        .collect()
+}
+
 /// CPU seconds (user + system) process `pid` has used.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

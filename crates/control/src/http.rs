@@ -5,7 +5,7 @@ use crate::auth;
 use crate::daemon::Daemon;
 use crate::error::ErrorBody;
 use crate::model::{
-    check_name, now, CreateTenant, CreateVm, Event, Host, Image, InstanceType, NewKey, Quota, RestoreVm, Role,
+    check_name, now, CreateTenant, CreateVm, Desired, Event, Host, Image, InstanceType, NewKey, Quota, RestoreVm, Role,
     Snapshot, Tenant, Usage, UsageLine, Vm, VmMetrics, VmState, WhoAmI,
 };
 use crate::store::Table;
@@ -26,12 +26,12 @@ use utoipa::OpenApi;
 /// How long a request's body may take to arrive (an image upload: each piece of it).
 pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The largest body of any request but an image upload.
-const MAX_BODY_BYTES: usize = 1 << 20;
+pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 /// The largest image an upload may carry.
 pub const MAX_IMAGE_BYTES: u64 = 128 << 20;
 /// The most of a console log one request returns.
-const MAX_CONSOLE_BYTES: u64 = 1 << 20;
+pub const MAX_CONSOLE_BYTES: u64 = 1 << 20;
 /// The most arguments a guest's command line may hold, and the longest one.
 const MAX_ARGS: usize = 32;
 const MAX_ARG_BYTES: usize = 256;
@@ -97,13 +97,14 @@ impl FromRequestParts<Arc<Daemon>> for Caller {
             .ok_or_else(unauthorized)?;
         let key = value.strip_prefix("Bearer ").ok_or_else(unauthorized)?.trim();
         let (id, secret) = auth::parse_key(key).ok_or_else(unauthorized)?;
-        let stored: crate::model::StoredKey = daemon.store.get(Table::Keys, id)?.ok_or_else(unauthorized)?;
+        let stored: crate::model::StoredKey = daemon.store.get(Table::Keys, id).await?.ok_or_else(unauthorized)?;
         if !auth::verify(&stored, secret) {
             return Err(unauthorized());
         }
         let tenant = daemon
             .store
-            .get(Table::Tenants, &stored.tenant)?
+            .get(Table::Tenants, &stored.tenant)
+            .await?
             .ok_or_else(unauthorized)?;
         Ok(Self { tenant })
     }
@@ -120,6 +121,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/instance-types", get(list_types).post(create_type))
         .route("/v1/images", get(list_images).post(upload_image))
         .route("/v1/images/{image}", axum::routing::delete(delete_image))
+        .route("/v1/images/{image}/content", get(image_content))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{vm}", get(show_vm).delete(delete_vm))
         .route("/v1/vms/{vm}/start", post(start_vm))
@@ -137,6 +139,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .method_not_allowed_fallback(|| async {
             ControlError::MethodNotAllowed("this route does not take that method (see /v1/openapi.json)".into())
         })
+        .layer(axum::middleware::from_fn_with_state(daemon.clone(), to_the_vms_host))
         .layer(axum::middleware::from_fn(body_deadline))
         .with_state(daemon)
 }
@@ -163,13 +166,93 @@ async fn body_deadline(request: axum::extract::Request, next: axum::middleware::
     }
 }
 
+/// In a cluster, sends a call that needs a VM's VMM to the host the VM is on, unless that
+/// is this one (or the call was forwarded already). A VM whose host is not up gets a clear
+/// error for such calls; start, stop and delete work on it here.
+async fn to_the_vms_host(
+    State(d): D,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if d.cluster.is_none() || request.headers().contains_key(crate::cluster::FORWARDED_BY) {
+        return next.run(request).await;
+    }
+    let path = request.uri().path().trim_end_matches('/').to_string();
+    let segments: Vec<&str> = path.split('/').collect();
+    let (key, op) = match segments.as_slice() {
+        ["", "v1", "vms", key] if request.method() == axum::http::Method::DELETE => (key.to_string(), String::new()),
+        ["", "v1", "vms", key, "snapshots"] if request.method() == axum::http::Method::POST => {
+            (key.to_string(), "snapshots".to_string())
+        }
+        ["", "v1", "vms", key, op @ ("start" | "stop" | "pause" | "resume" | "console" | "metrics" | "restore")] => {
+            (key.to_string(), op.to_string())
+        }
+        _ => return next.run(request).await,
+    };
+    let key = percent_decode(&key);
+    let (mut parts, body) = request.into_parts();
+    let routed = async {
+        let caller = Caller::from_request_parts(&mut parts, &d).await?;
+        let vm = find_vm(&d, &caller, &key).await?;
+        if d.is_mine(&vm) {
+            return Ok(None);
+        }
+        let Some(host) = vm.host.clone() else {
+            return Ok(None);
+        };
+        let record = crate::cluster::hosts(&d).await?.into_iter().find(|h| h.name == host);
+        match (record, op.as_str()) {
+            (Some(record), _) => Ok(Some(record)),
+            (None, "start" | "stop" | "") => Ok(None),
+            (None, _) => Err(ControlError::Conflict(format!(
+                "VM {} is on host {host}, which is not up",
+                vm.name
+            ))),
+        }
+    }
+    .await;
+    let request = axum::extract::Request::from_parts(parts, body);
+    match routed {
+        Ok(None) => next.run(request).await,
+        Ok(Some(host)) => crate::cluster::forward(&d, &host, request)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `%XX` escapes in a path segment decoded (a VM key is ASCII; anything else stays as is).
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| segment.to_string())
+}
+
 /// The OpenAPI document of this API.
 #[derive(OpenApi)]
 #[openapi(
     info(title = "xcloudd", description = "The xcloud control plane's REST API (docs/cloud-api.md)"),
     paths(
         whoami, list_tenants, create_tenant, delete_tenant, create_key, list_types, create_type, list_images,
-        upload_image, delete_image, list_vms, create_vm, show_vm, delete_vm, start_vm, stop_vm, pause_vm,
+        upload_image, delete_image, image_content, list_vms, create_vm, show_vm, delete_vm, start_vm, stop_vm, pause_vm,
         resume_vm, console, metrics, list_snapshots, create_snapshot, restore_vm, list_hosts, usage, events
     ),
     components(schemas(ErrorBody)),
@@ -209,7 +292,7 @@ async fn whoami(caller: Caller) -> Json<WhoAmI> {
 #[utoipa::path(get, path = "/v1/tenants", responses((status = 200, body = Vec<Tenant>), (status = 403, body = ErrorBody)))]
 async fn list_tenants(State(d): D, caller: Caller) -> Res<Json<Vec<Tenant>>> {
     caller.require_admin()?;
-    Ok(Json(d.store.list(Table::Tenants)?))
+    Ok(Json(d.store.list(Table::Tenants).await?))
 }
 
 /// A new tenant and its first key (admin).
@@ -225,17 +308,17 @@ async fn create_tenant(State(d): D, caller: Caller, Json(req): Json<CreateTenant
         cpu_weight: req.cpu_weight.unwrap_or(100).clamp(1, 10_000),
         created: now(),
     };
-    if !d.store.put_new(Table::Tenants, &req.name, &tenant)? {
+    if !d.store.put_new(Table::Tenants, &req.name, &tenant).await? {
         return Err(ControlError::Conflict(format!("tenant {} exists", req.name)));
     }
-    let key = issue_key(&d, &req.name)?;
+    let key = issue_key(&d, &req.name).await?;
     d.emit(&req.name, "tenant.created", &req.name, None);
     Ok((StatusCode::CREATED, Json(key)))
 }
 
-fn issue_key(d: &Daemon, tenant: &str) -> Res<NewKey> {
+async fn issue_key(d: &Daemon, tenant: &str) -> Res<NewKey> {
     let (stored, key) = auth::new_key(tenant)?;
-    d.store.put(Table::Keys, &stored.id.clone(), &stored)?;
+    d.store.put(Table::Keys, &stored.id.clone(), &stored).await?;
     Ok(NewKey {
         tenant: tenant.into(),
         key,
@@ -250,28 +333,29 @@ async fn delete_tenant(State(d): D, caller: Caller, Path(name): Path<String>) ->
     if name == "admin" {
         return Err(ControlError::Conflict("the admin tenant cannot be removed".into()));
     }
-    let _records = d.lock_records().await;
-    if d.store.get::<Tenant>(Table::Tenants, &name)?.is_none() {
+    let _records = d.lock_records().await?;
+    if d.store.get::<Tenant>(Table::Tenants, &name).await?.is_none() {
         return Err(ControlError::NotFound(format!("no tenant {name}")));
     }
     let vms = d
         .store
-        .list::<Vm>(Table::Vms)?
+        .list::<Vm>(Table::Vms)
+        .await?
         .into_iter()
         .filter(|v| v.tenant == name)
         .count();
-    let images = d.images_of(&name)?.len();
+    let images = d.images_of(&name).await?.len();
     if vms + images > 0 {
         return Err(ControlError::Conflict(format!(
             "tenant {name} still holds {vms} VMs and {images} images"
         )));
     }
-    for k in d.store.list::<crate::model::StoredKey>(Table::Keys)? {
+    for k in d.store.list::<crate::model::StoredKey>(Table::Keys).await? {
         if k.tenant == name {
-            d.store.delete(Table::Keys, &k.id)?;
+            d.store.delete(Table::Keys, &k.id).await?;
         }
     }
-    d.store.delete(Table::Tenants, &name)?;
+    d.store.delete(Table::Tenants, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -279,16 +363,16 @@ async fn delete_tenant(State(d): D, caller: Caller, Path(name): Path<String>) ->
 #[utoipa::path(post, path = "/v1/tenants/{tenant}/keys", params(("tenant" = String, Path)),
     responses((status = 201, body = NewKey), (status = 404, body = ErrorBody)))]
 async fn create_key(State(d): D, caller: Caller, Path(name): Path<String>) -> Res<(StatusCode, Json<NewKey>)> {
-    if !caller.may_touch(&name) || d.store.get::<Tenant>(Table::Tenants, &name)?.is_none() {
+    if !caller.may_touch(&name) || d.store.get::<Tenant>(Table::Tenants, &name).await?.is_none() {
         return Err(ControlError::NotFound(format!("no tenant {name}")));
     }
-    Ok((StatusCode::CREATED, Json(issue_key(&d, &name)?)))
+    Ok((StatusCode::CREATED, Json(issue_key(&d, &name).await?)))
 }
 
 /// The instance types VMs can be made of.
 #[utoipa::path(get, path = "/v1/instance-types", responses((status = 200, body = Vec<InstanceType>)))]
 async fn list_types(State(d): D, _caller: Caller) -> Res<Json<Vec<InstanceType>>> {
-    Ok(Json(d.store.list(Table::InstanceTypes)?))
+    Ok(Json(d.store.list(Table::InstanceTypes).await?))
 }
 
 /// Adds or changes an instance type (admin).
@@ -312,14 +396,14 @@ async fn create_type(
             "an instance type has 1-64 vCPUs, 2 MiB - 1 TiB of memory and a price >= 0".into(),
         ));
     }
-    d.store.put(Table::InstanceTypes, &t.name.clone(), &t)?;
+    d.store.put(Table::InstanceTypes, &t.name.clone(), &t).await?;
     Ok((StatusCode::CREATED, Json(t)))
 }
 
 /// The caller's images (an admin's: every tenant's).
 #[utoipa::path(get, path = "/v1/images", responses((status = 200, body = Vec<Image>)))]
 async fn list_images(State(d): D, caller: Caller) -> Res<Json<Vec<Image>>> {
-    let all: Vec<Image> = d.store.list(Table::Images)?;
+    let all: Vec<Image> = d.store.list(Table::Images).await?;
     Ok(Json(all.into_iter().filter(|i| caller.may_touch(&i.tenant)).collect()))
 }
 
@@ -360,8 +444,8 @@ async fn upload_image(
         size,
         created: now(),
     };
-    let _records = d.lock_records().await;
-    let mine = d.images_of(&caller.tenant.name)?;
+    let _records = d.lock_records().await?;
+    let mine = d.images_of(&caller.tenant.name).await?;
     if let Some(same) = mine.iter().find(|i| i.id == id && i.name == q.name) {
         return Ok((StatusCode::OK, Json(same.clone())));
     }
@@ -377,7 +461,8 @@ async fn upload_image(
         )));
     }
     d.store
-        .put(Table::Images, &format!("{}/{id}", caller.tenant.name), &image)?;
+        .put(Table::Images, &format!("{}/{id}", caller.tenant.name), &image)
+        .await?;
     d.emit(&caller.tenant.name, "image.created", &id, Some(q.name));
     Ok((StatusCode::CREATED, Json(image)))
 }
@@ -442,15 +527,17 @@ fn check_elf(head: &[u8]) -> Res<()> {
 #[utoipa::path(delete, path = "/v1/images/{image}", params(("image" = String, Path, description = "id or name")),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn delete_image(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<StatusCode> {
-    let _records = d.lock_records().await;
+    let _records = d.lock_records().await?;
     let image = d
-        .images_of(&caller.tenant.name)?
+        .images_of(&caller.tenant.name)
+        .await?
         .into_iter()
         .find(|i| i.id == key || i.name == key)
         .ok_or_else(|| ControlError::NotFound(format!("no image {key}")))?;
     let users: Vec<String> = d
         .store
-        .list::<Vm>(Table::Vms)?
+        .list::<Vm>(Table::Vms)
+        .await?
         .into_iter()
         .filter(|v| v.tenant == image.tenant && v.image == image.id)
         .map(|v| v.name)
@@ -463,19 +550,42 @@ async fn delete_image(State(d): D, caller: Caller, Path(key): Path<String>) -> R
         )));
     }
     d.store
-        .delete(Table::Images, &format!("{}/{}", image.tenant, image.id))?;
-    let still_used = d.store.list::<Image>(Table::Images)?.iter().any(|i| i.id == image.id);
+        .delete(Table::Images, &format!("{}/{}", image.tenant, image.id))
+        .await?;
+    let still_used = d
+        .store
+        .list::<Image>(Table::Images)
+        .await?
+        .iter()
+        .any(|i| i.id == image.id);
     if !still_used {
         let _ = std::fs::remove_file(d.image_path(&image.id));
     }
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// An image's bytes (as a host fetches them from another to boot a VM there).
+#[utoipa::path(get, path = "/v1/images/{image}/content", params(("image" = String, Path, description = "id or name")),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
+async fn image_content(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<impl IntoResponse> {
+    let image = d
+        .store
+        .list::<Image>(Table::Images)
+        .await?
+        .into_iter()
+        .find(|i| caller.may_touch(&i.tenant) && (i.id == key || (i.name == key && i.tenant == caller.tenant.name)))
+        .ok_or_else(|| ControlError::NotFound(format!("no image {key}")))?;
+    let bytes = tokio::fs::read(d.image_path(&image.id))
+        .await
+        .map_err(|_| ControlError::NotFound(format!("image {key} is not on this host")))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes))
+}
+
 /// Finds a VM by id or by the caller's name for it; another tenant's VM is not found.
-fn find_vm(d: &Daemon, caller: &Caller, key: &str) -> Res<Vm> {
+async fn find_vm(d: &Daemon, caller: &Caller, key: &str) -> Res<Vm> {
     let not_found = || ControlError::NotFound(format!("no VM {key}"));
     if key.starts_with("vm-") {
-        if let Some(vm) = d.store.get::<Vm>(Table::Vms, key)? {
+        if let Some(vm) = d.store.get::<Vm>(Table::Vms, key).await? {
             return if caller.may_touch(&vm.tenant) {
                 Ok(vm)
             } else {
@@ -484,7 +594,8 @@ fn find_vm(d: &Daemon, caller: &Caller, key: &str) -> Res<Vm> {
         }
     }
     d.store
-        .list::<Vm>(Table::Vms)?
+        .list::<Vm>(Table::Vms)
+        .await?
         .into_iter()
         .find(|v| v.tenant == caller.tenant.name && v.name == key)
         .ok_or_else(not_found)
@@ -493,7 +604,7 @@ fn find_vm(d: &Daemon, caller: &Caller, key: &str) -> Res<Vm> {
 /// The caller's VMs (an admin's: every tenant's).
 #[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = Vec<Vm>)))]
 async fn list_vms(State(d): D, caller: Caller) -> Res<Json<Vec<Vm>>> {
-    let all: Vec<Vm> = d.store.list(Table::Vms)?;
+    let all: Vec<Vm> = d.store.list(Table::Vms).await?;
     Ok(Json(all.into_iter().filter(|v| caller.may_touch(&v.tenant)).collect()))
 }
 
@@ -517,11 +628,13 @@ async fn create_vm(State(d): D, caller: Caller, Json(req): Json<CreateVm>) -> Re
     let type_name = req.instance_type.as_deref().unwrap_or("x1.nano");
     let itype: InstanceType = d
         .store
-        .get(Table::InstanceTypes, type_name)?
+        .get(Table::InstanceTypes, type_name)
+        .await?
         .ok_or_else(|| ControlError::BadRequest(format!("no instance type {type_name}")))?;
     let tenant = &caller.tenant;
     let image = d
-        .images_of(&tenant.name)?
+        .images_of(&tenant.name)
+        .await?
         .into_iter()
         .find(|i| i.id == req.image || i.name == req.image)
         .ok_or_else(|| ControlError::BadRequest(format!("no image {}", req.image)))?;
@@ -535,7 +648,9 @@ async fn create_vm(State(d): D, caller: Caller, Json(req): Json<CreateVm>) -> Re
         (t, r) => t.or(r),
     };
     let id = format!("vm-{}", auth::hex(&auth::random_bytes::<6>()?));
-    let vm = Vm {
+    let start = req.start.unwrap_or(true);
+    let clustered = d.cluster.is_some();
+    let mut vm = Vm {
         id: id.clone(),
         tenant: tenant.name.clone(),
         name: req.name.clone(),
@@ -551,14 +666,21 @@ async fn create_vm(State(d): D, caller: Caller, Json(req): Json<CreateVm>) -> Re
         pid: None,
         uid: None,
         created: now(),
+        host: None,
+        want: if start { Desired::Running } else { Desired::Stopped },
+        generation: 0,
+        placement: req.placement.clone().unwrap_or_default(),
+        restart: req.restart.unwrap_or_default(),
+        restore_from: None,
         run_seconds: 0.0,
         running_since: None,
     };
     {
-        let _records = d.lock_records().await;
+        let _records = d.lock_records().await?;
         let mine: Vec<Vm> = d
             .store
-            .list::<Vm>(Table::Vms)?
+            .list::<Vm>(Table::Vms)
+            .await?
             .into_iter()
             .filter(|v| v.tenant == tenant.name)
             .collect();
@@ -566,15 +688,48 @@ async fn create_vm(State(d): D, caller: Caller, Json(req): Json<CreateVm>) -> Re
             return Err(ControlError::Conflict(format!("a VM named {} exists", req.name)));
         }
         check_quota(&tenant.name, &tenant.quota, &mine, &itype)?;
-        d.store.put(Table::Vms, &id, &vm)?;
+        if !clustered {
+            vm.host = Some(d.config.host_name.clone());
+        } else if start {
+            vm.state = VmState::Pending;
+        }
+        d.store.put(Table::Vms, &id, &vm).await?;
     }
     d.emit(&tenant.name, "vm.created", &id, Some(req.name));
-    let vm = if req.start.unwrap_or(true) {
-        d.start(&id).await?
-    } else {
-        vm
+    let vm = match (start, clustered) {
+        (false, _) => vm,
+        (true, false) => d.start(&id).await?,
+        (true, true) => wait_started(&d, &id).await?,
     };
     Ok((StatusCode::CREATED, Json(vm)))
+}
+
+/// How long a call waits for the scheduler and a host to start a VM.
+const PLACE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(40);
+
+/// Waits until VM `id`, which waits for a host, runs, or did not start. When the scheduler
+/// finds no host that fits, or it still waits after [`PLACE_TIMEOUT`], it is answered as it
+/// is: `pending`, with the reason in `exit`.
+async fn wait_started(d: &Daemon, id: &str) -> Res<Vm> {
+    let deadline = tokio::time::Instant::now() + PLACE_TIMEOUT;
+    loop {
+        let vm = d.vm(id).await?;
+        let placed_or_waiting = vm.host.is_some() || vm.exit.is_none();
+        match vm.state {
+            // Still unplaced with a reason noted: no host fits now; the answer says why.
+            VmState::Pending if !placed_or_waiting => return Ok(vm),
+            VmState::Pending | VmState::Starting if tokio::time::Instant::now() < deadline => {}
+            VmState::Failed => {
+                return Err(ControlError::Vmm(format!(
+                    "VM {} did not start: {}",
+                    vm.name,
+                    vm.exit.unwrap_or_default()
+                )))
+            }
+            _ => return Ok(vm),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 fn check_quota(tenant: &str, quota: &Quota, vms: &[Vm], adding: &InstanceType) -> Res<()> {
@@ -603,14 +758,14 @@ fn check_quota(tenant: &str, quota: &Quota, vms: &[Vm], adding: &InstanceType) -
 #[utoipa::path(get, path = "/v1/vms/{vm}", params(("vm" = String, Path, description = "id or name")),
     responses((status = 200, body = Vm), (status = 404, body = ErrorBody)))]
 async fn show_vm(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<Vm>> {
-    Ok(Json(find_vm(&d, &caller, &key)?))
+    Ok(Json(find_vm(&d, &caller, &key).await?))
 }
 
 /// Stops a VM if it runs and removes it, its files and its snapshots.
 #[utoipa::path(delete, path = "/v1/vms/{vm}", params(("vm" = String, Path, description = "id or name")),
     responses((status = 204), (status = 404, body = ErrorBody)))]
 async fn delete_vm(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<StatusCode> {
-    let vm = find_vm(&d, &caller, &key)?;
+    let vm = find_vm(&d, &caller, &key).await?;
     d.delete(&vm.id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -619,15 +774,33 @@ async fn delete_vm(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<
 #[utoipa::path(post, path = "/v1/vms/{vm}/start", params(("vm" = String, Path, description = "id or name")),
     responses((status = 200, body = Vm), (status = 409, body = ErrorBody), (status = 502, body = ErrorBody)))]
 async fn start_vm(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<Vm>> {
-    let vm = find_vm(&d, &caller, &key)?;
-    Ok(Json(d.start(&vm.id).await?))
+    let vm = find_vm(&d, &caller, &key).await?;
+    if d.cluster.is_none() || d.is_mine(&vm) {
+        return Ok(Json(d.start(&vm.id).await?));
+    }
+    // Not on a host that is up (it would have been forwarded there): the scheduler places it.
+    if vm.state.has_vmm() {
+        return Err(ControlError::Conflict(
+            format!("VM {} is {:?} already", vm.name, vm.state).to_lowercase(),
+        ));
+    }
+    d.store
+        .update(Table::Vms, &vm.id, |v: &mut Vm| {
+            v.want = Desired::Running;
+            v.state = VmState::Pending;
+            v.host = None;
+            v.exit = None;
+            Ok(())
+        })
+        .await?;
+    Ok(Json(wait_started(&d, &vm.id).await?))
 }
 
 /// Stops a VM's VMM (the VM stays defined).
 #[utoipa::path(post, path = "/v1/vms/{vm}/stop", params(("vm" = String, Path, description = "id or name")),
     responses((status = 200, body = Vm), (status = 409, body = ErrorBody)))]
 async fn stop_vm(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<Vm>> {
-    let vm = find_vm(&d, &caller, &key)?;
+    let vm = find_vm(&d, &caller, &key).await?;
     Ok(Json(d.stop(&vm.id).await?))
 }
 
@@ -635,7 +808,7 @@ async fn stop_vm(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Js
 #[utoipa::path(post, path = "/v1/vms/{vm}/pause", params(("vm" = String, Path, description = "id or name")),
     responses((status = 200, body = Vm), (status = 409, body = ErrorBody)))]
 async fn pause_vm(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<Vm>> {
-    let vm = find_vm(&d, &caller, &key)?;
+    let vm = find_vm(&d, &caller, &key).await?;
     Ok(Json(d.set_paused(&vm.id, true).await?))
 }
 
@@ -643,7 +816,7 @@ async fn pause_vm(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<J
 #[utoipa::path(post, path = "/v1/vms/{vm}/resume", params(("vm" = String, Path, description = "id or name")),
     responses((status = 200, body = Vm), (status = 409, body = ErrorBody)))]
 async fn resume_vm(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<Vm>> {
-    let vm = find_vm(&d, &caller, &key)?;
+    let vm = find_vm(&d, &caller, &key).await?;
     Ok(Json(d.set_paused(&vm.id, false).await?))
 }
 
@@ -662,7 +835,7 @@ async fn console(
     Path(key): Path<String>,
     Query(q): Query<ConsoleQuery>,
 ) -> Res<impl IntoResponse> {
-    let vm = find_vm(&d, &caller, &key)?;
+    let vm = find_vm(&d, &caller, &key).await?;
     let want = q.bytes.unwrap_or(64 << 10).min(MAX_CONSOLE_BYTES);
     let mut text = Vec::new();
     if let Ok(mut f) = std::fs::File::open(d.console_log(&vm.id)) {
@@ -677,7 +850,7 @@ async fn console(
 #[utoipa::path(get, path = "/v1/vms/{vm}/metrics", params(("vm" = String, Path, description = "id or name")),
     responses((status = 200, body = VmMetrics), (status = 404, body = ErrorBody)))]
 async fn metrics(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<VmMetrics>> {
-    let vm = find_vm(&d, &caller, &key)?;
+    let vm = find_vm(&d, &caller, &key).await?;
     let pid = vm.pid.filter(|_| vm.state.has_vmm()).map(|p| d.vmm_pid(p));
     Ok(Json(VmMetrics {
         state: vm.state,
@@ -693,8 +866,8 @@ async fn metrics(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Js
 #[utoipa::path(get, path = "/v1/vms/{vm}/snapshots", params(("vm" = String, Path, description = "id or name")),
     responses((status = 200, body = Vec<Snapshot>), (status = 404, body = ErrorBody)))]
 async fn list_snapshots(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<Vec<Snapshot>>> {
-    let vm = find_vm(&d, &caller, &key)?;
-    let all: Vec<Snapshot> = d.store.list(Table::Snapshots)?;
+    let vm = find_vm(&d, &caller, &key).await?;
+    let all: Vec<Snapshot> = d.store.list(Table::Snapshots).await?;
     Ok(Json(all.into_iter().filter(|s| s.vm == vm.id).collect()))
 }
 
@@ -702,7 +875,7 @@ async fn list_snapshots(State(d): D, caller: Caller, Path(key): Path<String>) ->
 #[utoipa::path(post, path = "/v1/vms/{vm}/snapshots", params(("vm" = String, Path, description = "id or name")),
     responses((status = 201, body = Snapshot), (status = 409, body = ErrorBody)))]
 async fn create_snapshot(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<(StatusCode, Json<Snapshot>)> {
-    let vm = find_vm(&d, &caller, &key)?;
+    let vm = find_vm(&d, &caller, &key).await?;
     Ok((StatusCode::CREATED, Json(d.snapshot(&vm.id).await?)))
 }
 
@@ -710,10 +883,11 @@ async fn create_snapshot(State(d): D, caller: Caller, Path(key): Path<String>) -
 #[utoipa::path(post, path = "/v1/vms/{vm}/restore", params(("vm" = String, Path, description = "id or name")),
     request_body = RestoreVm, responses((status = 200, body = Vm), (status = 404, body = ErrorBody)))]
 async fn restore_vm(State(d): D, caller: Caller, Path(key): Path<String>, Json(req): Json<RestoreVm>) -> Res<Json<Vm>> {
-    let vm = find_vm(&d, &caller, &key)?;
+    let vm = find_vm(&d, &caller, &key).await?;
     let snap: Snapshot = d
         .store
-        .get(Table::Snapshots, &req.snapshot)?
+        .get(Table::Snapshots, &req.snapshot)
+        .await?
         .filter(|s: &Snapshot| s.vm == vm.id)
         .ok_or_else(|| ControlError::NotFound(format!("VM {} has no snapshot {}", vm.name, req.snapshot)))?;
     Ok(Json(d.restore(&vm.id, &snap).await?))
@@ -722,29 +896,78 @@ async fn restore_vm(State(d): D, caller: Caller, Path(key): Path<String>, Json(r
 /// The hosts of the cloud (alone: this one).
 #[utoipa::path(get, path = "/v1/hosts", responses((status = 200, body = Vec<Host>)))]
 async fn list_hosts(State(d): D, _caller: Caller) -> Res<Json<Vec<Host>>> {
-    let vms: Vec<Vm> = d.store.list(Table::Vms)?;
+    let vms: Vec<Vm> = d.store.list(Table::Vms).await?;
     let c = &d.config;
-    Ok(Json(vec![Host {
-        name: c.host_name.clone(),
-        provider: c.provider.clone(),
-        region: c.region.clone(),
-        price_per_hour: c.price_per_hour,
-        cpus: crate::host::cpus(),
-        mem_mib: crate::host::mem_mib(),
-        vcpus_used: vms.iter().map(|v| v.vcpus).sum(),
-        mem_mib_used: vms.iter().map(|v| v.mem_mib).sum(),
-        vms: vms.len() as u32,
-        state: "up".into(),
-    }]))
+    let records = if d.cluster.is_some() {
+        crate::cluster::hosts(&d).await?
+    } else {
+        vec![crate::model::HostRecord {
+            name: c.host_name.clone(),
+            provider: c.provider.clone(),
+            region: c.region.clone(),
+            price_per_hour: c.price_per_hour,
+            cpus: crate::host::cpus(),
+            mem_mib: crate::host::mem_mib(),
+            api: String::new(),
+            cert: String::new(),
+            since: 0,
+            state: "up".into(),
+        }]
+    };
+    let mut hosts: Vec<Host> = records
+        .into_iter()
+        .map(|r| Host {
+            name: r.name,
+            provider: r.provider,
+            region: r.region,
+            price_per_hour: r.price_per_hour,
+            cpus: r.cpus,
+            mem_mib: r.mem_mib,
+            vcpus_used: 0,
+            mem_mib_used: 0,
+            vms: 0,
+            state: r.state,
+            api: Some(r.api).filter(|a| !a.is_empty()),
+        })
+        .collect();
+    for vm in &vms {
+        let Some(name) = &vm.host else { continue };
+        let i = match hosts.iter().position(|h| h.name == *name) {
+            Some(i) => i,
+            None => {
+                // VMs name it but it no longer renews its lease.
+                hosts.push(Host {
+                    name: name.clone(),
+                    provider: String::new(),
+                    region: String::new(),
+                    price_per_hour: 0.0,
+                    cpus: 0,
+                    mem_mib: 0,
+                    vcpus_used: 0,
+                    mem_mib_used: 0,
+                    vms: 0,
+                    state: "lost".into(),
+                    api: None,
+                });
+                hosts.len() - 1
+            }
+        };
+        hosts[i].vcpus_used += vm.vcpus;
+        hosts[i].mem_mib_used += vm.mem_mib;
+        hosts[i].vms += 1;
+    }
+    hosts.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(hosts))
 }
 
 /// What the caller's VMs have cost so far (an admin's: every tenant's).
 #[utoipa::path(get, path = "/v1/usage", responses((status = 200, body = Usage)))]
 async fn usage(State(d): D, caller: Caller) -> Res<Json<Usage>> {
-    let types: Vec<InstanceType> = d.store.list(Table::InstanceTypes)?;
+    let types: Vec<InstanceType> = d.store.list(Table::InstanceTypes).await?;
     let vms: Vec<UsageLine> = d
         .store
-        .list::<Vm>(Table::Vms)?
+        .list::<Vm>(Table::Vms)
+        .await?
         .into_iter()
         .filter(|v| caller.may_touch(&v.tenant))
         .map(|v| {

@@ -11,12 +11,15 @@
 pub mod auth;
 pub mod cgroups;
 pub mod client;
+pub mod cluster;
 pub mod daemon;
 pub mod error;
 pub mod fuzzing;
 pub mod host;
 pub mod http;
+pub mod limits;
 pub mod model;
+pub mod placement;
 pub mod store;
 pub mod tls;
 
@@ -32,6 +35,7 @@ pub async fn serve(
     config: Config,
     socket: &Path,
     tls: Option<TlsOptions>,
+    cluster: Option<cluster::ClusterConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControlError> {
     let data = &config.data_dir;
@@ -58,7 +62,17 @@ pub async fn serve(
         ),
         None => None,
     };
-    let daemon = Daemon::open(config).await?;
+    let daemon = match (cluster, &tls_identity) {
+        (None, _) => Daemon::open(config).await?,
+        (Some(c), Some(identity)) => {
+            Daemon::open_in_cluster(config, cluster::Cluster::new(c, identity.cert.to_vec())).await?
+        }
+        (Some(_), None) => {
+            return Err(ControlError::BadRequest(
+                "a host of a cluster serves its API over TLS: give --tls-listen and --identity".into(),
+            ))
+        }
+    };
     let listener = bind(socket)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -78,6 +92,7 @@ pub async fn serve(
         }
         _ => None,
     };
+    cluster::join(daemon.clone()).await?;
     tracing::info!("xcloudd: serving API v1 on {}", socket.display());
     serve_on(listener, http::router(daemon), stopped(stop_rx)).await;
     if let Some(tcp) = tcp {

@@ -143,6 +143,12 @@ pub fn default_instance_types() -> Vec<InstanceType> {
 pub enum VmState {
     /// Defined, no VMM process.
     Stopped,
+    /// To run, waiting for a host (none yet: the scheduler has not found one that fits) or for
+    /// its host to start it.
+    Pending,
+    /// Its host was lost (its lease expired) and it has no restart policy: it may come back
+    /// with its host.
+    Lost,
     /// Its VMM is starting.
     Starting,
     /// Its guest runs.
@@ -198,6 +204,26 @@ pub struct Vm {
     pub uid: Option<u32>,
     /// When it was made.
     pub created: u64,
+    /// The host it is on (alone: this one; in a cluster: the scheduler's choice, none while
+    /// it waits for one).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Whether it should run: what the scheduler and the hosts make true.
+    #[serde(default)]
+    pub want: Desired,
+    /// Counts its placements: a host runs it only for the placement it was given, so a host
+    /// that comes back after losing it does not run it twice.
+    #[serde(default)]
+    pub generation: u64,
+    /// Where it may run.
+    #[serde(default)]
+    pub placement: PlacementSpec,
+    /// What happens when its host is lost.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// The snapshot its next start restores (set when it is restarted after losing its host).
+    #[serde(default)]
+    pub restore_from: Option<String>,
     /// Seconds it ran before its current run (metering).
     pub run_seconds: f64,
     /// When its current run began (Unix seconds, fractional).
@@ -209,6 +235,63 @@ impl Vm {
     pub fn run_seconds_now(&self) -> f64 {
         self.run_seconds + self.running_since.map(|s| (now_f64() - s).max(0.0)).unwrap_or(0.0)
     }
+}
+
+/// Whether a VM should run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Desired {
+    /// It should have no VMM.
+    #[default]
+    Stopped,
+    /// It should run (or be paused) on its host.
+    Running,
+}
+
+/// What happens to a VM whose host is lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartPolicy {
+    /// It is marked lost and waits for its host.
+    #[default]
+    Never,
+    /// It is started again on another host, from its latest snapshot there is a copy of, or
+    /// booted afresh.
+    OnHostLoss,
+}
+
+/// How the scheduler orders the hosts a VM fits on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// The host with the lowest price per hour (then the emptiest).
+    #[default]
+    Cheapest,
+    /// The fullest host: fewer hosts in use.
+    Pack,
+    /// The emptiest host: failures hit fewer VMs.
+    Spread,
+}
+
+/// Where a VM may run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementSpec {
+    /// How to choose among the hosts that fit.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Only hosts of these providers (none: any).
+    #[serde(default)]
+    pub providers: Vec<String>,
+    /// Only hosts in these regions (none: any).
+    #[serde(default)]
+    pub regions: Vec<String>,
+    /// No two VMs of the tenant with the same group share a host.
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
+    /// Only this host.
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 /// A snapshot of a VM, kept by the daemon.
@@ -224,6 +307,40 @@ pub struct Snapshot {
     pub bytes: u64,
     /// When it was taken.
     pub created: u64,
+    /// The host whose disk holds it.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// A host as it registers itself in a cluster (under its lease: the record goes when the host
+/// stops renewing it).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Its name.
+    pub name: String,
+    /// The provider it is rented from.
+    pub provider: String,
+    /// The provider's region.
+    pub region: String,
+    /// What an hour of it costs.
+    pub price_per_hour: f64,
+    /// Its CPUs.
+    pub cpus: u32,
+    /// Its memory in MiB.
+    pub mem_mib: u64,
+    /// Where its API answers over TLS (`HOST:PORT`).
+    pub api: String,
+    /// Its TLS certificate (DER, hex): what other hosts pin when they call it.
+    pub cert: String,
+    /// When it registered (Unix seconds).
+    pub since: u64,
+    /// `up`, or `draining` (no new VMs are placed on it).
+    #[serde(default = "up")]
+    pub state: String,
+}
+
+fn up() -> String {
+    "up".into()
 }
 
 /// This host, as the control plane sees it.
@@ -247,8 +364,11 @@ pub struct Host {
     pub mem_mib_used: u64,
     /// VMs it holds.
     pub vms: u32,
-    /// `up`.
+    /// `up`, `draining`, or `lost` (a host that VMs are on but that no longer renews its lease).
     pub state: String,
+    /// Where its API answers over TLS, in a cluster.
+    #[serde(default)]
+    pub api: Option<String>,
 }
 
 /// Something that happened, as the events stream shows it.
@@ -326,6 +446,12 @@ pub struct CreateVm {
     /// A CPU cap in percent of one CPU, below its type's if the type has one.
     #[serde(default)]
     pub cpu_cap_percent: Option<u32>,
+    /// Where it may run (in a cluster).
+    #[serde(default)]
+    pub placement: Option<PlacementSpec>,
+    /// What happens when its host is lost (default never).
+    #[serde(default)]
+    pub restart: Option<RestartPolicy>,
 }
 
 /// `POST /v1/vms/{vm}/restore`.

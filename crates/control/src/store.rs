@@ -1,8 +1,9 @@
-//! The daemon's state in one redb file: a table per kind of resource, each record JSON
-//! (docs/cloud-api.md, "State"). Every write is one transaction, durable when it returns.
+//! The daemon's records: a table per kind of resource, each record JSON (docs/cloud-api.md,
+//! "State"). Alone, in one redb file; in a cluster, in etcd, which every host's daemon shares.
+//! Every write is one transaction, durable when it returns.
 
 use crate::ControlError;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::Path;
@@ -22,15 +23,24 @@ pub enum Table {
     Vms,
     /// Snapshots by id.
     Snapshots,
+    /// A cluster's hosts by name, each under its lease (etcd only).
+    Hosts,
+    /// A cluster's own records by name (etcd only): the hosts' key.
+    Cluster,
+    /// A cluster's events by time (etcd only).
+    Events,
 }
 
-const ALL: [Table; 6] = [
+const ALL: [Table; 9] = [
     Table::Tenants,
     Table::Keys,
     Table::Images,
     Table::InstanceTypes,
     Table::Vms,
     Table::Snapshots,
+    Table::Hosts,
+    Table::Cluster,
+    Table::Events,
 ];
 
 impl Table {
@@ -42,19 +52,44 @@ impl Table {
             Self::InstanceTypes => "instance_types",
             Self::Vms => "vms",
             Self::Snapshots => "snapshots",
+            Self::Hosts => "hosts",
+            Self::Cluster => "cluster",
+            Self::Events => "events",
         })
     }
 }
 
-/// The state file.
-pub struct Store {
-    db: Database,
+/// Where the records are: one redb file (a daemon alone), or etcd (a cluster's daemons all
+/// see the same records).
+pub enum Store {
+    /// The daemon's own file.
+    Local(Database),
+    /// An etcd cluster, every record under `prefix/TABLE/KEY`.
+    Etcd {
+        /// A client (cheap to clone: calls share its channel); boxed, as it is large.
+        client: Box<etcd_client::Client>,
+        /// The key prefix of this cloud.
+        prefix: String,
+    },
 }
 
 fn decode<T: DeserializeOwned>(table: Table, key: &str, bytes: &[u8]) -> Result<T, ControlError> {
     serde_json::from_slice(bytes)
         .map_err(|e| ControlError::Store(format!("record {key:?} of {table:?} is unreadable: {e}")))
 }
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, ControlError> {
+    serde_json::to_vec(value).map_err(|e| ControlError::Store(e.to_string()))
+}
+
+/// How often an idle connection to etcd is pinged: not more often than etcd's gRPC server
+/// allows (5 s by default; more often and it closes the connection, "too many pings").
+pub const ETCD_PING: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a ping may go unanswered before the connection counts as dead.
+pub const ETCD_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How many times a read-modify-write is tried against concurrent writers before it gives up.
+const UPDATE_TRIES: usize = 64;
 
 impl Store {
     /// Opens the state file at `path`, making it (and its tables) if needed.
@@ -65,62 +100,221 @@ impl Store {
             txn.open_table(table.definition())?;
         }
         txn.commit()?;
-        Ok(Self { db })
+        Ok(Self::Local(db))
+    }
+
+    /// Connects to etcd at `endpoints`; records live under `prefix`.
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, ControlError> {
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(std::time::Duration::from_secs(5))
+            .with_timeout(std::time::Duration::from_secs(10))
+            .with_keep_alive(ETCD_PING, ETCD_PING_TIMEOUT);
+        let client = etcd_client::Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|e| ControlError::Store(format!("cannot reach etcd at {}: {e}", endpoints.join(","))))?;
+        let mut probe = client.clone();
+        probe
+            .status()
+            .await
+            .map_err(|e| ControlError::Store(format!("etcd at {} does not answer: {e}", endpoints.join(","))))?;
+        Ok(Self::Etcd {
+            client: Box::new(client),
+            prefix: prefix.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The etcd client and key prefix, in a cluster.
+    pub fn etcd(&self) -> Option<(etcd_client::Client, &str)> {
+        match self {
+            Self::Local(_) => None,
+            Self::Etcd { client, prefix } => Some((client.as_ref().clone(), prefix)),
+        }
+    }
+
+    /// The etcd key of record `key` of `table` (the prefix of them all when `key` is empty).
+    pub fn etcd_key(prefix: &str, table: Table, key: &str) -> String {
+        format!("{prefix}/{}/{key}", table.definition().name())
     }
 
     /// The record `key` of `table`.
-    pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>, ControlError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(table.definition())?;
-        let found = match t.get(key)? {
-            Some(v) => Some(decode(table, key, v.value())?),
-            None => None,
-        };
-        Ok(found)
+    pub async fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>, ControlError> {
+        match self {
+            Self::Local(db) => {
+                let txn = db.begin_read()?;
+                let t = txn.open_table(table.definition())?;
+                let found = match t.get(key)? {
+                    Some(v) => Some(decode(table, key, v.value())?),
+                    None => None,
+                };
+                Ok(found)
+            }
+            Self::Etcd { client, prefix } => {
+                let resp = client.clone().get(Self::etcd_key(prefix, table, key), None).await?;
+                match resp.kvs().first() {
+                    Some(kv) => Ok(Some(decode(table, key, kv.value())?)),
+                    None => Ok(None),
+                }
+            }
+        }
     }
 
     /// Every record of `table`, in key order.
-    pub fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>, ControlError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(table.definition())?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push(decode(table, k.value(), v.value())?);
+    pub async fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>, ControlError> {
+        match self {
+            Self::Local(db) => {
+                let txn = db.begin_read()?;
+                let t = txn.open_table(table.definition())?;
+                let mut out = Vec::new();
+                for row in t.iter()? {
+                    let (k, v) = row?;
+                    out.push(decode(table, k.value(), v.value())?);
+                }
+                Ok(out)
+            }
+            Self::Etcd { client, prefix } => {
+                let dir = Self::etcd_key(prefix, table, "");
+                let resp = client
+                    .clone()
+                    .get(dir.clone(), Some(etcd_client::GetOptions::new().with_prefix()))
+                    .await?;
+                resp.kvs()
+                    .iter()
+                    .map(|kv| decode(table, &String::from_utf8_lossy(kv.key()), kv.value()))
+                    .collect()
+            }
         }
-        Ok(out)
     }
 
     /// Writes `value` as the record `key` of `table`.
-    pub fn put<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<(), ControlError> {
-        let bytes = serde_json::to_vec(value).map_err(|e| ControlError::Store(e.to_string()))?;
-        let txn = self.db.begin_write()?;
-        txn.open_table(table.definition())?.insert(key, bytes.as_slice())?;
-        txn.commit()?;
+    pub async fn put<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<(), ControlError> {
+        let bytes = encode(value)?;
+        match self {
+            Self::Local(db) => {
+                let txn = db.begin_write()?;
+                txn.open_table(table.definition())?.insert(key, bytes.as_slice())?;
+                txn.commit()?;
+            }
+            Self::Etcd { client, prefix } => {
+                client
+                    .clone()
+                    .put(Self::etcd_key(prefix, table, key), bytes, None)
+                    .await?;
+            }
+        }
         Ok(())
     }
 
     /// Writes `value` as the record `key` of `table` unless there is one; false if there was.
-    pub fn put_new<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<bool, ControlError> {
-        let bytes = serde_json::to_vec(value).map_err(|e| ControlError::Store(e.to_string()))?;
-        let txn = self.db.begin_write()?;
-        {
-            let mut t = txn.open_table(table.definition())?;
-            if t.get(key)?.is_some() {
-                return Ok(false);
+    pub async fn put_new<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<bool, ControlError> {
+        let bytes = encode(value)?;
+        match self {
+            Self::Local(db) => {
+                let txn = db.begin_write()?;
+                {
+                    let mut t = txn.open_table(table.definition())?;
+                    if t.get(key)?.is_some() {
+                        return Ok(false);
+                    }
+                    t.insert(key, bytes.as_slice())?;
+                }
+                txn.commit()?;
+                Ok(true)
             }
-            t.insert(key, bytes.as_slice())?;
+            Self::Etcd { client, prefix } => {
+                use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+                let k = Self::etcd_key(prefix, table, key);
+                let txn = Txn::new()
+                    .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(k, bytes, None)]);
+                Ok(client.clone().txn(txn).await?.succeeded())
+            }
         }
-        txn.commit()?;
-        Ok(true)
+    }
+
+    /// Changes the record `key` of `table` by `change`, atomically against other writers (in
+    /// etcd: compare-and-swap on the record's revision, tried again on a conflict). `change`
+    /// may refuse by returning an error; nothing is written then. None: there is no record.
+    pub async fn update<T, F>(&self, table: Table, key: &str, mut change: F) -> Result<Option<T>, ControlError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut(&mut T) -> Result<(), ControlError>,
+    {
+        match self {
+            Self::Local(db) => {
+                let txn = db.begin_write()?;
+                let value = {
+                    let mut t = txn.open_table(table.definition())?;
+                    let current = match t.get(key)? {
+                        Some(v) => decode::<T>(table, key, v.value())?,
+                        None => return Ok(None),
+                    };
+                    let mut value = current;
+                    change(&mut value)?;
+                    t.insert(key, encode(&value)?.as_slice())?;
+                    value
+                };
+                txn.commit()?;
+                Ok(Some(value))
+            }
+            Self::Etcd { client, prefix } => {
+                use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+                let k = Self::etcd_key(prefix, table, key);
+                for _ in 0..UPDATE_TRIES {
+                    let resp = client.clone().get(k.clone(), None).await?;
+                    let Some(kv) = resp.kvs().first() else {
+                        return Ok(None);
+                    };
+                    let mut value: T = decode(table, key, kv.value())?;
+                    change(&mut value)?;
+                    let txn = Txn::new()
+                        .when([Compare::mod_revision(k.clone(), CompareOp::Equal, kv.mod_revision())])
+                        .and_then([TxnOp::put(k.clone(), encode(&value)?, None)]);
+                    if client.clone().txn(txn).await?.succeeded() {
+                        return Ok(Some(value));
+                    }
+                }
+                Err(ControlError::Conflict(format!(
+                    "record {key} of {table:?} kept changing under {UPDATE_TRIES} tries to update it"
+                )))
+            }
+        }
+    }
+
+    /// Writes `value` as record `key` of `table` under etcd lease `lease` (alone: as `put`).
+    pub async fn put_leased<T: Serialize>(
+        &self,
+        table: Table,
+        key: &str,
+        value: &T,
+        lease: i64,
+    ) -> Result<(), ControlError> {
+        match self {
+            Self::Local(_) => self.put(table, key, value).await,
+            Self::Etcd { client, prefix } => {
+                let options = etcd_client::PutOptions::new().with_lease(lease);
+                client
+                    .clone()
+                    .put(Self::etcd_key(prefix, table, key), encode(value)?, Some(options))
+                    .await?;
+                Ok(())
+            }
+        }
     }
 
     /// Removes the record `key` of `table`; whether there was one.
-    pub fn delete(&self, table: Table, key: &str) -> Result<bool, ControlError> {
-        let txn = self.db.begin_write()?;
-        let existed = txn.open_table(table.definition())?.remove(key)?.is_some();
-        txn.commit()?;
-        Ok(existed)
+    pub async fn delete(&self, table: Table, key: &str) -> Result<bool, ControlError> {
+        match self {
+            Self::Local(db) => {
+                let txn = db.begin_write()?;
+                let existed = txn.open_table(table.definition())?.remove(key)?.is_some();
+                txn.commit()?;
+                Ok(existed)
+            }
+            Self::Etcd { client, prefix } => {
+                let resp = client.clone().delete(Self::etcd_key(prefix, table, key), None).await?;
+                Ok(resp.deleted() > 0)
+            }
+        }
     }
 }
 
@@ -128,26 +322,30 @@ impl Store {
 mod tests {
     use super::*;
 
-    #[test]
-    fn records_survive_a_reopen() {
+    #[tokio::test]
+    async fn records_survive_a_reopen() {
         let path = std::env::temp_dir().join(format!("xcloud-store-{}.redb", std::process::id()));
         let _ = std::fs::remove_file(&path);
         {
             let s = Store::open(&path).expect("open");
-            s.put(Table::Vms, "vm-1", &serde_json::json!({"a": 1})).expect("put");
+            s.put(Table::Vms, "vm-1", &serde_json::json!({"a": 1}))
+                .await
+                .expect("put");
             assert!(!s
                 .put_new(Table::Vms, "vm-1", &serde_json::json!({"a": 2}))
+                .await
                 .expect("put_new"));
             assert!(s
                 .put_new(Table::Vms, "vm-2", &serde_json::json!({"a": 3}))
+                .await
                 .expect("put_new"));
         }
         let s = Store::open(&path).expect("reopen");
-        let v: Option<serde_json::Value> = s.get(Table::Vms, "vm-1").expect("get");
+        let v: Option<serde_json::Value> = s.get(Table::Vms, "vm-1").await.expect("get");
         assert_eq!(v, Some(serde_json::json!({"a": 1})));
-        assert_eq!(s.list::<serde_json::Value>(Table::Vms).expect("list").len(), 2);
-        assert!(s.delete(Table::Vms, "vm-1").expect("delete"));
-        assert!(!s.delete(Table::Vms, "vm-1").expect("delete again"));
+        assert_eq!(s.list::<serde_json::Value>(Table::Vms).await.expect("list").len(), 2);
+        assert!(s.delete(Table::Vms, "vm-1").await.expect("delete"));
+        assert!(!s.delete(Table::Vms, "vm-1").await.expect("delete again"));
         let _ = std::fs::remove_file(&path);
     }
 }

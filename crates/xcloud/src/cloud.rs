@@ -107,6 +107,24 @@ pub enum VmAction {
         /// Define it only.
         #[arg(long)]
         no_start: bool,
+        /// In a cluster: how to choose among the hosts it fits on.
+        #[arg(long, value_parser = ["cheapest", "pack", "spread"], default_value = "cheapest")]
+        strategy: String,
+        /// Only hosts of this provider (repeat for several).
+        #[arg(long)]
+        provider: Vec<String>,
+        /// Only hosts in this region (repeat for several).
+        #[arg(long)]
+        region: Vec<String>,
+        /// No two of the tenant's VMs of this group on one host.
+        #[arg(long)]
+        anti_affinity: Option<String>,
+        /// Only this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// What happens when its host is lost: stay lost (`never`), or start again elsewhere.
+        #[arg(long, value_parser = ["never", "on_host_loss"], default_value = "never")]
+        restart: String,
         /// The guest's arguments.
         #[arg(last = true)]
         args: Vec<String>,
@@ -215,7 +233,7 @@ fn client(e: &Endpoint) -> anyhow::Result<Client> {
             let file = sock.parent()?.join("admin.key");
             std::fs::read_to_string(file).ok().map(|k| k.trim().to_string())
         }
-        At::Tls { .. } => None,
+        At::Tls { .. } | At::Peer { .. } => None,
     });
     Ok(Client::at(at, key))
 }
@@ -275,7 +293,16 @@ fn show(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-const VM_FIELDS: &[&str] = &["id", "name", "state", "instance_type", "vcpus", "mem_mib", "image"];
+const VM_FIELDS: &[&str] = &[
+    "id",
+    "name",
+    "state",
+    "host",
+    "instance_type",
+    "vcpus",
+    "mem_mib",
+    "image",
+];
 
 /// Runs one of the control plane's commands.
 pub fn run(command: CloudCommand) -> anyhow::Result<i32> {
@@ -415,15 +442,28 @@ fn vm(e: &Endpoint, action: VmAction) -> anyhow::Result<()> {
             image,
             instance_type,
             no_start,
+            strategy,
+            provider,
+            region,
+            anti_affinity,
+            host,
+            restart,
             args,
-        } => one(call(
-            e,
-            "POST",
-            "/v1/vms",
-            Some(
-                serde_json::json!({"name": name, "image": image, "instance_type": instance_type, "args": args, "start": !no_start}),
-            ),
-        )?),
+        } => {
+            let placement = serde_json::json!({
+                "strategy": strategy, "providers": provider, "regions": region,
+                "anti_affinity": anti_affinity, "host": host,
+            });
+            one(call(
+                e,
+                "POST",
+                "/v1/vms",
+                Some(serde_json::json!({
+                    "name": name, "image": image, "instance_type": instance_type, "args": args,
+                    "start": !no_start, "placement": placement, "restart": restart,
+                })),
+            )?)
+        }
         VmAction::Show { vm } => show(&call(e, "GET", &at(&vm, ""), None)?),
         VmAction::Start { vm } => one(call(e, "POST", &at(&vm, "/start"), None)?),
         VmAction::Stop { vm } => one(call(e, "POST", &at(&vm, "/stop"), None)?),

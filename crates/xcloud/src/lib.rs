@@ -12,6 +12,7 @@ pub mod cloud;
 pub mod doctor;
 pub mod guests;
 pub mod jail;
+pub mod lab;
 pub mod netlab;
 pub mod run;
 

@@ -97,6 +97,11 @@ enum Command {
     },
     /// List the built-in guests.
     Guests,
+    /// Try things out on this machine (needs root).
+    Lab {
+        #[command(subcommand)]
+        what: LabCommand,
+    },
     /// Report what virtualization this host offers and what guests can run here, with measured costs.
     Doctor,
     /// Benchmarks that print their figures as a table, with targets.
@@ -120,6 +125,20 @@ enum Command {
         /// The VMM's command line: `run ...` or `restore ...`.
         #[arg(last = true, required = true)]
         args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// A three-host cluster: etcd and an xcloudd per host, each host its own network
+    /// namespace (two hosts at provider alpha, one at beta), until Ctrl-C.
+    Cluster {
+        /// Where etcd's data and the hosts' data go (emptied first).
+        #[arg(long, default_value = "/tmp/xcloud-lab")]
+        dir: PathBuf,
+        /// Seconds a dead host stays registered before its VMs are given to others.
+        #[arg(long, default_value_t = 5)]
+        lease_ttl: u32,
     },
 }
 
@@ -492,6 +511,9 @@ fn main() -> ExitCode {
         Command::Doctor => doctor::doctor(),
         Command::Cloud(command) => xcloud::cloud::run(command),
         Command::Jail { root, uid, gid, args } => xcloud::jail::jail(&xcloud::jail::JailSpec { root, uid, gid, args }),
+        Command::Lab {
+            what: LabCommand::Cluster { dir, lease_ttl },
+        } => xcloud::lab::run_cluster(&dir, lease_ttl).map(|()| 0),
         Command::Guests => {
             for name in guests::names() {
                 println!("{name}");

@@ -38,6 +38,20 @@ struct Args {
     /// This host's identity directory (`xcloud keygen`) for TLS: clients pin its cert.der.
     #[arg(long)]
     identity: Option<PathBuf>,
+    /// Cluster mode: etcd's client URL(s), comma-separated. Records live in etcd, the host
+    /// registers under a lease, one daemon schedules. Needs --tls-listen and --identity.
+    #[arg(long, value_delimiter = ',', requires_all = ["tls_listen", "identity"])]
+    etcd: Vec<String>,
+    /// The key prefix of this cloud in etcd (several clouds can share one etcd).
+    #[arg(long, default_value = "/xcloud/v1")]
+    etcd_prefix: String,
+    /// Seconds this host stays registered after it stops renewing its lease: how soon its VMs
+    /// are restarted elsewhere when it dies.
+    #[arg(long, default_value_t = 10)]
+    lease_ttl: i64,
+    /// Where other hosts reach this one's API (default: --tls-listen's address).
+    #[arg(long)]
+    advertise: Option<String>,
 }
 
 fn config(args: &Args) -> anyhow::Result<xcloud_control::Config> {
@@ -96,7 +110,25 @@ fn main() -> ExitCode {
             }),
             _ => None,
         };
-        runtime.block_on(xcloud_control::serve(config, &socket, tls, shutdown_signal()))?;
+        let cluster = if args.etcd.is_empty() {
+            None
+        } else {
+            let advertise = args
+                .advertise
+                .clone()
+                .or_else(|| args.tls_listen.clone())
+                .unwrap_or_default();
+            if advertise.starts_with("0.0.0.0") || advertise.starts_with("[::]") {
+                anyhow::bail!("--tls-listen {advertise} is no address other hosts can reach: give --advertise");
+            }
+            Some(xcloud_control::cluster::ClusterConfig {
+                etcd: args.etcd.clone(),
+                prefix: args.etcd_prefix.clone(),
+                lease_ttl: args.lease_ttl.max(2),
+                advertise,
+            })
+        };
+        runtime.block_on(xcloud_control::serve(config, &socket, tls, cluster, shutdown_signal()))?;
         Ok(())
     });
     match result {

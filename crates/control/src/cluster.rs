@@ -1,0 +1,538 @@
+//! Cluster mode: many hosts' daemons sharing their records in etcd (docs/cloud-api.md,
+//! "Cluster").
+//!
+//! - Each host registers itself under an etcd lease that it renews; a host that stops renewing
+//!   it (dead, cut off) drops out when the lease expires.
+//! - A VM's record says whether it should run (`want`) and where (`host`). One daemon, elected
+//!   through etcd's election API, is the scheduler: it gives each VM that should run and has
+//!   no host the host [`crate::placement`] chooses, and handles VMs whose host was lost.
+//! - Every host watches the VM records and makes true what is assigned to it: starts what it
+//!   was given, and kills a VMM of its own whose VM was given to another host since (fencing:
+//!   a host that comes back never runs a VM a second time).
+//! - Calls for a VM's VMM (pause, console, snapshot...) that reach another host are forwarded
+//!   to the VM's host over TLS, pinned to the certificate in its record.
+
+use crate::client::{Client, Endpoint};
+use crate::model::{now, Desired, HostRecord, RestartPolicy, Snapshot, Vm, VmState};
+use crate::store::Table;
+use crate::{ControlError, Daemon};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How a daemon joins a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// etcd's client URLs.
+    pub etcd: Vec<String>,
+    /// The key prefix of this cloud in etcd.
+    pub prefix: String,
+    /// Seconds a host stays registered after its last renewal.
+    pub lease_ttl: i64,
+    /// Where other hosts reach this one's API (`HOST:PORT` of its TLS listener).
+    pub advertise: String,
+}
+
+/// The name the scheduler is elected under.
+fn election(prefix: &str) -> String {
+    format!("{prefix}/scheduler")
+}
+
+/// How often the loops look again even when etcd's watch says nothing.
+const RESYNC: Duration = Duration::from_secs(1);
+
+/// The record of the hosts' own key for calling each other.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HostKey {
+    key: String,
+}
+
+/// A daemon's part in a cluster.
+pub struct Cluster {
+    /// How it joined.
+    pub config: ClusterConfig,
+    /// Its TLS certificate (DER), as other hosts pin it.
+    cert: Vec<u8>,
+    /// Its current lease.
+    lease: AtomicI64,
+    /// The key hosts call each other with (an admin key, kept in etcd: whoever can read etcd
+    /// runs the cloud anyway).
+    host_key: Mutex<String>,
+    /// VMs this host is starting now.
+    starting: Mutex<HashSet<String>>,
+}
+
+impl Cluster {
+    /// A daemon's cluster part, before it joins.
+    pub fn new(config: ClusterConfig, cert: Vec<u8>) -> Self {
+        Self {
+            config,
+            cert,
+            lease: AtomicI64::new(0),
+            host_key: Mutex::new(String::new()),
+            starting: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// This host's current lease.
+    pub fn lease(&self) -> i64 {
+        self.lease.load(Ordering::SeqCst)
+    }
+
+    fn host_key(&self) -> String {
+        self.host_key.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Makes (or reads) the hosts' key: the first daemon of a cloud makes it.
+pub async fn bootstrap_host_key(daemon: &Daemon, cluster: &Cluster) -> Result<(), ControlError> {
+    let found: Option<HostKey> = daemon.store.get(Table::Cluster, "host-key").await?;
+    let key = match found {
+        Some(k) => k.key,
+        None => {
+            let (stored, key) = crate::auth::new_key("admin")?;
+            daemon.store.put(Table::Keys, &stored.id.clone(), &stored).await?;
+            let record = HostKey { key: key.clone() };
+            if daemon.store.put_new(Table::Cluster, "host-key", &record).await? {
+                key
+            } else {
+                // Another daemon made one first: use that, forget this one.
+                daemon.store.delete(Table::Keys, &stored.id).await?;
+                let theirs: Option<HostKey> = daemon.store.get(Table::Cluster, "host-key").await?;
+                theirs
+                    .map(|k| k.key)
+                    .ok_or_else(|| ControlError::Cluster("the hosts' key vanished".into()))?
+            }
+        }
+    };
+    *cluster.host_key.lock().unwrap_or_else(|p| p.into_inner()) = key;
+    Ok(())
+}
+
+fn record_of(daemon: &Daemon, cluster: &Cluster) -> HostRecord {
+    let c = &daemon.config;
+    HostRecord {
+        name: c.host_name.clone(),
+        provider: c.provider.clone(),
+        region: c.region.clone(),
+        price_per_hour: c.price_per_hour,
+        cpus: crate::host::cpus(),
+        mem_mib: crate::host::mem_mib(),
+        api: cluster.config.advertise.clone(),
+        cert: crate::auth::hex(&cluster.cert),
+        since: now(),
+        state: "up".into(),
+    }
+}
+
+/// Registers this host under a new lease.
+async fn register(daemon: &Daemon, cluster: &Cluster) -> Result<i64, ControlError> {
+    let (mut client, _) = daemon
+        .store
+        .etcd()
+        .ok_or_else(|| ControlError::Cluster("not in a cluster".into()))?;
+    let lease = client.lease_grant(cluster.config.lease_ttl, None).await?.id();
+    let record = record_of(daemon, cluster);
+    daemon
+        .store
+        .put_leased(Table::Hosts, &record.name.clone(), &record, lease)
+        .await?;
+    cluster.lease.store(lease, Ordering::SeqCst);
+    tracing::info!(
+        "cluster: host {} registered (lease {lease:x}, {} s)",
+        record.name,
+        cluster.config.lease_ttl
+    );
+    Ok(lease)
+}
+
+/// Joins the cluster: registers this host and starts its lease keeper, its agent and its
+/// candidacy for scheduler.
+pub async fn join(daemon: Arc<Daemon>) -> Result<(), ControlError> {
+    let Some(cluster) = daemon.cluster.clone() else {
+        return Ok(());
+    };
+    bootstrap_host_key(&daemon, &cluster).await?;
+    register(&daemon, &cluster).await?;
+    tokio::spawn(keep_lease(daemon.clone(), cluster.clone()));
+    tokio::spawn(agent(daemon.clone(), cluster.clone()));
+    tokio::spawn(scheduler(daemon, cluster));
+    Ok(())
+}
+
+/// Renews the lease; registers again under a new one when it expired (the host was cut off
+/// longer than the lease: its VMs may be elsewhere now, which the agent then sees).
+async fn keep_lease(daemon: Arc<Daemon>, cluster: Arc<Cluster>) {
+    let period = Duration::from_millis((cluster.config.lease_ttl.max(1) as u64) * 1000 / 3);
+    loop {
+        let Some((mut client, _)) = daemon.store.etcd() else {
+            return;
+        };
+        let lease = cluster.lease.load(Ordering::SeqCst);
+        let renewed = async {
+            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+            loop {
+                keeper.keep_alive().await?;
+                match stream.message().await? {
+                    Some(answer) if answer.ttl() > 0 => {}
+                    _ => return Ok::<(), etcd_client::Error>(()),
+                }
+                tokio::time::sleep(period).await;
+            }
+        }
+        .await;
+        match renewed {
+            Ok(()) => tracing::warn!("cluster: the lease expired; registering again"),
+            Err(e) => tracing::warn!("cluster: renewing the lease failed ({e}); registering again"),
+        }
+        loop {
+            match register(&daemon, &cluster).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!("cluster: cannot register: {e}");
+                    tokio::time::sleep(period).await;
+                }
+            }
+        }
+    }
+}
+
+/// The hosts that are registered now.
+pub async fn hosts(daemon: &Daemon) -> Result<Vec<HostRecord>, ControlError> {
+    daemon.store.list(Table::Hosts).await
+}
+
+/// Waits until something under `table` changes or [`RESYNC`] passes.
+struct Changes {
+    stream: Option<etcd_client::WatchStream>,
+    table: Table,
+}
+
+impl Changes {
+    fn new(table: Table) -> Self {
+        Self { stream: None, table }
+    }
+
+    async fn next(&mut self, daemon: &Daemon) {
+        if self.stream.is_none() {
+            if let Some((mut client, prefix)) = daemon.store.etcd() {
+                let key = crate::store::Store::etcd_key(prefix, self.table, "");
+                let options = etcd_client::WatchOptions::new().with_prefix();
+                self.stream = client.watch(key, Some(options)).await.ok();
+            }
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            tokio::time::sleep(RESYNC).await;
+            return;
+        };
+        match tokio::time::timeout(RESYNC, stream.message()).await {
+            Ok(Ok(Some(_))) | Err(_) => {}
+            Ok(_) => self.stream = None,
+        }
+    }
+}
+
+/// Makes true on this host what the records assign to it.
+async fn agent(daemon: Arc<Daemon>, cluster: Arc<Cluster>) {
+    let mut changes = Changes::new(Table::Vms);
+    loop {
+        if let Err(e) = reconcile(&daemon, &cluster).await {
+            tracing::warn!("cluster: reconciling failed: {e}");
+        }
+        changes.next(&daemon).await;
+    }
+}
+
+async fn reconcile(daemon: &Arc<Daemon>, cluster: &Arc<Cluster>) -> Result<(), ControlError> {
+    let me = daemon.config.host_name.clone();
+    let vms: Vec<Vm> = daemon.store.list(Table::Vms).await?;
+    // Fencing: a VMM here whose VM was given to another host since.
+    for id in daemon.running_ids() {
+        let mine = vms.iter().any(|v| v.id == id && v.host.as_deref() == Some(me.as_str()));
+        if !mine {
+            tracing::warn!("cluster: {id} is not this host's any more: killing its VMM here");
+            daemon.kill_local(&id).await;
+        }
+    }
+    for vm in vms {
+        if vm.host.as_deref() != Some(me.as_str()) {
+            continue;
+        }
+        let ours = daemon.running_ids().contains(&vm.id);
+        if vm.want == Desired::Running && vm.state == VmState::Pending && !ours {
+            let fresh = cluster
+                .starting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(vm.id.clone());
+            if fresh {
+                tokio::spawn(start_assigned(daemon.clone(), cluster.clone(), vm));
+            }
+        } else if vm.state == VmState::Lost && ours {
+            // Back before the scheduler gave it away: it ran here all along.
+            let _ = daemon.mark_found(&vm.id).await;
+        }
+    }
+    Ok(())
+}
+
+/// Starts a VM the scheduler gave this host: fetches its image from a host that has it if
+/// need be, restores its snapshot when it has one here, boots it otherwise.
+async fn start_assigned(daemon: Arc<Daemon>, cluster: Arc<Cluster>, vm: Vm) {
+    let id = vm.id.clone();
+    let result = async {
+        ensure_image(&daemon, &cluster, &vm.image).await?;
+        daemon.start_placed(&id, vm.generation).await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!("cluster: starting {id} failed: {e}");
+        let _ = daemon.mark_failed(&id, vm.generation, &e.to_string()).await;
+    }
+    cluster.starting.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+}
+
+/// Puts image `id` on this host's disk, from another host that has it (checked against its
+/// SHA-256 before it is used).
+async fn ensure_image(daemon: &Daemon, cluster: &Cluster, id: &str) -> Result<(), ControlError> {
+    let path = daemon.image_path(id);
+    if path.exists() {
+        return Ok(());
+    }
+    let me = &daemon.config.host_name;
+    let mut why = Vec::new();
+    for host in hosts(daemon).await? {
+        if host.name == *me {
+            continue;
+        }
+        match fetch_image(cluster, &host, id, &path).await {
+            Ok(()) => {
+                tracing::info!("cluster: image {id} fetched from {}", host.name);
+                return Ok(());
+            }
+            Err(e) => why.push(format!("{}: {e}", host.name)),
+        }
+    }
+    Err(ControlError::Cluster(format!(
+        "no host could give image {id}: {}",
+        if why.is_empty() {
+            "there is no other host".into()
+        } else {
+            why.join("; ")
+        }
+    )))
+}
+
+async fn fetch_image(
+    cluster: &Cluster,
+    host: &HostRecord,
+    id: &str,
+    path: &std::path::Path,
+) -> Result<(), ControlError> {
+    use sha2::Digest;
+    let client = peer_client(cluster, host)?;
+    let mut bytes = Vec::new();
+    let mut over = false;
+    let (status, _) = client
+        .send("GET", &format!("/v1/images/{id}/content"), &[], None, |chunk| {
+            bytes.extend_from_slice(chunk);
+            over = bytes.len() as u64 > crate::limits::MAX_IMAGE_BYTES;
+            !over
+        })
+        .await
+        .map_err(|e| ControlError::Cluster(e.to_string()))?;
+    if status != 200 || over {
+        return Err(ControlError::Cluster(format!("it answered {status}")));
+    }
+    let digest = format!("sha256:{}", crate::auth::hex(&sha2::Sha256::digest(&bytes)));
+    if digest != id {
+        return Err(ControlError::Cluster(format!("it sent bytes whose digest is {digest}")));
+    }
+    let tmp = path.with_extension("part");
+    std::fs::write(&tmp, &bytes).map_err(|e| ControlError::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ControlError::io(format!("renaming {}", tmp.display()), e))
+}
+
+/// A client of another host, calling with the hosts' key.
+fn peer_client(cluster: &Cluster, host: &HostRecord) -> Result<Client, ControlError> {
+    Ok(Client::at(peer_endpoint(host)?, Some(cluster.host_key())))
+}
+
+/// Where another host answers.
+pub fn peer_endpoint(host: &HostRecord) -> Result<Endpoint, ControlError> {
+    let cert = crate::auth::unhex(&host.cert)
+        .ok_or_else(|| ControlError::Cluster(format!("host {}'s record has no readable certificate", host.name)))?;
+    Ok(Endpoint::Peer {
+        addr: host.api.clone(),
+        cert,
+    })
+}
+
+/// Runs for scheduler, and schedules while elected.
+async fn scheduler(daemon: Arc<Daemon>, cluster: Arc<Cluster>) {
+    let Some((_, prefix)) = daemon.store.etcd() else {
+        return;
+    };
+    let name = election(prefix);
+    let me = daemon.config.host_name.clone();
+    loop {
+        // A campaign waits as long as another host leads: its own client, with no request
+        // timeout (HTTP/2 keep-alives still notice a dead etcd).
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_keep_alive(crate::store::ETCD_PING, crate::store::ETCD_PING_TIMEOUT);
+        let mut client = match etcd_client::Client::connect(&cluster.config.etcd, Some(options)).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("cluster: cannot reach etcd to campaign: {e}");
+                tokio::time::sleep(RESYNC).await;
+                continue;
+            }
+        };
+        let lease = cluster.lease.load(Ordering::SeqCst);
+        match client.campaign(name.clone(), me.clone(), lease).await {
+            Ok(_) => {
+                tracing::info!("cluster: {me} is the scheduler");
+                daemon.emit("admin", "scheduler.elected", &me, None);
+                schedule_while_leader(&daemon, &mut client, &name, lease).await;
+                tracing::warn!("cluster: {me} is no longer the scheduler");
+            }
+            Err(e) => {
+                tracing::warn!("cluster: campaigning for scheduler failed: {e}");
+                tokio::time::sleep(RESYNC).await;
+            }
+        }
+    }
+}
+
+async fn schedule_while_leader(daemon: &Arc<Daemon>, client: &mut etcd_client::Client, name: &str, lease: i64) {
+    let mut vm_changes = Changes::new(Table::Vms);
+    let mut host_changes = Changes::new(Table::Hosts);
+    loop {
+        // Leadership is the lease's: once it lapses another host may lead.
+        match client.leader(name).await {
+            Ok(answer) if answer.kv().is_some_and(|kv| kv.lease() == lease) => {}
+            _ => return,
+        }
+        if let Err(e) = schedule(daemon).await {
+            tracing::warn!("cluster: scheduling failed: {e}");
+        }
+        tokio::select! {
+            _ = vm_changes.next(daemon) => {}
+            _ = host_changes.next(daemon) => {}
+        }
+    }
+}
+
+/// One round of the scheduler: places what waits for a host; handles what lost its host.
+pub async fn schedule(daemon: &Daemon) -> Result<(), ControlError> {
+    let hosts = hosts(daemon).await?;
+    let mut vms: Vec<Vm> = daemon.store.list(Table::Vms).await?;
+    let alive: HashSet<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+    for i in 0..vms.len() {
+        let vm = vms[i].clone();
+        match vm.host.as_deref() {
+            None if vm.want == Desired::Running && vm.state == VmState::Pending => {
+                match crate::placement::choose(&vm, &hosts, &vms) {
+                    Ok(host) => {
+                        let placed = daemon.assign(&vm.id, vm.generation, &host).await?;
+                        if let Some(placed) = placed {
+                            daemon.emit(&vm.tenant, "vm.placed", &vm.id, Some(host));
+                            vms[i] = placed;
+                        }
+                    }
+                    Err(why) => {
+                        if vm.exit.as_deref() != Some(why.as_str()) {
+                            daemon.note(&vm.id, &why).await?;
+                        }
+                    }
+                }
+            }
+            // Only a VM with a VMM there (or about to have one) needs anything done.
+            Some(host) if !alive.contains(host) && (vm.state.has_vmm() || vm.state == VmState::Pending) => {
+                let snapshot = latest_snapshot_elsewhere(daemon, &vm, &alive).await?;
+                let host = host.to_string();
+                let never_ran = vm.state == VmState::Pending;
+                if never_ran || (vm.restart == RestartPolicy::OnHostLoss && vm.want == Desired::Running) {
+                    if let Some(v) = daemon.requeue(&vm.id, vm.generation, &host, snapshot).await? {
+                        daemon.emit(
+                            &vm.tenant,
+                            "vm.restarting",
+                            &vm.id,
+                            Some(format!("its host {host} was lost; it starts again on another host")),
+                        );
+                        vms[i] = v;
+                    }
+                } else if let Some(v) = daemon.mark_lost(&vm.id, vm.generation, &host).await? {
+                    daemon.emit(&vm.tenant, "vm.lost", &vm.id, Some(format!("its host {host} was lost")));
+                    vms[i] = v;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The newest snapshot of `vm` held by a host that is up (none: it boots afresh).
+async fn latest_snapshot_elsewhere(
+    daemon: &Daemon,
+    vm: &Vm,
+    alive: &HashSet<&str>,
+) -> Result<Option<Snapshot>, ControlError> {
+    let snaps: Vec<Snapshot> = daemon.store.list(Table::Snapshots).await?;
+    Ok(snaps
+        .into_iter()
+        .filter(|s| s.vm == vm.id && s.host.as_deref().is_some_and(|h| alive.contains(h)))
+        .max_by_key(|s| s.created))
+}
+
+/// Forwards a request for a VM on another host to that host; the answer as it gave it.
+pub async fn forward(
+    daemon: &Daemon,
+    host: &HostRecord,
+    request: axum::extract::Request,
+) -> Result<axum::response::Response, ControlError> {
+    use axum::response::IntoResponse;
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, crate::limits::MAX_BODY_BYTES)
+        .await
+        .map_err(|e| ControlError::BadRequest(format!("the request body: {e}")))?;
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let auth = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let content_type = parts
+        .headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    // The caller's own key goes along: the other host answers for that caller, no one else.
+    let client = Client::at(peer_endpoint(host)?, None);
+    let me = daemon.config.host_name.clone();
+    let headers = [("authorization", auth), (FORWARDED_BY, me.as_str())];
+    let mut answer = Vec::new();
+    let (status, answer_type) = client
+        .send(
+            parts.method.as_str(),
+            path,
+            &headers,
+            Some((body.to_vec(), content_type)),
+            |chunk| {
+                answer.extend_from_slice(chunk);
+                answer.len() <= crate::limits::MAX_CONSOLE_BYTES as usize * 2
+            },
+        )
+        .await
+        .map_err(|e| ControlError::Cluster(format!("the VM's host {} did not answer: {e}", host.name)))?;
+    let status = axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::BAD_GATEWAY);
+    let answer_type = answer_type.unwrap_or_else(|| "application/json".into());
+    Ok((status, [(axum::http::header::CONTENT_TYPE, answer_type)], answer).into_response())
+}
+
+/// The header a forwarded request carries (the host that forwarded it): it is not forwarded
+/// again.
+pub const FORWARDED_BY: &str = "x-xcloud-forwarded-by";

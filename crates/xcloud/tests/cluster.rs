@@ -1,0 +1,285 @@
+//! A cluster: real etcd and three xcloudd hosts, each in its own network namespace, the API
+//! over TLS between them. VMs are placed by the elected scheduler, reached through any host,
+//! kept apart by tenant, restarted elsewhere when their host dies, and never run twice when a
+//! host comes back.
+
+mod common;
+
+use common::{output_within, stderr, stdout, xcloud};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+use xcloud::lab::{default_hosts, Lab, LabHost};
+
+/// Seconds a dead host stays registered in these tests.
+const LEASE_TTL: u32 = 3;
+
+fn lab(name: &str) -> Lab {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lab-{name}"));
+    Lab::up(
+        &dir,
+        &default_hosts(),
+        Path::new(env!("CARGO_BIN_EXE_xcloudd")),
+        LEASE_TTL,
+    )
+    .expect("the lab starts")
+}
+
+/// `xcloud ARGS` against `host`'s API with `key`.
+fn cli(host: &LabHost, key: &str, args: &[&str]) -> Output {
+    let mut cmd = xcloud();
+    cmd.env("XCLOUD_ENDPOINT", host.endpoint())
+        .env("XCLOUD_SERVER_CERT", host.cert())
+        .env("XCLOUD_KEY", key)
+        .args(args);
+    output_within(cmd, Duration::from_secs(60))
+}
+
+fn ok(host: &LabHost, key: &str, args: &[&str]) -> String {
+    let out = cli(host, key, args);
+    assert!(
+        out.status.success(),
+        "xcloud {args:?} on {}: {}",
+        host.spec.name,
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+fn json(host: &LabHost, key: &str, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let text = ok(host, key, &all);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("xcloud {args:?} printed no JSON ({e}): {text}"))
+}
+
+fn fails(host: &LabHost, key: &str, args: &[&str]) -> String {
+    let out = cli(host, key, args);
+    assert!(
+        !out.status.success(),
+        "xcloud {args:?} on {} succeeded: {}",
+        host.spec.name,
+        stdout(&out)
+    );
+    stderr(&out)
+}
+
+/// Waits until `check` holds for VM `vm` as host `host` shows it.
+fn wait_vm(host: &LabHost, key: &str, vm: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = json(host, key, &["vm", "show", vm]);
+        if check(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{vm} never became {what}: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn heartbeats(host: &LabHost, key: &str, vm: &str) -> usize {
+    ok(host, key, &["vm", "console", vm])
+        .lines()
+        .filter(|l| l.starts_with("heartbeat n="))
+        .count()
+}
+
+/// Waits until VM `vm`'s console, read through `host`, shows more heartbeats than `than`.
+fn wait_heartbeats(host: &LabHost, key: &str, vm: &str, than: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = heartbeats(host, key, vm);
+        if n > than {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{vm} shows no new heartbeat through {}",
+            host.spec.name
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
+}
+
+#[test]
+fn a_cluster_places_vms_serves_them_from_any_host_and_restarts_them_when_a_host_dies() {
+    let mut lab = lab("main");
+    let admin = lab.admin_key().expect("admin key");
+    let [h1, h2, h3] = [0, 1, 2];
+
+    // Every host registered; any host answers for the whole cloud.
+    let hosts = json(&lab.hosts[h2], &admin, &["hosts"]);
+    let names: Vec<&str> = hosts
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .filter_map(|h| h["name"].as_str())
+        .collect();
+    assert_eq!(names, ["host-1", "host-2", "host-3"], "{hosts}");
+    assert!(
+        hosts.as_array().expect("hosts").iter().all(|h| h["state"] == "up"),
+        "{hosts}"
+    );
+
+    let acme = ok(&lab.hosts[h1], &admin, &["tenant", "create", "acme"])
+        .trim()
+        .to_string();
+    let globex = ok(&lab.hosts[h1], &admin, &["tenant", "create", "globex"])
+        .trim()
+        .to_string();
+    // Images are uploaded to one host; the others fetch them when they boot a VM from one.
+    json(&lab.hosts[h2], &acme, &["image", "push", "heartbeat"]);
+    json(&lab.hosts[h3], &globex, &["image", "push", "heartbeat"]);
+
+    // Spread with anti-affinity: one web VM per host, a fourth has nowhere to go.
+    let spread = [
+        "--strategy",
+        "spread",
+        "--anti-affinity",
+        "web",
+        "--restart",
+        "on_host_loss",
+    ];
+    let mut web_hosts = Vec::new();
+    for name in ["web-1", "web-2", "web-3"] {
+        let mut args = vec!["vm", "create", name, "--image", "heartbeat"];
+        args.extend(spread);
+        let vm = json(&lab.hosts[h3], &acme, &args);
+        assert_eq!(vm["state"], "running", "{vm}");
+        web_hosts.push(vm["host"].as_str().expect("host").to_string());
+    }
+    assert_eq!(web_hosts, ["host-1", "host-2", "host-3"], "spread, by name on a tie");
+    let mut args = vec!["vm", "create", "web-4", "--image", "heartbeat"];
+    args.extend(spread);
+    let waiting = json(&lab.hosts[h1], &acme, &args);
+    assert_eq!(waiting["state"], "pending", "{waiting}");
+    let why = waiting["exit"].as_str().unwrap_or_default();
+    assert!(why.contains("anti-affinity group web"), "{why}");
+    ok(&lab.hosts[h2], &acme, &["vm", "rm", "web-4"]);
+
+    // Cheapest host that fits, and provider constraints.
+    let batch = json(
+        &lab.hosts[h1],
+        &acme,
+        &[
+            "vm",
+            "create",
+            "batch",
+            "--image",
+            "heartbeat",
+            "--restart",
+            "on_host_loss",
+        ],
+    );
+    assert_eq!(batch["host"], "host-3", "host-3 is the cheapest: {batch}");
+    let g1 = json(
+        &lab.hosts[h2],
+        &globex,
+        &["vm", "create", "g-1", "--image", "heartbeat", "--provider", "beta"],
+    );
+    assert_eq!(g1["host"], "host-3", "{g1}");
+    let nowhere = json(
+        &lab.hosts[h2],
+        &globex,
+        &["vm", "create", "g-2", "--image", "heartbeat", "--region", "mars-1"],
+    );
+    assert_eq!(nowhere["state"], "pending", "{nowhere}");
+    assert!(
+        nowhere["exit"].as_str().unwrap_or_default().contains("region"),
+        "{nowhere}"
+    );
+    ok(&lab.hosts[h2], &globex, &["vm", "rm", "g-2"]);
+
+    // A VM's console, pause and metrics through hosts it is not on (forwarded to its host).
+    wait_heartbeats(&lab.hosts[h2], &acme, "web-1", 0);
+    wait_heartbeats(&lab.hosts[h1], &acme, "web-3", 0);
+    assert_eq!(
+        json(&lab.hosts[h3], &acme, &["vm", "pause", "web-2"])["state"],
+        "paused"
+    );
+    assert_eq!(json(&lab.hosts[h1], &acme, &["vm", "show", "web-2"])["state"], "paused");
+    assert_eq!(
+        json(&lab.hosts[h1], &acme, &["vm", "resume", "web-2"])["state"],
+        "running"
+    );
+    let metrics = json(&lab.hosts[h1], &acme, &["vm", "metrics", "web-3"]);
+    assert!(metrics["cpu_seconds"].as_f64().unwrap_or(0.0) > 0.0, "{metrics}");
+
+    // Tenants stay apart on every host, forwarded routes included: another's VM is not found.
+    let web1 = json(&lab.hosts[h1], &acme, &["vm", "show", "web-1"]);
+    let web1_id = web1["id"].as_str().expect("id").to_string();
+    for host in &lab.hosts {
+        assert_eq!(json(host, &globex, &["vm", "ls"]).as_array().map(|a| a.len()), Some(1));
+        for action in ["show", "console", "pause", "stop", "metrics", "rm"] {
+            let err = fails(host, &globex, &["vm", action, &web1_id]);
+            assert!(
+                err.contains(&format!("no VM {web1_id}")),
+                "{action} on {}: {err}",
+                host.spec.name
+            );
+        }
+        assert!(fails(host, "xck_bad_key", &["vm", "ls"]).contains("valid API key"));
+    }
+    assert_eq!(
+        json(&lab.hosts[h2], &acme, &["vm", "show", "web-1"])["state"],
+        "running"
+    );
+
+    // host-3 dies (its daemon and its VMMs): batch restarts on the next cheapest host; g-1,
+    // with no restart policy, is marked lost.
+    let old_batch_pid = batch["pid"].as_u64().expect("pid");
+    lab.hosts[h3].kill_all();
+    let moved = wait_vm(&lab.hosts[h1], &acme, "batch", "restarted on another host", |v| {
+        v["state"] == "running" && v["host"] == "host-2"
+    });
+    assert_ne!(moved["pid"].as_u64(), Some(old_batch_pid));
+    wait_heartbeats(&lab.hosts[h1], &acme, "batch", 0);
+    let lost = wait_vm(&lab.hosts[h1], &globex, "g-1", "lost", |v| v["state"] == "lost");
+    assert!(
+        lost["exit"].as_str().unwrap_or_default().contains("host-3 was lost"),
+        "{lost}"
+    );
+    let hosts = json(&lab.hosts[h1], &admin, &["hosts"]);
+    let host3 = hosts
+        .as_array()
+        .and_then(|a| a.iter().find(|h| h["name"] == "host-3"))
+        .cloned();
+    assert_eq!(host3.map(|h| h["state"].clone()), Some(Value::from("lost")), "{hosts}");
+    assert!(fails(&lab.hosts[h1], &globex, &["vm", "console", "g-1"]).contains("not up"));
+
+    // host-3 comes back: g-1's VMM died with it, so g-1 is not running, and nothing runs twice.
+    lab.hosts[h3].start().expect("host-3 starts again");
+    wait_vm(&lab.hosts[h2], &globex, "g-1", "exited", |v| v["state"] == "exited");
+    assert_eq!(json(&lab.hosts[h3], &acme, &["vm", "show", "batch"])["host"], "host-2");
+
+    // host-2's daemon dies but its VMMs run on (cut off, not dead): once its lease expires,
+    // batch starts on host-3 (cheapest again), and when host-2's daemon comes back it kills its
+    // own copy rather than run batch twice.
+    let stale_pid = moved["pid"].as_u64().expect("pid");
+    lab.hosts[h2].kill_daemon();
+    assert!(alive(stale_pid), "the VMM outlives its daemon");
+    let again = wait_vm(&lab.hosts[h1], &acme, "batch", "restarted on host-3", |v| {
+        v["state"] == "running" && v["host"] == "host-3"
+    });
+    assert!(
+        alive(stale_pid),
+        "nothing on host-2 can stop it while its daemon is down"
+    );
+    lab.hosts[h2].start().expect("host-2 starts again");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(stale_pid) {
+        assert!(Instant::now() < deadline, "host-2 left its stale copy of batch running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let n = heartbeats(&lab.hosts[h2], &acme, "batch");
+    wait_heartbeats(&lab.hosts[h2], &acme, "batch", n);
+    assert_eq!(
+        json(&lab.hosts[h2], &acme, &["vm", "show", "batch"])["pid"],
+        again["pid"]
+    );
+}
