@@ -13,7 +13,9 @@
 //!   to the VM's host over TLS, pinned to the certificate in its record.
 
 use crate::client::{Client, Endpoint};
-use crate::model::{now, Desired, HostRecord, RestartPolicy, Snapshot, Vm, VmState};
+use crate::model::{
+    now, Desired, HostRecord, IncomingAnswer, MigrateVm, MigrationReport, RestartPolicy, Snapshot, Vm, VmState,
+};
 use crate::store::Table;
 use crate::{ControlError, Daemon};
 use std::collections::HashSet;
@@ -198,9 +200,178 @@ async fn keep_lease(daemon: Arc<Daemon>, cluster: Arc<Cluster>) {
     }
 }
 
-/// The hosts that are registered now.
+/// The hosts that are registered now (a host being drained says `draining`).
 pub async fn hosts(daemon: &Daemon) -> Result<Vec<HostRecord>, ControlError> {
-    daemon.store.list(Table::Hosts).await
+    let mut hosts: Vec<HostRecord> = daemon.store.list(Table::Hosts).await?;
+    for host in &mut hosts {
+        if daemon
+            .store
+            .get::<Draining>(Table::Cluster, &drain_key(&host.name))
+            .await?
+            .is_some()
+        {
+            host.state = "draining".into();
+        }
+    }
+    Ok(hosts)
+}
+
+/// A host being drained: no VM is placed on it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Draining {
+    since: u64,
+}
+
+fn drain_key(host: &str) -> String {
+    format!("draining-{host}")
+}
+
+/// Marks `host` drained (no VM is placed on it) or not.
+pub async fn set_draining(daemon: &Daemon, host: &str, draining: bool) -> Result<(), ControlError> {
+    if draining {
+        daemon
+            .store
+            .put(Table::Cluster, &drain_key(host), &Draining { since: now() })
+            .await
+    } else {
+        daemon.store.delete(Table::Cluster, &drain_key(host)).await.map(|_| ())
+    }
+}
+
+/// Calls another host's API with the hosts' key; the JSON of a successful answer.
+async fn peer_json(
+    cluster: &Cluster,
+    host: &HostRecord,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, ControlError> {
+    let client = peer_client(cluster, host)?;
+    let mut answer = Vec::new();
+    let body = body.map(|b| (b.to_string().into_bytes(), "application/json"));
+    let (status, _) = client
+        .send(method, path, &[], body, |chunk| {
+            answer.extend_from_slice(chunk);
+            answer.len() <= crate::limits::MAX_BODY_BYTES
+        })
+        .await
+        .map_err(|e| ControlError::Cluster(format!("host {}: {e}", host.name)))?;
+    if !(200..300).contains(&status) {
+        let text = crate::client::Answer { status, body: answer }.error_text();
+        return Err(ControlError::Cluster(format!(
+            "host {} answered {status}: {text}",
+            host.name
+        )));
+    }
+    if answer.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_slice(&answer)
+        .map_err(|e| ControlError::Cluster(format!("host {} answered no JSON: {e}", host.name)))
+}
+
+/// The host VM `vm` (on this host) should migrate to, as `req` asks and its placement allows.
+pub async fn migration_target(daemon: &Daemon, vm: &Vm, req: &MigrateVm) -> Result<HostRecord, ControlError> {
+    let me = &daemon.config.host_name;
+    let hosts: Vec<HostRecord> = hosts(daemon)
+        .await?
+        .into_iter()
+        .filter(|h| h.name != *me && req.avoid_provider.as_ref() != Some(&h.provider))
+        .collect();
+    // The request narrows the VM's own placement; it never widens it.
+    let mut moving = vm.clone();
+    if let Some(host) = &req.host {
+        if moving.placement.host.as_ref().is_some_and(|h| h != host) {
+            return Err(ControlError::Conflict(format!(
+                "VM {} may run on its host only",
+                vm.name
+            )));
+        }
+        moving.placement.host = Some(host.clone());
+    }
+    if let Some(provider) = &req.provider {
+        let allowed = &moving.placement.providers;
+        if !allowed.is_empty() && !allowed.contains(provider) {
+            return Err(ControlError::Conflict(format!(
+                "VM {} has nowhere to go: its placement allows provider {} only, not {provider}",
+                vm.name,
+                allowed.join(", ")
+            )));
+        }
+        moving.placement.providers = vec![provider.clone()];
+    }
+    let vms: Vec<Vm> = daemon.store.list(Table::Vms).await?;
+    let name = crate::placement::choose(&moving, &hosts, &vms)
+        .map_err(|why| ControlError::Conflict(format!("VM {} has nowhere to go: {why}", vm.name)))?;
+    hosts
+        .into_iter()
+        .find(|h| h.name == name)
+        .ok_or_else(|| ControlError::Cluster(format!("host {name} vanished")))
+}
+
+/// Migrates VM `vm`, which runs on this host, live to `to`; the VM stays here if it fails.
+pub async fn migrate(daemon: &Arc<Daemon>, vm: &Vm, to: &HostRecord) -> Result<MigrationReport, ControlError> {
+    let cluster = daemon
+        .cluster
+        .clone()
+        .ok_or_else(|| ControlError::BadRequest("migration between hosts needs a cluster (xcloudd --etcd)".into()))?;
+    let path = format!("/v1/vms/{}/incoming", vm.id);
+    let prepare = |cert: Vec<u8>| {
+        let (cluster, to, path) = (cluster.clone(), to.clone(), path.clone());
+        async move {
+            let body = serde_json::json!({ "peer_cert": crate::auth::hex(&cert) });
+            let answer: IncomingAnswer =
+                serde_json::from_value(peer_json(&cluster, &to, "POST", &path, Some(body)).await?)
+                    .map_err(|e| ControlError::Cluster(format!("host {} answered: {e}", to.name)))?;
+            let cert = crate::auth::unhex(&answer.cert)
+                .ok_or_else(|| ControlError::Cluster(format!("host {} sent no readable certificate", to.name)))?;
+            Ok((answer.listen, cert))
+        }
+    };
+    let summary = match daemon.migrate_out(&vm.id, prepare).await {
+        Ok(s) => s,
+        Err(e) => {
+            if let Err(abort) = peer_json(&cluster, to, "DELETE", &path, None).await {
+                tracing::warn!("{}: telling {} to drop the incoming VM failed: {abort}", vm.id, to.name);
+            }
+            return Err(e);
+        }
+    };
+    // The destination changes the record once the VM runs there.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while daemon.vm(&vm.id).await?.host.as_deref() != Some(to.name.as_str()) {
+        if tokio::time::Instant::now() > deadline {
+            return Err(ControlError::Cluster(format!(
+                "VM {} was handed over to {} but its record does not say so yet",
+                vm.name, to.name
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.emit(
+        &vm.tenant,
+        "vm.migrated",
+        &vm.id,
+        Some(format!("{} -> {}", daemon.config.host_name, to.name)),
+    );
+    Ok(MigrationReport {
+        vm: vm.id.clone(),
+        from: daemon.config.host_name.clone(),
+        to: to.name.clone(),
+        total_ms: summary.total_ms,
+        downtime_ms: summary.downtime_ms,
+        bytes_sent: summary.bytes_sent,
+        rounds: summary.rounds,
+    })
+}
+
+/// The address this host's VMMs listen on for incoming migrations (its API's).
+pub fn migration_ip(cluster: &Cluster) -> String {
+    let advertise = &cluster.config.advertise;
+    match advertise.rsplit_once(':') {
+        Some((ip, _)) => ip.trim_start_matches('[').trim_end_matches(']').to_string(),
+        None => advertise.clone(),
+    }
 }
 
 /// Waits until something under `table` changes or [`RESYNC`] passes.
@@ -250,7 +421,7 @@ async fn reconcile(daemon: &Arc<Daemon>, cluster: &Arc<Cluster>) -> Result<(), C
     // Fencing: a VMM here whose VM was given to another host since.
     for id in daemon.running_ids() {
         let mine = vms.iter().any(|v| v.id == id && v.host.as_deref() == Some(me.as_str()));
-        if !mine {
+        if !mine && !daemon.is_incoming(&id) && !daemon.is_leaving(&id) {
             tracing::warn!("cluster: {id} is not this host's any more: killing its VMM here");
             daemon.kill_local(&id).await;
         }

@@ -69,6 +69,8 @@ struct Runtime {
     pid: u32,
     /// Set when the daemon asked the VMM to stop (its end is then no failure).
     stopping: Arc<AtomicBool>,
+    /// Set while the VM migrates away: its VMM's end is the handover, not the VM's.
+    handing_off: Arc<AtomicBool>,
     /// Becomes true once the VMM has ended and its record says so.
     ended: watch::Receiver<bool>,
 }
@@ -90,6 +92,8 @@ pub struct Daemon {
     cgroups: Option<crate::cgroups::Cgroups>,
     /// Its part in a cluster (None: alone, records in its own file).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// VMs migrating in: their VMMs run here before their records name this host.
+    incoming: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// How long a call waits for another host to release the records' lock.
@@ -117,6 +121,13 @@ impl Drop for RecordsLock<'_> {
 enum Launch {
     Boot(PathBuf),
     Restore(PathBuf),
+    /// A VM migrating in: `xcloud receive` on `listen`, with the migration's identity and the
+    /// source's pinned certificate.
+    Receive {
+        listen: String,
+        identity: PathBuf,
+        peer: PathBuf,
+    },
 }
 
 impl Daemon {
@@ -165,6 +176,7 @@ impl Daemon {
             ),
         }
         let daemon = Arc::new(Self {
+            incoming: Default::default(),
             cluster: cluster.map(Arc::new),
             cgroups,
             config,
@@ -298,6 +310,21 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// Whether VM `id` is migrating in to this host.
+    pub fn is_incoming(&self, id: &str) -> bool {
+        self.incoming.lock().unwrap_or_else(|p| p.into_inner()).contains(id)
+    }
+
+    /// Whether VM `id` is migrating away from this host (its record may name the destination
+    /// before the source's VMM has finished).
+    pub fn is_leaving(&self, id: &str) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .is_some_and(|r| r.handing_off.load(Ordering::SeqCst))
     }
 
     /// The VMs whose VMMs this daemon watches.
@@ -457,6 +484,213 @@ impl Daemon {
             None => Launch::Boot(self.image_path(&vm.image)),
         };
         self.launch(vm, how).await
+    }
+
+    /// Where a VM's migration credentials go (inside its directory: its jailed VMM reads them).
+    fn migration_dir(&self, id: &str) -> PathBuf {
+        self.vm_dir(id).join("migration")
+    }
+
+    /// Makes a one-time identity for a migration of VM `vm` in `name` under its migration
+    /// directory, and writes `peer` (the other end's one-time certificate) beside it; both
+    /// readable by the VM's jailed VMM. The identity's certificate.
+    fn migration_credentials(
+        &self,
+        vm: &Vm,
+        name: &str,
+        peer: &[u8],
+    ) -> Result<(PathBuf, PathBuf, Vec<u8>), ControlError> {
+        let dir = self.migration_dir(&vm.id).join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        let identity = xcloud_migration::tls::Identity::generate(&dir, &vm.id, true)
+            .map_err(|e| ControlError::Vmm(format!("cannot make the migration's identity: {e}")))?;
+        let peer_path = dir.join("peer.der");
+        std::fs::write(&peer_path, peer)
+            .map_err(|e| ControlError::io(format!("writing {}", peer_path.display()), e))?;
+        if self.config.jail {
+            if let Some(uid) = vm.uid {
+                for path in [
+                    self.migration_dir(&vm.id),
+                    dir.clone(),
+                    dir.join(xcloud_migration::tls::KEY_FILE),
+                    dir.join(xcloud_migration::tls::CERT_FILE),
+                    peer_path.clone(),
+                ] {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(uid))
+                        .map_err(|e| ControlError::io(format!("giving {} to the VM's uid", path.display()), e))?;
+                }
+            }
+        }
+        Ok((dir, peer_path, identity.cert.to_vec()))
+    }
+
+    /// Starts a VMM that waits for VM `id` to migrate in from its host, on `ip`, accepting
+    /// only `peer_cert`: where it listens and its one-time certificate. Once the VM runs here
+    /// its record is changed to name this host (if it still names the source and the same
+    /// placement).
+    pub async fn receive_incoming(
+        self: &Arc<Self>,
+        id: &str,
+        ip: &str,
+        peer_cert: &[u8],
+    ) -> Result<(String, Vec<u8>), ControlError> {
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        let vm = self.vm(id).await?;
+        if self.is_mine(&vm) || self.runtime(id).is_some() {
+            return Err(ControlError::Conflict(format!(
+                "VM {} is on this host already",
+                vm.name
+            )));
+        }
+        let (dir, peer, cert) = self.migration_credentials(&vm, "in", peer_cert)?;
+        let port = std::net::TcpListener::bind((ip, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| ControlError::io(format!("finding a free port on {ip}"), e))?
+            .port();
+        let listen = format!("{ip}:{port}");
+        let launch = Launch::Receive {
+            listen: listen.clone(),
+            identity: dir,
+            peer,
+        };
+        self.incoming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string());
+        let (child, vmm_log) = match self.spawn_vmm(&vm, launch).await {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                self.incoming.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+                return Err(e);
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let mut ended = self.watch(vm.id.clone(), vm.tenant.clone(), Some(child), pid);
+        // Listening once a connection is taken (the VMM drops one that does not authenticate).
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        while tokio::net::TcpStream::connect(&listen).await.is_err() {
+            if *ended.borrow() || tokio::time::Instant::now() > deadline {
+                self.kill(id, pid).await;
+                return Err(ControlError::Vmm(format!(
+                    "the receiving VMM of {} did not listen: {}",
+                    vm.name,
+                    tail(&vmm_log)
+                )));
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(20), ended.changed()).await;
+        }
+        let daemon = self.clone();
+        let sock = self.api_socket(id);
+        let (source, generation, id) = (vm.host.clone(), vm.generation, id.to_string());
+        tokio::spawn(async move {
+            // The control socket answers once the VM was handed over and runs here.
+            loop {
+                if *ended.borrow() {
+                    return;
+                }
+                if let Ok(status) = ctl(&sock, VmmCommand::Status).await {
+                    let state = vmm_state(&status).unwrap_or(VmState::Running);
+                    let me = daemon.config.host_name.clone();
+                    let taken = daemon
+                        .update_if(
+                            &id,
+                            |v| v.host == source && v.generation == generation,
+                            |v| {
+                                v.host = Some(me.clone());
+                                v.pid = Some(pid);
+                                v.state = state;
+                                v.exit = None;
+                            },
+                        )
+                        .await;
+                    daemon.incoming.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    // The source says `vm.migrated` once its side is done too.
+                    match taken {
+                        Ok(Some(_)) => {}
+                        _ => {
+                            tracing::warn!("{id}: migrated in, but its record changed meanwhile: killing it here");
+                            daemon.kill(&id, pid).await;
+                        }
+                    }
+                    return;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(20), ended.changed()).await;
+            }
+        });
+        Ok((listen, cert))
+    }
+
+    /// Kills the receiving VMM of VM `id` if it has not taken over (its migration failed).
+    pub async fn abort_incoming(&self, id: &str) {
+        if self.is_incoming(id) {
+            self.kill_local(id).await;
+        }
+    }
+
+    /// Migrates VM `id` live to the VMM listening on `to` with certificate `peer_cert`, using
+    /// a one-time identity whose certificate `prepare` is given first (to send to the
+    /// destination, which answers where it listens and its certificate).
+    pub async fn migrate_out<F, Fut>(
+        self: &Arc<Self>,
+        id: &str,
+        prepare: F,
+    ) -> Result<xcloud_migration::MigrationSummary, ControlError>
+    where
+        F: FnOnce(Vec<u8>) -> Fut,
+        Fut: std::future::Future<Output = Result<(String, Vec<u8>), ControlError>>,
+    {
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        let vm = self.vm(id).await?;
+        if vm.state != VmState::Running || !self.is_mine(&vm) {
+            return Err(ControlError::Conflict(
+                format!("VM {} is {:?}: only a running VM migrates", vm.name, vm.state).to_lowercase(),
+            ));
+        }
+        let handing_off = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|r| r.handing_off.clone())
+            .ok_or_else(|| ControlError::Conflict(format!("VM {} has no VMM here", vm.name)))?;
+        // The destination's certificate is not known before the destination answers: make
+        // the identity first with a placeholder peer, then write the real one.
+        let (dir, peer_path, cert) = self.migration_credentials(&vm, "out", &[])?;
+        let (to, peer_cert) = prepare(cert).await?;
+        std::fs::write(&peer_path, &peer_cert)
+            .map_err(|e| ControlError::io(format!("writing {}", peer_path.display()), e))?;
+        let command = VmmCommand::Migrate {
+            to,
+            identity: self.vmm_path(id, &dir),
+            peer_cert: self.vmm_path(id, &peer_path),
+            max_downtime_ms: None,
+            timeout_ms: None,
+            postcopy: Default::default(),
+            compress: false,
+        };
+        handing_off.store(true, Ordering::SeqCst);
+        match ctl_ok(&self.api_socket(id), command).await {
+            Ok(answer) => answer
+                .migrated
+                .ok_or_else(|| ControlError::Vmm("the VMM said the migration ended but not how".into())),
+            Err(e) => {
+                handing_off.store(false, Ordering::SeqCst);
+                Err(e)
+            }
+        }
+    }
+
+    /// The outgoing migration of VM `id` under way here, if one is.
+    pub async fn migration_progress(&self, id: &str) -> Option<crate::model::MigrationPhase> {
+        let status = ctl(&self.api_socket(id), VmmCommand::Status).await.ok()?;
+        status.migration.map(|p| crate::model::MigrationPhase {
+            phase: p.phase,
+            round: p.round,
+            bytes_sent: p.bytes_sent,
+            dirty_pages: p.dirty_pages,
+        })
     }
 
     /// Publishes an event to the stream.
@@ -627,7 +861,9 @@ impl Daemon {
             .ok_or_else(|| ControlError::NotFound(format!("no VM {id}")))
     }
 
-    async fn launch(self: &Arc<Self>, vm: Vm, how: Launch) -> Result<Vm, ControlError> {
+    /// Starts the VMM process of `vm` (its directory, console, cgroup and jail made ready);
+    /// the child and where its log goes.
+    async fn spawn_vmm(&self, vm: &Vm, how: Launch) -> Result<(tokio::process::Child, PathBuf), ControlError> {
         let dir = self.vm_dir(&vm.id);
         std::fs::create_dir_all(&dir).map_err(|e| ControlError::io(format!("creating {}", dir.display()), e))?;
         let sock = self.api_socket(&vm.id);
@@ -659,9 +895,9 @@ impl Daemon {
         let how = if self.config.jail {
             let image = match &how {
                 Launch::Boot(image) => Some(image.as_path()),
-                Launch::Restore(_) => None,
+                Launch::Restore(_) | Launch::Receive { .. } => None,
             };
-            let (uid, linked) = self.prepare_jail(&vm, image).await?;
+            let (uid, linked) = self.prepare_jail(vm, image).await?;
             cmd.arg("jail")
                 .arg("--root")
                 .arg(&dir)
@@ -673,6 +909,11 @@ impl Daemon {
             match how {
                 Launch::Boot(image) => Launch::Boot(self.vmm_path(&vm.id, &linked.unwrap_or(image))),
                 Launch::Restore(dir) => Launch::Restore(self.vmm_path(&vm.id, &dir)),
+                Launch::Receive { listen, identity, peer } => Launch::Receive {
+                    listen,
+                    identity: self.vmm_path(&vm.id, &identity),
+                    peer: self.vmm_path(&vm.id, &peer),
+                },
             }
         } else {
             how
@@ -693,6 +934,17 @@ impl Daemon {
             }
             Launch::Restore(snapshot) => {
                 cmd.arg("restore").arg(snapshot).arg("--api").arg(&sock_arg);
+            }
+            Launch::Receive { listen, identity, peer } => {
+                cmd.arg("receive")
+                    .arg("--listen")
+                    .arg(listen)
+                    .arg("--identity")
+                    .arg(identity)
+                    .arg("--peer")
+                    .arg(peer)
+                    .arg("--api")
+                    .arg(&sock_arg);
             }
         }
         cmd.stdin(Stdio::null())
@@ -721,6 +973,12 @@ impl Daemon {
             }
         };
         drop(placement);
+        Ok((child, vmm_log_path))
+    }
+
+    async fn launch(self: &Arc<Self>, vm: Vm, how: Launch) -> Result<Vm, ControlError> {
+        let sock = self.api_socket(&vm.id);
+        let (child, vmm_log_path) = self.spawn_vmm(&vm, how).await?;
         let pid = child.id().unwrap_or(0);
         let vm = self
             .update_vm(&vm.id, |v| {
@@ -783,10 +1041,12 @@ impl Daemon {
     ) -> watch::Receiver<bool> {
         let (ended_tx, ended_rx) = watch::channel(false);
         let stopping = Arc::new(AtomicBool::new(false));
+        let handing_off = Arc::new(AtomicBool::new(false));
         self.running.lock().unwrap_or_else(|p| p.into_inner()).insert(
             id.clone(),
             Runtime {
                 pid,
+                handing_off: handing_off.clone(),
                 stopping: stopping.clone(),
                 ended: ended_rx.clone(),
             },
@@ -816,21 +1076,40 @@ impl Daemon {
                 VmState::Failed => "vm.failed",
                 _ => "vm.exited",
             };
+            // The record is this VMM's to change only while it names this host and this
+            // process: not after the VM migrated away, nor for a VMM that never took over.
+            let handed_off = handing_off.load(Ordering::SeqCst);
             let result = daemon
-                .update_vm(&id, |v| {
-                    v.state = state;
-                    v.exit = Some(exit.clone());
-                    close_run(v);
-                })
+                .update_if(
+                    &id,
+                    |v| !handed_off && daemon.is_mine(v) && v.pid == Some(pid),
+                    |v| {
+                        v.state = state;
+                        v.exit = Some(exit.clone());
+                        close_run(v);
+                    },
+                )
                 .await;
-            if let Err(e) = result {
-                tracing::warn!("{id}: cannot record the end of its VMM: {e}");
+            let recorded = match result {
+                Ok(r) => r.is_some(),
+                Err(e) => {
+                    tracing::warn!("{id}: cannot record the end of its VMM: {e}");
+                    false
+                }
+            };
+            {
+                let mut running = daemon.running.lock().unwrap_or_else(|p| p.into_inner());
+                if running.get(&id).is_some_and(|r| r.pid == pid) {
+                    running.remove(&id);
+                }
             }
-            daemon.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            daemon.incoming.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             if let Some(cg) = &daemon.cgroups {
                 cg.remove(&tenant, &id);
             }
-            daemon.emit(&tenant, kind, &id, Some(exit));
+            if recorded {
+                daemon.emit(&tenant, kind, &id, Some(exit));
+            }
             let _ = ended_tx.send(true);
         });
         ended_rx

@@ -5,8 +5,9 @@ use crate::auth;
 use crate::daemon::Daemon;
 use crate::error::ErrorBody;
 use crate::model::{
-    check_name, now, CreateTenant, CreateVm, Desired, Event, Host, Image, InstanceType, NewKey, Quota, RestoreVm, Role,
-    Snapshot, Tenant, Usage, UsageLine, Vm, VmMetrics, VmState, WhoAmI,
+    check_name, now, CreateTenant, CreateVm, Desired, Event, Host, Image, IncomingAnswer, IncomingRequest,
+    InstanceType, MigrateVm, MigrationReport, NewKey, Quota, RestoreVm, Role, Snapshot, Tenant, Usage, UsageLine, Vm,
+    VmMetrics, VmState, WhoAmI,
 };
 use crate::store::Table;
 use crate::ControlError;
@@ -132,7 +133,11 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms/{vm}/metrics", get(metrics))
         .route("/v1/vms/{vm}/snapshots", get(list_snapshots).post(create_snapshot))
         .route("/v1/vms/{vm}/restore", post(restore_vm))
+        .route("/v1/vms/{vm}/migrate", post(migrate_vm))
+        .route("/v1/vms/{vm}/incoming", post(incoming_vm).delete(abort_incoming))
         .route("/v1/hosts", get(list_hosts))
+        .route("/v1/hosts/{host}/drain", post(drain_host))
+        .route("/v1/hosts/{host}/undrain", post(undrain_host))
         .route("/v1/usage", get(usage))
         .route("/v1/events", get(events))
         .fallback(|| async { ControlError::NotFound("no such route in API v1 (see /v1/openapi.json)".into()) })
@@ -184,7 +189,7 @@ async fn to_the_vms_host(
         ["", "v1", "vms", key, "snapshots"] if request.method() == axum::http::Method::POST => {
             (key.to_string(), "snapshots".to_string())
         }
-        ["", "v1", "vms", key, op @ ("start" | "stop" | "pause" | "resume" | "console" | "metrics" | "restore")] => {
+        ["", "v1", "vms", key, op @ ("start" | "stop" | "pause" | "resume" | "console" | "metrics" | "restore" | "migrate")] => {
             (key.to_string(), op.to_string())
         }
         _ => return next.run(request).await,
@@ -253,7 +258,8 @@ fn percent_decode(segment: &str) -> String {
     paths(
         whoami, list_tenants, create_tenant, delete_tenant, create_key, list_types, create_type, list_images,
         upload_image, delete_image, image_content, list_vms, create_vm, show_vm, delete_vm, start_vm, stop_vm, pause_vm,
-        resume_vm, console, metrics, list_snapshots, create_snapshot, restore_vm, list_hosts, usage, events
+        resume_vm, console, metrics, list_snapshots, create_snapshot, restore_vm, migrate_vm, incoming_vm,
+        abort_incoming, list_hosts, drain_host, undrain_host, usage, events
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerKey),
@@ -859,6 +865,11 @@ async fn metrics(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Js
         run_seconds: vm.run_seconds_now(),
         vmm_pid: pid,
         cgroups: d.cgroup_dirs(&vm).iter().map(|p| p.display().to_string()).collect(),
+        migration: if vm.state.has_vmm() && d.is_mine(&vm) {
+            d.migration_progress(&vm.id).await
+        } else {
+            None
+        },
     }))
 }
 
@@ -891,6 +902,98 @@ async fn restore_vm(State(d): D, caller: Caller, Path(key): Path<String>, Json(r
         .filter(|s: &Snapshot| s.vm == vm.id)
         .ok_or_else(|| ControlError::NotFound(format!("VM {} has no snapshot {}", vm.name, req.snapshot)))?;
     Ok(Json(d.restore(&vm.id, &snap).await?))
+}
+
+/// Live-migrates a running VM to another host of the cluster: the one named, one of the
+/// provider named, or the best other host by its placement (avoiding a provider if asked).
+/// A VM that cannot move stays where it runs.
+#[utoipa::path(post, path = "/v1/vms/{vm}/migrate", params(("vm" = String, Path, description = "id or name")),
+    request_body = MigrateVm, responses((status = 200, body = MigrationReport), (status = 409, body = ErrorBody),
+        (status = 502, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn migrate_vm(
+    State(d): D,
+    caller: Caller,
+    Path(key): Path<String>,
+    Json(req): Json<MigrateVm>,
+) -> Res<Json<MigrationReport>> {
+    let vm = find_vm(&d, &caller, &key).await?;
+    if d.cluster.is_none() {
+        return Err(ControlError::Conflict(
+            "a daemon alone has no other host to migrate to".into(),
+        ));
+    }
+    if !d.is_mine(&vm) {
+        return Err(ControlError::Conflict(format!(
+            "VM {} is not on a host that is up",
+            vm.name
+        )));
+    }
+    let to = crate::cluster::migration_target(&d, &vm, &req).await?;
+    Ok(Json(crate::cluster::migrate(&d, &vm, &to).await?))
+}
+
+/// Between hosts: starts a VMM here that waits for the VM to migrate in.
+#[utoipa::path(post, path = "/v1/vms/{vm}/incoming", params(("vm" = String, Path, description = "id")),
+    request_body = IncomingRequest, responses((status = 200, body = IncomingAnswer), (status = 403, body = ErrorBody)))]
+async fn incoming_vm(
+    State(d): D,
+    caller: Caller,
+    Path(key): Path<String>,
+    Json(req): Json<IncomingRequest>,
+) -> Res<Json<IncomingAnswer>> {
+    caller.require_admin()?;
+    let cluster = d
+        .cluster
+        .clone()
+        .ok_or_else(|| ControlError::Conflict("a daemon alone takes no migrations".into()))?;
+    let vm = find_vm(&d, &caller, &key).await?;
+    let peer = auth::unhex(&req.peer_cert).ok_or_else(|| ControlError::BadRequest("peer_cert is not hex".into()))?;
+    let (listen, cert) = d
+        .receive_incoming(&vm.id, &crate::cluster::migration_ip(&cluster), &peer)
+        .await?;
+    Ok(Json(IncomingAnswer {
+        listen,
+        cert: auth::hex(&cert),
+    }))
+}
+
+/// Between hosts: drops a VM's incoming VMM whose migration failed.
+#[utoipa::path(delete, path = "/v1/vms/{vm}/incoming", params(("vm" = String, Path, description = "id")),
+    responses((status = 204), (status = 403, body = ErrorBody)))]
+async fn abort_incoming(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<StatusCode> {
+    caller.require_admin()?;
+    let vm = find_vm(&d, &caller, &key).await?;
+    d.abort_incoming(&vm.id).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Places no more VMs on a host (its VMs stay until they are migrated away: `xcloud host
+/// drain` does both).
+#[utoipa::path(post, path = "/v1/hosts/{host}/drain", params(("host" = String, Path, description = "name")),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn drain_host(State(d): D, caller: Caller, Path(host): Path<String>) -> Res<StatusCode> {
+    set_draining(&d, &caller, &host, true).await
+}
+
+/// Places VMs on a drained host again.
+#[utoipa::path(post, path = "/v1/hosts/{host}/undrain", params(("host" = String, Path, description = "name")),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn undrain_host(State(d): D, caller: Caller, Path(host): Path<String>) -> Res<StatusCode> {
+    set_draining(&d, &caller, &host, false).await
+}
+
+async fn set_draining(d: &Daemon, caller: &Caller, host: &str, draining: bool) -> Res<StatusCode> {
+    caller.require_admin()?;
+    if d.cluster.is_none() {
+        return Err(ControlError::Conflict(
+            "a daemon alone has no other host to drain to".into(),
+        ));
+    }
+    if !crate::cluster::hosts(d).await?.iter().any(|h| h.name == host) {
+        return Err(ControlError::NotFound(format!("no host {host} is up")));
+    }
+    crate::cluster::set_draining(d, host, draining).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The hosts of the cloud (alone: this one).

@@ -477,6 +477,75 @@ pub struct VmMetrics {
     pub vmm_pid: Option<u32>,
     /// The cgroup directories its VMM runs in (none where the host has no cgroups).
     pub cgroups: Vec<String>,
+    /// The outgoing live migration under way, if one is.
+    #[serde(default)]
+    pub migration: Option<MigrationPhase>,
+}
+
+/// How far an outgoing live migration is.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MigrationPhase {
+    /// "first pass", "pre-copy", "stop-and-copy", "handover" or "post-copy".
+    pub phase: String,
+    /// Pre-copy rounds so far.
+    pub round: u32,
+    /// Bytes sent so far.
+    pub bytes_sent: u64,
+    /// Pages still to send.
+    pub dirty_pages: u64,
+}
+
+/// `POST /v1/vms/{vm}/migrate`: where to (none given: the best other host by the VM's
+/// placement).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateVm {
+    /// This host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// A host of this provider.
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// A host of any provider but this one (how a provider is evacuated).
+    #[serde(default)]
+    pub avoid_provider: Option<String>,
+}
+
+/// What a live migration through the API did.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct MigrationReport {
+    /// The VM.
+    pub vm: String,
+    /// The host it left.
+    pub from: String,
+    /// The host it runs on now.
+    pub to: String,
+    /// From the start to the end of the migration, ms.
+    pub total_ms: f64,
+    /// How long the guest did not run (the stall), ms.
+    pub downtime_ms: f64,
+    /// Bytes on the migration stream.
+    pub bytes_sent: u64,
+    /// Pre-copy rounds after the first pass.
+    pub rounds: u32,
+}
+
+/// `POST /v1/vms/{vm}/incoming` (between hosts): the source's one-time certificate.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingRequest {
+    /// The source's certificate for this migration (DER, hex).
+    pub peer_cert: String,
+}
+
+/// The answer to `POST /v1/vms/{vm}/incoming`: where the destination listens and its
+/// one-time certificate.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct IncomingAnswer {
+    /// `IP:PORT` the destination's VMM listens on.
+    pub listen: String,
+    /// Its certificate for this migration (DER, hex).
+    pub cert: String,
 }
 
 /// One VM's line in `GET /v1/usage`.

@@ -69,6 +69,20 @@ pub enum CloudCommand {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// A host of the cluster: drain it (admin).
+    Host {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        #[command(subcommand)]
+        action: HostAction,
+    },
+    /// A provider: move every VM off it, live (admin).
+    Provider {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        #[command(subcommand)]
+        action: ProviderAction,
+    },
     /// What the caller's VMs have cost so far.
     Usage {
         #[command(flatten)]
@@ -86,6 +100,36 @@ pub enum CloudCommand {
     Whoami {
         #[command(flatten)]
         endpoint: Endpoint,
+    },
+}
+
+/// `xcloud host ...`.
+#[derive(Subcommand, Debug)]
+pub enum HostAction {
+    /// The hosts (as `xcloud hosts`).
+    Ls,
+    /// Place no more VMs on HOST and live-migrate every VM running there to other hosts
+    /// (exit status 2 if some could not move: they run on where they were).
+    Drain {
+        host: String,
+        /// How many VMs move at once.
+        #[arg(long, default_value_t = 2)]
+        parallel: usize,
+    },
+    /// Place VMs on a drained host again.
+    Undrain { host: String },
+}
+
+/// `xcloud provider ...`.
+#[derive(Subcommand, Debug)]
+pub enum ProviderAction {
+    /// Drain every host of PROVIDER, live-migrating each VM to a host of another provider
+    /// (exit status 2 if some could not move: they run on where they were).
+    Evacuate {
+        provider: String,
+        /// How many VMs move at once.
+        #[arg(long, default_value_t = 2)]
+        parallel: usize,
     },
 }
 
@@ -141,6 +185,16 @@ pub enum VmAction {
     Resume { vm: String },
     /// Remove a VM (stopped first), its files and its snapshots.
     Rm { vm: String },
+    /// Live-migrate a running VM to another host of the cluster.
+    Migrate {
+        vm: String,
+        /// To this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// To a host of this provider.
+        #[arg(long)]
+        provider: Option<String>,
+    },
     /// Print the end of a VM's console output.
     Console {
         vm: String,
@@ -293,6 +347,18 @@ fn show(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+const HOST_FIELDS: &[&str] = &[
+    "name",
+    "provider",
+    "region",
+    "cpus",
+    "mem_mib",
+    "vms",
+    "vcpus_used",
+    "price_per_hour",
+    "state",
+];
+
 const VM_FIELDS: &[&str] = &[
     "id",
     "name",
@@ -379,21 +445,37 @@ pub fn run(command: CloudCommand) -> anyhow::Result<i32> {
                 ),
             )?),
         },
-        CloudCommand::Hosts { endpoint: e } => table(
-            &e,
-            &call(&e, "GET", "/v1/hosts", None)?,
-            &[
-                "name",
-                "provider",
-                "region",
-                "cpus",
-                "mem_mib",
-                "vms",
-                "vcpus_used",
-                "price_per_hour",
-                "state",
-            ],
-        ),
+        CloudCommand::Hosts { endpoint: e }
+        | CloudCommand::Host {
+            endpoint: e,
+            action: HostAction::Ls,
+        } => table(&e, &call(&e, "GET", "/v1/hosts", None)?, HOST_FIELDS),
+        CloudCommand::Host {
+            endpoint: e,
+            action: HostAction::Drain { host, parallel },
+        } => return drain(&e, &[host], None, parallel),
+        CloudCommand::Host {
+            endpoint: e,
+            action: HostAction::Undrain { host },
+        } => {
+            call(&e, "POST", &format!("/v1/hosts/{}/undrain", escape(&host)), None)?;
+        }
+        CloudCommand::Provider {
+            endpoint: e,
+            action: ProviderAction::Evacuate { provider, parallel },
+        } => {
+            let hosts: Vec<String> = call(&e, "GET", "/v1/hosts", None)?
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|h| h["provider"] == provider.as_str() && h["state"] != "lost")
+                .filter_map(|h| h["name"].as_str().map(String::from))
+                .collect();
+            if hosts.is_empty() {
+                bail!("no host of provider {provider} is up");
+            }
+            return drain(&e, &hosts, Some(&provider), parallel);
+        }
         CloudCommand::Usage { endpoint: e } => {
             let usage = call(&e, "GET", "/v1/usage", None)?;
             if e.json {
@@ -411,6 +493,24 @@ pub fn run(command: CloudCommand) -> anyhow::Result<i32> {
         CloudCommand::Whoami { endpoint: e } => show(&call(&e, "GET", "/v1/whoami", None)?),
     }
     Ok(0)
+}
+
+impl crate::evacuate::Api for Endpoint {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        call(self, method, path, body)
+    }
+
+    fn json(&self) -> bool {
+        self.json
+    }
+}
+
+/// Drains `hosts`, then moves their running VMs off (`xcloud host drain`, `provider evacuate`).
+fn drain(e: &Endpoint, hosts: &[String], avoid_provider: Option<&str>, parallel: usize) -> anyhow::Result<i32> {
+    for host in hosts {
+        call(e, "POST", &format!("/v1/hosts/{}/drain", escape(host)), None)?;
+    }
+    crate::evacuate::move_off(e, hosts, avoid_provider, parallel)
 }
 
 fn print_key(e: &Endpoint, answer: &Value) {
@@ -471,6 +571,27 @@ fn vm(e: &Endpoint, action: VmAction) -> anyhow::Result<()> {
         VmAction::Resume { vm } => one(call(e, "POST", &at(&vm, "/resume"), None)?),
         VmAction::Rm { vm } => {
             call(e, "DELETE", &at(&vm, ""), None)?;
+        }
+        VmAction::Migrate { vm, host, provider } => {
+            let report = call(
+                e,
+                "POST",
+                &at(&vm, "/migrate"),
+                Some(serde_json::json!({"host": host, "provider": provider})),
+            )?;
+            if e.json {
+                show(&report);
+            } else {
+                println!(
+                    "{} moved {} -> {} in {:.0} ms, stalled {:.1} ms, {:.1} MiB sent",
+                    s(&report, "vm"),
+                    s(&report, "from"),
+                    s(&report, "to"),
+                    report["total_ms"].as_f64().unwrap_or(0.0),
+                    report["downtime_ms"].as_f64().unwrap_or(0.0),
+                    report["bytes_sent"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64
+                );
+            }
         }
         VmAction::Console { vm, bytes } => {
             let answer = client(e)?.call("GET", &at(&vm, &format!("/console?bytes={bytes}")), None)?;

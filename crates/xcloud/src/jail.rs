@@ -18,9 +18,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
-/// The system calls a VMM makes (`xcloud run`, `restore`, and what its control socket asks:
-/// pause, resume, snapshot, status, stop), read off strace of those paths and the VMM's code.
+/// The system calls a VMM makes (`xcloud run`, `restore`, `receive`, and what its control
+/// socket asks: pause, resume, snapshot, status, stop, migrate), read off strace of those
+/// paths and the VMM's code.
 const ALLOWED: &[i64] = &[
+    // The VMM lowers its background threads (migration's copying, KVM's NX recovery);
+    // without CAP_SYS_NICE (the jail's uid has none) no priority can be raised.
+    libc::SYS_setpriority,
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_readv,

@@ -189,8 +189,12 @@ impl Lab {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let dir = std::fs::canonicalize(dir)?;
-        let tag = std::process::id() % 100_000;
-        let subnet = format!("10.{}.{}", 200 + (tag % 50), (tag / 50) % 250);
+        // Names and addresses of its own, even beside another lab of this process or another.
+        static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = LABS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 10;
+        let pid = std::process::id() % 100_000;
+        let tag = format!("{pid}{n}");
+        let subnet = format!("10.{}.{}", 200 + (pid % 50), ((pid / 50) + n * 25) % 250);
         let mut lab = Self {
             etcd_url: format!("http://{subnet}.1:2379"),
             dir: dir.clone(),

@@ -10,6 +10,7 @@ pub mod bench_net;
 pub mod bench_snapshot;
 pub mod cloud;
 pub mod doctor;
+pub mod evacuate;
 pub mod guests;
 pub mod jail;
 pub mod lab;

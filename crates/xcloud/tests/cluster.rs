@@ -15,15 +15,20 @@ use xcloud::lab::{default_hosts, Lab, LabHost};
 /// Seconds a dead host stays registered in these tests.
 const LEASE_TTL: u32 = 3;
 
-fn lab(name: &str) -> Lab {
+/// One lab at a time: each boots several guests, and two cores are all there is.
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lab(name: &str) -> (Lab, std::sync::MutexGuard<'static, ()>) {
+    let guard = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lab-{name}"));
-    Lab::up(
+    let lab = Lab::up(
         &dir,
         &default_hosts(),
         Path::new(env!("CARGO_BIN_EXE_xcloudd")),
         LEASE_TTL,
     )
-    .expect("the lab starts")
+    .expect("the lab starts");
+    (lab, guard)
 }
 
 /// `xcloud ARGS` against `host`'s API with `key`.
@@ -108,7 +113,7 @@ fn alive(pid: u64) -> bool {
 
 #[test]
 fn a_cluster_places_vms_serves_them_from_any_host_and_restarts_them_when_a_host_dies() {
-    let mut lab = lab("main");
+    let (mut lab, _one) = lab("main");
     let admin = lab.admin_key().expect("admin key");
     let [h1, h2, h3] = [0, 1, 2];
 
@@ -282,4 +287,130 @@ fn a_cluster_places_vms_serves_them_from_any_host_and_restarts_them_when_a_host_
         json(&lab.hosts[h2], &acme, &["vm", "show", "batch"])["pid"],
         again["pid"]
     );
+}
+
+/// The guest's own uptime in its last heartbeat line on the console read through `host`.
+fn uptime_ms(host: &LabHost, key: &str, vm: &str) -> u64 {
+    ok(host, key, &["vm", "console", vm])
+        .lines()
+        .rev()
+        .find_map(|l| l.split("uptime_ms=").nth(1).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Waits until VM `vm`'s guest, read through `host`, reports an uptime above `than`: the same
+/// guest runs on (a fresh boot would start again from 0).
+fn wait_uptime_above(host: &LabHost, key: &str, vm: &str, than: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let up = uptime_ms(host, key, vm);
+        if up > than {
+            return up;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{vm}'s guest shows no uptime above {than} ms (now {up})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn draining_a_host_and_evacuating_a_provider_move_running_vms_live() {
+    let (lab, _one) = lab("drain");
+    let admin = lab.admin_key().expect("admin key");
+    let (h1, h2, h3) = (&lab.hosts[0], &lab.hosts[1], &lab.hosts[2]);
+    let acme = ok(h1, &admin, &["tenant", "create", "acme"]).trim().to_string();
+    json(h1, &acme, &["image", "push", "heartbeat"]);
+
+    // Packed on host-1, kept at provider alpha.
+    let pinned = ["--strategy", "pack", "--provider", "alpha"];
+    for name in ["a-1", "a-2", "a-3"] {
+        let mut args = vec!["vm", "create", name, "--image", "heartbeat"];
+        args.extend(pinned);
+        assert_eq!(json(h3, &acme, &args)["host"], "host-1");
+    }
+    let mut before = Vec::new();
+    for name in ["a-1", "a-2", "a-3"] {
+        before.push(wait_uptime_above(h2, &acme, name, 0));
+    }
+
+    // One VM moved by hand, to a host named.
+    let moved = json(h2, &acme, &["vm", "migrate", "a-1", "--host", "host-2"]);
+    assert_eq!(
+        (moved["from"].as_str(), moved["to"].as_str()),
+        (Some("host-1"), Some("host-2")),
+        "{moved}"
+    );
+    assert!(moved["downtime_ms"].as_f64().unwrap_or(f64::MAX) < 1000.0, "{moved}");
+    assert_eq!(json(h3, &acme, &["vm", "show", "a-1"])["host"], "host-2");
+    before[0] = wait_uptime_above(h3, &acme, "a-1", before[0]);
+    let err = fails(h1, &acme, &["vm", "migrate", "a-2", "--provider", "beta"]);
+    assert!(err.contains("nowhere to go") && err.contains("provider"), "{err}");
+
+    // Draining host-1: the rest go to host-2 (the only other alpha host), the guests run on.
+    let out = cli(h1, &admin, &["host", "drain", "host-1"]);
+    let table = stdout(&out);
+    assert!(out.status.success(), "drain: {}\n{table}", stderr(&out));
+    assert!(table.contains("2 of 2 running VMs moved"), "{table}");
+    for (i, name) in ["a-1", "a-2", "a-3"].iter().enumerate() {
+        assert_eq!(json(h1, &acme, &["vm", "show", name])["host"], "host-2", "{name}");
+        wait_uptime_above(h1, &acme, name, before[i]);
+    }
+    let hosts = json(h3, &admin, &["hosts"]);
+    let state = |name: &str| {
+        hosts
+            .as_array()
+            .and_then(|a| a.iter().find(|h| h["name"] == name))
+            .map(|h| h["state"].clone())
+    };
+    assert_eq!(state("host-1"), Some(Value::from("draining")), "{hosts}");
+    // Nothing new goes to a drained host.
+    assert_eq!(
+        json(
+            h1,
+            &acme,
+            &["vm", "create", "b-1", "--image", "heartbeat", "--host", "host-1"]
+        )["state"],
+        "pending"
+    );
+    ok(h1, &acme, &["vm", "rm", "b-1"]);
+
+    // Evacuating alpha: the free VM leaves for beta; the ones kept at alpha cannot, stay
+    // running where they are, and say so (exit status 2).
+    let free = json(
+        h2,
+        &acme,
+        &["vm", "create", "free", "--image", "heartbeat", "--strategy", "pack"],
+    );
+    assert_eq!(free["host"], "host-2", "{free}");
+    let free_up = wait_uptime_above(h2, &acme, "free", 0);
+    let out = cli(h3, &admin, &["provider", "evacuate", "alpha", "--json"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let summary: Value = serde_json::from_str(&stdout(&out)).expect("the summary is JSON");
+    let rows = summary["vms"].as_array().expect("rows");
+    assert_eq!(rows.len(), 4, "{summary}");
+    for row in rows {
+        let moved = row["moved"].as_bool() == Some(true);
+        assert_eq!(moved, row["vm"] == "free", "{row}");
+        if moved {
+            assert_eq!(row["report"]["to"], "host-3", "{row}");
+        } else {
+            assert!(
+                row["error"].as_str().unwrap_or_default().contains("nowhere to go"),
+                "{row}"
+            );
+        }
+    }
+    assert_eq!(json(h1, &acme, &["vm", "show", "free"])["host"], "host-3");
+    wait_uptime_above(h1, &acme, "free", free_up);
+    for name in ["a-1", "a-2", "a-3"] {
+        let vm = json(h3, &acme, &["vm", "show", name]);
+        assert_eq!(
+            (vm["state"].as_str(), vm["host"].as_str()),
+            (Some("running"), Some("host-2")),
+            "{vm}"
+        );
+    }
+    assert_eq!(json(h3, &acme, &["vm", "ls"]).as_array().map(|a| a.len()), Some(4));
 }
