@@ -22,9 +22,11 @@ pub struct Load {
     pub vms: u32,
 }
 
-/// Whether `vm` counts against its host's capacity: it runs, or is to.
+/// Whether `vm` counts against its host's capacity: it runs, is about to, or was lost with
+/// its host (and may come back with it).
 pub fn holds_capacity(vm: &Vm) -> bool {
-    vm.host.is_some() && (vm.state.has_vmm() || vm.want == crate::model::Desired::Running)
+    use crate::model::VmState;
+    vm.host.is_some() && (vm.state.has_vmm() || matches!(vm.state, VmState::Pending | VmState::Lost))
 }
 
 /// What `host` holds among `vms`, leaving out `except` (the VM being placed).

@@ -2,6 +2,7 @@
 //! integration tests can drive them in-process as well as through the binary.
 
 pub mod bench;
+pub mod bench_api;
 pub mod bench_disk;
 pub mod bench_fair;
 pub mod bench_http;

@@ -290,6 +290,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// The control plane on a lab cluster: API latency under load (cluster vs alone), VM
+    /// creation rate (API vs xcloud run), and a drain of busy guests (vs one migrated alone).
+    Api {
+        /// VMs created for the creation rate (at most 8 at once fit a two-CPU host).
+        #[arg(long, default_value_t = 8)]
+        create: usize,
+        /// Busy VMs on the drained host (at most 8: two CPUs, four vCPUs each).
+        #[arg(long, default_value_t = 8)]
+        drain: usize,
+        /// Seconds of load per latency figure.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// wrk's connections.
+        #[arg(long, default_value_t = 16)]
+        connections: u32,
+    },
     /// CPU fairness of VMMs jailed by xcloudd: weights 1:3 on one core, and a CPU cap.
     Fair {
         /// Seconds per window.
@@ -472,6 +488,18 @@ fn main() -> ExitCode {
             seconds,
             connections,
             runs,
+        })
+        .map(|_| 0),
+        Command::Bench(BenchCommand::Api {
+            create,
+            drain,
+            seconds,
+            connections,
+        }) => xcloud::bench_api::api(&xcloud::bench_api::ApiBench {
+            create,
+            drain,
+            seconds,
+            connections,
         })
         .map(|_| 0),
         Command::Bench(BenchCommand::Fair { seconds, runs, cap }) => {
