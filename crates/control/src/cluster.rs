@@ -14,7 +14,8 @@
 
 use crate::client::{Client, Endpoint};
 use crate::model::{
-    now, Desired, HostRecord, IncomingAnswer, MigrateVm, MigrationReport, RestartPolicy, Snapshot, Vm, VmState,
+    now, Desired, HostRecord, IncomingAnswer, MigrateVm, MigrationReport, PlannedMove, RestartPolicy, Snapshot, Vm,
+    VmState,
 };
 use crate::store::Table;
 use crate::{ControlError, Daemon};
@@ -34,6 +35,9 @@ pub struct ClusterConfig {
     pub lease_ttl: i64,
     /// Where other hosts reach this one's API (`HOST:PORT` of its TLS listener).
     pub advertise: String,
+    /// When this daemon is the scheduler: move running VMs live to hosts where their CPUs
+    /// cost more than this share less, one at a time, as prices change (None: only when asked).
+    pub replace_threshold: Option<f64>,
 }
 
 /// The name the scheduler is elected under.
@@ -212,8 +216,110 @@ pub async fn hosts(daemon: &Daemon) -> Result<Vec<HostRecord>, ControlError> {
         {
             host.state = "draining".into();
         }
+        let price = daemon
+            .store
+            .get::<PriceOverride>(Table::Cluster, &price_key(&host.name))
+            .await?;
+        if let Some(p) = price {
+            host.price_per_hour = p.price_per_hour;
+        }
     }
     Ok(hosts)
+}
+
+/// A host's price as the admin set it last (a provider's price change), over its own flag's.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PriceOverride {
+    price_per_hour: f64,
+}
+
+fn price_key(host: &str) -> String {
+    format!("price-{host}")
+}
+
+/// Sets `host`'s price per hour (what placement and re-placement see from now on).
+pub async fn set_price(daemon: &Daemon, host: &str, price_per_hour: f64) -> Result<(), ControlError> {
+    daemon
+        .store
+        .put(Table::Cluster, &price_key(host), &PriceOverride { price_per_hour })
+        .await
+}
+
+/// The re-placement plan: every running VM whose CPU would cost more than `threshold` less
+/// on another host that fits it (its placement's constraints, capacity with the moves planned
+/// before it), cheapest first.
+pub async fn replacement_plan(daemon: &Daemon, threshold: f64) -> Result<Vec<PlannedMove>, ControlError> {
+    let hosts = hosts(daemon).await?;
+    let mut vms: Vec<Vm> = daemon.store.list(Table::Vms).await?;
+    let cpu_price = |h: &HostRecord| h.price_per_hour / f64::from(h.cpus.max(1));
+    let mut moves = Vec::new();
+    for i in 0..vms.len() {
+        let vm = vms[i].clone();
+        let Some(from) = vm.host.as_deref().and_then(|h| hosts.iter().find(|r| r.name == h)) else {
+            continue;
+        };
+        if vm.state != VmState::Running {
+            continue;
+        }
+        let mut moving = vm.clone();
+        moving.placement.strategy = crate::model::Strategy::Cheapest;
+        let others: Vec<HostRecord> = hosts.iter().filter(|h| h.name != from.name).cloned().collect();
+        let Ok(to) = crate::placement::choose(&moving, &others, &vms) else {
+            continue;
+        };
+        let Some(to) = hosts.iter().find(|h| h.name == to) else {
+            continue;
+        };
+        let (was, would) = (cpu_price(from), cpu_price(to));
+        if would < was * (1.0 - threshold) {
+            moves.push(PlannedMove {
+                vm: vm.id.clone(),
+                name: vm.name.clone(),
+                tenant: vm.tenant.clone(),
+                from: from.name.clone(),
+                to: to.name.clone(),
+                from_cpu_price: was,
+                to_cpu_price: would,
+                saving_per_hour: (was - would) * f64::from(vm.vcpus),
+            });
+            // Later VMs see this one where it would be.
+            vms[i].host = Some(to.name.clone());
+        }
+    }
+    Ok(moves)
+}
+
+/// Carries out `moves` one after another, each asked of the VM's host; what each did.
+pub async fn replace(daemon: &Arc<Daemon>, moves: &[PlannedMove]) -> Result<Vec<String>, ControlError> {
+    let cluster = daemon
+        .cluster
+        .clone()
+        .ok_or_else(|| ControlError::Conflict("a daemon alone has no other host".into()))?;
+    let mut results = Vec::new();
+    for m in moves {
+        let hosts = hosts(daemon).await?;
+        let result = match hosts.iter().find(|h| h.name == m.from) {
+            Some(from) if from.name == daemon.config.host_name => {
+                let vm = daemon.vm(&m.vm).await?;
+                match hosts.iter().find(|h| h.name == m.to) {
+                    Some(to) => migrate(daemon, &vm, to).await.map(|_| ()),
+                    None => Err(ControlError::Conflict(format!("host {} is not up", m.to))),
+                }
+            }
+            Some(from) => {
+                let body = serde_json::json!({ "host": m.to });
+                peer_json(&cluster, from, "POST", &format!("/v1/vms/{}/migrate", m.vm), Some(body))
+                    .await
+                    .map(|_| ())
+            }
+            None => Err(ControlError::Conflict(format!("host {} is not up", m.from))),
+        };
+        results.push(match result {
+            Ok(()) => "moved".to_string(),
+            Err(e) => e.to_string(),
+        });
+    }
+    Ok(results)
 }
 
 /// A host being drained: no VM is placed on it.
@@ -589,12 +695,57 @@ async fn schedule_while_leader(daemon: &Arc<Daemon>, client: &mut etcd_client::C
         if let Err(e) = schedule(daemon).await {
             tracing::warn!("cluster: scheduling failed: {e}");
         }
+        if let Some(threshold) = daemon.cluster.as_ref().and_then(|c| c.config.replace_threshold) {
+            follow_prices(daemon, threshold).await;
+        }
         tokio::select! {
             _ = vm_changes.next(daemon) => {}
             _ = host_changes.next(daemon) => {}
         }
     }
 }
+
+/// Starts the first move of the re-placement plan, unless one is under way.
+async fn follow_prices(daemon: &Arc<Daemon>, threshold: f64) {
+    static MOVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if MOVING.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let first = match replacement_plan(daemon, threshold).await {
+        Ok(moves) => moves.into_iter().next(),
+        Err(e) => {
+            tracing::warn!("cluster: planning the re-placement failed: {e}");
+            None
+        }
+    };
+    let Some(m) = first else {
+        MOVING.store(false, Ordering::SeqCst);
+        return;
+    };
+    let daemon = daemon.clone();
+    tokio::spawn(async move {
+        tracing::info!(
+            "cluster: prices changed: moving {} from {} to {} saves {:.6} an hour",
+            m.name,
+            m.from,
+            m.to,
+            m.saving_per_hour
+        );
+        let result = replace(&daemon, std::slice::from_ref(&m)).await;
+        let moved = matches!(&result, Ok(r) if r.first().map(String::as_str) == Some("moved"));
+        if !moved {
+            tracing::warn!(
+                "cluster: re-placing {} failed ({result:?}); trying again in a while",
+                m.name
+            );
+            tokio::time::sleep(FAILED_MOVE_PAUSE).await;
+        }
+        MOVING.store(false, Ordering::SeqCst);
+    });
+}
+
+/// How long the scheduler waits after a re-placement move failed before planning again.
+const FAILED_MOVE_PAUSE: Duration = Duration::from_secs(30);
 
 /// One round of the scheduler: places what waits for a host; handles what lost its host.
 pub async fn schedule(daemon: &Daemon) -> Result<(), ControlError> {

@@ -6,8 +6,8 @@ use crate::daemon::Daemon;
 use crate::error::ErrorBody;
 use crate::model::{
     check_name, now, CreateTenant, CreateVm, Desired, Event, Host, Image, IncomingAnswer, IncomingRequest,
-    InstanceType, MigrateVm, MigrationReport, NewKey, Quota, RestoreVm, Role, Snapshot, Tenant, Usage, UsageLine, Vm,
-    VmMetrics, VmState, WhoAmI,
+    InstanceType, MigrateVm, MigrationReport, NewKey, Quota, Replacement, ReplacementQuery, RestoreVm, Role, SetPrice,
+    Snapshot, Tenant, Usage, UsageLine, Vm, VmMetrics, VmState, WhoAmI,
 };
 use crate::store::Table;
 use crate::ControlError;
@@ -138,6 +138,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{host}/drain", post(drain_host))
         .route("/v1/hosts/{host}/undrain", post(undrain_host))
+        .route("/v1/hosts/{host}/price", post(set_host_price))
+        .route("/v1/replacement", get(replacement_plan).post(carry_out_replacement))
         .route("/v1/usage", get(usage))
         .route("/v1/events", get(events))
         .fallback(|| async { ControlError::NotFound("no such route in API v1 (see /v1/openapi.json)".into()) })
@@ -259,7 +261,8 @@ fn percent_decode(segment: &str) -> String {
         whoami, list_tenants, create_tenant, delete_tenant, create_key, list_types, create_type, list_images,
         upload_image, delete_image, image_content, list_vms, create_vm, show_vm, delete_vm, start_vm, stop_vm, pause_vm,
         resume_vm, console, metrics, list_snapshots, create_snapshot, restore_vm, migrate_vm, incoming_vm,
-        abort_incoming, list_hosts, drain_host, undrain_host, usage, events
+        abort_incoming, list_hosts, drain_host, undrain_host, set_host_price, replacement_plan,
+        carry_out_replacement, usage, events
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerKey),
@@ -734,7 +737,7 @@ async fn wait_started(d: &Daemon, id: &str) -> Res<Vm> {
             }
             _ => return Ok(vm),
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
 
@@ -994,6 +997,86 @@ async fn set_draining(d: &Daemon, caller: &Caller, host: &str, draining: bool) -
     }
     crate::cluster::set_draining(d, host, draining).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Sets a host's price per hour (a provider's price change): placement and re-placement
+/// use it from then on.
+#[utoipa::path(post, path = "/v1/hosts/{host}/price", params(("host" = String, Path, description = "name")),
+    request_body = SetPrice, responses((status = 204), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn set_host_price(
+    State(d): D,
+    caller: Caller,
+    Path(host): Path<String>,
+    Json(req): Json<SetPrice>,
+) -> Res<StatusCode> {
+    caller.require_admin()?;
+    if !(req.price_per_hour.is_finite() && req.price_per_hour >= 0.0) {
+        return Err(ControlError::BadRequest(
+            "price_per_hour is a number of at least 0".into(),
+        ));
+    }
+    cluster_host(&d, &host).await?;
+    crate::cluster::set_price(&d, &host, req.price_per_hour).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Fails unless this daemon is in a cluster with `host` up.
+async fn cluster_host(d: &Daemon, host: &str) -> Res<()> {
+    if d.cluster.is_none() {
+        return Err(ControlError::Conflict("a daemon alone has no other host".into()));
+    }
+    if !crate::cluster::hosts(d).await?.iter().any(|h| h.name == host) {
+        return Err(ControlError::NotFound(format!("no host {host} is up")));
+    }
+    Ok(())
+}
+
+fn threshold_of(q: &ReplacementQuery) -> Res<f64> {
+    let t = q.threshold.unwrap_or(0.2);
+    if (0.0..1.0).contains(&t) {
+        Ok(t)
+    } else {
+        Err(ControlError::BadRequest(
+            "threshold is a share from 0 to below 1".into(),
+        ))
+    }
+}
+
+async fn plan(d: &Daemon, threshold: f64) -> Res<Replacement> {
+    if d.cluster.is_none() {
+        return Err(ControlError::Conflict("a daemon alone has no other host".into()));
+    }
+    let moves = crate::cluster::replacement_plan(d, threshold).await?;
+    Ok(Replacement {
+        threshold,
+        saving_per_hour: moves.iter().map(|m| m.saving_per_hour).sum(),
+        moves,
+        results: Vec::new(),
+    })
+}
+
+/// The re-placement plan (a dry run): the running VMs whose CPU would cost more than
+/// `threshold` less on another host they fit, where to, and the saving.
+#[utoipa::path(get, path = "/v1/replacement", params(ReplacementQuery),
+    responses((status = 200, body = Replacement), (status = 403, body = ErrorBody)))]
+async fn replacement_plan(State(d): D, caller: Caller, Query(q): Query<ReplacementQuery>) -> Res<Json<Replacement>> {
+    caller.require_admin()?;
+    Ok(Json(plan(&d, threshold_of(&q)?).await?))
+}
+
+/// Carries the re-placement plan out by live migration, one VM after another; a VM that
+/// cannot move stays where it runs and its result says why.
+#[utoipa::path(post, path = "/v1/replacement", params(ReplacementQuery),
+    responses((status = 200, body = Replacement), (status = 403, body = ErrorBody)))]
+async fn carry_out_replacement(
+    State(d): D,
+    caller: Caller,
+    Query(q): Query<ReplacementQuery>,
+) -> Res<Json<Replacement>> {
+    caller.require_admin()?;
+    let mut plan = plan(&d, threshold_of(&q)?).await?;
+    plan.results = crate::cluster::replace(&d, &plan.moves).await?;
+    Ok(Json(plan))
 }
 
 /// The hosts of the cloud (alone: this one).

@@ -548,6 +548,58 @@ pub struct IncomingAnswer {
     pub cert: String,
 }
 
+/// One move of a re-placement plan: a VM to a cheaper host.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct PlannedMove {
+    /// The VM.
+    pub vm: String,
+    /// Its name.
+    pub name: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// Where it runs.
+    pub from: String,
+    /// Where it would run.
+    pub to: String,
+    /// The price per hour of a CPU of `from` (the host's price over its CPUs).
+    pub from_cpu_price: f64,
+    /// The same of `to`.
+    pub to_cpu_price: f64,
+    /// What the move saves an hour: the difference times the VM's vCPUs.
+    pub saving_per_hour: f64,
+}
+
+/// `GET /v1/replacement` (the plan) and `POST /v1/replacement` (the plan carried out).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Replacement {
+    /// A move is planned when the VM's CPU price drops by more than this share (0.2: 20%).
+    pub threshold: f64,
+    /// The moves.
+    pub moves: Vec<PlannedMove>,
+    /// Their saving per hour in all.
+    pub saving_per_hour: f64,
+    /// When carried out: what each move did (`moved`, or why not), in the order of `moves`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub results: Vec<String>,
+}
+
+/// `POST /v1/hosts/{host}/price`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetPrice {
+    /// The host's new price per hour.
+    pub price_per_hour: f64,
+}
+
+/// `POST /v1/replacement`.
+#[derive(Debug, Default, Deserialize, ToSchema, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ReplacementQuery {
+    /// The share the price must drop by (default 0.2).
+    #[serde(default)]
+    pub threshold: Option<f64>,
+}
+
 /// One VM's line in `GET /v1/usage`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct UsageLine {

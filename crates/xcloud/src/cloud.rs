@@ -83,6 +83,18 @@ pub enum CloudCommand {
         #[command(subcommand)]
         action: ProviderAction,
     },
+    /// Move running VMs to hosts where their CPUs cost less, live (admin): the plan, with
+    /// --dry-run only the plan. Exit status 2 if a planned move did not happen.
+    Replace {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        /// Move a VM when its CPU would cost more than this share less (0.2: 20%).
+        #[arg(long, default_value_t = 0.2)]
+        threshold: f64,
+        /// Show the plan and its saving; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// What the caller's VMs have cost so far.
     Usage {
         #[command(flatten)]
@@ -118,6 +130,8 @@ pub enum HostAction {
     },
     /// Place VMs on a drained host again.
     Undrain { host: String },
+    /// Set a host's price per hour (a provider's price change).
+    Price { host: String, price_per_hour: f64 },
 }
 
 /// `xcloud provider ...`.
@@ -459,6 +473,56 @@ pub fn run(command: CloudCommand) -> anyhow::Result<i32> {
             action: HostAction::Undrain { host },
         } => {
             call(&e, "POST", &format!("/v1/hosts/{}/undrain", escape(&host)), None)?;
+        }
+        CloudCommand::Host {
+            endpoint: e,
+            action: HostAction::Price { host, price_per_hour },
+        } => {
+            let body = serde_json::json!({ "price_per_hour": price_per_hour });
+            call(&e, "POST", &format!("/v1/hosts/{}/price", escape(&host)), Some(body))?;
+        }
+        CloudCommand::Replace {
+            endpoint: e,
+            threshold,
+            dry_run,
+        } => {
+            let method = if dry_run { "GET" } else { "POST" };
+            let plan = call(&e, method, &format!("/v1/replacement?threshold={threshold}"), None)?;
+            if e.json {
+                show(&plan);
+            } else {
+                let mut rows = plan["moves"].clone();
+                if let (Some(moves), Some(results)) = (rows.as_array_mut(), plan["results"].as_array()) {
+                    for (m, r) in moves.iter_mut().zip(results) {
+                        m["result"] = r.clone();
+                    }
+                }
+                let mut fields = vec![
+                    "name",
+                    "tenant",
+                    "from",
+                    "to",
+                    "from_cpu_price",
+                    "to_cpu_price",
+                    "saving_per_hour",
+                ];
+                if !dry_run {
+                    fields.push("result");
+                }
+                table(&e, &rows, &fields);
+                println!(
+                    "{} moves{}, saving {:.6} an hour",
+                    rows.as_array().map(|a| a.len()).unwrap_or(0),
+                    if dry_run {
+                        " planned (dry run: nothing moved)"
+                    } else {
+                        ""
+                    },
+                    plan["saving_per_hour"].as_f64().unwrap_or(0.0)
+                );
+            }
+            let failed = plan["results"].as_array().into_iter().flatten().any(|r| r != "moved");
+            return Ok(if failed { 2 } else { 0 });
         }
         CloudCommand::Provider {
             endpoint: e,

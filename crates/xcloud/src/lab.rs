@@ -183,6 +183,11 @@ impl Lab {
     /// Starts etcd and one daemon per host in `dir` (emptied first). `xcloudd` is the daemon's
     /// binary; `lease_ttl` how many seconds a dead host stays registered.
     pub fn up(dir: &Path, hosts: &[HostSpec], xcloudd: &Path, lease_ttl: u32) -> Result<Self> {
+        Self::up_with(dir, hosts, xcloudd, lease_ttl, &[])
+    }
+
+    /// As [`Lab::up`], every daemon also given `extra` flags.
+    pub fn up_with(dir: &Path, hosts: &[HostSpec], xcloudd: &Path, lease_ttl: u32, extra: &[&str]) -> Result<Self> {
         if hosts.is_empty() || hosts.len() > 200 {
             bail!("a lab has 1 to 200 hosts");
         }
@@ -258,6 +263,7 @@ impl Lab {
                 "--lease-ttl".into(),
                 lease_ttl.to_string(),
             ];
+            host.args.extend(extra.iter().map(|a| a.to_string()));
             // The first host makes the admin tenant; the others find it.
             host.start()?;
         }

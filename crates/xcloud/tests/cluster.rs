@@ -19,15 +19,14 @@ const LEASE_TTL: u32 = 3;
 static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn lab(name: &str) -> (Lab, std::sync::MutexGuard<'static, ()>) {
+    lab_with(name, &[])
+}
+
+fn lab_with(name: &str, extra: &[&str]) -> (Lab, std::sync::MutexGuard<'static, ()>) {
     let guard = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lab-{name}"));
-    let lab = Lab::up(
-        &dir,
-        &default_hosts(),
-        Path::new(env!("CARGO_BIN_EXE_xcloudd")),
-        LEASE_TTL,
-    )
-    .expect("the lab starts");
+    let xcloudd = Path::new(env!("CARGO_BIN_EXE_xcloudd"));
+    let lab = Lab::up_with(&dir, &default_hosts(), xcloudd, LEASE_TTL, extra).expect("the lab starts");
     (lab, guard)
 }
 
@@ -413,4 +412,66 @@ fn draining_a_host_and_evacuating_a_provider_move_running_vms_live() {
         );
     }
     assert_eq!(json(h3, &acme, &["vm", "ls"]).as_array().map(|a| a.len()), Some(4));
+
+    // host-1 comes back into service and its price drops: the dry run plans every VM onto it
+    // (alpha's VMs from host-2, the free one from host-3) and moves nothing; the real run
+    // moves them live.
+    ok(h2, &admin, &["host", "undrain", "host-1"]);
+    ok(h2, &admin, &["host", "price", "host-1", "0.02"]);
+    assert!(fails(h2, &acme, &["replace", "--dry-run"]).contains("only an admin"));
+    let plan = json(h3, &admin, &["replace", "--dry-run"]);
+    let moves = plan["moves"].as_array().expect("moves");
+    assert_eq!(moves.len(), 4, "{plan}");
+    assert!(moves.iter().all(|m| m["to"] == "host-1"), "{plan}");
+    // A CPU of host-2 costs 0.05 an hour, of host-3 0.04, of host-1 now 0.01.
+    let saving = plan["saving_per_hour"].as_f64().unwrap_or(0.0);
+    assert!((saving - (3.0 * 0.04 + 0.03)).abs() < 1e-9, "{plan}");
+    assert_eq!(
+        json(h1, &acme, &["vm", "show", "free"])["host"],
+        "host-3",
+        "a dry run moves nothing"
+    );
+    let mut up = Vec::new();
+    for name in ["a-1", "a-2", "a-3", "free"] {
+        up.push(uptime_ms(h1, &acme, name));
+    }
+    let done = json(h1, &admin, &["replace"]);
+    assert_eq!(
+        done["results"],
+        serde_json::json!(["moved", "moved", "moved", "moved"]),
+        "{done}"
+    );
+    for (i, name) in ["a-1", "a-2", "a-3", "free"].iter().enumerate() {
+        assert_eq!(json(h2, &acme, &["vm", "show", name])["host"], "host-1", "{name}");
+        wait_uptime_above(h3, &acme, name, up[i]);
+    }
+    assert_eq!(
+        json(h1, &admin, &["replace", "--dry-run"])["moves"],
+        serde_json::json!([])
+    );
+}
+
+#[test]
+fn a_scheduler_that_follows_prices_moves_a_vm_live_when_another_host_gets_cheaper() {
+    let (lab, _one) = lab_with("prices", &["--replace-threshold", "0.2"]);
+    let admin = lab.admin_key().expect("admin key");
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    let acme = ok(h1, &admin, &["tenant", "create", "acme"]).trim().to_string();
+    json(h1, &acme, &["image", "push", "heartbeat"]);
+    let vm = json(h2, &acme, &["vm", "create", "web", "--image", "heartbeat"]);
+    assert_eq!(vm["host"], "host-3", "the cheapest: {vm}");
+    let up = wait_uptime_above(h1, &acme, "web", 0);
+    // host-3's CPU costs 0.04 an hour: 0.035 is not 20% less, 0.01 is.
+    ok(h1, &admin, &["host", "price", "host-2", "0.07"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        json(h1, &acme, &["vm", "show", "web"])["host"],
+        "host-3",
+        "under the threshold it stays"
+    );
+    ok(h1, &admin, &["host", "price", "host-2", "0.02"]);
+    wait_vm(h1, &acme, "web", "moved to host-2", |v| {
+        v["host"] == "host-2" && v["state"] == "running"
+    });
+    wait_uptime_above(h2, &acme, "web", up);
 }

@@ -52,6 +52,10 @@ struct Args {
     /// Where other hosts reach this one's API (default: --tls-listen's address).
     #[arg(long)]
     advertise: Option<String>,
+    /// Follow prices: while this daemon is the scheduler, move running VMs live to hosts where
+    /// their CPUs cost more than this share less (e.g. 0.2), one at a time.
+    #[arg(long, requires = "etcd")]
+    replace_threshold: Option<f64>,
 }
 
 fn config(args: &Args) -> anyhow::Result<xcloud_control::Config> {
@@ -126,6 +130,7 @@ fn main() -> ExitCode {
                 prefix: args.etcd_prefix.clone(),
                 lease_ttl: args.lease_ttl.max(2),
                 advertise,
+                replace_threshold: args.replace_threshold.filter(|t| (0.0..1.0).contains(t)),
             })
         };
         runtime.block_on(xcloud_control::serve(config, &socket, tls, cluster, shutdown_signal()))?;
