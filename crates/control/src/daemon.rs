@@ -723,6 +723,10 @@ impl Daemon {
                 let held = tokio::time::timeout(RECORDS_LOCK_TIMEOUT, client.lock(name, Some(options)))
                     .await
                     .map_err(|_| ControlError::Cluster("another host holds the records' lock".into()))??;
+                // What the lock's last holder wrote is in this daemon's copy before it counts.
+                self.store
+                    .catch_up(held.header().map(|h| h.revision()).unwrap_or(0))
+                    .await;
                 Some((client, held.key().to_vec()))
             }
             _ => None,

@@ -14,6 +14,7 @@ pub mod client;
 pub mod cluster;
 pub mod daemon;
 pub mod error;
+pub mod etcd_cache;
 pub mod fuzzing;
 pub mod host;
 pub mod http;

@@ -70,12 +70,18 @@ pub enum Store {
         client: Box<etcd_client::Client>,
         /// The key prefix of this cloud.
         prefix: String,
+        /// This daemon's copy of the records, which reads are served from.
+        cache: std::sync::Arc<crate::etcd_cache::Cache>,
     },
 }
 
 fn decode<T: DeserializeOwned>(table: Table, key: &str, bytes: &[u8]) -> Result<T, ControlError> {
     serde_json::from_slice(bytes)
         .map_err(|e| ControlError::Store(format!("record {key:?} of {table:?} is unreadable: {e}")))
+}
+
+fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> i64 {
+    header.map(|h| h.revision()).unwrap_or(0)
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, ControlError> {
@@ -117,9 +123,13 @@ impl Store {
             .status()
             .await
             .map_err(|e| ControlError::Store(format!("etcd at {} does not answer: {e}", endpoints.join(","))))?;
+        let prefix = prefix.trim_end_matches('/').to_string();
+        let cache = crate::etcd_cache::Cache::start(client.clone(), format!("{prefix}/"));
+        cache.wait_for(1).await;
         Ok(Self::Etcd {
             client: Box::new(client),
-            prefix: prefix.trim_end_matches('/').to_string(),
+            prefix,
+            cache,
         })
     }
 
@@ -127,7 +137,7 @@ impl Store {
     pub fn etcd(&self) -> Option<(etcd_client::Client, &str)> {
         match self {
             Self::Local(_) => None,
-            Self::Etcd { client, prefix } => Some((client.as_ref().clone(), prefix)),
+            Self::Etcd { client, prefix, .. } => Some((client.as_ref().clone(), prefix)),
         }
     }
 
@@ -148,8 +158,13 @@ impl Store {
                 };
                 Ok(found)
             }
-            Self::Etcd { client, prefix } => {
-                let resp = client.clone().get(Self::etcd_key(prefix, table, key), None).await?;
+            Self::Etcd { client, prefix, cache } => {
+                let k = Self::etcd_key(prefix, table, key);
+                if let Some(Some(bytes)) = cache.get(&k) {
+                    return Ok(Some(decode(table, key, &bytes)?));
+                }
+                // Not in the copy: maybe made a moment ago on another host.
+                let resp = client.clone().get(k, None).await?;
                 match resp.kvs().first() {
                     Some(kv) => Ok(Some(decode(table, key, kv.value())?)),
                     None => Ok(None),
@@ -171,8 +186,11 @@ impl Store {
                 }
                 Ok(out)
             }
-            Self::Etcd { client, prefix } => {
+            Self::Etcd { client, prefix, cache } => {
                 let dir = Self::etcd_key(prefix, table, "");
+                if let Some(rows) = cache.list(&dir) {
+                    return rows.iter().map(|(k, v)| decode(table, k, v)).collect();
+                }
                 let resp = client
                     .clone()
                     .get(dir.clone(), Some(etcd_client::GetOptions::new().with_prefix()))
@@ -194,11 +212,12 @@ impl Store {
                 txn.open_table(table.definition())?.insert(key, bytes.as_slice())?;
                 txn.commit()?;
             }
-            Self::Etcd { client, prefix } => {
-                client
+            Self::Etcd { client, prefix, cache } => {
+                let resp = client
                     .clone()
                     .put(Self::etcd_key(prefix, table, key), bytes, None)
                     .await?;
+                cache.wait_for(revision_of(resp.header())).await;
             }
         }
         Ok(())
@@ -220,13 +239,15 @@ impl Store {
                 txn.commit()?;
                 Ok(true)
             }
-            Self::Etcd { client, prefix } => {
+            Self::Etcd { client, prefix, cache } => {
                 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
                 let k = Self::etcd_key(prefix, table, key);
                 let txn = Txn::new()
                     .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
                     .and_then([TxnOp::put(k, bytes, None)]);
-                Ok(client.clone().txn(txn).await?.succeeded())
+                let resp = client.clone().txn(txn).await?;
+                cache.wait_for(revision_of(resp.header())).await;
+                Ok(resp.succeeded())
             }
         }
     }
@@ -256,9 +277,10 @@ impl Store {
                 txn.commit()?;
                 Ok(Some(value))
             }
-            Self::Etcd { client, prefix } => {
+            Self::Etcd { client, prefix, cache } => {
                 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
                 let k = Self::etcd_key(prefix, table, key);
+                // Read etcd itself: the compare must be against the record as it is.
                 for _ in 0..UPDATE_TRIES {
                     let resp = client.clone().get(k.clone(), None).await?;
                     let Some(kv) = resp.kvs().first() else {
@@ -269,7 +291,9 @@ impl Store {
                     let txn = Txn::new()
                         .when([Compare::mod_revision(k.clone(), CompareOp::Equal, kv.mod_revision())])
                         .and_then([TxnOp::put(k.clone(), encode(&value)?, None)]);
-                    if client.clone().txn(txn).await?.succeeded() {
+                    let resp = client.clone().txn(txn).await?;
+                    if resp.succeeded() {
+                        cache.wait_for(revision_of(resp.header())).await;
                         return Ok(Some(value));
                     }
                 }
@@ -277,6 +301,14 @@ impl Store {
                     "record {key} of {table:?} kept changing under {UPDATE_TRIES} tries to update it"
                 )))
             }
+        }
+    }
+
+    /// Waits until this daemon's copy of the records holds every change up to etcd revision
+    /// `revision` (alone: at once).
+    pub async fn catch_up(&self, revision: i64) {
+        if let Self::Etcd { cache, .. } = self {
+            cache.wait_for(revision).await;
         }
     }
 
@@ -290,12 +322,13 @@ impl Store {
     ) -> Result<(), ControlError> {
         match self {
             Self::Local(_) => self.put(table, key, value).await,
-            Self::Etcd { client, prefix } => {
+            Self::Etcd { client, prefix, cache } => {
                 let options = etcd_client::PutOptions::new().with_lease(lease);
-                client
+                let resp = client
                     .clone()
                     .put(Self::etcd_key(prefix, table, key), encode(value)?, Some(options))
                     .await?;
+                cache.wait_for(revision_of(resp.header())).await;
                 Ok(())
             }
         }
@@ -310,8 +343,9 @@ impl Store {
                 txn.commit()?;
                 Ok(existed)
             }
-            Self::Etcd { client, prefix } => {
+            Self::Etcd { client, prefix, cache } => {
                 let resp = client.clone().delete(Self::etcd_key(prefix, table, key), None).await?;
+                cache.wait_for(revision_of(resp.header())).await;
                 Ok(resp.deleted() > 0)
             }
         }

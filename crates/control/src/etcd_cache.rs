@@ -1,0 +1,149 @@
+//! A daemon's copy of the cloud's records in etcd, kept current by a watch, so that reads
+//! cost no round trip to etcd (what Kubernetes' informers do): the whole prefix is read once
+//! at a revision, then every change after that revision comes through the watch, in order.
+//!
+//! - A read of a key the copy lacks goes to etcd (a record another host made a moment ago is
+//!   never "not found").
+//! - A daemon's own write is in its copy before the write returns: the writer waits until the
+//!   copy has reached the write's revision (read-your-writes).
+//! - Compare-and-swap updates read etcd itself, never the copy.
+//! - While the copy is being rebuilt (the watch broke, or etcd compacted past it) every read
+//!   goes to etcd.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// How long a writer waits for its write to reach the copy before it goes on anyway.
+const CATCH_UP: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+struct State {
+    records: BTreeMap<String, Vec<u8>>,
+    /// The etcd revision the copy is at (0: not usable).
+    revision: i64,
+}
+
+/// The copy.
+pub struct Cache {
+    state: RwLock<State>,
+    applied: tokio::sync::watch::Sender<i64>,
+}
+
+impl Cache {
+    /// Starts keeping a copy of everything under `prefix`.
+    pub fn start(client: etcd_client::Client, prefix: String) -> Arc<Self> {
+        let (applied, _) = tokio::sync::watch::channel(0);
+        let cache = Arc::new(Self {
+            state: RwLock::new(State::default()),
+            applied,
+        });
+        tokio::spawn(keep(cache.clone(), client, prefix));
+        cache
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The value of `key`: Some(Some) held, Some(None) not held though the copy is usable
+    /// (ask etcd), None the copy is not usable.
+    pub fn get(&self, key: &str) -> Option<Option<Vec<u8>>> {
+        let state = self.read();
+        (state.revision > 0).then(|| state.records.get(key).cloned())
+    }
+
+    /// Every key and value under `dir`, in key order (None: the copy is not usable).
+    pub fn list(&self, dir: &str) -> Option<Vec<(String, Vec<u8>)>> {
+        let state = self.read();
+        if state.revision == 0 {
+            return None;
+        }
+        Some(
+            state
+                .records
+                .range(dir.to_string()..)
+                .take_while(|(k, _)| k.starts_with(dir))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+
+    /// Waits until the copy holds every change up to `revision` (or [`CATCH_UP`] passes).
+    pub async fn wait_for(&self, revision: i64) {
+        let mut applied = self.applied.subscribe();
+        let _ = tokio::time::timeout(CATCH_UP, applied.wait_for(|r| *r >= revision)).await;
+    }
+}
+
+/// Reads the prefix, then follows the watch; starts over when the watch breaks.
+async fn keep(cache: Arc<Cache>, mut client: etcd_client::Client, prefix: String) {
+    loop {
+        if let Err(e) = follow(&cache, &mut client, &prefix).await {
+            tracing::warn!("cluster: the copy of etcd's records is rebuilt: {e}");
+        }
+        cache.write().revision = 0;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn follow(cache: &Cache, client: &mut etcd_client::Client, prefix: &str) -> Result<(), String> {
+    let all = client
+        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let revision = all
+        .header()
+        .map(|h| h.revision())
+        .ok_or("etcd's answer has no revision")?;
+    {
+        let mut state = cache.write();
+        state.records = all
+            .kvs()
+            .iter()
+            .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()))
+            .collect();
+        state.revision = revision;
+    }
+    cache.applied.send_replace(revision);
+    let options = etcd_client::WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1);
+    let mut stream = client.watch(prefix, Some(options)).await.map_err(|e| e.to_string())?;
+    while let Some(answer) = stream.message().await.map_err(|e| e.to_string())? {
+        if answer.canceled() || answer.compact_revision() > 0 {
+            return Err(format!("the watch ended: {}", answer.cancel_reason()));
+        }
+        // A response's header may be ahead of its events; only a progress notice (no events)
+        // promises that nothing older is still to come.
+        let mut newest = if answer.events().is_empty() {
+            answer.header().map(|h| h.revision()).unwrap_or(0)
+        } else {
+            0
+        };
+        {
+            let mut state = cache.write();
+            for event in answer.events() {
+                let Some(kv) = event.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                match event.event_type() {
+                    etcd_client::EventType::Put => {
+                        state.records.insert(key, kv.value().to_vec());
+                    }
+                    etcd_client::EventType::Delete => {
+                        state.records.remove(&key);
+                    }
+                }
+                newest = newest.max(kv.mod_revision());
+            }
+            state.revision = state.revision.max(newest);
+            newest = state.revision;
+        }
+        cache.applied.send_replace(newest);
+    }
+    Err("the watch stream closed".into())
+}
