@@ -434,9 +434,15 @@ pub async fn migrate(daemon: &Arc<Daemon>, vm: &Vm, to: &HostRecord) -> Result<M
             Ok((answer.listen, cert))
         }
     };
+    let counted = &daemon.migrations;
     let summary = match daemon.migrate_out(&vm.id, prepare).await {
-        Ok(s) => s,
+        Ok(s) => {
+            counted.moved.fetch_add(1, Ordering::Relaxed);
+            counted.bytes.fetch_add(s.bytes_sent, Ordering::Relaxed);
+            s
+        }
         Err(e) => {
+            counted.failed.fetch_add(1, Ordering::Relaxed);
             if let Err(abort) = peer_json(&cluster, to, "DELETE", &path, None).await {
                 tracing::warn!("{}: telling {} to drop the incoming VM failed: {abort}", vm.id, to.name);
             }
@@ -480,44 +486,40 @@ pub fn migration_ip(cluster: &Cluster) -> String {
     }
 }
 
-/// Waits until something under `table` changes or [`RESYNC`] passes.
+/// Waits until this daemon's copy of the records changes (it is what the loops read, so they
+/// wake when there is something new to read) or [`RESYNC`] passes.
 struct Changes {
-    stream: Option<etcd_client::WatchStream>,
-    table: Table,
+    applied: Option<tokio::sync::watch::Receiver<i64>>,
 }
 
 impl Changes {
-    fn new(table: Table) -> Self {
-        Self { stream: None, table }
+    fn new(daemon: &Daemon) -> Self {
+        Self {
+            applied: daemon.store.changes(),
+        }
     }
 
-    async fn next(&mut self, daemon: &Daemon) {
-        if self.stream.is_none() {
-            if let Some((mut client, prefix)) = daemon.store.etcd() {
-                let key = crate::store::Store::etcd_key(prefix, self.table, "");
-                let options = etcd_client::WatchOptions::new().with_prefix();
-                self.stream = client.watch(key, Some(options)).await.ok();
+    async fn next(&mut self) {
+        match self.applied.as_mut() {
+            Some(rx) => {
+                if let Ok(Err(_)) = tokio::time::timeout(RESYNC, rx.changed()).await {
+                    // The copy is gone (the daemon is stopping): do not spin.
+                    tokio::time::sleep(RESYNC).await;
+                }
             }
-        }
-        let Some(stream) = self.stream.as_mut() else {
-            tokio::time::sleep(RESYNC).await;
-            return;
-        };
-        match tokio::time::timeout(RESYNC, stream.message()).await {
-            Ok(Ok(Some(_))) | Err(_) => {}
-            Ok(_) => self.stream = None,
+            None => tokio::time::sleep(RESYNC).await,
         }
     }
 }
 
 /// Makes true on this host what the records assign to it.
 async fn agent(daemon: Arc<Daemon>, cluster: Arc<Cluster>) {
-    let mut changes = Changes::new(Table::Vms);
+    let mut changes = Changes::new(&daemon);
     loop {
         if let Err(e) = reconcile(&daemon, &cluster).await {
             tracing::warn!("cluster: reconciling failed: {e}");
         }
-        changes.next(&daemon).await;
+        changes.next().await;
     }
 }
 
@@ -684,8 +686,7 @@ async fn scheduler(daemon: Arc<Daemon>, cluster: Arc<Cluster>) {
 }
 
 async fn schedule_while_leader(daemon: &Arc<Daemon>, client: &mut etcd_client::Client, name: &str, lease: i64) {
-    let mut vm_changes = Changes::new(Table::Vms);
-    let mut host_changes = Changes::new(Table::Hosts);
+    let mut changes = Changes::new(daemon);
     loop {
         // Leadership is the lease's: once it lapses another host may lead.
         match client.leader(name).await {
@@ -698,10 +699,7 @@ async fn schedule_while_leader(daemon: &Arc<Daemon>, client: &mut etcd_client::C
         if let Some(threshold) = daemon.cluster.as_ref().and_then(|c| c.config.replace_threshold) {
             follow_prices(daemon, threshold).await;
         }
-        tokio::select! {
-            _ = vm_changes.next(daemon) => {}
-            _ = host_changes.next(daemon) => {}
-        }
+        changes.next().await;
     }
 }
 

@@ -92,6 +92,8 @@ pub struct Daemon {
     cgroups: Option<crate::cgroups::Cgroups>,
     /// Its part in a cluster (None: alone, records in its own file).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The live migrations this host sent (for `/metrics`).
+    pub migrations: crate::prometheus::MigrationCounters,
     /// VMs migrating in: their VMMs run here before their records name this host.
     incoming: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -176,6 +178,7 @@ impl Daemon {
             ),
         }
         let daemon = Arc::new(Self {
+            migrations: Default::default(),
             incoming: Default::default(),
             cluster: cluster.map(Arc::new),
             cgroups,

@@ -6,7 +6,9 @@
 //!   never "not found").
 //! - A daemon's own write is in its copy before the write returns: the writer waits until the
 //!   copy has reached the write's revision (read-your-writes).
-//! - Compare-and-swap updates read etcd itself, never the copy.
+//! - Another daemon's change to a key the copy holds reaches it with the watch (milliseconds);
+//!   until then a read sees the value before it. Anything that decides on a record's value
+//!   (compare-and-swap updates) reads etcd itself, never the copy.
 //! - While the copy is being rebuilt (the watch broke, or etcd compacted past it) every read
 //!   goes to etcd.
 
@@ -71,6 +73,11 @@ impl Cache {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         )
+    }
+
+    /// A receiver told of every change the copy takes in (its value: the copy's revision).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.applied.subscribe()
     }
 
     /// Waits until the copy holds every change up to `revision` (or [`CATCH_UP`] passes).

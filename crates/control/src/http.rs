@@ -115,6 +115,7 @@ impl FromRequestParts<Arc<Daemon>> for Caller {
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route("/v1/openapi.json", get(openapi))
+        .route("/metrics", get(prometheus_metrics))
         .route("/v1/whoami", get(whoami))
         .route("/v1/tenants", get(list_tenants).post(create_tenant))
         .route("/v1/tenants/{tenant}", axum::routing::delete(delete_tenant))
@@ -253,6 +254,18 @@ fn percent_decode(segment: &str) -> String {
     String::from_utf8(out).unwrap_or_else(|_| segment.to_string())
 }
 
+/// This host's figures in Prometheus' text format (admin).
+#[utoipa::path(get, path = "/metrics",
+    responses((status = 200, content_type = "text/plain", body = String), (status = 403, body = ErrorBody)))]
+async fn prometheus_metrics(State(d): D, caller: Caller) -> Res<impl IntoResponse> {
+    caller.require_admin()?;
+    let text = crate::prometheus::render(&d).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    ))
+}
+
 /// The OpenAPI document of this API.
 #[derive(OpenApi)]
 #[openapi(
@@ -262,7 +275,7 @@ fn percent_decode(segment: &str) -> String {
         upload_image, delete_image, image_content, list_vms, create_vm, show_vm, delete_vm, start_vm, stop_vm, pause_vm,
         resume_vm, console, metrics, list_snapshots, create_snapshot, restore_vm, migrate_vm, incoming_vm,
         abort_incoming, list_hosts, drain_host, undrain_host, set_host_price, replacement_plan,
-        carry_out_replacement, usage, events
+        carry_out_replacement, usage, events, prometheus_metrics
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerKey),

@@ -21,6 +21,7 @@ pub mod http;
 pub mod limits;
 pub mod model;
 pub mod placement;
+pub mod prometheus;
 pub mod store;
 pub mod tls;
 

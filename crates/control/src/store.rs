@@ -304,6 +304,15 @@ impl Store {
         }
     }
 
+    /// A receiver told of every change to the records this daemon's copy takes in (alone:
+    /// none; the loops that use it run only in a cluster).
+    pub fn changes(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
+        match self {
+            Self::Local(_) => None,
+            Self::Etcd { cache, .. } => Some(cache.subscribe()),
+        }
+    }
+
     /// Waits until this daemon's copy of the records holds every change up to etcd revision
     /// `revision` (alone: at once).
     pub async fn catch_up(&self, revision: i64) {

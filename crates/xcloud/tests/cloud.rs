@@ -606,3 +606,31 @@ fn slow_clients_are_cut_off_and_hold_nobody_up() {
     let waited = started.elapsed();
     assert!(waited < Duration::from_secs(25), "slow clients were held {waited:?}");
 }
+
+#[test]
+fn prometheus_scrapes_each_vms_figures_with_the_admin_key() {
+    let d = Daemon::start("metrics");
+    let admin = d.admin.clone();
+    let acme = stdout(&d.cli(&admin, &["tenant", "create", "acme"])).trim().to_string();
+    d.json(&acme, &["image", "push", "heartbeat"]);
+    let vm = d.json(&acme, &["vm", "create", "web", "--image", "heartbeat"]);
+    let id = vm["id"].as_str().expect("id").to_string();
+    d.wait_console(&acme, "web", "heartbeat n=", 1);
+    let (status, text) = d.http(Some(&admin), "GET", "/metrics", None);
+    assert_eq!(status, 200, "{text}");
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains(&format!("vm=\"{id}\"")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} for {id} in:\n{text}"))
+    };
+    assert!(line("xcloud_vm_cpu_seconds") > 0.0);
+    assert!(line("xcloud_vm_resident_bytes") > 1e6);
+    assert_eq!(line("xcloud_vm_up"), 1.0);
+    assert_eq!(line("xcloud_vm_memory_bytes"), (64u64 << 20) as f64);
+    assert!(text.contains("xcloud_host_vms{state=\"running\"} 1"), "{text}");
+    assert!(text.contains("# TYPE xcloud_vm_cpu_seconds gauge"), "{text}");
+    assert_eq!(d.http(Some(&acme), "GET", "/metrics", None).0, 403);
+    assert_eq!(d.http(None, "GET", "/metrics", None).0, 401);
+}
