@@ -42,6 +42,10 @@ pub struct Config {
     /// Run each VMM jailed (`xcloud jail`: namespaces, its directory as root, an unprivileged
     /// uid, seccomp); needs root.
     pub jail: bool,
+    /// How often this host meters its VMs (usage records are to the second whatever it is).
+    pub meter_period: Duration,
+    /// How many days usage records are kept.
+    pub usage_days: u64,
 }
 
 impl Config {
@@ -56,9 +60,14 @@ impl Config {
             price_per_hour: 0.0,
             // SAFETY: geteuid has no preconditions.
             jail: unsafe { libc::geteuid() } == 0,
+            meter_period: Duration::from_secs(10),
+            usage_days: 400,
         }
     }
 }
+
+/// How many events may wait on their way to etcd before new ones stay on this host.
+const EVENT_BACKLOG: usize = 1024;
 
 /// The first uid (and gid) given to a jailed VMM; each VM has its own above it.
 pub const FIRST_VM_UID: u32 = 200_000;
@@ -94,6 +103,10 @@ pub struct Daemon {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The live migrations this host sent (for `/metrics`).
     pub migrations: crate::prometheus::MigrationCounters,
+    /// In a cluster: where events go on their way to etcd.
+    event_writer: Option<tokio::sync::mpsc::Sender<Event>>,
+    /// Held by a meter reading (two readings at once would count the same seconds twice).
+    pub meter_lock: Mutex<()>,
     /// VMs migrating in: their VMMs run here before their records name this host.
     incoming: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -177,8 +190,17 @@ impl Daemon {
                 "no cgroup hierarchy with cpu and memory controllers: VMMs run without CPU and memory limits"
             ),
         }
+        let (event_writer, outgoing_events) = match &cluster {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BACKLOG);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         let daemon = Arc::new(Self {
+            event_writer,
             migrations: Default::default(),
+            meter_lock: Mutex::new(()),
             incoming: Default::default(),
             cluster: cluster.map(Arc::new),
             cgroups,
@@ -190,6 +212,9 @@ impl Daemon {
             ops: Default::default(),
             running: Default::default(),
         });
+        if let Some(outgoing) = outgoing_events {
+            daemon.relay_cluster_events(outgoing);
+        }
         daemon.bootstrap().await?;
         daemon.adopt().await?;
         Ok(daemon)
@@ -673,11 +698,24 @@ impl Daemon {
             postcopy: Default::default(),
             compress: false,
         };
+        // Its CPU seconds here are readable only while its VMM lives here.
+        if let Err(e) = crate::meter::read_one(self, &vm).await {
+            tracing::warn!("{id}: metering it before it migrates failed: {e}");
+        }
         handing_off.store(true, Ordering::SeqCst);
         match ctl_ok(&self.api_socket(id), command).await {
-            Ok(answer) => answer
-                .migrated
-                .ok_or_else(|| ControlError::Vmm("the VMM said the migration ended but not how".into())),
+            Ok(answer) => {
+                let summary = answer
+                    .migrated
+                    .ok_or_else(|| ControlError::Vmm("the VMM said the migration ended but not how".into()))?;
+                if let Err(e) = crate::meter::migrated(self, &vm, summary.bytes_sent).await {
+                    tracing::warn!("{id}: metering its migration failed: {e}");
+                }
+                if let Err(e) = crate::meter::handed_over(self, id).await {
+                    tracing::warn!("{id}: metering its last seconds here failed: {e}");
+                }
+                Ok(summary)
+            }
             Err(e) => {
                 handing_off.store(false, Ordering::SeqCst);
                 Err(e)
@@ -696,17 +734,79 @@ impl Daemon {
         })
     }
 
-    /// Publishes an event to the stream.
+    /// Publishes an event to the stream: alone, to this daemon's; in a cluster, to etcd, from
+    /// where every daemon's stream has it.
     pub fn emit(&self, tenant: &str, kind: &str, id: &str, detail: Option<String>) {
         let event = Event {
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            host: Some(self.config.host_name.clone()),
             at: now(),
             tenant: tenant.into(),
             kind: kind.into(),
             id: id.into(),
             detail,
         };
-        let _ = self.events.send(event);
+        let unsent = match &self.event_writer {
+            Some(writer) => match writer.try_send(event) {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!("cluster: the event writer is behind: an event stays on this host");
+                    e.into_inner()
+                }
+            },
+            None => event,
+        };
+        let _ = self.events.send(unsent);
+    }
+
+    /// In a cluster: writes this daemon's events to etcd, in order, and passes every host's
+    /// events from etcd to this daemon's stream.
+    fn relay_cluster_events(&self, mut outgoing: tokio::sync::mpsc::Receiver<Event>) {
+        let (Some((mut client, prefix)), Some(mut incoming)) = (self.store.etcd(), self.store.news(Table::Events))
+        else {
+            return;
+        };
+        let prefix = prefix.to_string();
+        let local = self.events.clone();
+        tokio::spawn(async move {
+            while let Some(event) = outgoing.recv().await {
+                let key = format!(
+                    "{:016}-{}-{:010}",
+                    (now_f64() * 1000.0) as u64,
+                    event.host.as_deref().unwrap_or(""),
+                    event.seq
+                );
+                let stored = match serde_json::to_vec(&event) {
+                    Ok(bytes) => client
+                        .put(Store::etcd_key(&prefix, Table::Events, &key), bytes, None)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = stored {
+                    tracing::warn!("cluster: an event could not go to etcd ({e}); it stays on this host");
+                    let _ = local.send(event);
+                }
+            }
+        });
+        let local = self.events.clone();
+        tokio::spawn(async move {
+            loop {
+                match incoming.recv().await {
+                    Ok((revision, bytes)) => match serde_json::from_slice::<Event>(&bytes) {
+                        Ok(mut event) => {
+                            event.seq = u64::try_from(revision).unwrap_or(0);
+                            let _ = local.send(event);
+                        }
+                        Err(e) => tracing::warn!("cluster: an unreadable event in etcd: {e}"),
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("cluster: {n} events went by unseen by this host's stream");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
     }
 
     /// A receiver of every event from now on.
@@ -1149,6 +1249,10 @@ impl Daemon {
         let Some((stopping, mut ended)) = self.runtime(id) else {
             return Err(ControlError::Conflict(format!("VM {} is not running", vm.name)));
         };
+        // The VMM's CPU seconds are readable only while it lives.
+        if let Err(e) = crate::meter::read_one(self, &vm).await {
+            tracing::warn!("{id}: metering it before it stops failed: {e}");
+        }
         stopping.store(true, Ordering::SeqCst);
         if let Err(e) = ctl(&self.api_socket(id), VmmCommand::Stop).await {
             tracing::warn!("{id}: stop through the control socket failed ({e}); killing its VMM");
@@ -1250,6 +1354,9 @@ impl Daemon {
             self.stop_locked(id).await?;
         }
         let vm = self.vm(id).await?;
+        if let Err(e) = crate::meter::last_reading(self, &vm).await {
+            tracing::warn!("{id}: metering its last seconds failed: {e}");
+        }
         for snap in self.store.list::<Snapshot>(Table::Snapshots).await? {
             if snap.vm == vm.id {
                 self.store.delete(Table::Snapshots, &snap.id).await?;

@@ -9,6 +9,9 @@
 //! - Another daemon's change to a key the copy holds reaches it with the watch (milliseconds);
 //!   until then a read sees the value before it. Anything that decides on a record's value
 //!   (compare-and-swap updates) reads etcd itself, never the copy.
+//! - Some directories are not kept (usage and events grow with time): their writes come
+//!   through as news to whoever listens, and reads of them go to etcd. Changes to the quiet
+//!   directories (those and metering) do not wake the loops that follow the records.
 //! - While the copy is being rebuilt (the watch broke, or etcd compacted past it) every read
 //!   goes to etcd.
 
@@ -26,19 +29,42 @@ struct State {
     revision: i64,
 }
 
+/// The directories (key prefixes) the copy treats apart.
+#[derive(Clone, Debug, Default)]
+pub struct Dirs {
+    /// Not kept: their writes are news.
+    pub unkept: Vec<String>,
+    /// Their changes wake nobody.
+    pub quiet: Vec<String>,
+}
+
+/// How many writes to the unkept directories a slow listener may fall behind by.
+const NEWS_BACKLOG: usize = 1024;
+
 /// The copy.
 pub struct Cache {
     state: RwLock<State>,
+    dirs: Dirs,
+    /// The revision the copy is at, after every change.
     applied: tokio::sync::watch::Sender<i64>,
+    /// The revision the copy is at, after every change outside the quiet directories.
+    changed: tokio::sync::watch::Sender<i64>,
+    /// Writes to the unkept directories: (key, revision, value).
+    news: tokio::sync::broadcast::Sender<(String, i64, Vec<u8>)>,
 }
 
 impl Cache {
-    /// Starts keeping a copy of everything under `prefix`.
-    pub fn start(client: etcd_client::Client, prefix: String) -> Arc<Self> {
+    /// Starts keeping a copy of everything under `prefix` but `dirs.unkept`.
+    pub fn start(client: etcd_client::Client, prefix: String, dirs: Dirs) -> Arc<Self> {
         let (applied, _) = tokio::sync::watch::channel(0);
+        let (changed, _) = tokio::sync::watch::channel(0);
+        let (news, _) = tokio::sync::broadcast::channel(NEWS_BACKLOG);
         let cache = Arc::new(Self {
             state: RwLock::new(State::default()),
+            dirs,
             applied,
+            changed,
+            news,
         });
         tokio::spawn(keep(cache.clone(), client, prefix));
         cache
@@ -75,9 +101,39 @@ impl Cache {
         )
     }
 
-    /// A receiver told of every change the copy takes in (its value: the copy's revision).
+    /// A receiver told of every change the copy takes in outside the quiet directories (its
+    /// value: the copy's revision).
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<i64> {
-        self.applied.subscribe()
+        self.changed.subscribe()
+    }
+
+    /// The writes to unkept directory `dir` from now on: (revision, value).
+    pub fn news(&self, dir: &str) -> tokio::sync::broadcast::Receiver<(i64, Vec<u8>)> {
+        let (tx, rx) = tokio::sync::broadcast::channel(NEWS_BACKLOG);
+        let mut all = self.news.subscribe();
+        let dir = dir.to_string();
+        tokio::spawn(async move {
+            loop {
+                match all.recv().await {
+                    Ok((key, revision, value)) if key.starts_with(&dir) => {
+                        if tx.send((revision, value)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        rx
+    }
+
+    fn unkept(&self, key: &str) -> bool {
+        self.dirs.unkept.iter().any(|d| key.starts_with(d.as_str()))
+    }
+
+    fn quiet(&self, key: &str) -> bool {
+        self.dirs.quiet.iter().any(|d| key.starts_with(d.as_str()))
     }
 
     /// Waits until the copy holds every change up to `revision` (or [`CATCH_UP`] passes).
@@ -113,10 +169,12 @@ async fn follow(cache: &Cache, client: &mut etcd_client::Client, prefix: &str) -
             .kvs()
             .iter()
             .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()))
+            .filter(|(k, _)| !cache.unkept(k))
             .collect();
         state.revision = revision;
     }
     cache.applied.send_replace(revision);
+    cache.changed.send_replace(revision);
     let options = etcd_client::WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1);
@@ -132,11 +190,21 @@ async fn follow(cache: &Cache, client: &mut etcd_client::Client, prefix: &str) -
         } else {
             0
         };
+        let mut wake = false;
+        let mut news = Vec::new();
         {
             let mut state = cache.write();
             for event in answer.events() {
                 let Some(kv) = event.kv() else { continue };
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
+                newest = newest.max(kv.mod_revision());
+                wake |= !cache.quiet(&key);
+                if cache.unkept(&key) {
+                    if event.event_type() == etcd_client::EventType::Put {
+                        news.push((key, kv.mod_revision(), kv.value().to_vec()));
+                    }
+                    continue;
+                }
                 match event.event_type() {
                     etcd_client::EventType::Put => {
                         state.records.insert(key, kv.value().to_vec());
@@ -145,12 +213,17 @@ async fn follow(cache: &Cache, client: &mut etcd_client::Client, prefix: &str) -
                         state.records.remove(&key);
                     }
                 }
-                newest = newest.max(kv.mod_revision());
             }
             state.revision = state.revision.max(newest);
             newest = state.revision;
         }
+        for item in news {
+            let _ = cache.news.send(item);
+        }
         cache.applied.send_replace(newest);
+        if wake {
+            cache.changed.send_replace(newest);
+        }
     }
     Err("the watch stream closed".into())
 }

@@ -38,6 +38,8 @@ impl Harness {
             region: "local".into(),
             price_per_hour: 0.0,
             jail: false,
+            meter_period: std::time::Duration::from_secs(10),
+            usage_days: 1,
         };
         let daemon: Arc<Daemon> = runtime
             .block_on(Daemon::open_without_cgroups(config))

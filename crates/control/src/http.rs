@@ -7,7 +7,7 @@ use crate::error::ErrorBody;
 use crate::model::{
     check_name, now, CreateTenant, CreateVm, Desired, Event, Host, Image, IncomingAnswer, IncomingRequest,
     InstanceType, MigrateVm, MigrationReport, NewKey, Quota, Replacement, ReplacementQuery, RestoreVm, Role, SetPrice,
-    Snapshot, Tenant, Usage, UsageLine, Vm, VmMetrics, VmState, WhoAmI,
+    Snapshot, Tenant, Usage, UsageQuery, Vm, VmMetrics, VmState, WhoAmI,
 };
 use crate::store::Table;
 use crate::ControlError;
@@ -1159,35 +1159,14 @@ async fn list_hosts(State(d): D, _caller: Caller) -> Res<Json<Vec<Host>>> {
     Ok(Json(hosts))
 }
 
-/// What the caller's VMs have cost so far (an admin's: every tenant's).
-#[utoipa::path(get, path = "/v1/usage", responses((status = 200, body = Usage)))]
-async fn usage(State(d): D, caller: Caller) -> Res<Json<Usage>> {
-    let types: Vec<InstanceType> = d.store.list(Table::InstanceTypes).await?;
-    let vms: Vec<UsageLine> = d
-        .store
-        .list::<Vm>(Table::Vms)
-        .await?
-        .into_iter()
-        .filter(|v| caller.may_touch(&v.tenant))
-        .map(|v| {
-            let price = types
-                .iter()
-                .find(|t| t.name == v.instance_type)
-                .map(|t| t.price_per_hour)
-                .unwrap_or(0.0);
-            let run_seconds = v.run_seconds_now();
-            UsageLine {
-                vm: v.id,
-                tenant: v.tenant,
-                instance_type: v.instance_type,
-                run_seconds,
-                price_per_hour: price,
-                cost: run_seconds / 3600.0 * price,
-            }
-        })
-        .collect();
-    let total_cost = vms.iter().map(|l| l.cost).sum();
-    Ok(Json(Usage { vms, total_cost }))
+/// What the caller's VMs used and cost (an admin's: every tenant's), from the usage records,
+/// added up by VM, tenant, provider, region, host, type or hour, over whole hours.
+#[utoipa::path(get, path = "/v1/usage", params(UsageQuery),
+    responses((status = 200, body = Usage), (status = 400, body = ErrorBody)))]
+async fn usage(State(d): D, caller: Caller, Query(query): Query<UsageQuery>) -> Res<Json<Usage>> {
+    Ok(Json(
+        crate::meter::report(&d, &query, |tenant| caller.may_touch(tenant)).await?,
+    ))
 }
 
 /// What happens to the caller's resources, as server-sent events (`event:` the kind,

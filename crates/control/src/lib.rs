@@ -19,6 +19,7 @@ pub mod fuzzing;
 pub mod host;
 pub mod http;
 pub mod limits;
+pub mod meter;
 pub mod model;
 pub mod placement;
 pub mod prometheus;
@@ -95,6 +96,7 @@ pub async fn serve(
         _ => None,
     };
     cluster::join(daemon.clone()).await?;
+    meter::spawn(daemon.clone(), daemon.config.meter_period, daemon.config.usage_days);
     tracing::info!("xcloudd: serving API v1 on {}", socket.display());
     serve_on(listener, http::router(daemon), stopped(stop_rx)).await;
     if let Some(tcp) = tcp {

@@ -374,8 +374,12 @@ pub struct Host {
 /// Something that happened, as the events stream shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct Event {
-    /// Numbered from 1 since the daemon started.
+    /// Alone: numbered from 1 since the daemon started; in a cluster: the etcd revision of
+    /// the event (increasing across the cluster).
     pub seq: u64,
+    /// The host where it happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// Unix seconds.
     pub at: u64,
     /// The tenant it concerns.
@@ -600,30 +604,135 @@ pub struct ReplacementQuery {
     pub threshold: Option<f64>,
 }
 
-/// One VM's line in `GET /v1/usage`.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct UsageLine {
+/// What one VM used on one host in one hour (table `usage`, key `HOUR/VM/HOST`), metered to
+/// the second: the host adds what the VM ran since its last meter reading.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct UsageRecord {
+    /// The hour's first second (Unix).
+    pub hour: u64,
     /// The VM.
     pub vm: String,
     /// Its tenant.
     pub tenant: String,
     /// Its instance type.
     pub instance_type: String,
-    /// Seconds it ran.
+    /// The host it ran on.
+    pub host: String,
+    /// The host's provider.
+    pub provider: String,
+    /// The host's region.
+    pub region: String,
+    /// Seconds it held a VMM (running or paused: it holds its memory).
     pub run_seconds: f64,
-    /// The type's price per hour.
-    pub price_per_hour: f64,
-    /// run_seconds / 3600 * price_per_hour.
+    /// run seconds times its vCPUs.
+    pub vcpu_seconds: f64,
+    /// run seconds times its memory in MiB.
+    pub mem_mib_seconds: f64,
+    /// CPU seconds its VMM used (from /proc).
+    pub cpu_seconds: f64,
+    /// Bytes its live migrations away from this host sent.
+    pub migrated_bytes: u64,
+    /// What the tenant pays: run seconds at its type's price then.
     pub cost: f64,
+    /// Its share of what the host costs: the host's price then, times the share of the
+    /// host's vCPU capacity it holds.
+    pub provider_cost: f64,
+}
+
+/// How much of a VM's running has gone into usage records (table `meter`, key: the VM).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MeterMark {
+    /// The VM's run seconds at the last reading.
+    pub run_seconds: f64,
+    /// Its VMM's CPU seconds at the last reading.
+    pub cpu_seconds: f64,
+    /// That VMM's process (a new VMM's CPU seconds start from 0).
+    pub pid: Option<u32>,
+}
+
+/// What `GET /v1/usage` adds up by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageBy {
+    /// One line per VM.
+    #[default]
+    Vm,
+    /// Per tenant.
+    Tenant,
+    /// Per provider.
+    Provider,
+    /// Per region.
+    Region,
+    /// Per host.
+    Host,
+    /// Per instance type.
+    Type,
+    /// Per hour.
+    Hour,
+}
+
+/// `GET /v1/usage?by=&since=&until=`.
+#[derive(Debug, Default, Deserialize, ToSchema, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    /// What to add up by (default: vm).
+    #[serde(default)]
+    pub by: UsageBy,
+    /// From this Unix second (rounded down to its hour; default: the beginning).
+    #[serde(default)]
+    pub since: Option<u64>,
+    /// Until this Unix second (rounded up to its hour; default: now).
+    #[serde(default)]
+    pub until: Option<u64>,
+}
+
+/// One line of `GET /v1/usage`: the sum of the usage records with the same `key`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct UsageLine {
+    /// The VM, tenant, provider, region, host, type or hour (as Unix seconds) it adds up.
+    pub key: String,
+    /// Seconds of running.
+    pub run_seconds: f64,
+    /// vCPU-seconds.
+    pub vcpu_seconds: f64,
+    /// MiB-seconds of memory.
+    pub mem_mib_seconds: f64,
+    /// CPU seconds used.
+    pub cpu_seconds: f64,
+    /// Bytes of live migration.
+    pub migrated_bytes: u64,
+    /// What the tenant pays.
+    pub cost: f64,
+    /// The hosts' cost behind it.
+    pub provider_cost: f64,
+}
+
+impl UsageLine {
+    /// Adds `r` in.
+    pub fn add(&mut self, r: &UsageRecord) {
+        self.run_seconds += r.run_seconds;
+        self.vcpu_seconds += r.vcpu_seconds;
+        self.mem_mib_seconds += r.mem_mib_seconds;
+        self.cpu_seconds += r.cpu_seconds;
+        self.migrated_bytes += r.migrated_bytes;
+        self.cost += r.cost;
+        self.provider_cost += r.provider_cost;
+    }
 }
 
 /// `GET /v1/usage`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Usage {
-    /// Per VM.
-    pub vms: Vec<UsageLine>,
-    /// The sum of the costs.
-    pub total_cost: f64,
+    /// What the lines add up by.
+    pub by: UsageBy,
+    /// The first hour counted (Unix seconds).
+    pub since: u64,
+    /// The end of the last hour counted.
+    pub until: u64,
+    /// The lines, by key.
+    pub lines: Vec<UsageLine>,
+    /// All of them added up (its key: `total`).
+    pub total: UsageLine,
 }
 
 /// Whether `name` is a good resource name: 1 to 63 of `a-z`, `0-9`, `-`, `.`, `_`, starting

@@ -27,11 +27,15 @@ pub enum Table {
     Hosts,
     /// A cluster's own records by name (etcd only): the hosts' key.
     Cluster,
-    /// A cluster's events by time (etcd only).
+    /// A cluster's events by time and host (etcd only; kept an hour).
     Events,
+    /// Usage by hour, VM and host (`HOUR/VM/HOST`, the hour as 10 decimal digits).
+    Usage,
+    /// Per VM, how much of its running has been metered.
+    Meter,
 }
 
-const ALL: [Table; 9] = [
+const ALL: [Table; 11] = [
     Table::Tenants,
     Table::Keys,
     Table::Images,
@@ -41,6 +45,8 @@ const ALL: [Table; 9] = [
     Table::Hosts,
     Table::Cluster,
     Table::Events,
+    Table::Usage,
+    Table::Meter,
 ];
 
 impl Table {
@@ -55,7 +61,21 @@ impl Table {
             Self::Hosts => "hosts",
             Self::Cluster => "cluster",
             Self::Events => "events",
+            Self::Usage => "usage",
+            Self::Meter => "meter",
         })
+    }
+
+    /// Whether a daemon's copy of the records holds this table (usage and events grow with
+    /// time: they are read from etcd when asked for).
+    fn kept_in_copy(self) -> bool {
+        !matches!(self, Self::Usage | Self::Events)
+    }
+
+    /// Whether a change to this table wakes the loops that follow the records (metering and
+    /// events change all the time and decide nothing).
+    fn wakes(self) -> bool {
+        !matches!(self, Self::Usage | Self::Events | Self::Meter)
     }
 }
 
@@ -124,7 +144,20 @@ impl Store {
             .await
             .map_err(|e| ControlError::Store(format!("etcd at {} does not answer: {e}", endpoints.join(","))))?;
         let prefix = prefix.trim_end_matches('/').to_string();
-        let cache = crate::etcd_cache::Cache::start(client.clone(), format!("{prefix}/"));
+        let dirs = |keep: fn(Table) -> bool| {
+            ALL.iter()
+                .filter(|t| !keep(**t))
+                .map(|t| Self::etcd_key(&prefix, *t, ""))
+                .collect::<Vec<_>>()
+        };
+        let cache = crate::etcd_cache::Cache::start(
+            client.clone(),
+            format!("{prefix}/"),
+            crate::etcd_cache::Dirs {
+                unkept: dirs(Table::kept_in_copy),
+                quiet: dirs(Table::wakes),
+            },
+        );
         cache.wait_for(1).await;
         Ok(Self::Etcd {
             client: Box::new(client),
@@ -188,8 +221,10 @@ impl Store {
             }
             Self::Etcd { client, prefix, cache } => {
                 let dir = Self::etcd_key(prefix, table, "");
-                if let Some(rows) = cache.list(&dir) {
-                    return rows.iter().map(|(k, v)| decode(table, k, v)).collect();
+                if table.kept_in_copy() {
+                    if let Some(rows) = cache.list(&dir) {
+                        return rows.iter().map(|(k, v)| decode(table, k, v)).collect();
+                    }
                 }
                 let resp = client
                     .clone()
@@ -304,12 +339,95 @@ impl Store {
         }
     }
 
-    /// A receiver told of every change to the records this daemon's copy takes in (alone:
-    /// none; the loops that use it run only in a cluster).
+    /// A receiver told of every change to the records that decide something (not metering,
+    /// not events) this daemon's copy takes in (alone: none; the loops that use it run only in
+    /// a cluster).
     pub fn changes(&self) -> Option<tokio::sync::watch::Receiver<i64>> {
         match self {
             Self::Local(_) => None,
             Self::Etcd { cache, .. } => Some(cache.subscribe()),
+        }
+    }
+
+    /// Every record written to `table` from now on, as (etcd revision, value), in order
+    /// (alone: none). For the tables a copy does not keep: events.
+    pub fn news(&self, table: Table) -> Option<tokio::sync::broadcast::Receiver<(i64, Vec<u8>)>> {
+        match self {
+            Self::Local(_) => None,
+            Self::Etcd { cache, prefix, .. } => Some(cache.news(&Self::etcd_key(prefix, table, ""))),
+        }
+    }
+
+    /// The records of `table` with keys in `from..to`, in key order, with their keys; at most
+    /// `limit` of them.
+    pub async fn list_range<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, T)>, ControlError> {
+        match self {
+            Self::Local(db) => {
+                let txn = db.begin_read()?;
+                let t = txn.open_table(table.definition())?;
+                let mut out = Vec::new();
+                for row in t.range(from..to)?.take(limit) {
+                    let (k, v) = row?;
+                    out.push((k.value().to_string(), decode(table, k.value(), v.value())?));
+                }
+                Ok(out)
+            }
+            Self::Etcd { client, prefix, .. } => {
+                let dir = Self::etcd_key(prefix, table, "");
+                let options = etcd_client::GetOptions::new()
+                    .with_range(Self::etcd_key(prefix, table, to))
+                    .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+                let resp = client
+                    .clone()
+                    .get(Self::etcd_key(prefix, table, from), Some(options))
+                    .await?;
+                resp.kvs()
+                    .iter()
+                    .map(|kv| {
+                        let key = String::from_utf8_lossy(kv.key());
+                        let key = key.strip_prefix(&dir).unwrap_or(&key).to_string();
+                        let value = decode(table, &key, kv.value())?;
+                        Ok((key, value))
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Removes the records of `table` with keys in `from..to`; how many there were.
+    pub async fn delete_range(&self, table: Table, from: &str, to: &str) -> Result<u64, ControlError> {
+        match self {
+            Self::Local(db) => {
+                let txn = db.begin_write()?;
+                let removed = {
+                    let mut t = txn.open_table(table.definition())?;
+                    let keys: Vec<String> = t
+                        .range(from..to)?
+                        .map(|row| row.map(|(k, _)| k.value().to_string()))
+                        .collect::<Result<_, _>>()?;
+                    for k in &keys {
+                        t.remove(k.as_str())?;
+                    }
+                    keys.len() as u64
+                };
+                txn.commit()?;
+                Ok(removed)
+            }
+            Self::Etcd { client, prefix, cache } => {
+                let options = etcd_client::DeleteOptions::new().with_range(Self::etcd_key(prefix, table, to));
+                let resp = client
+                    .clone()
+                    .delete(Self::etcd_key(prefix, table, from), Some(options))
+                    .await?;
+                cache.wait_for(revision_of(resp.header())).await;
+                Ok(u64::try_from(resp.deleted()).unwrap_or(0))
+            }
         }
     }
 

@@ -95,10 +95,19 @@ pub enum CloudCommand {
         #[arg(long)]
         dry_run: bool,
     },
-    /// What the caller's VMs have cost so far.
+    /// What the caller's VMs used and cost, from the per-second usage records.
     Usage {
         #[command(flatten)]
         endpoint: Endpoint,
+        /// Add up by vm, tenant, provider, region, host, type or hour.
+        #[arg(long, default_value = "vm")]
+        by: String,
+        /// From this time: Unix seconds, or how long ago (`90m`, `24h`, `7d`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Until this time (same forms; default: now).
+        #[arg(long)]
+        until: Option<String>,
     },
     /// Follow what happens to the caller's resources.
     Events {
@@ -357,6 +366,57 @@ fn table(e: &Endpoint, rows: &Value, fields: &[&str]) {
     }
 }
 
+const USAGE_FIELDS: &[&str] = &[
+    "key",
+    "hours",
+    "vcpu_hours",
+    "gib_hours",
+    "cpu_hours",
+    "migrated",
+    "cost",
+    "provider_cost",
+];
+
+/// A usage line in the units people read: hours, GiB-hours, MiB.
+fn usage_row(line: &Value) -> Value {
+    let f = |k: &str| line[k].as_f64().unwrap_or(0.0);
+    let hours = |x: f64| Value::String(format!("{:.4}", x / 3600.0));
+    serde_json::json!({
+        "key": line["key"],
+        "hours": hours(f("run_seconds")),
+        "vcpu_hours": hours(f("vcpu_seconds")),
+        "gib_hours": hours(f("mem_mib_seconds") / 1024.0),
+        "cpu_hours": hours(f("cpu_seconds")),
+        "migrated": format!("{:.1} MiB", f("migrated_bytes") / 1048576.0),
+        "cost": format!("{:.6}", f("cost")),
+        "provider_cost": format!("{:.6}", f("provider_cost")),
+    })
+}
+
+/// Unix seconds from `at`: Unix seconds, or a time ago such as `90s`, `30m`, `24h`, `7d`.
+fn unix_time(at: &str) -> anyhow::Result<u64> {
+    if let Ok(secs) = at.parse::<u64>() {
+        return Ok(secs);
+    }
+    let split = at.len().saturating_sub(1);
+    let (n, unit) = at.split_at(split);
+    let n: u64 = n
+        .parse()
+        .with_context(|| format!("{at:?} is neither Unix seconds nor a time ago such as 30m, 24h, 7d"))?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => bail!("{at:?}: the unit of a time ago is s, m, h or d"),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Ok(now.saturating_sub(n.saturating_mul(unit)))
+}
+
 fn show(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -540,18 +600,27 @@ pub fn run(command: CloudCommand) -> anyhow::Result<i32> {
             }
             return drain(&e, &hosts, Some(&provider), parallel);
         }
-        CloudCommand::Usage { endpoint: e } => {
-            let usage = call(&e, "GET", "/v1/usage", None)?;
+        CloudCommand::Usage {
+            endpoint: e,
+            by,
+            since,
+            until,
+        } => {
+            let mut path = format!("/v1/usage?by={by}");
+            for (name, at) in [("since", since), ("until", until)] {
+                if let Some(at) = at {
+                    path.push_str(&format!("&{name}={}", unix_time(&at)?));
+                }
+            }
+            let usage = call(&e, "GET", &path, None)?;
             if e.json {
                 show(&usage);
                 return Ok(0);
             }
-            table(
-                &e,
-                &usage["vms"],
-                &["vm", "tenant", "instance_type", "run_seconds", "price_per_hour", "cost"],
-            );
-            println!("total cost: {:.6}", usage["total_cost"].as_f64().unwrap_or(0.0));
+            let mut rows = usage["lines"].as_array().cloned().unwrap_or_default();
+            rows.push(usage["total"].clone());
+            let rows: Vec<Value> = rows.iter().map(usage_row).collect();
+            table(&e, &Value::Array(rows), USAGE_FIELDS);
         }
         CloudCommand::Events { endpoint: e, count } => events(&e, count)?,
         CloudCommand::Whoami { endpoint: e } => show(&call(&e, "GET", "/v1/whoami", None)?),

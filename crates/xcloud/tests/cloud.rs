@@ -268,16 +268,41 @@ fn tenants_run_vms_from_their_images_within_their_quotas() {
     assert_eq!(d.json(&acme, &["vm", "stop", "web"])["state"], "stopped");
     wait_gone(pid);
     let usage = d.json(&acme, &["usage"]);
-    let line = &usage["vms"][0];
+    let line = &usage["lines"][0];
+    let figure = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    let run = figure(line, "run_seconds");
+    assert!(run > 2.0 && figure(&usage["total"], "cost") > 0.0, "{usage}");
+    assert_eq!(line["key"], vm["id"], "{usage}");
+    assert!((figure(line, "vcpu_seconds") - run).abs() < 1e-6, "one vCPU: {usage}");
     assert!(
-        line["run_seconds"].as_f64().unwrap_or(0.0) > 2.0 && usage["total_cost"].as_f64().unwrap_or(0.0) > 0.0,
-        "{usage}"
+        (figure(line, "mem_mib_seconds") - 64.0 * run).abs() < 1e-3,
+        "64 MiB: {usage}"
     );
+    assert!(figure(line, "cpu_seconds") > 0.0, "{usage}");
+    // Metering stopped with the VMM: a second report says the same.
+    let again = d.json(&acme, &["usage", "--by", "tenant"]);
+    assert_eq!(again["lines"][0]["key"], "acme", "{again}");
+    assert!(
+        (figure(&again["lines"][0], "run_seconds") - run).abs() < 1e-6,
+        "{again}"
+    );
+    assert_eq!(
+        d.json(&other, &["usage"])["lines"],
+        Value::Array(vec![]),
+        "another tenant sees none"
+    );
+    assert!(d.fails(&acme, &["usage", "--by", "colour"]).contains("400"));
+    assert!(d.fails(&acme, &["usage", "--since", "yesterday"]).contains("time ago"));
     assert!(d.fails(&acme, &["vm", "stop", "web"]).contains("not running"));
     assert!(d
         .fails(&acme, &["image", "rm", "heartbeat"])
         .contains("used by VMs web"));
     assert!(d.cli(&acme, &["vm", "rm", "web"]).status.success());
+    let kept = d.json(&acme, &["usage"]);
+    assert!(
+        (figure(&kept["total"], "run_seconds") - run).abs() < 1e-6,
+        "usage outlives the VM: {kept}"
+    );
     assert!(d.cli(&acme, &["image", "rm", "heartbeat"]).status.success());
     assert_eq!(d.json(&acme, &["vm", "ls"]), Value::Array(vec![]));
 

@@ -316,7 +316,8 @@ fn wait_uptime_above(host: &LabHost, key: &str, vm: &str, than: u64) -> u64 {
 
 #[test]
 fn draining_a_host_and_evacuating_a_provider_move_running_vms_live() {
-    let (lab, _one) = lab("drain");
+    // Metered every second, so that usage is up to date within the test.
+    let (lab, _one) = lab_with("drain", &["--meter-seconds", "1"]);
     let admin = lab.admin_key().expect("admin key");
     let (h1, h2, h3) = (&lab.hosts[0], &lab.hosts[1], &lab.hosts[2]);
     let acme = ok(h1, &admin, &["tenant", "create", "acme"]).trim().to_string();
@@ -364,14 +365,24 @@ fn draining_a_host_and_evacuating_a_provider_move_running_vms_live() {
             .map(|h| h["state"].clone())
     };
     assert_eq!(state("host-1"), Some(Value::from("draining")), "{hosts}");
-    // Nothing new goes to a drained host.
-    assert_eq!(
-        json(
+    // Nothing new goes to a drained host. Events are the cluster's: a VM made through host-1
+    // shows in the stream of host-3.
+    let (created, event) = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| cli(h3, &acme, &["events", "--count", "1"]));
+        std::thread::sleep(Duration::from_millis(1500));
+        let created = json(
             h1,
             &acme,
-            &["vm", "create", "b-1", "--image", "heartbeat", "--host", "host-1"]
-        )["state"],
-        "pending"
+            &["vm", "create", "b-1", "--image", "heartbeat", "--host", "host-1"],
+        );
+        (created, watcher.join().expect("the event watcher"))
+    });
+    assert_eq!(created["state"], "pending", "{created}");
+    let event: Value = serde_json::from_str(stdout(&event).trim()).expect("an event as JSON");
+    assert_eq!(
+        (event["kind"].as_str(), event["host"].as_str(), &event["id"]),
+        (Some("vm.created"), Some("host-1"), &created["id"]),
+        "{event}"
     );
     ok(h1, &acme, &["vm", "rm", "b-1"]);
 
@@ -449,6 +460,29 @@ fn draining_a_host_and_evacuating_a_provider_move_running_vms_live() {
         json(h1, &admin, &["replace", "--dry-run"])["moves"],
         serde_json::json!([])
     );
+
+    // Usage by provider and by host: both providers ran acme's VMs, and the hosts the VMs
+    // left sent their migrations' bytes.
+    std::thread::sleep(Duration::from_millis(1500));
+    let usage = json(h2, &admin, &["usage", "--by", "provider"]);
+    let line = |u: &Value, key: &str| {
+        u["lines"]
+            .as_array()
+            .and_then(|a| a.iter().find(|l| l["key"] == key).cloned())
+            .unwrap_or_else(|| panic!("no line {key} in {u}"))
+    };
+    for provider in ["alpha", "beta"] {
+        let l = line(&usage, provider);
+        assert!(l["run_seconds"].as_f64().unwrap_or(0.0) > 0.0, "{usage}");
+        assert!(l["provider_cost"].as_f64().unwrap_or(0.0) > 0.0, "{usage}");
+    }
+    let by_host = json(h3, &acme, &["usage", "--by", "host"]);
+    for host in ["host-1", "host-2", "host-3"] {
+        let sent = line(&by_host, host)["migrated_bytes"].as_u64().unwrap_or(0);
+        assert!(sent > 64 << 10, "{host} sent {sent} bytes: {by_host}");
+    }
+    let by_tenant = json(h1, &acme, &["usage", "--by", "tenant"]);
+    assert_eq!(by_tenant["lines"].as_array().map(|a| a.len()), Some(1), "{by_tenant}");
 }
 
 #[test]

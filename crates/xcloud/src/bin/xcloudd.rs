@@ -56,6 +56,13 @@ struct Args {
     /// their CPUs cost more than this share less (e.g. 0.2), one at a time.
     #[arg(long, requires = "etcd")]
     replace_threshold: Option<f64>,
+    /// Seconds between meter readings of this host's VMs (usage is counted to the second
+    /// whatever this is; a report reads this host's VMs first).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    meter_seconds: u64,
+    /// Days usage records are kept.
+    #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(1..))]
+    usage_days: u64,
 }
 
 fn config(args: &Args) -> anyhow::Result<xcloud_control::Config> {
@@ -80,6 +87,8 @@ fn config(args: &Args) -> anyhow::Result<xcloud_control::Config> {
         price_per_hour: args.price_per_hour,
         // SAFETY: geteuid has no preconditions.
         jail: !args.no_jail && unsafe { libc::geteuid() } == 0,
+        meter_period: std::time::Duration::from_secs(args.meter_seconds),
+        usage_days: args.usage_days,
     })
 }
 
