@@ -12,7 +12,7 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The socket could not be reached.
-    #[error("cannot reach xcloudd at {endpoint} (is xcloudd running? --endpoint or XCLOUD_ENDPOINT names its socket, or https://HOST:PORT)")]
+    #[error("cannot reach xcloudd at {endpoint} (is xcloudd running? --url or XCLOUD_URL names its socket or https://HOST:PORT; `xcloud config show` says which was used)")]
     Connect {
         /// The socket.
         endpoint: String,

@@ -289,9 +289,9 @@ pub fn api(b: &ApiBench) -> Result<()> {
     bar.set_message(format!("xcloud host drain host-1 ({} VMs)", b.drain));
     let drained = Command::new(&exe)
         .args(["host", "drain", "host-1", "--json"])
-        .env("XCLOUD_ENDPOINT", h2.endpoint())
+        .env("XCLOUD_URL", h2.endpoint())
         .env("XCLOUD_SERVER_CERT", h2.cert())
-        .env("XCLOUD_KEY", &admin)
+        .env("XCLOUD_TOKEN", &admin)
         .output()?;
     bar.finish_and_clear();
     let summary: Value = serde_json::from_slice(&drained.stdout).with_context(|| {

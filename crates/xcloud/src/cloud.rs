@@ -4,33 +4,61 @@
 // subcommand fields, positional names that say what they are) needs none.
 #![allow(missing_docs)]
 
+use crate::cli_config;
+use crate::exit::{self, ApiError};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 use std::path::PathBuf;
 use xcloud_control::client::{Answer, Client};
 
-/// Where the daemon is and which key to call it with.
+/// Where the daemon is and which key to call it with: flags, else XCLOUD_URL, XCLOUD_TOKEN
+/// and XCLOUD_SERVER_CERT, else the profile (`xcloud config`), else the local daemon.
 #[derive(Args, Clone, Debug)]
 pub struct Endpoint {
-    /// xcloudd's socket, or `https://HOST:PORT` (with --server-cert).
-    #[arg(
-        long,
-        env = "XCLOUD_ENDPOINT",
-        default_value = "/var/lib/xcloud/xcloudd.sock",
-        global = true
-    )]
-    endpoint: String,
-    /// The certificate (DER) the server at an https endpoint must present: its identity's
-    /// cert.der.
-    #[arg(long, env = "XCLOUD_SERVER_CERT", global = true)]
+    /// xcloudd's URL: its socket's path (or unix://PATH), or https://HOST:PORT with
+    /// --server-cert [env: XCLOUD_URL] [default: the profile's, else
+    /// /var/lib/xcloud/xcloudd.sock].
+    #[arg(long, visible_alias = "endpoint", global = true)]
+    url: Option<String>,
+    /// The certificate (DER) the server at an https URL must present: its identity's
+    /// cert.der [env: XCLOUD_SERVER_CERT].
+    #[arg(long, global = true)]
     server_cert: Option<PathBuf>,
-    /// The API key (default: the admin key beside the socket, when this user can read it).
-    #[arg(long, env = "XCLOUD_KEY", hide_env_values = true, global = true)]
-    key: Option<String>,
+    /// The API key [env: XCLOUD_TOKEN] [default: the profile's, else the admin key beside
+    /// the local socket when this user can read it].
+    #[arg(long, visible_alias = "key", global = true)]
+    token: Option<String>,
+    /// The profile of the config file to use [env: XCLOUD_PROFILE] [default: its
+    /// default_profile].
+    #[arg(long, global = true)]
+    profile: Option<String>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    #[arg(skip)]
+    resolved: std::sync::OnceLock<Box<cli_config::Resolved>>,
+}
+
+impl Endpoint {
+    /// Where the flags, the environment and the config file say the daemon is (worked out
+    /// once per command; its warnings go to stderr then).
+    fn resolved(&self) -> anyhow::Result<&cli_config::Resolved> {
+        if let Some(r) = self.resolved.get() {
+            return Ok(r);
+        }
+        let flags = cli_config::Flags {
+            url: self.url.clone(),
+            token: self.token.clone(),
+            server_cert: self.server_cert.clone(),
+            profile: self.profile.clone(),
+        };
+        let r = cli_config::resolve(&flags, &|var| std::env::var(var).ok())?;
+        for warning in &r.warnings {
+            eprintln!("xcloud: warning: {warning}");
+        }
+        Ok(self.resolved.get_or_init(|| Box::new(r)))
+    }
 }
 
 /// The control plane's commands.
@@ -84,7 +112,7 @@ pub enum CloudCommand {
         action: ProviderAction,
     },
     /// Move running VMs to hosts where their CPUs cost less, live (admin): the plan, with
-    /// --dry-run only the plan. Exit status 2 if a planned move did not happen.
+    /// --dry-run only the plan. Exit status 7 if a planned move did not happen.
     Replace {
         #[command(flatten)]
         endpoint: Endpoint,
@@ -122,6 +150,51 @@ pub enum CloudCommand {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// The CLI's own settings: profiles, each a daemon and a key, in the config file
+    /// ($XCLOUD_CONFIG, else ~/.config/xcloud/config.toml). Calls no daemon.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+/// `xcloud config ...`.
+#[derive(Subcommand, Debug)]
+pub enum ConfigAction {
+    /// Which daemon the other commands would call with which key, and where each came from.
+    Show {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// The profiles.
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a profile or change some of its settings (the first profile becomes the default).
+    Set {
+        profile: String,
+        /// xcloudd's URL: a socket path, unix://PATH or https://HOST:PORT.
+        #[arg(long)]
+        url: Option<String>,
+        /// Read the API key from stdin (one line), so it stays out of the shell's history.
+        #[arg(long, conflicts_with = "token_file")]
+        token_stdin: bool,
+        /// A file holding the API key (read at each command).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// The certificate (DER) the server at an https URL must present.
+        #[arg(long)]
+        server_cert: Option<PathBuf>,
+        /// Make it the default profile.
+        #[arg(long)]
+        default: bool,
+    },
+    /// Make PROFILE the default.
+    Use { profile: String },
+    /// Remove PROFILE.
+    Rm { profile: String },
 }
 
 /// `xcloud host ...`.
@@ -130,7 +203,7 @@ pub enum HostAction {
     /// The hosts (as `xcloud hosts`).
     Ls,
     /// Place no more VMs on HOST and live-migrate every VM running there to other hosts
-    /// (exit status 2 if some could not move: they run on where they were).
+    /// (exit status 7 if some could not move: they run on where they were).
     Drain {
         host: String,
         /// How many VMs move at once.
@@ -147,7 +220,7 @@ pub enum HostAction {
 #[derive(Subcommand, Debug)]
 pub enum ProviderAction {
     /// Drain every host of PROVIDER, live-migrating each VM to a host of another provider
-    /// (exit status 2 if some could not move: they run on where they were).
+    /// (exit status 7 if some could not move: they run on where they were).
     Evacuate {
         provider: String,
         /// How many VMs move at once.
@@ -294,25 +367,8 @@ pub enum TypeAction {
 }
 
 fn client(e: &Endpoint) -> anyhow::Result<Client> {
-    use xcloud_control::client::Endpoint as At;
-    let at = match e.endpoint.strip_prefix("https://") {
-        Some(addr) => At::Tls {
-            addr: addr.trim_end_matches('/').to_string(),
-            server_cert: e
-                .server_cert
-                .clone()
-                .context("an https endpoint needs --server-cert (the server identity's cert.der)")?,
-        },
-        None => At::Unix(PathBuf::from(&e.endpoint)),
-    };
-    let key = e.key.clone().or_else(|| match &at {
-        At::Unix(sock) => {
-            let file = sock.parent()?.join("admin.key");
-            std::fs::read_to_string(file).ok().map(|k| k.trim().to_string())
-        }
-        At::Tls { .. } | At::Peer { .. } => None,
-    });
-    Ok(Client::at(at, key))
+    let r = e.resolved()?;
+    Ok(Client::at(r.endpoint.clone(), r.token.clone()))
 }
 
 /// Calls the API and returns the JSON of a successful answer; an error answer is an error.
@@ -322,10 +378,20 @@ fn call(e: &Endpoint, method: &str, path: &str, body: Option<Value>) -> anyhow::
     json_of(answer)
 }
 
-fn json_of(answer: Answer) -> anyhow::Result<Value> {
-    if !(200..300).contains(&answer.status) {
-        bail!("{} (HTTP {})", answer.error_text(), answer.status);
+/// The answer, or an [`ApiError`] if it is an error answer.
+fn success(answer: Answer) -> Result<Answer, ApiError> {
+    if (200..300).contains(&answer.status) {
+        Ok(answer)
+    } else {
+        Err(ApiError {
+            status: answer.status,
+            message: answer.error_text(),
+        })
     }
+}
+
+fn json_of(answer: Answer) -> anyhow::Result<Value> {
+    let answer = success(answer)?;
     if answer.body.is_empty() {
         return Ok(Value::Null);
     }
@@ -582,7 +648,7 @@ pub fn run(command: CloudCommand) -> anyhow::Result<i32> {
                 );
             }
             let failed = plan["results"].as_array().into_iter().flatten().any(|r| r != "moved");
-            return Ok(if failed { 2 } else { 0 });
+            return Ok(if failed { exit::PARTIAL } else { 0 });
         }
         CloudCommand::Provider {
             endpoint: e,
@@ -623,6 +689,7 @@ pub fn run(command: CloudCommand) -> anyhow::Result<i32> {
             table(&e, &Value::Array(rows), USAGE_FIELDS);
         }
         CloudCommand::Events { endpoint: e, count } => events(&e, count)?,
+        CloudCommand::Config { action } => config(action)?,
         CloudCommand::Whoami { endpoint: e } => show(&call(&e, "GET", "/v1/whoami", None)?),
     }
     Ok(0)
@@ -727,10 +794,7 @@ fn vm(e: &Endpoint, action: VmAction) -> anyhow::Result<()> {
             }
         }
         VmAction::Console { vm, bytes } => {
-            let answer = client(e)?.call("GET", &at(&vm, &format!("/console?bytes={bytes}")), None)?;
-            if !(200..300).contains(&answer.status) {
-                bail!("{} (HTTP {})", answer.error_text(), answer.status);
-            }
+            let answer = success(client(e)?.call("GET", &at(&vm, &format!("/console?bytes={bytes}")), None)?)?;
             use std::io::Write;
             std::io::stdout().write_all(&answer.body)?;
         }
@@ -758,6 +822,123 @@ fn vm(e: &Endpoint, action: VmAction) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `xcloud config ...`: reads and writes the config file only.
+fn config(action: ConfigAction) -> anyhow::Result<()> {
+    let env = |var: &str| std::env::var(var).ok();
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    let written = |path: PathBuf| println!("{} written", path.display());
+    match action {
+        ConfigAction::Show { endpoint: e } => {
+            let r = e.resolved()?;
+            let (target, server_cert) = match &r.endpoint {
+                xcloud_control::client::Endpoint::Tls { addr, server_cert } => {
+                    (format!("https://{addr}"), Some(server_cert.display().to_string()))
+                }
+                other => (other.to_string(), None),
+            };
+            let view = serde_json::json!({
+                "config_file": r.config_file.as_ref().map(|p| p.display().to_string()),
+                "profile": r.profile,
+                "url": target,
+                "url_from": r.url_from.to_string(),
+                "server_cert": server_cert,
+                "token": r.token.as_deref().map(cli_config::token_hint),
+                "token_from": r.token_from.to_string(),
+            });
+            if e.json {
+                show(&view);
+            } else {
+                for (label, field, from) in [
+                    ("config file", "config_file", None),
+                    ("profile", "profile", None),
+                    ("url", "url", Some("url_from")),
+                    ("server cert", "server_cert", None),
+                    ("token", "token", Some("token_from")),
+                ] {
+                    let value = view[field].as_str().unwrap_or("-");
+                    match from {
+                        Some(from) => println!("{label:<12} {value}  ({})", s(&view, from)),
+                        None => println!("{label:<12} {value}"),
+                    }
+                }
+            }
+        }
+        ConfigAction::Ls { json } => {
+            let Some((path, explicit)) = cli_config::config_path(&env) else {
+                bail!(cli_config::ConfigError::NoPlace);
+            };
+            let file = cli_config::load(&path, explicit)?.unwrap_or_default();
+            let rows: Vec<Value> = file
+                .profiles
+                .iter()
+                .map(|(name, p)| {
+                    serde_json::json!({
+                        "name": name,
+                        "default": file.default_profile.as_deref() == Some(name.as_str()),
+                        "url": p.url,
+                        "token": if p.token.is_some() { "in the file" } else if p.token_file.is_some() { "token_file" } else { "none" },
+                        "server_cert": p.server_cert.as_ref().map(|c| c.display().to_string()),
+                    })
+                })
+                .collect();
+            if json {
+                show(&Value::Array(rows));
+            } else {
+                println!("{}:", path.display());
+                for row in &rows {
+                    let mark = if row["default"] == true { "*" } else { " " };
+                    println!(
+                        "{mark} {:<16} {:<40} token: {}",
+                        s(row, "name"),
+                        s(row, "url"),
+                        s(row, "token")
+                    );
+                }
+            }
+        }
+        ConfigAction::Set {
+            profile,
+            url,
+            token_stdin,
+            token_file,
+            server_cert,
+            default,
+        } => {
+            let token = if token_stdin {
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .context("reading the key from stdin")?;
+                let key = line.trim().to_string();
+                if key.is_empty() {
+                    bail!("no key on stdin");
+                }
+                Some(key)
+            } else {
+                None
+            };
+            let change = cli_config::Profile {
+                url: url.as_deref().map(cli_config::profile_url).transpose()?,
+                token,
+                token_file: token_file.map(absolute),
+                server_cert: server_cert.map(absolute),
+            };
+            written(cli_config::edit(&env, |c, _| {
+                cli_config::set_profile(c, &profile, change, default)
+            })?);
+        }
+        ConfigAction::Use { profile } => {
+            written(cli_config::edit(&env, |c, p| cli_config::use_profile(c, &profile, p))?);
+        }
+        ConfigAction::Rm { profile } => {
+            written(cli_config::edit(&env, |c, p| {
+                cli_config::remove_profile(c, &profile, p)
+            })?);
+        }
+    }
+    Ok(())
+}
+
 /// Prints events as they arrive: one JSON object per line.
 fn events(e: &Endpoint, count: Option<usize>) -> anyhow::Result<()> {
     let mut seen = 0usize;
@@ -781,9 +962,7 @@ fn events(e: &Endpoint, count: Option<usize>) -> anyhow::Result<()> {
         }
         true
     })?;
-    if !(200..300).contains(&status) {
-        bail!("{} (HTTP {status})", Answer { status, body: failed }.error_text());
-    }
+    success(Answer { status, body: failed })?;
     Ok(())
 }
 

@@ -27,7 +27,7 @@ pub trait Api: Sync {
 }
 
 /// Moves every running VM off `hosts` (already drained); with `avoid_provider`, to hosts of
-/// other providers only. Exit status 0 when every running VM moved, 2 when some stayed.
+/// other providers only. Exit status 0 when every running VM moved, [`crate::exit::PARTIAL`] when some stayed.
 pub fn move_off(api: &dyn Api, hosts: &[String], avoid_provider: Option<&str>, parallel: usize) -> Result<i32> {
     let started = Instant::now();
     let vms = api.call("GET", "/v1/vms", None)?;
@@ -98,7 +98,7 @@ pub fn move_off(api: &dyn Api, hosts: &[String], avoid_provider: Option<&str>, p
     let outcomes = std::mem::take(&mut *outcomes.lock().unwrap_or_else(|p| p.into_inner()));
     let stayed = outcomes.iter().filter(|o| o.result.is_err()).count();
     report(api.json(), &outcomes, total, started.elapsed());
-    Ok(if stayed == 0 { 0 } else { 2 })
+    Ok(if stayed == 0 { 0 } else { crate::exit::PARTIAL })
 }
 
 /// Migrates VM `id`, showing its progress on `bar` (read from its metrics while it moves).

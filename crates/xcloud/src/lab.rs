@@ -363,9 +363,12 @@ pub fn run_cluster(dir: &Path, lease_ttl: u32) -> Result<()> {
     }
     println!();
     println!("To use it (any host answers for the whole cloud):");
-    println!("  export XCLOUD_ENDPOINT={}", first.endpoint());
+    println!("  export XCLOUD_URL={}", first.endpoint());
     println!("  export XCLOUD_SERVER_CERT={}", first.cert().display());
-    println!("  export XCLOUD_KEY=$(cat {})", first.data.join("admin.key").display());
+    println!(
+        "  export XCLOUD_TOKEN=$(cat {})",
+        first.data.join("admin.key").display()
+    );
     println!("  xcloud hosts; xcloud image push heartbeat; xcloud vm create web heartbeat");
     println!();
     println!("Ctrl-C ends the lab (its VMs, daemons, etcd and namespaces).");

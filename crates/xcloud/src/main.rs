@@ -9,7 +9,12 @@ use std::time::Duration;
 use xcloud_migration::PostcopyMode;
 
 #[derive(Parser)]
-#[command(name = "xcloud", version, about = "The tenant's own hypervisor layer")]
+#[command(
+    name = "xcloud",
+    version,
+    about = "The tenant's own hypervisor layer",
+    after_help = "Exit status of the commands that call xcloudd: 0 done, 1 failed, 2 wrong usage, 3 not found, 4 refused, 5 conflict, 6 unreachable, 7 partly done (docs/cloud-api.md). `xcloud run` exits with its guest's status."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -108,7 +113,7 @@ enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     #[command(flatten)]
-    Cloud(xcloud::cloud::CloudCommand),
+    Cloud(Box<xcloud::cloud::CloudCommand>),
     /// Run a VMM jailed (namespaces, root = DIR, an unprivileged uid, seccomp); xcloudd
     /// starts every VMM this way when it runs as root.
     #[command(hide = true)]
@@ -537,7 +542,7 @@ fn main() -> ExitCode {
             xcloud::bench_snapshot::snapshot(mem, working_set).map(|_| 0)
         }
         Command::Doctor => doctor::doctor(),
-        Command::Cloud(command) => xcloud::cloud::run(command),
+        Command::Cloud(command) => xcloud::cloud::run(*command),
         Command::Jail { root, uid, gid, args } => xcloud::jail::jail(&xcloud::jail::JailSpec { root, uid, gid, args }),
         Command::Lab {
             what: LabCommand::Cluster { dir, lease_ttl },
@@ -553,7 +558,7 @@ fn main() -> ExitCode {
         Ok(status) => ExitCode::from(status.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("xcloud: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(xcloud::exit::of(&e))
         }
     }
 }

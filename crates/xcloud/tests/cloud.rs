@@ -76,7 +76,7 @@ impl Daemon {
 
     fn cli(&self, key: &str, args: &[&str]) -> Output {
         let mut cmd = xcloud();
-        cmd.env("XCLOUD_ENDPOINT", &self.sock).env("XCLOUD_KEY", key).args(args);
+        cmd.env("XCLOUD_URL", &self.sock).env("XCLOUD_TOKEN", key).args(args);
         output_within(cmd, Duration::from_secs(60))
     }
 
@@ -349,8 +349,8 @@ fn vms_outlive_a_daemon_restart_and_their_ends_are_recorded() {
     let admin = d.admin.clone();
     let mut events = xcloud();
     events
-        .env("XCLOUD_ENDPOINT", &d.sock)
-        .env("XCLOUD_KEY", &admin)
+        .env("XCLOUD_URL", &d.sock)
+        .env("XCLOUD_TOKEN", &admin)
         .args(["events", "--count", "3"]);
     let (_events, lines) = spawn_lines(events);
     std::thread::sleep(Duration::from_millis(300));
@@ -544,11 +544,11 @@ fn the_api_is_served_over_tls_to_clients_that_pin_its_certificate() {
     let endpoint = format!("https://{addr}");
     let over_tls = |cert: &PathBuf, key: Option<&str>| {
         let mut cmd = xcloud();
-        cmd.env("XCLOUD_ENDPOINT", &endpoint)
+        cmd.env("XCLOUD_URL", &endpoint)
             .env("XCLOUD_SERVER_CERT", cert.join("cert.der"))
             .args(["whoami", "--json"]);
         if let Some(key) = key {
-            cmd.env("XCLOUD_KEY", key);
+            cmd.env("XCLOUD_TOKEN", key);
         }
         output_within(cmd, Duration::from_secs(30))
     };
@@ -589,6 +589,144 @@ fn the_api_is_served_over_tls_to_clients_that_pin_its_certificate() {
         "plain HTTP was served"
     );
     assert!(over_tls(&identity, Some(&d.admin)).status.success());
+}
+
+/// `xcloud ARGS` with only the config file at `config` to say where the daemon is.
+fn with_config(config: &std::path::Path, args: &[&str]) -> Output {
+    let mut cmd = xcloud();
+    cmd.env("XCLOUD_CONFIG", config).args(args);
+    output_within(cmd, Duration::from_secs(30))
+}
+
+#[test]
+fn the_cli_finds_daemons_and_keys_through_profiles_and_exits_with_what_went_wrong() {
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let identity = tmp.join("cloud-profile-identity");
+    let _ = std::fs::remove_dir_all(&identity);
+    assert!(common::run(&["keygen", identity.to_str().expect("path")])
+        .status
+        .success());
+    let addr = format!("127.0.0.1:{}", 20_000 + (std::process::id() + 7) % 20_000);
+    let d = Daemon::start_with(
+        "profiles",
+        &["--tls-listen", &addr, "--identity", identity.to_str().expect("path")],
+    );
+    let acme = stdout(&d.cli(&d.admin, &["tenant", "create", "acme"]))
+        .trim()
+        .to_string();
+    let config = tmp.join("cloud-profile-config/config.toml");
+    let _ = std::fs::remove_dir_all(config.parent().expect("dir"));
+    let key_file = tmp.join("cloud-profile-acme.key");
+    std::fs::write(&key_file, format!("{acme}\n")).expect("key file");
+    let set = |args: &[&str], stdin: Option<&str>| {
+        let mut cmd = xcloud();
+        cmd.env("XCLOUD_CONFIG", &config).args(["config", "set"]).args(args);
+        let out = match stdin {
+            Some(text) => {
+                use std::io::Write;
+                cmd.stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped());
+                let mut child = cmd.spawn().expect("xcloud config set");
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(text.as_bytes())
+                    .expect("key");
+                child.wait_with_output().expect("wait")
+            }
+            None => output_within(cmd, Duration::from_secs(30)),
+        };
+        assert!(out.status.success(), "config set {args:?}: {}", stderr(&out));
+    };
+    // acme over TLS with its key in a file, the default; admin on the socket, key typed in.
+    let cert = identity.join("cert.der");
+    let url = format!("https://{addr}");
+    let key_path = key_file.to_str().expect("path");
+    set(
+        &[
+            "acme",
+            "--url",
+            &url,
+            "--server-cert",
+            cert.to_str().expect("path"),
+            "--token-file",
+            key_path,
+        ],
+        None,
+    );
+    set(
+        &["ops", "--url", d.sock.to_str().expect("path"), "--token-stdin"],
+        Some(&format!("{}\n", d.admin)),
+    );
+    let mode = std::fs::metadata(&config).expect("written").permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let whoami = loop {
+        let out = with_config(&config, &["whoami", "--json"]);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(whoami.status.success(), "{}", stderr(&whoami));
+    assert!(
+        stdout(&whoami).contains("\"acme\""),
+        "the default profile: {}",
+        stdout(&whoami)
+    );
+    let out = with_config(&config, &["whoami", "--json", "--profile", "ops"]);
+    assert!(stdout(&out).contains("\"admin\""), "{}", stderr(&out));
+    let shown = with_config(&config, &["config", "show", "--json"]);
+    let shown: Value = serde_json::from_str(&stdout(&shown)).expect("config show --json");
+    assert_eq!(
+        (shown["profile"].as_str(), shown["url"].as_str()),
+        (Some("acme"), Some(url.as_str()))
+    );
+    assert!(
+        !stdout(&with_config(&config, &["config", "show"])).contains(&acme),
+        "the key is never shown"
+    );
+
+    // Exit statuses a script can rely on.
+    let status = |args: &[&str]| with_config(&config, args).status.code();
+    assert_eq!(status(&["vm", "show", "nope"]), Some(3), "not found");
+    assert_eq!(status(&["tenant", "ls"]), Some(4), "a tenant on an admin route");
+    assert_eq!(
+        status(&["tenant", "create", "acme", "--profile", "ops"]),
+        Some(5),
+        "a name taken"
+    );
+    assert_eq!(status(&["whoami", "--profile", "nope"]), Some(2), "no such profile");
+    assert_eq!(
+        status(&["whoami", "--url", "http://127.0.0.1:1"]),
+        Some(2),
+        "plain http"
+    );
+    assert_eq!(status(&["vm", "bogus"]), Some(2), "a wrong command");
+    let gone = tmp.join("cloud-profile-nothing.sock");
+    assert_eq!(
+        status(&["whoami", "--url", gone.to_str().expect("path")]),
+        Some(6),
+        "no daemon"
+    );
+    // Another daemon named by a flag: the profile's key is not sent there.
+    let out = with_config(&config, &["whoami", "--url", gone.to_str().expect("path"), "--json"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let out = with_config(
+        &config,
+        &["config", "show", "--url", gone.to_str().expect("path"), "--json"],
+    );
+    let shown: Value = serde_json::from_str(&stdout(&out)).expect("config show --json");
+    assert_eq!(shown["token"], Value::Null, "{shown}");
+    // Profiles are removed; the default goes with its profile.
+    assert!(with_config(&config, &["config", "rm", "acme"]).status.success());
+    assert_eq!(status(&["config", "rm", "acme"]), Some(2));
+    let out = with_config(&config, &["config", "ls", "--json"]);
+    let profiles: Value = serde_json::from_str(&stdout(&out)).expect("config ls --json");
+    assert_eq!(profiles.as_array().map(Vec::len), Some(1), "{profiles}");
 }
 
 #[test]

@@ -33,9 +33,9 @@ fn lab_with(name: &str, extra: &[&str]) -> (Lab, std::sync::MutexGuard<'static, 
 /// `xcloud ARGS` against `host`'s API with `key`.
 fn cli(host: &LabHost, key: &str, args: &[&str]) -> Output {
     let mut cmd = xcloud();
-    cmd.env("XCLOUD_ENDPOINT", host.endpoint())
+    cmd.env("XCLOUD_URL", host.endpoint())
         .env("XCLOUD_SERVER_CERT", host.cert())
-        .env("XCLOUD_KEY", key)
+        .env("XCLOUD_TOKEN", key)
         .args(args);
     output_within(cmd, Duration::from_secs(60))
 }
@@ -387,7 +387,7 @@ fn draining_a_host_and_evacuating_a_provider_move_running_vms_live() {
     ok(h1, &acme, &["vm", "rm", "b-1"]);
 
     // Evacuating alpha: the free VM leaves for beta; the ones kept at alpha cannot, stay
-    // running where they are, and say so (exit status 2).
+    // running where they are, and say so (exit status 7).
     let free = json(
         h2,
         &acme,
@@ -396,7 +396,7 @@ fn draining_a_host_and_evacuating_a_provider_move_running_vms_live() {
     assert_eq!(free["host"], "host-2", "{free}");
     let free_up = wait_uptime_above(h2, &acme, "free", 0);
     let out = cli(h3, &admin, &["provider", "evacuate", "alpha", "--json"]);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
     let summary: Value = serde_json::from_str(&stdout(&out)).expect("the summary is JSON");
     let rows = summary["vms"].as_array().expect("rows");
     assert_eq!(rows.len(), 4, "{summary}");

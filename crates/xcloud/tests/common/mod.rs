@@ -10,6 +10,17 @@ use std::process::{Command, Output};
 pub fn xcloud() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xcloud"));
     cmd.env_remove("XCLOUD_KVM_DEVICE").env("XCLOUD_LOG", "warn");
+    // Not the developer's own CLI settings: no config file, no daemon named.
+    for var in [
+        "XCLOUD_URL",
+        "XCLOUD_TOKEN",
+        "XCLOUD_SERVER_CERT",
+        "XCLOUD_PROFILE",
+        "XCLOUD_CONFIG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("XDG_CONFIG_HOME", "/nonexistent/xcloud-tests");
     cmd
 }
 
