@@ -67,6 +67,8 @@ pub struct Cluster {
     host_key: Mutex<String>,
     /// VMs this host is starting now.
     starting: Mutex<HashSet<String>>,
+    /// Whether this host is the scheduler now.
+    leading: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -78,7 +80,13 @@ impl Cluster {
             lease: AtomicI64::new(0),
             host_key: Mutex::new(String::new()),
             starting: Mutex::new(HashSet::new()),
+            leading: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether this host is the scheduler now (the cluster-wide loops run there only).
+    pub fn is_scheduler(&self) -> bool {
+        self.leading.load(Ordering::SeqCst)
     }
 
     /// This host's current lease.
@@ -342,6 +350,27 @@ pub async fn set_draining(daemon: &Daemon, host: &str, draining: bool) -> Result
     } else {
         daemon.store.delete(Table::Cluster, &drain_key(host)).await.map(|_| ())
     }
+}
+
+/// Calls host `host`'s API with the hosts' key (it must be up); the JSON of a successful
+/// answer.
+pub async fn call_host(
+    daemon: &Daemon,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, ControlError> {
+    let cluster = daemon
+        .cluster
+        .as_ref()
+        .ok_or_else(|| ControlError::Cluster("this host is in no cluster".into()))?;
+    let record = hosts(daemon)
+        .await?
+        .into_iter()
+        .find(|h| h.name == host)
+        .ok_or_else(|| ControlError::Cluster(format!("host {host} is not up")))?;
+    peer_json(cluster, &record, method, path, body).await
 }
 
 /// Calls another host's API with the hosts' key; the JSON of a successful answer.
@@ -674,7 +703,9 @@ async fn scheduler(daemon: Arc<Daemon>, cluster: Arc<Cluster>) {
             Ok(_) => {
                 tracing::info!("cluster: {me} is the scheduler");
                 daemon.emit("admin", "scheduler.elected", &me, None);
+                cluster.leading.store(true, Ordering::SeqCst);
                 schedule_while_leader(&daemon, &mut client, &name, lease).await;
+                cluster.leading.store(false, Ordering::SeqCst);
                 tracing::warn!("cluster: {me} is no longer the scheduler");
             }
             Err(e) => {

@@ -46,6 +46,8 @@ pub struct Config {
     pub meter_period: Duration,
     /// How many days usage records are kept.
     pub usage_days: u64,
+    /// How often autoscaling groups are looked at (by the scheduler, in a cluster).
+    pub autoscale_period: Duration,
 }
 
 impl Config {
@@ -62,6 +64,7 @@ impl Config {
             jail: unsafe { libc::geteuid() } == 0,
             meter_period: Duration::from_secs(10),
             usage_days: 400,
+            autoscale_period: Duration::from_secs(5),
         }
     }
 }

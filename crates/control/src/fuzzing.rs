@@ -40,6 +40,7 @@ impl Harness {
             jail: false,
             meter_period: std::time::Duration::from_secs(10),
             usage_days: 1,
+            autoscale_period: std::time::Duration::from_secs(5),
         };
         let daemon: Arc<Daemon> = runtime
             .block_on(Daemon::open_without_cgroups(config))

@@ -5,9 +5,9 @@ use crate::auth;
 use crate::daemon::Daemon;
 use crate::error::ErrorBody;
 use crate::model::{
-    check_name, now, CreateTenant, CreateVm, Desired, Event, Host, Image, IncomingAnswer, IncomingRequest,
-    InstanceType, MigrateVm, MigrationReport, NewKey, Quota, Replacement, ReplacementQuery, RestoreVm, Role, SetPrice,
-    Snapshot, Tenant, Usage, UsageQuery, Vm, VmMetrics, VmState, WhoAmI,
+    check_name, group_key, now, CreateGroup, CreateTenant, CreateVm, Desired, Event, Group, GroupStatus, Host, Image,
+    IncomingAnswer, IncomingRequest, InstanceType, MigrateVm, MigrationReport, NewKey, Replacement, ReplacementQuery,
+    RestoreVm, Role, SetPrice, Snapshot, Tenant, UpdateGroup, Usage, UsageQuery, Vm, VmMetrics, VmState, WhoAmI,
 };
 use crate::store::Table;
 use crate::ControlError;
@@ -33,9 +33,6 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub const MAX_IMAGE_BYTES: u64 = 128 << 20;
 /// The most of a console log one request returns.
 pub const MAX_CONSOLE_BYTES: u64 = 1 << 20;
-/// The most arguments a guest's command line may hold, and the longest one.
-const MAX_ARGS: usize = 32;
-const MAX_ARG_BYTES: usize = 256;
 
 type D = State<Arc<Daemon>>;
 type Res<T> = Result<T, ControlError>;
@@ -136,6 +133,11 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms/{vm}/restore", post(restore_vm))
         .route("/v1/vms/{vm}/migrate", post(migrate_vm))
         .route("/v1/vms/{vm}/incoming", post(incoming_vm).delete(abort_incoming))
+        .route("/v1/groups", get(list_groups).post(create_group))
+        .route(
+            "/v1/groups/{group}",
+            get(show_group).patch(update_group).delete(delete_group),
+        )
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{host}/drain", post(drain_host))
         .route("/v1/hosts/{host}/undrain", post(undrain_host))
@@ -274,7 +276,7 @@ async fn prometheus_metrics(State(d): D, caller: Caller) -> Res<impl IntoRespons
         whoami, list_tenants, create_tenant, delete_tenant, create_key, list_types, create_type, list_images,
         upload_image, delete_image, image_content, list_vms, create_vm, show_vm, delete_vm, start_vm, stop_vm, pause_vm,
         resume_vm, console, metrics, list_snapshots, create_snapshot, restore_vm, migrate_vm, incoming_vm,
-        abort_incoming, list_hosts, drain_host, undrain_host, set_host_price, replacement_plan,
+        abort_incoming, list_groups, create_group, show_group, update_group, delete_group, list_hosts, drain_host, undrain_host, set_host_price, replacement_plan,
         carry_out_replacement, usage, events, prometheus_metrics
     ),
     components(schemas(ErrorBody)),
@@ -367,9 +369,16 @@ async fn delete_tenant(State(d): D, caller: Caller, Path(name): Path<String>) ->
         .filter(|v| v.tenant == name)
         .count();
     let images = d.images_of(&name).await?.len();
-    if vms + images > 0 {
+    let groups = d
+        .store
+        .list::<Group>(Table::Groups)
+        .await?
+        .into_iter()
+        .filter(|g| g.tenant == name)
+        .count();
+    if vms + images + groups > 0 {
         return Err(ControlError::Conflict(format!(
-            "tenant {name} still holds {vms} VMs and {images} images"
+            "tenant {name} still holds {vms} VMs, {images} images and {groups} autoscaling groups"
         )));
     }
     for k in d.store.list::<crate::model::StoredKey>(Table::Keys).await? {
@@ -636,92 +645,11 @@ async fn list_vms(State(d): D, caller: Caller) -> Res<Json<Vec<Vm>>> {
     responses((status = 201, body = Vm), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 502, body = ErrorBody)))]
 async fn create_vm(State(d): D, caller: Caller, Json(req): Json<CreateVm>) -> Res<(StatusCode, Json<Vm>)> {
-    check_name("VM", &req.name)?;
-    if req.args.len() > MAX_ARGS
-        || req
-            .args
-            .iter()
-            .any(|a| a.len() > MAX_ARG_BYTES || a.contains('\0') || a.contains(char::is_whitespace))
-    {
-        return Err(ControlError::BadRequest(format!(
-            "a guest takes at most {MAX_ARGS} arguments of at most {MAX_ARG_BYTES} bytes, without spaces or NULs"
-        )));
-    }
-    let type_name = req.instance_type.as_deref().unwrap_or("x1.nano");
-    let itype: InstanceType = d
-        .store
-        .get(Table::InstanceTypes, type_name)
-        .await?
-        .ok_or_else(|| ControlError::BadRequest(format!("no instance type {type_name}")))?;
-    let tenant = &caller.tenant;
-    let image = d
-        .images_of(&tenant.name)
-        .await?
-        .into_iter()
-        .find(|i| i.id == req.image || i.name == req.image)
-        .ok_or_else(|| ControlError::BadRequest(format!("no image {}", req.image)))?;
-    let cpu_weight = req.cpu_weight.unwrap_or(100);
-    if !(1..=10_000).contains(&cpu_weight) {
-        return Err(ControlError::BadRequest("cpu_weight is 1-10000".into()));
-    }
-    let cpu_cap_percent = match (itype.cpu_cap_percent, req.cpu_cap_percent) {
-        (_, Some(0)) => return Err(ControlError::BadRequest("cpu_cap_percent is at least 1".into())),
-        (Some(t), Some(r)) => Some(t.min(r)),
-        (t, r) => t.or(r),
-    };
-    let id = format!("vm-{}", auth::hex(&auth::random_bytes::<6>()?));
-    let start = req.start.unwrap_or(true);
-    let clustered = d.cluster.is_some();
-    let mut vm = Vm {
-        id: id.clone(),
-        tenant: tenant.name.clone(),
-        name: req.name.clone(),
-        image: image.id,
-        instance_type: itype.name.clone(),
-        vcpus: itype.vcpus,
-        mem_mib: itype.mem_mib,
-        args: req.args.clone(),
-        cpu_weight,
-        cpu_cap_percent,
-        state: VmState::Stopped,
-        exit: None,
-        pid: None,
-        uid: None,
-        created: now(),
-        host: None,
-        want: if start { Desired::Running } else { Desired::Stopped },
-        generation: 0,
-        placement: req.placement.clone().unwrap_or_default(),
-        restart: req.restart.unwrap_or_default(),
-        restore_from: None,
-        run_seconds: 0.0,
-        running_since: None,
-    };
-    {
-        let _records = d.lock_records().await?;
-        let mine: Vec<Vm> = d
-            .store
-            .list::<Vm>(Table::Vms)
-            .await?
-            .into_iter()
-            .filter(|v| v.tenant == tenant.name)
-            .collect();
-        if mine.iter().any(|v| v.name == req.name) {
-            return Err(ControlError::Conflict(format!("a VM named {} exists", req.name)));
-        }
-        check_quota(&tenant.name, &tenant.quota, &mine, &itype)?;
-        if !clustered {
-            vm.host = Some(d.config.host_name.clone());
-        } else if start {
-            vm.state = VmState::Pending;
-        }
-        d.store.put(Table::Vms, &id, &vm).await?;
-    }
-    d.emit(&tenant.name, "vm.created", &id, Some(req.name));
-    let vm = match (start, clustered) {
+    let vm = crate::provision::create_vm(&d, &caller.tenant, &req, None).await?;
+    let vm = match (req.start.unwrap_or(true), d.cluster.is_some()) {
         (false, _) => vm,
-        (true, false) => d.start(&id).await?,
-        (true, true) => wait_started(&d, &id).await?,
+        (true, false) => d.start(&vm.id).await?,
+        (true, true) => wait_started(&d, &vm.id).await?,
     };
     Ok((StatusCode::CREATED, Json(vm)))
 }
@@ -754,26 +682,100 @@ async fn wait_started(d: &Daemon, id: &str) -> Res<Vm> {
     }
 }
 
-fn check_quota(tenant: &str, quota: &Quota, vms: &[Vm], adding: &InstanceType) -> Res<()> {
-    let count = vms.len() as u32 + 1;
-    let vcpus: u32 = vms.iter().map(|v| v.vcpus).sum::<u32>() + adding.vcpus;
-    let mem: u64 = vms.iter().map(|v| v.mem_mib).sum::<u64>() + adding.mem_mib;
-    let over = if count > quota.vms {
-        Some(format!("{count} VMs"))
-    } else if vcpus > quota.vcpus {
-        Some(format!("{vcpus} vCPUs"))
-    } else if mem > quota.mem_mib {
-        Some(format!("{mem} MiB of memory"))
-    } else {
-        None
-    };
-    match over {
-        Some(what) => Err(ControlError::Quota(format!(
-            "quota: {what} would exceed tenant {tenant}'s quota ({} VMs, {} vCPUs, {} MiB)",
-            quota.vms, quota.vcpus, quota.mem_mib
-        ))),
-        None => Ok(()),
+/// The caller's autoscaling groups (an admin's: every tenant's).
+#[utoipa::path(get, path = "/v1/groups", responses((status = 200, body = Vec<GroupStatus>)))]
+async fn list_groups(State(d): D, caller: Caller) -> Res<Json<Vec<GroupStatus>>> {
+    let mut all: Vec<Group> = d.store.list(Table::Groups).await?;
+    all.retain(|g| caller.may_touch(&g.tenant));
+    Ok(Json(with_members(&d, all).await?))
+}
+
+/// `groups` with their VMs' names, oldest first.
+async fn with_members(d: &Daemon, groups: Vec<Group>) -> Res<Vec<GroupStatus>> {
+    let mut vms: Vec<Vm> = d.store.list::<Vm>(Table::Vms).await?;
+    vms.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+    Ok(groups
+        .into_iter()
+        .map(|group| GroupStatus {
+            vms: vms.iter().filter(|v| group.has(v)).map(|v| v.name.clone()).collect(),
+            group,
+        })
+        .collect())
+}
+
+/// Makes an autoscaling group; its first VMs come at the autoscaler's next look.
+#[utoipa::path(post, path = "/v1/groups", request_body = CreateGroup,
+    responses((status = 201, body = Group), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_group(State(d): D, caller: Caller, Json(req): Json<CreateGroup>) -> Res<(StatusCode, Json<Group>)> {
+    let group = crate::autoscale::create_group(&d, &caller.tenant, req).await?;
+    Ok((StatusCode::CREATED, Json(group)))
+}
+
+/// The caller's group `name` (an admin may name any tenant's, the first found).
+async fn find_group(d: &Daemon, caller: &Caller, name: &str) -> Res<Group> {
+    if let Some(g) = d
+        .store
+        .get(Table::Groups, &group_key(&caller.tenant.name, name))
+        .await?
+    {
+        return Ok(g);
     }
+    let not_found = || ControlError::NotFound(format!("no group {name}"));
+    if !caller.is_admin() {
+        return Err(not_found());
+    }
+    let all: Vec<Group> = d.store.list(Table::Groups).await?;
+    all.into_iter().find(|g| g.name == name).ok_or_else(not_found)
+}
+
+/// One group and its VMs.
+#[utoipa::path(get, path = "/v1/groups/{group}", params(("group" = String, Path, description = "its name")),
+    responses((status = 200, body = GroupStatus), (status = 404, body = ErrorBody)))]
+async fn show_group(State(d): D, caller: Caller, Path(name): Path<String>) -> Res<Json<GroupStatus>> {
+    let group = find_group(&d, &caller, &name).await?;
+    let mut status = with_members(&d, vec![group]).await?;
+    status
+        .pop()
+        .map(Json)
+        .ok_or_else(|| ControlError::NotFound(format!("no group {name}")))
+}
+
+/// Changes a group's bounds, target or cooldown; the autoscaler follows at its next look.
+#[utoipa::path(patch, path = "/v1/groups/{group}", params(("group" = String, Path, description = "its name")),
+    request_body = UpdateGroup, responses((status = 200, body = GroupStatus), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn update_group(
+    State(d): D,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(req): Json<UpdateGroup>,
+) -> Res<Json<GroupStatus>> {
+    let group = find_group(&d, &caller, &name).await?;
+    let updated = d
+        .store
+        .update(Table::Groups, &group.key(), |g: &mut Group| {
+            g.min = req.min.unwrap_or(g.min);
+            g.max = req.max.unwrap_or(g.max);
+            g.target = req.target.unwrap_or(g.target);
+            g.cooldown_seconds = req.cooldown_seconds.unwrap_or(g.cooldown_seconds);
+            g.check()
+        })
+        .await?
+        .ok_or_else(|| ControlError::NotFound(format!("no group {name}")))?;
+    d.emit(&updated.tenant, "group.updated", &updated.name, None);
+    let mut status = with_members(&d, vec![updated]).await?;
+    status
+        .pop()
+        .map(Json)
+        .ok_or_else(|| ControlError::NotFound(format!("no group {name}")))
+}
+
+/// Removes a group and its VMs.
+#[utoipa::path(delete, path = "/v1/groups/{group}", params(("group" = String, Path, description = "its name")),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn delete_group(State(d): D, caller: Caller, Path(name): Path<String>) -> Res<StatusCode> {
+    let group = find_group(&d, &caller, &name).await?;
+    crate::autoscale::delete_group(&d, &group).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// One VM.
@@ -1216,25 +1218,6 @@ mod tests {
     }
 
     #[test]
-    fn quotas_count_every_vm() {
-        let quota = Quota {
-            vcpus: 2,
-            mem_mib: 512,
-            vms: 2,
-        };
-        let t = |vcpus, mem_mib| InstanceType {
-            name: "t".into(),
-            vcpus,
-            mem_mib,
-            price_per_hour: 0.0,
-            cpu_cap_percent: None,
-        };
-        assert!(check_quota("a", &quota, &[], &t(2, 512)).is_ok());
-        assert!(check_quota("a", &quota, &[], &t(3, 64)).is_err());
-        assert!(check_quota("a", &quota, &[], &t(1, 513)).is_err());
-    }
-
-    #[test]
     fn the_openapi_document_names_every_route() {
         let doc = serde_json::to_value(ApiDoc::openapi()).expect("json");
         let paths = doc["paths"].as_object().expect("paths");
@@ -1244,6 +1227,8 @@ mod tests {
             "/v1/images",
             "/v1/events",
             "/v1/usage",
+            "/v1/groups",
+            "/v1/groups/{group}",
         ] {
             assert!(paths.contains_key(p), "{p}");
         }

@@ -9,6 +9,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod auth;
+pub mod autoscale;
 pub mod cgroups;
 pub mod client;
 pub mod cluster;
@@ -23,6 +24,7 @@ pub mod meter;
 pub mod model;
 pub mod placement;
 pub mod prometheus;
+pub mod provision;
 pub mod store;
 pub mod tls;
 
@@ -97,6 +99,7 @@ pub async fn serve(
     };
     cluster::join(daemon.clone()).await?;
     meter::spawn(daemon.clone(), daemon.config.meter_period, daemon.config.usage_days);
+    autoscale::spawn(daemon.clone(), daemon.config.autoscale_period);
     tracing::info!("xcloudd: serving API v1 on {}", socket.display());
     serve_on(listener, http::router(daemon), stopped(stop_rx)).await;
     if let Some(tcp) = tcp {

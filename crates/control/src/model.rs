@@ -228,6 +228,9 @@ pub struct Vm {
     pub run_seconds: f64,
     /// When its current run began (Unix seconds, fractional).
     pub running_since: Option<f64>,
+    /// The autoscaling group it belongs to, if any (the group made it and may remove it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl Vm {
@@ -464,6 +467,180 @@ pub struct CreateVm {
 pub struct RestoreVm {
     /// A snapshot of this VM.
     pub snapshot: String,
+}
+
+/// What an autoscaling group follows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupMetric {
+    /// The CPU its running VMs' VMMs use, in percent of their vCPUs, averaged over them.
+    #[default]
+    Cpu,
+}
+
+/// An autoscaling group: VMs made from one template, between `min` and `max` of them, as
+/// many as keep `metric` near `target` (docs/cloud-api.md, "Autoscaling groups").
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Group {
+    /// Whose it is.
+    pub tenant: String,
+    /// Its name (unique per tenant); its VMs are named `NAME-N`.
+    pub name: String,
+    /// The image its VMs boot (`sha256:...`).
+    pub image: String,
+    /// Their instance type.
+    pub instance_type: String,
+    /// Their guest arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Their CPU weight.
+    #[serde(default)]
+    pub cpu_weight: Option<u32>,
+    /// Their CPU cap in percent of one CPU.
+    #[serde(default)]
+    pub cpu_cap_percent: Option<u32>,
+    /// Where they may run (by default spread, apart from each other).
+    #[serde(default)]
+    pub placement: PlacementSpec,
+    /// What happens to them when their host is lost.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// The fewest VMs it has.
+    pub min: u32,
+    /// The most.
+    pub max: u32,
+    /// What it follows.
+    pub metric: GroupMetric,
+    /// The metric's target (for `cpu`: percent).
+    pub target: f64,
+    /// Seconds after a change before the metric may change it again.
+    pub cooldown_seconds: u64,
+    /// When it was made.
+    pub created: u64,
+    /// When it last added or removed VMs (Unix seconds; 0: never).
+    #[serde(default)]
+    pub last_scaled: u64,
+    /// The number its next VM's name ends with.
+    #[serde(default)]
+    pub next_index: u64,
+    /// How many VMs it wanted at its last look.
+    #[serde(default)]
+    pub desired: u32,
+    /// The metric at its last look (none before two readings of a running VM).
+    #[serde(default)]
+    pub reading: Option<f64>,
+    /// Why its last change failed, if it did.
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// `POST /v1/groups`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGroup {
+    /// Its name.
+    pub name: String,
+    /// An image id or the name of one of the tenant's images.
+    pub image: String,
+    /// The instance type (default `x1.nano`).
+    #[serde(default)]
+    pub instance_type: Option<String>,
+    /// The guest's arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// CPU weight of each VM, 1-10000.
+    #[serde(default)]
+    pub cpu_weight: Option<u32>,
+    /// CPU cap of each VM in percent of one CPU.
+    #[serde(default)]
+    pub cpu_cap_percent: Option<u32>,
+    /// Where its VMs may run (default: spread, in an anti-affinity group named after it).
+    #[serde(default)]
+    pub placement: Option<PlacementSpec>,
+    /// What happens to its VMs when their host is lost.
+    #[serde(default)]
+    pub restart: Option<RestartPolicy>,
+    /// The fewest VMs (0-100).
+    pub min: u32,
+    /// The most (at least min, at most 100).
+    pub max: u32,
+    /// What it follows (default `cpu`).
+    #[serde(default)]
+    pub metric: Option<GroupMetric>,
+    /// The metric's target (for `cpu`: percent, above 0, at most 100).
+    pub target: f64,
+    /// Seconds between changes the metric makes (default 60, at most 86400).
+    #[serde(default)]
+    pub cooldown_seconds: Option<u64>,
+}
+
+/// `PATCH /v1/groups/{group}`: what changes.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateGroup {
+    /// The fewest VMs.
+    #[serde(default)]
+    pub min: Option<u32>,
+    /// The most.
+    #[serde(default)]
+    pub max: Option<u32>,
+    /// The metric's target.
+    #[serde(default)]
+    pub target: Option<f64>,
+    /// Seconds between changes the metric makes.
+    #[serde(default)]
+    pub cooldown_seconds: Option<u64>,
+}
+
+/// The most VMs one group may have.
+pub const MAX_GROUP_VMS: u32 = 100;
+
+impl Group {
+    /// Whether its bounds, target and cooldown make sense.
+    pub fn check(&self) -> Result<(), crate::ControlError> {
+        let bad = |why: String| Err(crate::ControlError::BadRequest(why));
+        if self.min > self.max || self.max > MAX_GROUP_VMS {
+            return bad(format!(
+                "a group has 0 <= min <= max <= {MAX_GROUP_VMS} VMs (min {}, max {})",
+                self.min, self.max
+            ));
+        }
+        if !(self.target > 0.0 && self.target <= 100.0) {
+            return bad(format!(
+                "a cpu target is a percentage above 0 and at most 100 (not {})",
+                self.target
+            ));
+        }
+        if self.cooldown_seconds > 86_400 {
+            return bad("cooldown_seconds is at most 86400".into());
+        }
+        Ok(())
+    }
+
+    /// Its key in the records.
+    pub fn key(&self) -> String {
+        group_key(&self.tenant, &self.name)
+    }
+
+    /// Whether `vm` is one of its VMs.
+    pub fn has(&self, vm: &Vm) -> bool {
+        vm.tenant == self.tenant && vm.group.as_deref() == Some(self.name.as_str())
+    }
+}
+
+/// The records' key of `tenant`'s group `name`.
+pub fn group_key(tenant: &str, name: &str) -> String {
+    format!("{tenant}/{name}")
+}
+
+/// `GET /v1/groups/{group}`: the group and its VMs.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct GroupStatus {
+    /// The group.
+    #[serde(flatten)]
+    pub group: Group,
+    /// Its VMs' names, oldest first.
+    pub vms: Vec<String>,
 }
 
 /// `GET /v1/vms/{vm}/metrics`.

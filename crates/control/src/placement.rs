@@ -170,6 +170,7 @@ mod tests {
             restore_from: None,
             run_seconds: 0.0,
             running_since: None,
+            group: None,
         }
     }
 

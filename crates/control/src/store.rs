@@ -33,9 +33,11 @@ pub enum Table {
     Usage,
     /// Per VM, how much of its running has been metered.
     Meter,
+    /// Autoscaling groups by `tenant/name`.
+    Groups,
 }
 
-const ALL: [Table; 11] = [
+const ALL: [Table; 12] = [
     Table::Tenants,
     Table::Keys,
     Table::Images,
@@ -47,6 +49,7 @@ const ALL: [Table; 11] = [
     Table::Events,
     Table::Usage,
     Table::Meter,
+    Table::Groups,
 ];
 
 impl Table {
@@ -63,6 +66,7 @@ impl Table {
             Self::Events => "events",
             Self::Usage => "usage",
             Self::Meter => "meter",
+            Self::Groups => "groups",
         })
     }
 

@@ -71,6 +71,14 @@ pub enum CloudCommand {
         #[command(subcommand)]
         action: VmAction,
     },
+    /// Autoscaling groups: VMs made from one template, as many as keep their CPU near a
+    /// target, between a min and a max.
+    Group {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        #[command(subcommand)]
+        action: GroupAction,
+    },
     /// Guest images (PVH ELFs) kept by xcloudd.
     Image {
         #[command(flatten)]
@@ -195,6 +203,61 @@ pub enum ConfigAction {
     Use { profile: String },
     /// Remove PROFILE.
     Rm { profile: String },
+}
+
+/// `xcloud group ...`.
+#[derive(Subcommand, Debug)]
+pub enum GroupAction {
+    /// Make a group; its VMs (NAME-1, NAME-2, ...) are spread over the hosts, apart from each
+    /// other, and come at the autoscaler's next look.
+    Create {
+        name: String,
+        /// An image id or name.
+        #[arg(long)]
+        image: String,
+        /// Its VMs' instance type.
+        #[arg(long = "type", default_value = "x1.nano")]
+        instance_type: String,
+        /// The fewest VMs.
+        #[arg(long, default_value_t = 1)]
+        min: u32,
+        /// The most VMs.
+        #[arg(long)]
+        max: u32,
+        /// The CPU its running VMs should use on average, in percent of their vCPUs.
+        #[arg(long)]
+        target_cpu: f64,
+        /// Seconds after a change before the CPU may change the group again.
+        #[arg(long, default_value_t = 60)]
+        cooldown: u64,
+        /// Cap each VM at this many percent of one CPU.
+        #[arg(long)]
+        cpu_cap: Option<u32>,
+        /// What happens when a VM's host is lost.
+        #[arg(long, value_parser = ["never", "on_host_loss"], default_value = "never")]
+        restart: String,
+        /// The guest's arguments.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// The groups.
+    Ls,
+    /// One group and its VMs.
+    Show { group: String },
+    /// Change a group's bounds, target or cooldown.
+    Set {
+        group: String,
+        #[arg(long)]
+        min: Option<u32>,
+        #[arg(long)]
+        max: Option<u32>,
+        #[arg(long)]
+        target_cpu: Option<f64>,
+        #[arg(long)]
+        cooldown: Option<u64>,
+    },
+    /// Remove a group and its VMs.
+    Rm { group: String },
 }
 
 /// `xcloud host ...`.
@@ -514,6 +577,7 @@ const VM_FIELDS: &[&str] = &[
 pub fn run(command: CloudCommand) -> anyhow::Result<i32> {
     match command {
         CloudCommand::Vm { endpoint: e, action } => vm(&e, action)?,
+        CloudCommand::Group { endpoint: e, action } => group(&e, action)?,
         CloudCommand::Image { endpoint: e, action } => match action {
             ImageAction::Ls => table(
                 &e,
@@ -818,6 +882,99 @@ fn vm(e: &Endpoint, action: VmAction) -> anyhow::Result<()> {
             &at(&vm, "/restore"),
             Some(serde_json::json!({ "snapshot": snapshot })),
         )?),
+    }
+    Ok(())
+}
+
+const GROUP_FIELDS: &[&str] = &[
+    "name", "min", "max", "desired", "vms", "cpu", "target", "cooldown", "error",
+];
+
+/// A group as people read it: how many VMs it has, percentages, the error if any.
+fn group_row(g: &Value) -> Value {
+    let percent = |k: &str| g[k].as_f64().map(|x| format!("{x:.0}%"));
+    serde_json::json!({
+        "name": g["name"],
+        "min": g["min"],
+        "max": g["max"],
+        "desired": g["desired"],
+        "vms": g["vms"].as_array().map_or(0, Vec::len),
+        "cpu": percent("reading"),
+        "target": percent("target"),
+        "cooldown": g["cooldown_seconds"].as_u64().map(|s| format!("{s} s")),
+        "error": g["last_error"],
+    })
+}
+
+/// Prints groups as a table, or their JSON as the API gave it.
+fn group_table(e: &Endpoint, groups: &Value) {
+    if e.json {
+        show(groups);
+        return;
+    }
+    let rows = groups
+        .as_array()
+        .map(|a| a.iter().map(group_row).collect())
+        .unwrap_or_default();
+    table(e, &Value::Array(rows), GROUP_FIELDS);
+}
+
+fn group(e: &Endpoint, action: GroupAction) -> anyhow::Result<()> {
+    let at = |name: &str| format!("/v1/groups/{}", escape(name));
+    let show_one = |g: Value| {
+        if e.json {
+            show(&g);
+        } else {
+            group_table(e, &Value::Array(vec![g]));
+        }
+    };
+    match action {
+        GroupAction::Create {
+            name,
+            image,
+            instance_type,
+            min,
+            max,
+            target_cpu,
+            cooldown,
+            cpu_cap,
+            restart,
+            args,
+        } => show_one(call(
+            e,
+            "POST",
+            "/v1/groups",
+            Some(serde_json::json!({
+                "name": name, "image": image, "instance_type": instance_type, "min": min, "max": max,
+                "target": target_cpu, "cooldown_seconds": cooldown, "cpu_cap_percent": cpu_cap,
+                "restart": restart, "args": args,
+            })),
+        )?),
+        GroupAction::Ls => group_table(e, &call(e, "GET", "/v1/groups", None)?),
+        GroupAction::Show { group } => show(&call(e, "GET", &at(&group), None)?),
+        GroupAction::Set {
+            group,
+            min,
+            max,
+            target_cpu,
+            cooldown,
+        } => {
+            let mut change = serde_json::Map::new();
+            for (field, value) in [
+                ("min", min.map(Value::from)),
+                ("max", max.map(Value::from)),
+                ("target", target_cpu.map(Value::from)),
+                ("cooldown_seconds", cooldown.map(Value::from)),
+            ] {
+                if let Some(value) = value {
+                    change.insert(field.into(), value);
+                }
+            }
+            show_one(call(e, "PATCH", &at(&group), Some(Value::Object(change)))?)
+        }
+        GroupAction::Rm { group } => {
+            call(e, "DELETE", &at(&group), None)?;
+        }
     }
     Ok(())
 }

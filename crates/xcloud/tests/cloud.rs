@@ -797,3 +797,86 @@ fn prometheus_scrapes_each_vms_figures_with_the_admin_key() {
     assert_eq!(d.http(Some(&acme), "GET", "/metrics", None).0, 403);
     assert_eq!(d.http(None, "GET", "/metrics", None).0, 401);
 }
+
+#[test]
+fn an_autoscaling_group_grows_under_load_and_shrinks_when_its_target_rises() {
+    let d = Daemon::start_with("groups", &["--autoscale-seconds", "1"]);
+    let acme = stdout(&d.cli(&d.admin, &["tenant", "create", "acme"]))
+        .trim()
+        .to_string();
+    let other = stdout(&d.cli(&d.admin, &["tenant", "create", "other"]))
+        .trim()
+        .to_string();
+    d.json(&acme, &["image", "push", "heartbeat"]);
+    // heartbeat spins; capped at 40% of a CPU it sits above a 30% target until there are 3.
+    let args = [
+        "group",
+        "create",
+        "web",
+        "--image",
+        "heartbeat",
+        "--max",
+        "3",
+        "--target-cpu",
+        "30",
+        "--cooldown",
+        "2",
+        "--cpu-cap",
+        "40",
+    ];
+    let created = d.json(&acme, &args);
+    assert_eq!(
+        (created["min"].as_u64(), created["max"].as_u64()),
+        (Some(1), Some(3)),
+        "{created}"
+    );
+    let members = |key: &str| -> Vec<String> {
+        let g = d.json(key, &["group", "show", "web"]);
+        g["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect()
+    };
+    let wait_members = |count: usize| {
+        let deadline = Instant::now() + Duration::from_secs(45);
+        loop {
+            let now = members(&acme);
+            if now.len() == count {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "the group never had {count} VMs: {now:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert_eq!(wait_members(3), ["web-1", "web-2", "web-3"]);
+    for vm in ["web-1", "web-2", "web-3"] {
+        d.wait_state(&acme, vm, "running");
+    }
+    let table = stdout(&d.cli(&acme, &["group", "ls"]));
+    let row: Vec<&str> = table.lines().nth(1).unwrap_or_default().split_whitespace().collect();
+    // NAME MIN MAX DESIRED VMS CPU ...: the desired count moves with each look.
+    assert_eq!(row.get(..3), Some(&["web", "1", "3"][..]), "{table}");
+    assert_eq!(row.get(4), Some(&"3"), "{table}");
+    // A target of 90%: one VM at 40% does; the newest go first, one per cooldown.
+    d.json(&acme, &["group", "set", "web", "--target-cpu", "90"]);
+    assert_eq!(wait_members(1), ["web-1"]);
+    // Bad input, another tenant's group.
+    assert!(d
+        .fails(&acme, &["group", "set", "web", "--min", "5"])
+        .contains("min <= max"));
+    assert!(d.fails(&acme, &args).contains("exists"));
+    assert!(d.fails(&other, &["group", "show", "web"]).contains("no group web"));
+    assert!(d.fails(&other, &["group", "rm", "web"]).contains("404"));
+    let (status, body) = d.http(
+        Some(&acme),
+        "POST",
+        "/v1/groups",
+        Some(r#"{"name":"x","image":"heartbeat","min":1,"max":2,"target":50,"bogus":1}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    // Removing the group removes its VMs.
+    assert!(d.cli(&acme, &["group", "rm", "web"]).status.success());
+    assert_eq!(d.json(&acme, &["vm", "ls"]), Value::Array(vec![]));
+}

@@ -60,6 +60,9 @@ struct Args {
     /// whatever this is; a report reads this host's VMs first).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     meter_seconds: u64,
+    /// Seconds between the autoscaler's looks at the groups (it reads CPU over this time).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    autoscale_seconds: u64,
     /// Days usage records are kept.
     #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(1..))]
     usage_days: u64,
@@ -89,6 +92,7 @@ fn config(args: &Args) -> anyhow::Result<xcloud_control::Config> {
         jail: !args.no_jail && unsafe { libc::geteuid() } == 0,
         meter_period: std::time::Duration::from_secs(args.meter_seconds),
         usage_days: args.usage_days,
+        autoscale_period: std::time::Duration::from_secs(args.autoscale_seconds),
     })
 }
 
