@@ -13,6 +13,7 @@ const WORKLOADS: &[&str] = &[
     "diskread",
     "netrecv",
     "httpd",
+    "gauge",
 ];
 
 fn main() {

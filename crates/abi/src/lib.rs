@@ -111,7 +111,14 @@ pub enum Op {
     /// generation other than the current one returns at once, so a completion between the
     /// guest's last look at its rings and the call is never slept through.
     WaitIo = 10,
+    /// Reports the guest's load: `args[0]` thousandths of a figure the guest's application
+    /// chooses (requests per second, jobs queued), at most [`MAX_LOAD_MILLI`]. Returns 0. The
+    /// VMM keeps the last report and when it came; autoscaling groups can follow it.
+    ReportLoad = 11,
 }
+
+/// Largest load a guest may report, in thousandths (a billion units).
+pub const MAX_LOAD_MILLI: u64 = 1_000_000_000_000;
 
 impl Op {
     /// Decodes an operation number from the wire.
@@ -128,6 +135,7 @@ impl Op {
             8 => Op::StopVcpu,
             9 => Op::VcpuIndex,
             10 => Op::WaitIo,
+            11 => Op::ReportLoad,
             _ => return None,
         })
     }
@@ -237,10 +245,10 @@ mod tests {
 
     #[test]
     fn every_op_decodes_to_itself() {
-        for v in 0..=10 {
+        for v in 0..=11 {
             assert_eq!(Op::from_u32(v).map(|o| o as u32), Some(v));
         }
-        assert_eq!(Op::from_u32(11), None);
+        assert_eq!(Op::from_u32(12), None);
         assert_eq!(Op::from_u32(u32::MAX), None);
     }
 }

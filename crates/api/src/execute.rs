@@ -58,13 +58,18 @@ pub fn execute(handle: &VmHandle, outgoing: &Outgoing, line: &str) -> Response {
         Err(e) => with_state(failure(flatten_error(&e))),
     };
     match request.command {
-        Command::Status => with_state(Response {
-            ok: true,
-            vcpus: Some(handle.vcpu_count()),
-            mem_bytes: Some(handle.mem_bytes()),
-            migration: outgoing.progress(),
-            ..Default::default()
-        }),
+        Command::Status => {
+            let load = handle.guest_load();
+            with_state(Response {
+                ok: true,
+                vcpus: Some(handle.vcpu_count()),
+                mem_bytes: Some(handle.mem_bytes()),
+                migration: outgoing.progress(),
+                guest_load: load.map(|(figure, _)| figure),
+                guest_load_age_ms: load.map(|(_, age)| age.as_millis() as u64),
+                ..Default::default()
+            })
+        }
         Command::Migrate {
             to,
             identity,

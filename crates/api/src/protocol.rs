@@ -149,6 +149,12 @@ pub struct Response {
     #[serde(skip_serializing_if = "Option::is_none")]
     /// For `status`: bytes of guest RAM.
     pub mem_bytes: Option<u64>,
+    /// For `status`: the last load figure the guest reported, if it has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_load: Option<f64>,
+    /// For `status`: milliseconds since that report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_load_age_ms: Option<u64>,
     /// For `snapshot`: pages and bytes written.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_pages: Option<u64>,

@@ -1,7 +1,8 @@
 //! Autoscaling groups: every period, the daemon that decides (alone: this one; in a cluster:
-//! the scheduler) looks at each group, reads the CPU its running VMs used since its last look
-//! (from their VMMs' processes, on their own hosts), and adds VMs to it or removes its newest
-//! to keep the average near the target, within min and max; changes the metric asks for
+//! the scheduler) looks at each group, reads its metric for each running VM — the CPU its
+//! VMM used since the last look, or the load its guest last reported — on the VM's own host,
+//! and adds VMs to it or removes its newest to keep the average near the target, within min
+//! and max; changes the metric asks for
 //! wait out the cooldown, keeping to min and max does not. A VM whose guest ended or whose
 //! VMM failed is removed and replaced (docs/cloud-api.md, "Autoscaling groups").
 
@@ -27,8 +28,8 @@ pub enum Change {
 }
 
 /// How many VMs `group` wants and what to change, given its `members` (those whose guest has
-/// not ended), the CPU `readings` (percent of vCPUs) of those of them measured over the last
-/// period, and the time `now`. The metric wants enough VMs that the measured ones would sit
+/// not ended), the `readings` of its metric for those of them measured over the last period
+/// (CPU: percent of vCPUs; guest load: the figure), and the time `now`. The metric wants enough VMs that the measured ones would sit
 /// at the target, plus the ones not yet measured (booting: counting them as idle would shrink
 /// the group under a load it has just grown for).
 pub fn decide(group: &Group, members: u32, readings: &[f64], now: u64) -> (u32, Change) {
@@ -49,13 +50,21 @@ pub fn decide(group: &Group, members: u32, readings: &[f64], now: u64) -> (u32, 
     } else if desired > members && cooled {
         Change::Add(
             desired - members,
-            format!("cpu {:.0}% over its target of {:.0}%", average(), group.target),
+            format!(
+                "{} over its target of {}",
+                group.metric.show(average()),
+                group.metric.show(group.target)
+            ),
         )
     } else if desired < members && cooled {
         // One at a time: a load that dips for a period costs one VM, not all of them.
         Change::Remove(
             1,
-            format!("cpu {:.0}% under its target of {:.0}%", average(), group.target),
+            format!(
+                "{} under its target of {}",
+                group.metric.show(average()),
+                group.metric.show(group.target)
+            ),
         )
     } else {
         Change::Keep
@@ -118,16 +127,11 @@ async fn scale(d: &Arc<Daemon>, group: &Group, vms: &[Vm], samples: &mut Samples
     }
     let mut readings = Vec::new();
     for vm in members.iter().filter(|v| v.state == VmState::Running) {
-        let Some(cpu) = cpu_seconds(d, vm).await else {
-            continue;
+        let reading = match group.metric {
+            GroupMetric::Cpu => cpu_percent(d, vm, samples).await,
+            GroupMetric::GuestLoad => guest_load(d, vm).await,
         };
-        let at = Instant::now();
-        if let Some((before, then)) = samples.insert(vm.id.clone(), (cpu, at)) {
-            let wall = at.duration_since(then).as_secs_f64();
-            if wall > 0.1 && cpu >= before {
-                readings.push((cpu - before) / wall / f64::from(vm.vcpus.max(1)) * 100.0);
-            }
-        }
+        readings.extend(reading);
     }
     let now = now();
     let (desired, change) = decide(group, members.len() as u32, &readings, now);
@@ -254,18 +258,41 @@ async fn remove_vm(d: &Arc<Daemon>, vm: &Vm) -> Result<(), ControlError> {
     }
 }
 
-/// The CPU seconds `vm`'s VMM has used: read here, or asked of its host.
-async fn cpu_seconds(d: &Daemon, vm: &Vm) -> Option<f64> {
+/// The CPU `vm`'s VMM used since the last look, in percent of its vCPUs (none at the first).
+async fn cpu_percent(d: &Daemon, vm: &Vm, samples: &mut Samples) -> Option<f64> {
+    let cpu = if d.cluster.is_none() || d.is_mine(vm) {
+        crate::host::cpu_seconds(d.vmm_pid(vm.pid?))?
+    } else {
+        let metrics = metrics_from_host(d, vm).await?;
+        metrics.vmm_pid?;
+        metrics.cpu_seconds
+    };
+    let at = Instant::now();
+    let (before, then) = samples.insert(vm.id.clone(), (cpu, at))?;
+    let wall = at.duration_since(then).as_secs_f64();
+    (wall > 0.1 && cpu >= before).then(|| (cpu - before) / wall / f64::from(vm.vcpus.max(1)) * 100.0)
+}
+
+/// The load `vm`'s guest last reported, unless that report is stale: a guest that stopped
+/// reporting (hung, or never did) counts as not measured, neither idle nor busy.
+async fn guest_load(d: &Daemon, vm: &Vm) -> Option<f64> {
+    let fresh = (d.config.autoscale_period * 3).max(Duration::from_secs(10));
     if d.cluster.is_none() || d.is_mine(vm) {
-        let pid = d.vmm_pid(vm.pid?);
-        return crate::host::cpu_seconds(pid);
+        let (load, age) = d.vmm_status(&vm.id).await?.guest_load?;
+        return (age <= fresh).then_some(load);
     }
+    let metrics = metrics_from_host(d, vm).await?;
+    let age = Duration::try_from_secs_f64(metrics.guest_load_age_seconds?).ok()?;
+    metrics.guest_load.filter(|_| age <= fresh)
+}
+
+/// `vm`'s metrics, asked of its host.
+async fn metrics_from_host(d: &Daemon, vm: &Vm) -> Option<VmMetrics> {
     let host = vm.host.as_deref()?;
     let answer = crate::cluster::call_host(d, host, "GET", &format!("/v1/vms/{}/metrics", vm.id), None)
         .await
         .ok()?;
-    let metrics: VmMetrics = serde_json::from_value(answer).ok()?;
-    metrics.vmm_pid.map(|_| metrics.cpu_seconds)
+    serde_json::from_value(answer).ok()
 }
 
 /// Makes `tenant`'s group as `req` asks; its VMs come at the next look.
@@ -396,5 +423,12 @@ mod tests {
         assert!(group(0, 1, f64::NAN).check().is_err());
         assert!(group(0, 1, 100.5).check().is_err());
         assert!(group(0, 0, 100.0).check().is_ok());
+        let load = |target| Group {
+            metric: GroupMetric::GuestLoad,
+            ..group(0, 1, target)
+        };
+        assert!(load(500.0).check().is_ok(), "a load is not a percentage");
+        assert!(load(0.0).check().is_err());
+        assert!(load(f64::INFINITY).check().is_err());
     }
 }

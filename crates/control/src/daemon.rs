@@ -726,14 +726,21 @@ impl Daemon {
         }
     }
 
-    /// The outgoing migration of VM `id` under way here, if one is.
-    pub async fn migration_progress(&self, id: &str) -> Option<crate::model::MigrationPhase> {
+    /// What VM `id`'s VMM here says of itself: the outgoing migration under way, if one is,
+    /// and its guest's last load report.
+    pub async fn vmm_status(&self, id: &str) -> Option<VmmStatus> {
         let status = ctl(&self.api_socket(id), VmmCommand::Status).await.ok()?;
-        status.migration.map(|p| crate::model::MigrationPhase {
-            phase: p.phase,
-            round: p.round,
-            bytes_sent: p.bytes_sent,
-            dirty_pages: p.dirty_pages,
+        Some(VmmStatus {
+            migration: status.migration.map(|p| crate::model::MigrationPhase {
+                phase: p.phase,
+                round: p.round,
+                bytes_sent: p.bytes_sent,
+                dirty_pages: p.dirty_pages,
+            }),
+            guest_load: status
+                .guest_load
+                .zip(status.guest_load_age_ms)
+                .map(|(load, age)| (load, std::time::Duration::from_millis(age))),
         })
     }
 
@@ -1396,6 +1403,14 @@ impl Daemon {
 }
 
 /// The VMM's answer to `command` on `sock` (the client is blocking: it runs off the runtime).
+/// [`Daemon::vmm_status`].
+pub struct VmmStatus {
+    /// The outgoing live migration under way.
+    pub migration: Option<crate::model::MigrationPhase>,
+    /// The guest's last load figure and how long ago it came.
+    pub guest_load: Option<(f64, std::time::Duration)>,
+}
+
 async fn ctl(sock: &Path, command: VmmCommand) -> Result<VmmResponse, ControlError> {
     let sock = sock.to_path_buf();
     tokio::task::spawn_blocking(move || xcloud_api::client::call(&sock, command))

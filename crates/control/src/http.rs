@@ -753,6 +753,15 @@ async fn update_group(
     let updated = d
         .store
         .update(Table::Groups, &group.key(), |g: &mut Group| {
+            if let Some(metric) = req.metric {
+                if req.target.is_none() && metric != g.metric {
+                    return Err(ControlError::BadRequest(format!(
+                        "a group that follows another metric needs its target too (\"target\" with \"metric\": {})",
+                        serde_json::to_string(&metric).unwrap_or_default()
+                    )));
+                }
+                g.metric = metric;
+            }
             g.min = req.min.unwrap_or(g.min);
             g.max = req.max.unwrap_or(g.max);
             g.target = req.target.unwrap_or(g.target);
@@ -876,6 +885,12 @@ async fn console(
 async fn metrics(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<VmMetrics>> {
     let vm = find_vm(&d, &caller, &key).await?;
     let pid = vm.pid.filter(|_| vm.state.has_vmm()).map(|p| d.vmm_pid(p));
+    let status = if vm.state.has_vmm() && d.is_mine(&vm) {
+        d.vmm_status(&vm.id).await
+    } else {
+        None
+    };
+    let (migration, guest_load) = status.map_or((None, None), |s| (s.migration, s.guest_load));
     Ok(Json(VmMetrics {
         state: vm.state,
         cpu_seconds: pid.and_then(crate::host::cpu_seconds).unwrap_or(0.0),
@@ -883,11 +898,9 @@ async fn metrics(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Js
         run_seconds: vm.run_seconds_now(),
         vmm_pid: pid,
         cgroups: d.cgroup_dirs(&vm).iter().map(|p| p.display().to_string()).collect(),
-        migration: if vm.state.has_vmm() && d.is_mine(&vm) {
-            d.migration_progress(&vm.id).await
-        } else {
-            None
-        },
+        migration,
+        guest_load: guest_load.map(|(load, _)| load),
+        guest_load_age_seconds: guest_load.map(|(_, age)| age.as_secs_f64()),
     }))
 }
 

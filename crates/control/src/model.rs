@@ -476,7 +476,23 @@ pub enum GroupMetric {
     /// The CPU its running VMs' VMMs use, in percent of their vCPUs, averaged over them.
     #[default]
     Cpu,
+    /// The load figure its running VMs' guests report (the `ReportLoad` hypercall: requests
+    /// per second, jobs waiting), averaged over them.
+    GuestLoad,
 }
+
+impl GroupMetric {
+    /// How a reading of it reads: `45%`, `12.5`.
+    pub fn show(self, value: f64) -> String {
+        match self {
+            GroupMetric::Cpu => format!("cpu {value:.0}%"),
+            GroupMetric::GuestLoad => format!("guest load {value:.1}"),
+        }
+    }
+}
+
+/// Largest guest-load target (the ABI's largest figure).
+pub const MAX_LOAD_TARGET: f64 = 1e9;
 
 /// An autoscaling group: VMs made from one template, between `min` and `max` of them, as
 /// many as keep `metric` near `target` (docs/cloud-api.md, "Autoscaling groups").
@@ -567,7 +583,8 @@ pub struct CreateGroup {
     /// What it follows (default `cpu`).
     #[serde(default)]
     pub metric: Option<GroupMetric>,
-    /// The metric's target (for `cpu`: percent, above 0, at most 100).
+    /// The metric's target (for `cpu`: percent, above 0, at most 100; for `guest_load`: the
+    /// figure each VM's guest should report, above 0).
     pub target: f64,
     /// Seconds between changes the metric makes (default 60, at most 86400).
     #[serde(default)]
@@ -578,6 +595,9 @@ pub struct CreateGroup {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateGroup {
+    /// What it follows (give `target` with it).
+    #[serde(default)]
+    pub metric: Option<GroupMetric>,
     /// The fewest VMs.
     #[serde(default)]
     pub min: Option<u32>,
@@ -605,11 +625,20 @@ impl Group {
                 self.min, self.max
             ));
         }
-        if !(self.target > 0.0 && self.target <= 100.0) {
-            return bad(format!(
-                "a cpu target is a percentage above 0 and at most 100 (not {})",
-                self.target
-            ));
+        match self.metric {
+            GroupMetric::Cpu if !(self.target > 0.0 && self.target <= 100.0) => {
+                return bad(format!(
+                    "a cpu target is a percentage above 0 and at most 100 (not {})",
+                    self.target
+                ))
+            }
+            GroupMetric::GuestLoad if !(self.target > 0.0 && self.target <= MAX_LOAD_TARGET) => {
+                return bad(format!(
+                    "a guest_load target is a figure above 0 and at most {MAX_LOAD_TARGET} (not {})",
+                    self.target
+                ))
+            }
+            _ => {}
         }
         if self.cooldown_seconds > 86_400 {
             return bad("cooldown_seconds is at most 86400".into());
@@ -661,6 +690,12 @@ pub struct VmMetrics {
     /// The outgoing live migration under way, if one is.
     #[serde(default)]
     pub migration: Option<MigrationPhase>,
+    /// The last load figure its guest reported (the `ReportLoad` hypercall), if it has.
+    #[serde(default)]
+    pub guest_load: Option<f64>,
+    /// Seconds since that report.
+    #[serde(default)]
+    pub guest_load_age_seconds: Option<f64>,
 }
 
 /// How far an outgoing live migration is.

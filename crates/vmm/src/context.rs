@@ -16,7 +16,27 @@ pub(crate) struct VcpuContext {
     pub control: Arc<ControlBlock>,
     pub console: Console,
     pub bus: PortBus,
+    /// The guest's last `ReportLoad`.
+    pub load: GuestLoad,
     noise: AtomicU64,
+}
+
+/// The last load figure the guest reported, and when. Not part of a snapshot: a figure from
+/// before a restore or a migration says nothing of the guest's load now, and the guest
+/// reports again.
+#[derive(Default)]
+pub(crate) struct GuestLoad(std::sync::Mutex<Option<(u64, std::time::Instant)>>);
+
+impl GuestLoad {
+    pub fn report(&self, milli: u64) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((milli, std::time::Instant::now()));
+    }
+
+    /// The figure (in units) and how long ago it came.
+    pub fn last(&self) -> Option<(f64, std::time::Duration)> {
+        let last = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        last.map(|(milli, at)| (milli as f64 / 1000.0, at.elapsed()))
+    }
 }
 
 impl VcpuContext {
@@ -26,6 +46,7 @@ impl VcpuContext {
             control,
             console,
             bus,
+            load: GuestLoad::default(),
             noise: AtomicU64::new(0),
         }
     }

@@ -9,7 +9,7 @@ use crate::lifecycle::{Activity, VmExit};
 use kvm_ioctls::VcpuFd;
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-use xcloud_abi::{HcError, HypercallBlock, Op, BLOCK_SIZE, MAX_CONSOLE_WRITE, RESULT_OFFSET};
+use xcloud_abi::{HcError, HypercallBlock, Op, BLOCK_SIZE, MAX_CONSOLE_WRITE, MAX_LOAD_MILLI, RESULT_OFFSET};
 use xcloud_vm_core::vcpu::ApStart;
 
 /// Longest panic message read from the guest.
@@ -140,6 +140,11 @@ fn serve(index: usize, fd: &VcpuFd, ctx: &VcpuContext, op: Op, args: &[u64; 6]) 
         // Served in `handle`, which knows the block's address.
         Op::WaitIo => done(Err(HcError::BadState)),
         Op::StartVcpu => done(start_vcpu(fd, ctx, args)),
+        Op::ReportLoad if args[0] > MAX_LOAD_MILLI => done(Err(HcError::BadArg)),
+        Op::ReportLoad => {
+            ctx.load.report(args[0]);
+            done(Ok(0))
+        }
         Op::StopVcpu => {
             if index == 0 {
                 done(Err(HcError::BadState))

@@ -297,6 +297,11 @@ impl VmHandle {
     pub fn mem_bytes(&self) -> u64 {
         self.machine().ram().size()
     }
+
+    /// The last load figure the guest reported (`ReportLoad`) and how long ago, if it has.
+    pub fn guest_load(&self) -> Option<(f64, std::time::Duration)> {
+        self.shared.ctx.load.last()
+    }
 }
 
 /// A VM built and ready to start.

@@ -224,10 +224,13 @@ pub enum GroupAction {
         /// The most VMs.
         #[arg(long)]
         max: u32,
-        /// The CPU its running VMs should use on average, in percent of their vCPUs.
+        /// Follow CPU: what its running VMs should use on average, in percent of their vCPUs.
+        #[arg(long, required_unless_present = "target_load", conflicts_with = "target_load")]
+        target_cpu: Option<f64>,
+        /// Follow the load its guests report: the figure each should report on average.
         #[arg(long)]
-        target_cpu: f64,
-        /// Seconds after a change before the CPU may change the group again.
+        target_load: Option<f64>,
+        /// Seconds after a change before the metric may change the group again.
         #[arg(long, default_value_t = 60)]
         cooldown: u64,
         /// Cap each VM at this many percent of one CPU.
@@ -251,8 +254,12 @@ pub enum GroupAction {
         min: Option<u32>,
         #[arg(long)]
         max: Option<u32>,
-        #[arg(long)]
+        /// Follow CPU, with this target in percent.
+        #[arg(long, conflicts_with = "target_load")]
         target_cpu: Option<f64>,
+        /// Follow the guests' reported load, with this target.
+        #[arg(long)]
+        target_load: Option<f64>,
         #[arg(long)]
         cooldown: Option<u64>,
     },
@@ -887,20 +894,34 @@ fn vm(e: &Endpoint, action: VmAction) -> anyhow::Result<()> {
 }
 
 const GROUP_FIELDS: &[&str] = &[
-    "name", "min", "max", "desired", "vms", "cpu", "target", "cooldown", "error",
+    "name", "metric", "min", "max", "desired", "vms", "reading", "target", "cooldown", "error",
 ];
+
+/// The metric a group follows and its target, from `--target-cpu` or `--target-load`.
+fn metric_and_target(cpu: Option<f64>, load: Option<f64>) -> (Option<&'static str>, Option<f64>) {
+    match (cpu, load) {
+        (_, Some(load)) => (Some("guest_load"), Some(load)),
+        (Some(cpu), None) => (Some("cpu"), Some(cpu)),
+        (None, None) => (None, None),
+    }
+}
 
 /// A group as people read it: how many VMs it has, percentages, the error if any.
 fn group_row(g: &Value) -> Value {
-    let percent = |k: &str| g[k].as_f64().map(|x| format!("{x:.0}%"));
+    let cpu = g["metric"] == "cpu";
+    let figure = |k: &str| {
+        g[k].as_f64()
+            .map(|x| if cpu { format!("{x:.0}%") } else { format!("{x:.1}") })
+    };
     serde_json::json!({
         "name": g["name"],
+        "metric": g["metric"],
         "min": g["min"],
         "max": g["max"],
         "desired": g["desired"],
         "vms": g["vms"].as_array().map_or(0, Vec::len),
-        "cpu": percent("reading"),
-        "target": percent("target"),
+        "reading": figure("reading"),
+        "target": figure("target"),
         "cooldown": g["cooldown_seconds"].as_u64().map(|s| format!("{s} s")),
         "error": g["last_error"],
     })
@@ -936,20 +957,24 @@ fn group(e: &Endpoint, action: GroupAction) -> anyhow::Result<()> {
             min,
             max,
             target_cpu,
+            target_load,
             cooldown,
             cpu_cap,
             restart,
             args,
-        } => show_one(call(
-            e,
-            "POST",
-            "/v1/groups",
-            Some(serde_json::json!({
-                "name": name, "image": image, "instance_type": instance_type, "min": min, "max": max,
-                "target": target_cpu, "cooldown_seconds": cooldown, "cpu_cap_percent": cpu_cap,
-                "restart": restart, "args": args,
-            })),
-        )?),
+        } => {
+            let (metric, target) = metric_and_target(target_cpu, target_load);
+            show_one(call(
+                e,
+                "POST",
+                "/v1/groups",
+                Some(serde_json::json!({
+                    "name": name, "image": image, "instance_type": instance_type, "min": min, "max": max,
+                    "metric": metric, "target": target, "cooldown_seconds": cooldown,
+                    "cpu_cap_percent": cpu_cap, "restart": restart, "args": args,
+                })),
+            )?)
+        }
         GroupAction::Ls => group_table(e, &call(e, "GET", "/v1/groups", None)?),
         GroupAction::Show { group } => show(&call(e, "GET", &at(&group), None)?),
         GroupAction::Set {
@@ -957,13 +982,16 @@ fn group(e: &Endpoint, action: GroupAction) -> anyhow::Result<()> {
             min,
             max,
             target_cpu,
+            target_load,
             cooldown,
         } => {
+            let (metric, target) = metric_and_target(target_cpu, target_load);
             let mut change = serde_json::Map::new();
             for (field, value) in [
                 ("min", min.map(Value::from)),
                 ("max", max.map(Value::from)),
-                ("target", target_cpu.map(Value::from)),
+                ("metric", metric.map(Value::from)),
+                ("target", target.map(Value::from)),
                 ("cooldown_seconds", cooldown.map(Value::from)),
             ] {
                 if let Some(value) = value {

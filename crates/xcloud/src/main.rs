@@ -387,6 +387,9 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
             bytes as f64 / (1 << 20) as f64
         ));
     }
+    if let (Some(load), Some(age)) = (answer.guest_load, answer.guest_load_age_ms) {
+        line.push_str(&format!(", guest load {load} ({:.1} s ago)", age as f64 / 1000.0));
+    }
     if let Some(p) = answer.migration {
         line.push_str(&format!(", migrating: {}", run::describe_progress(&p)));
     }

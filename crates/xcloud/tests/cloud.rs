@@ -80,10 +80,11 @@ impl Daemon {
         output_within(cmd, Duration::from_secs(60))
     }
 
-    /// `xcloud ARGS --json` that must succeed, as JSON.
+    /// `xcloud ARGS --json` that must succeed, as JSON (`--json` goes before the guest's
+    /// arguments, if any).
     fn json(&self, key: &str, args: &[&str]) -> Value {
         let mut all = args.to_vec();
-        all.push("--json");
+        all.insert(args.iter().position(|a| *a == "--").unwrap_or(args.len()), "--json");
         let out = self.cli(key, &all);
         assert!(out.status.success(), "xcloud {args:?}: {}", stderr(&out));
         serde_json::from_str(&stdout(&out))
@@ -798,6 +799,78 @@ fn prometheus_scrapes_each_vms_figures_with_the_admin_key() {
     assert_eq!(d.http(None, "GET", "/metrics", None).0, 401);
 }
 
+/// The names of group `group`'s VMs once it has `count` of them (45 s at most).
+fn wait_group(d: &Daemon, key: &str, group: &str, count: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let g = d.json(key, &["group", "show", group]);
+        let now: Vec<String> = g["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
+        if now.len() == count {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "{group} never had {count} VMs: {g}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_group_follows_the_load_its_guests_report_whatever_their_cpu() {
+    let d = Daemon::start_with("guest-load", &["--autoscale-seconds", "1"]);
+    let acme = stdout(&d.cli(&d.admin, &["tenant", "create", "acme"]))
+        .trim()
+        .to_string();
+    d.json(&acme, &["image", "push", "gauge"]);
+    // Each gauge reports 25 and sleeps: at a target of 10 the group grows to its max.
+    let created = d.json(
+        &acme,
+        &[
+            "group",
+            "create",
+            "jobs",
+            "--image",
+            "gauge",
+            "--max",
+            "4",
+            "--target-load",
+            "10",
+            "--cooldown",
+            "1",
+            "--",
+            "25",
+        ],
+    );
+    assert_eq!(created["metric"], "guest_load", "{created}");
+    assert_eq!(wait_group(&d, &acme, "jobs", 4).len(), 4);
+    let metrics = d.json(&acme, &["vm", "metrics", "jobs-1"]);
+    assert_eq!(metrics["guest_load"].as_f64(), Some(25.0), "{metrics}");
+    assert!(metrics["cpu_seconds"].as_f64().unwrap_or(f64::MAX) < 2.0, "{metrics}");
+    // A target of 100: one VM does.
+    d.json(&acme, &["group", "set", "jobs", "--target-load", "100"]);
+    assert_eq!(wait_group(&d, &acme, "jobs", 1), ["jobs-1"]);
+    let shown = d.json(&acme, &["group", "show", "jobs"]);
+    assert_eq!(shown["reading"].as_f64(), Some(25.0), "{shown}");
+    // Bad targets and metrics.
+    assert!(d
+        .fails(&acme, &["group", "set", "jobs", "--target-load", "0"])
+        .contains("guest_load target"));
+    let (status, body) = d.http(Some(&acme), "PATCH", "/v1/groups/jobs", Some(r#"{"metric":"cpu"}"#));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("target"), "{body}");
+    let (status, body) = d.http(
+        Some(&acme),
+        "PATCH",
+        "/v1/groups/jobs",
+        Some(r#"{"metric":"disk","target":5}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(d.json(&acme, &["group", "show", "jobs"])["metric"], "guest_load");
+}
+
 #[test]
 fn an_autoscaling_group_grows_under_load_and_shrinks_when_its_target_rises() {
     let d = Daemon::start_with("groups", &["--autoscale-seconds", "1"]);
@@ -830,38 +903,18 @@ fn an_autoscaling_group_grows_under_load_and_shrinks_when_its_target_rises() {
         (Some(1), Some(3)),
         "{created}"
     );
-    let members = |key: &str| -> Vec<String> {
-        let g = d.json(key, &["group", "show", "web"]);
-        g["vms"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str().map(String::from))
-            .collect()
-    };
-    let wait_members = |count: usize| {
-        let deadline = Instant::now() + Duration::from_secs(45);
-        loop {
-            let now = members(&acme);
-            if now.len() == count {
-                return now;
-            }
-            assert!(Instant::now() < deadline, "the group never had {count} VMs: {now:?}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
-    assert_eq!(wait_members(3), ["web-1", "web-2", "web-3"]);
+    assert_eq!(wait_group(&d, &acme, "web", 3), ["web-1", "web-2", "web-3"]);
     for vm in ["web-1", "web-2", "web-3"] {
         d.wait_state(&acme, vm, "running");
     }
     let table = stdout(&d.cli(&acme, &["group", "ls"]));
     let row: Vec<&str> = table.lines().nth(1).unwrap_or_default().split_whitespace().collect();
-    // NAME MIN MAX DESIRED VMS CPU ...: the desired count moves with each look.
-    assert_eq!(row.get(..3), Some(&["web", "1", "3"][..]), "{table}");
-    assert_eq!(row.get(4), Some(&"3"), "{table}");
+    // NAME METRIC MIN MAX DESIRED VMS ...: the desired count moves with each look.
+    assert_eq!(row.get(..4), Some(&["web", "cpu", "1", "3"][..]), "{table}");
+    assert_eq!(row.get(5), Some(&"3"), "{table}");
     // A target of 90%: one VM at 40% does; the newest go first, one per cooldown.
     d.json(&acme, &["group", "set", "web", "--target-cpu", "90"]);
-    assert_eq!(wait_members(1), ["web-1"]);
+    assert_eq!(wait_group(&d, &acme, "web", 1), ["web-1"]);
     // Bad input, another tenant's group.
     assert!(d
         .fails(&acme, &["group", "set", "web", "--min", "5"])

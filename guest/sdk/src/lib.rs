@@ -4,7 +4,7 @@
 //! A guest is a `#![no_std] #![no_main]` binary that calls [`entry!`] with its `main`. The SDK
 //! provides the PVH boot stub (`boot`), hypercalls (`hypercall`), the console and `println!`
 //! (`console`), a heap (`mem`), a calibrated clock and sleep (`clock`), the command line
-//! ([`args`]), secondary vCPUs ([`start_vcpu`]), PCI bus 0 (`pci`) and a polling virtio-blk
+//! ([`args`]), secondary vCPUs ([`start_vcpu`]), its load for autoscaling ([`report_load_milli`]), PCI bus 0 (`pci`) and a polling virtio-blk
 //! driver (`virtio_blk`), a polling virtio-net driver (`virtio_net`) and a TCP/IP stack on it
 //! (`net`, smoltcp), [`exit`], and a panic handler that reports the
 //! panic by hypercall and ends the VM with a failure status.
@@ -156,6 +156,15 @@ pub fn wait_io(timeout_ns: u64) {
         WAIT_IO_MISSING.store(true, Ordering::Relaxed);
     } else {
         IO_GENERATION.store(generation as u64, Ordering::Relaxed);
+    }
+}
+
+/// Tells the VMM the guest's load, in thousandths of a figure the application chooses
+/// (requests per second, jobs waiting): what an autoscaling group with `metric: guest_load`
+/// follows. Cut to the ABI's largest figure; does nothing when not under xcloud.
+pub fn report_load_milli(milli: u64) {
+    if hypercall::xcloud_present() {
+        hypercall::call(Op::ReportLoad, [milli.min(xcloud_abi::MAX_LOAD_MILLI), 0, 0, 0, 0, 0]);
     }
 }
 

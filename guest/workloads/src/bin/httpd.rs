@@ -2,7 +2,8 @@
 //! keep-alive and SLOTS (16) connections at once on PORT (80). `GET /count` returns the number
 //! of requests served so far, this one included; any other `GET` returns a fixed body. The
 //! count lives in guest memory, so a snapshot or a migration carries it: across a migration it
-//! never goes backwards.
+//! never goes backwards. Every second it reports the requests it answered per second as its
+//! load (`ReportLoad`), for autoscaling groups that follow the guest's load.
 #![no_std]
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![no_main]
@@ -13,7 +14,7 @@ use xcloud_guest_sdk::net::smoltcp::iface::SocketHandle;
 use xcloud_guest_sdk::net::smoltcp::socket::tcp;
 use xcloud_guest_sdk::net::Stack;
 use xcloud_guest_sdk::virtio_net::Nic;
-use xcloud_guest_sdk::{self as sdk, println};
+use xcloud_guest_sdk::{self as sdk, clock, println};
 
 /// The fixed body.
 const BODY: &[u8] = b"Hello from an xcloud guest\n";
@@ -132,8 +133,16 @@ fn main() -> i32 {
     println!("httpd: serving on {cidr} port {port}, {slots} connections at once");
     let mut served: u64 = 0;
     let mut count_body = String::new();
+    let (mut window_start, mut window_served) = (clock::now_ns(), 0u64);
     loop {
         stack.poll_or_wait();
+        let now = clock::now_ns();
+        if now.saturating_sub(window_start) >= 1_000_000_000 {
+            let per_second_milli =
+                u128::from(served - window_served) * 1_000_000_000_000 / u128::from(now - window_start);
+            sdk::report_load_milli(u64::try_from(per_second_milli).unwrap_or(u64::MAX));
+            (window_start, window_served) = (now, served);
+        }
         let mut answered = false;
         for slot in &mut conns {
             let s = stack.sockets.get_mut::<tcp::Socket>(slot.handle);
