@@ -299,20 +299,10 @@ async fn metrics_from_host(d: &Daemon, vm: &Vm) -> Option<VmMetrics> {
 pub async fn create_group(d: &Daemon, tenant: &Tenant, req: CreateGroup) -> Result<Group, ControlError> {
     crate::model::check_name("group", &req.name)?;
     crate::provision::check_args(&req.args)?;
-    let image = d
-        .images_of(&tenant.name)
+    let image = crate::provision::find_image(d, &tenant.name, &req.image).await?;
+    let instance_type = crate::provision::find_instance_type(d, req.instance_type.as_deref())
         .await?
-        .into_iter()
-        .find(|i| i.id == req.image || i.name == req.image)
-        .ok_or_else(|| ControlError::BadRequest(format!("no image {}", req.image)))?;
-    let instance_type = req.instance_type.unwrap_or_else(|| "x1.nano".into());
-    if d.store
-        .get::<crate::model::InstanceType>(Table::InstanceTypes, &instance_type)
-        .await?
-        .is_none()
-    {
-        return Err(ControlError::BadRequest(format!("no instance type {instance_type}")));
-    }
+        .name;
     let placement = req.placement.unwrap_or_else(|| PlacementSpec {
         strategy: Strategy::Spread,
         anti_affinity: Some(req.name.clone()),

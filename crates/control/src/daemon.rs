@@ -1402,7 +1402,6 @@ impl Daemon {
     }
 }
 
-/// The VMM's answer to `command` on `sock` (the client is blocking: it runs off the runtime).
 /// [`Daemon::vmm_status`].
 pub struct VmmStatus {
     /// The outgoing live migration under way.
@@ -1411,6 +1410,7 @@ pub struct VmmStatus {
     pub guest_load: Option<(f64, std::time::Duration)>,
 }
 
+/// The VMM's answer to `command` on `sock` (the client is blocking: it runs off the runtime).
 async fn ctl(sock: &Path, command: VmmCommand) -> Result<VmmResponse, ControlError> {
     let sock = sock.to_path_buf();
     tokio::task::spawn_blocking(move || xcloud_api::client::call(&sock, command))

@@ -690,6 +690,15 @@ async fn list_groups(State(d): D, caller: Caller) -> Res<Json<Vec<GroupStatus>>>
     Ok(Json(with_members(&d, all).await?))
 }
 
+/// `group` with its VMs' names, oldest first.
+async fn with_its_members(d: &Daemon, group: Group) -> Res<GroupStatus> {
+    let name = group.name.clone();
+    with_members(d, vec![group])
+        .await?
+        .pop()
+        .ok_or_else(|| ControlError::NotFound(format!("no group {name}")))
+}
+
 /// `groups` with their VMs' names, oldest first.
 async fn with_members(d: &Daemon, groups: Vec<Group>) -> Res<Vec<GroupStatus>> {
     let mut vms: Vec<Vm> = d.store.list::<Vm>(Table::Vms).await?;
@@ -733,11 +742,7 @@ async fn find_group(d: &Daemon, caller: &Caller, name: &str) -> Res<Group> {
     responses((status = 200, body = GroupStatus), (status = 404, body = ErrorBody)))]
 async fn show_group(State(d): D, caller: Caller, Path(name): Path<String>) -> Res<Json<GroupStatus>> {
     let group = find_group(&d, &caller, &name).await?;
-    let mut status = with_members(&d, vec![group]).await?;
-    status
-        .pop()
-        .map(Json)
-        .ok_or_else(|| ControlError::NotFound(format!("no group {name}")))
+    Ok(Json(with_its_members(&d, group).await?))
 }
 
 /// Changes a group's bounds, target or cooldown; the autoscaler follows at its next look.
@@ -771,11 +776,7 @@ async fn update_group(
         .await?
         .ok_or_else(|| ControlError::NotFound(format!("no group {name}")))?;
     d.emit(&updated.tenant, "group.updated", &updated.name, None);
-    let mut status = with_members(&d, vec![updated]).await?;
-    status
-        .pop()
-        .map(Json)
-        .ok_or_else(|| ControlError::NotFound(format!("no group {name}")))
+    Ok(Json(with_its_members(&d, updated).await?))
 }
 
 /// Removes a group and its VMs.

@@ -527,7 +527,8 @@ pub struct Group {
     pub max: u32,
     /// What it follows.
     pub metric: GroupMetric,
-    /// The metric's target (for `cpu`: percent).
+    /// The metric's target (for `cpu`: percent; for `guest_load`: the figure each VM's guest
+    /// should report).
     pub target: f64,
     /// Seconds after a change before the metric may change it again.
     pub cooldown_seconds: u64,
@@ -542,7 +543,8 @@ pub struct Group {
     /// How many VMs it wanted at its last look.
     #[serde(default)]
     pub desired: u32,
-    /// The metric at its last look (none before two readings of a running VM).
+    /// The metric at its last look, averaged over the VMs measured (none while none is: CPU
+    /// takes two looks at a running VM, a guest load one fresh report).
     #[serde(default)]
     pub reading: Option<f64>,
     /// Why its last change failed, if it did.

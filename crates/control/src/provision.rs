@@ -4,7 +4,7 @@
 
 use crate::auth;
 use crate::daemon::Daemon;
-use crate::model::{check_name, now, CreateVm, Desired, InstanceType, Quota, Tenant, Vm, VmState};
+use crate::model::{check_name, now, CreateVm, Desired, Image, InstanceType, Quota, Tenant, Vm, VmState};
 use crate::store::Table;
 use crate::ControlError;
 
@@ -13,7 +13,28 @@ pub const MAX_ARGS: usize = 32;
 /// The longest argument.
 pub const MAX_ARG_BYTES: usize = 256;
 
+/// The instance type of a request that names none.
+pub const DEFAULT_INSTANCE_TYPE: &str = "x1.nano";
+
 type Res<T> = Result<T, ControlError>;
+
+/// Instance type `name` (by default [`DEFAULT_INSTANCE_TYPE`]); a bad request if there is none.
+pub async fn find_instance_type(d: &Daemon, name: Option<&str>) -> Res<InstanceType> {
+    let name = name.unwrap_or(DEFAULT_INSTANCE_TYPE);
+    d.store
+        .get(Table::InstanceTypes, name)
+        .await?
+        .ok_or_else(|| ControlError::BadRequest(format!("no instance type {name}")))
+}
+
+/// `tenant`'s image with id or name `key`; a bad request if it has none.
+pub async fn find_image(d: &Daemon, tenant: &str, key: &str) -> Res<Image> {
+    d.images_of(tenant)
+        .await?
+        .into_iter()
+        .find(|i| i.id == key || i.name == key)
+        .ok_or_else(|| ControlError::BadRequest(format!("no image {key}")))
+}
 
 /// Checks `req` and writes the new VM's record for `tenant` (a member of autoscaling group
 /// `group`, if any); it waits for a host (cluster) or for its start (alone, `start`), which
@@ -21,18 +42,8 @@ type Res<T> = Result<T, ControlError>;
 pub async fn create_vm(d: &Daemon, tenant: &Tenant, req: &CreateVm, group: Option<&str>) -> Res<Vm> {
     check_name("VM", &req.name)?;
     check_args(&req.args)?;
-    let type_name = req.instance_type.as_deref().unwrap_or("x1.nano");
-    let itype: InstanceType = d
-        .store
-        .get(Table::InstanceTypes, type_name)
-        .await?
-        .ok_or_else(|| ControlError::BadRequest(format!("no instance type {type_name}")))?;
-    let image = d
-        .images_of(&tenant.name)
-        .await?
-        .into_iter()
-        .find(|i| i.id == req.image || i.name == req.image)
-        .ok_or_else(|| ControlError::BadRequest(format!("no image {}", req.image)))?;
+    let itype = find_instance_type(d, req.instance_type.as_deref()).await?;
+    let image = find_image(d, &tenant.name, &req.image).await?;
     let cpu_weight = req.cpu_weight.unwrap_or(100);
     if !(1..=10_000).contains(&cpu_weight) {
         return Err(ControlError::BadRequest("cpu_weight is 1-10000".into()));
