@@ -247,11 +247,12 @@ fn a_guest_that_dirties_faster_than_the_link_converges_by_post_copy_when_asked()
     let text = migrate_a_fast_dirtier("converge", &["--postcopy"]);
     assert!(text.contains("by post-copy"), "{text}");
     assert_eq!(number_after(&text, "throttled up to ", '%'), 0.0, "{text}");
-    // The pages left at the switch (tens of MiB) would take far more than a second over this
-    // link: a downtime of a few round trips shows they follow the switch. (It is 30-37 ms
-    // here; the bound leaves room for a busy shared host, where one run saw 71 ms.)
+    // At the switch the whole 64 MiB working set is dirty again (it is rewritten every 250 ms,
+    // a round takes seconds), and 64 MiB need at least 537 ms at 1 Gbit/s: a downtime well
+    // under that shows the pages follow the switch. (It is 30-37 ms on a quiet host; a busy
+    // shared one saw 71 ms, and CI 164 ms, so the bound is the physics, not the typical run.)
     assert!(
-        number_after(&text, "downtime ", ' ') < 150.0,
+        number_after(&text, "downtime ", ' ') < 400.0,
         "the switch does not wait for the pages left: {text}"
     );
 }
