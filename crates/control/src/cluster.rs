@@ -54,6 +54,8 @@ struct HostKey {
     key: String,
 }
 
+impl crate::store::Record for HostKey {}
+
 /// A daemon's part in a cluster.
 pub struct Cluster {
     /// How it joined.
@@ -241,6 +243,8 @@ struct PriceOverride {
     price_per_hour: f64,
 }
 
+impl crate::store::Record for PriceOverride {}
+
 fn price_key(host: &str) -> String {
     format!("price-{host}")
 }
@@ -335,6 +339,8 @@ pub async fn replace(daemon: &Arc<Daemon>, moves: &[PlannedMove]) -> Result<Vec<
 struct Draining {
     since: u64,
 }
+
+impl crate::store::Record for Draining {}
 
 fn drain_key(host: &str) -> String {
     format!("draining-{host}")

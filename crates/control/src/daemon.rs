@@ -72,9 +72,6 @@ impl Config {
 /// How many events may wait on their way to etcd before new ones stay on this host.
 const EVENT_BACKLOG: usize = 1024;
 
-/// The first uid (and gid) given to a jailed VMM; each VM has its own above it.
-pub const FIRST_VM_UID: u32 = 200_000;
-
 /// A VMM this daemon watches.
 struct Runtime {
     /// The VMM's process (the jail's, when jailed).
@@ -915,7 +912,9 @@ impl Daemon {
                     .iter()
                     .filter_map(|v| v.uid)
                     .collect();
-                let uid = (FIRST_VM_UID..).find(|u| !taken.contains(u)).unwrap_or(FIRST_VM_UID);
+                let uid = (model::FIRST_VM_UID..)
+                    .find(|u| !taken.contains(u))
+                    .unwrap_or(model::FIRST_VM_UID);
                 let mut record: Vm = self
                     .store
                     .get(Table::Vms, &vm.id)

@@ -949,6 +949,86 @@ pub struct Usage {
     pub total: UsageLine,
 }
 
+/// The first uid (and gid) given to a jailed VMM; each VM has its own above it.
+pub const FIRST_VM_UID: u32 = 200_000;
+
+/// Whether `id` is an image id as the daemon makes them: `sha256:` and 64 lower-case hex
+/// digits (it names the image's file).
+pub fn is_image_id(id: &str) -> bool {
+    id.strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
+/// A name read back from the records: one that [`check_name`] would have let in.
+fn stored_name(what: &str, name: &str) -> Result<(), String> {
+    check_name(what, name).map_err(|e| e.to_string())
+}
+
+// What the records may hold: every name that becomes a path (a VM's directory, its
+// snapshots', an image's file, a tenant's cgroup) is a name, and a jailed VMM never gets a
+// uid below the VMs' own.
+impl crate::store::Record for Tenant {
+    fn check(&self) -> Result<(), String> {
+        stored_name("tenant", &self.name)
+    }
+}
+
+impl crate::store::Record for StoredKey {
+    fn check(&self) -> Result<(), String> {
+        stored_name("tenant", &self.tenant)
+    }
+}
+
+impl crate::store::Record for Image {
+    fn check(&self) -> Result<(), String> {
+        stored_name("tenant", &self.tenant)?;
+        if is_image_id(&self.id) {
+            Ok(())
+        } else {
+            Err(format!("image id {:?} is not sha256: and 64 hex digits", self.id))
+        }
+    }
+}
+
+impl crate::store::Record for InstanceType {}
+
+impl crate::store::Record for Vm {
+    fn check(&self) -> Result<(), String> {
+        stored_name("VM", &self.id)?;
+        stored_name("tenant", &self.tenant)?;
+        if let Some(snapshot) = &self.restore_from {
+            stored_name("snapshot", snapshot)?;
+        }
+        match self.uid {
+            Some(uid) if uid < FIRST_VM_UID => Err(format!("uid {uid} is below the VMs' first, {FIRST_VM_UID}")),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl crate::store::Record for Snapshot {
+    fn check(&self) -> Result<(), String> {
+        stored_name("snapshot", &self.id)?;
+        stored_name("VM", &self.vm)?;
+        stored_name("tenant", &self.tenant)
+    }
+}
+
+impl crate::store::Record for HostRecord {}
+
+impl crate::store::Record for Event {}
+
+impl crate::store::Record for Group {
+    fn check(&self) -> Result<(), String> {
+        stored_name("group", &self.name)?;
+        stored_name("tenant", &self.tenant)
+    }
+}
+
+impl crate::store::Record for UsageRecord {}
+
+impl crate::store::Record for MeterMark {}
+
 /// Whether `name` is a good resource name: 1 to 63 of `a-z`, `0-9`, `-`, `.`, `_`, starting
 /// with a letter or digit.
 pub fn check_name(what: &str, name: &str) -> Result<(), crate::ControlError> {

@@ -37,7 +37,7 @@ pub enum Table {
     Groups,
 }
 
-const ALL: [Table; 12] = [
+pub(crate) const ALL: [Table; 12] = [
     Table::Tenants,
     Table::Keys,
     Table::Images,
@@ -53,7 +53,7 @@ const ALL: [Table; 12] = [
 ];
 
 impl Table {
-    fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    pub(crate) fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
         TableDefinition::new(match self {
             Self::Tenants => "tenants",
             Self::Keys => "keys",
@@ -99,9 +99,26 @@ pub enum Store {
     },
 }
 
-fn decode<T: DeserializeOwned>(table: Table, key: &str, bytes: &[u8]) -> Result<T, ControlError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ControlError::Store(format!("record {key:?} of {table:?} is unreadable: {e}")))
+/// What a table holds. The state file and etcd are written only by daemons, but a record is
+/// still input when it is read back (a damaged disk, an older daemon, a host with the cluster's
+/// etcd keys): `check` refuses what would make the daemon act outside its own files, such as an
+/// id that becomes a path.
+pub trait Record: Serialize + DeserializeOwned {
+    /// Why this record cannot be one the daemon wrote, if it cannot.
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A record read as plain JSON, whatever its table (the store's own tests; nothing the daemon
+/// acts on is read this way).
+impl Record for serde_json::Value {}
+
+fn decode<T: Record>(table: Table, key: &str, bytes: &[u8]) -> Result<T, ControlError> {
+    let unreadable = |why: String| ControlError::Store(format!("record {key:?} of {table:?} is unreadable: {why}"));
+    let value: T = serde_json::from_slice(bytes).map_err(|e| unreadable(e.to_string()))?;
+    value.check().map_err(unreadable)?;
+    Ok(value)
 }
 
 fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> i64 {
@@ -123,14 +140,41 @@ const UPDATE_TRIES: usize = 64;
 
 impl Store {
     /// Opens the state file at `path`, making it (and its tables) if needed.
+    ///
+    /// A damaged file is refused and left as it is. redb checks every page's checksum first
+    /// (repairing only its own allocation records), but a damaged table definition can still
+    /// make it panic rather than answer an error: that panic is caught here and becomes the
+    /// refusal, so that xcloudd says what is wrong instead of dying with a redb backtrace.
     pub fn open(path: &Path) -> Result<Self, ControlError> {
-        let db = Database::create(path).map_err(|e| ControlError::Store(format!("{}: {e}", path.display())))?;
-        let txn = db.begin_write()?;
-        for table in ALL {
-            txn.open_table(table.definition())?;
+        let shown = path.display().to_string();
+        let damaged = |why: String| ControlError::Store(format!("{shown}: {why}"));
+        let open = || -> Result<Database, ControlError> {
+            let mut db = Database::create(path).map_err(|e| damaged(e.to_string()))?;
+            match db.check_integrity() {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!("{shown}: redb repaired its allocation records after a crash"),
+                Err(e) => return Err(damaged(format!("damaged ({e}); left as it is"))),
+            }
+            let txn = db.begin_write()?;
+            for table in ALL {
+                txn.open_table(table.definition())?;
+            }
+            txn.commit()?;
+            Ok(db)
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)) {
+            Ok(db) => Ok(Self::Local(db?)),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(damaged(format!(
+                    "damaged (redb failed reading it: {what}); left as it is"
+                )))
+            }
         }
-        txn.commit()?;
-        Ok(Self::Local(db))
     }
 
     /// Connects to etcd at `endpoints`; records live under `prefix`.
@@ -184,7 +228,7 @@ impl Store {
     }
 
     /// The record `key` of `table`.
-    pub async fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>, ControlError> {
+    pub async fn get<T: Record>(&self, table: Table, key: &str) -> Result<Option<T>, ControlError> {
         match self {
             Self::Local(db) => {
                 let txn = db.begin_read()?;
@@ -211,7 +255,7 @@ impl Store {
     }
 
     /// Every record of `table`, in key order.
-    pub async fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>, ControlError> {
+    pub async fn list<T: Record>(&self, table: Table) -> Result<Vec<T>, ControlError> {
         match self {
             Self::Local(db) => {
                 let txn = db.begin_read()?;
@@ -296,7 +340,7 @@ impl Store {
     /// may refuse by returning an error; nothing is written then. None: there is no record.
     pub async fn update<T, F>(&self, table: Table, key: &str, mut change: F) -> Result<Option<T>, ControlError>
     where
-        T: Serialize + DeserializeOwned,
+        T: Record,
         F: FnMut(&mut T) -> Result<(), ControlError>,
     {
         match self {
@@ -364,7 +408,7 @@ impl Store {
 
     /// The records of `table` with keys in `from..to`, in key order, with their keys; at most
     /// `limit` of them.
-    pub async fn list_range<T: DeserializeOwned>(
+    pub async fn list_range<T: Record>(
         &self,
         table: Table,
         from: &str,
