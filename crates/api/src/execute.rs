@@ -1,6 +1,7 @@
 //! What each request does to the VM.
 
 use crate::protocol::{parse_request, Command, Request, Response, API_VERSION};
+use crate::watchdog::Watchdog;
 use xcloud_migration::{MigrateOptions, Outgoing};
 use xcloud_vm_core::report::flatten_error;
 use xcloud_vmm::{VmError, VmHandle, VmState};
@@ -23,8 +24,9 @@ pub(crate) fn failure(error: String) -> Response {
     }
 }
 
-/// Executes one request line against the VM; `outgoing` tracks its outgoing migration.
-pub fn execute(handle: &VmHandle, outgoing: &Outgoing, line: &str) -> Response {
+/// Executes one request line against the VM; `outgoing` tracks its outgoing migration,
+/// `watchdog` its controller's watchdog.
+pub fn execute(handle: &VmHandle, outgoing: &Outgoing, watchdog: &Watchdog, line: &str) -> Response {
     let request: Request = match parse_request(line) {
         Ok(r) => r,
         Err(e) => return failure(e),
@@ -48,6 +50,7 @@ pub fn execute(handle: &VmHandle, outgoing: &Outgoing, line: &str) -> Response {
     }
     let with_state = |mut r: Response| {
         r.state = Some(state_name(handle.state()));
+        r.fenced = watchdog.fenced().then_some(true);
         r
     };
     let done = |result: Result<(), VmError>| match result {
@@ -102,7 +105,23 @@ pub fn execute(handle: &VmHandle, outgoing: &Outgoing, line: &str) -> Response {
             }
         }
         Command::Pause => done(handle.pause()),
-        Command::Resume => done(handle.resume()),
+        Command::Resume if watchdog.expired() => with_state(failure(
+            "the watchdog paused this VM: its controller must renew the watchdog before it may run".into(),
+        )),
+        Command::Resume => {
+            let resumed = handle.resume();
+            if resumed.is_ok() {
+                watchdog.resumed();
+            }
+            done(resumed)
+        }
+        Command::Watchdog { ms } => match watchdog.renew(handle, outgoing, std::time::Duration::from_millis(ms)) {
+            Ok(()) => with_state(Response {
+                ok: true,
+                ..Default::default()
+            }),
+            Err(e) => with_state(failure(e)),
+        },
         // The VM is stopped once this answer is out (serve_connection): stopping it ends the
         // process, which could otherwise exit before the client hears back.
         Command::Stop => with_state(Response {

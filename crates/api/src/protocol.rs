@@ -82,6 +82,12 @@ pub enum Command {
     },
     /// Stop the VM for good.
     Stop,
+    /// Arm or renew the controller's watchdog: pause the VM unless renewed within `ms`
+    /// milliseconds (0 disarms it; at most an hour).
+    Watchdog {
+        /// The window, in milliseconds.
+        ms: u64,
+    },
     /// Live-migrate the VM to the destination at `to` (`xcloud receive`), authenticated by this
     /// host's `identity` directory and the destination's pinned `peer_cert`.
     Migrate {
@@ -155,6 +161,10 @@ pub struct Response {
     /// For `status`: milliseconds since that report.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_load_age_ms: Option<u64>,
+    /// For `status` and `watchdog`: true when the watchdog paused the VM and nothing has
+    /// resumed it since (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<bool>,
     /// For `snapshot`: pages and bytes written.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_pages: Option<u64>,

@@ -9,6 +9,7 @@
 
 use crate::execute::{execute, failure};
 use crate::protocol::{ApiError, Response, MAX_LINE};
+use crate::watchdog::Watchdog;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -85,9 +86,18 @@ fn claim_path(path: &Path) -> Result<(), ApiError> {
     }
 }
 
-/// Listens on `path` and serves requests for the VM behind `handle` on a background thread.
-pub fn serve(path: &Path, handle: VmHandle) -> Result<ApiServer, ApiError> {
+/// Listens on `path` and serves requests for the VM behind `handle` on a background thread;
+/// with `watchdog`, its watchdog is armed with that window from the start (crate::watchdog).
+pub fn serve(path: &Path, handle: VmHandle, watchdog: Option<Duration>) -> Result<ApiServer, ApiError> {
     let shown = path.display().to_string();
+    let outgoing = Outgoing::new();
+    let dog = Watchdog::new();
+    if let Some(window) = watchdog {
+        dog.renew(&handle, &outgoing, window).map_err(|detail| ApiError::Bind {
+            path: shown.clone(),
+            source: std::io::Error::other(detail),
+        })?;
+    }
     claim_path(path)?;
     let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
         path: shown.clone(),
@@ -96,7 +106,7 @@ pub fn serve(path: &Path, handle: VmHandle) -> Result<ApiServer, ApiError> {
     std::thread::Builder::new()
         .name("api".into())
         .stack_size(256 * 1024)
-        .spawn(move || accept_loop(listener, handle))
+        .spawn(move || accept_loop(listener, handle, outgoing, dog))
         .map_err(|source| ApiError::Bind { path: shown, source })?;
     Ok(ApiServer {
         path: path.to_path_buf(),
@@ -112,8 +122,7 @@ impl Drop for Slot {
     }
 }
 
-fn accept_loop(listener: UnixListener, handle: VmHandle) {
-    let outgoing = Outgoing::new();
+fn accept_loop(listener: UnixListener, handle: VmHandle, outgoing: Outgoing, watchdog: Watchdog) {
     let open = Arc::new(AtomicUsize::new(0));
     let mut backoff = Duration::ZERO;
     loop {
@@ -142,13 +151,13 @@ fn accept_loop(listener: UnixListener, handle: VmHandle) {
             continue;
         }
         let slot = Slot(open.clone());
-        let (handle, outgoing) = (handle.clone(), outgoing.clone());
+        let (handle, outgoing, watchdog) = (handle.clone(), outgoing.clone(), watchdog.clone());
         let spawned = std::thread::Builder::new()
             .name("api-conn".into())
             .stack_size(256 * 1024)
             .spawn(move || {
                 let _slot = slot;
-                serve_connection(stream, &handle, &outgoing)
+                serve_connection(stream, &handle, &outgoing, &watchdog)
             });
         if let Err(e) = spawned {
             tracing::warn!("control socket: cannot start a connection thread: {e}");
@@ -163,7 +172,7 @@ fn answer(out: &mut UnixStream, response: &Response) -> std::io::Result<()> {
     out.flush()
 }
 
-fn serve_connection(stream: UnixStream, handle: &VmHandle, outgoing: &Outgoing) {
+fn serve_connection(stream: UnixStream, handle: &VmHandle, outgoing: &Outgoing, watchdog: &Watchdog) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -174,7 +183,7 @@ fn serve_connection(stream: UnixStream, handle: &VmHandle, outgoing: &Outgoing) 
     loop {
         let response = match lines.next_line() {
             Ok(Line::Request(line)) => match std::str::from_utf8(line) {
-                Ok(text) => execute(handle, outgoing, text.trim()),
+                Ok(text) => execute(handle, outgoing, watchdog, text.trim()),
                 Err(_) => failure("request is not UTF-8".into()),
             },
             Ok(Line::TooLong) => failure(format!("request longer than {MAX_LINE} bytes")),

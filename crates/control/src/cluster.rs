@@ -71,6 +71,9 @@ pub struct Cluster {
     starting: Mutex<HashSet<String>>,
     /// Whether this host is the scheduler now.
     leading: std::sync::atomic::AtomicBool,
+    /// When the last grant or renewal of its lease that etcd confirmed was sent: etcd keeps
+    /// the lease at least a TTL from then.
+    lease_confirmed: Mutex<Option<std::time::Instant>>,
 }
 
 impl Cluster {
@@ -83,7 +86,31 @@ impl Cluster {
             host_key: Mutex::new(String::new()),
             starting: Mutex::new(HashSet::new()),
             leading: std::sync::atomic::AtomicBool::new(false),
+            lease_confirmed: Mutex::new(None),
         }
+    }
+
+    /// The window this host's VMMs are fenced after when its daemon stops renewing their
+    /// watchdogs: half the lease, so that they are paused before the lease can lapse and the
+    /// scheduler start their VMs elsewhere (the lease was renewed at most a third of a TTL
+    /// before the daemon's last renewal of theirs).
+    pub fn fence_window(&self) -> Duration {
+        Duration::from_millis((self.config.lease_ttl.max(2) as u64) * 500)
+    }
+
+    /// Whether a watchdog renewed now with [`Cluster::fence_window`] would run out before the
+    /// lease can lapse (with a twelfth of a TTL to spare): only then are VMs still surely
+    /// this host's while they run.
+    pub fn lease_is_fresh(&self) -> bool {
+        let ttl = Duration::from_secs(self.config.lease_ttl.max(2) as u64);
+        self.lease_confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|sent| sent.elapsed() + self.fence_window() + ttl / 12 < ttl)
+    }
+
+    fn lease_confirmed_at(&self, sent: std::time::Instant) {
+        *self.lease_confirmed.lock().unwrap_or_else(|p| p.into_inner()) = Some(sent);
     }
 
     /// Whether this host is the scheduler now (the cluster-wide loops run there only).
@@ -148,6 +175,7 @@ async fn register(daemon: &Daemon, cluster: &Cluster) -> Result<i64, ControlErro
         .store
         .etcd()
         .ok_or_else(|| ControlError::Cluster("not in a cluster".into()))?;
+    let sent = std::time::Instant::now();
     let lease = client.lease_grant(cluster.config.lease_ttl, None).await?.id();
     let record = record_of(daemon, cluster);
     daemon
@@ -155,6 +183,7 @@ async fn register(daemon: &Daemon, cluster: &Cluster) -> Result<i64, ControlErro
         .put_leased(Table::Hosts, &record.name.clone(), &record, lease)
         .await?;
     cluster.lease.store(lease, Ordering::SeqCst);
+    cluster.lease_confirmed_at(sent);
     tracing::info!(
         "cluster: host {} registered (lease {lease:x}, {} s)",
         record.name,
@@ -172,9 +201,31 @@ pub async fn join(daemon: Arc<Daemon>) -> Result<(), ControlError> {
     bootstrap_host_key(&daemon, &cluster).await?;
     register(&daemon, &cluster).await?;
     tokio::spawn(keep_lease(daemon.clone(), cluster.clone()));
+    tokio::spawn(keep_fences(daemon.clone(), cluster.clone()));
     tokio::spawn(agent(daemon.clone(), cluster.clone()));
     tokio::spawn(scheduler(daemon, cluster));
     Ok(())
+}
+
+/// Renews the watchdog of every VMM this host runs (docs/control-api.md, "Watchdog") while
+/// its lease is fresh, four times a window; a VMM its watchdog paused while the lease was not
+/// (this daemon was down or cut off) is resumed if its VM is still this host's to run.
+async fn keep_fences(daemon: Arc<Daemon>, cluster: Arc<Cluster>) {
+    let window = cluster.fence_window();
+    loop {
+        tokio::time::sleep(window / 4).await;
+        if !cluster.lease_is_fresh() {
+            continue;
+        }
+        for id in daemon.running_ids() {
+            match daemon.renew_watchdog(&id, window).await {
+                Ok(true) => daemon.resume_fenced(&id).await,
+                Ok(false) => {}
+                // A VMM that is ending, or one that does not answer (its watcher sees to it).
+                Err(e) => tracing::debug!("{id}: renewing its watchdog: {e}"),
+            }
+        }
+    }
 }
 
 /// Renews the lease; registers again under a new one when it expired (the host was cut off
@@ -189,9 +240,10 @@ async fn keep_lease(daemon: Arc<Daemon>, cluster: Arc<Cluster>) {
         let renewed = async {
             let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
             loop {
+                let sent = std::time::Instant::now();
                 keeper.keep_alive().await?;
                 match stream.message().await? {
-                    Some(answer) if answer.ttl() > 0 => {}
+                    Some(answer) if answer.ttl() > 0 => cluster.lease_confirmed_at(sent),
                     _ => return Ok::<(), etcd_client::Error>(()),
                 }
                 tokio::time::sleep(period).await;

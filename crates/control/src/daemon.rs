@@ -279,7 +279,16 @@ impl Daemon {
             let unchanged = |v: &Vm| v.generation == vm.generation && v.host == vm.host;
             match alive {
                 Some((status, pid)) => {
-                    let state = vmm_state(&status).unwrap_or(VmState::Running);
+                    // Paused by its watchdog while no daemon renewed it: it is to run (alone it
+                    // is resumed now; in a cluster once this host's lease is fresh again).
+                    let fenced = status.fenced == Some(true);
+                    if fenced && self.cluster.is_none() {
+                        self.resume_fenced(&vm.id).await;
+                    }
+                    let state = match vmm_state(&status) {
+                        Some(VmState::Paused) if fenced => VmState::Running,
+                        other => other.unwrap_or(VmState::Running),
+                    };
                     let kept = self
                         .update_if(&vm.id, unchanged, |v| {
                             if v.state == VmState::Lost {
@@ -1035,6 +1044,11 @@ impl Daemon {
             how
         };
         let sock_arg = self.vmm_path(&vm.id, &sock);
+        // In a cluster the VMM is fenced if this daemon stops renewing it (cluster::keep_fences).
+        let watchdog: Vec<String> = match &self.cluster {
+            Some(c) => vec!["--watchdog-ms".into(), c.fence_window().as_millis().to_string()],
+            None => Vec::new(),
+        };
         match &how {
             Launch::Boot(image) => {
                 cmd.arg("run")
@@ -1044,12 +1058,17 @@ impl Daemon {
                     .arg(format!("{}M", vm.mem_mib))
                     .arg("--api")
                     .arg(&sock_arg)
+                    .args(&watchdog)
                     .arg(image)
                     .arg("--")
                     .args(&vm.args);
             }
             Launch::Restore(snapshot) => {
-                cmd.arg("restore").arg(snapshot).arg("--api").arg(&sock_arg);
+                cmd.arg("restore")
+                    .arg(snapshot)
+                    .arg("--api")
+                    .arg(&sock_arg)
+                    .args(&watchdog);
             }
             Launch::Receive { listen, identity, peer } => {
                 cmd.arg("receive")
@@ -1060,7 +1079,8 @@ impl Daemon {
                     .arg("--peer")
                     .arg(peer)
                     .arg("--api")
-                    .arg(&sock_arg);
+                    .arg(&sock_arg)
+                    .args(&watchdog);
             }
         }
         cmd.stdin(Stdio::null())
@@ -1287,6 +1307,36 @@ impl Daemon {
         }
         // SAFETY: kill sends a signal; the pid was checked to be this VM's VMM just now.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+
+    /// Renews the watchdog of VM `id`'s VMM for `window`: whether the watchdog had paused it.
+    pub async fn renew_watchdog(&self, id: &str, window: Duration) -> Result<bool, ControlError> {
+        let ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        let answer = ctl_ok(&self.api_socket(id), VmmCommand::Watchdog { ms }).await?;
+        Ok(answer.fenced == Some(true))
+    }
+
+    /// Resumes VM `id`, which its watchdog paused, if its record still wants it running on this
+    /// host (not given away, not paused by its tenant, not leaving).
+    pub async fn resume_fenced(&self, id: &str) {
+        let lock = self.op_lock(id);
+        let _op = lock.lock().await;
+        let Ok(vm) = self.vm(id).await else {
+            return;
+        };
+        let ours = self.is_mine(&vm) && vm.want == Desired::Running && vm.state == VmState::Running;
+        if !ours || self.is_leaving(id) {
+            return;
+        }
+        let sock = self.api_socket(id);
+        if self.cluster.is_none() {
+            // Alone nothing can run it elsewhere: no watchdog is needed any more.
+            let _ = ctl_ok(&sock, VmmCommand::Watchdog { ms: 0 }).await;
+        }
+        match ctl_ok(&sock, VmmCommand::Resume).await {
+            Ok(_) => tracing::info!("{id}: its watchdog had paused it while this host's daemon was away: resumed"),
+            Err(e) => tracing::warn!("{id}: its watchdog paused it, and it cannot be resumed: {e}"),
+        }
     }
 
     /// Pauses or resumes VM `id`.

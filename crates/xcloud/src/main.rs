@@ -20,6 +20,27 @@ struct Cli {
     command: Command,
 }
 
+/// A VMM's control socket and its watchdog.
+#[derive(clap::Args)]
+struct ControlSocketArgs {
+    /// Serve the control API on this Unix socket (see `xcloud ctl`).
+    #[arg(long)]
+    api: Option<PathBuf>,
+    /// Arm the controller's watchdog from the start: the VM is paused unless `xcloud ctl SOCK
+    /// watchdog MS` renews it within this many milliseconds (xcloudd in a cluster does).
+    #[arg(long, requires = "api", value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    watchdog_ms: Option<u64>,
+}
+
+impl ControlSocketArgs {
+    fn socket(&self) -> Option<run::ControlSocket> {
+        self.api.clone().map(|path| run::ControlSocket {
+            path,
+            watchdog: self.watchdog_ms.map(std::time::Duration::from_millis),
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest (a built-in name or a PVH ELF path) with its console on stdout.
@@ -42,9 +63,8 @@ enum Command {
         /// Arguments passed to the guest on its command line.
         #[arg(last = true)]
         args: Vec<String>,
-        /// Serve the control API on this Unix socket (see `xcloud ctl`).
-        #[arg(long)]
-        api: Option<PathBuf>,
+        #[command(flatten)]
+        api: ControlSocketArgs,
     },
     /// An L2 overlay between hosts (a bridge and a VXLAN device, set up by rtnetlink): VMs
     /// whose NICs join it (`--net tap=T,bridge=NAME`) keep their MAC and IP when they move.
@@ -59,9 +79,8 @@ enum Command {
         /// Run the guest at once and load its memory on demand (userfaultfd).
         #[arg(long)]
         lazy: bool,
-        /// Serve the control API on this Unix socket.
-        #[arg(long)]
-        api: Option<PathBuf>,
+        #[command(flatten)]
+        api: ControlSocketArgs,
     },
     /// Receive a live-migrating VM and run it here.
     Receive {
@@ -74,9 +93,8 @@ enum Command {
         /// The source host's certificate (its identity's cert.der): the only one accepted.
         #[arg(long)]
         peer: PathBuf,
-        /// Serve the control API on this Unix socket.
-        #[arg(long)]
-        api: Option<PathBuf>,
+        #[command(flatten)]
+        api: ControlSocketArgs,
         /// Copy the VM's disks into new images in this directory (named as at the source;
         /// an image already there is never overwritten). Without it a VM with disks is refused.
         #[arg(long)]
@@ -159,6 +177,9 @@ enum CtlAction {
     Snapshot { dir: PathBuf },
     /// Stop the VM.
     Stop,
+    /// Arm or renew the controller's watchdog: the VM is paused unless renewed within MS
+    /// milliseconds (0 disarms it).
+    Watchdog { ms: u64 },
     /// Live-migrate the VM to a destination running `xcloud receive`.
     Migrate {
         /// The destination, HOST:PORT.
@@ -345,6 +366,7 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
             dir: std::path::absolute(&dir)?,
         },
         CtlAction::Stop => Op::Stop,
+        CtlAction::Watchdog { ms } => Op::Watchdog { ms },
         CtlAction::Migrate {
             to,
             identity,
@@ -393,6 +415,9 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
     if let Some(p) = answer.migration {
         line.push_str(&format!(", migrating: {}", run::describe_progress(&p)));
     }
+    if answer.fenced == Some(true) {
+        line.push_str(", paused by its watchdog");
+    }
     println!("{line}");
     Ok(0)
 }
@@ -418,9 +443,9 @@ fn main() -> ExitCode {
                 nets,
             },
             &guest,
-            api.as_deref(),
+            api.socket().as_ref(),
         ),
-        Command::Restore { dir, lazy, api } => run::restore(&dir, lazy, api.as_deref()),
+        Command::Restore { dir, lazy, api } => run::restore(&dir, lazy, api.socket().as_ref()),
         Command::Ctl { socket, action } => ctl(&socket, action),
         Command::Receive {
             listen,
@@ -432,7 +457,7 @@ fn main() -> ExitCode {
             &listen,
             &identity,
             &peer,
-            api.as_deref(),
+            api.socket().as_ref(),
             &xcloud_migration::ReceiveOptions { disk_dir },
         ),
         Command::Overlay { action } => match action {

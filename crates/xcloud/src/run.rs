@@ -101,8 +101,16 @@ fn watch_termination_signals() -> Result<SignalTarget> {
     Ok(target)
 }
 
+/// Where a VMM serves its control API, and whether its watchdog is armed from the start.
+pub struct ControlSocket {
+    /// The Unix socket.
+    pub path: std::path::PathBuf,
+    /// The watchdog's window (xcloud_api::watchdog), if its controller asked for one.
+    pub watchdog: Option<std::time::Duration>,
+}
+
 /// Runs the guest to its end and returns the process exit status.
-pub fn run(config: VmConfig, guest: &str, api: Option<&Path>) -> Result<i32> {
+pub fn run(config: VmConfig, guest: &str, api: Option<&ControlSocket>) -> Result<i32> {
     let image = load_image(guest, config.mem_bytes)?;
     let signals = watch_termination_signals()?;
     let vm = Vm::new(&config, &image, Console::stdout()).context("cannot create the VM")?;
@@ -114,7 +122,7 @@ pub fn run(config: VmConfig, guest: &str, api: Option<&Path>) -> Result<i32> {
 }
 
 /// Continues the VM saved in `dir` and returns the process exit status.
-pub fn restore(dir: &Path, lazy: bool, api: Option<&Path>) -> Result<i32> {
+pub fn restore(dir: &Path, lazy: bool, api: Option<&ControlSocket>) -> Result<i32> {
     let signals = watch_termination_signals()?;
     let vm = if lazy {
         xcloud_snapshot::restore_lazy(dir, Console::stdout())
@@ -134,7 +142,7 @@ pub fn receive(
     listen: &str,
     identity: &Path,
     peer: &Path,
-    api: Option<&Path>,
+    api: Option<&ControlSocket>,
     options: &xcloud_migration::ReceiveOptions,
 ) -> Result<i32> {
     use xcloud_migration::{listen_and_receive, tls::Credentials};
@@ -243,16 +251,18 @@ pub fn migrate(
 fn supervise(
     handle: xcloud_vmm::VmHandle,
     signals: SignalTarget,
-    api: Option<&Path>,
+    api: Option<&ControlSocket>,
     start: impl FnOnce() -> Result<Vm>,
 ) -> Result<i32> {
     let _server = match api {
-        Some(path) => Some(xcloud_api::serve(path, handle.clone()).context("cannot open the control socket")?),
+        Some(api) => {
+            Some(xcloud_api::serve(&api.path, handle.clone(), api.watchdog).context("cannot open the control socket")?)
+        }
         None => None,
     };
     *signals.lock().unwrap_or_else(|p| p.into_inner()) = SignalState {
         vm: Some(handle),
-        socket: api.map(Path::to_path_buf),
+        socket: api.map(|a| a.path.clone()),
     };
     let vm = start()?;
     let exit = vm.wait();

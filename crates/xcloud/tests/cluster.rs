@@ -261,20 +261,56 @@ fn a_cluster_places_vms_serves_them_from_any_host_and_restarts_them_when_a_host_
     wait_vm(&lab.hosts[h2], &globex, "g-1", "exited", |v| v["state"] == "exited");
     assert_eq!(json(&lab.hosts[h3], &acme, &["vm", "show", "batch"])["host"], "host-2");
 
-    // host-2's daemon dies but its VMMs run on (cut off, not dead): once its lease expires,
-    // batch starts on host-3 (cheapest again), and when host-2's daemon comes back it kills its
-    // own copy rather than run batch twice.
+    // host-2's daemon dies but its VMMs run on (cut off, not dead): their watchdogs pause them
+    // within half a lease, before the lease expires and batch starts on host-3 (cheapest
+    // again), so batch never runs twice; when host-2's daemon comes back it kills its own copy.
+    // keep (no restart policy) goes to host-2 as well, the cheapest of provider alpha.
+    let keep = json(
+        &lab.hosts[h1],
+        &globex,
+        &["vm", "create", "keep", "--image", "heartbeat", "--provider", "alpha"],
+    );
+    assert_eq!(keep["host"], "host-2", "{keep}");
+    wait_heartbeats(&lab.hosts[h1], &globex, "keep", 0);
     let stale_pid = moved["pid"].as_u64().expect("pid");
+    let batch_id = moved["id"].as_str().expect("id").to_string();
+    let stale_socket = lab.hosts[h2].data.join("vms").join(&batch_id).join("api.sock");
     lab.hosts[h2].kill_daemon();
     assert!(alive(stale_pid), "the VMM outlives its daemon");
+    let killed = Instant::now();
+    let fenced = loop {
+        let out = xcloud()
+            .args(["ctl", stale_socket.to_str().expect("utf-8"), "status"])
+            .output()
+            .expect("xcloud ctl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("paused by its watchdog") {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(u64::from(LEASE_TTL)),
+            "the VMM of a dead daemon still runs: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let again = wait_vm(&lab.hosts[h1], &acme, "batch", "restarted on host-3", |v| {
         v["state"] == "running" && v["host"] == "host-3"
     });
+    let restarted = killed.elapsed();
     assert!(
-        alive(stale_pid),
-        "nothing on host-2 can stop it while its daemon is down"
+        fenced < restarted,
+        "fenced after {fenced:?}, restarted after {restarted:?}"
     );
+    assert!(alive(stale_pid), "paused, not killed: its memory is kept");
+    wait_vm(&lab.hosts[h1], &globex, "keep", "lost", |v| v["state"] == "lost");
     lab.hosts[h2].start().expect("host-2 starts again");
+    // keep's VMM was paused, not gone: host-2 takes it back and lets it run on.
+    let back = wait_vm(&lab.hosts[h1], &globex, "keep", "running again", |v| {
+        v["state"] == "running"
+    });
+    assert_eq!(back["pid"], keep["pid"], "the same VMM: {back}");
+    let n = heartbeats(&lab.hosts[h2], &globex, "keep");
+    wait_heartbeats(&lab.hosts[h2], &globex, "keep", n);
     let deadline = Instant::now() + Duration::from_secs(10);
     while alive(stale_pid) {
         assert!(Instant::now() < deadline, "host-2 left its stale copy of batch running");

@@ -175,3 +175,86 @@ fn running_out_of_file_descriptors_does_not_spin_and_the_socket_recovers() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_vmm_whose_controller_stops_renewing_its_watchdog_pauses_and_waits_for_it() {
+    let dir = scratch("watchdog");
+    let socket = dir.join("vm.sock");
+    let mut cmd = xcloud();
+    // Armed from the start with a window long enough for the guest's first heartbeat.
+    cmd.args([
+        "run",
+        "--api",
+        socket.to_str().expect("utf-8"),
+        "--watchdog-ms",
+        "5000",
+        "heartbeat",
+    ]);
+    let (_child, lines) = spawn_lines(cmd);
+    next_line(&lines, "heartbeat n=");
+    wait_socket(&socket);
+    let mut conn = UnixStream::connect(&socket).expect("connect");
+    let mut answers = BufReader::new(conn.try_clone().expect("clone"));
+    let renew = |conn: &mut UnixStream, answers: &mut BufReader<UnixStream>, ms: u64| {
+        request(
+            conn,
+            answers,
+            format!("{{\"api\":1,\"op\":\"watchdog\",\"ms\":{ms}}}\n").as_bytes(),
+        )
+    };
+
+    // Renewed in time, it runs on: three windows long.
+    let until = Instant::now() + Duration::from_millis(1200);
+    while Instant::now() < until {
+        let answer = renew(&mut conn, &mut answers, 400);
+        assert!(
+            answer.contains("\"state\":\"running\"") && !answer.contains("fenced"),
+            "{answer}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Not renewed: paused once the window is over, and not before.
+    let last = Instant::now();
+    renew(&mut conn, &mut answers, 400);
+    let paused = loop {
+        let answer = request(&mut conn, &mut answers, status_line().as_bytes());
+        if answer.contains("\"state\":\"paused\"") {
+            break answer;
+        }
+        assert!(last.elapsed() < Duration::from_secs(3), "still not paused: {answer}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let waited = last.elapsed();
+    assert!(waited >= Duration::from_millis(400), "paused after {waited:?}");
+    assert!(paused.contains("\"fenced\":true"), "{paused}");
+    let out = run(&["ctl", socket.to_str().expect("utf-8"), "status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("paused by its watchdog"));
+
+    // Only its controller may let it run again: renew first, then resume.
+    let refused = request(&mut conn, &mut answers, b"{\"api\":1,\"op\":\"resume\"}\n");
+    assert!(
+        refused.contains("\"ok\":false") && refused.contains("must renew the watchdog"),
+        "{refused}"
+    );
+    let renewed = renew(&mut conn, &mut answers, 400);
+    assert!(
+        renewed.contains("\"state\":\"paused\"") && renewed.contains("\"fenced\":true"),
+        "{renewed}"
+    );
+    let resumed = request(&mut conn, &mut answers, b"{\"api\":1,\"op\":\"resume\"}\n");
+    assert!(
+        resumed.contains("\"state\":\"running\"") && !resumed.contains("fenced"),
+        "{resumed}"
+    );
+    next_line(&lines, "heartbeat n=");
+
+    // Disarmed, it runs with no renewals; a window over an hour is refused.
+    assert!(renew(&mut conn, &mut answers, 0).contains("\"ok\":true"));
+    std::thread::sleep(Duration::from_millis(800));
+    let status = request(&mut conn, &mut answers, status_line().as_bytes());
+    assert!(status.contains("\"state\":\"running\""), "{status}");
+    let too_long = renew(&mut conn, &mut answers, 3_600_001);
+    assert!(too_long.contains("over the most"), "{too_long}");
+    let bad = run(&["run", "--watchdog-ms", "100", "hello"]);
+    assert_eq!(bad.status.code(), Some(2), "a watchdog needs a control socket");
+}
