@@ -312,16 +312,20 @@ impl Drop for Harness {
 mod tests {
     use super::*;
 
-    #[test]
-    fn hostile_requests_get_clear_answers() {
-        let h = Harness::new();
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
+    /// A xorshift generator from `seed`: the same inputs on every run.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             seed
-        };
+        }
+    }
+
+    #[test]
+    fn hostile_requests_get_clear_answers() {
+        let h = Harness::new();
+        let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
         let paths: &[&[u8]] = &[
             b"/v1/vms\n",
             b"/v1/vms/x/restore\n",
@@ -427,13 +431,7 @@ mod tests {
 
     #[test]
     fn state_files_of_anything_are_refused_or_served() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
         // A real state file to damage: one with records of every kind the daemon writes.
         let dir = scratch_dir("state-seed");
         let _cleanup = RemoveOnDrop(dir.clone());

@@ -63,6 +63,13 @@ impl Daemon {
         }
     }
 
+    /// Makes tenant `name` with the admin key: its first key.
+    fn tenant(&self, name: &str) -> String {
+        stdout(&self.cli(&self.admin, &["tenant", "create", name]))
+            .trim()
+            .to_string()
+    }
+
     /// Stops the daemon the way an operator does (SIGTERM) and starts it again.
     fn restart(&mut self) {
         if let Some(mut p) = self.proc.take() {
@@ -176,9 +183,7 @@ fn tenants_run_vms_from_their_images_within_their_quotas() {
     let acme = stdout(&d.cli(&admin, &["tenant", "create", "acme", "--vcpus", "2", "--vms", "2"]))
         .trim()
         .to_string();
-    let other = stdout(&d.cli(&admin, &["tenant", "create", "other"]))
-        .trim()
-        .to_string();
+    let other = d.tenant("other");
     assert!(
         acme.starts_with("xck_") && other.starts_with("xck_"),
         "{acme} / {other}"
@@ -612,9 +617,7 @@ fn the_cli_finds_daemons_and_keys_through_profiles_and_exits_with_what_went_wron
         "profiles",
         &["--tls-listen", &addr, "--identity", identity.to_str().expect("path")],
     );
-    let acme = stdout(&d.cli(&d.admin, &["tenant", "create", "acme"]))
-        .trim()
-        .to_string();
+    let acme = d.tenant("acme");
     let config = tmp.join("cloud-profile-config/config.toml");
     let _ = std::fs::remove_dir_all(config.parent().expect("dir"));
     let key_file = tmp.join("cloud-profile-acme.key");
@@ -775,7 +778,7 @@ fn slow_clients_are_cut_off_and_hold_nobody_up() {
 fn prometheus_scrapes_each_vms_figures_with_the_admin_key() {
     let d = Daemon::start("metrics");
     let admin = d.admin.clone();
-    let acme = stdout(&d.cli(&admin, &["tenant", "create", "acme"])).trim().to_string();
+    let acme = d.tenant("acme");
     d.json(&acme, &["image", "push", "heartbeat"]);
     let vm = d.json(&acme, &["vm", "create", "web", "--image", "heartbeat"]);
     let id = vm["id"].as_str().expect("id").to_string();
@@ -821,9 +824,7 @@ fn wait_group(d: &Daemon, key: &str, group: &str, count: usize) -> Vec<String> {
 #[test]
 fn a_group_follows_the_load_its_guests_report_whatever_their_cpu() {
     let d = Daemon::start_with("guest-load", &["--autoscale-seconds", "1"]);
-    let acme = stdout(&d.cli(&d.admin, &["tenant", "create", "acme"]))
-        .trim()
-        .to_string();
+    let acme = d.tenant("acme");
     d.json(&acme, &["image", "push", "gauge"]);
     // Each gauge reports 25 and sleeps: at a target of 10 the group grows to its max.
     let created = d.json(
@@ -874,12 +875,8 @@ fn a_group_follows_the_load_its_guests_report_whatever_their_cpu() {
 #[test]
 fn an_autoscaling_group_grows_under_load_and_shrinks_when_its_target_rises() {
     let d = Daemon::start_with("groups", &["--autoscale-seconds", "1"]);
-    let acme = stdout(&d.cli(&d.admin, &["tenant", "create", "acme"]))
-        .trim()
-        .to_string();
-    let other = stdout(&d.cli(&d.admin, &["tenant", "create", "other"]))
-        .trim()
-        .to_string();
+    let acme = d.tenant("acme");
+    let other = d.tenant("other");
     d.json(&acme, &["image", "push", "heartbeat"]);
     // heartbeat spins; capped at 40% of a CPU it sits above a 30% target until there are 3.
     let args = [
