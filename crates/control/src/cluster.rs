@@ -38,6 +38,8 @@ pub struct ClusterConfig {
     /// When this daemon is the scheduler: move running VMs live to hosts where their CPUs
     /// cost more than this share less, one at a time, as prices change (None: only when asked).
     pub replace_threshold: Option<f64>,
+    /// How many hosts that are up should hold each snapshot (1: only the one it was taken on).
+    pub snapshot_holders: usize,
 }
 
 /// The name the scheduler is elected under.
@@ -69,6 +71,10 @@ pub struct Cluster {
     host_key: Mutex<String>,
     /// VMs this host is starting now.
     starting: Mutex<HashSet<String>>,
+    /// Snapshots this host is copying here now.
+    pub(crate) copying: Mutex<HashSet<String>>,
+    /// When this host last looked for copies of snapshots to remove.
+    garbage_collected: Mutex<Option<std::time::Instant>>,
     /// Whether this host is the scheduler now.
     leading: std::sync::atomic::AtomicBool,
     /// When the last grant or renewal of its lease that etcd confirmed was sent: etcd keeps
@@ -85,6 +91,8 @@ impl Cluster {
             lease: AtomicI64::new(0),
             host_key: Mutex::new(String::new()),
             starting: Mutex::new(HashSet::new()),
+            copying: Mutex::new(HashSet::new()),
+            garbage_collected: Mutex::new(None),
             leading: std::sync::atomic::AtomicBool::new(false),
             lease_confirmed: Mutex::new(None),
         }
@@ -640,15 +648,47 @@ async fn reconcile(daemon: &Arc<Daemon>, cluster: &Arc<Cluster>) -> Result<(), C
             let _ = daemon.mark_found(&vm.id).await;
         }
     }
+    crate::snapshots::take_asked_copies(daemon, cluster).await?;
+    let due = {
+        let mut last = cluster.garbage_collected.lock().unwrap_or_else(|p| p.into_inner());
+        let due = last.is_none_or(|t| t.elapsed() >= GARBAGE_PERIOD);
+        if due {
+            *last = Some(std::time::Instant::now());
+        }
+        due
+    };
+    if due {
+        crate::snapshots::collect_garbage(daemon, cluster).await?;
+    }
     Ok(())
 }
 
-/// Starts a VM the scheduler gave this host: fetches its image from a host that has it if
-/// need be, restores its snapshot when it has one here, boots it otherwise.
+/// How often a host looks for copies of snapshots whose records are gone.
+const GARBAGE_PERIOD: Duration = Duration::from_secs(10);
+
+/// Starts a VM the scheduler gave this host: fetches its image and the snapshot it should
+/// start from from hosts that have them if need be, restores the snapshot, or boots the
+/// image when there is none or no host can give it (and says so).
 async fn start_assigned(daemon: Arc<Daemon>, cluster: Arc<Cluster>, vm: Vm) {
     let id = vm.id.clone();
     let result = async {
         ensure_image(&daemon, &cluster, &vm.image).await?;
+        if let Some(snap_id) = &vm.restore_from {
+            let snap: Option<Snapshot> = daemon.store.get(Table::Snapshots, snap_id).await?;
+            let fetched = match &snap {
+                Some(snap) => crate::snapshots::fetch(&daemon, &cluster, snap).await,
+                None => Err(ControlError::NotFound(format!("snapshot {snap_id} was deleted"))),
+            };
+            if let Err(e) = fetched {
+                tracing::warn!("cluster: {id} boots afresh: {e}");
+                daemon.emit(
+                    &vm.tenant,
+                    "vm.snapshot_unavailable",
+                    &id,
+                    Some(format!("it boots from its image: {e}")),
+                );
+            }
+        }
         daemon.start_placed(&id, vm.generation).await
     }
     .await;
@@ -721,7 +761,7 @@ async fn fetch_image(
 }
 
 /// A client of another host, calling with the hosts' key.
-fn peer_client(cluster: &Cluster, host: &HostRecord) -> Result<Client, ControlError> {
+pub(crate) fn peer_client(cluster: &Cluster, host: &HostRecord) -> Result<Client, ControlError> {
     Ok(Client::at(peer_endpoint(host)?, Some(cluster.host_key())))
 }
 
@@ -864,12 +904,18 @@ pub async fn schedule(daemon: &Daemon) -> Result<(), ControlError> {
                 let host = host.to_string();
                 let never_ran = vm.state == VmState::Pending;
                 if never_ran || (vm.restart == RestartPolicy::OnHostLoss && vm.want == Desired::Running) {
+                    let from = match &snapshot {
+                        Some(s) => format!("from its snapshot {}", s.id),
+                        None => "from its image (no host that is up holds a snapshot of it)".to_string(),
+                    };
                     if let Some(v) = daemon.requeue(&vm.id, vm.generation, &host, snapshot).await? {
                         daemon.emit(
                             &vm.tenant,
                             "vm.restarting",
                             &vm.id,
-                            Some(format!("its host {host} was lost; it starts again on another host")),
+                            Some(format!(
+                                "its host {host} was lost; it starts again on another host {from}"
+                            )),
                         );
                         vms[i] = v;
                     }
@@ -880,6 +926,9 @@ pub async fn schedule(daemon: &Daemon) -> Result<(), ControlError> {
             }
             _ => {}
         }
+    }
+    if let Some(cluster) = &daemon.cluster {
+        crate::snapshots::ask_for_copies(daemon, &hosts, cluster.config.snapshot_holders).await?;
     }
     Ok(())
 }
@@ -893,7 +942,7 @@ async fn latest_snapshot_elsewhere(
     let snaps: Vec<Snapshot> = daemon.store.list(Table::Snapshots).await?;
     Ok(snaps
         .into_iter()
-        .filter(|s| s.vm == vm.id && s.host.as_deref().is_some_and(|h| alive.contains(h)))
+        .filter(|s| s.vm == vm.id && s.holders().any(|h| alive.contains(h)))
         .max_by_key(|s| s.created))
 }
 

@@ -853,7 +853,7 @@ impl Daemon {
         Ok(RecordsLock { _local: local, etcd })
     }
 
-    fn op_lock(&self, id: &str) -> Arc<Mutex<()>> {
+    pub(crate) fn op_lock(&self, id: &str) -> Arc<Mutex<()>> {
         let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         ops.entry(id.to_string()).or_default().clone()
     }
@@ -1381,6 +1381,21 @@ impl Daemon {
                 return Err(e);
             }
         };
+        // Its digests, for the copies other hosts will take of it.
+        let described = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || crate::snapshots::describe(&dir))
+                .await
+                .map_err(|e| ControlError::Vmm(format!("describing snapshot {snap_id}: {e}")))
+                .and_then(|r| r)
+        };
+        let files = match described {
+            Ok(files) => files,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         let snapshot = Snapshot {
             id: snap_id.clone(),
             vm: vm.id.clone(),
@@ -1388,6 +1403,9 @@ impl Daemon {
             bytes: answer.snapshot_bytes.unwrap_or(0),
             created: now(),
             host: Some(self.config.host_name.clone()),
+            files,
+            copies: Vec::new(),
+            copy_to: Vec::new(),
         };
         self.store.put(Table::Snapshots, &snap_id, &snapshot).await?;
         self.emit(&vm.tenant, "snapshot.created", &snap_id, Some(vm.id.clone()));

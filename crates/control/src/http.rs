@@ -130,6 +130,11 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms/{vm}/console", get(console))
         .route("/v1/vms/{vm}/metrics", get(metrics))
         .route("/v1/vms/{vm}/snapshots", get(list_snapshots).post(create_snapshot))
+        .route(
+            "/v1/vms/{vm}/snapshots/{snapshot}",
+            axum::routing::delete(delete_snapshot),
+        )
+        .route("/v1/vms/{vm}/snapshots/{snapshot}/files/{file}", get(snapshot_file))
         .route("/v1/vms/{vm}/restore", post(restore_vm))
         .route("/v1/vms/{vm}/migrate", post(migrate_vm))
         .route("/v1/vms/{vm}/incoming", post(incoming_vm).delete(abort_incoming))
@@ -275,7 +280,7 @@ async fn prometheus_metrics(State(d): D, caller: Caller) -> Res<impl IntoRespons
     paths(
         whoami, list_tenants, create_tenant, delete_tenant, create_key, list_types, create_type, list_images,
         upload_image, delete_image, image_content, list_vms, create_vm, show_vm, delete_vm, start_vm, stop_vm, pause_vm,
-        resume_vm, console, metrics, list_snapshots, create_snapshot, restore_vm, migrate_vm, incoming_vm,
+        resume_vm, console, metrics, list_snapshots, create_snapshot, delete_snapshot, snapshot_file, restore_vm, migrate_vm, incoming_vm,
         abort_incoming, list_groups, create_group, show_group, update_group, delete_group, list_hosts, drain_host, undrain_host, set_host_price, replacement_plan,
         carry_out_replacement, usage, events, prometheus_metrics
     ),
@@ -927,13 +932,81 @@ async fn create_snapshot(State(d): D, caller: Caller, Path(key): Path<String>) -
     request_body = RestoreVm, responses((status = 200, body = Vm), (status = 404, body = ErrorBody)))]
 async fn restore_vm(State(d): D, caller: Caller, Path(key): Path<String>, Json(req): Json<RestoreVm>) -> Res<Json<Vm>> {
     let vm = find_vm(&d, &caller, &key).await?;
-    let snap: Snapshot = d
-        .store
-        .get(Table::Snapshots, &req.snapshot)
+    let snap = find_snapshot(&d, &vm, &req.snapshot).await?;
+    // Taken on another host (before the VM moved here): a copy comes here first.
+    if let Some(cluster) = &d.cluster {
+        crate::snapshots::fetch(&d, cluster, &snap).await?;
+    }
+    Ok(Json(d.restore(&vm.id, &snap).await?))
+}
+
+/// Snapshot `id` of `vm`; another VM's is not found.
+async fn find_snapshot(d: &Daemon, vm: &Vm, id: &str) -> Res<Snapshot> {
+    d.store
+        .get(Table::Snapshots, id)
         .await?
         .filter(|s: &Snapshot| s.vm == vm.id)
-        .ok_or_else(|| ControlError::NotFound(format!("VM {} has no snapshot {}", vm.name, req.snapshot)))?;
-    Ok(Json(d.restore(&vm.id, &snap).await?))
+        .ok_or_else(|| ControlError::NotFound(format!("VM {} has no snapshot {id}", vm.name)))
+}
+
+/// Deletes a snapshot: its record at once, its files on this host at once and on the other
+/// hosts that hold a copy within a few minutes.
+#[utoipa::path(delete, path = "/v1/vms/{vm}/snapshots/{snapshot}",
+    params(("vm" = String, Path, description = "id or name"), ("snapshot" = String, Path, description = "id")),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn delete_snapshot(State(d): D, caller: Caller, Path((key, id)): Path<(String, String)>) -> Res<StatusCode> {
+    let vm = find_vm(&d, &caller, &key).await?;
+    let snap = find_snapshot(&d, &vm, &id).await?;
+    d.store.delete(Table::Snapshots, &snap.id).await?;
+    let _ = std::fs::remove_dir_all(d.snapshot_dir(&vm.id, &snap.id));
+    d.emit(&vm.tenant, "snapshot.deleted", &snap.id, Some(vm.id.clone()));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// One file of a snapshot (`vm.state` or `memory.pages`), from this host's disk: how another
+/// host copies it, or how its tenant keeps it elsewhere. Its digest is in the snapshot's record.
+#[utoipa::path(get, path = "/v1/vms/{vm}/snapshots/{snapshot}/files/{file}",
+    params(("vm" = String, Path, description = "id or name"), ("snapshot" = String, Path, description = "id"),
+        ("file" = String, Path, description = "vm.state or memory.pages")),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
+async fn snapshot_file(
+    State(d): D,
+    caller: Caller,
+    Path((key, id, file)): Path<(String, String, String)>,
+) -> Res<impl IntoResponse> {
+    let vm = find_vm(&d, &caller, &key).await?;
+    let snap = find_snapshot(&d, &vm, &id).await?;
+    if !crate::snapshots::FILES.contains(&file.as_str()) {
+        return Err(ControlError::NotFound(format!(
+            "a snapshot has no file {file:?}: its files are {}",
+            crate::snapshots::FILES.join(" and ")
+        )));
+    }
+    let path = d.snapshot_dir(&vm.id, &snap.id).join(&file);
+    let opened = tokio::fs::File::open(&path).await.map_err(|_| {
+        let holders: Vec<&str> = snap.holders().collect();
+        ControlError::NotFound(format!(
+            "snapshot {id} is not on this host (it is on {})",
+            if holders.is_empty() {
+                "no host".to_string()
+            } else {
+                holders.join(", ")
+            }
+        ))
+    })?;
+    let bytes = opened
+        .metadata()
+        .await
+        .map_err(|e| ControlError::io(format!("reading {}", path.display()), e))?
+        .len();
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(opened, 256 << 10));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, bytes.to_string()),
+        ],
+        body,
+    ))
 }
 
 /// Live-migrates a running VM to another host of the cluster: the one named, one of the

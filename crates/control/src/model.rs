@@ -313,6 +313,36 @@ pub struct Snapshot {
     /// The host whose disk holds it.
     #[serde(default)]
     pub host: Option<String>,
+    /// Its files with their sizes and digests (a copy is checked against them).
+    #[serde(default)]
+    pub files: Vec<SnapshotFile>,
+    /// Other hosts whose disks hold a checked copy.
+    #[serde(default)]
+    pub copies: Vec<String>,
+    /// Hosts asked to take a copy (by the scheduler, so that no host holds the only one).
+    #[serde(default)]
+    pub copy_to: Vec<String>,
+}
+
+impl Snapshot {
+    /// The hosts that hold it: where it was taken, then those with a copy.
+    pub fn holders(&self) -> impl Iterator<Item = &str> {
+        self.host
+            .as_deref()
+            .into_iter()
+            .chain(self.copies.iter().map(String::as_str))
+    }
+}
+
+/// One file of a snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotFile {
+    /// `vm.state` or `memory.pages` (docs/snapshot-format.md).
+    pub name: String,
+    /// Its size.
+    pub bytes: u64,
+    /// Its SHA-256, 64 hex digits.
+    pub sha256: String,
 }
 
 /// A host as it registers itself in a cluster (under its lease: the record goes when the host
@@ -955,8 +985,12 @@ pub const FIRST_VM_UID: u32 = 200_000;
 /// Whether `id` is an image id as the daemon makes them: `sha256:` and 64 lower-case hex
 /// digits (it names the image's file).
 pub fn is_image_id(id: &str) -> bool {
-    id.strip_prefix("sha256:")
-        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    id.strip_prefix("sha256:").is_some_and(is_hex_digest)
+}
+
+/// Whether `hex` is a SHA-256 digest in lowercase hex.
+pub fn is_hex_digest(hex: &str) -> bool {
+    hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// A name read back from the records: one that [`check_name`] would have let in.
@@ -1010,7 +1044,22 @@ impl crate::store::Record for Snapshot {
     fn check(&self) -> Result<(), String> {
         stored_name("snapshot", &self.id)?;
         stored_name("VM", &self.vm)?;
-        stored_name("tenant", &self.tenant)
+        stored_name("tenant", &self.tenant)?;
+        for file in &self.files {
+            if !crate::snapshots::FILES.contains(&file.name.as_str()) {
+                return Err(format!(
+                    "snapshot {} names a file {:?} that no snapshot has",
+                    self.id, file.name
+                ));
+            }
+            if !is_hex_digest(&file.sha256) {
+                return Err(format!(
+                    "the digest of {} of snapshot {} is not 64 hex digits",
+                    file.name, self.id
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -372,8 +372,10 @@ pub enum VmAction {
     Metrics { vm: String },
     /// Take a snapshot of a VM.
     Snapshot { vm: String },
-    /// List a VM's snapshots.
+    /// List a VM's snapshots and the hosts that hold them.
     Snapshots { vm: String },
+    /// Delete one of a VM's snapshots (and, within minutes, its copies on other hosts).
+    SnapshotRm { vm: String, snapshot: String },
     /// Run a VM from one of its snapshots.
     Restore { vm: String, snapshot: String },
 }
@@ -878,11 +880,26 @@ fn vm(e: &Endpoint, action: VmAction) -> anyhow::Result<()> {
                 println!("{} {} bytes", s(&snap, "id"), s(&snap, "bytes"));
             }
         }
-        VmAction::Snapshots { vm } => table(
-            e,
-            &call(e, "GET", &at(&vm, "/snapshots"), None)?,
-            &["id", "vm", "bytes", "created"],
-        ),
+        VmAction::Snapshots { vm } => {
+            let snaps = call(e, "GET", &at(&vm, "/snapshots"), None)?;
+            let rows: Vec<Value> = snaps
+                .as_array()
+                .map(|a| a.iter().map(snapshot_row).collect())
+                .unwrap_or_default();
+            if e.json {
+                show(&snaps)
+            } else {
+                table(e, &Value::Array(rows), &["id", "bytes", "created", "held_by"])
+            }
+        }
+        VmAction::SnapshotRm { vm, snapshot } => {
+            call(
+                e,
+                "DELETE",
+                &at(&vm, &format!("/snapshots/{}", escape(&snapshot))),
+                None,
+            )?;
+        }
         VmAction::Restore { vm, snapshot } => one(call(
             e,
             "POST",
@@ -891,6 +908,20 @@ fn vm(e: &Endpoint, action: VmAction) -> anyhow::Result<()> {
         )?),
     }
     Ok(())
+}
+
+/// A snapshot as people read it: the hosts that hold it in one column.
+fn snapshot_row(snap: &Value) -> Value {
+    let holders: Vec<&str> = std::iter::once(&snap["host"])
+        .chain(snap["copies"].as_array().into_iter().flatten())
+        .filter_map(Value::as_str)
+        .collect();
+    serde_json::json!({
+        "id": snap["id"],
+        "bytes": snap["bytes"],
+        "created": snap["created"],
+        "held_by": holders.join(","),
+    })
 }
 
 const GROUP_FIELDS: &[&str] = &[

@@ -270,6 +270,36 @@ fn tenants_run_vms_from_their_images_within_their_quotas() {
     d.wait_console(&acme, "web", "heartbeat n=", n + 2);
     assert!(d.fails(&other, &["vm", "restore", "web", snap_id]).contains("404"));
 
+    // A snapshot's files, as another host copies them: to its own tenant, byte for byte.
+    let vm_id = vm["id"].as_str().expect("id");
+    let on_disk = d.data.join("vms").join(vm_id).join("snapshots").join(snap_id);
+    let client = Client::new(d.sock.clone(), Some(acme.clone()));
+    for file in ["vm.state", "memory.pages"] {
+        let path = format!("/v1/vms/web/snapshots/{snap_id}/files/{file}");
+        let answer = client.call("GET", &path, None).expect("xcloudd answers");
+        assert_eq!(answer.status, 200, "{file}");
+        assert_eq!(
+            answer.body,
+            std::fs::read(on_disk.join(file)).expect("the file"),
+            "{file}"
+        );
+    }
+    for (key, file) in [
+        (&other, "vm.state"),
+        (&acme, "..%2F..%2F..%2Fadmin.key"),
+        (&acme, "console.log"),
+    ] {
+        let path = format!("/v1/vms/{vm_id}/snapshots/{snap_id}/files/{file}");
+        let (status, body) = d.http(Some(key), "GET", &path, None);
+        assert_eq!(status, 404, "{file}: {body}");
+    }
+    // Deleting it removes its record and its files; a second time it is not found.
+    assert!(d.fails(&other, &["vm", "snapshot-rm", vm_id, snap_id]).contains("404"));
+    assert!(d.cli(&acme, &["vm", "snapshot-rm", "web", snap_id]).status.success());
+    assert_eq!(d.json(&acme, &["vm", "snapshots", "web"]), Value::Array(vec![]));
+    assert!(!on_disk.exists(), "{} is still there", on_disk.display());
+    assert!(d.fails(&acme, &["vm", "snapshot-rm", "web", snap_id]).contains("404"));
+
     // Stop ends the VMM; the VM stays, and its running time is metered.
     assert_eq!(d.json(&acme, &["vm", "stop", "web"])["state"], "stopped");
     wait_gone(pid);

@@ -106,6 +106,40 @@ fn wait_heartbeats(host: &LabHost, key: &str, vm: &str, than: usize) -> usize {
     }
 }
 
+/// The heartbeat numbers on VM `vm`'s console, read through `host`.
+fn beats(host: &LabHost, key: &str, vm: &str) -> Vec<u64> {
+    ok(host, key, &["vm", "console", vm])
+        .lines()
+        .filter_map(|l| l.strip_prefix("heartbeat n="))
+        .filter_map(|l| l.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .collect()
+}
+
+fn first_beat(host: &LabHost, key: &str, vm: &str) -> u64 {
+    beats(host, key, vm).first().copied().unwrap_or(0)
+}
+
+fn last_beat(host: &LabHost, key: &str, vm: &str) -> u64 {
+    beats(host, key, vm).last().copied().unwrap_or(0)
+}
+
+/// Waits until `check` holds for snapshot `id` of VM `vm` as host `host` lists it.
+fn wait_snapshot(host: &LabHost, key: &str, vm: &str, id: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = json(host, key, &["vm", "snapshots", vm]);
+        let snap = all
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["id"] == id).cloned())
+            .unwrap_or(Value::Null);
+        if check(&snap) {
+            return snap;
+        }
+        assert!(Instant::now() < deadline, "snapshot {id} never got there: {snap}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn alive(pid: u64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
 }
@@ -234,8 +268,40 @@ fn a_cluster_places_vms_serves_them_from_any_host_and_restarts_them_when_a_host_
         "running"
     );
 
-    // host-3 dies (its daemon and its VMMs): batch restarts on the next cheapest host; g-1,
-    // with no restart policy, is marked lost.
+    // A snapshot of batch, taken on host-3 (provider beta), is copied to a host of the other
+    // provider, checked against its digests.
+    wait_heartbeats(&lab.hosts[h1], &acme, "batch", 2);
+    let beats_before_snapshot = last_beat(&lab.hosts[h1], &acme, "batch");
+    let snap = json(&lab.hosts[h2], &acme, &["vm", "snapshot", "batch"]);
+    let snap_id = snap["id"].as_str().expect("snapshot id").to_string();
+    assert_eq!(snap["host"], "host-3", "{snap}");
+    assert_eq!(snap["files"].as_array().map(|f| f.len()), Some(2), "{snap}");
+    let copied = wait_snapshot(&lab.hosts[h1], &acme, "batch", &snap_id, |s| {
+        s["copies"].as_array().is_some_and(|c| !c.is_empty())
+    });
+    assert_eq!(
+        copied["copies"],
+        serde_json::json!(["host-2"]),
+        "the cheapest host of alpha: {copied}"
+    );
+    let batch_id = batch["id"].as_str().expect("id");
+    let copy = lab.hosts[h2]
+        .data
+        .join("vms")
+        .join(batch_id)
+        .join("snapshots")
+        .join(&snap_id);
+    for file in ["vm.state", "memory.pages"] {
+        assert!(copy.join(file).is_file(), "no {file} in {}", copy.display());
+    }
+    let listed = ok(&lab.hosts[h1], &acme, &["vm", "snapshots", "batch"]);
+    assert!(listed.contains("host-3,host-2"), "{listed}");
+    // Another tenant does not see it.
+    let found = fails(&lab.hosts[h1], &globex, &["vm", "snapshots", batch_id]);
+    assert!(found.contains("no VM"), "{found}");
+
+    // host-3 dies (its daemon and its VMMs): batch restarts on the next cheapest host from
+    // its snapshot there, not from its image; g-1, with no restart policy, is marked lost.
     let old_batch_pid = batch["pid"].as_u64().expect("pid");
     lab.hosts[h3].kill_all();
     let moved = wait_vm(&lab.hosts[h1], &acme, "batch", "restarted on another host", |v| {
@@ -243,6 +309,15 @@ fn a_cluster_places_vms_serves_them_from_any_host_and_restarts_them_when_a_host_
     });
     assert_ne!(moved["pid"].as_u64(), Some(old_batch_pid));
     wait_heartbeats(&lab.hosts[h1], &acme, "batch", 0);
+    let first = first_beat(&lab.hosts[h1], &acme, "batch");
+    assert!(
+        first > beats_before_snapshot,
+        "batch booted afresh (first heartbeat n={first}) instead of going on from its snapshot (n>={beats_before_snapshot})"
+    );
+    // The snapshot lost its original's host: the scheduler has host-1 take a copy from host-2.
+    wait_snapshot(&lab.hosts[h1], &acme, "batch", &snap_id, |s| {
+        s["copies"] == serde_json::json!(["host-2", "host-1"])
+    });
     let lost = wait_vm(&lab.hosts[h1], &globex, "g-1", "lost", |v| v["state"] == "lost");
     assert!(
         lost["exit"].as_str().unwrap_or_default().contains("host-3 was lost"),
@@ -322,6 +397,22 @@ fn a_cluster_places_vms_serves_them_from_any_host_and_restarts_them_when_a_host_
         json(&lab.hosts[h2], &acme, &["vm", "show", "batch"])["pid"],
         again["pid"]
     );
+
+    // A deleted snapshot goes from every host that held it.
+    assert!(fails(&lab.hosts[h1], &globex, &["vm", "snapshot-rm", &batch_id, &snap_id]).contains("no VM"));
+    ok(&lab.hosts[h1], &acme, &["vm", "snapshot-rm", "batch", &snap_id]);
+    assert_eq!(
+        json(&lab.hosts[h2], &acme, &["vm", "snapshots", "batch"]),
+        serde_json::json!([])
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for host in &lab.hosts {
+        let dir = host.data.join("vms").join(&batch_id).join("snapshots").join(&snap_id);
+        while dir.exists() {
+            assert!(Instant::now() < deadline, "{} still holds {snap_id}", host.spec.name);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 /// The guest's own uptime in its last heartbeat line on the console read through `host`.

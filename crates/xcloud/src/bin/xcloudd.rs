@@ -56,6 +56,11 @@ struct Args {
     /// their CPUs cost more than this share less (e.g. 0.2), one at a time.
     #[arg(long, requires = "etcd")]
     replace_threshold: Option<f64>,
+    /// How many hosts that are up should hold a copy of each snapshot (the host it was taken
+    /// on counts), so that a VM whose host is lost starts again from its latest snapshot.
+    #[arg(long, default_value_t = xcloud_control::snapshots::DEFAULT_HOLDERS, requires = "etcd",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16))]
+    snapshot_holders: usize,
     /// Seconds between meter readings of this host's VMs (usage is counted to the second
     /// whatever this is; a report reads this host's VMs first).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -144,6 +149,7 @@ fn main() -> ExitCode {
                 lease_ttl: args.lease_ttl.max(2),
                 advertise,
                 replace_threshold: args.replace_threshold.filter(|t| (0.0..1.0).contains(t)),
+                snapshot_holders: args.snapshot_holders,
             })
         };
         runtime.block_on(xcloud_control::serve(config, &socket, tls, cluster, shutdown_signal()))?;
