@@ -67,6 +67,19 @@ pub enum Endpoint {
     },
 }
 
+impl Endpoint {
+    /// Where another host of a cluster answers, as its record says.
+    pub fn of_host(host: &crate::model::HostRecord) -> Result<Self, crate::ControlError> {
+        let cert = crate::auth::unhex(&host.cert).ok_or_else(|| {
+            crate::ControlError::Cluster(format!("host {}'s record has no readable certificate", host.name))
+        })?;
+        Ok(Self::Peer {
+            addr: host.api.clone(),
+            cert,
+        })
+    }
+}
+
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

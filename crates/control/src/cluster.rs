@@ -72,7 +72,7 @@ pub struct Cluster {
     /// VMs this host is starting now.
     starting: Mutex<HashSet<String>>,
     /// Snapshots this host is copying here now.
-    pub(crate) copying: Mutex<HashSet<String>>,
+    copying: Arc<crate::snapshots::Copying>,
     /// When this host last looked for copies of snapshots to remove.
     garbage_collected: Mutex<Option<std::time::Instant>>,
     /// Whether this host is the scheduler now.
@@ -91,7 +91,7 @@ impl Cluster {
             lease: AtomicI64::new(0),
             host_key: Mutex::new(String::new()),
             starting: Mutex::new(HashSet::new()),
-            copying: Mutex::new(HashSet::new()),
+            copying: Arc::default(),
             garbage_collected: Mutex::new(None),
             leading: std::sync::atomic::AtomicBool::new(false),
             lease_confirmed: Mutex::new(None),
@@ -648,7 +648,7 @@ async fn reconcile(daemon: &Arc<Daemon>, cluster: &Arc<Cluster>) -> Result<(), C
             let _ = daemon.mark_found(&vm.id).await;
         }
     }
-    crate::snapshots::take_asked_copies(daemon, cluster).await?;
+    crate::snapshots::take_asked_copies(daemon, &peers(daemon, cluster).await?, &cluster.copying).await?;
     let due = {
         let mut last = cluster.garbage_collected.lock().unwrap_or_else(|p| p.into_inner());
         let due = last.is_none_or(|t| t.elapsed() >= GARBAGE_PERIOD);
@@ -658,7 +658,7 @@ async fn reconcile(daemon: &Arc<Daemon>, cluster: &Arc<Cluster>) -> Result<(), C
         due
     };
     if due {
-        crate::snapshots::collect_garbage(daemon, cluster).await?;
+        crate::snapshots::collect_garbage(daemon, &cluster.copying).await?;
     }
     Ok(())
 }
@@ -676,7 +676,7 @@ async fn start_assigned(daemon: Arc<Daemon>, cluster: Arc<Cluster>, vm: Vm) {
         if let Some(snap_id) = &vm.restore_from {
             let snap: Option<Snapshot> = daemon.store.get(Table::Snapshots, snap_id).await?;
             let fetched = match &snap {
-                Some(snap) => crate::snapshots::fetch(&daemon, &cluster, snap).await,
+                Some(snap) => crate::snapshots::fetch(&daemon, &peers(&daemon, &cluster).await?, snap).await,
                 None => Err(ControlError::NotFound(format!("snapshot {snap_id} was deleted"))),
             };
             if let Err(e) = fetched {
@@ -761,17 +761,15 @@ async fn fetch_image(
 }
 
 /// A client of another host, calling with the hosts' key.
-pub(crate) fn peer_client(cluster: &Cluster, host: &HostRecord) -> Result<Client, ControlError> {
-    Ok(Client::at(peer_endpoint(host)?, Some(cluster.host_key())))
+fn peer_client(cluster: &Cluster, host: &HostRecord) -> Result<Client, ControlError> {
+    Ok(Client::at(Endpoint::of_host(host)?, Some(cluster.host_key())))
 }
 
-/// Where another host answers.
-pub fn peer_endpoint(host: &HostRecord) -> Result<Endpoint, ControlError> {
-    let cert = crate::auth::unhex(&host.cert)
-        .ok_or_else(|| ControlError::Cluster(format!("host {}'s record has no readable certificate", host.name)))?;
-    Ok(Endpoint::Peer {
-        addr: host.api.clone(),
-        cert,
+/// What copying snapshots between hosts needs: the hosts up now and the hosts' key.
+pub async fn peers(daemon: &Daemon, cluster: &Cluster) -> Result<crate::snapshots::Peers, ControlError> {
+    Ok(crate::snapshots::Peers {
+        hosts: hosts(daemon).await?,
+        key: cluster.host_key(),
     })
 }
 
@@ -969,7 +967,7 @@ pub async fn forward(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
     // The caller's own key goes along: the other host answers for that caller, no one else.
-    let client = Client::at(peer_endpoint(host)?, None);
+    let client = Client::at(Endpoint::of_host(host)?, None);
     let me = daemon.config.host_name.clone();
     let headers = [("authorization", auth), (FORWARDED_BY, me.as_str())];
     let mut answer = Vec::new();

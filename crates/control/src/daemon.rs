@@ -1384,7 +1384,7 @@ impl Daemon {
         // Its digests, for the copies other hosts will take of it.
         let described = {
             let dir = dir.clone();
-            tokio::task::spawn_blocking(move || crate::snapshots::describe(&dir))
+            tokio::task::spawn_blocking(move || crate::snapshot_files::describe(&dir))
                 .await
                 .map_err(|e| ControlError::Vmm(format!("describing snapshot {snap_id}: {e}")))
                 .and_then(|r| r)

@@ -34,6 +34,9 @@ pub enum ControlError {
     /// An upload over the size limit.
     #[error("{0}")]
     TooLarge(String),
+    /// A body of a type the route does not take (JSON without `Content-Type: application/json`).
+    #[error("{0}")]
+    UnsupportedType(String),
     /// The VMM of a VM failed or did not answer.
     #[error("{0}")]
     Vmm(String),
@@ -65,6 +68,7 @@ impl ControlError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Vmm(_) => StatusCode::BAD_GATEWAY,
             Self::Store(_) | Self::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Cluster(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -111,7 +115,13 @@ impl From<etcd_client::Error> for ControlError {
 
 impl From<axum::extract::rejection::JsonRejection> for ControlError {
     fn from(e: axum::extract::rejection::JsonRejection) -> Self {
-        Self::BadRequest(format!("malformed request body: {}", e.body_text()))
+        use axum::extract::rejection::JsonRejection;
+        match e {
+            JsonRejection::MissingJsonContentType(_) => {
+                Self::UnsupportedType("this route takes a JSON body: Content-Type: application/json".into())
+            }
+            e => Self::BadRequest(format!("malformed request body: {}", e.body_text())),
+        }
     }
 }
 

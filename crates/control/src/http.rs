@@ -37,10 +37,25 @@ pub const MAX_CONSOLE_BYTES: u64 = 1 << 20;
 type D = State<Arc<Daemon>>;
 type Res<T> = Result<T, ControlError>;
 
-/// A JSON body whose rejection is one of ours (a JSON error body, not axum's text).
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ControlError))]
+/// A JSON body whose rejection is one of ours (a JSON error body, not axum's text). It must be
+/// an object: serde would read a struct from an array too (`[]` as an empty change).
 pub struct Json<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = ControlError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Res<Self> {
+        let axum::Json(value) = axum::Json::<serde_json::Value>::from_request(request, state).await?;
+        if !value.is_object() {
+            return Err(ControlError::BadRequest(
+                "malformed request body: it must be a JSON object".into(),
+            ));
+        }
+        serde_json::from_value(value)
+            .map(Json)
+            .map_err(|e| ControlError::BadRequest(format!("malformed request body: {e}")))
+    }
+}
 
 impl<T: serde::Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> axum::response::Response {
@@ -161,18 +176,44 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
 
 /// Reads a request's body (but an image's, which its handler streams with a deadline per
 /// piece) within [`BODY_TIMEOUT`] before the handler sees it, so that a client that sends its
-/// body slowly, or never, holds no handler.
+/// body slowly, or never, holds no handler. A body over [`MAX_BODY_BYTES`] is read on and
+/// dropped, up to [`MAX_DRAINED_BYTES`], so that its sender is not cut off mid-write and
+/// reads the 413 (a client writing its body before it reads the answer would see only a
+/// broken connection).
 async fn body_deadline(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
     if request.uri().path() == "/v1/images" {
         return next.run(request).await;
     }
-    let (parts, body) = request.into_parts();
-    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
-        Ok(Ok(bytes)) => next.run(axum::extract::Request::from_parts(parts, bytes.into())).await,
-        Ok(Err(_)) => ControlError::TooLarge(format!(
-            "a request body is at most {MAX_BODY_BYTES} bytes (or it broke off)"
-        ))
-        .into_response(),
+    let (parts, mut body) = request.into_parts();
+    let mut kept = Vec::new();
+    let mut over = 0usize;
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            if over == 0 && kept.len() + data.len() <= MAX_BODY_BYTES {
+                kept.extend_from_slice(&data);
+            } else {
+                over += data.len();
+                if over > MAX_DRAINED_BYTES {
+                    break;
+                }
+            }
+        }
+        Ok::<(), axum::Error>(())
+    };
+    match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Ok(Ok(())) if over == 0 => next.run(axum::extract::Request::from_parts(parts, kept.into())).await,
+        Ok(Ok(())) => {
+            let mut answer =
+                ControlError::TooLarge(format!("a request body is at most {MAX_BODY_BYTES} bytes")).into_response();
+            answer
+                .headers_mut()
+                .insert(header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+            answer
+        }
+        Ok(Err(e)) => ControlError::BadRequest(format!("the request body broke off: {e}")).into_response(),
         Err(_) => ControlError::Timeout(format!(
             "the request body did not arrive within {} s",
             BODY_TIMEOUT.as_secs()
@@ -180,6 +221,9 @@ async fn body_deadline(request: axum::extract::Request, next: axum::middleware::
         .into_response(),
     }
 }
+
+/// How much of a body over [`MAX_BODY_BYTES`] is read and dropped before the 413.
+const MAX_DRAINED_BYTES: usize = 16 << 20;
 
 /// In a cluster, sends a call that needs a VM's VMM to the host the VM is on, unless that
 /// is this one (or the call was forwarded already). A VM whose host is not up gets a clear
@@ -935,7 +979,7 @@ async fn restore_vm(State(d): D, caller: Caller, Path(key): Path<String>, Json(r
     let snap = find_snapshot(&d, &vm, &req.snapshot).await?;
     // Taken on another host (before the VM moved here): a copy comes here first.
     if let Some(cluster) = &d.cluster {
-        crate::snapshots::fetch(&d, cluster, &snap).await?;
+        crate::snapshots::fetch(&d, &crate::cluster::peers(&d, cluster).await?, &snap).await?;
     }
     Ok(Json(d.restore(&vm.id, &snap).await?))
 }
@@ -976,10 +1020,10 @@ async fn snapshot_file(
 ) -> Res<impl IntoResponse> {
     let vm = find_vm(&d, &caller, &key).await?;
     let snap = find_snapshot(&d, &vm, &id).await?;
-    if !crate::snapshots::FILES.contains(&file.as_str()) {
+    if !crate::model::SNAPSHOT_FILES.contains(&file.as_str()) {
         return Err(ControlError::NotFound(format!(
             "a snapshot has no file {file:?}: its files are {}",
-            crate::snapshots::FILES.join(" and ")
+            crate::model::SNAPSHOT_FILES.join(" and ")
         )));
     }
     let path = d.snapshot_dir(&vm.id, &snap.id).join(&file);

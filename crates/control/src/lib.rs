@@ -25,6 +25,7 @@ pub mod model;
 pub mod placement;
 pub mod prometheus;
 pub mod provision;
+pub mod snapshot_files;
 pub mod snapshots;
 pub mod store;
 pub mod tls;

@@ -102,8 +102,9 @@ pub struct Image {
     pub created: u64,
 }
 
-/// A shape a VM can have, and its price.
+/// A shape a VM can have, and its price (also the body that adds one: no unknown fields).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct InstanceType {
     /// Its name, e.g. `x1.small`.
     pub name: String,
@@ -333,6 +334,9 @@ impl Snapshot {
             .chain(self.copies.iter().map(String::as_str))
     }
 }
+
+/// The files of a snapshot (docs/snapshot-format.md).
+pub const SNAPSHOT_FILES: [&str; 2] = ["vm.state", "memory.pages"];
 
 /// One file of a snapshot.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -1046,7 +1050,7 @@ impl crate::store::Record for Snapshot {
         stored_name("VM", &self.vm)?;
         stored_name("tenant", &self.tenant)?;
         for file in &self.files {
-            if !crate::snapshots::FILES.contains(&file.name.as_str()) {
+            if !SNAPSHOT_FILES.contains(&file.name.as_str()) {
                 return Err(format!(
                     "snapshot {} names a file {:?} that no snapshot has",
                     self.id, file.name

@@ -11,17 +11,41 @@
 //!   `copies`. A host that starts a VM from a snapshot it has no copy of fetches one first.
 //! - Each host removes the snapshots whose record is gone.
 
-use crate::cluster::{self, Cluster};
-use crate::model::{HostRecord, Snapshot, SnapshotFile, Vm};
+use crate::client::{Client, Endpoint};
+use crate::model::{HostRecord, Snapshot, SnapshotFile, Vm, SNAPSHOT_FILES};
+use crate::snapshot_files::Arriving;
 use crate::store::Table;
 use crate::{ControlError, Daemon};
 use std::collections::HashSet;
-use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The files of a snapshot (docs/snapshot-format.md).
-pub const FILES: [&str; 2] = ["vm.state", "memory.pages"];
+/// What copying needs of the cluster: the hosts that are up, and the key hosts call each
+/// other with.
+#[derive(Clone)]
+pub struct Peers {
+    /// The hosts registered now.
+    pub hosts: Vec<HostRecord>,
+    /// The hosts' own key.
+    pub key: String,
+}
+
+impl Peers {
+    fn client(&self, host: &HostRecord) -> Result<Client, ControlError> {
+        Ok(Client::at(Endpoint::of_host(host)?, Some(self.key.clone())))
+    }
+}
+
+/// The snapshots a host is copying to itself now.
+#[derive(Default)]
+pub struct Copying(Mutex<HashSet<String>>);
+
+impl Copying {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// How many hosts that are up should hold each snapshot, unless the daemon is told otherwise.
 pub const DEFAULT_HOLDERS: usize = 2;
@@ -34,35 +58,6 @@ const COPY_SLACK: Duration = Duration::from_secs(60);
 /// The name of the directory a copy is written in before it takes its place.
 fn partial_name(id: &str) -> String {
     format!(".{id}.copy")
-}
-
-/// The files of the snapshot in `dir`, with their sizes and digests (reads them whole).
-pub fn describe(dir: &Path) -> Result<Vec<SnapshotFile>, ControlError> {
-    use sha2::Digest;
-    FILES
-        .iter()
-        .map(|name| {
-            let path = dir.join(name);
-            let io = |e| ControlError::io(format!("reading {}", path.display()), e);
-            let mut file = std::fs::File::open(&path).map_err(io)?;
-            let mut hasher = sha2::Sha256::new();
-            let mut buffer = vec![0u8; 1 << 20];
-            let mut bytes = 0u64;
-            loop {
-                let n = file.read(&mut buffer).map_err(io)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buffer[..n]);
-                bytes += n as u64;
-            }
-            Ok(SnapshotFile {
-                name: name.to_string(),
-                bytes,
-                sha256: crate::auth::hex(&hasher.finalize()),
-            })
-        })
-        .collect()
 }
 
 /// For each snapshot whose hosts should change, the hosts to ask for a copy now: those asked
@@ -133,8 +128,9 @@ pub async fn ask_for_copies(daemon: &Daemon, hosts: &[HostRecord], wanted: usize
 
 /// A host's part: fetches the copies this host is asked for, each once at a time.
 pub async fn take_asked_copies(
-    daemon: &std::sync::Arc<Daemon>,
-    cluster: &std::sync::Arc<Cluster>,
+    daemon: &Arc<Daemon>,
+    peers: &Peers,
+    copying: &Arc<Copying>,
 ) -> Result<(), ControlError> {
     let me = daemon.config.host_name.clone();
     let snaps: Vec<Snapshot> = daemon.store.list(Table::Snapshots).await?;
@@ -142,24 +138,15 @@ pub async fn take_asked_copies(
         if !snap.copy_to.contains(&me) || snap.holders().any(|h| h == me) {
             continue;
         }
-        if !cluster
-            .copying
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(snap.id.clone())
-        {
+        if !copying.set().insert(snap.id.clone()) {
             continue;
         }
-        let (daemon, cluster) = (daemon.clone(), cluster.clone());
+        let (daemon, peers, copying) = (daemon.clone(), peers.clone(), copying.clone());
         tokio::spawn(async move {
-            if let Err(e) = fetch(&daemon, &cluster, &snap).await {
+            if let Err(e) = fetch(&daemon, &peers, &snap).await {
                 tracing::warn!("cluster: copying snapshot {} here failed: {e}", snap.id);
             }
-            cluster
-                .copying
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&snap.id);
+            copying.set().remove(&snap.id);
         });
     }
     Ok(())
@@ -167,7 +154,7 @@ pub async fn take_asked_copies(
 
 /// Makes sure this host holds snapshot `snap`: fetches a checked copy from a host that is up
 /// and holds it, unless this host has it already, and says so in its record.
-pub async fn fetch(daemon: &Daemon, cluster: &Cluster, snap: &Snapshot) -> Result<(), ControlError> {
+pub async fn fetch(daemon: &Daemon, peers: &Peers, snap: &Snapshot) -> Result<(), ControlError> {
     let dir = daemon.snapshot_dir(&snap.vm, &snap.id);
     let me = daemon.config.host_name.clone();
     if !dir.is_dir() {
@@ -177,15 +164,14 @@ pub async fn fetch(daemon: &Daemon, cluster: &Cluster, snap: &Snapshot) -> Resul
                 snap.id
             )));
         }
-        let hosts = cluster::hosts(daemon).await?;
         let mut why = Vec::new();
         let mut fetched = false;
         for holder in snap.holders().filter(|h| *h != me) {
-            let Some(host) = hosts.iter().find(|h| h.name == holder) else {
+            let Some(host) = peers.hosts.iter().find(|h| h.name == holder) else {
                 why.push(format!("{holder} is not up"));
                 continue;
             };
-            match fetch_from(cluster, host, snap, &dir).await {
+            match fetch_from(peers, host, snap, &dir).await {
                 Ok(()) => {
                     fetched = true;
                     break;
@@ -230,7 +216,7 @@ pub async fn fetch(daemon: &Daemon, cluster: &Cluster, snap: &Snapshot) -> Resul
 
 /// Fetches every file of `snap` from `host` into a directory beside `dir` that takes `dir`'s
 /// place once all of it is checked; removes what it wrote when it fails.
-async fn fetch_from(cluster: &Cluster, host: &HostRecord, snap: &Snapshot, dir: &Path) -> Result<(), ControlError> {
+async fn fetch_from(peers: &Peers, host: &HostRecord, snap: &Snapshot, dir: &Path) -> Result<(), ControlError> {
     let parent = dir
         .parent()
         .ok_or_else(|| ControlError::Cluster(format!("{} has no parent directory", dir.display())))?;
@@ -240,7 +226,7 @@ async fn fetch_from(cluster: &Cluster, host: &HostRecord, snap: &Snapshot, dir: 
     std::fs::create_dir(&partial).map_err(|e| ControlError::io(format!("making {}", partial.display()), e))?;
     let result = async {
         for file in &snap.files {
-            fetch_file(cluster, host, snap, file, &partial.join(&file.name)).await?;
+            fetch_file(peers, host, snap, file, &partial.join(&file.name)).await?;
         }
         std::fs::rename(&partial, dir)
             .map_err(|e| ControlError::io(format!("moving the copy to {}", dir.display()), e))?;
@@ -255,73 +241,20 @@ async fn fetch_from(cluster: &Cluster, host: &HostRecord, snap: &Snapshot, dir: 
     result
 }
 
-/// One file of a snapshot as it arrives: written as it comes, checked against its record.
-struct Arriving<'a, W> {
-    expected: &'a SnapshotFile,
-    out: W,
-    hasher: sha2::Sha256,
-    got: u64,
-}
-
-impl<'a, W: Write> Arriving<'a, W> {
-    fn new(expected: &'a SnapshotFile, out: W) -> Self {
-        use sha2::Digest;
-        Self {
-            expected,
-            out,
-            hasher: sha2::Sha256::new(),
-            got: 0,
-        }
-    }
-
-    /// Takes the next piece; an error stops the transfer.
-    fn take(&mut self, chunk: &[u8]) -> Result<(), String> {
-        use sha2::Digest;
-        self.got += chunk.len() as u64;
-        if self.got > self.expected.bytes {
-            return Err(format!(
-                "it sent more than the {} bytes of {}",
-                self.expected.bytes, self.expected.name
-            ));
-        }
-        self.hasher.update(chunk);
-        self.out
-            .write_all(chunk)
-            .map_err(|e| format!("writing {}: {e}", self.expected.name))
-    }
-
-    /// Checks that all of it came, unchanged; the writer, to be synced.
-    fn finish(self) -> Result<W, String> {
-        use sha2::Digest;
-        let name = &self.expected.name;
-        if self.got != self.expected.bytes {
-            return Err(format!(
-                "{name} ended after {} of its {} bytes",
-                self.got, self.expected.bytes
-            ));
-        }
-        let digest = crate::auth::hex(&self.hasher.finalize());
-        if digest != self.expected.sha256 {
-            return Err(format!("{name} arrived with the digest {digest}, not its own"));
-        }
-        Ok(self.out)
-    }
-}
-
 /// Fetches one file of `snap` from `host` to `path`, checking its size and digest, within a
 /// time its size allows.
 async fn fetch_file(
-    cluster: &Cluster,
+    peers: &Peers,
     host: &HostRecord,
     snap: &Snapshot,
     file: &SnapshotFile,
     path: &Path,
 ) -> Result<(), ControlError> {
-    if !FILES.contains(&file.name.as_str()) {
+    if !SNAPSHOT_FILES.contains(&file.name.as_str()) {
         return Err(ControlError::Cluster(format!("a snapshot has no file {:?}", file.name)));
     }
     let out = std::fs::File::create(path).map_err(|e| ControlError::io(format!("making {}", path.display()), e))?;
-    let client = cluster::peer_client(cluster, host)?;
+    let client = peers.client(host)?;
     let route = format!("/v1/vms/{}/snapshots/{}/files/{}", snap.vm, snap.id, file.name);
     let mut arriving = Arriving::new(file, out);
     let mut failure = None;
@@ -356,7 +289,7 @@ async fn fetch_file(
 
 /// Removes the snapshots on this host whose record is gone, the copies that broke off, and
 /// the directories of VMs that are gone that held nothing else.
-pub async fn collect_garbage(daemon: &Daemon, cluster: &Cluster) -> Result<(), ControlError> {
+pub async fn collect_garbage(daemon: &Daemon, copying: &Copying) -> Result<(), ControlError> {
     let Ok(entries) = std::fs::read_dir(daemon.config.data_dir.join("vms")) else {
         return Ok(());
     };
@@ -379,7 +312,7 @@ pub async fn collect_garbage(daemon: &Daemon, cluster: &Cluster) -> Result<(), C
         for entry in std::fs::read_dir(&snapshots).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let orphan = match name.strip_prefix('.').and_then(|n| n.strip_suffix(".copy")) {
-                Some(id) => !cluster.copying.lock().unwrap_or_else(|p| p.into_inner()).contains(id),
+                Some(id) => !copying.set().contains(id),
                 None if name.starts_with("snap-") => !snaps.contains(&name),
                 // The VMM's own partial snapshots and anything else are not the daemon's.
                 None => false,
@@ -492,47 +425,5 @@ mod tests {
         let mut old = snap("a1", &[], &[]);
         old.files.clear();
         assert!(plan_copies(&[old], &hosts, 2).is_empty());
-    }
-
-    #[test]
-    fn a_copy_is_taken_only_whole_and_unchanged() {
-        let expected = SnapshotFile {
-            name: "vm.state".into(),
-            bytes: 3,
-            sha256: "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".into(),
-        };
-        let mut whole = Arriving::new(&expected, Vec::new());
-        whole.take(b"a").expect("a piece");
-        whole.take(b"bc").expect("a piece");
-        assert_eq!(whole.finish().expect("whole"), b"abc");
-
-        let mut changed = Arriving::new(&expected, Vec::new());
-        changed.take(b"abd").expect("the right size");
-        assert!(changed.finish().expect_err("changed").contains("digest"));
-
-        let mut short = Arriving::new(&expected, Vec::new());
-        short.take(b"ab").expect("a piece");
-        assert!(short.finish().expect_err("short").contains("2 of its 3"));
-
-        let mut long = Arriving::new(&expected, Vec::new());
-        long.take(b"ab").expect("a piece");
-        assert!(long.take(b"cd").expect_err("too long").contains("more than"));
-    }
-
-    #[test]
-    fn describe_gives_sizes_and_digests() {
-        let dir = std::env::temp_dir().join(format!("xcloud-describe-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        std::fs::write(dir.join("vm.state"), b"abc").expect("write");
-        std::fs::write(dir.join("memory.pages"), b"").expect("write");
-        let files = describe(&dir).expect("described");
-        let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(files[0].bytes, 3);
-        assert_eq!(
-            files[0].sha256,
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-        assert_eq!(files[1].bytes, 0);
-        assert!(describe(Path::new("/nonexistent-xcloud")).is_err());
     }
 }

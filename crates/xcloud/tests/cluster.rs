@@ -636,3 +636,247 @@ fn a_scheduler_that_follows_prices_moves_a_vm_live_when_another_host_gets_cheape
     });
     wait_uptime_above(h2, &acme, "web", up);
 }
+
+/// The routes only an admin may call.
+fn admin_only(method: &str, route: &str) -> bool {
+    matches!(
+        (method, route),
+        ("get" | "post", "/v1/tenants" | "/v1/replacement")
+            | ("delete", "/v1/tenants/{tenant}")
+            | ("post", "/v1/instance-types")
+            | ("post" | "delete", "/v1/vms/{vm}/incoming")
+            | (
+                "post",
+                "/v1/hosts/{host}/drain" | "/v1/hosts/{host}/undrain" | "/v1/hosts/{host}/price"
+            )
+            | ("get", "/metrics")
+    )
+}
+
+/// A body a route takes (its caller may still not be allowed to call it), for the routes
+/// whose body is JSON.
+fn good_body(method: &str, route: &str, snapshot: &str) -> Option<Value> {
+    Some(match (method, route) {
+        ("post", "/v1/tenants") => serde_json::json!({"name": "newco"}),
+        ("post", "/v1/instance-types") => {
+            serde_json::json!({"name": "x9.test", "vcpus": 1, "mem_mib": 64, "price_per_hour": 0.01})
+        }
+        ("post", "/v1/vms") => serde_json::json!({"name": "new", "image": "heartbeat", "start": false}),
+        ("post", "/v1/vms/{vm}/restore") => serde_json::json!({ "snapshot": snapshot }),
+        ("post", "/v1/vms/{vm}/migrate") => serde_json::json!({"host": "host-1"}),
+        ("post", "/v1/vms/{vm}/incoming") => serde_json::json!({"peer_cert": "00"}),
+        ("post", "/v1/groups") => {
+            serde_json::json!({"name": "g2", "image": "heartbeat", "min": 0, "max": 1, "target": 50})
+        }
+        ("patch", "/v1/groups/{group}") => serde_json::json!({"max": 2}),
+        ("post", "/v1/hosts/{host}/price") => serde_json::json!({"price_per_hour": 1.0}),
+        _ => return None,
+    })
+}
+
+/// What the records say, as an admin reads them through `host`: everything a wrong call
+/// could change.
+fn records(host: &LabHost, admin: &str) -> Value {
+    let pick = |v: Value, fields: &[&str]| -> Value {
+        let mut rows: Vec<Value> = v
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|r| fields.iter().map(|f| r[*f].clone()).collect())
+            .collect();
+        rows.sort_by_key(|r| r.to_string());
+        Value::Array(rows)
+    };
+    serde_json::json!({
+        "tenants": pick(json(host, admin, &["tenant", "ls"]), &["name", "quota"]),
+        "types": pick(json(host, admin, &["type", "ls"]), &["name", "vcpus", "mem_mib", "price_per_hour"]),
+        "images": pick(json(host, admin, &["image", "ls"]), &["id", "name", "tenant"]),
+        "vms": pick(json(host, admin, &["vm", "ls"]), &["id", "name", "state", "host", "pid", "generation", "want"]),
+        "groups": pick(json(host, admin, &["group", "ls"]), &["name", "min", "max", "target", "metric"]),
+        "hosts": pick(json(host, admin, &["hosts"]), &["name", "state", "price_per_hour"]),
+    })
+}
+
+#[test]
+fn every_route_answers_wrong_calls_alike_on_every_host_and_nothing_changes() {
+    use xcloud_control::client::{Client, Endpoint};
+    let (lab, _one) = lab("routes");
+    let admin = lab.admin_key().expect("admin key");
+    let h1 = &lab.hosts[0];
+    let acme = ok(h1, &admin, &["tenant", "create", "acme"]).trim().to_string();
+    let globex = ok(h1, &admin, &["tenant", "create", "globex"]).trim().to_string();
+    let image = json(h1, &acme, &["image", "push", "heartbeat"]);
+    let vm = json(
+        h1,
+        &acme,
+        &["vm", "create", "web", "--image", "heartbeat", "--host", "host-2"],
+    );
+    assert_eq!(vm["state"], "running", "{vm}");
+    let snap = json(h1, &acme, &["vm", "snapshot", "web"]);
+    let snap_id = snap["id"].as_str().expect("snapshot id");
+    wait_snapshot(h1, &acme, "web", snap_id, |s| {
+        s["copies"].as_array().is_some_and(|c| !c.is_empty())
+    });
+    ok(
+        h1,
+        &acme,
+        &[
+            "group",
+            "create",
+            "pool",
+            "--image",
+            "heartbeat",
+            "--min",
+            "0",
+            "--max",
+            "1",
+            "--target-cpu",
+            "50",
+        ],
+    );
+    let before = records(h1, &admin);
+
+    let client = |host: &LabHost, key: Option<&str>| {
+        let addr = host.endpoint().trim_start_matches("https://").to_string();
+        Client::at(
+            Endpoint::Tls {
+                addr,
+                server_cert: host.cert(),
+            },
+            key.map(String::from),
+        )
+    };
+    let doc = client(h1, None)
+        .call("GET", "/v1/openapi.json", None)
+        .expect("the OpenAPI document");
+    let doc: Value = serde_json::from_slice(&doc.body).expect("OpenAPI JSON");
+    let mut routes = Vec::new();
+    for (route, methods) in doc["paths"].as_object().expect("paths") {
+        for (method, spec) in methods.as_object().expect("methods") {
+            routes.push((method.clone(), route.clone(), spec["requestBody"].is_object()));
+        }
+    }
+    assert!(routes.len() >= 40, "{routes:?}");
+    let vm_id = vm["id"].as_str().expect("id");
+    let image_id = image["id"].as_str().expect("image id");
+    let fill = |route: &str| {
+        route
+            .replace("{vm}", vm_id)
+            .replace("{snapshot}", snap_id)
+            .replace("{file}", "vm.state")
+            .replace("{image}", image_id)
+            .replace("{group}", "pool")
+            .replace("{tenant}", "acme")
+            .replace("{host}", "host-2")
+    };
+    let mut calls = 0;
+    for host in &lab.hosts {
+        let name = &host.spec.name;
+        let expect = |key: Option<&str>, method: &str, path: &str, body: Option<(Vec<u8>, &str)>, status: u16| {
+            let answer = client(host, key)
+                .call(&method.to_uppercase(), path, body)
+                .unwrap_or_else(|e| panic!("{method} {path} on {name}: {e}"));
+            let text = String::from_utf8_lossy(&answer.body).into_owned();
+            assert_eq!(answer.status, status, "{method} {path} on {name}: {text}");
+            let error: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            assert!(
+                error["error"].as_str().is_some_and(|e| !e.is_empty()),
+                "{method} {path} on {name}: not one JSON error: {text}"
+            );
+        };
+        for (method, route, takes_body) in &routes {
+            let path = fill(route);
+            let good = good_body(method, route, snap_id).map(|b| (b.to_string().into_bytes(), "application/json"));
+            assert!(
+                !takes_body || good.is_some() || route == "/v1/images",
+                "{method} {route} takes a body this test does not know"
+            );
+            // No key, or one that is not known: 401 everywhere but the OpenAPI document.
+            if route != "/v1/openapi.json" {
+                expect(None, method, &path, good.clone(), 401);
+                expect(Some("xck_000000000000_bad"), method, &path, good.clone(), 401);
+                calls += 2;
+            }
+            // Another tenant naming acme's things: not found (ids do not leak); an admin's
+            // route: forbidden.
+            let names_something = ["{vm}", "{image}", "{group}", "{tenant}", "{host}"]
+                .iter()
+                .any(|p| route.contains(p));
+            if admin_only(method, route) {
+                expect(Some(&globex), method, &path, good.clone(), 403);
+                calls += 1;
+            } else if names_something {
+                expect(Some(&globex), method, &path, good.clone(), 404);
+                calls += 1;
+            }
+            // Bodies that are not what the route takes, from a caller who may call it.
+            let Some((good, _)) = good else {
+                continue;
+            };
+            let key = if admin_only(method, route) { &admin } else { &acme };
+            let mut unknown: Value = serde_json::from_slice(&good).expect("JSON");
+            unknown["colour"] = Value::from("blue");
+            for (body, content_type, status) in [
+                (b"{".to_vec(), "application/json", 400),
+                (b"[]".to_vec(), "application/json", 400),
+                (unknown.to_string().into_bytes(), "application/json", 400),
+                (good.clone(), "text/plain", 415),
+                (vec![b' '; 2 << 20], "application/json", 413),
+            ] {
+                expect(Some(key), method, &path, Some((body, content_type)), status);
+                calls += 1;
+            }
+        }
+        // Queries, names that are paths, methods and routes that do not exist.
+        let elf = std::fs::read(lab.hosts[0].data.join("images").read_dir().map_or_else(
+            |_| PathBuf::new(),
+            |mut d| d.next().and_then(|e| e.ok()).map(|e| e.path()).unwrap_or_default(),
+        ))
+        .unwrap_or_default();
+        for (key, method, path, body, status) in [
+            (&acme, "GET", "/v1/usage?by=colour".to_string(), None, 400),
+            (&acme, "GET", format!("/v1/vms/{vm_id}/console?bytes=x"), None, 400),
+            (&admin, "GET", "/v1/replacement?threshold=x".to_string(), None, 400),
+            (
+                &acme,
+                "DELETE",
+                "/v1/images/..%2F..%2Fstate.redb".to_string(),
+                None,
+                404,
+            ),
+            (&acme, "GET", "/v1/vms/..%2F..%2Fetc/console".to_string(), None, 404),
+            (
+                &acme,
+                "GET",
+                format!("/v1/vms/{vm_id}/snapshots/{snap_id}/files/..%2F..%2F..%2Fadmin.key"),
+                None,
+                404,
+            ),
+            (
+                &acme,
+                "POST",
+                "/v1/images?name=..%2Fx".to_string(),
+                Some((elf.clone(), "application/octet-stream")),
+                400,
+            ),
+            (
+                &acme,
+                "POST",
+                "/v1/images?name=junk".to_string(),
+                Some((b"MZ not an ELF".to_vec(), "application/octet-stream")),
+                400,
+            ),
+            (&acme, "PUT", "/v1/vms".to_string(), None, 405),
+            (&acme, "GET", "/v1/nothing".to_string(), None, 404),
+        ] {
+            expect(Some(key), method, &path, body, status);
+            calls += 1;
+        }
+    }
+    assert!(calls > 300, "{calls} calls");
+    assert_eq!(records(&lab.hosts[2], &admin), before, "a wrong call changed something");
+    // The VM ran on through all of it.
+    let n = heartbeats(h1, &acme, "web");
+    wait_heartbeats(&lab.hosts[2], &acme, "web", n);
+}
