@@ -3,8 +3,9 @@
 //! VMM used since the last look, or the load its guest last reported — on the VM's own host,
 //! and adds VMs to it or removes its newest to keep the average near the target, within min
 //! and max; changes the metric asks for
-//! wait out the cooldown, keeping to min and max does not. A VM whose guest ended or whose
-//! VMM failed is removed and replaced (docs/cloud-api.md, "Autoscaling groups").
+//! wait out the cooldown, keeping to min and max does not. A VM whose guest ended, whose
+//! VMM failed or whose host was lost (and that was not restarted elsewhere) is removed and
+//! replaced (docs/cloud-api.md, "Autoscaling groups").
 
 use crate::daemon::Daemon;
 use crate::model::{
@@ -115,7 +116,7 @@ async fn scale(d: &Arc<Daemon>, group: &Group, vms: &[Vm], samples: &mut Samples
     members.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
     let (ended, members): (Vec<&Vm>, Vec<&Vm>) = members
         .into_iter()
-        .partition(|v| matches!(v.state, VmState::Exited | VmState::Failed));
+        .partition(|v| matches!(v.state, VmState::Exited | VmState::Failed | VmState::Lost));
     for vm in ended {
         tracing::info!(
             "autoscaling group {}: replacing {} ({:?})",

@@ -773,6 +773,14 @@ pub async fn peers(daemon: &Daemon, cluster: &Cluster) -> Result<crate::snapshot
     })
 }
 
+/// The host elected scheduler now (none while there is no leader, or etcd does not say).
+pub async fn scheduler_name(daemon: &Daemon) -> Option<String> {
+    let (mut client, prefix) = daemon.store.etcd()?;
+    let answer = client.leader(election(prefix)).await.ok()?;
+    let kv = answer.kv()?;
+    String::from_utf8(kv.value().to_vec()).ok()
+}
+
 /// Runs for scheduler, and schedules while elected.
 async fn scheduler(daemon: Arc<Daemon>, cluster: Arc<Cluster>) {
     let Some((_, prefix)) = daemon.store.etcd() else {

@@ -1230,6 +1230,11 @@ async fn carry_out_replacement(
 async fn list_hosts(State(d): D, _caller: Caller) -> Res<Json<Vec<Host>>> {
     let vms: Vec<Vm> = d.store.list(Table::Vms).await?;
     let c = &d.config;
+    // Alone, this host decides; in a cluster, the host elected.
+    let scheduler = match &d.cluster {
+        Some(_) => Some(crate::cluster::scheduler_name(&d).await.unwrap_or_default()),
+        None => None,
+    };
     let records = if d.cluster.is_some() {
         crate::cluster::hosts(&d).await?
     } else {
@@ -1249,6 +1254,7 @@ async fn list_hosts(State(d): D, _caller: Caller) -> Res<Json<Vec<Host>>> {
     let mut hosts: Vec<Host> = records
         .into_iter()
         .map(|r| Host {
+            scheduler: scheduler.as_deref().is_none_or(|s| s == r.name),
             name: r.name,
             provider: r.provider,
             region: r.region,
@@ -1280,6 +1286,7 @@ async fn list_hosts(State(d): D, _caller: Caller) -> Res<Json<Vec<Host>>> {
                     vms: 0,
                     state: "lost".into(),
                     api: None,
+                    scheduler: false,
                 });
                 hosts.len() - 1
             }

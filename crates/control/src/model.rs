@@ -406,6 +406,9 @@ pub struct Host {
     /// Where its API answers over TLS, in a cluster.
     #[serde(default)]
     pub api: Option<String>,
+    /// Whether it is the scheduler: it places VMs and runs the autoscaler (alone: itself).
+    #[serde(default)]
+    pub scheduler: bool,
 }
 
 /// Something that happened, as the events stream shows it.

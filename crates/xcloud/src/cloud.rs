@@ -569,6 +569,7 @@ const HOST_FIELDS: &[&str] = &[
     "vcpus_used",
     "price_per_hour",
     "state",
+    "scheduler",
 ];
 
 const VM_FIELDS: &[&str] = &[

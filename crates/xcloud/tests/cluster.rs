@@ -52,8 +52,10 @@ fn ok(host: &LabHost, key: &str, args: &[&str]) -> String {
 }
 
 fn json(host: &LabHost, key: &str, args: &[&str]) -> Value {
+    // Before a guest's arguments, which follow `--`.
     let mut all = args.to_vec();
-    all.push("--json");
+    let at = all.iter().position(|a| *a == "--").unwrap_or(all.len());
+    all.insert(at, "--json");
     let text = ok(host, key, &all);
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("xcloud {args:?} printed no JSON ({e}): {text}"))
 }
@@ -879,4 +881,143 @@ fn every_route_answers_wrong_calls_alike_on_every_host_and_nothing_changes() {
     // The VM ran on through all of it.
     let n = heartbeats(h1, &acme, "web");
     wait_heartbeats(&lab.hosts[2], &acme, "web", n);
+}
+
+/// Waits until `check` holds for group `group` as `host` shows it (VMs with their records).
+fn wait_group(
+    host: &LabHost,
+    key: &str,
+    group: &str,
+    what: &str,
+    check: impl Fn(&Value, &[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let g = json(host, key, &["group", "show", group]);
+        let vms: Vec<Value> = g["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .map(|name| json(host, key, &["vm", "show", name]))
+            .collect();
+        if check(&g, &vms) {
+            return vms;
+        }
+        assert!(Instant::now() < deadline, "{group} never became {what}: {g} {vms:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn an_autoscaling_group_spreads_over_hosts_and_replaces_what_a_lost_host_held() {
+    let (mut lab, _one) = lab_with("scale", &["--autoscale-seconds", "1"]);
+    let admin = lab.admin_key().expect("admin key");
+    let acme = ok(&lab.hosts[0], &admin, &["tenant", "create", "acme"])
+        .trim()
+        .to_string();
+    json(&lab.hosts[0], &acme, &["image", "push", "gauge"]);
+    // Each gauge reports 25: at a target of 10 the group grows to its max, one VM per host.
+    let args = [
+        "group",
+        "create",
+        "jobs",
+        "--image",
+        "gauge",
+        "--max",
+        "2",
+        "--target-load",
+        "10",
+        "--cooldown",
+        "1",
+        "--",
+        "25",
+    ];
+    json(&lab.hosts[1], &acme, &args);
+    let running = |vms: &[Value]| vms.iter().all(|v| v["state"] == "running");
+    let vms = wait_group(&lab.hosts[2], &acme, "jobs", "two running VMs", |_, vms| {
+        vms.len() == 2 && running(vms)
+    });
+    let hosts: Vec<String> = vms
+        .iter()
+        .filter_map(|v| v["host"].as_str().map(String::from))
+        .collect();
+    assert_ne!(hosts[0], hosts[1], "a group's VMs are kept apart: {vms:?}");
+    // The scheduler reads each guest's load on the guest's own host.
+    wait_group(&lab.hosts[0], &acme, "jobs", "read", |g, _| {
+        g["reading"].as_f64() == Some(25.0)
+    });
+
+    // The scheduler's host dies (or, if it holds none of the group, a host that does): a host
+    // that is left takes over, removes the VM that was lost with it and adds one on the host
+    // that had none.
+    let listed = json(&lab.hosts[0], &admin, &["hosts"]);
+    let scheduler: Vec<String> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|h| h["scheduler"] == true)
+        .filter_map(|h| h["name"].as_str().map(String::from))
+        .collect();
+    assert_eq!(scheduler.len(), 1, "one scheduler: {listed}");
+    let victim = if hosts.contains(&scheduler[0]) {
+        scheduler[0].clone()
+    } else {
+        hosts[0].clone()
+    };
+    let lost_vm = vms
+        .iter()
+        .find(|v| v["host"] == victim.as_str())
+        .and_then(|v| v["name"].as_str())
+        .expect("a VM on the victim")
+        .to_string();
+    let victim_at = lab
+        .hosts
+        .iter()
+        .position(|h| h.spec.name == victim)
+        .expect("a lab host");
+    let survivor = lab
+        .hosts
+        .iter()
+        .position(|h| h.spec.name != victim)
+        .expect("a host left");
+    lab.hosts[victim_at].kill_all();
+    let vms = wait_group(
+        &lab.hosts[survivor],
+        &acme,
+        "jobs",
+        "whole again elsewhere",
+        |_, vms| {
+            vms.len() == 2
+                && running(vms)
+                && vms
+                    .iter()
+                    .all(|v| v["host"] != victim.as_str() && v["name"] != lost_vm.as_str())
+        },
+    );
+    let hosts: Vec<&str> = vms.iter().filter_map(|v| v["host"].as_str()).collect();
+    assert_ne!(hosts[0], hosts[1], "{vms:?}");
+    let listed = json(&lab.hosts[survivor], &admin, &["hosts"]);
+    let now_scheduling = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|h| h["scheduler"] == true)
+        .and_then(|h| h["name"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(!now_scheduling.is_empty() && now_scheduling != victim, "{listed}");
+
+    // A target of 100: one VM does; the newest goes.
+    json(
+        &lab.hosts[survivor],
+        &acme,
+        &["group", "set", "jobs", "--target-load", "100"],
+    );
+    let left = wait_group(&lab.hosts[survivor], &acme, "jobs", "one VM", |_, vms| vms.len() == 1);
+    let oldest = vms
+        .iter()
+        .min_by_key(|v| v["created"].as_u64())
+        .and_then(|v| v["name"].as_str());
+    assert_eq!(left[0]["name"].as_str(), oldest, "{left:?}");
 }
