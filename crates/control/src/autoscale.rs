@@ -300,6 +300,7 @@ async fn metrics_from_host(d: &Daemon, vm: &Vm) -> Option<VmMetrics> {
 pub async fn create_group(d: &Daemon, tenant: &Tenant, req: CreateGroup) -> Result<Group, ControlError> {
     crate::model::check_name("group", &req.name)?;
     crate::provision::check_args(&req.args)?;
+    crate::provision::check_cpu_share(req.cpu_weight, req.cpu_cap_percent)?;
     let image = crate::provision::find_image(d, &tenant.name, &req.image).await?;
     let instance_type = crate::provision::find_instance_type(d, req.instance_type.as_deref())
         .await?

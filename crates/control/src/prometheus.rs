@@ -68,6 +68,16 @@ pub async fn render(d: &Daemon) -> Result<String, ControlError> {
     let up: Family<VmLabels, Gauge> = family(&mut registry, "vm_up", "1 while a VMM holds it");
     let vcpus: Family<VmLabels, Gauge> = family(&mut registry, "vm_vcpus", "Its vCPUs");
     let mem: Family<VmLabels, Gauge> = family(&mut registry, "vm_memory_bytes", "Its guest memory");
+    let load: Family<VmLabels, FloatGauge> = family(
+        &mut registry,
+        "vm_guest_load",
+        "The load its guest reported last (ReportLoad)",
+    );
+    let load_age: Family<VmLabels, FloatGauge> = family(
+        &mut registry,
+        "vm_guest_load_age_seconds",
+        "Seconds since its guest reported its load",
+    );
     let states: Family<StateLabels, Gauge> = family(&mut registry, "host_vms", "VMs on this host by state");
     let price = FloatGauge::default();
     registry.register("host_price_per_hour", "What an hour of this host costs", price.clone());
@@ -97,6 +107,13 @@ pub async fn render(d: &Daemon) -> Result<String, ControlError> {
         up.get_or_create(&labels).set(i64::from(vm.state.has_vmm()));
         vcpus.get_or_create(&labels).set(i64::from(vm.vcpus));
         mem.get_or_create(&labels).set((vm.mem_mib << 20) as i64);
+        // Only guests that report one have a load.
+        if vm.state == crate::model::VmState::Running {
+            if let Some((figure, age)) = d.vmm_status(&vm.id).await.and_then(|s| s.guest_load) {
+                load.get_or_create(&labels).set(figure);
+                load_age.get_or_create(&labels).set(age.as_secs_f64());
+            }
+        }
         let state = serde_json::to_value(vm.state)
             .ok()
             .and_then(|v| v.as_str().map(String::from))

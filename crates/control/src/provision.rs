@@ -36,6 +36,17 @@ pub async fn find_image(d: &Daemon, tenant: &str, key: &str) -> Res<Image> {
         .ok_or_else(|| ControlError::BadRequest(format!("no image {key}")))
 }
 
+/// Checks a VM's CPU weight and cap as asked (none: the defaults), for a VM or a group's VMs.
+pub fn check_cpu_share(weight: Option<u32>, cap_percent: Option<u32>) -> Res<()> {
+    if weight.is_some_and(|w| !(1..=10_000).contains(&w)) {
+        return Err(ControlError::BadRequest("cpu_weight is 1-10000".into()));
+    }
+    if cap_percent == Some(0) {
+        return Err(ControlError::BadRequest("cpu_cap_percent is at least 1".into()));
+    }
+    Ok(())
+}
+
 /// Checks `req` and writes the new VM's record for `tenant` (a member of autoscaling group
 /// `group`, if any); it waits for a host (cluster) or for its start (alone, `start`), which
 /// the caller does. Alone, it is placed on this host.
@@ -44,12 +55,9 @@ pub async fn create_vm(d: &Daemon, tenant: &Tenant, req: &CreateVm, group: Optio
     check_args(&req.args)?;
     let itype = find_instance_type(d, req.instance_type.as_deref()).await?;
     let image = find_image(d, &tenant.name, &req.image).await?;
+    check_cpu_share(req.cpu_weight, req.cpu_cap_percent)?;
     let cpu_weight = req.cpu_weight.unwrap_or(100);
-    if !(1..=10_000).contains(&cpu_weight) {
-        return Err(ControlError::BadRequest("cpu_weight is 1-10000".into()));
-    }
     let cpu_cap_percent = match (itype.cpu_cap_percent, req.cpu_cap_percent) {
-        (_, Some(0)) => return Err(ControlError::BadRequest("cpu_cap_percent is at least 1".into())),
         (Some(t), Some(r)) => Some(t.min(r)),
         (t, r) => t.or(r),
     };

@@ -880,6 +880,15 @@ fn a_group_follows_the_load_its_guests_report_whatever_their_cpu() {
     let metrics = d.json(&acme, &["vm", "metrics", "jobs-1"]);
     assert_eq!(metrics["guest_load"].as_f64(), Some(25.0), "{metrics}");
     assert!(metrics["cpu_seconds"].as_f64().unwrap_or(f64::MAX) < 2.0, "{metrics}");
+    // Prometheus sees each guest's load too.
+    let (status, scraped) = d.http(Some(&d.admin), "GET", "/metrics", None);
+    assert_eq!(status, 200, "{scraped}");
+    let loads: Vec<&str> = scraped
+        .lines()
+        .filter(|l| l.starts_with("xcloud_vm_guest_load{"))
+        .collect();
+    assert_eq!(loads.len(), 4, "{scraped}");
+    assert!(loads.iter().all(|l| l.ends_with(" 25.0")), "{loads:?}");
     // A target of 100: one VM does.
     d.json(&acme, &["group", "set", "jobs", "--target-load", "100"]);
     assert_eq!(wait_group(&d, &acme, "jobs", 1), ["jobs-1"]);
@@ -956,6 +965,13 @@ fn an_autoscaling_group_grows_under_load_and_shrinks_when_its_target_rises() {
         Some(r#"{"name":"x","image":"heartbeat","min":1,"max":2,"target":50,"bogus":1}"#),
     );
     assert_eq!(status, 400, "{body}");
+    // A CPU share no VM could have is refused when the group is made, not at each VM.
+    for share in [r#""cpu_weight":0"#, r#""cpu_weight":10001"#, r#""cpu_cap_percent":0"#] {
+        let body = format!(r#"{{"name":"x","image":"heartbeat","min":0,"max":2,"target":50,{share}}}"#);
+        let (status, answer) = d.http(Some(&acme), "POST", "/v1/groups", Some(&body));
+        assert_eq!(status, 400, "{share}: {answer}");
+    }
+    assert!(d.fails(&acme, &["group", "show", "x"]).contains("no group x"));
     // Removing the group removes its VMs.
     assert!(d.cli(&acme, &["group", "rm", "web"]).status.success());
     assert_eq!(d.json(&acme, &["vm", "ls"]), Value::Array(vec![]));
