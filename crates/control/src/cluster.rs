@@ -648,7 +648,12 @@ async fn reconcile(daemon: &Arc<Daemon>, cluster: &Arc<Cluster>) -> Result<(), C
             let _ = daemon.mark_found(&vm.id).await;
         }
     }
-    crate::snapshots::take_asked_copies(daemon, &peers(daemon, cluster).await?, &cluster.copying).await?;
+    // The hosts are read only when there is something to copy (a host's draining and price
+    // keys are usually absent, and an absent key is asked of etcd).
+    let asked = crate::snapshots::newly_asked(daemon, &cluster.copying).await?;
+    if !asked.is_empty() {
+        crate::snapshots::copy_in_background(daemon, peers(daemon, cluster).await?, &cluster.copying, asked);
+    }
     let due = {
         let mut last = cluster.garbage_collected.lock().unwrap_or_else(|p| p.into_inner());
         let due = last.is_none_or(|t| t.elapsed() >= GARBAGE_PERIOD);

@@ -126,18 +126,20 @@ pub async fn ask_for_copies(daemon: &Daemon, hosts: &[HostRecord], wanted: usize
     Ok(())
 }
 
-/// A host's part: fetches the copies this host is asked for, each once at a time.
-pub async fn take_asked_copies(
-    daemon: &Arc<Daemon>,
-    peers: &Peers,
-    copying: &Arc<Copying>,
-) -> Result<(), ControlError> {
-    let me = daemon.config.host_name.clone();
+/// A host's part: the snapshots this host is asked to copy that it is not copying now.
+pub async fn newly_asked(daemon: &Daemon, copying: &Copying) -> Result<Vec<Snapshot>, ControlError> {
+    let me = &daemon.config.host_name;
     let snaps: Vec<Snapshot> = daemon.store.list(Table::Snapshots).await?;
+    let busy = copying.set();
+    Ok(snaps
+        .into_iter()
+        .filter(|s| s.copy_to.contains(me) && !s.holders().any(|h| h == me) && !busy.contains(&s.id))
+        .collect())
+}
+
+/// Fetches each of `snaps` here in the background, each once at a time.
+pub fn copy_in_background(daemon: &Arc<Daemon>, peers: Peers, copying: &Arc<Copying>, snaps: Vec<Snapshot>) {
     for snap in snaps {
-        if !snap.copy_to.contains(&me) || snap.holders().any(|h| h == me) {
-            continue;
-        }
         if !copying.set().insert(snap.id.clone()) {
             continue;
         }
@@ -149,7 +151,6 @@ pub async fn take_asked_copies(
             copying.set().remove(&snap.id);
         });
     }
-    Ok(())
 }
 
 /// Makes sure this host holds snapshot `snap`: fetches a checked copy from a host that is up
