@@ -117,6 +117,7 @@ async fn scale(d: &Arc<Daemon>, group: &Group, vms: &[Vm], samples: &mut Samples
     let (ended, members): (Vec<&Vm>, Vec<&Vm>) = members
         .into_iter()
         .partition(|v| matches!(v.state, VmState::Exited | VmState::Failed | VmState::Lost));
+    let failed = ended.iter().filter(|v| v.state == VmState::Failed).count() as u32;
     for vm in ended {
         tracing::info!(
             "autoscaling group {}: replacing {} ({:?})",
@@ -126,6 +127,17 @@ async fn scale(d: &Arc<Daemon>, group: &Group, vms: &[Vm], samples: &mut Samples
         );
         remove_vm(d, vm).await?;
     }
+    // VMs that fail to start one after another (an image that does not boot) are replaced
+    // ever more slowly; a VM that runs ends the streak.
+    let now = now();
+    let (failures, retry_after) = if failed > 0 {
+        let failures = group.failures.saturating_add(failed);
+        (failures, now + retry_delay(failures))
+    } else if members.iter().any(|v| v.state == VmState::Running) {
+        (0, 0)
+    } else {
+        (group.failures, group.retry_after)
+    };
     let mut readings = Vec::new();
     for vm in members.iter().filter(|v| v.state == VmState::Running) {
         let reading = match group.metric {
@@ -134,11 +146,17 @@ async fn scale(d: &Arc<Daemon>, group: &Group, vms: &[Vm], samples: &mut Samples
         };
         readings.extend(reading);
     }
-    let now = now();
-    let (desired, change) = decide(group, members.len() as u32, &readings, now);
+    let (desired, mut change) = decide(group, members.len() as u32, &readings, now);
+    let mut error = None;
+    if matches!(change, Change::Add(..)) && now < retry_after {
+        error = Some(format!(
+            "{failures} of its VMs failed to start one after another: it waits {} s before it adds another",
+            retry_delay(failures)
+        ));
+        change = Change::Keep;
+    }
     let reading = (!readings.is_empty()).then(|| readings.iter().sum::<f64>() / readings.len() as f64);
     let mut added = 0;
-    let mut error = None;
     let mut next_index = group.next_index;
     match &change {
         Change::Keep => {}
@@ -192,6 +210,8 @@ async fn scale(d: &Arc<Daemon>, group: &Group, vms: &[Vm], samples: &mut Samples
             g.desired = desired;
             g.reading = reading;
             g.next_index = g.next_index.max(next_index);
+            g.failures = failures;
+            g.retry_after = retry_after;
             if scaled {
                 g.last_scaled = now;
             }
@@ -207,6 +227,12 @@ async fn scale(d: &Arc<Daemon>, group: &Group, vms: &[Vm], samples: &mut Samples
         }
     }
     Ok(())
+}
+
+/// How long a group waits before it adds a VM after `failures` of its VMs failed to start
+/// one after another: 2 s, doubling, at most 5 minutes.
+fn retry_delay(failures: u32) -> u64 {
+    (1u64 << failures.min(9)).min(300)
 }
 
 async fn note_error(d: &Daemon, group: &Group, error: String) {
@@ -328,6 +354,8 @@ pub async fn create_group(d: &Daemon, tenant: &Tenant, req: CreateGroup) -> Resu
         created: now(),
         last_scaled: 0,
         next_index: 1,
+        failures: 0,
+        retry_after: 0,
         desired: req.min,
         reading: None,
         last_error: None,
@@ -374,10 +402,19 @@ mod tests {
             created: 0,
             last_scaled: 1000,
             next_index: 1,
+            failures: 0,
+            retry_after: 0,
             desired: min,
             reading: None,
             last_error: None,
         }
+    }
+
+    #[test]
+    fn failing_vms_are_replaced_ever_more_slowly() {
+        let delays: Vec<u64> = (1..=10).map(retry_delay).collect();
+        assert_eq!(delays, [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(retry_delay(u32::MAX), 300);
     }
 
     #[test]

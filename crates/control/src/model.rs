@@ -577,6 +577,12 @@ pub struct Group {
     /// The number its next VM's name ends with.
     #[serde(default)]
     pub next_index: u64,
+    /// Its VMs that failed to start one after another, with none running since.
+    #[serde(default)]
+    pub failures: u32,
+    /// While its VMs keep failing: no VM is added before this (Unix seconds).
+    #[serde(default)]
+    pub retry_after: u64,
     /// How many VMs it wanted at its last look.
     #[serde(default)]
     pub desired: u32,

@@ -909,6 +909,36 @@ fn a_group_follows_the_load_its_guests_report_whatever_their_cpu() {
     );
     assert_eq!(status, 400, "{body}");
     assert_eq!(d.json(&acme, &["group", "show", "jobs"])["metric"], "guest_load");
+
+    // A group whose VMs cannot start replaces them ever more slowly (2, 4, 8 s...), not at
+    // every look, and says why.
+    let elf = build_asm_guest("group-no-note", ".text\n.globl _start\n_start: hlt\n");
+    d.json(&acme, &["image", "push", elf.to_str().expect("path"), "--name", "bad"]);
+    d.json(
+        &acme,
+        &[
+            "group",
+            "create",
+            "doomed",
+            "--image",
+            "bad",
+            "--max",
+            "1",
+            "--target-cpu",
+            "50",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(8));
+    let g = d.json(&acme, &["group", "show", "doomed"]);
+    let made = g["next_index"].as_u64().unwrap_or(0).saturating_sub(1);
+    assert!((2..=4).contains(&made), "{made} VMs in 8 s: {g}");
+    assert!(
+        g["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("failed to start one after another"),
+        "{g}"
+    );
 }
 
 #[test]
