@@ -14,6 +14,7 @@ const WORKLOADS: &[&str] = &[
     "netrecv",
     "httpd",
     "gauge",
+    "kvclient",
 ];
 
 fn main() {

@@ -16,6 +16,12 @@
 ///   no xcloud VMM is there (any other VMM): that is how a guest detects xcloud.
 pub const HYPERCALL_PORT: u16 = 0x5843;
 
+/// The first I/O port of the extension window: ports the VM's extension modules serve
+/// (docs/extensions.md). A port no module serves reads as all ones.
+pub const EXT_PORT_BASE: u16 = 0x5000;
+/// How many ports the extension window has.
+pub const EXT_PORT_COUNT: u16 = 0x100;
+
 /// The value an `in` from [`HYPERCALL_PORT`] returns, ORed with [`ABI_VERSION`].
 pub const PROBE_MAGIC: u32 = 0x5843_4c00;
 

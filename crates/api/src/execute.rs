@@ -129,6 +129,31 @@ pub fn execute(handle: &VmHandle, outgoing: &Outgoing, watchdog: &Watchdog, line
             stopping: true,
             ..Default::default()
         }),
+        Command::ExtAdd {
+            file,
+            name,
+            version,
+            port_base,
+            port_count,
+        } => match crate::extensions::add(handle, &file, name, version, port_base, port_count) {
+            Ok(()) => with_state(Response {
+                ok: true,
+                ..Default::default()
+            }),
+            Err(e) => with_state(failure(e)),
+        },
+        Command::ExtList => with_state(Response {
+            ok: true,
+            extensions: Some(crate::extensions::list(handle)),
+            ..Default::default()
+        }),
+        Command::ExtRemove { name } => match handle.extensions().remove(&name, xcloud_vmm::extension::Origin::Tenant) {
+            Ok(()) => with_state(Response {
+                ok: true,
+                ..Default::default()
+            }),
+            Err(e) => with_state(failure(e.to_string())),
+        },
         Command::Snapshot { dir } => match xcloud_snapshot::save(handle, &dir) {
             Ok(summary) => with_state(Response {
                 ok: true,

@@ -14,12 +14,14 @@
 
 pub mod client;
 pub mod execute;
+pub mod extensions;
 pub mod protocol;
 pub mod server;
 pub mod watchdog;
 
 pub use client::call;
 pub use execute::execute;
+pub use protocol::ExtensionReport;
 pub use protocol::{ApiError, Command, Request, Response, API_VERSION, MAX_LINE};
 pub use server::{serve, ApiServer};
 pub use watchdog::Watchdog;

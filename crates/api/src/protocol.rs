@@ -82,6 +82,31 @@ pub enum Command {
     },
     /// Stop the VM for good.
     Stop,
+    /// Install a tenant's extension module (docs/extensions.md) from `file` (WebAssembly or
+    /// its text form, read by the VMM) as `name`, serving `port_count` ports from `port_base`
+    /// in the extension window.
+    ExtAdd {
+        /// The module's file.
+        file: PathBuf,
+        /// Its name in this VM.
+        name: String,
+        /// Its version, as its author gives it.
+        #[serde(default)]
+        version: Option<String>,
+        /// The first port it serves.
+        #[serde(default)]
+        port_base: Option<u16>,
+        /// How many ports.
+        #[serde(default)]
+        port_count: Option<u16>,
+    },
+    /// The VM's extension modules, with their calls, time and failures.
+    ExtList,
+    /// Remove the tenant's module `name`.
+    ExtRemove {
+        /// Its name.
+        name: String,
+    },
     /// Arm or renew the controller's watchdog: pause the VM unless renewed within `ms`
     /// milliseconds (0 disarms it; at most an hour).
     Watchdog {
@@ -110,6 +135,31 @@ pub enum Command {
         #[serde(default)]
         compress: bool,
     },
+}
+
+/// An extension module as `ext_list` reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExtensionReport {
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// SHA-256 of its Wasm, or `built-in`.
+    pub digest: String,
+    /// `provider` or `tenant`.
+    pub origin: String,
+    /// The ports it serves: first, count.
+    pub ports: Option<(u16, u16)>,
+    /// Hook calls so far.
+    pub calls: u64,
+    /// Microseconds spent in them.
+    pub busy_us: u64,
+    /// Calls that failed.
+    pub failures: u64,
+    /// Why it is disabled, if it is.
+    pub disabled: Option<String>,
+    /// The figures it exports.
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// A request line.
@@ -177,6 +227,9 @@ pub struct Response {
     /// For `migrate`: what it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migrated: Option<MigrationSummary>,
+    /// For `ext_list`: the modules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extensions: Option<Vec<ExtensionReport>>,
     /// For `stop`: the server stops the VM once this answer is written (never on the wire).
     #[serde(skip)]
     pub stopping: bool,

@@ -15,6 +15,7 @@
 
 mod context;
 pub mod error;
+pub mod extension;
 pub mod fuzzing;
 mod hypercall;
 pub mod lifecycle;

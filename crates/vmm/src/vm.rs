@@ -117,6 +117,8 @@ struct Shared {
     /// When guest RAM fills in while the guest runs (lazy restore, post-copy): turns true once
     /// every page is in.
     memory_complete: OnceLock<Arc<AtomicBool>>,
+    /// The VM's extension modules.
+    extensions: Arc<crate::extension::Extensions>,
 }
 
 impl Shared {
@@ -302,6 +304,11 @@ impl VmHandle {
     pub fn guest_load(&self) -> Option<(f64, std::time::Duration)> {
         self.shared.ctx.load.last()
     }
+
+    /// The VM's extension modules (docs/extensions.md).
+    pub fn extensions(&self) -> &Arc<crate::extension::Extensions> {
+        &self.shared.extensions
+    }
 }
 
 /// A VM built and ready to start.
@@ -361,6 +368,16 @@ impl Vm {
                 device: "serial port",
                 source: std::io::Error::other(e),
             })?;
+        let extensions = Arc::new(crate::extension::Extensions::new());
+        bus.insert(
+            xcloud_abi::EXT_PORT_BASE,
+            xcloud_abi::EXT_PORT_COUNT,
+            Arc::new(crate::extension::ExtensionPorts::new(extensions.clone())),
+        )
+        .map_err(|e| VmError::Device {
+            device: "extension window",
+            source: std::io::Error::other(e),
+        })?;
         let vcpu_set = Arc::new(VcpuSet::new(control.clone(), vcpus));
         // Save and restore order: the VM-wide parts, the vCPUs (their LAPICs after the
         // irqchip), then the devices.
@@ -403,6 +420,7 @@ impl Vm {
                 nets,
                 block_devices: disk_devices.clone(),
                 memory_complete: OnceLock::new(),
+                extensions,
             }),
             threads: Vec::new(),
             keep: Vec::new(),

@@ -180,6 +180,11 @@ enum CtlAction {
     /// Arm or renew the controller's watchdog: the VM is paused unless renewed within MS
     /// milliseconds (0 disarms it).
     Watchdog { ms: u64 },
+    /// The VM's extension modules (docs/extensions.md).
+    Ext {
+        #[command(subcommand)]
+        action: ExtAction,
+    },
     /// Live-migrate the VM to a destination running `xcloud receive`.
     Migrate {
         /// The destination, HOST:PORT.
@@ -208,6 +213,41 @@ enum CtlAction {
         #[arg(long)]
         compress: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ExtAction {
+    /// Install a module (WebAssembly, or its text form) into the running VM.
+    Add {
+        /// The module's file (the VMM reads it).
+        file: PathBuf,
+        /// Its name in this VM.
+        #[arg(long)]
+        name: String,
+        /// Its version.
+        #[arg(long)]
+        version: Option<String>,
+        /// The ports it serves, FIRST+COUNT in the extension window, e.g. 0x5000+16.
+        #[arg(long, value_parser = parse_ports)]
+        ports: Option<(u16, u16)>,
+    },
+    /// List the modules: calls, time spent, failures, why one is disabled.
+    Ls,
+    /// Remove a module.
+    Rm { name: String },
+}
+
+/// `FIRST+COUNT`, each decimal or 0x-hex.
+fn parse_ports(text: &str) -> Result<(u16, u16), String> {
+    let number = |s: &str| match s.strip_prefix("0x") {
+        Some(hex) => u16::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    let (first, count) = text.split_once('+').unwrap_or((text, "16"));
+    match (number(first.trim()), number(count.trim())) {
+        (Ok(first), Ok(count)) => Ok((first, count)),
+        _ => Err(format!("{text:?} is not FIRST+COUNT (e.g. 0x5000+16)")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -367,6 +407,25 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
         },
         CtlAction::Stop => Op::Stop,
         CtlAction::Watchdog { ms } => Op::Watchdog { ms },
+        CtlAction::Ext {
+            action:
+                ExtAction::Add {
+                    file,
+                    name,
+                    version,
+                    ports,
+                },
+        } => Op::ExtAdd {
+            file: std::path::absolute(&file)?,
+            name,
+            version,
+            port_base: ports.map(|p| p.0),
+            port_count: ports.map(|p| p.1),
+        },
+        CtlAction::Ext { action: ExtAction::Ls } => Op::ExtList,
+        CtlAction::Ext {
+            action: ExtAction::Rm { name },
+        } => Op::ExtRemove { name },
         CtlAction::Migrate {
             to,
             identity,
@@ -398,6 +457,27 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
     let answer = call(socket, op)?;
     if !answer.ok {
         anyhow::bail!("{}", answer.error.unwrap_or_else(|| "the VMM refused".into()));
+    }
+    if let Some(modules) = &answer.extensions {
+        println!("NAME  VERSION  ORIGIN  PORTS  CALLS  BUSY_US  FAILURES  STATE  DIGEST");
+        for m in modules {
+            let ports = m.ports.map_or("-".to_string(), |(b, c)| format!("{b:#x}+{c}"));
+            let state = m
+                .disabled
+                .as_deref()
+                .map_or("enabled".to_string(), |why| format!("disabled: {why}"));
+            println!(
+                "{}  {}  {}  {ports}  {}  {}  {}  {state}  {}",
+                m.name,
+                m.version,
+                m.origin,
+                m.calls,
+                m.busy_us,
+                m.failures,
+                m.digest.get(..12).unwrap_or(&m.digest)
+            );
+        }
+        return Ok(0);
     }
     let mut line = format!("state: {}", answer.state.as_deref().unwrap_or("unknown"));
     if let (Some(vcpus), Some(mem)) = (answer.vcpus, answer.mem_bytes) {

@@ -17,6 +17,7 @@ pub extern crate alloc;
 mod boot;
 pub mod clock;
 pub mod console;
+pub mod ext;
 pub mod hypercall;
 pub mod mem;
 pub mod net;

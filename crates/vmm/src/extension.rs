@@ -1,0 +1,429 @@
+//! The module interface (docs/extensions.md): the hook points an extension of the VMM may
+//! take, and the registry that runs the VM's modules within their budgets.
+//!
+//! A module is a Rust value behind [`Extension`]: compiled in by the provider (immutable for
+//! the tenant) or loaded while the VM runs (a tenant's WebAssembly module, `xcloud-extensions`).
+//! Every hook call goes through the registry, which times it and counts it; a hook that fails
+//! (a trap, its fuel spent, an answer that means nothing, more time than its budget) disables
+//! its module, says why, and the guest sees what it sees with no device there. The VM goes on.
+//!
+//! Hook points so far: port I/O in the extension window ([`xcloud_abi::EXT_PORT_BASE`]), and
+//! the figures a module exports. Packets, block requests, ticks with guest memory and the
+//! migration phases come with the modules that need them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use xcloud_abi::{EXT_PORT_BASE, EXT_PORT_COUNT};
+use xcloud_devices::bus::PortDevice;
+
+/// Why one hook call failed; its module is disabled with it.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// The module trapped (an access outside its memory, `unreachable`, a stack overflow).
+    #[error("it trapped: {0}")]
+    Trap(String),
+    /// It used up the fuel one call may burn.
+    #[error("it ran out of its fuel ({0} per call)")]
+    OutOfFuel(u64),
+    /// It answered something that means nothing for this hook.
+    #[error("it answered {0}, which means nothing here")]
+    BadAnswer(String),
+}
+
+/// A module's refusal to be added or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtensionError {
+    /// Another module has this name.
+    #[error("a module named {0} is installed already")]
+    NameTaken(String),
+    /// Not a name a module can have.
+    #[error("module name {0:?} is not 1-32 of a-z, 0-9, '-', '_'")]
+    BadName(String),
+    /// No module has this name.
+    #[error("no module named {0}")]
+    NotFound(String),
+    /// A tenant may not remove or replace a provider's module.
+    #[error("module {0} is the provider's: a tenant cannot remove or replace it")]
+    ProviderModule(String),
+    /// The ports asked for are outside the extension window or taken.
+    #[error("ports {base:#x}+{count} {why}")]
+    Ports {
+        /// First port asked for.
+        base: u16,
+        /// How many.
+        count: u16,
+        /// What is wrong with them.
+        why: String,
+    },
+}
+
+/// Who installed a module, and so who may remove it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Compiled in by the provider: a tenant cannot remove, replace or starve it.
+    Provider,
+    /// Loaded by the tenant while the VM runs.
+    Tenant,
+}
+
+/// An extension of the VMM. Each hook has a default that takes nothing; a module implements
+/// the hooks it takes. Hooks run on the vCPU thread that met the event: they must be quick.
+pub trait Extension: Send + Sync {
+    /// A guest read of `size` (1, 2 or 4) bytes at `offset` inside the module's ports.
+    fn port_read(&self, _offset: u16, _size: u8) -> Result<u32, HookError> {
+        Ok(u32::MAX)
+    }
+
+    /// A guest write of `value` (`size` bytes) at `offset` inside the module's ports.
+    fn port_write(&self, _offset: u16, _size: u8, _value: u32) -> Result<(), HookError> {
+        Ok(())
+    }
+
+    /// The figures the module exports, by name.
+    fn metrics(&self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
+}
+
+/// What a module is installed as.
+#[derive(Clone, Debug)]
+pub struct ModuleSpec {
+    /// Its name in this VM (1-32 of a-z, 0-9, '-', '_').
+    pub name: String,
+    /// Its version, as its author gave it.
+    pub version: String,
+    /// The SHA-256 of its code (hex), or `built-in`.
+    pub digest: String,
+    /// Who installed it.
+    pub origin: Origin,
+    /// The ports it serves (`base`, `count`), inside the extension window.
+    pub ports: Option<(u16, u16)>,
+    /// The wall time one hook call may take before the module is disabled (its fuel bounds
+    /// its instructions; this bounds everything else).
+    pub call_budget: Duration,
+}
+
+/// A module as `ext ls` shows it.
+#[derive(Clone, Debug)]
+pub struct ModuleInfo {
+    /// How it was installed.
+    pub spec: ModuleSpec,
+    /// Hook calls so far.
+    pub calls: u64,
+    /// Time spent in them.
+    pub busy: Duration,
+    /// Calls that failed (at most one: the first disables the module).
+    pub failures: u64,
+    /// Why it is disabled, if it is.
+    pub disabled: Option<String>,
+    /// The figures it exports.
+    pub metrics: Vec<(String, f64)>,
+}
+
+struct Installed {
+    spec: ModuleSpec,
+    module: Arc<dyn Extension>,
+    calls: AtomicU64,
+    busy_nanos: AtomicU64,
+    failures: AtomicU64,
+    disabled: Mutex<Option<String>>,
+}
+
+impl Installed {
+    fn is_disabled(&self) -> bool {
+        self.disabled.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Runs one hook call, counts it and times it; a failure or a call over budget disables
+    /// the module (None then).
+    fn call<T>(&self, hook: &str, f: impl FnOnce(&dyn Extension) -> Result<T, HookError>) -> Option<T> {
+        if self.is_disabled() {
+            return None;
+        }
+        let started = Instant::now();
+        let result = f(self.module.as_ref());
+        let took = started.elapsed();
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.busy_nanos
+            .fetch_add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        let why = match result {
+            Ok(_) if took > self.spec.call_budget => format!(
+                "its {hook} hook took {took:?}, over its budget of {:?}",
+                self.spec.call_budget
+            ),
+            Ok(value) => return Some(value),
+            Err(e) => format!("its {hook} hook failed: {e}"),
+        };
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("extension {}: disabled: {why}", self.spec.name);
+        *self.disabled.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        None
+    }
+}
+
+/// The modules of one VM.
+#[derive(Default)]
+pub struct Extensions {
+    installed: RwLock<Vec<Arc<Installed>>>,
+}
+
+fn good_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+impl Extensions {
+    /// No modules.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Installed>>> {
+        self.installed.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<Installed>>> {
+        self.installed.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Installs `module` as `spec` says: its name must be free, its ports inside the window
+    /// and taken by no other module that is enabled.
+    pub fn add(&self, spec: ModuleSpec, module: Arc<dyn Extension>) -> Result<(), ExtensionError> {
+        if !good_name(&spec.name) {
+            return Err(ExtensionError::BadName(spec.name));
+        }
+        let mut installed = self.write();
+        if installed.iter().any(|m| m.spec.name == spec.name) {
+            return Err(ExtensionError::NameTaken(spec.name));
+        }
+        if let Some((base, count)) = spec.ports {
+            let end = u32::from(base) + u32::from(count);
+            let window_end = u32::from(EXT_PORT_BASE) + u32::from(EXT_PORT_COUNT);
+            let bad = |why: &str| ExtensionError::Ports {
+                base,
+                count,
+                why: why.to_string(),
+            };
+            if count == 0 || base < EXT_PORT_BASE || end > window_end {
+                return Err(bad(&format!(
+                    "are not inside the extension window {EXT_PORT_BASE:#x}+{EXT_PORT_COUNT}"
+                )));
+            }
+            let overlaps = installed.iter().filter(|m| !m.is_disabled()).any(|m| {
+                m.spec
+                    .ports
+                    .is_some_and(|(b, c)| u32::from(base) < u32::from(b) + u32::from(c) && u32::from(b) < end)
+            });
+            if overlaps {
+                return Err(bad("overlap another module's"));
+            }
+        }
+        installed.push(Arc::new(Installed {
+            spec,
+            module,
+            calls: AtomicU64::new(0),
+            busy_nanos: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            disabled: Mutex::new(None),
+        }));
+        Ok(())
+    }
+
+    /// Removes module `name`, asked by `by` (a tenant cannot remove the provider's).
+    pub fn remove(&self, name: &str, by: Origin) -> Result<(), ExtensionError> {
+        let mut installed = self.write();
+        let at = installed
+            .iter()
+            .position(|m| m.spec.name == name)
+            .ok_or_else(|| ExtensionError::NotFound(name.to_string()))?;
+        if installed[at].spec.origin == Origin::Provider && by == Origin::Tenant {
+            return Err(ExtensionError::ProviderModule(name.to_string()));
+        }
+        installed.remove(at);
+        Ok(())
+    }
+
+    /// The modules, in the order they were installed.
+    pub fn list(&self) -> Vec<ModuleInfo> {
+        self.read()
+            .iter()
+            .map(|m| {
+                let disabled = m.disabled.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                ModuleInfo {
+                    spec: m.spec.clone(),
+                    calls: m.calls.load(Ordering::Relaxed),
+                    busy: Duration::from_nanos(m.busy_nanos.load(Ordering::Relaxed)),
+                    failures: m.failures.load(Ordering::Relaxed),
+                    metrics: if disabled.is_some() {
+                        Vec::new()
+                    } else {
+                        m.module.metrics()
+                    },
+                    disabled,
+                }
+            })
+            .collect()
+    }
+
+    /// The enabled module serving `port`, and the port's offset in its range.
+    fn at_port(&self, port: u16) -> Option<(Arc<Installed>, u16)> {
+        self.read().iter().find_map(|m| {
+            let (base, count) = m.spec.ports?;
+            let inside = port >= base && u32::from(port) < u32::from(base) + u32::from(count);
+            (inside && !m.is_disabled()).then(|| (m.clone(), port - base))
+        })
+    }
+}
+
+/// The extension window on the port-I/O bus: each access goes to the module that serves the
+/// port; a port no module serves reads as all ones and drops writes, as on a bus with no
+/// device there.
+pub struct ExtensionPorts {
+    extensions: Arc<Extensions>,
+}
+
+impl ExtensionPorts {
+    /// The window of `extensions`.
+    pub fn new(extensions: Arc<Extensions>) -> Self {
+        Self { extensions }
+    }
+}
+
+impl PortDevice for ExtensionPorts {
+    fn read(&self, offset: u16, data: &mut [u8]) {
+        let port = EXT_PORT_BASE.wrapping_add(offset);
+        let size = data.len().min(4) as u8;
+        let value = self
+            .extensions
+            .at_port(port)
+            .and_then(|(m, at)| m.call("port_read", |e| e.port_read(at, size)))
+            .unwrap_or(u32::MAX);
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = value.checked_shr(8 * i as u32).unwrap_or(0) as u8;
+        }
+    }
+
+    fn write(&self, offset: u16, data: &[u8]) {
+        let port = EXT_PORT_BASE.wrapping_add(offset);
+        let mut value = 0u32;
+        for (i, byte) in data.iter().take(4).enumerate() {
+            value |= u32::from(*byte) << (8 * i);
+        }
+        if let Some((m, at)) = self.extensions.at_port(port) {
+            m.call("port_write", |e| e.port_write(at, data.len().min(4) as u8, value));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Remembers the last value written; a read at offset 4 fails.
+    #[derive(Default)]
+    struct Latch(Mutex<u32>);
+
+    impl Extension for Latch {
+        fn port_read(&self, offset: u16, _size: u8) -> Result<u32, HookError> {
+            match offset {
+                4 => Err(HookError::Trap("out of bounds".into())),
+                _ => Ok(*self.0.lock().expect("lock")),
+            }
+        }
+        fn port_write(&self, _offset: u16, _size: u8, value: u32) -> Result<(), HookError> {
+            *self.0.lock().expect("lock") = value;
+            Ok(())
+        }
+    }
+
+    fn spec(name: &str, origin: Origin, ports: Option<(u16, u16)>) -> ModuleSpec {
+        ModuleSpec {
+            name: name.into(),
+            version: "1".into(),
+            digest: "built-in".into(),
+            origin,
+            ports,
+            call_budget: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn ports_reach_their_module_and_a_failure_disables_only_it() {
+        let ext = Arc::new(Extensions::new());
+        ext.add(
+            spec("latch", Origin::Tenant, Some((EXT_PORT_BASE, 8))),
+            Arc::new(Latch::default()),
+        )
+        .expect("added");
+        let window = ExtensionPorts::new(ext.clone());
+        window.write(0, &[0x78, 0x56, 0x34, 0x12]);
+        let mut word = [0u8; 4];
+        window.read(0, &mut word);
+        assert_eq!(u32::from_le_bytes(word), 0x1234_5678);
+        let mut byte = [0u8; 1];
+        window.read(0x20, &mut byte);
+        assert_eq!(byte, [0xff], "no module there");
+        window.read(4, &mut word);
+        assert_eq!(word, [0xff; 4], "a failed hook reads as no device");
+        let info = &ext.list()[0];
+        assert_eq!((info.calls, info.failures), (3, 1));
+        assert!(
+            info.disabled.as_deref().is_some_and(|d| d.contains("out of bounds")),
+            "{info:?}"
+        );
+        window.read(0, &mut word);
+        assert_eq!(word, [0xff; 4], "disabled");
+        // Its ports are free again for another module.
+        ext.add(
+            spec("next", Origin::Tenant, Some((EXT_PORT_BASE, 4))),
+            Arc::new(Latch::default()),
+        )
+        .expect("the ports of a disabled module are free");
+    }
+
+    #[test]
+    fn names_ports_and_the_providers_modules_are_guarded() {
+        let ext = Extensions::new();
+        let latch = || Arc::new(Latch::default());
+        ext.add(spec("meter", Origin::Provider, None), latch())
+            .expect("provider");
+        assert!(matches!(
+            ext.add(spec("meter", Origin::Tenant, None), latch()),
+            Err(ExtensionError::NameTaken(_))
+        ));
+        assert!(matches!(
+            ext.remove("meter", Origin::Tenant),
+            Err(ExtensionError::ProviderModule(_))
+        ));
+        for bad in ["", "A", "a/b", &"a".repeat(33)] {
+            assert!(matches!(
+                ext.add(spec(bad, Origin::Tenant, None), latch()),
+                Err(ExtensionError::BadName(_))
+            ));
+        }
+        for (base, count) in [(0x3f8, 8), (EXT_PORT_BASE, 0), (EXT_PORT_BASE + EXT_PORT_COUNT - 2, 4)] {
+            assert!(
+                matches!(
+                    ext.add(spec("p", Origin::Tenant, Some((base, count))), latch()),
+                    Err(ExtensionError::Ports { .. })
+                ),
+                "{base:#x}+{count}"
+            );
+        }
+        ext.add(spec("a", Origin::Tenant, Some((EXT_PORT_BASE, 16))), latch())
+            .expect("a");
+        assert!(matches!(
+            ext.add(spec("b", Origin::Tenant, Some((EXT_PORT_BASE + 8, 16))), latch()),
+            Err(ExtensionError::Ports { .. })
+        ));
+        ext.remove("a", Origin::Tenant).expect("removed");
+        assert!(matches!(
+            ext.remove("a", Origin::Tenant),
+            Err(ExtensionError::NotFound(_))
+        ));
+        ext.remove("meter", Origin::Provider).expect("the provider may");
+    }
+}
