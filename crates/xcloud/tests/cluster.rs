@@ -894,12 +894,13 @@ fn wait_group(
     let deadline = Instant::now() + Duration::from_secs(45);
     loop {
         let g = json(host, key, &["group", "show", group]);
+        // One listing: a VM the group drops meanwhile is missing from it, not an error.
+        let all = json(host, key, &["vm", "ls"]);
         let vms: Vec<Value> = g["vms"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|v| v.as_str())
-            .map(|name| json(host, key, &["vm", "show", name]))
+            .filter_map(|name| all.as_array()?.iter().find(|v| v["name"] == *name).cloned())
             .collect();
         if check(&g, &vms) {
             return vms;
