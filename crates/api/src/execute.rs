@@ -53,13 +53,14 @@ pub fn execute(handle: &VmHandle, outgoing: &Outgoing, watchdog: &Watchdog, line
         r.fenced = watchdog.fenced().then_some(true);
         r
     };
-    let done = |result: Result<(), VmError>| match result {
+    let done = |result: Result<(), String>| match result {
         Ok(()) => with_state(Response {
             ok: true,
             ..Default::default()
         }),
-        Err(e) => with_state(failure(flatten_error(&e))),
+        Err(e) => with_state(failure(e)),
     };
+    let vm_error = |e: VmError| flatten_error(&e);
     match request.command {
         Command::Status => {
             let load = handle.guest_load();
@@ -104,7 +105,7 @@ pub fn execute(handle: &VmHandle, outgoing: &Outgoing, watchdog: &Watchdog, line
                 Err(e) => with_state(failure(flatten_error(&e))),
             }
         }
-        Command::Pause => done(handle.pause()),
+        Command::Pause => done(handle.pause().map_err(vm_error)),
         Command::Resume if watchdog.expired() => with_state(failure(
             "the watchdog paused this VM: its controller must renew the watchdog before it may run".into(),
         )),
@@ -113,15 +114,9 @@ pub fn execute(handle: &VmHandle, outgoing: &Outgoing, watchdog: &Watchdog, line
             if resumed.is_ok() {
                 watchdog.resumed();
             }
-            done(resumed)
+            done(resumed.map_err(vm_error))
         }
-        Command::Watchdog { ms } => match watchdog.renew(handle, outgoing, std::time::Duration::from_millis(ms)) {
-            Ok(()) => with_state(Response {
-                ok: true,
-                ..Default::default()
-            }),
-            Err(e) => with_state(failure(e)),
-        },
+        Command::Watchdog { ms } => done(watchdog.renew(handle, outgoing, std::time::Duration::from_millis(ms))),
         // The VM is stopped once this answer is out (serve_connection): stopping it ends the
         // process, which could otherwise exit before the client hears back.
         Command::Stop => with_state(Response {
@@ -135,25 +130,20 @@ pub fn execute(handle: &VmHandle, outgoing: &Outgoing, watchdog: &Watchdog, line
             version,
             port_base,
             port_count,
-        } => match crate::extensions::add(handle, &file, name, version, port_base, port_count) {
-            Ok(()) => with_state(Response {
-                ok: true,
-                ..Default::default()
-            }),
-            Err(e) => with_state(failure(e)),
-        },
+        } => done(crate::extensions::add(
+            handle, &file, name, version, port_base, port_count,
+        )),
         Command::ExtList => with_state(Response {
             ok: true,
             extensions: Some(crate::extensions::list(handle)),
             ..Default::default()
         }),
-        Command::ExtRemove { name } => match handle.extensions().remove(&name, xcloud_vmm::extension::Origin::Tenant) {
-            Ok(()) => with_state(Response {
-                ok: true,
-                ..Default::default()
-            }),
-            Err(e) => with_state(failure(e.to_string())),
-        },
+        Command::ExtRemove { name } => done(
+            handle
+                .extensions()
+                .remove(&name, xcloud_vmm::extension::Origin::Tenant)
+                .map_err(|e| e.to_string()),
+        ),
         Command::Snapshot { dir } => match xcloud_snapshot::save(handle, &dir) {
             Ok(summary) => with_state(Response {
                 ok: true,
