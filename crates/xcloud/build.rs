@@ -15,6 +15,7 @@ const WORKLOADS: &[&str] = &[
     "httpd",
     "gauge",
     "kvclient",
+    "marker",
 ];
 
 fn main() {

@@ -5,14 +5,9 @@ use crate::protocol::ExtensionReport;
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 use xcloud_extensions::{Policy, WasmModule};
 use xcloud_vmm::extension::{ModuleSpec, Origin};
 use xcloud_vmm::VmHandle;
-
-/// The wall time one hook call of a tenant module may take: its fuel (a million
-/// instructions, about a millisecond) bounds its work; this bounds a host that stalls it.
-pub const CALL_BUDGET: Duration = Duration::from_millis(50);
 
 /// Loads the module in `file` and installs it as `name` for the tenant.
 pub fn add(
@@ -43,7 +38,9 @@ pub fn add(
         digest: module.digest.clone(),
         origin: Origin::Tenant,
         ports,
-        call_budget: CALL_BUDGET,
+        // Its fuel (a million instructions, about a millisecond) bounds its work; the
+        // provider's wall-time budget bounds a host that stalls it.
+        call_budget: handle.extensions().policy().call_budget,
     };
     handle
         .extensions()

@@ -1,8 +1,8 @@
 //! The extension host (docs/extensions.md): a tenant's WebAssembly module as an
 //! [`Extension`] of the VMM, run by wasmtime in a sandbox the provider's [`Policy`] sets.
 //!
-//! - No imports: a module reaches nothing but its own memory and what its hooks are given
-//!   (no WASI, no host functions).
+//! - Imports: only the host functions of module `xcloud` below (no WASI); anything else is
+//!   refused when the module loads.
 //! - Fuel: each hook call may burn [`Policy::fuel_per_call`] units (about one per
 //!   instruction); an endless loop runs out and traps.
 //! - Memory: its linear memory may never exceed [`Policy::memory_bytes`] (a larger declared
@@ -16,14 +16,25 @@
 //! | --- | --- | --- |
 //! | `port_read` | `(offset: i32, size: i32) -> i32` | a guest `in` in its ports: the value read |
 //! | `port_write` | `(offset: i32, size: i32, value: i32)` | a guest `out` in its ports |
+//! | `packet`, `packet_buffer`, `packet_snap` | `(nic: i32, direction: i32, len: i32) -> i32`, `() -> i32`, `() -> i32` | a frame: its first bytes are at `packet_buffer`, at most `packet_snap` of them; answers 0 pass, 1 drop, 2 pass as rewritten |
+//! | `block` | `(disk: i32, kind: i32, sector: i64, bytes: i64) -> i32` | a block request: 0 allow, 1 refuse |
+//! | `tick` | `()` | the periodic tick |
 //! | `metric_count`, `metric` | `() -> i32`, `(i32) -> i64` | the figures it exports (`metric(i)`, i < count) |
+//! | `metric_name` | `(i32) -> i64` | optional: figure i's name, `address << 32 \| length` in its memory |
+//!
+//! | import (`xcloud`) | signature | what |
+//! | --- | --- | --- |
+//! | `guest_read` | `(gpa: i64, into: i32, len: i32) -> i32` | copies guest RAM into the module's memory during a tick: 0, or -1 not guest RAM, -2 over the tick's budget, -3 `into` outside its memory, -4 not in a tick |
+//! | `guest_ram_bytes` | `() -> i64` | the guest's RAM size (0 outside a tick) |
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 use std::sync::{Mutex, OnceLock};
-use wasmtime::{Engine, Instance, Module, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc};
-use xcloud_vmm::extension::{Extension, HookError};
+use wasmtime::{
+    Caller, Engine, Instance, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc,
+};
+use xcloud_vmm::extension::{BlockVerdict, Extension, GuestView, HookError, PacketDirection, PacketVerdict, MAX_SNAP};
 
 /// What the provider lets a tenant module use.
 #[derive(Clone, Debug)]
@@ -58,8 +69,8 @@ pub enum LoadError {
     /// Neither Wasm nor its text form.
     #[error("not a WebAssembly module: {0}")]
     NotWasm(String),
-    /// It imports something: nothing is granted to tenant modules.
-    #[error("it imports {0}: a module may import nothing")]
+    /// It imports something the host does not give.
+    #[error("it imports {0}: a module may import only xcloud::guest_read and xcloud::guest_ram_bytes")]
     Imports(String),
     /// It could not be instantiated (memory over the limit, a start function that trapped).
     #[error("it cannot start: {0}")]
@@ -72,8 +83,11 @@ pub enum LoadError {
         /// What it should be.
         signature: &'static str,
     },
+    /// Its packet buffer is not inside its memory.
+    #[error("its packet buffer ({0}) is not inside its exported memory")]
+    PacketBuffer(String),
     /// It exports no hook.
-    #[error("it exports no hook (port_read, port_write, metric_count)")]
+    #[error("it exports no hook (port_read, port_write, packet, block, tick, metric_count)")]
     NoHooks,
     /// wasmtime itself refused (its configuration).
     #[error("the Wasm engine: {0}")]
@@ -94,15 +108,33 @@ fn engine(policy: &Policy) -> Result<&'static Engine, LoadError> {
         .map_err(|e| LoadError::Engine(e.clone()))
 }
 
+/// What a module's store holds: its limits, and guest RAM during a tick.
+struct Host {
+    limits: StoreLimits,
+    guest: Option<GuestView>,
+}
+
+/// Where a module takes frames: its buffer and how many bytes of a frame it wants.
+struct PacketHooks {
+    packet: TypedFunc<(i32, i32, i32), i32>,
+    buffer: usize,
+    snap: usize,
+}
+
 struct Hooks {
     port_read: Option<TypedFunc<(i32, i32), i32>>,
     port_write: Option<TypedFunc<(i32, i32, i32), ()>>,
+    packet: Option<PacketHooks>,
+    block: Option<TypedFunc<(i32, i32, i64, i64), i32>>,
+    tick: Option<TypedFunc<(), ()>>,
     metrics: Option<(TypedFunc<(), i32>, TypedFunc<i32, i64>)>,
+    metric_name: Option<TypedFunc<i32, i64>>,
 }
 
 /// A loaded tenant module.
 pub struct WasmModule {
-    store: Mutex<Store<StoreLimits>>,
+    store: Mutex<Store<Host>>,
+    memory: Option<Memory>,
     hooks: Hooks,
     fuel: u64,
     /// SHA-256 of the Wasm (hex).
@@ -116,7 +148,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 fn typed<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
-    store: &mut Store<StoreLimits>,
+    store: &mut Store<Host>,
     instance: &Instance,
     name: &'static str,
     signature: &'static str,
@@ -130,6 +162,74 @@ fn typed<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
         .map_err(|_| LoadError::Signature { name, signature })
 }
 
+/// Both of a pair of exports, or neither.
+fn pair<A, B>(
+    a: Option<A>,
+    b: Option<B>,
+    name: &'static str,
+    signature: &'static str,
+) -> Result<Option<(A, B)>, LoadError> {
+    match (a, b) {
+        (Some(a), Some(b)) => Ok(Some((a, b))),
+        (None, None) => Ok(None),
+        _ => Err(LoadError::Signature { name, signature }),
+    }
+}
+
+/// `guest_read`'s answers.
+mod guest_read {
+    pub const OUTSIDE_RAM: i32 = -1;
+    pub const OVER_BUDGET: i32 = -2;
+    pub const OUTSIDE_MODULE: i32 = -3;
+    pub const NOT_IN_TICK: i32 = -4;
+}
+
+/// The host functions a module may import.
+fn linker(engine: &Engine) -> Result<Linker<Host>, LoadError> {
+    let mut linker = Linker::new(engine);
+    let engine_error = |e: wasmtime::Error| LoadError::Engine(e.to_string());
+    linker
+        .func_wrap(
+            "xcloud",
+            "guest_read",
+            |mut caller: Caller<'_, Host>, gpa: i64, into: i32, len: i32| -> i32 {
+                let Some(mut guest) = caller.data_mut().guest.take() else {
+                    return guest_read::NOT_IN_TICK;
+                };
+                let answer = (|| {
+                    let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+                        return guest_read::OUTSIDE_MODULE;
+                    };
+                    let (Ok(at), Ok(len)) = (usize::try_from(into), usize::try_from(len)) else {
+                        return guest_read::OUTSIDE_MODULE;
+                    };
+                    let inside = at.checked_add(len).is_some_and(|end| end <= memory.data_size(&caller));
+                    if !inside {
+                        return guest_read::OUTSIDE_MODULE;
+                    }
+                    let mut bytes = vec![0u8; len];
+                    if let Err(e) = guest.read(gpa as u64, &mut bytes) {
+                        return match e {
+                            xcloud_vmm::extension::GuestReadError::OutsideRam { .. } => guest_read::OUTSIDE_RAM,
+                            xcloud_vmm::extension::GuestReadError::OverBudget { .. } => guest_read::OVER_BUDGET,
+                        };
+                    }
+                    memory.data_mut(&mut caller)[at..at + len].copy_from_slice(&bytes);
+                    0
+                })();
+                caller.data_mut().guest = Some(guest);
+                answer
+            },
+        )
+        .map_err(engine_error)?;
+    linker
+        .func_wrap("xcloud", "guest_ram_bytes", |caller: Caller<'_, Host>| -> i64 {
+            caller.data().guest.as_ref().map_or(0, |g| g.ram_bytes() as i64)
+        })
+        .map_err(engine_error)?;
+    Ok(linker)
+}
+
 impl WasmModule {
     /// Loads `bytes` (Wasm, or its text form) under `policy`.
     pub fn load(bytes: &[u8], policy: &Policy) -> Result<Self, LoadError> {
@@ -139,8 +239,12 @@ impl WasmModule {
         let wasm = wat::parse_bytes(bytes).map_err(|e| LoadError::NotWasm(e.to_string()))?;
         let engine = engine(policy)?;
         let module = Module::new(engine, &wasm).map_err(|e| LoadError::NotWasm(format!("{e:#}")))?;
-        if let Some(import) = module.imports().next() {
-            return Err(LoadError::Imports(format!("{}::{}", import.module(), import.name())));
+        let linker = linker(engine)?;
+        for import in module.imports() {
+            let known = import.module() == "xcloud" && matches!(import.name(), "guest_read" | "guest_ram_bytes");
+            if !known {
+                return Err(LoadError::Imports(format!("{}::{}", import.module(), import.name())));
+            }
         }
         let limits = StoreLimitsBuilder::new()
             .memory_size(policy.memory_bytes)
@@ -149,34 +253,75 @@ impl WasmModule {
             .table_elements(10_000)
             .instances(1)
             .build();
-        let mut store = Store::new(engine, limits);
-        store.limiter(|limits| limits);
+        let mut store = Store::new(engine, Host { limits, guest: None });
+        store.limiter(|host| &mut host.limits);
         store
             .set_fuel(policy.fuel_per_call)
             .map_err(|e| LoadError::Engine(e.to_string()))?;
-        let instance = Instance::new(&mut store, &module, &[]).map_err(|e| LoadError::Instantiate(format!("{e:#}")))?;
+        // A wrong signature of an import is refused here too.
+        let instance = linker
+            .instantiate(&mut store, &module)
+            .map_err(|e| LoadError::Instantiate(format!("{e:#}")))?;
+        let memory = instance.get_memory(&mut store, "memory");
+        let packet = pair(
+            typed::<(i32, i32, i32), i32>(&mut store, &instance, "packet", "(i32, i32, i32) -> i32")?,
+            pair(
+                typed::<(), i32>(&mut store, &instance, "packet_buffer", "() -> i32")?,
+                typed::<(), i32>(&mut store, &instance, "packet_snap", "() -> i32")?,
+                "packet_buffer",
+                "() -> i32, exported with packet_snap: () -> i32",
+            )?,
+            "packet",
+            "(i32, i32, i32) -> i32, exported with packet_buffer and packet_snap",
+        )?;
+        let packet = match packet {
+            None => None,
+            Some((packet, (buffer, snap))) => {
+                let bad = |why: String| LoadError::PacketBuffer(why);
+                let buffer = buffer
+                    .call(&mut store, ())
+                    .map_err(|e| bad(format!("packet_buffer failed: {e:#}")))?;
+                let snap = snap
+                    .call(&mut store, ())
+                    .map_err(|e| bad(format!("packet_snap failed: {e:#}")))?;
+                let (Ok(buffer), Ok(snap)) = (usize::try_from(buffer), usize::try_from(snap)) else {
+                    return Err(bad(format!("at {buffer}, {snap} bytes")));
+                };
+                let size = memory.map_or(0, |m| m.data_size(&store));
+                if snap == 0 || snap > MAX_SNAP || buffer.saturating_add(snap) > size {
+                    return Err(bad(format!(
+                        "at {buffer}, {snap} bytes: 1 to {MAX_SNAP} bytes inside its {size} bytes of memory"
+                    )));
+                }
+                Some(PacketHooks { packet, buffer, snap })
+            }
+        };
         let hooks = Hooks {
             port_read: typed(&mut store, &instance, "port_read", "(i32, i32) -> i32")?,
             port_write: typed(&mut store, &instance, "port_write", "(i32, i32, i32)")?,
-            metrics: match (
+            packet,
+            block: typed(&mut store, &instance, "block", "(i32, i32, i64, i64) -> i32")?,
+            tick: typed(&mut store, &instance, "tick", "()")?,
+            metrics: pair(
                 typed(&mut store, &instance, "metric_count", "() -> i32")?,
                 typed(&mut store, &instance, "metric", "(i32) -> i64")?,
-            ) {
-                (Some(count), Some(metric)) => Some((count, metric)),
-                (None, None) => None,
-                _ => {
-                    return Err(LoadError::Signature {
-                        name: "metric_count",
-                        signature: "() -> i32, exported with metric: (i32) -> i64",
-                    })
-                }
-            },
+                "metric_count",
+                "() -> i32, exported with metric: (i32) -> i64",
+            )?,
+            metric_name: typed(&mut store, &instance, "metric_name", "(i32) -> i64")?,
         };
-        if hooks.port_read.is_none() && hooks.port_write.is_none() && hooks.metrics.is_none() {
+        let takes_nothing = hooks.port_read.is_none()
+            && hooks.port_write.is_none()
+            && hooks.packet.is_none()
+            && hooks.block.is_none()
+            && hooks.tick.is_none()
+            && hooks.metrics.is_none();
+        if takes_nothing {
             return Err(LoadError::NoHooks);
         }
         Ok(Self {
             store: Mutex::new(store),
+            memory,
             hooks,
             fuel: policy.fuel_per_call,
             digest: sha256_hex(&wasm),
@@ -184,13 +329,29 @@ impl WasmModule {
     }
 
     /// Runs `f` on the module's store with a fresh allowance of fuel.
-    fn call<T>(&self, f: impl FnOnce(&mut Store<StoreLimits>) -> wasmtime::Result<T>) -> Result<T, HookError> {
+    fn call<T>(&self, f: impl FnOnce(&mut Store<Host>) -> wasmtime::Result<T>) -> Result<T, HookError> {
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         store.set_fuel(self.fuel).map_err(|e| HookError::Trap(e.to_string()))?;
         f(&mut store).map_err(|e| match e.downcast_ref::<Trap>() {
             Some(Trap::OutOfFuel) => HookError::OutOfFuel(self.fuel),
             _ => HookError::Trap(format!("{e:#}")),
         })
+    }
+
+    /// Figure `index`'s name, if the module names it well (1-32 of a-z, 0-9, '_').
+    fn metric_name(&self, index: i32) -> Option<String> {
+        let f = self.hooks.metric_name.as_ref()?;
+        let memory = self.memory?;
+        let packed = self.call(|s| f.call(s, index)).ok()? as u64;
+        let (at, len) = ((packed >> 32) as usize, (packed & 0xffff_ffff) as usize);
+        if !(1..=32).contains(&len) {
+            return None;
+        }
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let name = memory.data(&*store).get(at..at.checked_add(len)?)?;
+        name.iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
+            .then(|| String::from_utf8_lossy(name).into_owned())
     }
 }
 
@@ -211,6 +372,85 @@ impl Extension for WasmModule {
         }
     }
 
+    fn packet_snap(&self) -> usize {
+        self.hooks.packet.as_ref().map_or(0, |p| p.snap)
+    }
+
+    fn packet(
+        &self,
+        nic: u32,
+        direction: PacketDirection,
+        head: &mut [u8],
+        len: usize,
+    ) -> Result<PacketVerdict, HookError> {
+        let (Some(hooks), Some(memory)) = (&self.hooks.packet, self.memory) else {
+            return Ok(PacketVerdict::Pass);
+        };
+        let shown = head.len().min(hooks.snap);
+        let at = hooks.buffer;
+        let outside = || HookError::Trap("its packet buffer left its memory".into());
+        let verdict = self.call(|s| {
+            memory
+                .data_mut(&mut *s)
+                .get_mut(at..at + shown)
+                .ok_or_else(|| wasmtime::Error::msg("its packet buffer left its memory"))?
+                .copy_from_slice(&head[..shown]);
+            hooks.packet.call(&mut *s, (nic as i32, direction.code(), len as i32))
+        })?;
+        match verdict {
+            0 => Ok(PacketVerdict::Pass),
+            1 => Ok(PacketVerdict::Drop),
+            2 => {
+                let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+                let bytes = memory.data(&*store).get(at..at + shown).ok_or_else(outside)?;
+                head[..shown].copy_from_slice(bytes);
+                Ok(PacketVerdict::Rewrite)
+            }
+            other => Err(HookError::BadAnswer(format!(
+                "packet verdict {other} (0 pass, 1 drop, 2 rewrite)"
+            ))),
+        }
+    }
+
+    fn takes_blocks(&self) -> bool {
+        self.hooks.block.is_some()
+    }
+
+    fn block(&self, disk: u32, kind: u32, sector: u64, bytes: u64) -> Result<BlockVerdict, HookError> {
+        let Some(f) = &self.hooks.block else {
+            return Ok(BlockVerdict::Allow);
+        };
+        match self.call(|s| f.call(s, (disk as i32, kind as i32, sector as i64, bytes as i64)))? {
+            0 => Ok(BlockVerdict::Allow),
+            1 => Ok(BlockVerdict::Refuse),
+            other => Err(HookError::BadAnswer(format!(
+                "block verdict {other} (0 allow, 1 refuse)"
+            ))),
+        }
+    }
+
+    fn takes_ticks(&self) -> bool {
+        self.hooks.tick.is_some()
+    }
+
+    fn tick(&self, guest: &mut GuestView) -> Result<(), HookError> {
+        let Some(f) = &self.hooks.tick else {
+            return Ok(());
+        };
+        // The view lives in the store for the call (guest_read reaches it there) and comes back.
+        let placeholder = GuestView::new(Default::default(), 0);
+        let view = std::mem::replace(guest, placeholder);
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.data_mut().guest = Some(view);
+        drop(store);
+        let result = self.call(|s| f.call(s, ()));
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(view) = store.data_mut().guest.take() {
+            *guest = view;
+        }
+        result
+    }
+
     fn metrics(&self) -> Vec<(String, f64)> {
         let Some((count, metric)) = &self.hooks.metrics else {
             return Vec::new();
@@ -218,9 +458,9 @@ impl Extension for WasmModule {
         let n = self.call(|s| count.call(s, ())).unwrap_or(0).clamp(0, 64);
         (0..n)
             .filter_map(|i| {
-                self.call(|s| metric.call(s, i))
-                    .ok()
-                    .map(|v| (format!("m{i}"), v as f64))
+                let value = self.call(|s| metric.call(s, i)).ok()?;
+                let name = self.metric_name(i).unwrap_or_else(|| format!("m{i}"));
+                Some((name, value as f64))
             })
             .collect()
     }
@@ -248,8 +488,246 @@ mod tests {
         assert_eq!(kv.port_read(12, 4).expect("count"), 3);
         kv.port_write(4, 4, 5000).expect("a key out of range");
         assert_eq!(kv.port_read(8, 4).expect("value"), u32::MAX);
-        assert_eq!(kv.metrics(), [("m0".to_string(), 3.0)]);
+        assert_eq!(kv.metrics(), [("m0".to_string(), 3.0)], "kv names no figure");
         assert_eq!(kv.digest.len(), 64);
+    }
+
+    fn example(name: &str) -> WasmModule {
+        let path = format!("{}/../../extensions/{name}.wat", env!("CARGO_MANIFEST_DIR"));
+        WasmModule::load(&std::fs::read(&path).expect("example"), &Policy::default()).expect("the example loads")
+    }
+
+    fn figure(module: &WasmModule, name: &str) -> f64 {
+        let metrics = module.metrics();
+        metrics
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no figure {name}: {metrics:?}"))
+            .1
+    }
+
+    /// An Ethernet frame carrying an IPv4 TCP segment to `port` with `flags`, 60 bytes.
+    fn tcp_frame(port: u16, flags: u8) -> Vec<u8> {
+        let mut f = vec![0u8; 60];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[23] = 6;
+        f[34..36].copy_from_slice(&40000u16.to_be_bytes());
+        f[36..38].copy_from_slice(&port.to_be_bytes());
+        f[47] = flags;
+        f
+    }
+
+    fn judge(module: &WasmModule, direction: PacketDirection, frame: &[u8]) -> PacketVerdict {
+        let mut head = frame[..frame.len().min(module.packet_snap())].to_vec();
+        module.packet(0, direction, &mut head, frame.len()).expect("verdict")
+    }
+
+    #[test]
+    fn the_packet_examples_count_and_filter() {
+        let counter = example("packet-counter");
+        assert_eq!(counter.packet_snap(), 64);
+        assert_eq!(
+            judge(&counter, PacketDirection::ToGuest, &tcp_frame(80, 0x02)),
+            PacketVerdict::Pass
+        );
+        assert_eq!(
+            judge(&counter, PacketDirection::ToGuest, &tcp_frame(80, 0x12)),
+            PacketVerdict::Pass
+        );
+        assert_eq!(
+            judge(&counter, PacketDirection::FromGuest, &[0u8; 1514]),
+            PacketVerdict::Pass
+        );
+        assert_eq!(figure(&counter, "frames_in"), 2.0);
+        assert_eq!(figure(&counter, "bytes_in"), 120.0);
+        assert_eq!(figure(&counter, "frames_out"), 1.0);
+        assert_eq!(figure(&counter, "bytes_out"), 1514.0);
+        assert_eq!(figure(&counter, "syns_in"), 1.0, "a SYN-ACK opens nothing");
+
+        let filter = example("packet-filter");
+        assert_eq!(
+            judge(&filter, PacketDirection::ToGuest, &tcp_frame(5001, 0x02)),
+            PacketVerdict::Drop
+        );
+        assert_eq!(
+            judge(&filter, PacketDirection::ToGuest, &tcp_frame(23, 0x10)),
+            PacketVerdict::Drop
+        );
+        assert_eq!(
+            judge(&filter, PacketDirection::ToGuest, &tcp_frame(5002, 0x02)),
+            PacketVerdict::Pass
+        );
+        assert_eq!(
+            judge(&filter, PacketDirection::FromGuest, &tcp_frame(5001, 0x02)),
+            PacketVerdict::Pass
+        );
+        let mut udp = tcp_frame(6379, 0);
+        udp[23] = 17;
+        assert_eq!(judge(&filter, PacketDirection::ToGuest, &udp), PacketVerdict::Drop);
+        let mut fragment = tcp_frame(5001, 0x02);
+        fragment[21] = 8;
+        assert_eq!(
+            judge(&filter, PacketDirection::ToGuest, &fragment),
+            PacketVerdict::Pass,
+            "no ports in a later fragment"
+        );
+        assert_eq!(
+            judge(&filter, PacketDirection::ToGuest, &[0xffu8; 20]),
+            PacketVerdict::Pass,
+            "a runt"
+        );
+        assert_eq!((figure(&filter, "dropped"), figure(&filter, "passed")), (3.0, 4.0));
+    }
+
+    #[test]
+    fn a_packet_module_may_rewrite_and_garbage_verdicts_are_errors() {
+        let rewriter = load(
+            r#"(module (memory (export "memory") 1)
+                 (func (export "packet_buffer") (result i32) i32.const 16)
+                 (func (export "packet_snap") (result i32) i32.const 4)
+                 (func (export "packet") (param i32 i32 i32) (result i32)
+                   i32.const 16 i32.const 0x01020304 i32.store i32.const 2))"#,
+        )
+        .expect("loads");
+        let mut head = vec![0u8; 4];
+        assert_eq!(
+            rewriter
+                .packet(0, PacketDirection::FromGuest, &mut head, 1000)
+                .expect("verdict"),
+            PacketVerdict::Rewrite
+        );
+        assert_eq!(head, [4, 3, 2, 1]);
+        let garbage = load(
+            r#"(module (memory (export "memory") 1)
+                 (func (export "packet_buffer") (result i32) i32.const 0)
+                 (func (export "packet_snap") (result i32) i32.const 64)
+                 (func (export "packet") (param i32 i32 i32) (result i32) i32.const 7))"#,
+        )
+        .expect("loads");
+        assert!(matches!(
+            garbage.packet(0, PacketDirection::ToGuest, &mut [0u8; 64], 64),
+            Err(HookError::BadAnswer(_))
+        ));
+        // A buffer outside its memory, or a snap of nothing, is refused at load.
+        for (buffer, snap) in [(65530, 64), (0, 0), (-1, 64), (0, 70000)] {
+            let text = format!(
+                r#"(module (memory (export "memory") 1)
+                     (func (export "packet_buffer") (result i32) i32.const {buffer})
+                     (func (export "packet_snap") (result i32) i32.const {snap})
+                     (func (export "packet") (param i32 i32 i32) (result i32) i32.const 0))"#
+            );
+            assert!(
+                matches!(load(&text), Err(LoadError::PacketBuffer(_))),
+                "{buffer} {snap}"
+            );
+        }
+        assert!(
+            matches!(
+                load(r#"(module (func (export "packet") (param i32 i32 i32) (result i32) i32.const 0))"#),
+                Err(LoadError::Signature { .. })
+            ),
+            "packet without its buffer"
+        );
+    }
+
+    #[test]
+    fn the_block_audit_example_logs_writes_and_guards_the_boot_sectors() {
+        let audit = example("block-audit");
+        assert!(audit.takes_blocks());
+        assert_eq!(audit.block(0, 1, 100, 4096).expect("verdict"), BlockVerdict::Allow);
+        assert_eq!(audit.block(0, 1, 2048, 512).expect("verdict"), BlockVerdict::Allow);
+        assert_eq!(
+            audit.block(0, 0, 0, 512).expect("verdict"),
+            BlockVerdict::Allow,
+            "reads pass"
+        );
+        assert_eq!(audit.block(0, 1, 7, 512).expect("verdict"), BlockVerdict::Refuse);
+        assert_eq!(
+            audit.block(0, 4, 0, 0).expect("verdict"),
+            BlockVerdict::Allow,
+            "a flush"
+        );
+        assert_eq!(figure(&audit, "writes"), 2.0);
+        assert_eq!(figure(&audit, "bytes_written"), 4608.0);
+        assert_eq!(figure(&audit, "refused"), 1.0);
+        assert_eq!(figure(&audit, "reads"), 1.0);
+        assert_eq!(figure(&audit, "last_sector"), 2048.0);
+        let garbage = load(r#"(module (func (export "block") (param i32 i32 i64 i64) (result i32) i32.const -5))"#)
+            .expect("loads");
+        assert!(matches!(garbage.block(0, 1, 0, 0), Err(HookError::BadAnswer(_))));
+    }
+
+    fn guest_ram(bytes: usize) -> vm_memory::GuestMemoryMmap {
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), bytes)]).expect("guest RAM")
+    }
+
+    #[test]
+    fn the_memory_scanner_finds_the_marker_within_its_budget() {
+        use vm_memory::Bytes;
+        let ram = guest_ram(4 << 20);
+        ram.write_slice(b"xcloud_memscan_marker", vm_memory::GuestAddress(0x12_3458))
+            .expect("marker");
+        // A marker across the line between two chunks is seen too.
+        ram.write_slice(b"xcloud_memscan_marker", vm_memory::GuestAddress(0x7_fff8))
+            .expect("marker");
+        let scanner = example("memscan");
+        assert!(scanner.takes_ticks());
+        for _ in 0..10 {
+            scanner.tick(&mut GuestView::new(ram.clone(), 1 << 20)).expect("tick");
+        }
+        assert_eq!(figure(&scanner, "found_at"), 0x12_3458 as f64);
+        assert_eq!(figure(&scanner, "found"), 2.0);
+        assert_eq!(figure(&scanner, "sweeps"), 1.0);
+        // Within a budget too small for its chunk, it reads nothing.
+        let starved = example("memscan");
+        let mut view = GuestView::new(ram.clone(), 4096);
+        starved.tick(&mut view).expect("tick");
+        assert_eq!(view.left(), 4096);
+        assert_eq!(figure(&starved, "scanned_kib"), 0.0);
+    }
+
+    #[test]
+    fn guest_reads_are_bounded_and_only_in_a_tick() {
+        let ram = guest_ram(1 << 20);
+        // Tries a read the test names by the global's value and keeps the answer at 0.
+        let probe = |gpa: i64, into: i32, len: i32| {
+            load(&format!(
+                r#"(module (import "xcloud" "guest_read" (func $r (param i64 i32 i32) (result i32)))
+                     (memory (export "memory") 1)
+                     (func (export "tick") (i32.store (i32.const 0) (call $r (i64.const {gpa}) (i32.const {into}) (i32.const {len}))))
+                     (func (export "port_read") (param i32 i32) (result i32) (call $r (i64.const 0) (i32.const 0) (i32.const 4)))
+                     (func (export "metric_count") (result i32) i32.const 1)
+                     (func (export "metric") (param i32) (result i64) (i64.load32_s (i32.const 0))))"#
+            ))
+            .expect("loads")
+        };
+        for (gpa, into, len, answer) in [
+            (0, 16, 4096, 0.0),
+            ((1 << 20) - 8, 16, 16, -1.0),
+            (-1, 16, 8, -1.0),
+            (0, 65000, 4096, -3.0),
+            (0, -8, 8, -3.0),
+            (0, 16, 70000, -3.0),
+            (0, 16, 8192, -2.0),
+        ] {
+            let module = probe(gpa, into, len);
+            module.tick(&mut GuestView::new(ram.clone(), 4096)).expect("tick");
+            assert_eq!(module.metrics()[0].1, answer, "{gpa} {into} {len}");
+        }
+        assert_eq!(
+            probe(0, 0, 4).port_read(0, 4).expect("read") as i32,
+            -4,
+            "not in a tick"
+        );
+        assert!(matches!(
+            load(r#"(module (import "xcloud" "guest_read" (func (param i32))) (func (export "tick")))"#),
+            Err(LoadError::Instantiate(_))
+        ));
+        assert!(matches!(
+            load(r#"(module (import "xcloud" "guest_write" (func)) (func (export "tick")))"#),
+            Err(LoadError::Imports(_))
+        ));
     }
 
     #[test]

@@ -7,15 +7,19 @@
 //! (a trap, its fuel spent, an answer that means nothing, more time than its budget) disables
 //! its module, says why, and the guest sees what it sees with no device there. The VM goes on.
 //!
-//! Hook points so far: port I/O in the extension window ([`xcloud_abi::EXT_PORT_BASE`]), and
-//! the figures a module exports. Packets, block requests, ticks with guest memory and the
-//! migration phases come with the modules that need them.
+//! Hook points: port I/O in the extension window ([`xcloud_abi::EXT_PORT_BASE`]), the frames
+//! of every virtio NIC ([`PacketHook`]), the requests of every virtio disk ([`BlockHook`]), a
+//! periodic tick with read-only, bounded access to guest RAM ([`GuestView`]), and the figures
+//! a module exports. Which of them a tenant's module may take is the provider's
+//! [`TenantPolicy`]; the provider's own modules take what they implement.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use xcloud_abi::{EXT_PORT_BASE, EXT_PORT_COUNT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+pub use xcloud_abi::{EXT_PORT_BASE, EXT_PORT_COUNT};
 use xcloud_devices::bus::PortDevice;
+pub use xcloud_devices::hooks::{BlockHook, BlockVerdict, PacketDirection, PacketHook, PacketVerdict};
 
 /// Why one hook call failed; its module is disabled with it.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +50,9 @@ pub enum ExtensionError {
     /// A tenant may not remove or replace a provider's module.
     #[error("module {0} is the provider's: a tenant cannot remove or replace it")]
     ProviderModule(String),
+    /// The provider's policy does not let a tenant's module take this hook.
+    #[error("the provider's policy does not let a tenant module take the {0} hook")]
+    NotGranted(&'static str),
     /// The ports asked for are outside the extension window or taken.
     #[error("ports {base:#x}+{count} {why}")]
     Ports {
@@ -80,9 +87,200 @@ pub trait Extension: Send + Sync {
         Ok(())
     }
 
+    /// How many bytes of each frame the module's packet hook wants (0: it takes no frames).
+    fn packet_snap(&self) -> usize {
+        0
+    }
+
+    /// A frame `len` bytes long going `direction` on NIC `nic`, its first bytes in `head`
+    /// (which the module may rewrite, answering [`PacketVerdict::Rewrite`]).
+    fn packet(
+        &self,
+        _nic: u32,
+        _direction: PacketDirection,
+        _head: &mut [u8],
+        _len: usize,
+    ) -> Result<PacketVerdict, HookError> {
+        Ok(PacketVerdict::Pass)
+    }
+
+    /// Whether the module takes block requests.
+    fn takes_blocks(&self) -> bool {
+        false
+    }
+
+    /// A request of virtio-blk type `kind` at `sector` with `bytes` of data on disk `disk`,
+    /// before the disk does it.
+    fn block(&self, _disk: u32, _kind: u32, _sector: u64, _bytes: u64) -> Result<BlockVerdict, HookError> {
+        Ok(BlockVerdict::Allow)
+    }
+
+    /// Whether the module takes the periodic tick.
+    fn takes_ticks(&self) -> bool {
+        false
+    }
+
+    /// The periodic tick: the module may read guest RAM through `guest`, up to its budget.
+    fn tick(&self, _guest: &mut GuestView) -> Result<(), HookError> {
+        Ok(())
+    }
+
     /// The figures the module exports, by name.
     fn metrics(&self) -> Vec<(String, f64)> {
         Vec::new()
+    }
+}
+
+/// Why a read of guest RAM by a module was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GuestReadError {
+    /// The range is not all guest RAM.
+    #[error("{len} bytes at {gpa:#x} are not all guest RAM")]
+    OutsideRam {
+        /// First guest-physical byte.
+        gpa: u64,
+        /// Bytes asked for.
+        len: usize,
+    },
+    /// The tick's budget of bytes is spent.
+    #[error("{asked} bytes asked, {left} left of this tick's budget")]
+    OverBudget {
+        /// Bytes asked for.
+        asked: usize,
+        /// Bytes left.
+        left: u64,
+    },
+}
+
+/// Guest RAM as one tick of a module sees it: read-only, and at most a budget of bytes.
+pub struct GuestView {
+    memory: GuestMemoryMmap,
+    left: u64,
+}
+
+impl GuestView {
+    /// A view of `memory` that reads at most `budget` bytes.
+    pub fn new(memory: GuestMemoryMmap, budget: u64) -> Self {
+        Self { memory, left: budget }
+    }
+
+    /// Bytes of guest RAM (the highest address a read may reach, plus one).
+    pub fn ram_bytes(&self) -> u64 {
+        self.memory.last_addr().0.saturating_add(1)
+    }
+
+    /// Bytes this tick may still read.
+    pub fn left(&self) -> u64 {
+        self.left
+    }
+
+    /// Copies guest RAM at `gpa` into `into`, from the budget.
+    pub fn read(&mut self, gpa: u64, into: &mut [u8]) -> Result<(), GuestReadError> {
+        if into.len() as u64 > self.left {
+            return Err(GuestReadError::OverBudget {
+                asked: into.len(),
+                left: self.left,
+            });
+        }
+        let outside = GuestReadError::OutsideRam { gpa, len: into.len() };
+        if !GuestMemoryBackend::check_range(&self.memory, GuestAddress(gpa), into.len()) {
+            return Err(outside);
+        }
+        self.memory.read_slice(into, GuestAddress(gpa)).map_err(|_| outside)?;
+        self.left -= into.len() as u64;
+        Ok(())
+    }
+}
+
+/// What a tenant's module may do, as the provider sets it (xcloud run's `--ext-policy`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantPolicy {
+    /// It may serve ports in the extension window.
+    pub ports: bool,
+    /// It may see (and drop, and rewrite) the VM's frames.
+    pub packets: bool,
+    /// It may see (and refuse) the VM's block requests.
+    pub blocks: bool,
+    /// Bytes of guest RAM one tick may read (0: no tick).
+    pub guest_read_per_tick: u64,
+    /// Time between ticks.
+    pub tick_interval: Duration,
+    /// Wall time one hook call may take.
+    pub call_budget: Duration,
+}
+
+impl Default for TenantPolicy {
+    fn default() -> Self {
+        Self {
+            ports: true,
+            packets: true,
+            blocks: true,
+            guest_read_per_tick: 1 << 20,
+            tick_interval: Duration::from_millis(100),
+            call_budget: Duration::from_millis(50),
+        }
+    }
+}
+
+impl TenantPolicy {
+    /// Reads a policy from `key=value` pairs separated by commas: `ports`, `packets`, `blocks`
+    /// (`yes` or `no`), `guest-read` (bytes per tick, with an optional K or M), `tick-ms`,
+    /// `budget-ms`. What is not named keeps its default.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut policy = Self::default();
+        for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+            let yes_no = |v: &str| match v {
+                "yes" => Ok(true),
+                "no" => Ok(false),
+                _ => Err(format!("{key} is yes or no, not {v:?}")),
+            };
+            let number = |v: &str| -> Result<u64, String> {
+                let (digits, unit) = match v.strip_suffix(['K', 'k']) {
+                    Some(d) => (d, 1 << 10),
+                    None => match v.strip_suffix(['M', 'm']) {
+                        Some(d) => (d, 1 << 20),
+                        None => (v, 1),
+                    },
+                };
+                digits
+                    .parse::<u64>()
+                    .ok()
+                    .and_then(|n| n.checked_mul(unit))
+                    .ok_or_else(|| format!("{key}={v} is not a number"))
+            };
+            match key {
+                "ports" => policy.ports = yes_no(value)?,
+                "packets" => policy.packets = yes_no(value)?,
+                "blocks" => policy.blocks = yes_no(value)?,
+                "guest-read" => policy.guest_read_per_tick = number(value)?.min(1 << 30),
+                "tick-ms" => policy.tick_interval = Duration::from_millis(number(value)?.clamp(10, 60_000)),
+                "budget-ms" => policy.call_budget = Duration::from_millis(number(value)?.clamp(1, 10_000)),
+                _ => {
+                    return Err(format!(
+                        "no policy key {key:?} (ports, packets, blocks, guest-read, tick-ms, budget-ms)"
+                    ))
+                }
+            }
+        }
+        Ok(policy)
+    }
+
+    /// The hook of `module` this policy does not grant, if any.
+    fn refused_hook(&self, spec: &ModuleSpec, module: &dyn Extension) -> Option<&'static str> {
+        if spec.ports.is_some() && !self.ports {
+            Some("port-I/O")
+        } else if module.packet_snap() > 0 && !self.packets {
+            Some("packet")
+        } else if module.takes_blocks() && !self.blocks {
+            Some("block")
+        } else if module.takes_ticks() && self.guest_read_per_tick == 0 {
+            Some("tick")
+        } else {
+            None
+        }
     }
 }
 
@@ -166,6 +364,11 @@ impl Installed {
 #[derive(Default)]
 pub struct Extensions {
     installed: RwLock<Vec<Arc<Installed>>>,
+    policy: RwLock<TenantPolicy>,
+    /// The largest snap length of the modules that take frames (0: none does).
+    snap: AtomicUsize,
+    /// How many installed modules take block requests.
+    block_takers: AtomicUsize,
 }
 
 fn good_name(name: &str) -> bool {
@@ -189,11 +392,34 @@ impl Extensions {
         self.installed.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// What tenants' modules may do from now on (modules installed already keep their hooks).
+    pub fn set_policy(&self, policy: TenantPolicy) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    /// What tenants' modules may do.
+    pub fn policy(&self) -> TenantPolicy {
+        self.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Recounts what the device hooks look at for their fast paths.
+    fn recount(&self, installed: &[Arc<Installed>]) {
+        let snap = installed.iter().map(|m| m.module.packet_snap()).max().unwrap_or(0);
+        self.snap.store(snap.min(MAX_SNAP), Ordering::Relaxed);
+        let blocks = installed.iter().filter(|m| m.module.takes_blocks()).count();
+        self.block_takers.store(blocks, Ordering::Relaxed);
+    }
+
     /// Installs `module` as `spec` says: its name must be free, its ports inside the window
     /// and taken by no other module that is enabled.
     pub fn add(&self, spec: ModuleSpec, module: Arc<dyn Extension>) -> Result<(), ExtensionError> {
         if !good_name(&spec.name) {
             return Err(ExtensionError::BadName(spec.name));
+        }
+        if spec.origin == Origin::Tenant {
+            if let Some(hook) = self.policy().refused_hook(&spec, module.as_ref()) {
+                return Err(ExtensionError::NotGranted(hook));
+            }
         }
         let mut installed = self.write();
         if installed.iter().any(|m| m.spec.name == spec.name) {
@@ -229,6 +455,7 @@ impl Extensions {
             failures: AtomicU64::new(0),
             disabled: Mutex::new(None),
         }));
+        self.recount(&installed);
         Ok(())
     }
 
@@ -243,6 +470,7 @@ impl Extensions {
             return Err(ExtensionError::ProviderModule(name.to_string()));
         }
         installed.remove(at);
+        self.recount(&installed);
         Ok(())
     }
 
@@ -275,6 +503,102 @@ impl Extensions {
             let inside = port >= base && u32::from(port) < u32::from(base) + u32::from(count);
             (inside && !m.is_disabled()).then(|| (m.clone(), port - base))
         })
+    }
+}
+
+/// The most bytes of a frame a packet hook is given.
+pub const MAX_SNAP: usize = 65_536;
+
+impl PacketHook for Extensions {
+    fn snap_len(&self) -> usize {
+        self.snap.load(Ordering::Relaxed)
+    }
+
+    /// Each enabled module that takes frames sees the frame in turn, in the order they were
+    /// installed, with what the ones before it rewrote; the first drop ends it.
+    fn packet(&self, nic: u32, direction: PacketDirection, head: &mut [u8], len: usize) -> PacketVerdict {
+        let mut verdict = PacketVerdict::Pass;
+        for m in self.read().iter() {
+            let snap = m.module.packet_snap().min(head.len());
+            if snap == 0 {
+                continue;
+            }
+            match m.call("packet", |e| e.packet(nic, direction, &mut head[..snap], len)) {
+                Some(PacketVerdict::Drop) => return PacketVerdict::Drop,
+                Some(PacketVerdict::Rewrite) => verdict = PacketVerdict::Rewrite,
+                Some(PacketVerdict::Pass) | None => {}
+            }
+        }
+        verdict
+    }
+}
+
+impl BlockHook for Extensions {
+    fn active(&self) -> bool {
+        self.block_takers.load(Ordering::Relaxed) > 0
+    }
+
+    /// Each enabled module that takes requests sees it in turn; the first refusal ends it.
+    fn request(&self, disk: u32, kind: u32, sector: u64, bytes: u64) -> BlockVerdict {
+        for m in self.read().iter().filter(|m| m.module.takes_blocks()) {
+            if m.call("block", |e| e.block(disk, kind, sector, bytes)) == Some(BlockVerdict::Refuse) {
+                return BlockVerdict::Refuse;
+            }
+        }
+        BlockVerdict::Allow
+    }
+}
+
+impl Extensions {
+    /// Ticks every enabled module that takes ticks, each with its own view of `memory` and the
+    /// policy's budget of bytes.
+    pub fn tick(&self, memory: &GuestMemoryMmap) {
+        let budget = self.policy().guest_read_per_tick;
+        let takers: Vec<Arc<Installed>> = self.read().iter().filter(|m| m.module.takes_ticks()).cloned().collect();
+        for m in takers {
+            let mut view = GuestView::new(memory.clone(), budget);
+            m.call("tick", |e| e.tick(&mut view));
+        }
+    }
+
+    /// Starts the thread that ticks the modules every policy interval while the guard lives.
+    pub fn start_ticker(self: &Arc<Self>, memory: GuestMemoryMmap) -> std::io::Result<Ticker> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let extensions = self.clone();
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new().name("ext-tick".into()).spawn(move || {
+            let (lock, wake) = &*stopped;
+            let mut done = lock.lock().unwrap_or_else(|p| p.into_inner());
+            while !*done {
+                let interval = extensions.policy().tick_interval;
+                done = wake.wait_timeout(done, interval).unwrap_or_else(|p| p.into_inner()).0;
+                if !*done {
+                    drop(done);
+                    extensions.tick(&memory);
+                    done = lock.lock().unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        })?;
+        Ok(Ticker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// The tick thread; dropping it stops the thread.
+pub struct Ticker {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        *self.stop.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.stop.1.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

@@ -19,6 +19,7 @@ pub mod extension;
 pub mod fuzzing;
 mod hypercall;
 pub mod lifecycle;
+pub mod meter;
 mod vcpu_thread;
 mod vcpus;
 mod virtio;

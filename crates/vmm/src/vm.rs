@@ -369,6 +369,27 @@ impl Vm {
                 source: std::io::Error::other(e),
             })?;
         let extensions = Arc::new(crate::extension::Extensions::new());
+        for nic in &nics {
+            nic.set_packet_hook(extensions.clone());
+        }
+        for disk in &disk_devices {
+            disk.set_block_hook(extensions.clone());
+        }
+        let meter = crate::meter::DeviceMeter::new(&nics, &disk_devices);
+        let meter_spec = crate::extension::ModuleSpec {
+            name: crate::meter::NAME.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            digest: "built-in".into(),
+            origin: crate::extension::Origin::Provider,
+            ports: None,
+            call_budget: std::time::Duration::from_millis(50),
+        };
+        extensions
+            .add(meter_spec, Arc::new(meter))
+            .map_err(|e| VmError::Device {
+                device: "metering module",
+                source: std::io::Error::other(e),
+            })?;
         bus.insert(
             xcloud_abi::EXT_PORT_BASE,
             xcloud_abi::EXT_PORT_COUNT,
@@ -525,6 +546,15 @@ impl Vm {
             })?;
             self.keep.push(Box::new(worker));
         }
+        let ticker = self
+            .shared
+            .extensions
+            .start_ticker(self.shared.ctx.machine.ram().mem().clone())
+            .map_err(|source| VmError::Device {
+                device: "extension tick thread",
+                source,
+            })?;
+        self.keep.push(Box::new(ticker));
         let mut c = control.lock();
         for (index, fd) in self.shared.vcpus.take_unstarted().into_iter().enumerate() {
             let ctx = self.shared.ctx.clone();

@@ -30,7 +30,7 @@ pub struct NetBench {
 
 /// Streams `bytes` to `addr` in 16 KiB writes; returns the seconds from connect to the
 /// receiver's close.
-fn stream_to(addr: &str, bytes: u64) -> Result<f64> {
+pub(crate) fn stream_to(addr: &str, bytes: u64) -> Result<f64> {
     let start = Instant::now();
     let mut s = TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(10))
         .with_context(|| format!("cannot connect to {addr}"))?;

@@ -30,6 +30,10 @@ struct ControlSocketArgs {
     /// watchdog MS` renews it within this many milliseconds (xcloudd in a cluster does).
     #[arg(long, requires = "api", value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     watchdog_ms: Option<u64>,
+    /// What tenants' extension modules may do (docs/extensions.md), e.g.
+    /// `packets=no,blocks=yes,guest-read=512K,tick-ms=100,budget-ms=50`.
+    #[arg(long, requires = "api", value_parser = xcloud_vmm::extension::TenantPolicy::parse)]
+    ext_policy: Option<xcloud_vmm::extension::TenantPolicy>,
 }
 
 impl ControlSocketArgs {
@@ -37,6 +41,7 @@ impl ControlSocketArgs {
         self.api.clone().map(|path| run::ControlSocket {
             path,
             watchdog: self.watchdog_ms.map(std::time::Duration::from_millis),
+            ext_policy: self.ext_policy.clone().unwrap_or_default(),
         })
     }
 }
@@ -58,7 +63,7 @@ enum Command {
         /// for more).
         #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
         nets: Vec<xcloud_vmm::NetSpec>,
-        /// Built-in guest name (hello, heartbeat, dirty, micro, diskwrite, diskread, netrecv, httpd) or path to a PVH ELF.
+        /// Built-in guest name (hello, heartbeat, dirty, micro, diskwrite, diskread, netrecv, httpd, gauge, kvclient, marker) or path to a PVH ELF.
         guest: String,
         /// Arguments passed to the guest on its command line.
         #[arg(last = true)]
@@ -344,6 +349,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Tenant extensions: a Wasm module's hook calls, port-I/O round trips from a guest and a
+    /// packet filter's cost to TCP throughput, each against the same logic in native Rust.
+    Ext {
+        /// Hook calls per measurement.
+        #[arg(long, default_value_t = 1_000_000)]
+        calls: u64,
+        /// Rounds of 4096 keys the guest stores and reads back.
+        #[arg(long, default_value_t = 10)]
+        rounds: u32,
+        /// Bytes per TCP connection.
+        #[arg(long, default_value = "256M", value_parser = run::parse_size)]
+        bytes: u64,
+        /// Runs of each side (alternating).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// HTTP request rate and latency of the httpd guest under wrk vs a host-native server.
     Httpd {
         /// Seconds per wrk run.
@@ -476,6 +497,14 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
                 m.failures,
                 m.digest.get(..12).unwrap_or(&m.digest)
             );
+            if !m.metrics.is_empty() {
+                let figures: Vec<String> = m
+                    .metrics
+                    .iter()
+                    .map(|(name, value)| format!("{name}={value}"))
+                    .collect();
+                println!("    {}", figures.join(" "));
+            }
         }
         return Ok(0);
     }
@@ -590,6 +619,18 @@ fn main() -> ExitCode {
             }
             .map(|_| 0)
         }
+        Command::Bench(BenchCommand::Ext {
+            calls,
+            rounds,
+            bytes,
+            runs,
+        }) => xcloud::bench_ext::ext(&xcloud::bench_ext::ExtBench {
+            calls,
+            rounds,
+            bytes,
+            runs,
+        })
+        .map(|_| 0),
         Command::Bench(BenchCommand::Net { bytes, runs }) => {
             xcloud::bench_net::net(&xcloud::bench_net::NetBench { bytes, runs }).map(|_| 0)
         }

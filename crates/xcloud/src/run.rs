@@ -107,6 +107,8 @@ pub struct ControlSocket {
     pub path: std::path::PathBuf,
     /// The watchdog's window (xcloud_api::watchdog), if its controller asked for one.
     pub watchdog: Option<std::time::Duration>,
+    /// What tenants' extension modules may do in this VM.
+    pub ext_policy: xcloud_vmm::extension::TenantPolicy,
 }
 
 /// Runs the guest to its end and returns the process exit status.
@@ -256,6 +258,7 @@ fn supervise(
 ) -> Result<i32> {
     let _server = match api {
         Some(api) => {
+            handle.extensions().set_policy(api.ext_policy.clone());
             Some(xcloud_api::serve(&api.path, handle.clone(), api.watchdog).context("cannot open the control socket")?)
         }
         None => None,

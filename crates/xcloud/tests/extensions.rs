@@ -127,3 +127,226 @@ fn a_tenant_module_serves_the_guest_and_a_hostile_one_is_contained() {
     let status = vmm.0.wait().expect("the VMM ends");
     assert!(status.success(), "{status}");
 }
+
+fn example(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../extensions")
+        .join(name)
+        .to_str()
+        .expect("utf-8")
+        .to_string()
+}
+
+/// The figures `ext ls` shows for module `name` (the indented line under its row).
+fn figures(socket: &Path, name: &str) -> std::collections::HashMap<String, f64> {
+    let listed = ok(socket, &["ext", "ls"]);
+    let mut lines = listed.lines().skip_while(|l| !l.starts_with(&format!("{name} ")));
+    assert!(lines.next().is_some(), "no module {name}: {listed}");
+    lines
+        .next()
+        .filter(|l| l.starts_with("    "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.parse::<f64>().expect("a number")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until `check` holds for module `name`'s figures.
+fn wait_figures(
+    socket: &Path,
+    name: &str,
+    what: &str,
+    check: impl Fn(&std::collections::HashMap<String, f64>) -> bool,
+) -> std::collections::HashMap<String, f64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let f = figures(socket, name);
+        if check(&f) {
+            return f;
+        }
+        assert!(std::time::Instant::now() < deadline, "{name}: {what}: {f:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Connects to `addr` inside `ns` and sends `bytes`; Err if the connection cannot be made
+/// within `timeout`.
+fn send_in(ns: &str, addr: &'static str, bytes: usize, timeout: std::time::Duration) -> std::io::Result<usize> {
+    xcloud::netlab::Hosts::in_ns(ns, move || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect_timeout(&addr.parse().map_err(std::io::Error::other)?, timeout)?;
+        s.set_write_timeout(Some(std::time::Duration::from_secs(20)))?;
+        let block = vec![0x5au8; 16 * 1024];
+        let mut sent = 0;
+        while sent < bytes {
+            s.write_all(&block)?;
+            sent += block.len();
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut end = [0u8; 1];
+        let _ = std::io::Read::read(&mut s, &mut end);
+        Ok(sent)
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the client thread panicked"))?
+    .map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+#[test]
+fn packet_modules_count_and_filter_the_frames_of_a_running_vm() {
+    let dir = scratch("packets");
+    let socket = dir.join("api.sock");
+    let ns = Namespace::new(&format!("xct-ext-{}", std::process::id()));
+    let (_vm, lines) = spawn_lines(xcloud_in(
+        &ns.0,
+        &[
+            "run",
+            "--api",
+            socket.to_str().expect("utf-8"),
+            "--net",
+            "tap=xc0",
+            "netrecv",
+            "--",
+            "10.79.0.2/24",
+            "5001",
+            "0",
+        ],
+    ));
+    next_line(&lines, "netrecv: listening");
+    ip(&["-n", &ns.0, "addr", "add", "10.79.0.1/24", "dev", "xc0"]);
+    wait_socket(&socket);
+    let (counter, filter) = (example("packet-counter.wat"), example("packet-filter.wat"));
+
+    ok(&socket, &["ext", "add", &counter, "--name", "counter"]);
+    let sent = send_in(&ns.0, "10.79.0.2:5001", 1 << 20, std::time::Duration::from_secs(10)).expect("sent");
+    next_line(&lines, "netrecv: connection 1:");
+    let counted = figures(&socket, "counter");
+    assert!(
+        counted["frames_in"] >= 20.0 && counted["frames_out"] >= 10.0,
+        "{counted:?}"
+    );
+    assert!(counted["bytes_in"] >= sent as f64, "{counted:?}");
+    assert!(counted["syns_in"] >= 1.0, "{counted:?}");
+
+    // The firewall drops what comes in to port 5001: no connection is made.
+    ok(&socket, &["ext", "add", &filter, "--name", "firewall"]);
+    let refused = send_in(&ns.0, "10.79.0.2:5001", 1 << 16, std::time::Duration::from_secs(2));
+    assert!(refused.is_err(), "a connection was made through the firewall");
+    let filtered = figures(&socket, "firewall");
+    assert!(filtered["dropped"] >= 1.0, "{filtered:?}");
+    let meter = figures(&socket, "meter");
+    assert!(
+        meter["net0_dropped"] >= 1.0,
+        "the provider's meter counts the drops: {meter:?}"
+    );
+    // The counter, installed first, saw the SYNs the firewall then dropped.
+    assert!(figures(&socket, "counter")["syns_in"] > counted["syns_in"]);
+
+    // Removed: connections go through again, every byte arrives.
+    ok(&socket, &["ext", "rm", "firewall"]);
+    let sent = send_in(&ns.0, "10.79.0.2:5001", 4 << 20, std::time::Duration::from_secs(10)).expect("sent");
+    let result = next_line(&lines, "netrecv: connection 2:");
+    assert!(result.contains(&format!(": {sent} bytes")), "{result}");
+    ok(&socket, &["ext", "rm", "counter"]);
+}
+
+#[test]
+fn block_modules_audit_the_writes_of_a_running_vm_and_a_refusal_fails_the_write() {
+    let dir = scratch("blocks");
+    let socket = dir.join("api.sock");
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(32 << 20))
+        .expect("image");
+    let mut cmd = xcloud();
+    cmd.args([
+        "run",
+        "--api",
+        socket.to_str().expect("utf-8"),
+        "--disk",
+        image.to_str().expect("utf-8"),
+        // 16 MiB at 4 MiB/s: four seconds of writes.
+        "diskwrite",
+        "--",
+        "16777216",
+        "7",
+        "8",
+        "4",
+    ]);
+    let (mut vmm, lines) = spawn_lines(cmd);
+    wait_socket(&socket);
+    // After the first block (sectors 0-511): the audit refuses writes to the boot sectors.
+    wait_figures(&socket, "meter", "the guest wrote nothing", |f| {
+        f["disk0_written_bytes"] > 0.0
+    });
+    ok(&socket, &["ext", "add", &example("block-audit.wat"), "--name", "audit"]);
+    let audited = wait_figures(&socket, "audit", "no write seen", |f| f["writes"] >= 2.0);
+    assert!(audited["bytes_written"] >= 2.0 * 262_144.0, "{audited:?}");
+    assert!(audited["last_sector"] >= 512.0, "{audited:?}");
+    assert_eq!(audited["refused"], 0.0, "{audited:?}");
+    ok(&socket, &["ext", "rm", "audit"]);
+
+    // A module that refuses every write: the guest's next write fails, and it says so.
+    let deny = dir.join("deny.wat");
+    std::fs::write(
+        &deny,
+        r#"(module (func (export "block") (param i32 i32 i64 i64) (result i32)
+             (i32.eq (local.get 1) (i32.const 1))))"#,
+    )
+    .expect("write");
+    ok(
+        &socket,
+        &["ext", "add", deny.to_str().expect("utf-8"), "--name", "deny"],
+    );
+    let failed = next_line(&lines, "diskwrite: failed");
+    assert!(failed.contains("Status(1)"), "an I/O error: {failed}");
+    let status = vmm.0.wait().expect("the VMM ends");
+    assert_eq!(status.code(), Some(1), "the guest's own exit status");
+}
+
+#[test]
+fn a_memory_scanner_finds_the_guests_marker_and_the_policy_bounds_tenant_modules() {
+    let dir = scratch("memscan");
+    let socket = dir.join("api.sock");
+    let mut cmd = xcloud();
+    cmd.args([
+        "run",
+        "--api",
+        socket.to_str().expect("utf-8"),
+        "--ext-policy",
+        "packets=no,tick-ms=20",
+        "marker",
+    ]);
+    let (_vm, lines) = spawn_lines(cmd);
+    let placed = next_line(&lines, "marker: placed at ");
+    let at = u64::from_str_radix(placed.trim_start_matches("marker: placed at 0x").trim(), 16).expect("an address");
+    wait_socket(&socket);
+
+    // The provider's policy: no packet hook for tenants here.
+    let text = refused(
+        &socket,
+        &["ext", "add", &example("packet-counter.wat"), "--name", "counter"],
+    );
+    assert!(text.contains("policy") && text.contains("packet"), "{text}");
+
+    // The provider's meter: a tenant can read it, not remove or replace it.
+    assert!(refused(&socket, &["ext", "rm", "meter"]).contains("provider"));
+    let text = refused(&socket, &["ext", "add", &example("memscan.wat"), "--name", "meter"]);
+    assert!(text.contains("installed already"), "{text}");
+    assert!(ok(&socket, &["ext", "ls"]).contains("meter "));
+
+    ok(&socket, &["ext", "add", &example("memscan.wat"), "--name", "memscan"]);
+    let found = wait_figures(&socket, "memscan", "the marker was not found", |f| f["found"] >= 1.0);
+    assert_eq!(found["found_at"], at as f64, "{found:?}");
+    let listed = ok(&socket, &["ext", "ls"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("memscan ") && l.contains("enabled")),
+        "{listed}"
+    );
+    ok(&socket, &["ext", "rm", "memscan"]);
+}

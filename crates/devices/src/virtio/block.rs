@@ -15,8 +15,9 @@ use super::worker::{self, Gate, Serve, WorkerGuard};
 use super::{guest_iovecs, GuestMemoryHost, GuestRange};
 use crate::bus::PortDevice;
 use crate::disk::{DiskFile, SECTOR_BYTES};
+use crate::hooks::{BlockHook, BlockVerdict};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -204,6 +205,8 @@ pub struct BlockStats {
     pub read_bytes: AtomicU64,
     /// Bytes written from the guest to the disk.
     pub written_bytes: AtomicU64,
+    /// Requests an extension refused.
+    pub refused: AtomicU64,
 }
 
 struct Inner {
@@ -224,6 +227,8 @@ pub struct BlockDevice {
     stats: BlockStats,
     /// While a migration copies the image: the chunks the guest wrote since the last look.
     dirty: Mutex<Option<std::collections::BTreeSet<u64>>>,
+    /// The extensions that see each request (set once by the VMM).
+    block_hook: OnceLock<Arc<dyn BlockHook>>,
 }
 
 /// The unit a migration tracks and copies an image in.
@@ -253,12 +258,19 @@ impl BlockDevice {
             gate: Gate::new()?,
             stats: BlockStats::default(),
             dirty: Mutex::new(None),
+            block_hook: OnceLock::new(),
         })
     }
 
     /// The doorbell eventfd, for the VMM to register on the notify port.
     pub fn kick_fd(&self) -> &EventFd {
         &self.kick
+    }
+
+    /// Hands every request to `hook` before doing it, from now on (the VMM's extensions; set
+    /// once).
+    pub fn set_block_hook(&self, hook: Arc<dyn BlockHook>) {
+        let _ = self.block_hook.set(hook);
     }
 
     /// Its counters.
@@ -379,7 +391,20 @@ impl BlockDevice {
 
     /// Does `r` and writes its status; returns the bytes the device wrote into the chain.
     fn execute(&self, disk: &DiskFile, mem: &GuestMemoryMmap, r: &Request) -> u32 {
-        let (status, written) = match self.perform(disk, mem, r) {
+        let refused = self
+            .block_hook
+            .get()
+            .filter(|hook| hook.active())
+            .is_some_and(|hook| hook.request(self.index, r.kind, r.sector, r.data_bytes()) == BlockVerdict::Refuse);
+        if refused {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        let outcome = if refused {
+            Err(status_byte::IOERR)
+        } else {
+            self.perform(disk, mem, r)
+        };
+        let (status, written) = match outcome {
             Ok(written) => (status_byte::OK, written),
             Err(status) => (status, 0),
         };

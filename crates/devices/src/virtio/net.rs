@@ -13,10 +13,11 @@ use super::persist::NetState;
 use super::worker::{self, Gate, Serve, WorkerGuard};
 use super::{guest_iovecs, GuestMemoryHost, GuestRange};
 use crate::bus::PortDevice;
+use crate::hooks::{PacketDirection, PacketHook, PacketVerdict};
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, VNET_HDR_BYTES};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -116,6 +117,8 @@ pub struct NetStats {
     pub rx_frames: AtomicU64,
     /// Frames from the guest.
     pub tx_frames: AtomicU64,
+    /// Frames an extension dropped (either way).
+    pub dropped_frames: AtomicU64,
 }
 
 struct Inner {
@@ -144,6 +147,56 @@ pub struct NetDevice {
     /// The last pass found no receive buffer.
     starved: AtomicBool,
     stats: NetStats,
+    /// The extensions that see each frame (set once by the VMM).
+    packet_hook: OnceLock<Arc<dyn PacketHook>>,
+}
+
+/// Copies `len` bytes from `skip` bytes into the buffers `ranges` (None if they are not RAM).
+fn gather(mem: &GuestMemoryMmap, ranges: &[GuestRange], mut skip: u64, mut len: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(len);
+    for r in ranges {
+        if len == 0 {
+            break;
+        }
+        let r_len = r.len as u64;
+        if skip >= r_len {
+            skip -= r_len;
+            continue;
+        }
+        let n = ((r_len - skip) as usize).min(len);
+        let at = out.len();
+        out.resize(at + n, 0);
+        mem.read_slice(&mut out[at..], GuestAddress(r.addr + skip)).ok()?;
+        len -= n;
+        skip = 0;
+    }
+    Some(out)
+}
+
+/// Writes `bytes` from `skip` bytes into the buffers `ranges`, noting what it wrote.
+fn scatter(
+    mem: &GuestMemoryMmap,
+    host: &dyn GuestMemoryHost,
+    ranges: &[GuestRange],
+    mut skip: u64,
+    mut bytes: &[u8],
+) -> Option<()> {
+    for r in ranges {
+        if bytes.is_empty() {
+            break;
+        }
+        let r_len = r.len as u64;
+        if skip >= r_len {
+            skip -= r_len;
+            continue;
+        }
+        let n = ((r_len - skip) as usize).min(bytes.len());
+        mem.write_slice(&bytes[..n], GuestAddress(r.addr + skip)).ok()?;
+        host.note_write(r.addr + skip, n as u64);
+        bytes = &bytes[n..];
+        skip = 0;
+    }
+    Some(())
 }
 
 impl NetDevice {
@@ -174,6 +227,7 @@ impl NetDevice {
             gate: Gate::new()?,
             starved: AtomicBool::new(false),
             stats: NetStats::default(),
+            packet_hook: OnceLock::new(),
         })
     }
 
@@ -185,6 +239,86 @@ impl NetDevice {
     /// Its counters.
     pub fn stats(&self) -> &NetStats {
         &self.stats
+    }
+
+    /// Hands every frame to `hook` from now on (the VMM's extensions; set once).
+    pub fn set_packet_hook(&self, hook: Arc<dyn PacketHook>) {
+        let _ = self.packet_hook.set(hook);
+    }
+
+    /// The hook and its snap length, when some module takes frames now.
+    fn hook(&self) -> Option<(&dyn PacketHook, usize)> {
+        let hook = self.packet_hook.get()?;
+        let snap = hook.snap_len();
+        (snap > 0).then_some((hook.as_ref(), snap))
+    }
+
+    /// Asks the hook about a frame of `len` bytes whose head is `head`.
+    fn judge(&self, hook: &dyn PacketHook, direction: PacketDirection, head: &mut [u8], len: usize) -> PacketVerdict {
+        let verdict = hook.packet(self.index, direction, head, len);
+        if verdict == PacketVerdict::Drop {
+            self.stats.dropped_frames.fetch_add(1, Ordering::Relaxed);
+        }
+        verdict
+    }
+
+    /// Sends the transmit chain `ranges` to the TAP, through the hook if there is one.
+    fn send_frame(&self, tap: &Tap, mem: &GuestMemoryMmap, ranges: &[GuestRange], head: u16) -> Result<(), String> {
+        let left_ram = || format!("transmit chain {head} left guest RAM");
+        let mut rewritten = None;
+        if let Some((hook, snap)) = self.hook() {
+            let total: u64 = ranges.iter().map(|r| r.len as u64).sum();
+            let len = (total - VNET_HDR_BYTES as u64) as usize;
+            let mut bytes = gather(mem, ranges, VNET_HDR_BYTES as u64, len.min(snap)).ok_or_else(left_ram)?;
+            match self.judge(hook, PacketDirection::FromGuest, &mut bytes, len) {
+                PacketVerdict::Drop => return Ok(()),
+                PacketVerdict::Pass => {}
+                PacketVerdict::Rewrite => {
+                    // The guest's buffer stays as the guest wrote it: the frame goes from a copy.
+                    let mut frame = gather(mem, ranges, 0, total as usize).ok_or_else(left_ram)?;
+                    frame[VNET_HDR_BYTES..VNET_HDR_BYTES + bytes.len()].copy_from_slice(&bytes);
+                    rewritten = Some(frame);
+                }
+            }
+        }
+        let written = match &mut rewritten {
+            Some(frame) => {
+                let iov = [libc::iovec {
+                    iov_base: frame.as_mut_ptr().cast(),
+                    iov_len: frame.len(),
+                }];
+                // SAFETY: the iovec names a live local buffer.
+                unsafe { tap.write_frame(&iov) }
+            }
+            None => {
+                let iov = guest_iovecs(mem, ranges).ok_or_else(left_ram)?;
+                // SAFETY: every iovec is a checked range of guest RAM, mapped while the VM lives.
+                unsafe { tap.write_frame(&iov) }
+            }
+        };
+        if let Err(e) = written {
+            tracing::debug!("virtio-net{}: a frame to {} was dropped: {e}", self.index, tap.name());
+        }
+        Ok(())
+    }
+
+    /// Whether a frame the device just wrote into the receive chain `ranges` (`n` bytes with
+    /// its header) goes to the guest, after the hook (if any) saw it and perhaps rewrote it.
+    fn admit(&self, mem: &GuestMemoryMmap, ranges: &[GuestRange], n: usize, head: u16) -> Result<bool, String> {
+        let Some((hook, snap)) = self.hook() else {
+            return Ok(true);
+        };
+        let len = n.saturating_sub(VNET_HDR_BYTES);
+        let left_ram = || format!("receive chain {head} left guest RAM");
+        let mut bytes = gather(mem, ranges, VNET_HDR_BYTES as u64, len.min(snap)).ok_or_else(left_ram)?;
+        match self.judge(hook, PacketDirection::ToGuest, &mut bytes, len) {
+            PacketVerdict::Drop => Ok(false),
+            PacketVerdict::Pass => Ok(true),
+            PacketVerdict::Rewrite => {
+                scatter(mem, self.mem.as_ref(), ranges, VNET_HDR_BYTES as u64, &bytes).ok_or_else(left_ram)?;
+                Ok(true)
+            }
+        }
     }
 
     /// The guest's MAC address.
@@ -217,12 +351,7 @@ impl NetDevice {
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let ranges = parse_frame_chain(chain, mem, false).map_err(|e| format!("transmit chain {head}: {e}"))?;
-            let iov = guest_iovecs(mem, &ranges).ok_or_else(|| format!("transmit chain {head} left guest RAM"))?;
-            // SAFETY: every iovec is a checked range of guest RAM, mapped while the VM lives.
-            match unsafe { tap.write_frame(&iov) } {
-                Ok(_) => {}
-                Err(e) => tracing::debug!("virtio-net{}: a frame to {} was dropped: {e}", self.index, tap.name()),
-            }
+            self.send_frame(tap, mem, &ranges, head)?;
             queue
                 .add_used(mem, head, 0)
                 .map_err(|e| format!("cannot complete transmit chain {head}: {e}"))?;
@@ -240,7 +369,16 @@ impl NetDevice {
         } = inner;
         let queue = &mut transport.queues[RX].0;
         let mut served = 0;
-        while let Some(frame) = pending.front() {
+        while let Some(frame) = pending.front_mut() {
+            if let Some((hook, snap)) = self.hook() {
+                let len = frame.len().saturating_sub(VNET_HDR_BYTES);
+                let at = VNET_HDR_BYTES.min(frame.len());
+                let end = at + len.min(snap);
+                if self.judge(hook, PacketDirection::ToGuest, &mut frame[at..end], len) == PacketVerdict::Drop {
+                    pending.pop_front();
+                    continue;
+                }
+            }
             let chain = match queue.iter(mem) {
                 Ok(mut it) => it.next(),
                 Err(e) => return Err(format!("its receive ring is invalid: {e}")),
@@ -268,7 +406,10 @@ impl NetDevice {
             pending.pop_front();
             served += 1;
         }
-        while served < BATCH {
+        // Frames an extension drops use no buffer: the looks are bounded too.
+        let mut looked = 0;
+        while served < BATCH && looked < 4 * BATCH {
+            looked += 1;
             let chain = match queue.iter(mem) {
                 Ok(mut it) => it.next(),
                 Err(e) => return Err(format!("its receive ring is invalid: {e}")),
@@ -289,6 +430,11 @@ impl NetDevice {
                         let wrote = left.min(r.len as u64);
                         self.mem.note_write(r.addr, wrote);
                         left -= wrote;
+                    }
+                    if !self.admit(mem, &ranges, n, head)? {
+                        // Dropped: the buffer goes back for the next frame.
+                        queue.go_to_previous_position();
+                        continue;
                     }
                     queue
                         .add_used(mem, head, n as u32)
