@@ -7,10 +7,11 @@
 ;;   +8   write: store the value under the key; read: its value (all ones: none stored, or a
 ;;        key out of range)
 ;;   +12  read: how many values were stored
-;; It exports one figure: the values stored.
+;; It exports one figure: the values stored. Its state (every value, the key, the count) goes
+;; with the VM through snapshots and migrations.
 (module
   ;; One page: 4096 values of 4 bytes from 0, a byte each at 16384 saying it is stored.
-  (memory 1)
+  (memory (export "memory") 1)
   (global $key (mut i32) (i32.const 0))
   (global $stores (mut i32) (i32.const 0))
   (func $in_range (result i32)
@@ -37,6 +38,21 @@
         (i32.store (i32.shl (global.get $key) (i32.const 2)) (local.get $value))
         (i32.store8 (i32.add (i32.const 16384) (global.get $key)) (i32.const 1))
         (global.set $stores (i32.add (global.get $stores) (i32.const 1))))))
+  ;; The state: the values and their flags as they are (0 to 20480), then the key and the
+  ;; count (20480, 20484): 20488 bytes from 0.
+  (func (export "state_save") (result i64)
+    (i32.store (i32.const 20480) (global.get $key))
+    (i32.store (i32.const 20484) (global.get $stores))
+    (i64.const 20488))
+  (func (export "state_buffer") (param $len i32) (result i32)
+    (if (result i32) (i32.eq (local.get $len) (i32.const 20488))
+      (then (i32.const 0))
+      (else (i32.const -1))))
+  (func (export "state_load") (param $len i32) (result i32)
+    (if (i32.ne (local.get $len) (i32.const 20488)) (then (return (i32.const 1))))
+    (global.set $key (i32.load (i32.const 20480)))
+    (global.set $stores (i32.load (i32.const 20484)))
+    (i32.const 0))
   (func (export "metric_count") (result i32)
     (i32.const 1))
   (func (export "metric") (param $index i32) (result i64)

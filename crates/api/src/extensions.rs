@@ -41,6 +41,7 @@ pub fn add(
         // Its fuel (a million instructions, about a millisecond) bounds its work; the
         // provider's wall-time budget bounds a host that stalls it.
         call_budget: handle.extensions().policy().call_budget,
+        code: Some(Arc::from(bytes)),
     };
     handle
         .extensions()

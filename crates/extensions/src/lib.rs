@@ -21,6 +21,7 @@
 //! | `tick` | `()` | the periodic tick |
 //! | `metric_count`, `metric` | `() -> i32`, `(i32) -> i64` | the figures it exports (`metric(i)`, i < count) |
 //! | `metric_name` | `(i32) -> i64` | optional: figure i's name, `address << 32 \| length` in its memory |
+//! | `state_save`, `state_buffer`, `state_load` | `() -> i64`, `(len: i32) -> i32`, `(len: i32) -> i32` | the state a snapshot or migration carries: `address << 32 \| length` of it; where to put `len` bytes of it in a fresh instance; take them (0: taken) |
 //!
 //! | import (`xcloud`) | signature | what |
 //! | --- | --- | --- |
@@ -34,7 +35,9 @@ use std::sync::{Mutex, OnceLock};
 use wasmtime::{
     Caller, Engine, Instance, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc,
 };
-use xcloud_vmm::extension::{BlockVerdict, Extension, GuestView, HookError, PacketDirection, PacketVerdict, MAX_SNAP};
+use xcloud_vmm::extension::{
+    BlockVerdict, Extension, GuestView, HookError, PacketDirection, PacketVerdict, MAX_MODULE_STATE, MAX_SNAP,
+};
 
 /// What the provider lets a tenant module use.
 #[derive(Clone, Debug)]
@@ -129,6 +132,14 @@ struct Hooks {
     tick: Option<TypedFunc<(), ()>>,
     metrics: Option<(TypedFunc<(), i32>, TypedFunc<i32, i64>)>,
     metric_name: Option<TypedFunc<i32, i64>>,
+    state: Option<StateHooks>,
+}
+
+/// How a module exports its state.
+struct StateHooks {
+    save: TypedFunc<(), i64>,
+    buffer: TypedFunc<i32, i32>,
+    load: TypedFunc<i32, i32>,
 }
 
 /// A loaded tenant module.
@@ -230,6 +241,15 @@ fn linker(engine: &Engine) -> Result<Linker<Host>, LoadError> {
     Ok(linker)
 }
 
+/// Makes this process's VMs load the tenant modules that snapshots and migrations carry with
+/// this host, under the default [`Policy`].
+pub fn register_loader() {
+    xcloud_vmm::extension::set_module_loader(Box::new(|code: &[u8]| {
+        let module = WasmModule::load(code, &Policy::default()).map_err(|e| e.to_string())?;
+        Ok(std::sync::Arc::new(module) as std::sync::Arc<dyn Extension>)
+    }));
+}
+
 impl WasmModule {
     /// Loads `bytes` (Wasm, or its text form) under `policy`.
     pub fn load(bytes: &[u8], policy: &Policy) -> Result<Self, LoadError> {
@@ -309,6 +329,18 @@ impl WasmModule {
                 "() -> i32, exported with metric: (i32) -> i64",
             )?,
             metric_name: typed(&mut store, &instance, "metric_name", "(i32) -> i64")?,
+            state: pair(
+                typed::<(), i64>(&mut store, &instance, "state_save", "() -> i64")?,
+                pair(
+                    typed::<i32, i32>(&mut store, &instance, "state_buffer", "(i32) -> i32")?,
+                    typed::<i32, i32>(&mut store, &instance, "state_load", "(i32) -> i32")?,
+                    "state_buffer",
+                    "(i32) -> i32, exported with state_load: (i32) -> i32",
+                )?,
+                "state_save",
+                "() -> i64, exported with state_buffer and state_load",
+            )?
+            .map(|(save, (buffer, load))| StateHooks { save, buffer, load }),
         };
         let takes_nothing = hooks.port_read.is_none()
             && hooks.port_write.is_none()
@@ -449,6 +481,49 @@ impl Extension for WasmModule {
             *guest = view;
         }
         result
+    }
+
+    fn save_state(&self) -> Result<Option<Vec<u8>>, HookError> {
+        let (Some(hooks), Some(memory)) = (&self.hooks.state, self.memory) else {
+            return Ok(None);
+        };
+        let packed = self.call(|s| hooks.save.call(s, ()))? as u64;
+        let (at, len) = ((packed >> 32) as usize, (packed & 0xffff_ffff) as usize);
+        if len > MAX_MODULE_STATE {
+            return Err(HookError::BadAnswer(format!(
+                "a state of {len} bytes (at most {MAX_MODULE_STATE})"
+            )));
+        }
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let bytes = at
+            .checked_add(len)
+            .and_then(|end| memory.data(&*store).get(at..end))
+            .ok_or_else(|| HookError::BadAnswer(format!("a state at {at}, {len} bytes, outside its memory")))?;
+        Ok(Some(bytes.to_vec()))
+    }
+
+    fn restore_state(&self, state: &[u8]) -> Result<(), HookError> {
+        let (Some(hooks), Some(memory)) = (&self.hooks.state, self.memory) else {
+            return Err(HookError::BadAnswer(
+                "it exports no state hooks to take its state".into(),
+            ));
+        };
+        let len = i32::try_from(state.len()).map_err(|_| HookError::BadAnswer("a state too large".into()))?;
+        let answer = self.call(|s| {
+            let at = usize::try_from(hooks.buffer.call(&mut *s, len)?)
+                .map_err(|_| wasmtime::Error::msg("it has no room for its state"))?;
+            at.checked_add(state.len())
+                .and_then(|end| memory.data_mut(&mut *s).get_mut(at..end))
+                .ok_or_else(|| wasmtime::Error::msg("its state buffer is outside its memory"))?
+                .copy_from_slice(state);
+            hooks.load.call(&mut *s, len)
+        })?;
+        match answer {
+            0 => Ok(()),
+            other => Err(HookError::BadAnswer(format!(
+                "state_load answered {other}: it refused its state"
+            ))),
+        }
     }
 
     fn metrics(&self) -> Vec<(String, f64)> {
@@ -728,6 +803,46 @@ mod tests {
             load(r#"(module (import "xcloud" "guest_write" (func)) (func (export "tick")))"#),
             Err(LoadError::Imports(_))
         ));
+    }
+
+    #[test]
+    fn the_key_value_store_carries_its_state_to_a_fresh_instance() {
+        let kv = example("kv");
+        for key in [1u32, 7, 4095] {
+            kv.port_write(4, 4, key).expect("key");
+            kv.port_write(8, 4, key * 5).expect("value");
+        }
+        let state = kv.save_state().expect("saved").expect("kv exports its state");
+        assert_eq!(state.len(), 20_488);
+        let moved = example("kv");
+        moved.restore_state(&state).expect("taken");
+        moved.port_write(4, 4, 7).expect("key");
+        assert_eq!(moved.port_read(8, 4).expect("value"), 35);
+        assert_eq!(moved.port_read(12, 4).expect("count"), 3);
+        moved.port_write(4, 4, 8).expect("key");
+        assert_eq!(moved.port_read(8, 4).expect("value"), u32::MAX, "never stored");
+        assert!(
+            example("kv").restore_state(&state[..100]).is_err(),
+            "a state of the wrong length"
+        );
+        assert!(
+            matches!(
+                example("packet-counter").restore_state(&state),
+                Err(HookError::BadAnswer(_))
+            ),
+            "no state hooks"
+        );
+        assert!(example("packet-counter").save_state().expect("none").is_none());
+        let outside = load(
+            r#"(module (memory (export "memory") 1)
+                 (func (export "state_save") (result i64) i64.const 0x0000fff000001000)
+                 (func (export "state_buffer") (param i32) (result i32) i32.const 0)
+                 (func (export "state_load") (param i32) (result i32) i32.const 0)
+                 (func (export "tick")))"#,
+        )
+        .expect("loads");
+        assert!(matches!(outside.save_state(), Err(HookError::BadAnswer(_))));
+        assert!(matches!(outside.restore_state(&[0u8; 70_000]), Err(HookError::Trap(_))));
     }
 
     #[test]

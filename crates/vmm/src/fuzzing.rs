@@ -44,6 +44,7 @@ pub fn decode_state(data: &[u8]) -> Result<usize, xcloud_state::StateError> {
             "serial" => check::<SerialState>(s.version, &s.body),
             "virtio-blk" => check::<BlockState>(s.version, &s.body),
             "virtio-net" => check::<NetState>(s.version, &s.body),
+            "extension" => check::<crate::extension::ModuleState>(s.version, &s.body),
             _ => Ok(()),
         };
         decoded.map_err(|source| xcloud_state::StateError::Section {

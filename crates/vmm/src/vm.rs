@@ -383,6 +383,7 @@ impl Vm {
             origin: crate::extension::Origin::Provider,
             ports: None,
             call_budget: std::time::Duration::from_millis(50),
+            code: None,
         };
         extensions
             .add(meter_spec, Arc::new(meter))
@@ -407,9 +408,11 @@ impl Vm {
             Arc::new(Irqchip::new(machine.clone())),
             Arc::new(Clock::new(machine.clone())),
         ];
+        // The extensions last: a module's state is saved after the devices it sees are paused.
         let devices: Vec<Arc<dyn Component>> = std::iter::once(serial as Arc<dyn Component>)
             .chain(disk_devices.iter().map(|d| d.clone() as Arc<dyn Component>))
             .chain(nics.iter().map(|d| d.clone() as Arc<dyn Component>))
+            .chain(std::iter::once(extensions.clone() as Arc<dyn Component>))
             .collect();
         let nets: Vec<NetSpec> = nics
             .iter()

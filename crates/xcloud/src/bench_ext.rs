@@ -145,6 +145,7 @@ fn spec(name: &str, ports: Option<(u16, u16)>) -> ModuleSpec {
         origin: Origin::Tenant,
         ports,
         call_budget: Duration::from_secs(1),
+        code: None,
     }
 }
 

@@ -533,6 +533,8 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
 
 fn main() -> ExitCode {
     xcloud::init_log(tracing_subscriber::filter::LevelFilter::WARN);
+    // Tenant modules that snapshots and migrations carry load with this host's Wasm host.
+    xcloud_extensions::register_loader();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run {

@@ -350,3 +350,54 @@ fn a_memory_scanner_finds_the_guests_marker_and_the_policy_bounds_tenant_modules
     );
     ok(&socket, &["ext", "rm", "memscan"]);
 }
+
+#[test]
+fn a_snapshot_carries_a_tenant_module_and_its_state() {
+    let dir = scratch("snapshot");
+    let socket = dir.join("api.sock");
+    let snap = dir.join("snap");
+    let mut cmd = xcloud();
+    cmd.args(["run", "--api", socket.to_str().expect("utf-8"), "kvclient", "--", "100"]);
+    let (mut vmm, lines) = spawn_lines(cmd);
+    next_line(&lines, "kvclient: waiting for the kv module");
+    wait_socket(&socket);
+    ok(
+        &socket,
+        &["ext", "add", &example("kv.wat"), "--name", "kv", "--ports", "0x5000+16"],
+    );
+    next_line(&lines, "kvclient: 100 stored");
+    ok(&socket, &["snapshot", snap.to_str().expect("utf-8")]);
+    ok(&socket, &["stop"]);
+    let _ = vmm.0.wait();
+
+    // Restored under a policy that grants no ports: it comes back disabled (the log says
+    // why), so the guest finds no module and ends.
+    let mut cmd = xcloud();
+    cmd.args([
+        "restore",
+        snap.to_str().expect("utf-8"),
+        "--api",
+        socket.to_str().expect("utf-8"),
+        "--ext-policy",
+        "ports=no",
+    ]);
+    let (mut denied, lines) = spawn_lines(cmd);
+    next_line(&lines, "kvclient: the module is gone");
+    assert!(denied.0.wait().expect("the VMM ends").success());
+
+    let mut cmd = xcloud();
+    cmd.args([
+        "restore",
+        snap.to_str().expect("utf-8"),
+        "--api",
+        socket.to_str().expect("utf-8"),
+    ]);
+    let (mut restored, lines) = spawn_lines(cmd);
+    wait_socket(&socket);
+    let f = figures(&socket, "kv");
+    assert_eq!(f.get("m0"), Some(&100.0), "its state came back: {f:?}");
+    ok(&socket, &["ext", "rm", "kv"]);
+    next_line(&lines, "kvclient: the module is gone");
+    let status = restored.0.wait().expect("the VMM ends");
+    assert!(status.success(), "{status}");
+}

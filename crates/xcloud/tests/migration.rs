@@ -870,3 +870,67 @@ fn a_guest_writing_its_disk_moves_with_it_and_the_image_ends_byte_for_byte() {
         assert_eq!(u64::from_le_bytes(word.try_into().expect("8")), want, "byte {at}");
     }
 }
+
+#[test]
+fn a_tenant_module_moves_with_its_vm_and_keeps_its_state() {
+    let hosts = lan();
+    let s = setup("extension");
+    let dst_socket = s.dir.join("dst.sock");
+    let listen = format!("{}:7710", hosts.dst_ip);
+    let peer = s.a.join("cert.der");
+    let (mut dst, dst_out) = spawn_in(
+        &hosts.dst,
+        &[
+            "receive",
+            "--listen",
+            &listen,
+            "--identity",
+            s.b.to_str().expect("utf-8"),
+            "--peer",
+            peer.to_str().expect("utf-8"),
+            "--api",
+            dst_socket.to_str().expect("utf-8"),
+        ],
+    );
+    let (mut src, src_out, _) = start_source(&hosts, &s, &["kvclient", "--", "300"], "kvclient: waiting");
+    let kv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../extensions/kv.wat");
+    let (ok, text) = ctl(
+        &s.socket,
+        &[
+            "ext",
+            "add",
+            kv.to_str().expect("utf-8"),
+            "--name",
+            "kv",
+            "--version",
+            "1.2",
+            "--ports",
+            "0x5000+16",
+        ],
+    );
+    assert!(ok, "{text}");
+    next_line(&src_out, "kvclient: 300 stored");
+    let (ok, text) = migrate(&hosts, &s, &[]);
+    assert!(ok, "{text}");
+    let (status, err) = wait_exit(&mut src.0, Duration::from_secs(10));
+    assert_eq!(status, Some(0), "{err}");
+
+    // The module runs at the destination with its version, its values and its figures.
+    wait_socket(&dst_socket);
+    let (ok, listed) = ctl(&dst_socket, &["ext", "ls"]);
+    assert!(ok, "{listed}");
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with("kv "))
+        .unwrap_or_else(|| panic!("the module did not come along: {listed}"));
+    assert!(
+        row.contains(" 1.2 ") && row.contains(" tenant ") && row.contains("enabled"),
+        "{listed}"
+    );
+    assert!(listed.contains("m0=300"), "its state came along: {listed}");
+    let (ok, text) = ctl(&dst_socket, &["ext", "rm", "kv"]);
+    assert!(ok, "{text}");
+    next_line(&dst_out, "kvclient: the module is gone");
+    let (status, err) = wait_exit(&mut dst.0, Duration::from_secs(10));
+    assert_eq!(status, Some(0), "{err}");
+}

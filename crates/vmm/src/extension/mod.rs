@@ -13,6 +13,10 @@
 //! a module exports. Which of them a tenant's module may take is the provider's
 //! [`TenantPolicy`]; the provider's own modules take what they implement.
 
+mod persist;
+
+pub use persist::ModuleState;
+
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -44,6 +48,9 @@ pub enum ExtensionError {
     /// Not a name a module can have.
     #[error("module name {0:?} is not 1-32 of a-z, 0-9, '-', '_'")]
     BadName(String),
+    /// The VM has as many tenant modules, or as much of their code, as it may.
+    #[error("{0}")]
+    TooMany(String),
     /// No module has this name.
     #[error("no module named {0}")]
     NotFound(String),
@@ -122,6 +129,18 @@ pub trait Extension: Send + Sync {
 
     /// The periodic tick: the module may read guest RAM through `guest`, up to its budget.
     fn tick(&self, _guest: &mut GuestView) -> Result<(), HookError> {
+        Ok(())
+    }
+
+    /// The state the module exports, for a snapshot or a migration to carry (None: it exports
+    /// none, and starts afresh wherever the VM goes on). At most [`MAX_MODULE_STATE`] bytes.
+    fn save_state(&self) -> Result<Option<Vec<u8>>, HookError> {
+        Ok(None)
+    }
+
+    /// Takes back the state [`Extension::save_state`] gave, in the module just loaded where
+    /// the VM goes on.
+    fn restore_state(&self, _state: &[u8]) -> Result<(), HookError> {
         Ok(())
     }
 
@@ -284,6 +303,25 @@ impl TenantPolicy {
     }
 }
 
+/// The most state one module may export.
+pub const MAX_MODULE_STATE: usize = 256 << 10;
+/// The most tenant modules one VM may have.
+pub const MAX_TENANT_MODULES: usize = 8;
+/// The most code all of a VM's tenant modules may have together: with their state they must
+/// fit a migration's state frame beside the devices.
+pub const MAX_TENANT_CODE: usize = 4 << 20;
+
+/// Loads a tenant module's code where a VM goes on from a snapshot or a migration.
+pub type ModuleLoader = dyn Fn(&[u8]) -> Result<Arc<dyn Extension>, String> + Send + Sync;
+
+static LOADER: std::sync::OnceLock<Box<ModuleLoader>> = std::sync::OnceLock::new();
+
+/// Sets how this process loads tenant modules that snapshots and migrations carry (the
+/// WebAssembly host sets it; the first call wins).
+pub fn set_module_loader(loader: Box<ModuleLoader>) {
+    let _ = LOADER.set(loader);
+}
+
 /// What a module is installed as.
 #[derive(Clone, Debug)]
 pub struct ModuleSpec {
@@ -300,6 +338,9 @@ pub struct ModuleSpec {
     /// The wall time one hook call may take before the module is disabled (its fuel bounds
     /// its instructions; this bounds everything else).
     pub call_budget: Duration,
+    /// Its code, for a snapshot or a migration to carry (None for the provider's built-ins,
+    /// which every VMM has).
+    pub code: Option<Arc<[u8]>>,
 }
 
 /// A module as `ext ls` shows it.
@@ -329,6 +370,22 @@ struct Installed {
 }
 
 impl Installed {
+    fn new(spec: ModuleSpec, module: Arc<dyn Extension>, disabled: Option<String>) -> Self {
+        Self {
+            spec,
+            module,
+            calls: AtomicU64::new(0),
+            busy_nanos: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            disabled: Mutex::new(disabled),
+        }
+    }
+
+    fn disable(&self, why: String) {
+        tracing::warn!("extension {}: disabled: {why}", self.spec.name);
+        *self.disabled.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
     fn is_disabled(&self) -> bool {
         self.disabled.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
@@ -354,8 +411,7 @@ impl Installed {
             Err(e) => format!("its {hook} hook failed: {e}"),
         };
         self.failures.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!("extension {}: disabled: {why}", self.spec.name);
-        *self.disabled.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        self.disable(why);
         None
     }
 }
@@ -392,8 +448,19 @@ impl Extensions {
         self.installed.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// What tenants' modules may do from now on (modules installed already keep their hooks).
+    /// What tenants' modules may do from now on. A tenant module installed already (or
+    /// carried here by a snapshot or a migration) that takes a hook the policy does not grant
+    /// is disabled, saying so.
     pub fn set_policy(&self, policy: TenantPolicy) {
+        for m in self
+            .read()
+            .iter()
+            .filter(|m| m.spec.origin == Origin::Tenant && !m.is_disabled())
+        {
+            if let Some(hook) = policy.refused_hook(&m.spec, m.module.as_ref()) {
+                m.disable(format!("the provider's policy here does not grant its {hook} hook"));
+            }
+        }
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
     }
 
@@ -421,9 +488,35 @@ impl Extensions {
                 return Err(ExtensionError::NotGranted(hook));
             }
         }
+        self.add_granted(spec, module, None)
+    }
+
+    /// Installs a module whose hooks were granted (or that comes disabled, `disabled` saying
+    /// why).
+    fn add_granted(
+        &self,
+        spec: ModuleSpec,
+        module: Arc<dyn Extension>,
+        disabled: Option<String>,
+    ) -> Result<(), ExtensionError> {
         let mut installed = self.write();
         if installed.iter().any(|m| m.spec.name == spec.name) {
             return Err(ExtensionError::NameTaken(spec.name));
+        }
+        if spec.origin == Origin::Tenant {
+            let tenant: Vec<&Arc<Installed>> = installed.iter().filter(|m| m.spec.origin == Origin::Tenant).collect();
+            if tenant.len() >= MAX_TENANT_MODULES {
+                return Err(ExtensionError::TooMany(format!(
+                    "the VM has {MAX_TENANT_MODULES} tenant modules, as many as it may"
+                )));
+            }
+            let code_len = |spec: &ModuleSpec| spec.code.as_ref().map_or(0, |c| c.len());
+            let code = tenant.iter().map(|m| code_len(&m.spec)).sum::<usize>() + code_len(&spec);
+            if code > MAX_TENANT_CODE {
+                return Err(ExtensionError::TooMany(format!(
+                    "the VM's tenant modules would have {code} bytes of code, over the {MAX_TENANT_CODE} they may have together"
+                )));
+            }
         }
         if let Some((base, count)) = spec.ports {
             let end = u32::from(base) + u32::from(count);
@@ -447,14 +540,7 @@ impl Extensions {
                 return Err(bad("overlap another module's"));
             }
         }
-        installed.push(Arc::new(Installed {
-            spec,
-            module,
-            calls: AtomicU64::new(0),
-            busy_nanos: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            disabled: Mutex::new(None),
-        }));
+        installed.push(Arc::new(Installed::new(spec, module, disabled)));
         self.recount(&installed);
         Ok(())
     }
@@ -671,6 +757,7 @@ mod tests {
             origin,
             ports,
             call_budget: Duration::from_secs(1),
+            code: None,
         }
     }
 
