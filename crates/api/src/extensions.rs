@@ -9,6 +9,20 @@ use xcloud_extensions::{Policy, WasmModule};
 use xcloud_vmm::extension::{ModuleSpec, Origin};
 use xcloud_vmm::VmHandle;
 
+/// Reads ports as `FIRST+COUNT` (hex with 0x, or decimal; `FIRST` alone is 16 ports), e.g.
+/// `0x5000+16`.
+pub fn parse_ports(text: &str) -> Result<(u16, u16), String> {
+    let number = |s: &str| match s.strip_prefix("0x") {
+        Some(hex) => u16::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    let (first, count) = text.split_once('+').unwrap_or((text, "16"));
+    match (number(first.trim()), number(count.trim())) {
+        (Ok(first), Ok(count)) => Ok((first, count)),
+        _ => Err(format!("{text:?} is not FIRST+COUNT (e.g. 0x5000+16)")),
+    }
+}
+
 /// Loads the module in `file` and installs it as `name` for the tenant.
 pub fn add(
     handle: &VmHandle,

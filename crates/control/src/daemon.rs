@@ -48,6 +48,9 @@ pub struct Config {
     pub usage_days: u64,
     /// How often autoscaling groups are looked at (by the scheduler, in a cluster).
     pub autoscale_period: Duration,
+    /// What tenants' extension modules may do (`--ext-policy` of every VMM; None: the VMM's
+    /// default).
+    pub ext_policy: Option<String>,
 }
 
 impl Config {
@@ -65,6 +68,7 @@ impl Config {
             meter_period: Duration::from_secs(10),
             usage_days: 400,
             autoscale_period: Duration::from_secs(5),
+            ext_policy: None,
         }
     }
 }
@@ -863,7 +867,7 @@ impl Daemon {
         self.config.data_dir.join("vms").join(id)
     }
 
-    fn api_socket(&self, id: &str) -> PathBuf {
+    pub(crate) fn api_socket(&self, id: &str) -> PathBuf {
         self.vm_dir(id).join("api.sock")
     }
 
@@ -887,7 +891,7 @@ impl Daemon {
     }
 
     /// The name the VMM of VM `vm` knows `path` by (its root is the VM's directory when jailed).
-    fn vmm_path(&self, vm: &str, path: &Path) -> PathBuf {
+    pub(crate) fn vmm_path(&self, vm: &str, path: &Path) -> PathBuf {
         if !self.config.jail {
             return path.to_path_buf();
         }
@@ -1045,10 +1049,14 @@ impl Daemon {
         };
         let sock_arg = self.vmm_path(&vm.id, &sock);
         // In a cluster the VMM is fenced if this daemon stops renewing it (cluster::keep_fences).
-        let watchdog: Vec<String> = match &self.cluster {
+        let mut api_options: Vec<String> = match &self.cluster {
             Some(c) => vec!["--watchdog-ms".into(), c.fence_window().as_millis().to_string()],
             None => Vec::new(),
         };
+        // The provider's policy for tenant modules goes with the control socket's options.
+        if let Some(policy) = &self.config.ext_policy {
+            api_options.extend(["--ext-policy".to_string(), policy.clone()]);
+        }
         match &how {
             Launch::Boot(image) => {
                 cmd.arg("run")
@@ -1058,7 +1066,7 @@ impl Daemon {
                     .arg(format!("{}M", vm.mem_mib))
                     .arg("--api")
                     .arg(&sock_arg)
-                    .args(&watchdog)
+                    .args(&api_options)
                     .arg(image)
                     .arg("--")
                     .args(&vm.args);
@@ -1068,7 +1076,7 @@ impl Daemon {
                     .arg(snapshot)
                     .arg("--api")
                     .arg(&sock_arg)
-                    .args(&watchdog);
+                    .args(&api_options);
             }
             Launch::Receive { listen, identity, peer } => {
                 cmd.arg("receive")
@@ -1080,7 +1088,7 @@ impl Daemon {
                     .arg(peer)
                     .arg("--api")
                     .arg(&sock_arg)
-                    .args(&watchdog);
+                    .args(&api_options);
             }
         }
         cmd.stdin(Stdio::null())
@@ -1478,7 +1486,7 @@ pub struct VmmStatus {
 }
 
 /// The VMM's answer to `command` on `sock` (the client is blocking: it runs off the runtime).
-async fn ctl(sock: &Path, command: VmmCommand) -> Result<VmmResponse, ControlError> {
+pub(crate) async fn ctl(sock: &Path, command: VmmCommand) -> Result<VmmResponse, ControlError> {
     let sock = sock.to_path_buf();
     tokio::task::spawn_blocking(move || xcloud_api::client::call(&sock, command))
         .await
@@ -1487,7 +1495,7 @@ async fn ctl(sock: &Path, command: VmmCommand) -> Result<VmmResponse, ControlErr
 }
 
 /// As [`ctl`], and an answer that says the command failed is an error.
-async fn ctl_ok(sock: &Path, command: VmmCommand) -> Result<VmmResponse, ControlError> {
+pub(crate) async fn ctl_ok(sock: &Path, command: VmmCommand) -> Result<VmmResponse, ControlError> {
     let answer = ctl(sock, command).await?;
     if answer.ok {
         Ok(answer)

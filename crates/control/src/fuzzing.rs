@@ -36,6 +36,7 @@ fn scratch_config(data_dir: &std::path::Path) -> Config {
         meter_period: std::time::Duration::from_secs(10),
         usage_days: 1,
         autoscale_period: std::time::Duration::from_secs(5),
+        ext_policy: None,
     }
 }
 

@@ -5,9 +5,10 @@ use crate::auth;
 use crate::daemon::Daemon;
 use crate::error::ErrorBody;
 use crate::model::{
-    check_name, group_key, now, CreateGroup, CreateTenant, CreateVm, Desired, Event, Group, GroupStatus, Host, Image,
-    IncomingAnswer, IncomingRequest, InstanceType, MigrateVm, MigrationReport, NewKey, Replacement, ReplacementQuery,
-    RestoreVm, Role, SetPrice, Snapshot, Tenant, UpdateGroup, Usage, UsageQuery, Vm, VmMetrics, VmState, WhoAmI,
+    check_name, group_key, now, CreateGroup, CreateTenant, CreateVm, Desired, Event, Extension, Group, GroupStatus,
+    Host, Image, IncomingAnswer, IncomingRequest, InstanceType, MigrateVm, MigrationReport, NewKey, Replacement,
+    ReplacementQuery, RestoreVm, Role, SetPrice, Snapshot, Tenant, UpdateGroup, Usage, UsageQuery, Vm, VmMetrics,
+    VmState, WhoAmI,
 };
 use crate::store::Table;
 use crate::ControlError;
@@ -150,6 +151,11 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             axum::routing::delete(delete_snapshot),
         )
         .route("/v1/vms/{vm}/snapshots/{snapshot}/files/{file}", get(snapshot_file))
+        .route("/v1/vms/{vm}/extensions", get(list_extensions).post(add_extension))
+        .route(
+            "/v1/vms/{vm}/extensions/{name}",
+            axum::routing::delete(remove_extension),
+        )
         .route("/v1/vms/{vm}/restore", post(restore_vm))
         .route("/v1/vms/{vm}/migrate", post(migrate_vm))
         .route("/v1/vms/{vm}/incoming", post(incoming_vm).delete(abort_incoming))
@@ -184,6 +190,12 @@ async fn body_deadline(request: axum::extract::Request, next: axum::middleware::
     if request.uri().path() == "/v1/images" {
         return next.run(request).await;
     }
+    // A module is up to the VMM's limit; every other body up to the API's.
+    let limit = if request.method() == axum::http::Method::POST && request.uri().path().ends_with("/extensions") {
+        crate::extensions::MAX_MODULE_BYTES
+    } else {
+        MAX_BODY_BYTES
+    };
     let (parts, mut body) = request.into_parts();
     let mut kept = Vec::new();
     let mut over = 0usize;
@@ -192,7 +204,7 @@ async fn body_deadline(request: axum::extract::Request, next: axum::middleware::
             let Ok(data) = frame?.into_data() else {
                 continue;
             };
-            if over == 0 && kept.len() + data.len() <= MAX_BODY_BYTES {
+            if over == 0 && kept.len() + data.len() <= limit {
                 kept.extend_from_slice(&data);
             } else {
                 over += data.len();
@@ -207,7 +219,7 @@ async fn body_deadline(request: axum::extract::Request, next: axum::middleware::
         Ok(Ok(())) if over == 0 => next.run(axum::extract::Request::from_parts(parts, kept.into())).await,
         Ok(Ok(())) => {
             let mut answer =
-                ControlError::TooLarge(format!("a request body is at most {MAX_BODY_BYTES} bytes")).into_response();
+                ControlError::TooLarge(format!("a request body here is at most {limit} bytes")).into_response();
             answer
                 .headers_mut()
                 .insert(header::CONNECTION, axum::http::HeaderValue::from_static("close"));
@@ -246,6 +258,7 @@ async fn to_the_vms_host(
         ["", "v1", "vms", key, op @ ("start" | "stop" | "pause" | "resume" | "console" | "metrics" | "restore" | "migrate")] => {
             (key.to_string(), op.to_string())
         }
+        ["", "v1", "vms", key, "extensions", ..] => (key.to_string(), "extensions".to_string()),
         _ => return next.run(request).await,
     };
     let key = percent_decode(&key);
@@ -324,7 +337,8 @@ async fn prometheus_metrics(State(d): D, caller: Caller) -> Res<impl IntoRespons
     paths(
         whoami, list_tenants, create_tenant, delete_tenant, create_key, list_types, create_type, list_images,
         upload_image, delete_image, image_content, list_vms, create_vm, show_vm, delete_vm, start_vm, stop_vm, pause_vm,
-        resume_vm, console, metrics, list_snapshots, create_snapshot, delete_snapshot, snapshot_file, restore_vm, migrate_vm, incoming_vm,
+        resume_vm, console, metrics, list_snapshots, create_snapshot, delete_snapshot, snapshot_file, list_extensions, add_extension,
+        remove_extension, restore_vm, migrate_vm, incoming_vm,
         abort_incoming, list_groups, create_group, show_group, update_group, delete_group, list_hosts, drain_host, undrain_host, set_host_price, replacement_plan,
         carry_out_replacement, usage, events, prometheus_metrics
     ),
@@ -969,6 +983,69 @@ async fn list_snapshots(State(d): D, caller: Caller, Path(key): Path<String>) ->
 async fn create_snapshot(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<(StatusCode, Json<Snapshot>)> {
     let vm = find_vm(&d, &caller, &key).await?;
     Ok((StatusCode::CREATED, Json(d.snapshot(&vm.id).await?)))
+}
+
+/// A VM's extension modules: the provider's and the tenant's, with their calls, time,
+/// failures and figures.
+#[utoipa::path(get, path = "/v1/vms/{vm}/extensions", params(("vm" = String, Path, description = "id or name")),
+    responses((status = 200, body = Vec<Extension>), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn list_extensions(State(d): D, caller: Caller, Path(key): Path<String>) -> Res<Json<Vec<Extension>>> {
+    let vm = find_vm(&d, &caller, &key).await?;
+    Ok(Json(d.extensions(&vm.id).await?))
+}
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ExtensionQuery {
+    /// The module's name in the VM (1-32 of a-z, 0-9, '-', '_').
+    name: String,
+    /// Its version.
+    version: Option<String>,
+    /// The ports it serves in the extension window, `FIRST+COUNT` (e.g. 0x5000+16).
+    ports: Option<String>,
+}
+
+/// Installs a tenant's extension module (the body: WebAssembly or its text form, at most
+/// 4 MiB) into the VM's running VMM, under the provider's policy.
+#[utoipa::path(post, path = "/v1/vms/{vm}/extensions", params(("vm" = String, Path, description = "id or name"), ExtensionQuery),
+    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    responses((status = 201, body = Extension), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)))]
+async fn add_extension(
+    State(d): D,
+    caller: Caller,
+    Path(key): Path<String>,
+    Query(q): Query<ExtensionQuery>,
+    body: axum::body::Bytes,
+) -> Res<(StatusCode, Json<Extension>)> {
+    let vm = find_vm(&d, &caller, &key).await?;
+    let ports = q
+        .ports
+        .as_deref()
+        .map(xcloud_api::extensions::parse_ports)
+        .transpose()
+        .map_err(ControlError::BadRequest)?;
+    if q.version.as_ref().is_some_and(|v| v.is_empty() || v.len() > 64) {
+        return Err(ControlError::BadRequest("a version is 1 to 64 characters".into()));
+    }
+    if body.is_empty() {
+        return Err(ControlError::BadRequest(
+            "the body is the module, and it is empty".into(),
+        ));
+    }
+    let added = d.add_extension(&vm.id, &q.name, q.version, ports, &body).await?;
+    Ok((StatusCode::CREATED, Json(added)))
+}
+
+/// Removes a tenant's extension module from the VM's running VMM (a provider module stays:
+/// 403).
+#[utoipa::path(delete, path = "/v1/vms/{vm}/extensions/{name}",
+    params(("vm" = String, Path, description = "id or name"), ("name" = String, Path, description = "the module's name")),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn remove_extension(State(d): D, caller: Caller, Path((key, name)): Path<(String, String)>) -> Res<StatusCode> {
+    let vm = find_vm(&d, &caller, &key).await?;
+    d.remove_extension(&vm.id, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Runs a VM from one of its snapshots (its current VMM, if any, is stopped first).

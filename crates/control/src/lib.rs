@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod error;
 pub mod etcd_cache;
+pub mod extensions;
 pub mod fuzzing;
 pub mod host;
 pub mod http;

@@ -298,6 +298,31 @@ pub struct PlacementSpec {
     pub host: Option<String>,
 }
 
+/// An extension module in a VM's VMM (docs/extensions.md).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Extension {
+    /// Its name in the VM.
+    pub name: String,
+    /// Its version, as its author gave it.
+    pub version: String,
+    /// The SHA-256 of its code (hex), or `built-in`.
+    pub digest: String,
+    /// `provider` (compiled in: a tenant cannot remove it) or `tenant`.
+    pub origin: String,
+    /// The ports it serves, `FIRST+COUNT` (hex), if any.
+    pub ports: Option<String>,
+    /// Hook calls so far.
+    pub calls: u64,
+    /// Microseconds spent in them.
+    pub busy_us: u64,
+    /// Calls that failed.
+    pub failures: u64,
+    /// Why it is disabled, if it is.
+    pub disabled: Option<String>,
+    /// The figures it exports.
+    pub metrics: std::collections::BTreeMap<String, f64>,
+}
+
 /// A snapshot of a VM, kept by the daemon.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct Snapshot {

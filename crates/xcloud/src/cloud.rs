@@ -378,6 +378,25 @@ pub enum VmAction {
     SnapshotRm { vm: String, snapshot: String },
     /// Run a VM from one of its snapshots.
     Restore { vm: String, snapshot: String },
+    /// List the extension modules in a VM's VMM (docs/extensions.md).
+    Extensions { vm: String },
+    /// Install an extension module (WebAssembly or its text form) into a running VM.
+    ExtAdd {
+        vm: String,
+        /// The module's file.
+        file: PathBuf,
+        /// Its name in the VM.
+        #[arg(long)]
+        name: String,
+        /// Its version.
+        #[arg(long)]
+        version: Option<String>,
+        /// The ports it serves, FIRST+COUNT in the extension window (e.g. 0x5000+16).
+        #[arg(long)]
+        ports: Option<String>,
+    },
+    /// Remove an extension module from a running VM.
+    ExtRm { vm: String, name: String },
 }
 
 /// `xcloud image ...`.
@@ -480,6 +499,22 @@ fn s(v: &Value, field: &str) -> String {
 }
 
 /// Prints `rows` as a table of `fields`, or their JSON.
+/// A module as `xcloud vm extensions` shows it: its state and figures in one column each.
+fn extension_row(m: &Value) -> Value {
+    let mut row = m.clone();
+    row["ports"] = Value::String(m["ports"].as_str().unwrap_or("-").to_string());
+    row["state"] = Value::String(match m["disabled"].as_str() {
+        Some(why) => format!("disabled: {why}"),
+        None => "enabled".into(),
+    });
+    let figures: Vec<String> = m["metrics"]
+        .as_object()
+        .map(|o| o.iter().map(|(k, v)| format!("{k}={v}")).collect())
+        .unwrap_or_default();
+    row["figures"] = Value::String(figures.join(" "));
+    row
+}
+
 fn table(e: &Endpoint, rows: &Value, fields: &[&str]) {
     if e.json {
         println!("{}", serde_json::to_string_pretty(rows).unwrap_or_default());
@@ -900,6 +935,49 @@ fn vm(e: &Endpoint, action: VmAction) -> anyhow::Result<()> {
                 &at(&vm, &format!("/snapshots/{}", escape(&snapshot))),
                 None,
             )?;
+        }
+        VmAction::Extensions { vm } => {
+            let modules = call(e, "GET", &at(&vm, "/extensions"), None)?;
+            if e.json {
+                show(&modules)
+            } else {
+                let rows: Vec<Value> = modules
+                    .as_array()
+                    .map(|a| a.iter().map(extension_row).collect())
+                    .unwrap_or_default();
+                table(
+                    e,
+                    &Value::Array(rows),
+                    &[
+                        "name", "version", "origin", "ports", "calls", "failures", "state", "figures",
+                    ],
+                )
+            }
+        }
+        VmAction::ExtAdd {
+            vm,
+            file,
+            name,
+            version,
+            ports,
+        } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let mut path = at(&vm, &format!("/extensions?name={}", escape(&name)));
+            if let Some(v) = &version {
+                path.push_str(&format!("&version={}", escape(v)));
+            }
+            if let Some(p) = &ports {
+                path.push_str(&format!("&ports={}", escape(p)));
+            }
+            let added = json_of(client(e)?.call("POST", &path, Some((bytes, "application/wasm")))?)?;
+            if e.json {
+                show(&added)
+            } else {
+                println!("{} {} {}", s(&added, "name"), s(&added, "version"), s(&added, "digest"));
+            }
+        }
+        VmAction::ExtRm { vm, name } => {
+            call(e, "DELETE", &at(&vm, &format!("/extensions/{}", escape(&name))), None)?;
         }
         VmAction::Restore { vm, snapshot } => one(call(
             e,

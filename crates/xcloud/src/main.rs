@@ -233,26 +233,13 @@ enum ExtAction {
         #[arg(long)]
         version: Option<String>,
         /// The ports it serves, FIRST+COUNT in the extension window, e.g. 0x5000+16.
-        #[arg(long, value_parser = parse_ports)]
+        #[arg(long, value_parser = xcloud_api::extensions::parse_ports)]
         ports: Option<(u16, u16)>,
     },
     /// List the modules: calls, time spent, failures, why one is disabled.
     Ls,
     /// Remove a module.
     Rm { name: String },
-}
-
-/// `FIRST+COUNT`, each decimal or 0x-hex.
-fn parse_ports(text: &str) -> Result<(u16, u16), String> {
-    let number = |s: &str| match s.strip_prefix("0x") {
-        Some(hex) => u16::from_str_radix(hex, 16),
-        None => s.parse(),
-    };
-    let (first, count) = text.split_once('+').unwrap_or((text, "16"));
-    match (number(first.trim()), number(count.trim())) {
-        (Ok(first), Ok(count)) => Ok((first, count)),
-        _ => Err(format!("{text:?} is not FIRST+COUNT (e.g. 0x5000+16)")),
-    }
 }
 
 #[derive(Subcommand)]

@@ -1006,3 +1006,101 @@ fn an_autoscaling_group_grows_under_load_and_shrinks_when_its_target_rises() {
     assert!(d.cli(&acme, &["group", "rm", "web"]).status.success());
     assert_eq!(d.json(&acme, &["vm", "ls"]), Value::Array(vec![]));
 }
+
+#[test]
+fn a_tenant_installs_uses_and_removes_a_module_in_its_jailed_vm_through_the_api() {
+    let d = Daemon::start_with("extensions", &["--ext-policy", "blocks=no"]);
+    let acme = d.tenant("acme");
+    let other = d.tenant("other");
+    d.json(&acme, &["image", "push", "kvclient"]);
+    d.json(&acme, &["vm", "create", "kv-user", "--image", "kvclient", "--", "200"]);
+    d.wait_console(&acme, "kv-user", "kvclient: waiting for the kv module", 1);
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../extensions");
+    let kv = examples.join("kv.wat");
+    let kv = kv.to_str().expect("utf-8");
+
+    // What cannot go in: nothing changes.
+    let junk = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("junk.wasm");
+    std::fs::write(&junk, b"\0asm garbage").expect("write");
+    let err = d.fails(
+        &acme,
+        &[
+            "vm",
+            "ext-add",
+            "kv-user",
+            junk.to_str().expect("utf-8"),
+            "--name",
+            "junk",
+        ],
+    );
+    assert!(err.contains("400") && err.contains("not a WebAssembly module"), "{err}");
+    let audit = examples.join("block-audit.wat");
+    let err = d.fails(
+        &acme,
+        &[
+            "vm",
+            "ext-add",
+            "kv-user",
+            audit.to_str().expect("utf-8"),
+            "--name",
+            "audit",
+        ],
+    );
+    assert!(
+        err.contains("403") && err.contains("block hook"),
+        "the provider's policy: {err}"
+    );
+    let err = d.fails(&other, &["vm", "ext-add", "kv-user", kv, "--name", "kv"]);
+    assert!(err.contains("404"), "another tenant's VM: {err}");
+    let (status, body) = d.http(Some(&acme), "POST", "/v1/vms/kv-user/extensions", Some("(module)"));
+    assert_eq!(status, 400, "no name: {body}");
+
+    // In, used by the guest in its jail (seccomp and all), listed with its figures.
+    let added = d.json(
+        &acme,
+        &[
+            "vm",
+            "ext-add",
+            "kv-user",
+            kv,
+            "--name",
+            "kv",
+            "--version",
+            "1.0",
+            "--ports",
+            "0x5000+16",
+        ],
+    );
+    assert_eq!(
+        (added["name"].as_str(), added["origin"].as_str()),
+        (Some("kv"), Some("tenant")),
+        "{added}"
+    );
+    assert_eq!(added["digest"].as_str().map(str::len), Some(64), "{added}");
+    d.wait_console(&acme, "kv-user", "kvclient: 200 stored", 1);
+    let listed = d.json(&acme, &["vm", "extensions", "kv-user"]);
+    let modules = listed.as_array().expect("a list");
+    let kv_row = modules.iter().find(|m| m["name"] == "kv").expect("kv listed");
+    assert_eq!(kv_row["metrics"]["m0"].as_f64(), Some(200.0), "{listed}");
+    assert_eq!(kv_row["ports"], "0x5000+16", "{listed}");
+    assert!(
+        modules
+            .iter()
+            .any(|m| m["name"] == "meter" && m["origin"] == "provider"),
+        "{listed}"
+    );
+    assert!(d
+        .fails(&acme, &["vm", "ext-add", "kv-user", kv, "--name", "kv"])
+        .contains("409"));
+    assert!(d.fails(&acme, &["vm", "ext-rm", "kv-user", "meter"]).contains("403"));
+    assert!(d.fails(&acme, &["vm", "ext-rm", "kv-user", "nothing"]).contains("404"));
+    assert!(d.fails(&other, &["vm", "ext-rm", "kv-user", "kv"]).contains("404"));
+
+    // Out: the guest sees it go and ends.
+    let out = d.cli(&acme, &["vm", "ext-rm", "kv-user", "kv"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.wait_console(&acme, "kv-user", "kvclient: the module is gone", 1);
+    d.wait_state(&acme, "kv-user", "exited");
+    let err = d.fails(&acme, &["vm", "extensions", "kv-user"]);
+    assert!(err.contains("409") && err.contains("no running VMM"), "{err}");
+}

@@ -771,6 +771,7 @@ fn every_route_answers_wrong_calls_alike_on_every_host_and_nothing_changes() {
             .replace("{group}", "pool")
             .replace("{tenant}", "acme")
             .replace("{host}", "host-2")
+            .replace("{name}", "kv")
     };
     let mut calls = 0;
     for host in &lab.hosts {
@@ -790,8 +791,9 @@ fn every_route_answers_wrong_calls_alike_on_every_host_and_nothing_changes() {
         for (method, route, takes_body) in &routes {
             let path = fill(route);
             let good = good_body(method, route, snap_id).map(|b| (b.to_string().into_bytes(), "application/json"));
+            // Images and extension modules are raw bodies, checked below.
             assert!(
-                !takes_body || good.is_some() || route == "/v1/images",
+                !takes_body || good.is_some() || route == "/v1/images" || route.ends_with("/extensions"),
                 "{method} {route} takes a body this test does not know"
             );
             // No key, or one that is not known: 401 everywhere but the OpenAPI document.
@@ -869,6 +871,21 @@ fn every_route_answers_wrong_calls_alike_on_every_host_and_nothing_changes() {
                 Some((b"MZ not an ELF".to_vec(), "application/octet-stream")),
                 400,
             ),
+            (
+                &acme,
+                "POST",
+                format!("/v1/vms/{vm_id}/extensions?name=junk"),
+                Some((b"MZ not a module".to_vec(), "application/wasm")),
+                400,
+            ),
+            (
+                &acme,
+                "POST",
+                format!("/v1/vms/{vm_id}/extensions?name=junk&colour=blue"),
+                Some((b"(module)".to_vec(), "application/wasm")),
+                400,
+            ),
+            (&acme, "DELETE", format!("/v1/vms/{vm_id}/extensions/meter"), None, 403),
             (&acme, "PUT", "/v1/vms".to_string(), None, 405),
             (&acme, "GET", "/v1/nothing".to_string(), None, 404),
         ] {

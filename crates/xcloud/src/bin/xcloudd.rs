@@ -71,6 +71,15 @@ struct Args {
     /// Days usage records are kept.
     #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(1..))]
     usage_days: u64,
+    /// What tenants' extension modules may do in this host's VMs (docs/extensions.md), e.g.
+    /// `packets=no,guest-read=0`; given to every VMM.
+    #[arg(long, value_parser = check_ext_policy)]
+    ext_policy: Option<String>,
+}
+
+/// The policy as given, once the VMM would take it.
+fn check_ext_policy(text: &str) -> Result<String, String> {
+    xcloud_vmm::extension::TenantPolicy::parse(text).map(|_| text.to_string())
 }
 
 fn config(args: &Args) -> anyhow::Result<xcloud_control::Config> {
@@ -98,6 +107,7 @@ fn config(args: &Args) -> anyhow::Result<xcloud_control::Config> {
         meter_period: std::time::Duration::from_secs(args.meter_seconds),
         usage_days: args.usage_days,
         autoscale_period: std::time::Duration::from_secs(args.autoscale_seconds),
+        ext_policy: args.ext_policy.clone(),
     })
 }
 
