@@ -147,6 +147,18 @@ impl NsGuest {
         &self.ns.0
     }
 
+    /// What the guest printed that nobody read yet, and how its VMM ended if it did (for an
+    /// error's context).
+    pub(crate) fn unread(&mut self) -> String {
+        let mut text = self.lines.try_iter().collect::<Vec<_>>().join("\n");
+        // A VMM that just failed may take a moment to be gone.
+        std::thread::sleep(Duration::from_millis(500));
+        if let Ok(Some(status)) = self.child.try_wait() {
+            text.push_str(&format!(" (its VMM ended: {status})"));
+        }
+        text
+    }
+
     /// The guest's next line starting with `prefix` (60 s at most).
     pub(crate) fn next(&self, prefix: &str) -> Result<String> {
         loop {
