@@ -172,29 +172,6 @@ fn wait_figures(
     }
 }
 
-/// Connects to `addr` inside `ns` and sends `bytes`; Err if the connection cannot be made
-/// within `timeout`.
-fn send_in(ns: &str, addr: &'static str, bytes: usize, timeout: std::time::Duration) -> std::io::Result<usize> {
-    xcloud::netlab::Hosts::in_ns(ns, move || {
-        use std::io::Write;
-        let mut s = std::net::TcpStream::connect_timeout(&addr.parse().map_err(std::io::Error::other)?, timeout)?;
-        s.set_write_timeout(Some(std::time::Duration::from_secs(20)))?;
-        let block = vec![0x5au8; 16 * 1024];
-        let mut sent = 0;
-        while sent < bytes {
-            s.write_all(&block)?;
-            sent += block.len();
-        }
-        s.shutdown(std::net::Shutdown::Write)?;
-        let mut end = [0u8; 1];
-        let _ = std::io::Read::read(&mut s, &mut end);
-        Ok(sent)
-    })
-    .join()
-    .map_err(|_| std::io::Error::other("the client thread panicked"))?
-    .map_err(|e| std::io::Error::other(e.to_string()))
-}
-
 #[test]
 fn packet_modules_count_and_filter_the_frames_of_a_running_vm() {
     let dir = scratch("packets");
@@ -221,7 +198,7 @@ fn packet_modules_count_and_filter_the_frames_of_a_running_vm() {
     let (counter, filter) = (example("packet-counter.wat"), example("packet-filter.wat"));
 
     ok(&socket, &["ext", "add", &counter, "--name", "counter"]);
-    let sent = send_in(&ns.0, "10.79.0.2:5001", 1 << 20, std::time::Duration::from_secs(10)).expect("sent");
+    let sent = send_tcp_in(&ns.0, "10.79.0.2:5001", 1 << 20, std::time::Duration::from_secs(10)).expect("sent");
     next_line(&lines, "netrecv: connection 1:");
     let counted = figures(&socket, "counter");
     assert!(
@@ -233,7 +210,7 @@ fn packet_modules_count_and_filter_the_frames_of_a_running_vm() {
 
     // The firewall drops what comes in to port 5001: no connection is made.
     ok(&socket, &["ext", "add", &filter, "--name", "firewall"]);
-    let refused = send_in(&ns.0, "10.79.0.2:5001", 1 << 16, std::time::Duration::from_secs(2));
+    let refused = send_tcp_in(&ns.0, "10.79.0.2:5001", 1 << 16, std::time::Duration::from_secs(2));
     assert!(refused.is_err(), "a connection was made through the firewall");
     let filtered = figures(&socket, "firewall");
     assert!(filtered["dropped"] >= 1.0, "{filtered:?}");
@@ -247,7 +224,7 @@ fn packet_modules_count_and_filter_the_frames_of_a_running_vm() {
 
     // Removed: connections go through again, every byte arrives.
     ok(&socket, &["ext", "rm", "firewall"]);
-    let sent = send_in(&ns.0, "10.79.0.2:5001", 4 << 20, std::time::Duration::from_secs(10)).expect("sent");
+    let sent = send_tcp_in(&ns.0, "10.79.0.2:5001", 4 << 20, std::time::Duration::from_secs(10)).expect("sent");
     let result = next_line(&lines, "netrecv: connection 2:");
     assert!(result.contains(&format!(": {sent} bytes")), "{result}");
     ok(&socket, &["ext", "rm", "counter"]);

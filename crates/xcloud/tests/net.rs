@@ -34,24 +34,8 @@ fn a_host_client_streams_to_the_guest_over_a_tap_and_every_byte_arrives() {
     );
     // The host's side of the TAP (the product never runs ip; the test sets up its host).
     ip(&["-n", &ns.0, "addr", "add", "10.77.0.1/24", "dev", "xc0"]);
-    let client = xcloud::netlab::Hosts::in_ns(&ns.0, move || {
-        let mut s = std::net::TcpStream::connect_timeout(&"10.77.0.2:5001".parse()?, Duration::from_secs(10))?;
-        s.set_write_timeout(Some(Duration::from_secs(20)))?;
-        let block = vec![0x5au8; 16 * 1024];
-        let mut sent = 0;
-        while sent < BYTES {
-            s.write_all(&block)?;
-            sent += block.len();
-        }
-        s.shutdown(std::net::Shutdown::Write)?;
-        let mut end = [0u8; 1];
-        let _ = std::io::Read::read(&mut s, &mut end);
-        Ok(sent)
-    });
-    let sent = client
-        .join()
-        .expect("client thread")
-        .expect("the client sent everything");
+    let sent =
+        send_tcp_in(&ns.0, "10.77.0.2:5001", BYTES, Duration::from_secs(10)).expect("the client sent everything");
     let result = next_line(&lines, "netrecv: connection 1:");
     assert!(result.contains(&format!(": {sent} bytes")), "{result}");
 }

@@ -281,3 +281,27 @@ pub fn get_count(ns: &str, addr: &'static str) -> u64 {
     .expect("client thread")
     .expect("httpd answered /count")
 }
+
+/// Connects to `addr` inside network namespace `ns`, sends `bytes` in 16 KiB writes, shuts
+/// its side and waits for the receiver's close; Err if the connection cannot be made within
+/// `timeout`. The bytes sent.
+pub fn send_tcp_in(ns: &str, addr: &'static str, bytes: usize, timeout: std::time::Duration) -> std::io::Result<usize> {
+    xcloud::netlab::Hosts::in_ns(ns, move || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect_timeout(&addr.parse().map_err(std::io::Error::other)?, timeout)?;
+        s.set_write_timeout(Some(std::time::Duration::from_secs(20)))?;
+        let block = vec![0x5au8; 16 * 1024];
+        let mut sent = 0;
+        while sent < bytes {
+            s.write_all(&block)?;
+            sent += block.len();
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut end = [0u8; 1];
+        let _ = std::io::Read::read(&mut s, &mut end);
+        Ok(sent)
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the client thread panicked"))?
+    .map_err(|e| std::io::Error::other(e.to_string()))
+}
