@@ -19,6 +19,8 @@
 //! | `packet`, `packet_buffer`, `packet_snap` | `(nic: i32, direction: i32, len: i32) -> i32`, `() -> i32`, `() -> i32` | a frame: its first bytes are at `packet_buffer`, at most `packet_snap` of them; answers 0 pass, 1 drop, 2 pass as rewritten |
 //! | `block` | `(disk: i32, kind: i32, sector: i64, bytes: i64) -> i32` | a block request: 0 allow, 1 refuse |
 //! | `tick` | `()` | the periodic tick |
+//! | `phase` | `(phase: i32, round: i32, pages: i64, bytes_sent: i64)` | a phase of a snapshot or migration (1 first pass, 2 pre-copy round, 3 post-copy, 4 stop-and-copy, 5 handover, 6 migrated, 7 failed, 8 snapshot) |
+//! | `pages_buffer`, `order_pages` | `(count: i32) -> i32`, `(count: i32) -> i32` | a pre-copy round's page numbers (u64 each) at `pages_buffer(count)` (negative: not this round); answers 0 to send them in the order it left there, 1 to keep the engine's |
 //! | `metric_count`, `metric` | `() -> i32`, `(i32) -> i64` | the figures it exports (`metric(i)`, i < count) |
 //! | `metric_name` | `(i32) -> i64` | optional: figure i's name, `address << 32 \| length` in its memory |
 //! | `state_save`, `state_buffer`, `state_load` | `() -> i64`, `(len: i32) -> i32`, `(len: i32) -> i32` | the state a snapshot or migration carries: `address << 32 \| length` of it; where to put `len` bytes of it in a fresh instance; take them (0: taken) |
@@ -36,7 +38,8 @@ use wasmtime::{
     Caller, Engine, Instance, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc,
 };
 use xcloud_vmm::extension::{
-    BlockVerdict, Extension, GuestView, HookError, PacketDirection, PacketVerdict, MAX_MODULE_STATE, MAX_SNAP,
+    BlockVerdict, Extension, GuestView, HookError, PacketDirection, PacketVerdict, PhaseEvent, MAX_MODULE_STATE,
+    MAX_SNAP,
 };
 
 /// What the provider lets a tenant module use.
@@ -90,7 +93,7 @@ pub enum LoadError {
     #[error("its packet buffer ({0}) is not inside its exported memory")]
     PacketBuffer(String),
     /// It exports no hook.
-    #[error("it exports no hook (port_read, port_write, packet, block, tick, metric_count)")]
+    #[error("it exports no hook (port_read, port_write, packet, block, tick, phase, order_pages, metric_count)")]
     NoHooks,
     /// wasmtime itself refused (its configuration).
     #[error("the Wasm engine: {0}")]
@@ -133,6 +136,8 @@ struct Hooks {
     metrics: Option<(TypedFunc<(), i32>, TypedFunc<i32, i64>)>,
     metric_name: Option<TypedFunc<i32, i64>>,
     state: Option<StateHooks>,
+    phase: Option<TypedFunc<(i32, i32, i64, i64), ()>>,
+    page_order: Option<(TypedFunc<i32, i32>, TypedFunc<i32, i32>)>,
 }
 
 /// How a module exports its state.
@@ -341,12 +346,21 @@ impl WasmModule {
                 "() -> i64, exported with state_buffer and state_load",
             )?
             .map(|(save, (buffer, load))| StateHooks { save, buffer, load }),
+            phase: typed(&mut store, &instance, "phase", "(i32, i32, i64, i64)")?,
+            page_order: pair(
+                typed(&mut store, &instance, "pages_buffer", "(i32) -> i32")?,
+                typed(&mut store, &instance, "order_pages", "(i32) -> i32")?,
+                "pages_buffer",
+                "(i32) -> i32, exported with order_pages: (i32) -> i32",
+            )?,
         };
         let takes_nothing = hooks.port_read.is_none()
             && hooks.port_write.is_none()
             && hooks.packet.is_none()
             && hooks.block.is_none()
             && hooks.tick.is_none()
+            && hooks.phase.is_none()
+            && hooks.page_order.is_none()
             && hooks.metrics.is_none();
         if takes_nothing {
             return Err(LoadError::NoHooks);
@@ -481,6 +495,64 @@ impl Extension for WasmModule {
             *guest = view;
         }
         result
+    }
+
+    fn takes_phases(&self) -> bool {
+        self.hooks.phase.is_some()
+    }
+
+    fn phase(&self, event: &PhaseEvent) -> Result<(), HookError> {
+        let Some(f) = &self.hooks.phase else {
+            return Ok(());
+        };
+        let round = i32::try_from(event.round).unwrap_or(i32::MAX);
+        let args = (event.phase.code(), round, event.pages as i64, event.bytes_sent as i64);
+        self.call(|s| f.call(s, args))
+    }
+
+    fn takes_page_order(&self) -> bool {
+        self.hooks.page_order.is_some() && self.memory.is_some()
+    }
+
+    fn order_pages(&self, pfns: &mut [u64]) -> Result<(), HookError> {
+        let (Some((buffer, order)), Some(memory)) = (&self.hooks.page_order, self.memory) else {
+            return Ok(());
+        };
+        let count = i32::try_from(pfns.len()).map_err(|_| HookError::BadAnswer("too many pages".into()))?;
+        let bytes = pfns.len() * 8;
+        let (at, answer) = self.call(|s| {
+            // No room (a negative address): the engine's order, this round.
+            let Ok(at) = usize::try_from(buffer.call(&mut *s, count)?) else {
+                return Ok((0, 1));
+            };
+            let room = at
+                .checked_add(bytes)
+                .and_then(|end| memory.data_mut(&mut *s).get_mut(at..end))
+                .ok_or_else(|| wasmtime::Error::msg("its page buffer is outside its memory"))?;
+            for (slot, pfn) in room.chunks_exact_mut(8).zip(pfns.iter()) {
+                slot.copy_from_slice(&pfn.to_le_bytes());
+            }
+            Ok((at, order.call(&mut *s, count)?))
+        })?;
+        match answer {
+            0 => {
+                let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+                let room = memory
+                    .data(&*store)
+                    .get(at..at + bytes)
+                    .ok_or_else(|| HookError::Trap("its page buffer left its memory".into()))?;
+                for (pfn, slot) in pfns.iter_mut().zip(room.chunks_exact(8)) {
+                    let mut word = [0u8; 8];
+                    word.copy_from_slice(slot);
+                    *pfn = u64::from_le_bytes(word);
+                }
+                Ok(())
+            }
+            1 => Ok(()),
+            other => Err(HookError::BadAnswer(format!(
+                "order_pages answered {other} (0 its order, 1 the engine's)"
+            ))),
+        }
     }
 
     fn save_state(&self) -> Result<Option<Vec<u8>>, HookError> {
@@ -843,6 +915,68 @@ mod tests {
         .expect("loads");
         assert!(matches!(outside.save_state(), Err(HookError::BadAnswer(_))));
         assert!(matches!(outside.restore_state(&[0u8; 70_000]), Err(HookError::Trap(_))));
+    }
+
+    #[test]
+    fn the_hot_last_policy_sends_pages_dirtied_before_last() {
+        use xcloud_vmm::extension::{Phase, PhaseEvent};
+        let policy = example("hot-last");
+        assert!(policy.takes_page_order() && policy.takes_phases());
+        let event = |phase| PhaseEvent {
+            phase,
+            round: 1,
+            pages: 0,
+            bytes_sent: 0,
+        };
+        policy.phase(&event(Phase::FirstPass)).expect("phase");
+        let mut first = vec![5u64, 9, 2, 7];
+        policy.order_pages(&mut first).expect("ordered");
+        assert_eq!(first, [5, 9, 2, 7], "nothing seen yet: the engine's order");
+        let mut second = vec![1u64, 9, 3, 5, 8, 1 << 40];
+        policy.order_pages(&mut second).expect("ordered");
+        assert_eq!(second, [1, 3, 8, 1 << 40, 9, 5], "9 and 5 were dirty before: last");
+        let mut huge = (0..20_000u64).rev().collect::<Vec<_>>();
+        let before = huge.clone();
+        policy.order_pages(&mut huge).expect("not this round");
+        assert_eq!(huge, before, "a round too large keeps the engine's order");
+        policy.phase(&event(Phase::Migrated)).expect("phase");
+        assert_eq!(figure(&policy, "rounds"), 2.0);
+        assert_eq!(figure(&policy, "hot_pages"), 2.0);
+        assert_eq!(figure(&policy, "ordered_pages"), 10.0);
+        assert_eq!(figure(&policy, "migrations"), 1.0);
+        // A new migration forgets what was seen.
+        policy.phase(&event(Phase::FirstPass)).expect("phase");
+        let mut again = vec![9u64, 5, 4];
+        policy.order_pages(&mut again).expect("ordered");
+        assert_eq!(again, [9, 5, 4]);
+    }
+
+    #[test]
+    fn a_page_order_that_is_not_the_same_pages_is_refused_by_the_registry() {
+        use std::sync::Arc;
+        use xcloud_vmm::extension::{Extensions, ModuleSpec, Origin};
+        let liar = load(
+            r#"(module (memory (export "memory") 1)
+                 (func (export "pages_buffer") (param i32) (result i32) i32.const 0)
+                 (func (export "order_pages") (param i32) (result i32) (i64.store (i32.const 0) (i64.const 999)) i32.const 0))"#,
+        )
+        .expect("loads");
+        let registry = Extensions::new();
+        let spec = ModuleSpec {
+            name: "liar".into(),
+            version: "1".into(),
+            digest: "x".into(),
+            origin: Origin::Tenant,
+            ports: None,
+            call_budget: std::time::Duration::from_secs(1),
+            code: None,
+        };
+        registry.add(spec, Arc::new(liar)).expect("added");
+        let mut pfns = vec![1u64, 2, 3];
+        registry.order_pages(&mut pfns);
+        assert_eq!(pfns, [1, 2, 3], "the engine's order stands");
+        let why = registry.list()[0].disabled.clone().expect("disabled");
+        assert!(why.contains("not the same pages"), "{why}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::wire::{self, Hello, Kind, WireError, PAGE};
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
+use xcloud_vmm::extension::{Phase, PhaseEvent};
 use xcloud_vmm::{VmHandle, VmState};
 
 /// Migrates the VM behind `handle` to the destination at `addr`. On success the source VM is
@@ -40,9 +41,22 @@ pub fn migrate(
                 migrate_here(handle, outgoing, addr, creds, options)
             })
             .map_err(|e| MigrationError::Wire(WireError::Io(e)))?;
-        sender
+        let result = sender
             .join()
-            .unwrap_or_else(|_| Err(MigrationError::Refused("the migration thread failed".into())))
+            .unwrap_or_else(|_| Err(MigrationError::Refused("the migration thread failed".into())));
+        let phase = if result.is_ok() {
+            Phase::Migrated
+        } else {
+            Phase::MigrationFailed
+        };
+        let (round, bytes_sent) = result.as_ref().map_or((0, 0), |s| (s.rounds, s.bytes_sent));
+        handle.extensions().phase(PhaseEvent {
+            phase,
+            round,
+            pages: 0,
+            bytes_sent,
+        });
+        result
     })
 }
 
@@ -222,19 +236,26 @@ fn precopy_and_switch<S: Duplex>(
         unsafe { std::ptr::copy_nonoverlapping(host_base.add(pfn as usize * PAGE), page.as_mut_ptr(), PAGE) };
         Ok(())
     };
-    let progress = |phase: &str, round: u32, pages_sent: u64, bytes_sent: u64, dirty_pages: u64| {
+    // Where the migration is, for `ctl status` and for the VM's extensions.
+    let progress = |phase: Phase, round: u32, pages_sent: u64, bytes_sent: u64, dirty_pages: u64| {
         outgoing.set_progress(Some(MigrationProgress {
-            phase: phase.into(),
+            phase: phase.name().into(),
             round,
             pages_sent,
             bytes_sent,
             dirty_pages,
-        }))
+        }));
+        handle.extensions().phase(PhaseEvent {
+            phase,
+            round,
+            pages: dirty_pages,
+            bytes_sent,
+        });
     };
 
     // First pass: every page that was ever touched and is not zero.
     let resident = machine.ram().resident_pages();
-    progress("first pass", 0, 0, 0, resident.len() as u64);
+    progress(Phase::FirstPass, 0, 0, 0, resident.len() as u64);
     let pass_start = Instant::now();
     for &pfn in &resident {
         read_page(pfn, &mut page)?;
@@ -261,7 +282,7 @@ fn precopy_and_switch<S: Duplex>(
     let mut throttle: Option<Throttle> = None;
     let mut max_throttle = 0;
     let (last_pass, to_postcopy) = loop {
-        let dirty = fetch_dirty_pages(machine)?;
+        let mut dirty = fetch_dirty_pages(machine)?;
         let remaining_bytes = dirty.len() as f64 * (8 + PAGE) as f64;
         let dirty_rate = dirty_rates.add(last_fetch.elapsed().as_secs_f64(), remaining_bytes);
         last_fetch = Instant::now();
@@ -314,7 +335,9 @@ fn precopy_and_switch<S: Duplex>(
         }
         settling |= fits;
         rounds += 1;
-        progress("pre-copy", rounds, sender.pages, sender.bytes, dirty.len() as u64);
+        progress(Phase::PreCopy, rounds, sender.pages, sender.bytes, dirty.len() as u64);
+        // A tenant's policy may order the round's pages (the same pages, in its order).
+        handle.extensions().order_pages(&mut dirty);
         let round_start = Instant::now();
         let (bytes_before, in_flight_before) = (sender.bytes, link.in_flight());
         for &pfn in &dirty {
@@ -335,7 +358,13 @@ fn precopy_and_switch<S: Duplex>(
         // Wait until everything in flight is applied (the guest still runs), then switch: the
         // pages left are those of the last dirty fetch and whatever the guest dirtied since.
         sync(sender.out)?;
-        progress("post-copy", rounds, sender.pages, sender.bytes, last_pass.len() as u64);
+        progress(
+            Phase::PostCopy,
+            rounds,
+            sender.pages,
+            sender.bytes,
+            last_pass.len() as u64,
+        );
         let before = MigrationSummary {
             rounds,
             throttle_percent: max_throttle,
@@ -380,7 +409,7 @@ fn precopy_and_switch<S: Duplex>(
     drop(throttle);
     let pause_start = Instant::now();
     let fail = pause_for_switch(handle, was_running)?;
-    progress("stop-and-copy", rounds, sender.pages, sender.bytes, 0);
+    progress(Phase::StopAndCopy, rounds, sender.pages, sender.bytes, 0);
     let pending = fetch_dirty_pages(machine).map_err(fail)?;
     let paused_at = pause_start.elapsed();
     let state = handle
@@ -399,7 +428,7 @@ fn precopy_and_switch<S: Duplex>(
     let (pages_sent, zero_pages_sent, page_bytes) = (sender.pages, sender.zero_pages, sender.bytes + disk_copy.bytes);
     let stream = sender.out;
     let sent_at = pause_start.elapsed();
-    progress("handover", rounds, pages_sent, page_bytes, 0);
+    progress(Phase::Handover, rounds, pages_sent, page_bytes, 0);
     hand_over(stream, &state).map_err(|h| h.into_error(fail))?;
     let downtime = pause_start.elapsed();
     tracing::debug!(

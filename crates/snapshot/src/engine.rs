@@ -47,6 +47,12 @@ pub fn save(handle: &VmHandle, dir: &Path) -> Result<SnapshotSummary, SnapshotEr
     if was_running {
         handle.pause()?;
     }
+    handle.extensions().phase(xcloud_vmm::extension::PhaseEvent {
+        phase: xcloud_vmm::extension::Phase::Snapshot,
+        round: 0,
+        pages: 0,
+        bytes_sent: 0,
+    });
     let result = handle
         .save_state()
         .map_err(SnapshotError::from)

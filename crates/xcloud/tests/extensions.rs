@@ -344,6 +344,11 @@ fn a_snapshot_carries_a_tenant_module_and_its_state() {
     );
     next_line(&lines, "kvclient: 100 stored");
     ok(&socket, &["snapshot", snap.to_str().expect("utf-8")]);
+    assert_eq!(
+        figures(&socket, "meter").get("snapshots"),
+        Some(&1.0),
+        "the provider's meter counts it"
+    );
     ok(&socket, &["stop"]);
     let _ = vmm.0.wait();
 

@@ -909,6 +909,13 @@ fn a_tenant_module_moves_with_its_vm_and_keeps_its_state() {
         ],
     );
     assert!(ok, "{text}");
+    // A page-ordering policy sees the migration's phases and rounds.
+    let hot_last = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../extensions/hot-last.wat");
+    let (ok, text) = ctl(
+        &s.socket,
+        &["ext", "add", hot_last.to_str().expect("utf-8"), "--name", "hot-last"],
+    );
+    assert!(ok, "{text}");
     next_line(&src_out, "kvclient: 300 stored");
     let (ok, text) = migrate(&hosts, &s, &[]);
     assert!(ok, "{text}");
@@ -928,6 +935,14 @@ fn a_tenant_module_moves_with_its_vm_and_keeps_its_state() {
         "{listed}"
     );
     assert!(listed.contains("m0=300"), "its state came along: {listed}");
+    // The policy's figures as they were when the state left: the first pass and the
+    // stop-and-copy at least.
+    let phases: f64 = listed
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("phases="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no phases figure: {listed}"));
+    assert!(phases >= 2.0, "{listed}");
     let (ok, text) = ctl(&dst_socket, &["ext", "rm", "kv"]);
     assert!(ok, "{text}");
     next_line(&dst_out, "kvclient: the module is gone");

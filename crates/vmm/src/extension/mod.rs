@@ -132,6 +132,27 @@ pub trait Extension: Send + Sync {
         Ok(())
     }
 
+    /// Whether the module takes the phases of the VM's snapshots and migrations.
+    fn takes_phases(&self) -> bool {
+        false
+    }
+
+    /// A phase of a snapshot or a migration of the VM (on the engine's thread).
+    fn phase(&self, _event: &PhaseEvent) -> Result<(), HookError> {
+        Ok(())
+    }
+
+    /// Whether the module orders the pages each pre-copy round sends.
+    fn takes_page_order(&self) -> bool {
+        false
+    }
+
+    /// Reorders the guest page numbers a pre-copy round is about to send (the same pages,
+    /// in the order they should go: a page likely to be written again is best sent last).
+    fn order_pages(&self, _pfns: &mut [u64]) -> Result<(), HookError> {
+        Ok(())
+    }
+
     /// The state the module exports, for a snapshot or a migration to carry (None: it exports
     /// none, and starts afresh wherever the VM goes on). At most [`MAX_MODULE_STATE`] bytes.
     fn save_state(&self) -> Result<Option<Vec<u8>>, HookError> {
@@ -149,6 +170,73 @@ pub trait Extension: Send + Sync {
         Vec::new()
     }
 }
+
+/// A phase of a snapshot or a migration, as the engines announce it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// A migration starts its first pass over guest RAM (the guest runs).
+    FirstPass,
+    /// A pre-copy round of the pages dirtied since the last (the guest runs).
+    PreCopy,
+    /// The guest goes on at the destination and its pages follow (post-copy).
+    PostCopy,
+    /// The guest is paused for the last pages.
+    StopAndCopy,
+    /// The VM's state goes to the destination.
+    Handover,
+    /// The migration ended: the VM runs at the destination.
+    Migrated,
+    /// The migration failed: the VM goes on here.
+    MigrationFailed,
+    /// A snapshot is taken (the VM is paused).
+    Snapshot,
+}
+
+impl Phase {
+    /// Its number in the hook ABI.
+    pub fn code(self) -> i32 {
+        match self {
+            Self::FirstPass => 1,
+            Self::PreCopy => 2,
+            Self::PostCopy => 3,
+            Self::StopAndCopy => 4,
+            Self::Handover => 5,
+            Self::Migrated => 6,
+            Self::MigrationFailed => 7,
+            Self::Snapshot => 8,
+        }
+    }
+
+    /// Its name, as a migration's progress shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::FirstPass => "first pass",
+            Self::PreCopy => "pre-copy",
+            Self::PostCopy => "post-copy",
+            Self::StopAndCopy => "stop-and-copy",
+            Self::Handover => "handover",
+            Self::Migrated => "migrated",
+            Self::MigrationFailed => "failed",
+            Self::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// One phase with where the engine is.
+#[derive(Clone, Copy, Debug)]
+pub struct PhaseEvent {
+    /// The phase.
+    pub phase: Phase,
+    /// Pre-copy rounds so far.
+    pub round: u32,
+    /// Pages this phase starts with (dirty or to send).
+    pub pages: u64,
+    /// Bytes sent so far.
+    pub bytes_sent: u64,
+}
+
+/// The most pages a round hands a page-order hook (more go in the engine's order).
+pub const MAX_ORDERED_PAGES: usize = 1 << 20;
 
 /// Why a read of guest RAM by a module was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -220,6 +308,8 @@ pub struct TenantPolicy {
     pub packets: bool,
     /// It may see (and refuse) the VM's block requests.
     pub blocks: bool,
+    /// It may see the phases of the VM's snapshots and migrations and order their pages.
+    pub migration: bool,
     /// Bytes of guest RAM one tick may read (0: no tick).
     pub guest_read_per_tick: u64,
     /// Time between ticks.
@@ -234,6 +324,7 @@ impl Default for TenantPolicy {
             ports: true,
             packets: true,
             blocks: true,
+            migration: true,
             guest_read_per_tick: 1 << 20,
             tick_interval: Duration::from_millis(100),
             call_budget: Duration::from_millis(50),
@@ -242,8 +333,8 @@ impl Default for TenantPolicy {
 }
 
 impl TenantPolicy {
-    /// Reads a policy from `key=value` pairs separated by commas: `ports`, `packets`, `blocks`
-    /// (`yes` or `no`), `guest-read` (bytes per tick, with an optional K or M), `tick-ms`,
+    /// Reads a policy from `key=value` pairs separated by commas: `ports`, `packets`, `blocks`,
+    /// `migration` (`yes` or `no`), `guest-read` (bytes per tick, with an optional K or M), `tick-ms`,
     /// `budget-ms`. What is not named keeps its default.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut policy = Self::default();
@@ -274,12 +365,13 @@ impl TenantPolicy {
                 "ports" => policy.ports = yes_no(value)?,
                 "packets" => policy.packets = yes_no(value)?,
                 "blocks" => policy.blocks = yes_no(value)?,
+                "migration" => policy.migration = yes_no(value)?,
                 "guest-read" => policy.guest_read_per_tick = number(value)?.min(1 << 30),
                 "tick-ms" => policy.tick_interval = Duration::from_millis(number(value)?.clamp(10, 60_000)),
                 "budget-ms" => policy.call_budget = Duration::from_millis(number(value)?.clamp(1, 10_000)),
                 _ => {
                     return Err(format!(
-                        "no policy key {key:?} (ports, packets, blocks, guest-read, tick-ms, budget-ms)"
+                        "no policy key {key:?} (ports, packets, blocks, migration, guest-read, tick-ms, budget-ms)"
                     ))
                 }
             }
@@ -297,6 +389,8 @@ impl TenantPolicy {
             Some("block")
         } else if module.takes_ticks() && self.guest_read_per_tick == 0 {
             Some("tick")
+        } else if (module.takes_phases() || module.takes_page_order()) && !self.migration {
+            Some("migration")
         } else {
             None
         }
@@ -636,6 +730,52 @@ impl BlockHook for Extensions {
 }
 
 impl Extensions {
+    /// Tells every enabled module that takes phases about `event`.
+    pub fn phase(&self, event: PhaseEvent) {
+        let takers: Vec<Arc<Installed>> = self
+            .read()
+            .iter()
+            .filter(|m| m.module.takes_phases())
+            .cloned()
+            .collect();
+        for m in takers {
+            m.call("phase", |e| e.phase(&event));
+        }
+    }
+
+    /// Lets the first enabled module that orders pages order `pfns`. An answer that is not
+    /// the same pages disables it, and the engine's order stands.
+    pub fn order_pages(&self, pfns: &mut [u64]) {
+        if pfns.len() > MAX_ORDERED_PAGES {
+            return;
+        }
+        let Some(m) = self
+            .read()
+            .iter()
+            .find(|m| m.module.takes_page_order() && !m.is_disabled())
+            .cloned()
+        else {
+            return;
+        };
+        let mut ordered = pfns.to_vec();
+        let same_pages = m
+            .call("order_pages", |e| {
+                e.order_pages(&mut ordered)?;
+                let (mut before, mut after) = (pfns.to_vec(), ordered.clone());
+                before.sort_unstable();
+                after.sort_unstable();
+                if before == after {
+                    Ok(())
+                } else {
+                    Err(HookError::BadAnswer("an order that is not the same pages".into()))
+                }
+            })
+            .is_some();
+        if same_pages {
+            pfns.copy_from_slice(&ordered);
+        }
+    }
+
     /// Ticks every enabled module that takes ticks, each with its own view of `memory` and the
     /// policy's budget of bytes.
     pub fn tick(&self, memory: &GuestMemoryMmap) {
