@@ -62,4 +62,18 @@ pub trait BlockHook: Send + Sync {
     /// Request `kind` (virtio-blk's request types) at `sector` with `bytes` of data on disk
     /// `disk`.
     fn request(&self, disk: u32, kind: u32, sector: u64, bytes: u64) -> BlockVerdict;
+
+    /// Whether a module transforms the data of reads and writes (encryption at rest): each
+    /// write's data then goes to the disk from a copy the hook transformed, and each read's is
+    /// transformed in guest memory once it is there.
+    fn transforms_data(&self) -> bool {
+        false
+    }
+
+    /// Transforms `data`, a read's (after the disk) or a write's (before it) at `sector`.
+    /// false: it could not be transformed (a module failed), and the request fails rather than
+    /// reach the disk or the guest untransformed.
+    fn transform(&self, _disk: u32, _kind: u32, _sector: u64, _data: &mut [u8]) -> bool {
+        true
+    }
 }

@@ -18,6 +18,7 @@
 //! | `port_write` | `(offset: i32, size: i32, value: i32)` | a guest `out` in its ports |
 //! | `packet`, `packet_buffer`, `packet_snap` | `(nic: i32, direction: i32, len: i32) -> i32`, `() -> i32`, `() -> i32` | a frame: its first bytes are at `packet_buffer`, at most `packet_snap` of them; answers 0 pass, 1 drop, 2 pass as rewritten |
 //! | `block` | `(disk: i32, kind: i32, sector: i64, bytes: i64) -> i32` | a block request: 0 allow, 1 refuse |
+//! | `block_buffer`, `block_data` | `(len: i32) -> i32`, `(disk: i32, kind: i32, sector: i64, len: i32) -> i32` | a read's or write's data (encryption at rest): put at `block_buffer(len)`, transformed in place there; answers 0 (anything else fails the request and disables the module) |
 //! | `tick` | `()` | the periodic tick |
 //! | `phase` | `(phase: i32, round: i32, pages: i64, bytes_sent: i64)` | a phase of a snapshot or migration (1 first pass, 2 pre-copy round, 3 post-copy, 4 stop-and-copy, 5 handover, 6 migrated, 7 failed, 8 snapshot) |
 //! | `pages_buffer`, `order_pages` | `(count: i32) -> i32`, `(count: i32) -> i32` | a pre-copy round's page numbers (u64 each) at `pages_buffer(count)` (negative: not this round); answers 0 to send them in the order it left there, 1 to keep the engine's |
@@ -120,6 +121,9 @@ struct Host {
     guest: Option<GuestView>,
 }
 
+/// `block_data(disk, kind, sector, len) -> answer`.
+type BlockDataFunc = TypedFunc<(i32, i32, i64, i32), i32>;
+
 /// Where a module takes frames: its buffer and how many bytes of a frame it wants.
 struct PacketHooks {
     packet: TypedFunc<(i32, i32, i32), i32>,
@@ -132,6 +136,7 @@ struct Hooks {
     port_write: Option<TypedFunc<(i32, i32, i32), ()>>,
     packet: Option<PacketHooks>,
     block: Option<TypedFunc<(i32, i32, i64, i64), i32>>,
+    block_data: Option<(TypedFunc<i32, i32>, BlockDataFunc)>,
     tick: Option<TypedFunc<(), ()>>,
     metrics: Option<(TypedFunc<(), i32>, TypedFunc<i32, i64>)>,
     metric_name: Option<TypedFunc<i32, i64>>,
@@ -152,7 +157,8 @@ pub struct WasmModule {
     store: Mutex<Store<Host>>,
     memory: Option<Memory>,
     hooks: Hooks,
-    fuel: u64,
+    /// Fuel per call: the load policy's, then the provider's policy's (`set_limits`).
+    fuel: std::sync::atomic::AtomicU64,
     /// SHA-256 of the Wasm (hex).
     pub digest: String,
 }
@@ -326,6 +332,12 @@ impl WasmModule {
             port_write: typed(&mut store, &instance, "port_write", "(i32, i32, i32)")?,
             packet,
             block: typed(&mut store, &instance, "block", "(i32, i32, i64, i64) -> i32")?,
+            block_data: pair(
+                typed(&mut store, &instance, "block_buffer", "(i32) -> i32")?,
+                typed(&mut store, &instance, "block_data", "(i32, i32, i64, i32) -> i32")?,
+                "block_buffer",
+                "(i32) -> i32, exported with block_data: (i32, i32, i64, i32) -> i32",
+            )?,
             tick: typed(&mut store, &instance, "tick", "()")?,
             metrics: pair(
                 typed(&mut store, &instance, "metric_count", "() -> i32")?,
@@ -358,6 +370,7 @@ impl WasmModule {
             && hooks.port_write.is_none()
             && hooks.packet.is_none()
             && hooks.block.is_none()
+            && hooks.block_data.is_none()
             && hooks.tick.is_none()
             && hooks.phase.is_none()
             && hooks.page_order.is_none()
@@ -369,17 +382,18 @@ impl WasmModule {
             store: Mutex::new(store),
             memory,
             hooks,
-            fuel: policy.fuel_per_call,
+            fuel: std::sync::atomic::AtomicU64::new(policy.fuel_per_call),
             digest: sha256_hex(&wasm),
         })
     }
 
     /// Runs `f` on the module's store with a fresh allowance of fuel.
     fn call<T>(&self, f: impl FnOnce(&mut Store<Host>) -> wasmtime::Result<T>) -> Result<T, HookError> {
+        let fuel = self.fuel.load(std::sync::atomic::Ordering::Relaxed);
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        store.set_fuel(self.fuel).map_err(|e| HookError::Trap(e.to_string()))?;
+        store.set_fuel(fuel).map_err(|e| HookError::Trap(e.to_string()))?;
         f(&mut store).map_err(|e| match e.downcast_ref::<Trap>() {
-            Some(Trap::OutOfFuel) => HookError::OutOfFuel(self.fuel),
+            Some(Trap::OutOfFuel) => HookError::OutOfFuel(fuel),
             _ => HookError::Trap(format!("{e:#}")),
         })
     }
@@ -473,6 +487,44 @@ impl Extension for WasmModule {
                 "block verdict {other} (0 allow, 1 refuse)"
             ))),
         }
+    }
+
+    fn set_limits(&self, policy: &xcloud_vmm::extension::TenantPolicy) {
+        self.fuel
+            .store(policy.fuel_per_call, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn takes_block_data(&self) -> bool {
+        self.hooks.block_data.is_some() && self.memory.is_some()
+    }
+
+    fn block_data(&self, disk: u32, kind: u32, sector: u64, data: &mut [u8]) -> Result<(), HookError> {
+        let (Some((buffer, transform)), Some(memory)) = (&self.hooks.block_data, self.memory) else {
+            return Ok(());
+        };
+        let len = i32::try_from(data.len()).map_err(|_| HookError::BadAnswer("a request too large".into()))?;
+        let (at, answer) = self.call(|s| {
+            let at = usize::try_from(buffer.call(&mut *s, len)?)
+                .map_err(|_| wasmtime::Error::msg("it has no room for the request's data"))?;
+            at.checked_add(data.len())
+                .and_then(|end| memory.data_mut(&mut *s).get_mut(at..end))
+                .ok_or_else(|| wasmtime::Error::msg("its block buffer is outside its memory"))?
+                .copy_from_slice(data);
+            Ok((
+                at,
+                transform.call(&mut *s, (disk as i32, kind as i32, sector as i64, len))?,
+            ))
+        })?;
+        if answer != 0 {
+            return Err(HookError::BadAnswer(format!("block_data answered {answer}")));
+        }
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let out = memory
+            .data(&*store)
+            .get(at..at + data.len())
+            .ok_or_else(|| HookError::Trap("its block buffer left its memory".into()))?;
+        data.copy_from_slice(out);
+        Ok(())
     }
 
     fn takes_ticks(&self) -> bool {
@@ -977,6 +1029,47 @@ mod tests {
         assert_eq!(pfns, [1, 2, 3], "the engine's order stands");
         let why = registry.list()[0].disabled.clone().expect("disabled");
         assert!(why.contains("not the same pages"), "{why}");
+    }
+
+    #[test]
+    fn the_disk_cipher_example_is_its_own_inverse_per_word_of_the_disk() {
+        let cipher = example("disk-cipher");
+        assert!(cipher.takes_block_data());
+        // A 256 KiB request takes more than the default fuel: the provider grants more.
+        let needy = xcloud_vmm::extension::TenantPolicy::default();
+        cipher.set_limits(&needy);
+        assert!(matches!(
+            cipher.block_data(0, 1, 0, &mut vec![0u8; 262_144]),
+            Err(HookError::OutOfFuel(_))
+        ));
+        cipher.set_limits(&xcloud_vmm::extension::TenantPolicy {
+            fuel_per_call: 4 << 20,
+            ..needy
+        });
+        let plain: Vec<u8> = (0..262_144u32).map(|i| (i * 7) as u8).collect();
+        let mut data = plain.clone();
+        cipher.block_data(0, 1, 100, &mut data).expect("encrypted");
+        assert_ne!(data, plain);
+        assert!(data.windows(8).step_by(8).all(|w| w != [0u8; 8]), "no word left as is");
+        // The keystream depends on where: the same bytes elsewhere differ.
+        let mut elsewhere = plain.clone();
+        cipher.block_data(0, 1, 101, &mut elsewhere).expect("encrypted");
+        assert_ne!(elsewhere, data);
+        cipher.block_data(0, 0, 100, &mut data).expect("decrypted");
+        assert_eq!(data, plain);
+        assert_eq!(
+            figure(&cipher, "bytes_encrypted"),
+            524_288.0,
+            "the first, out of fuel, counted nothing"
+        );
+        assert_eq!(figure(&cipher, "bytes_decrypted"), 262_144.0);
+        // Not whole words: refused, as garbage.
+        assert!(matches!(
+            cipher.block_data(0, 1, 0, &mut [0u8; 12]),
+            Err(HookError::BadAnswer(_))
+        ));
+        // Over its buffer: no room, a failure (the request fails, the module is disabled).
+        assert!(cipher.block_data(0, 1, 0, &mut vec![0u8; 2 << 20]).is_err());
     }
 
     #[test]

@@ -383,3 +383,63 @@ fn a_snapshot_carries_a_tenant_module_and_its_state() {
     let status = restored.0.wait().expect("the VMM ends");
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn a_cipher_module_keeps_the_image_encrypted_and_the_guest_reads_its_own_bytes() {
+    use std::sync::Arc;
+    use xcloud_vmm::extension::{ModuleSpec, Origin, TenantPolicy};
+    use xcloud_vmm::{CaptureBuffer, Console, DiskSpec, Vm, VmConfig, VmExit};
+    let dir = scratch("cipher");
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(8 << 20))
+        .expect("image");
+    let code = std::fs::read(example("disk-cipher.wat")).expect("the example");
+    // A 256 KiB request needs more fuel than the default: the provider grants it.
+    let policy = TenantPolicy::parse("fuel=4M").expect("policy");
+    let run = |guest: &str, cmdline: &str, cipher: bool| -> (VmExit, String) {
+        let capture = CaptureBuffer::default();
+        let config = VmConfig {
+            mem_bytes: 64 << 20,
+            vcpus: 1,
+            cmdline: cmdline.into(),
+            disks: vec![DiskSpec {
+                path: image.clone(),
+                read_only: false,
+            }],
+            nets: Vec::new(),
+        };
+        let elf = xcloud::guests::builtin(guest).expect("built-in guest");
+        let mut vm = Vm::new(&config, elf, Console::new(Box::new(capture.clone()))).expect("VM");
+        if cipher {
+            let extensions = vm.handle().extensions().clone();
+            extensions.set_policy(policy.clone());
+            let module =
+                xcloud_extensions::WasmModule::load(&code, &xcloud_extensions::Policy::default()).expect("loads");
+            let spec = ModuleSpec {
+                name: "cipher".into(),
+                version: "1".into(),
+                digest: module.digest.clone(),
+                origin: Origin::Tenant,
+                ports: None,
+                call_budget: std::time::Duration::from_millis(50),
+                code: Some(Arc::from(code.as_slice())),
+            };
+            extensions
+                .add(spec, Arc::new(module))
+                .expect("installed before the first write");
+        }
+        vm.start().expect("start");
+        let exit = vm.wait();
+        (exit, capture.text())
+    };
+    let (exit, text) = run("diskwrite", "4194304 7", true);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}: {text}");
+    // Without the module the image's bytes are not what the guest wrote.
+    let (_, text) = run("diskread", "4194304 7", false);
+    assert!(text.contains("does not hold what diskwrite"), "{text}");
+    // With it, every byte reads back.
+    let (exit, text) = run("diskread", "4194304 7", true);
+    assert!(matches!(exit, VmExit::Exited(0)), "{exit:?}: {text}");
+    assert!(!text.contains("does not hold"), "{text}");
+}

@@ -12,7 +12,7 @@
 use super::legacy::{self, Transport, F_EVENT_IDX, F_INDIRECT_DESC, ISR_QUEUE};
 use super::persist::BlockState;
 use super::worker::{self, Gate, Serve, WorkerGuard};
-use super::{guest_iovecs, GuestMemoryHost, GuestRange};
+use super::{gather, guest_iovecs, scatter, GuestMemoryHost, GuestRange};
 use crate::bus::PortDevice;
 use crate::disk::{DiskFile, SECTOR_BYTES};
 use crate::hooks::{BlockHook, BlockVerdict};
@@ -432,6 +432,8 @@ impl BlockDevice {
                     return Err(status_byte::IOERR);
                 }
                 let mut iov = guest_iovecs(mem, &r.data).ok_or(status_byte::IOERR)?;
+                // A module that transforms the data (encryption at rest) sees it here.
+                let transformer = self.block_hook.get().filter(|hook| hook.transforms_data());
                 if r.kind == request::IN {
                     // SAFETY: every iovec is a checked range of guest RAM, which stays mapped
                     // while the VM (which owns this device) lives.
@@ -439,13 +441,37 @@ impl BlockDevice {
                     for d in &r.data {
                         self.mem.note_write(d.addr, d.len as u64);
                     }
+                    if let Some(hook) = transformer {
+                        let mut data = gather(mem, &r.data, 0, bytes as usize).ok_or(status_byte::IOERR)?;
+                        if !hook.transform(self.index, r.kind, r.sector, &mut data) {
+                            return Err(status_byte::IOERR);
+                        }
+                        scatter(mem, self.mem.as_ref(), &r.data, 0, &data).ok_or(status_byte::IOERR)?;
+                    }
                     self.stats.read_bytes.fetch_add(bytes, Ordering::Relaxed);
                     Ok(bytes as u32)
                 } else {
                     if disk.read_only() {
                         return Err(status_byte::IOERR);
                     }
-                    // SAFETY: as for reads; the device only reads these buffers.
+                    // Transformed, the data goes to the disk from a copy: the guest's buffers
+                    // stay as it wrote them.
+                    let mut copy = None;
+                    if let Some(hook) = transformer {
+                        let mut data = gather(mem, &r.data, 0, bytes as usize).ok_or(status_byte::IOERR)?;
+                        if !hook.transform(self.index, r.kind, r.sector, &mut data) {
+                            return Err(status_byte::IOERR);
+                        }
+                        copy = Some(data);
+                    }
+                    if let Some(data) = copy.as_mut() {
+                        iov = vec![libc::iovec {
+                            iov_base: data.as_mut_ptr().cast(),
+                            iov_len: data.len(),
+                        }];
+                    }
+                    // SAFETY: as for reads (the device only reads these buffers), or one iovec
+                    // naming `copy`, which lives to the end of this block.
                     unsafe { disk.write_vectored_at(&mut iov, offset) }.map_err(|e| io_error("a write", e))?;
                     self.wrote(offset, bytes);
                     self.stats.written_bytes.fetch_add(bytes, Ordering::Relaxed);

@@ -16,7 +16,7 @@ pub mod net;
 pub mod persist;
 pub mod worker;
 
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// The virtio PCI vendor ID.
 pub const VIRTIO_VENDOR: u16 = 0x1af4;
@@ -70,7 +70,7 @@ pub trait GuestMemoryHost: Send + Sync {
 /// when a range is not entirely RAM). The pointers stay valid while the VM's memory is mapped,
 /// which outlives every device.
 pub(crate) fn guest_iovecs(mem: &GuestMemoryMmap, ranges: &[GuestRange]) -> Option<Vec<libc::iovec>> {
-    use vm_memory::{GuestAddress, GuestMemoryBackend};
+    use vm_memory::GuestMemoryBackend;
     ranges
         .iter()
         .map(|r| {
@@ -81,6 +81,54 @@ pub(crate) fn guest_iovecs(mem: &GuestMemoryMmap, ranges: &[GuestRange]) -> Opti
             })
         })
         .collect()
+}
+
+/// Copies `len` bytes from `skip` bytes into the buffers `ranges` (None if they are not RAM).
+pub(crate) fn gather(mem: &GuestMemoryMmap, ranges: &[GuestRange], mut skip: u64, mut len: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(len);
+    for r in ranges {
+        if len == 0 {
+            break;
+        }
+        let r_len = r.len as u64;
+        if skip >= r_len {
+            skip -= r_len;
+            continue;
+        }
+        let n = ((r_len - skip) as usize).min(len);
+        let at = out.len();
+        out.resize(at + n, 0);
+        mem.read_slice(&mut out[at..], GuestAddress(r.addr + skip)).ok()?;
+        len -= n;
+        skip = 0;
+    }
+    Some(out)
+}
+
+/// Writes `bytes` from `skip` bytes into the buffers `ranges`, noting what it wrote.
+pub(crate) fn scatter(
+    mem: &GuestMemoryMmap,
+    host: &dyn GuestMemoryHost,
+    ranges: &[GuestRange],
+    mut skip: u64,
+    mut bytes: &[u8],
+) -> Option<()> {
+    for r in ranges {
+        if bytes.is_empty() {
+            break;
+        }
+        let r_len = r.len as u64;
+        if skip >= r_len {
+            skip -= r_len;
+            continue;
+        }
+        let n = ((r_len - skip) as usize).min(bytes.len());
+        mem.write_slice(&bytes[..n], GuestAddress(r.addr + skip)).ok()?;
+        host.note_write(r.addr + skip, n as u64);
+        bytes = &bytes[n..];
+        skip = 0;
+    }
+    Some(())
 }
 
 /// A guest-physical range of a descriptor.

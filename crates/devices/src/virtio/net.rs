@@ -11,7 +11,7 @@
 use super::legacy::{self, Transport, F_EVENT_IDX, F_INDIRECT_DESC, ISR_QUEUE};
 use super::persist::NetState;
 use super::worker::{self, Gate, Serve, WorkerGuard};
-use super::{guest_iovecs, GuestMemoryHost, GuestRange};
+use super::{gather, guest_iovecs, scatter, GuestMemoryHost, GuestRange};
 use crate::bus::PortDevice;
 use crate::hooks::{PacketDirection, PacketHook, PacketVerdict};
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, VNET_HDR_BYTES};
@@ -149,54 +149,6 @@ pub struct NetDevice {
     stats: NetStats,
     /// The extensions that see each frame (set once by the VMM).
     packet_hook: OnceLock<Arc<dyn PacketHook>>,
-}
-
-/// Copies `len` bytes from `skip` bytes into the buffers `ranges` (None if they are not RAM).
-fn gather(mem: &GuestMemoryMmap, ranges: &[GuestRange], mut skip: u64, mut len: usize) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(len);
-    for r in ranges {
-        if len == 0 {
-            break;
-        }
-        let r_len = r.len as u64;
-        if skip >= r_len {
-            skip -= r_len;
-            continue;
-        }
-        let n = ((r_len - skip) as usize).min(len);
-        let at = out.len();
-        out.resize(at + n, 0);
-        mem.read_slice(&mut out[at..], GuestAddress(r.addr + skip)).ok()?;
-        len -= n;
-        skip = 0;
-    }
-    Some(out)
-}
-
-/// Writes `bytes` from `skip` bytes into the buffers `ranges`, noting what it wrote.
-fn scatter(
-    mem: &GuestMemoryMmap,
-    host: &dyn GuestMemoryHost,
-    ranges: &[GuestRange],
-    mut skip: u64,
-    mut bytes: &[u8],
-) -> Option<()> {
-    for r in ranges {
-        if bytes.is_empty() {
-            break;
-        }
-        let r_len = r.len as u64;
-        if skip >= r_len {
-            skip -= r_len;
-            continue;
-        }
-        let n = ((r_len - skip) as usize).min(bytes.len());
-        mem.write_slice(&bytes[..n], GuestAddress(r.addr + skip)).ok()?;
-        host.note_write(r.addr + skip, n as u64);
-        bytes = &bytes[n..];
-        skip = 0;
-    }
-    Some(())
 }
 
 impl NetDevice {

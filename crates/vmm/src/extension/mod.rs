@@ -122,6 +122,18 @@ pub trait Extension: Send + Sync {
         Ok(BlockVerdict::Allow)
     }
 
+    /// Whether the module transforms the data of block reads and writes (encryption at rest).
+    fn takes_block_data(&self) -> bool {
+        false
+    }
+
+    /// Transforms a request's data in place: a write's before the disk gets it, a read's once
+    /// the guest has it (so a cipher that is its own inverse, or that tells the kinds apart,
+    /// keeps the image encrypted and the guest's view plain).
+    fn block_data(&self, _disk: u32, _kind: u32, _sector: u64, _data: &mut [u8]) -> Result<(), HookError> {
+        Ok(())
+    }
+
     /// Whether the module takes the periodic tick.
     fn takes_ticks(&self) -> bool {
         false
@@ -169,6 +181,10 @@ pub trait Extension: Send + Sync {
     fn metrics(&self) -> Vec<(String, f64)> {
         Vec::new()
     }
+
+    /// Takes the limits a tenant module runs under from the provider's policy (when it is
+    /// installed or carried here, and whenever the policy changes).
+    fn set_limits(&self, _policy: &TenantPolicy) {}
 }
 
 /// A phase of a snapshot or a migration, as the engines announce it.
@@ -316,6 +332,8 @@ pub struct TenantPolicy {
     pub tick_interval: Duration,
     /// Wall time one hook call may take.
     pub call_budget: Duration,
+    /// Fuel (about one unit per Wasm instruction) one hook call of a Wasm module may burn.
+    pub fuel_per_call: u64,
 }
 
 impl Default for TenantPolicy {
@@ -328,6 +346,7 @@ impl Default for TenantPolicy {
             guest_read_per_tick: 1 << 20,
             tick_interval: Duration::from_millis(100),
             call_budget: Duration::from_millis(50),
+            fuel_per_call: 1_000_000,
         }
     }
 }
@@ -335,7 +354,8 @@ impl Default for TenantPolicy {
 impl TenantPolicy {
     /// Reads a policy from `key=value` pairs separated by commas: `ports`, `packets`, `blocks`,
     /// `migration` (`yes` or `no`), `guest-read` (bytes per tick, with an optional K or M), `tick-ms`,
-    /// `budget-ms`. What is not named keeps its default.
+    /// `budget-ms`, `fuel` (per call, with an optional K or M). What is not named keeps its
+    /// default.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut policy = Self::default();
         for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -369,11 +389,10 @@ impl TenantPolicy {
                 "guest-read" => policy.guest_read_per_tick = number(value)?.min(1 << 30),
                 "tick-ms" => policy.tick_interval = Duration::from_millis(number(value)?.clamp(10, 60_000)),
                 "budget-ms" => policy.call_budget = Duration::from_millis(number(value)?.clamp(1, 10_000)),
-                _ => {
-                    return Err(format!(
-                        "no policy key {key:?} (ports, packets, blocks, migration, guest-read, tick-ms, budget-ms)"
-                    ))
-                }
+                "fuel" => policy.fuel_per_call = number(value)?.clamp(1_000, 1 << 30),
+                _ => return Err(format!(
+                    "no policy key {key:?} (ports, packets, blocks, migration, guest-read, tick-ms, budget-ms, fuel)"
+                )),
             }
         }
         Ok(policy)
@@ -385,7 +404,7 @@ impl TenantPolicy {
             Some("port-I/O")
         } else if module.packet_snap() > 0 && !self.packets {
             Some("packet")
-        } else if module.takes_blocks() && !self.blocks {
+        } else if (module.takes_blocks() || module.takes_block_data()) && !self.blocks {
             Some("block")
         } else if module.takes_ticks() && self.guest_read_per_tick == 0 {
             Some("tick")
@@ -519,6 +538,8 @@ pub struct Extensions {
     snap: AtomicUsize,
     /// How many installed modules take block requests.
     block_takers: AtomicUsize,
+    /// How many installed modules transform block data (disabled ones too: their disk fails).
+    data_takers: AtomicUsize,
 }
 
 fn good_name(name: &str) -> bool {
@@ -554,6 +575,7 @@ impl Extensions {
             if let Some(hook) = policy.refused_hook(&m.spec, m.module.as_ref()) {
                 m.disable(format!("the provider's policy here does not grant its {hook} hook"));
             }
+            m.module.set_limits(&policy);
         }
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
     }
@@ -569,6 +591,8 @@ impl Extensions {
         self.snap.store(snap.min(MAX_SNAP), Ordering::Relaxed);
         let blocks = installed.iter().filter(|m| m.module.takes_blocks()).count();
         self.block_takers.store(blocks, Ordering::Relaxed);
+        let data = installed.iter().filter(|m| m.module.takes_block_data()).count();
+        self.data_takers.store(data, Ordering::Relaxed);
     }
 
     /// Installs `module` as `spec` says: its name must be free, its ports inside the window
@@ -633,6 +657,9 @@ impl Extensions {
             if overlaps {
                 return Err(bad("overlap another module's"));
             }
+        }
+        if spec.origin == Origin::Tenant {
+            module.set_limits(&self.policy());
         }
         installed.push(Arc::new(Installed::new(spec, module, disabled)));
         self.recount(&installed);
@@ -726,6 +753,25 @@ impl BlockHook for Extensions {
             }
         }
         BlockVerdict::Allow
+    }
+
+    fn transforms_data(&self) -> bool {
+        self.data_takers.load(Ordering::Relaxed) > 0
+    }
+
+    /// Writes go through the modules in the order they were installed, reads the other way
+    /// (as layers: the first installed is nearest the guest). A module that fails, or that
+    /// failed before, fails the request: data never reaches the disk or the guest untransformed.
+    fn transform(&self, disk: u32, kind: u32, sector: u64, data: &mut [u8]) -> bool {
+        let installed = self.read();
+        let mut takers: Vec<&Arc<Installed>> = installed.iter().filter(|m| m.module.takes_block_data()).collect();
+        if kind == xcloud_devices::virtio::block::request::IN {
+            takers.reverse();
+        }
+        takers.into_iter().all(|m| {
+            m.call("block_data", |e| e.block_data(disk, kind, sector, data))
+                .is_some()
+        })
     }
 }
 
