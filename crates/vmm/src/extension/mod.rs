@@ -390,9 +390,11 @@ impl TenantPolicy {
                 "tick-ms" => policy.tick_interval = Duration::from_millis(number(value)?.clamp(10, 60_000)),
                 "budget-ms" => policy.call_budget = Duration::from_millis(number(value)?.clamp(1, 10_000)),
                 "fuel" => policy.fuel_per_call = number(value)?.clamp(1_000, 1 << 30),
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "no policy key {key:?} (ports, packets, blocks, migration, guest-read, tick-ms, budget-ms, fuel)"
-                )),
+                ))
+                }
             }
         }
         Ok(policy)
