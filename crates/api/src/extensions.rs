@@ -52,8 +52,8 @@ pub fn add(
         digest: module.digest.clone(),
         origin: Origin::Tenant,
         ports,
-        // Its fuel (a million instructions, about a millisecond) bounds its work; the
-        // provider's wall-time budget bounds a host that stalls it.
+        // Its fuel (the policy's, given by set_limits) bounds its work; the provider's
+        // wall-time budget bounds a host that stalls it.
         call_budget: handle.extensions().policy().call_budget,
         code: Some(Arc::from(bytes)),
     };

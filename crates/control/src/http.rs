@@ -517,7 +517,10 @@ async fn upload_image(
     Query(q): Query<ImageQuery>,
     body: axum::body::Body,
 ) -> Res<(StatusCode, Json<Image>)> {
-    check_name("image", &q.name)?;
+    if let Err(e) = check_name("image", &q.name) {
+        drain(body).await;
+        return Err(e);
+    }
     let dir = d.config.data_dir.join("images");
     let partial = dir.join(format!(".upload-{}", auth::hex(&auth::random_bytes::<8>()?)));
     let result = receive_image(body, &partial).await;
@@ -562,6 +565,22 @@ async fn upload_image(
 }
 
 /// Streams an upload into `path`, hashing it and checking it is an x86-64 ELF executable.
+/// Reads and drops what is left of a body refused before it was read (up to
+/// [`MAX_DRAINED_BYTES`], within [`BODY_TIMEOUT`]), so that a client that writes its body
+/// before it reads the answer gets the answer, not a connection closed under its write.
+async fn drain(mut body: axum::body::Body) {
+    let read = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.into_data().map_or(0, |d| d.len());
+            if seen > MAX_DRAINED_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(BODY_TIMEOUT, read).await;
+}
+
 async fn receive_image(mut body: axum::body::Body, path: &std::path::Path) -> Res<(String, u64)> {
     use sha2::Digest;
     let mut file = std::fs::File::create(path).map_err(|e| ControlError::io("receiving an image", e))?;
