@@ -1,6 +1,7 @@
 //! A hostile migration destination during post-copy: the source decodes its REQUEST frames
-//! (and the page lists it announces are decoded the same way by destinations); either must be
-//! refused or bounded, never a panic or an allocation beyond the guest.
+//! (and the page lists it announces are decoded the same way by destinations), and the module
+//! code a source sends ahead (MODULES); each must be refused or bounded, never a panic or an
+//! allocation beyond the guest's or the VM's limits.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -15,5 +16,9 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(pfns) = wire::decode_pfns(rest, limit) {
         assert!(pfns.windows(2).all(|w| w[0] < w[1]) && pfns.iter().all(|&p| p < limit));
+    }
+    if let Ok(codes) = wire::decode_modules(rest) {
+        assert!(codes.len() <= xcloud_vmm::extension::MAX_TENANT_MODULES);
+        assert!(codes.iter().map(|c| c.len()).sum::<usize>() <= xcloud_vmm::extension::MAX_TENANT_CODE);
     }
 });

@@ -22,6 +22,8 @@
 //! | `tick` | `()` | the periodic tick |
 //! | `phase` | `(phase: i32, round: i32, pages: i64, bytes_sent: i64)` | a phase of a snapshot or migration (1 first pass, 2 pre-copy round, 3 post-copy, 4 stop-and-copy, 5 handover, 6 migrated, 7 failed, 8 snapshot) |
 //! | `pages_buffer`, `order_pages` | `(count: i32) -> i32`, `(count: i32) -> i32` | a pre-copy round's page numbers (u64 each) at `pages_buffer(count)` (negative: not this round); answers 0 to send them in the order it left there, 1 to keep the engine's |
+//! | `converge` | `(round: i32, dirty_pages: i64, sent_last_round: i64, bandwidth: i64, dirty_rate: i64, rtt_us: i64, budget_us: i64, flags: i32) -> i32` | after each dirty-log fetch of a pre-copy (bytes per second; flags: 1 post-copy allowed, 2 throttle allowed, 4 throttle at its most, 8 the migration's compress option): 0 the provider's answer, 1 next round, 2 throttle, 3 stop-and-copy, 4 post-copy (one the migration cannot take disables the module) |
+//! | `compress` | `(round: i32, bandwidth: i64, dirty_rate: i64, flags: i32) -> i32` | whether a pre-copy round's pages go LZ4-compressed: 0 the provider's answer, 1 plain, 2 compressed |
 //! | `metric_count`, `metric` | `() -> i32`, `(i32) -> i64` | the figures it exports (`metric(i)`, i < count) |
 //! | `metric_name` | `(i32) -> i64` | optional: figure i's name, `address << 32 \| length` in its memory |
 //! | `state_save`, `state_buffer`, `state_load` | `() -> i64`, `(len: i32) -> i32`, `(len: i32) -> i32` | the state a snapshot or migration carries: `address << 32 \| length` of it; where to put `len` bytes of it in a fresh instance; take them (0: taken) |
@@ -39,8 +41,8 @@ use wasmtime::{
     Caller, Engine, Instance, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc,
 };
 use xcloud_vmm::extension::{
-    BlockVerdict, Extension, GuestView, HookError, PacketDirection, PacketVerdict, PhaseEvent, MAX_MODULE_STATE,
-    MAX_SNAP,
+    BlockVerdict, Convergence, Extension, GuestView, HookError, PacketDirection, PacketVerdict, PhaseEvent, RoundFacts,
+    MAX_MODULE_STATE, MAX_SNAP,
 };
 
 /// What the provider lets a tenant module use.
@@ -94,7 +96,7 @@ pub enum LoadError {
     #[error("its packet buffer ({0}) is not inside its exported memory")]
     PacketBuffer(String),
     /// It exports no hook.
-    #[error("it exports no hook (port_read, port_write, packet, block, tick, phase, order_pages, metric_count)")]
+    #[error("it exports no hook (port_read, port_write, packet, block, tick, phase, order_pages, converge, compress, metric_count)")]
     NoHooks,
     /// wasmtime itself refused (its configuration).
     #[error("the Wasm engine: {0}")]
@@ -143,6 +145,25 @@ struct Hooks {
     state: Option<StateHooks>,
     phase: Option<TypedFunc<(i32, i32, i64, i64), ()>>,
     page_order: Option<(TypedFunc<i32, i32>, TypedFunc<i32, i32>)>,
+    converge: Option<ConvergeFunc>,
+    compress: Option<TypedFunc<(i32, i64, i64, i32), i32>>,
+}
+
+/// `converge(round, dirty_pages, sent_last_round, bandwidth, dirty_rate, rtt_us, budget_us, flags)`.
+type ConvergeFunc = TypedFunc<(i32, i64, i64, i64, i64, i64, i64, i32), i32>;
+
+/// The flags a convergence or compression hook gets.
+fn round_flags(facts: &RoundFacts) -> i32 {
+    i32::from(facts.postcopy_allowed)
+        | i32::from(facts.throttle_allowed) << 1
+        | i32::from(facts.throttle_maxed) << 2
+        | i32::from(facts.compress_option) << 3
+}
+
+/// A figure of bytes or microseconds as a hook argument.
+fn as_i64(value: f64) -> i64 {
+    // `as` saturates, and NaN becomes 0.
+    value as i64
 }
 
 /// How a module exports its state.
@@ -252,12 +273,55 @@ fn linker(engine: &Engine) -> Result<Linker<Host>, LoadError> {
     Ok(linker)
 }
 
+/// How many compiled modules a process keeps for the next load of the same bytes.
+const COMPILED_KEPT: usize = 16;
+
+/// A module compiled in this process: the SHA-256 of the bytes it came from (text or Wasm),
+/// the module, the SHA-256 of its Wasm.
+type Compiled = (String, Module, String);
+
+/// Modules compiled in this process, newest last: a migration's destination compiles the
+/// modules the VM brings while its memory arrives, and their load at the switch finds them
+/// here.
+static COMPILED: Mutex<std::collections::VecDeque<Compiled>> = Mutex::new(std::collections::VecDeque::new());
+
+/// `bytes` (Wasm or its text form) compiled by `engine`, and the SHA-256 of the Wasm.
+fn compile(bytes: &[u8], engine: &Engine) -> Result<(Module, String), LoadError> {
+    let key = sha256_hex(bytes);
+    let kept = |c: &std::collections::VecDeque<Compiled>| {
+        c.iter()
+            .find(|(k, m, _)| *k == key && Engine::same(m.engine(), engine))
+            .map(|(_, m, d)| (m.clone(), d.clone()))
+    };
+    if let Some(hit) = kept(&COMPILED.lock().unwrap_or_else(|p| p.into_inner())) {
+        return Ok(hit);
+    }
+    let wasm = wat::parse_bytes(bytes).map_err(|e| LoadError::NotWasm(e.to_string()))?;
+    let module = Module::new(engine, &wasm).map_err(|e| LoadError::NotWasm(format!("{e:#}")))?;
+    let digest = sha256_hex(&wasm);
+    let mut compiled = COMPILED.lock().unwrap_or_else(|p| p.into_inner());
+    if kept(&compiled).is_none() {
+        if compiled.len() == COMPILED_KEPT {
+            compiled.pop_front();
+        }
+        compiled.push_back((key, module.clone(), digest.clone()));
+    }
+    Ok((module, digest))
+}
+
 /// Makes this process's VMs load the tenant modules that snapshots and migrations carry with
 /// this host, under the default [`Policy`].
 pub fn register_loader() {
     xcloud_vmm::extension::set_module_loader(Box::new(|code: &[u8]| {
         let module = WasmModule::load(code, &Policy::default()).map_err(|e| e.to_string())?;
         Ok(std::sync::Arc::new(module) as std::sync::Arc<dyn Extension>)
+    }));
+    xcloud_vmm::extension::set_module_preparer(Box::new(|code: &[u8]| {
+        let policy = Policy::default();
+        if code.len() <= policy.module_bytes {
+            // A module that does not compile is refused when it is loaded, with the reason.
+            let _ = engine(&policy).and_then(|e| compile(code, e));
+        }
     }));
 }
 
@@ -267,9 +331,8 @@ impl WasmModule {
         if bytes.len() > policy.module_bytes {
             return Err(LoadError::TooLarge(bytes.len(), policy.module_bytes));
         }
-        let wasm = wat::parse_bytes(bytes).map_err(|e| LoadError::NotWasm(e.to_string()))?;
         let engine = engine(policy)?;
-        let module = Module::new(engine, &wasm).map_err(|e| LoadError::NotWasm(format!("{e:#}")))?;
+        let (module, digest) = compile(bytes, engine)?;
         let linker = linker(engine)?;
         for import in module.imports() {
             let known = import.module() == "xcloud" && matches!(import.name(), "guest_read" | "guest_ram_bytes");
@@ -365,6 +428,13 @@ impl WasmModule {
                 "pages_buffer",
                 "(i32) -> i32, exported with order_pages: (i32) -> i32",
             )?,
+            converge: typed(
+                &mut store,
+                &instance,
+                "converge",
+                "(i32, i64, i64, i64, i64, i64, i64, i32) -> i32",
+            )?,
+            compress: typed(&mut store, &instance, "compress", "(i32, i64, i64, i32) -> i32")?,
         };
         let takes_nothing = hooks.port_read.is_none()
             && hooks.port_write.is_none()
@@ -374,6 +444,8 @@ impl WasmModule {
             && hooks.tick.is_none()
             && hooks.phase.is_none()
             && hooks.page_order.is_none()
+            && hooks.converge.is_none()
+            && hooks.compress.is_none()
             && hooks.metrics.is_none();
         if takes_nothing {
             return Err(LoadError::NoHooks);
@@ -383,7 +455,7 @@ impl WasmModule {
             memory,
             hooks,
             fuel: std::sync::atomic::AtomicU64::new(policy.fuel_per_call),
-            digest: sha256_hex(&wasm),
+            digest,
         })
     }
 
@@ -603,6 +675,58 @@ impl Extension for WasmModule {
             1 => Ok(()),
             other => Err(HookError::BadAnswer(format!(
                 "order_pages answered {other} (0 its order, 1 the engine's)"
+            ))),
+        }
+    }
+
+    fn takes_convergence(&self) -> bool {
+        self.hooks.converge.is_some()
+    }
+
+    fn converge(&self, facts: &RoundFacts) -> Result<Option<Convergence>, HookError> {
+        let Some(f) = &self.hooks.converge else {
+            return Ok(None);
+        };
+        let args = (
+            i32::try_from(facts.round).unwrap_or(i32::MAX),
+            facts.dirty_pages as i64,
+            facts.sent_last_round as i64,
+            as_i64(facts.bandwidth),
+            as_i64(facts.dirty_rate),
+            i64::try_from(facts.rtt.as_micros()).unwrap_or(i64::MAX),
+            i64::try_from(facts.max_downtime.as_micros()).unwrap_or(i64::MAX),
+            round_flags(facts),
+        );
+        match self.call(|s| f.call(s, args))? {
+            0 => Ok(None),
+            code => Convergence::from_code(code).map(Some).ok_or_else(|| {
+                HookError::BadAnswer(format!(
+                    "converge answered {code} (0 the provider's, 1 next round, 2 throttle, 3 stop-and-copy, 4 post-copy)"
+                ))
+            }),
+        }
+    }
+
+    fn takes_compression(&self) -> bool {
+        self.hooks.compress.is_some()
+    }
+
+    fn compress(&self, facts: &RoundFacts) -> Result<Option<bool>, HookError> {
+        let Some(f) = &self.hooks.compress else {
+            return Ok(None);
+        };
+        let args = (
+            i32::try_from(facts.round).unwrap_or(i32::MAX),
+            as_i64(facts.bandwidth),
+            as_i64(facts.dirty_rate),
+            round_flags(facts),
+        );
+        match self.call(|s| f.call(s, args))? {
+            0 => Ok(None),
+            1 => Ok(Some(false)),
+            2 => Ok(Some(true)),
+            other => Err(HookError::BadAnswer(format!(
+                "compress answered {other} (0 the provider's, 1 plain, 2 compressed)"
             ))),
         }
     }
@@ -1029,6 +1153,111 @@ mod tests {
         assert_eq!(pfns, [1, 2, 3], "the engine's order stands");
         let why = registry.list()[0].disabled.clone().expect("disabled");
         assert!(why.contains("not the same pages"), "{why}");
+    }
+
+    #[test]
+    fn a_tenant_convergence_policy_replaces_the_providers_answers_within_the_migrations_bounds() {
+        use std::sync::Arc;
+        use xcloud_vmm::convergence::PrecopyPolicy;
+        use xcloud_vmm::extension::{Convergence, Extensions, ModuleSpec, Origin, RoundFacts};
+        let spec = |name: &str, origin| ModuleSpec {
+            name: name.into(),
+            version: "1".into(),
+            digest: "x".into(),
+            origin,
+            ports: None,
+            call_budget: std::time::Duration::from_secs(1),
+            code: None,
+        };
+        let registry = Extensions::new();
+        registry
+            .add(spec("precopy", Origin::Provider), Arc::new(PrecopyPolicy::new()))
+            .expect("added");
+        // A dirty set that does not fit: the provider's policy sends another round.
+        let facts = |round, bandwidth: f64, postcopy_allowed| RoundFacts {
+            round,
+            dirty_pages: 50_000,
+            sent_last_round: 60_000,
+            bandwidth,
+            dirty_rate: 1e6,
+            max_downtime: std::time::Duration::from_millis(50),
+            max_rounds: 30,
+            throttle_allowed: true,
+            postcopy_allowed,
+            ..RoundFacts::default()
+        };
+        assert_eq!(registry.converge(&facts(0, 1e9, false)), Some(Convergence::NextRound));
+        assert!(!registry.compress(&facts(0, 1e9, false)), "the migration's option");
+        registry
+            .add(spec("quick-switch", Origin::Tenant), Arc::new(example("quick-switch")))
+            .expect("added");
+        // Rounds 0 and 1: the tenant leaves it to the provider; from round 2 it switches.
+        assert_eq!(registry.converge(&facts(1, 1e9, true)), Some(Convergence::NextRound));
+        assert_eq!(registry.converge(&facts(2, 1e9, true)), Some(Convergence::PostCopy));
+        assert_eq!(registry.converge(&facts(2, 1e9, false)), Some(Convergence::StopAndCopy));
+        // Compressed on a 50 MB/s link, plain on a 1 GB/s one (over the option).
+        assert!(registry.compress(&facts(1, 50e6, false)));
+        let mut compressing = facts(1, 1e9, false);
+        compressing.compress_option = true;
+        assert!(!registry.compress(&compressing));
+        let qs = registry
+            .list()
+            .into_iter()
+            .find(|m| m.spec.name == "quick-switch")
+            .expect("listed");
+        assert!(qs.metrics.contains(&("switches".into(), 2.0)), "{:?}", qs.metrics);
+        assert!(
+            qs.metrics.contains(&("compressed_rounds".into(), 1.0)),
+            "{:?}",
+            qs.metrics
+        );
+
+        // A policy that answers post-copy where the migration does not allow it, or garbage,
+        // is disabled, and the provider's answer stands.
+        for (name, answer) in [("eager", 4), ("garbage", 17)] {
+            let registry = Extensions::new();
+            registry
+                .add(spec("precopy", Origin::Provider), Arc::new(PrecopyPolicy::new()))
+                .expect("added");
+            let hostile = load(&format!(
+                r#"(module (func (export "converge") (param i32 i64 i64 i64 i64 i64 i64 i32) (result i32) i32.const {answer}))"#
+            ))
+            .expect("loads");
+            registry
+                .add(spec(name, Origin::Tenant), Arc::new(hostile))
+                .expect("added");
+            assert_eq!(registry.converge(&facts(0, 1e9, false)), Some(Convergence::NextRound));
+            let why = registry.list()[1].disabled.clone().expect("disabled");
+            assert!(why.contains("converge"), "{why}");
+        }
+        assert!(matches!(
+            load(r#"(module (func (export "converge") (param i32 i64) (result i32) i32.const 0))"#),
+            Err(LoadError::Signature { .. })
+        ));
+        // A tenant's policy needs the migration grant.
+        let registry = Extensions::new();
+        registry.set_policy(xcloud_vmm::extension::TenantPolicy::parse("migration=no").expect("policy"));
+        assert!(registry
+            .add(spec("quick-switch", Origin::Tenant), Arc::new(example("quick-switch")))
+            .is_err());
+    }
+
+    #[test]
+    fn a_module_prepared_ahead_is_loaded_from_what_was_compiled() {
+        super::register_loader();
+        // Bytes of their own, so that no other test compiled them.
+        let text = br#"(module (func (export "port_read") (param i32 i32) (result i32) i32.const 424242))"#;
+        let key = sha256_hex(text);
+        let compiled = || COMPILED.lock().unwrap().iter().any(|(k, _, _)| *k == key);
+        assert!(!compiled());
+        xcloud_vmm::extension::prepare_module(text);
+        assert!(compiled(), "prepared");
+        let module = load(std::str::from_utf8(text).unwrap()).expect("loads");
+        assert_eq!(module.port_read(0, 4).expect("read"), 424242);
+        assert_eq!(module.digest, sha256_hex(&wat::parse_bytes(text).unwrap()));
+        // Garbage prepared is only refused when it is loaded.
+        xcloud_vmm::extension::prepare_module(b"not wasm");
+        assert!(matches!(load("not wasm"), Err(LoadError::NotWasm(_))));
     }
 
     #[test]

@@ -36,6 +36,11 @@ impl<'a, S: Write> PageSender<'a, S> {
         }
     }
 
+    /// Whether the frames from now on go compressed (when that makes them smaller).
+    pub fn set_compress(&mut self, compress: bool) {
+        self.compress = compress;
+    }
+
     /// Adds a page; returns whether that filled a frame, which then went out.
     pub fn page(&mut self, pfn: u64, data: &[u8]) -> Result<bool, WireError> {
         let before = self.frame.len();

@@ -16,7 +16,7 @@ use crate::wire::{self, Hello, Kind, WireError, PAGE};
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
-use xcloud_vmm::extension::{Phase, PhaseEvent};
+use xcloud_vmm::extension::{Convergence, Phase, PhaseEvent, RoundFacts};
 use xcloud_vmm::{VmHandle, VmState};
 
 /// Migrates the VM behind `handle` to the destination at `addr`. On success the source VM is
@@ -111,6 +111,11 @@ fn migrate_here(
     let mut buf = Vec::new();
     // The destination answers only after it checked our certificate: no guest state before.
     wire::expect_frame(&mut stream, &mut buf, Kind::Accept, "ACCEPT")?;
+    // The tenant modules' code first: the destination compiles it while the memory arrives.
+    let modules = handle.extensions().tenant_code();
+    if !modules.is_empty() {
+        wire::write_frame(&mut stream, Kind::Modules, &wire::encode_modules(&modules))?;
+    }
     if options.postcopy == PostcopyMode::Now {
         return postcopy::switch(
             handle,
@@ -143,37 +148,6 @@ fn migrate_here(
         summary.to = addr.to_string();
         summary
     })
-}
-
-/// A dirty set this small (256 KiB) goes out in stop-and-copy without another round first.
-const SETTLED_PAGES: usize = 64;
-
-/// Whether another round would leave little less behind: fitting the downtime budget is not
-/// enough while a round still halves the dirty set, because the downtime is what the guest
-/// dirties during the last pass, and the guest feels all of it.
-fn settled(dirty_pages: usize, sent_last_round: usize) -> bool {
-    dirty_pages <= SETTLED_PAGES || dirty_pages * 2 > sent_last_round
-}
-
-/// Whether stop-and-copy may start with `dirty_bytes` left: sending them must fit the budget,
-/// and so must what the switch will then take with the guest paused — the pages it dirties
-/// while those and the bytes still in flight go out and the SYNC is answered, then one round
-/// trip for the handover.
-fn fits_downtime(
-    dirty_bytes: f64,
-    in_flight: f64,
-    bandwidth: f64,
-    dirty_rate: f64,
-    rtt: Duration,
-    budget: Duration,
-) -> bool {
-    let (rtt, budget) = (rtt.as_secs_f64(), budget.as_secs_f64());
-    let last_pass = dirty_bytes / bandwidth;
-    // Of the bytes in flight, a round trip's worth is on the wire; the rest waits in queues.
-    let queued = (in_flight - bandwidth * rtt).max(0.0);
-    let synced = (queued + dirty_bytes) / bandwidth + rtt;
-    let paused = dirty_rate * synced / bandwidth + rtt;
-    last_pass <= budget && paused <= budget
 }
 
 /// How fast the guest dirties memory, over the latest rounds that span at least 100 ms (single
@@ -273,12 +247,10 @@ fn precopy_and_switch<S: Duplex>(
     let delivered = sender.bytes.saturating_sub(link.in_flight()).max(1);
     let mut bandwidth = delivered as f64 / pass_start.elapsed().as_secs_f64().max(1e-6);
 
-    // Rounds of dirtied pages until the rest fits the downtime budget.
+    // Rounds of dirtied pages until the VM's convergence policy ends the pre-copy: the
+    // provider's built-in (`precopy`), or a tenant's module that replaces its answers.
     let mut rounds = 0;
-    let mut sent_last = resident.len();
-    let mut settling = false;
-    let mut best_dirty = u64::MAX;
-    let mut rounds_without_progress = 0;
+    let mut sent_last = resident.len() as u64;
     let mut throttle: Option<Throttle> = None;
     let mut max_throttle = 0;
     let (last_pass, to_postcopy) = loop {
@@ -286,54 +258,48 @@ fn precopy_and_switch<S: Duplex>(
         let remaining_bytes = dirty.len() as f64 * (8 + PAGE) as f64;
         let dirty_rate = dirty_rates.add(last_fetch.elapsed().as_secs_f64(), remaining_bytes);
         last_fetch = Instant::now();
-        let (rtt, in_flight) = (link.rtt(), link.in_flight());
-        let fits = fits_downtime(
-            remaining_bytes,
-            in_flight as f64,
+        let throttle_percent = throttle.as_ref().map_or(0, |t| t.percent());
+        let facts = RoundFacts {
+            round: rounds,
+            dirty_pages: dirty.len() as u64,
+            sent_last_round: sent_last,
             bandwidth,
             dirty_rate,
-            rtt,
-            options.max_downtime,
-        );
+            rtt: link.rtt(),
+            in_flight: link.in_flight(),
+            max_downtime: options.max_downtime,
+            max_rounds: options.max_rounds,
+            throttle_percent,
+            throttle_maxed: throttle_percent >= MAX_THROTTLE,
+            postcopy_allowed: was_running && options.postcopy == PostcopyMode::Converge,
+            throttle_allowed: was_running,
+            compress_option: options.compress,
+        };
+        let verdict = match handle.extensions().converge(&facts) {
+            // The provider's bound on rounds holds whatever a policy answers.
+            _ if rounds >= options.max_rounds => Convergence::StopAndCopy,
+            Some(verdict) => verdict,
+            None => Convergence::StopAndCopy,
+        };
         tracing::debug!(
-            "round {rounds}: {} dirty pages, {} KiB in flight, link {:.0} MB/s, guest dirties {:.0} MB/s, RTT {rtt:?}, fits: {fits}",
+            "round {rounds}: {} dirty pages, {} KiB in flight, link {:.0} MB/s, guest dirties {:.0} MB/s, RTT {:?}: {verdict:?}",
             dirty.len(),
-            in_flight >> 10,
+            facts.in_flight >> 10,
             bandwidth / 1e6,
-            dirty_rate / 1e6
+            dirty_rate / 1e6,
+            facts.rtt,
         );
-        if dirty.len() as u64 >= best_dirty {
-            rounds_without_progress += 1;
-        } else {
-            best_dirty = dirty.len() as u64;
-            rounds_without_progress = 0;
+        match verdict {
+            Convergence::PostCopy => break (dirty, true),
+            Convergence::StopAndCopy => break (dirty, false),
+            Convergence::Throttle => {
+                let t = throttle.get_or_insert_with(|| Throttle::start(handle.clone()));
+                t.raise();
+                max_throttle = max_throttle.max(t.percent());
+            }
+            Convergence::NextRound => {}
         }
-        // Stuck: the dirty set stopped shrinking, or the guest dirties more than half of what
-        // the link carries (pre-copy would take many rounds and still leave much behind).
-        let stuck =
-            !fits && !settling && (rounds_without_progress >= 2 || (rounds >= 1 && dirty_rate > bandwidth / 2.0));
-        if stuck && was_running && options.postcopy == PostcopyMode::Converge {
-            break (dirty, true);
-        }
-        let throttled_out = throttle.as_ref().is_some_and(|t| t.percent() >= MAX_THROTTLE);
-        // Once a dirty set has fit, the rounds after it run only while they halve it: a set
-        // that stops fitting then ends pre-copy instead of starting the search over.
-        if (fits && settled(dirty.len(), sent_last))
-            || (settling && !fits)
-            || rounds >= options.max_rounds
-            || (rounds_without_progress >= 3 && throttled_out)
-        {
-            break (dirty, false);
-        }
-        // The guest dirties faster than the link carries: slow its vCPUs down, step by step.
-        if rounds_without_progress >= 2 && was_running && !throttled_out {
-            let t = throttle.get_or_insert_with(|| Throttle::start(handle.clone()));
-            t.raise();
-            max_throttle = max_throttle.max(t.percent());
-            rounds_without_progress = 0;
-            best_dirty = u64::MAX;
-        }
-        settling |= fits;
+        sender.set_compress(handle.extensions().compress(&facts));
         rounds += 1;
         progress(Phase::PreCopy, rounds, sender.pages, sender.bytes, dirty.len() as u64);
         // A tenant's policy may order the round's pages (the same pages, in its order).
@@ -345,7 +311,7 @@ fn precopy_and_switch<S: Duplex>(
             sender.page(pfn, &page)?;
         }
         sender.flush()?;
-        sent_last = dirty.len();
+        sent_last = dirty.len() as u64;
         let elapsed = round_start.elapsed().as_secs_f64();
         // What left this host, not what went into the socket buffers.
         let delivered = (sender.bytes - bytes_before + in_flight_before).saturating_sub(link.in_flight());
@@ -463,42 +429,6 @@ pub(crate) fn fetch_dirty_pages(machine: &xcloud_vm_core::machine::Machine) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pre_copy_goes_on_while_a_round_halves_the_dirty_set() {
-        // 5600 pages dirtied while 65000 went out: another round will leave far fewer.
-        assert!(!settled(5600, 65000));
-        assert!(settled(5600, 9000));
-        // A few pages go out with the guest paused at once.
-        assert!(settled(SETTLED_PAGES, 100_000));
-    }
-
-    #[test]
-    fn the_downtime_budget_counts_the_round_trip_and_what_the_guest_dirties_meanwhile() {
-        let mb = 1e6;
-        let budget = Duration::from_millis(50);
-        let wan = Duration::from_millis(20);
-        // 3 MB at 80 MB/s is 37.5 ms: enough on a local link with an idle guest.
-        assert!(fits_downtime(3.0 * mb, 0.0, 80.0 * mb, 0.0, Duration::ZERO, budget));
-        // Over 20 ms RTT with a guest dirtying 64 MB/s, the pause would take ~66 ms.
-        assert!(!fits_downtime(3.0 * mb, 0.0, 80.0 * mb, 64.0 * mb, wan, budget));
-        // 1 MB left: ~46 ms...
-        assert!(fits_downtime(1.0 * mb, 0.0, 80.0 * mb, 64.0 * mb, wan, budget));
-        // ...unless 2 MB beyond what the link holds are queued: the guest dirties more
-        // pages while they drain.
-        assert!(!fits_downtime(1.0 * mb, 3.6 * mb, 80.0 * mb, 64.0 * mb, wan, budget));
-        assert!(fits_downtime(1.0 * mb, 1.6 * mb, 80.0 * mb, 64.0 * mb, wan, budget));
-        // A round trip longer than the budget never fits (the throttle and the round limit end
-        // the pre-copy then).
-        assert!(!fits_downtime(
-            0.0,
-            0.0,
-            80.0 * mb,
-            0.0,
-            Duration::from_millis(60),
-            budget
-        ));
-    }
 
     #[test]
     fn the_dirty_rate_spans_at_least_100_ms() {

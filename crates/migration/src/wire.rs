@@ -60,6 +60,10 @@ pub enum Kind {
     DiskBegin = 16,
     /// source -> destination: disk bytes: index u32, offset u64, the bytes.
     DiskData = 17,
+    /// source -> destination, before the memory: the code of the VM's tenant modules, for the
+    /// destination to compile while the memory arrives (so that loading them at the switch
+    /// costs the guest no compile time): count u32, then each module's length u32 and bytes.
+    Modules = 18,
 }
 
 impl Kind {
@@ -81,9 +85,57 @@ impl Kind {
             15 => Kind::Request,
             16 => Kind::DiskBegin,
             17 => Kind::DiskData,
+            18 => Kind::Modules,
             _ => return None,
         })
     }
+}
+
+/// A MODULES payload for `codes`.
+pub fn encode_modules(codes: &[std::sync::Arc<[u8]>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + codes.iter().map(|c| 4 + c.len()).sum::<usize>());
+    out.extend_from_slice(&(codes.len() as u32).to_le_bytes());
+    for code in codes {
+        out.extend_from_slice(&(code.len() as u32).to_le_bytes());
+        out.extend_from_slice(code);
+    }
+    out
+}
+
+/// The modules' code in a MODULES payload: at most as many modules, and as much code, as a VM
+/// may have.
+pub fn decode_modules(payload: &[u8]) -> Result<Vec<&[u8]>, String> {
+    use xcloud_vmm::extension::{MAX_TENANT_CODE, MAX_TENANT_MODULES};
+    let word = |at: usize| -> Result<usize, String> {
+        payload
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(|b| u32::from_le_bytes(b) as usize)
+            .ok_or_else(|| "a MODULES frame cut short".to_string())
+    };
+    let count = word(0)?;
+    if count > MAX_TENANT_MODULES {
+        return Err(format!(
+            "a MODULES frame of {count} modules (at most {MAX_TENANT_MODULES})"
+        ));
+    }
+    let (mut at, mut total, mut codes) = (4, 0, Vec::with_capacity(count));
+    for _ in 0..count {
+        let len = word(at)?;
+        total += len;
+        if total > MAX_TENANT_CODE {
+            return Err(format!("a MODULES frame of over {MAX_TENANT_CODE} bytes of code"));
+        }
+        let code = payload
+            .get(at + 4..at + 4 + len)
+            .ok_or_else(|| "a MODULES frame cut short".to_string())?;
+        codes.push(code);
+        at += 4 + len;
+    }
+    if at != payload.len() {
+        return Err("a MODULES frame with bytes after its modules".into());
+    }
+    Ok(codes)
 }
 
 /// Stream failures.
@@ -546,6 +598,26 @@ mod tests {
         huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_pfns(&huge, u64::MAX).is_err(), "overflowing run");
         assert_eq!(decode_pfns(&[], 10).expect("none"), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn module_code_travels_whole_and_lies_are_refused() {
+        let codes: Vec<std::sync::Arc<[u8]>> = vec![b"(module)".to_vec().into(), vec![7u8; 1000].into()];
+        let payload = encode_modules(&codes);
+        let back = decode_modules(&payload).expect("decoded");
+        assert_eq!(back, [&codes[0][..], &codes[1][..]]);
+        assert_eq!(decode_modules(&encode_modules(&[])).expect("none"), Vec::<&[u8]>::new());
+        // Cut short, a byte too many, a length past the end, too many modules, too much code.
+        assert!(decode_modules(&payload[..payload.len() - 1]).is_err());
+        assert!(decode_modules(&[payload.clone(), vec![0]].concat()).is_err());
+        assert!(decode_modules(&[1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(decode_modules(&[2]).is_err());
+        assert!(decode_modules(&9u32.to_le_bytes()).is_err());
+        let mut huge = 1u32.to_le_bytes().to_vec();
+        huge.extend_from_slice(&(5u32 << 20).to_le_bytes());
+        huge.resize(8 + (5 << 20), 0);
+        let why = decode_modules(&huge).expect_err("too much code");
+        assert!(why.contains("bytes of code"), "{why}");
     }
 
     #[test]

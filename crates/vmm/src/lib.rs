@@ -14,12 +14,14 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 mod context;
+pub mod convergence;
 pub mod error;
 pub mod extension;
 pub mod fuzzing;
 mod hypercall;
 pub mod lifecycle;
 pub mod meter;
+pub mod page_scan;
 mod vcpu_thread;
 mod vcpus;
 mod virtio;

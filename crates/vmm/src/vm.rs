@@ -375,22 +375,33 @@ impl Vm {
         for disk in &disk_devices {
             disk.set_block_hook(extensions.clone());
         }
-        let meter = crate::meter::DeviceMeter::new(&nics, &disk_devices);
-        let meter_spec = crate::extension::ModuleSpec {
-            name: crate::meter::NAME.into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            digest: "built-in".into(),
-            origin: crate::extension::Origin::Provider,
-            ports: None,
-            call_budget: std::time::Duration::from_millis(50),
-            code: None,
-        };
-        extensions
-            .add(meter_spec, Arc::new(meter))
-            .map_err(|e| VmError::Device {
-                device: "metering module",
+        // The provider's built-in modules, on the same interface as a tenant's.
+        let built_ins: [(&str, Arc<dyn crate::extension::Extension>); 3] = [
+            (
+                crate::meter::NAME,
+                Arc::new(crate::meter::DeviceMeter::new(&nics, &disk_devices)),
+            ),
+            (
+                crate::convergence::NAME,
+                Arc::new(crate::convergence::PrecopyPolicy::new()),
+            ),
+            (crate::page_scan::NAME, Arc::new(crate::page_scan::PageScan::default())),
+        ];
+        for (name, module) in built_ins {
+            let spec = crate::extension::ModuleSpec {
+                name: name.into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                digest: "built-in".into(),
+                origin: crate::extension::Origin::Provider,
+                ports: None,
+                call_budget: std::time::Duration::from_millis(50),
+                code: None,
+            };
+            extensions.add(spec, module).map_err(|e| VmError::Device {
+                device: "provider's built-in module",
                 source: std::io::Error::other(e),
             })?;
+        }
         bus.insert(
             xcloud_abi::EXT_PORT_BASE,
             xcloud_abi::EXT_PORT_COUNT,

@@ -326,6 +326,20 @@ fn a_memory_scanner_finds_the_guests_marker_and_the_policy_bounds_tenant_modules
         "{listed}"
     );
     ok(&socket, &["ext", "rm", "memscan"]);
+
+    // The provider's page scan passes over the guest's resident pages and says what sharing
+    // could reclaim; the policy's tick budget is the tenant's, not its.
+    let scan = wait_figures(&socket, "pagescan", "no whole pass", |f| {
+        f.get("passes").is_some_and(|p| *p >= 1.0)
+    });
+    assert!(scan["resident_pages"] > 0.0, "{scan:?}");
+    assert!(scan["resident_pages"] <= (64 << 20) as f64 / 4096.0, "{scan:?}");
+    assert_eq!(
+        scan["shareable_bytes"],
+        (scan["zero_pages"] + scan["duplicate_pages"]) * 4096.0,
+        "{scan:?}"
+    );
+    assert!(refused(&socket, &["ext", "rm", "pagescan"]).contains("provider"));
 }
 
 #[test]

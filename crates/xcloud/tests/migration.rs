@@ -949,3 +949,35 @@ fn a_tenant_module_moves_with_its_vm_and_keeps_its_state() {
     let (status, err) = wait_exit(&mut dst.0, Duration::from_secs(10));
     assert_eq!(status, Some(0), "{err}");
 }
+
+#[test]
+fn a_tenant_convergence_policy_ends_the_pre_copy_where_the_providers_would_not() {
+    let hosts = lan();
+    let s = setup("quick-switch");
+    let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
+    // A guest dirtying 256 MiB/s of a 64 MiB working set, and a 1 ms downtime budget: the
+    // provider's policy would go on for round after round (throttling the guest) before a
+    // dirty set fits. The tenant's policy pauses the guest after 2 rounds.
+    let (mut src, _src_out, _) = start_source(
+        &hosts,
+        &s,
+        &["--mem", "128M", "dirty", "--", "64", "256"],
+        "dirty: working set",
+    );
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../extensions/quick-switch.wat");
+    let (ok, text) = ctl(
+        &s.socket,
+        &["ext", "add", policy.to_str().expect("utf-8"), "--name", "quick-switch"],
+    );
+    assert!(ok, "{text}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, text) = migrate(&hosts, &s, &["--max-downtime", "1"]);
+    assert!(ok, "{text}");
+    assert!(text.contains(", 2 rounds "), "{text}");
+    let (status, err) = wait_exit(&mut src, Duration::from_secs(10));
+    assert_eq!(status, Some(0), "{err}");
+    // The guest goes on at the destination.
+    next_line(&dst_out, "dirty:");
+    let _ = dst.kill();
+    let _ = dst.wait();
+}

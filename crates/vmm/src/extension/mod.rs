@@ -165,6 +165,28 @@ pub trait Extension: Send + Sync {
         Ok(())
     }
 
+    /// Whether the module decides when a pre-copy ends (a convergence policy).
+    fn takes_convergence(&self) -> bool {
+        false
+    }
+
+    /// What the migration does after the dirty-log fetch `facts` describes (None: the next
+    /// policy decides; the provider's built-in `precopy` policy always answers).
+    fn converge(&self, _facts: &RoundFacts) -> Result<Option<Convergence>, HookError> {
+        Ok(None)
+    }
+
+    /// Whether the module decides if a round's pages go compressed (a compression policy).
+    fn takes_compression(&self) -> bool {
+        false
+    }
+
+    /// Whether the round `facts` describes sends its pages LZ4-compressed (None: the next
+    /// policy decides; the provider's built-in follows the migration's own option).
+    fn compress(&self, _facts: &RoundFacts) -> Result<Option<bool>, HookError> {
+        Ok(None)
+    }
+
     /// The state the module exports, for a snapshot or a migration to carry (None: it exports
     /// none, and starts afresh wherever the VM goes on). At most [`MAX_MODULE_STATE`] bytes.
     fn save_state(&self) -> Result<Option<Vec<u8>>, HookError> {
@@ -251,6 +273,83 @@ pub struct PhaseEvent {
     pub bytes_sent: u64,
 }
 
+/// Where a pre-copy stands after a fetch of the dirty log: what a convergence or compression
+/// policy decides from.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RoundFacts {
+    /// Pre-copy rounds sent so far (0: only the first pass).
+    pub round: u32,
+    /// Pages dirtied since the last fetch: what the next round, or stop-and-copy, sends.
+    pub dirty_pages: u64,
+    /// Pages the last round (or the first pass) sent.
+    pub sent_last_round: u64,
+    /// What the link delivered, bytes per second, as last measured.
+    pub bandwidth: f64,
+    /// How fast the guest dirties memory, bytes per second (over at least 100 ms).
+    pub dirty_rate: f64,
+    /// The link's round-trip time.
+    pub rtt: Duration,
+    /// Bytes sent but not yet delivered (in socket buffers and on the wire).
+    pub in_flight: u64,
+    /// The downtime the migration was asked to stay within.
+    pub max_downtime: Duration,
+    /// The provider's bound on rounds: the engine stops the pre-copy there whatever the answer.
+    pub max_rounds: u32,
+    /// How much the guest's vCPUs are slowed down now, percent.
+    pub throttle_percent: u32,
+    /// The throttle can go no higher.
+    pub throttle_maxed: bool,
+    /// [`Convergence::PostCopy`] may be answered (the migration allows it, the guest runs).
+    pub postcopy_allowed: bool,
+    /// [`Convergence::Throttle`] may be answered (the guest runs).
+    pub throttle_allowed: bool,
+    /// The migration's own compression option.
+    pub compress_option: bool,
+}
+
+/// What a convergence policy answers after a dirty-log fetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Convergence {
+    /// Send the dirty pages in another round, the guest running.
+    NextRound,
+    /// Slow the guest's vCPUs down one step, then another round.
+    Throttle,
+    /// Pause the guest and send what is left (stop-and-copy).
+    StopAndCopy,
+    /// Start the guest at the destination and let its pages follow (post-copy).
+    PostCopy,
+}
+
+impl Convergence {
+    /// Its number in the hook ABI.
+    pub fn code(self) -> i32 {
+        match self {
+            Self::NextRound => 1,
+            Self::Throttle => 2,
+            Self::StopAndCopy => 3,
+            Self::PostCopy => 4,
+        }
+    }
+
+    /// The answer numbered `code` in the hook ABI.
+    pub fn from_code(code: i32) -> Option<Self> {
+        [Self::NextRound, Self::Throttle, Self::StopAndCopy, Self::PostCopy]
+            .into_iter()
+            .find(|c| c.code() == code)
+    }
+
+    /// Why it cannot be the answer to `facts`, if it cannot.
+    fn refused_by(self, facts: &RoundFacts) -> Option<&'static str> {
+        match self {
+            Self::PostCopy if !facts.postcopy_allowed => Some("post-copy, which this migration does not allow"),
+            Self::Throttle if !facts.throttle_allowed || facts.throttle_maxed => {
+                Some("throttle, which this migration cannot do (the guest is paused or throttled all it may be)")
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The most pages a round hands a page-order hook (more go in the engine's order).
 pub const MAX_ORDERED_PAGES: usize = 1 << 20;
 
@@ -295,6 +394,28 @@ impl GuestView {
     /// Bytes this tick may still read.
     pub fn left(&self) -> u64 {
         self.left
+    }
+
+    /// Which of the `pages` 4 KiB pages from the page-aligned `gpa` the guest has in host
+    /// memory (None: the range is not one run of guest RAM). It reads no guest data, so it
+    /// takes nothing from the budget; a scan that reads only resident pages never makes the
+    /// VM bigger, nor pulls a lazily restored page in.
+    pub fn resident(&self, gpa: u64, pages: usize) -> Option<Vec<bool>> {
+        let len = pages.checked_mul(4096)?;
+        if gpa % 4096 != 0 || len == 0 || !GuestMemoryBackend::check_range(&self.memory, GuestAddress(gpa), len) {
+            return None;
+        }
+        let first = self.memory.get_host_address(GuestAddress(gpa)).ok()?;
+        let last = self.memory.get_host_address(GuestAddress(gpa + len as u64 - 1)).ok()?;
+        if last as usize != first as usize + len - 1 {
+            return None;
+        }
+        let mut vec = vec![0u8; pages];
+        // SAFETY: [first, first + len) is one mapping of guest RAM (checked above: both ends
+        // map to host addresses exactly len - 1 apart), page-aligned because gpa is and guest
+        // RAM regions are; mincore writes one byte per page into `vec`, which has `pages`.
+        let rc = unsafe { libc::mincore(first.cast::<libc::c_void>(), len, vec.as_mut_ptr()) };
+        (rc == 0).then(|| vec.iter().map(|b| b & 1 != 0).collect())
     }
 
     /// Copies guest RAM at `gpa` into `into`, from the budget.
@@ -410,7 +531,12 @@ impl TenantPolicy {
             Some("block")
         } else if module.takes_ticks() && self.guest_read_per_tick == 0 {
             Some("tick")
-        } else if (module.takes_phases() || module.takes_page_order()) && !self.migration {
+        } else if (module.takes_phases()
+            || module.takes_page_order()
+            || module.takes_convergence()
+            || module.takes_compression())
+            && !self.migration
+        {
             Some("migration")
         } else {
             None
@@ -435,6 +561,25 @@ static LOADER: std::sync::OnceLock<Box<ModuleLoader>> = std::sync::OnceLock::new
 /// WebAssembly host sets it; the first call wins).
 pub fn set_module_loader(loader: Box<ModuleLoader>) {
     let _ = LOADER.set(loader);
+}
+
+/// Compiles a tenant module's code ahead of its load, so that the load is quick.
+pub type ModulePreparer = dyn Fn(&[u8]) + Send + Sync;
+
+static PREPARER: std::sync::OnceLock<Box<ModulePreparer>> = std::sync::OnceLock::new();
+
+/// Sets how this process compiles tenant modules ahead of their load (the WebAssembly host
+/// sets it; the first call wins).
+pub fn set_module_preparer(preparer: Box<ModulePreparer>) {
+    let _ = PREPARER.set(preparer);
+}
+
+/// Compiles `code` ahead of its load, if this process can load modules (a migration's
+/// destination does it while the memory arrives).
+pub fn prepare_module(code: &[u8]) {
+    if let Some(prepare) = PREPARER.get() {
+        prepare(code);
+    }
 }
 
 /// What a module is installed as.
@@ -705,6 +850,16 @@ impl Extensions {
             .collect()
     }
 
+    /// The code of the tenant modules (what a migration sends ahead for the destination to
+    /// compile).
+    pub fn tenant_code(&self) -> Vec<Arc<[u8]>> {
+        self.read()
+            .iter()
+            .filter(|m| m.spec.origin == Origin::Tenant)
+            .filter_map(|m| m.spec.code.clone())
+            .collect()
+    }
+
     /// The enabled module serving `port`, and the port's offset in its range.
     fn at_port(&self, port: u16) -> Option<(Arc<Installed>, u16)> {
         self.read().iter().find_map(|m| {
@@ -821,12 +976,72 @@ impl Extensions {
         }
     }
 
-    /// Ticks every enabled module that takes ticks, each with its own view of `memory` and the
-    /// policy's budget of bytes.
+    /// What the migration does after the fetch `facts` describes. Every enabled module that
+    /// takes convergence is asked, so the provider's built-in policy sees every round; a
+    /// tenant module's answer, if it gives one, replaces the provider's. An answer the
+    /// migration cannot take (post-copy it does not allow, a throttle it cannot raise)
+    /// disables the module that gave it. None: no module answered.
+    pub fn converge(&self, facts: &RoundFacts) -> Option<Convergence> {
+        let takers: Vec<Arc<Installed>> = self
+            .read()
+            .iter()
+            .filter(|m| m.module.takes_convergence())
+            .cloned()
+            .collect();
+        let (mut provider, mut tenant) = (None, None);
+        for m in takers {
+            let answer = m.call("converge", |e| {
+                let answer = e.converge(facts)?;
+                match answer.and_then(|a| a.refused_by(facts)) {
+                    Some(why) => Err(HookError::BadAnswer(why.into())),
+                    None => Ok(answer),
+                }
+            });
+            let slot = match m.spec.origin {
+                Origin::Provider => &mut provider,
+                Origin::Tenant => &mut tenant,
+            };
+            if slot.is_none() {
+                *slot = answer.flatten();
+            }
+        }
+        tenant.or(provider)
+    }
+
+    /// Whether the round `facts` describes goes compressed: a tenant module's answer if one
+    /// gives it, else the provider's, else the migration's own option.
+    pub fn compress(&self, facts: &RoundFacts) -> bool {
+        let takers: Vec<Arc<Installed>> = self
+            .read()
+            .iter()
+            .filter(|m| m.module.takes_compression())
+            .cloned()
+            .collect();
+        let (mut provider, mut tenant) = (None, None);
+        for m in takers {
+            let answer = m.call("compress", |e| e.compress(facts)).flatten();
+            let slot = match m.spec.origin {
+                Origin::Provider => &mut provider,
+                Origin::Tenant => &mut tenant,
+            };
+            if slot.is_none() {
+                *slot = answer;
+            }
+        }
+        tenant.or(provider).unwrap_or(facts.compress_option)
+    }
+
+    /// Ticks every enabled module that takes ticks, each with its own view of `memory` and,
+    /// for a tenant's, the policy's budget of bytes.
     pub fn tick(&self, memory: &GuestMemoryMmap) {
         let budget = self.policy().guest_read_per_tick;
         let takers: Vec<Arc<Installed>> = self.read().iter().filter(|m| m.module.takes_ticks()).cloned().collect();
         for m in takers {
+            // The provider's modules bound their own reads (the tenant's policy is not theirs).
+            let budget = match m.spec.origin {
+                Origin::Provider => u64::MAX,
+                Origin::Tenant => budget,
+            };
             let mut view = GuestView::new(memory.clone(), budget);
             m.call("tick", |e| e.tick(&mut view));
         }
