@@ -71,6 +71,8 @@ struct XcloudRun {
 struct Cell {
     load: Workload,
     runs: Vec<XcloudRun>,
+    /// The same migrations with the bench's tenant module installed on the source.
+    with_ext: Vec<XcloudRun>,
     /// QEMU (microvm) migrating the same guest: default configuration (once) and tuned.
     qemu_default: Option<QemuRun>,
     qemu_tuned: Vec<QemuRun>,
@@ -424,6 +426,7 @@ fn one_migration(
     port: u16,
     wan: Option<&Hosts>,
     postcopy: PostcopyMode,
+    ext: Option<&Path>,
 ) -> Result<XcloudRun> {
     let socket = dir.join(format!("src-{port}.sock"));
     let dst_socket = dir.join(format!("dst-{port}.sock"));
@@ -465,6 +468,30 @@ fn one_migration(
     let result = (|| -> Result<XcloudRun> {
         line_with(&src_out, "heartbeat n=", Duration::from_secs(30))?;
         wait_for_socket(&socket)?;
+        if let Some(file) = ext {
+            let name = file
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("module")
+                .to_string();
+            let answer = call(
+                &socket,
+                Op::ExtAdd {
+                    file: file.to_path_buf(),
+                    name,
+                    version: None,
+                    port_base: None,
+                    port_count: None,
+                },
+            )?;
+            if !answer.ok {
+                bail!(
+                    "cannot install {}: {}",
+                    file.display(),
+                    answer.error.unwrap_or_default()
+                );
+            }
+        }
         // Let the dirtier reach its rate before the move.
         std::thread::sleep(Duration::from_millis(700));
         // Every report from here on covers part of the migration.
@@ -525,6 +552,8 @@ pub struct MigrateBench {
     pub wan_link: Option<LinkSpec>,
     /// How xcloud converges.
     pub postcopy: PostcopyMode,
+    /// A tenant module to compare with: each run is repeated with it installed on the source.
+    pub ext: Option<std::path::PathBuf>,
 }
 
 /// Runs the matrix and prints the table.
@@ -554,7 +583,12 @@ pub fn migrate(bench: &MigrateBench) -> Result<()> {
         })
         .collect();
     let runs = bench.runs.max(1);
-    let per_cell = runs * if bench.with_qemu { 2 } else { 1 } + usize::from(bench.with_qemu);
+    let ext = match &bench.ext {
+        Some(file) => Some(std::fs::canonicalize(file).with_context(|| format!("no module at {}", file.display()))?),
+        None => None,
+    };
+    let per_cell =
+        runs * (1 + usize::from(bench.with_qemu) + usize::from(ext.is_some())) + usize::from(bench.with_qemu);
     let bar = ProgressBar::new((loads.len() * per_cell + 1) as u64).with_style(
         ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -592,6 +626,7 @@ pub fn migrate(bench: &MigrateBench) -> Result<()> {
         let mut cell = Cell {
             load,
             runs: Vec::new(),
+            with_ext: Vec::new(),
             qemu_default: None,
             qemu_tuned: Vec::new(),
         };
@@ -600,8 +635,21 @@ pub fn migrate(bench: &MigrateBench) -> Result<()> {
             bar.set_message(format!("xcloud: {what} ({}/{runs})", run + 1));
             port += 1;
             cell.runs
-                .push(one_migration(&dir, load, port, wan.as_ref(), bench.postcopy)?);
+                .push(one_migration(&dir, load, port, wan.as_ref(), bench.postcopy, None)?);
             bar.inc(1);
+            if let Some(file) = &ext {
+                bar.set_message(format!("xcloud with {}: {what} ({}/{runs})", file.display(), run + 1));
+                port += 1;
+                cell.with_ext.push(one_migration(
+                    &dir,
+                    load,
+                    port,
+                    wan.as_ref(),
+                    bench.postcopy,
+                    Some(file),
+                )?);
+                bar.inc(1);
+            }
             if bench.with_qemu {
                 bar.set_message(format!("QEMU tuned: {what} ({}/{runs})", run + 1));
                 port += 1;
@@ -621,7 +669,44 @@ pub fn migrate(bench: &MigrateBench) -> Result<()> {
     bar.finish_and_clear();
     let _ = std::fs::remove_dir_all(&dir);
     print_table(&cells, &baselines, wan.as_ref().map(|w| w.link.describe()), runs);
+    if let Some(file) = &ext {
+        print_module_table(&cells, file);
+    }
     Ok(())
+}
+
+/// The same cells with and without the tenant module: what it changed.
+fn print_module_table(cells: &[Cell], module: &Path) {
+    println!();
+    println!(
+        "with the tenant module {} on the source vs without, runs alternating (medians; ratio: with / without)",
+        module.display()
+    );
+    println!(
+        "{:>6} {:>7} {:>6} {:>22} {:>24} {:>22} {:>12}",
+        "guest", "touched", "dirty", "pages sent", "downtime ms", "total ms", "rounds"
+    );
+    let median = |runs: &[XcloudRun], f: fn(&XcloudRun) -> f64| median_max(runs.iter().map(f).collect()).0;
+    for c in cells.iter().filter(|c| !c.with_ext.is_empty()) {
+        let column = |f: fn(&XcloudRun) -> f64, digits: usize| {
+            let (without, with) = (median(&c.runs, f), median(&c.with_ext, f));
+            format!("{without:.digits$} / {with:.digits$} {:.2}x", with / without.max(1e-9))
+        };
+        println!(
+            "{:>5}M {:>6}M {:>4}/s {:>22} {:>24} {:>22} {:>12}",
+            c.load.mem >> 20,
+            c.load.set.mib(c.load.mem),
+            format!("{}M", c.load.rate),
+            column(|r| r.summary.pages_sent as f64, 0),
+            column(|r| r.summary.downtime_ms, 1),
+            column(|r| r.summary.total_ms, 0),
+            format!(
+                "{} / {}",
+                median(&c.runs, |r| f64::from(r.summary.rounds)),
+                median(&c.with_ext, |r| f64::from(r.summary.rounds))
+            ),
+        );
+    }
 }
 
 /// Median and largest of some figures.

@@ -307,6 +307,11 @@ enum BenchCommand {
         /// xcloud converges by post-copy (`ctl migrate --postcopy`) instead of throttling.
         #[arg(long)]
         postcopy: bool,
+        /// Also migrate each cell with this tenant module installed on the source (a migration
+        /// policy such as extensions/hot-last.wat), alternating with runs without it, and
+        /// compare the two.
+        #[arg(long)]
+        ext: Option<PathBuf>,
     },
     /// The seed paper's dd: a guest writes to a virtio disk and flushes, vs dd on the host.
     Disk {
@@ -658,6 +663,7 @@ fn main() -> ExitCode {
             wan,
             rtt_ms,
             postcopy,
+            ext,
         }) => {
             let link = wan.map(|rate| xcloud::netlab::LinkSpec::wan(rate, Duration::from_millis(rtt_ms)));
             let mode = if postcopy {
@@ -673,6 +679,7 @@ fn main() -> ExitCode {
                 with_qemu: !no_qemu,
                 wan_link: link,
                 postcopy: mode,
+                ext,
             })
             .map(|_| 0)
         }
