@@ -114,6 +114,8 @@ struct Shared {
     nets: Vec<NetSpec>,
     /// The disk devices (a migration copies their images).
     block_devices: Vec<Arc<BlockDevice>>,
+    /// The NIC devices (replication holds their output).
+    net_devices: Vec<Arc<NetDevice>>,
     /// When guest RAM fills in while the guest runs (lazy restore, post-copy): turns true once
     /// every page is in.
     memory_complete: OnceLock<Arc<AtomicBool>>,
@@ -290,6 +292,25 @@ impl VmHandle {
         &self.shared.nets
     }
 
+    /// Output commit (docs/replication.md): from now on every NIC holds the frames the guest
+    /// sends as part of `epoch` instead of sending them. Called while the VM is paused for a
+    /// checkpoint, with the epoch of the next one.
+    pub fn hold_output(&self, epoch: u64) {
+        for nic in &self.shared.net_devices {
+            nic.hold_output(epoch);
+        }
+    }
+
+    /// Sends the held frames of the epochs up to `epoch`, whose checkpoint is safe; with None,
+    /// every held frame, and the NICs stop holding. Returns how many frames went out.
+    pub fn release_output(&self, epoch: Option<u64>) -> usize {
+        self.shared
+            .net_devices
+            .iter()
+            .map(|nic| nic.release_output(epoch))
+            .sum()
+    }
+
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
         self.machine().vcpu_count()
@@ -454,6 +475,7 @@ impl Vm {
                 disks: disks.to_vec(),
                 nets,
                 block_devices: disk_devices.clone(),
+                net_devices: nics.clone(),
                 memory_complete: OnceLock::new(),
                 extensions,
             }),

@@ -119,7 +119,23 @@ pub struct NetStats {
     pub tx_frames: AtomicU64,
     /// Frames an extension dropped (either way).
     pub dropped_frames: AtomicU64,
+    /// Frames from the guest held for output commit, then released.
+    pub held_frames: AtomicU64,
 }
+
+/// Frames the guest sent that wait until the checkpoint that saw them being sent is safe at
+/// a backup (output commit: docs/replication.md). Each frame carries the epoch whose
+/// checkpoint covers it: the first checkpoint taken after the guest sent it.
+struct HeldOutput {
+    /// The epoch of the frames the guest sends from now on.
+    epoch: u64,
+    frames: std::collections::VecDeque<(u64, Vec<u8>)>,
+    bytes: usize,
+}
+
+/// Most bytes of frames held for output commit; past this the NIC takes no more from the
+/// guest (its transmit ring fills and it waits) until a checkpoint is acknowledged.
+pub const MAX_HELD_BYTES: usize = 64 << 20;
 
 struct Inner {
     transport: Transport,
@@ -129,6 +145,8 @@ struct Inner {
     /// Frames (with their header) taken from the TAP for a snapshot or a migration, delivered
     /// before anything else the TAP has.
     pending: std::collections::VecDeque<Vec<u8>>,
+    /// While the VM is protected: what the guest sent and the world may not see yet.
+    held: Option<HeldOutput>,
 }
 
 /// Most frames a saved NIC carries (what its TAP had queued while the VM was paused).
@@ -172,6 +190,7 @@ impl NetDevice {
                 mac,
                 bridge,
                 pending: std::collections::VecDeque::new(),
+                held: None,
             }),
             mem,
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -214,8 +233,16 @@ impl NetDevice {
         verdict
     }
 
-    /// Sends the transmit chain `ranges` to the TAP, through the hook if there is one.
-    fn send_frame(&self, tap: &Tap, mem: &GuestMemoryMmap, ranges: &[GuestRange], head: u16) -> Result<(), String> {
+    /// Sends the transmit chain `ranges` to the TAP, through the hook if there is one; while
+    /// output is `held`, into the held frames instead.
+    fn send_frame(
+        &self,
+        tap: &Tap,
+        held: Option<&mut HeldOutput>,
+        mem: &GuestMemoryMmap,
+        ranges: &[GuestRange],
+        head: u16,
+    ) -> Result<(), String> {
         let left_ram = || format!("transmit chain {head} left guest RAM");
         let mut rewritten = None;
         if let Some((hook, snap)) = self.hook() {
@@ -232,6 +259,18 @@ impl NetDevice {
                     rewritten = Some(frame);
                 }
             }
+        }
+        if let Some(held) = held {
+            let frame = match rewritten {
+                Some(frame) => frame,
+                None => {
+                    let total: u64 = ranges.iter().map(|r| r.len as u64).sum();
+                    gather(mem, ranges, 0, total as usize).ok_or_else(left_ram)?
+                }
+            };
+            held.bytes += frame.len();
+            held.frames.push_back((held.epoch, frame));
+            return Ok(());
         }
         let written = match &mut rewritten {
             Some(frame) => {
@@ -292,10 +331,16 @@ impl NetDevice {
     }
 
     fn transmit(&self, inner: &mut Inner, mem: &GuestMemoryMmap) -> Result<usize, String> {
-        let Inner { transport, tap, .. } = inner;
+        let Inner {
+            transport, tap, held, ..
+        } = inner;
         let queue = &mut transport.queues[TX].0;
         let mut served = 0;
         while served < BATCH {
+            if held.as_ref().is_some_and(|h| h.bytes >= MAX_HELD_BYTES) {
+                // The guest waits for the backup: a release kicks the device again.
+                break;
+            }
             let chain = match queue.iter(mem) {
                 Ok(mut it) => it.next(),
                 Err(e) => return Err(format!("its transmit ring is invalid: {e}")),
@@ -303,7 +348,7 @@ impl NetDevice {
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let ranges = parse_frame_chain(chain, mem, false).map_err(|e| format!("transmit chain {head}: {e}"))?;
-            self.send_frame(tap, mem, &ranges, head)?;
+            self.send_frame(tap, held.as_mut(), mem, &ranges, head)?;
             queue
                 .add_used(mem, head, 0)
                 .map_err(|e| format!("cannot complete transmit chain {head}: {e}"))?;
@@ -507,6 +552,67 @@ impl NetDevice {
         }];
         // SAFETY: the iovec names a live local array.
         unsafe { inner.tap.write_frame(&iov) }.map(|_| ())
+    }
+
+    /// Output commit (docs/replication.md): from now on the frames the guest sends are held
+    /// as part of `epoch` (the checkpoint that will cover them), instead of going out. Called
+    /// while the VM is paused for each checkpoint, with the next epoch.
+    pub fn hold_output(&self, epoch: u64) {
+        let mut inner = self.inner();
+        match &mut inner.held {
+            Some(held) => held.epoch = epoch,
+            None => {
+                inner.held = Some(HeldOutput {
+                    epoch,
+                    frames: std::collections::VecDeque::new(),
+                    bytes: 0,
+                })
+            }
+        }
+    }
+
+    /// Sends the held frames of epochs up to `epoch` (its checkpoint is safe at the backup);
+    /// with None, every held frame, and stops holding (the VM is no longer protected).
+    /// Returns how many frames went out.
+    pub fn release_output(&self, epoch: Option<u64>) -> usize {
+        let mut inner = self.inner();
+        let Inner { tap, held, .. } = &mut *inner;
+        let Some(queue) = held.as_mut() else {
+            return 0;
+        };
+        let was_full = queue.bytes >= MAX_HELD_BYTES;
+        let mut released = 0;
+        while let Some((frame_epoch, _)) = queue.frames.front() {
+            if epoch.is_some_and(|e| *frame_epoch > e) {
+                break;
+            }
+            let Some((_, mut frame)) = queue.frames.pop_front() else {
+                break;
+            };
+            queue.bytes -= frame.len();
+            let iov = [libc::iovec {
+                iov_base: frame.as_mut_ptr().cast(),
+                iov_len: frame.len(),
+            }];
+            // SAFETY: the iovec names a live local buffer.
+            if let Err(e) = unsafe { tap.write_frame(&iov) } {
+                tracing::debug!(
+                    "virtio-net{}: a released frame to {} was dropped: {e}",
+                    self.index,
+                    tap.name()
+                );
+            }
+            released += 1;
+        }
+        if epoch.is_none() {
+            *held = None;
+        }
+        self.stats.held_frames.fetch_add(released as u64, Ordering::Relaxed);
+        if was_full {
+            // The device stopped taking frames from the guest: let it look again.
+            let _ = self.kick.write(1);
+        }
+        released
     }
 
     /// Takes what the TAP has queued (frames that arrived while the VM was paused) into the
