@@ -34,5 +34,5 @@ fuzz_target!(|data: &[u8]| {
         _ => data.to_vec(),
     };
     // A received VM is dropped unstarted: `start` would wait for GO.
-    let _ = xcloud_migration::receive(Feed(&stream), console);
+    let _ = xcloud_migration::receive(Feed(&stream), console, &Default::default());
 });

@@ -20,6 +20,15 @@ pub fn migration_hello(mem_bytes: u64) -> Vec<u8> {
     frame
 }
 
+/// What a primary sends before its first epoch (HELLO for a 4 MiB guest, PROTECT, SYNC), for
+/// fuzzing the frames of the epochs after it.
+pub fn replication_prelude() -> Vec<u8> {
+    let mut frames = migration_hello(4 << 20);
+    let _ = wire::write_frame(&mut frames, wire::Kind::Protect, &wire::encode_protect(100, 25));
+    let _ = wire::write_frame(&mut frames, wire::Kind::Sync, &[]);
+    frames
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
