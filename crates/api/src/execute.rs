@@ -2,7 +2,7 @@
 
 use crate::protocol::{parse_request, Command, Request, Response, API_VERSION};
 use crate::watchdog::Watchdog;
-use xcloud_migration::{MigrateOptions, Outgoing};
+use xcloud_migration::{MigrateOptions, Outgoing, ProtectOptions};
 use xcloud_vm_core::report::flatten_error;
 use xcloud_vmm::{VmError, VmHandle, VmState};
 
@@ -39,12 +39,18 @@ pub fn execute(handle: &VmHandle, outgoing: &Outgoing, watchdog: &Watchdog, line
     }
     // While a migration runs, only what cannot disturb it is served (stop ends the VM, and the
     // migration with it, before the switch; after it the source never runs again anyway).
+    // Protection pauses and resumes the VM for every checkpoint: the same holds while it runs.
     let disturbs_migration = matches!(
         request.command,
-        Command::Pause | Command::Resume | Command::Snapshot { .. } | Command::Migrate { .. }
+        Command::Pause | Command::Resume | Command::Snapshot { .. } | Command::Migrate { .. } | Command::Protect { .. }
     );
     if disturbs_migration && outgoing.running() {
-        let mut r = failure("a migration of this VM is running: wait until it ends (status shows it)".into());
+        let why = if outgoing.protected() {
+            "this VM is protected (replicated to a backup): unprotect it first"
+        } else {
+            "a migration of this VM is running: wait until it ends (status shows it)"
+        };
+        let mut r = failure(why.into());
         r.state = Some(state_name(handle.state()));
         return r;
     }
@@ -69,6 +75,7 @@ pub fn execute(handle: &VmHandle, outgoing: &Outgoing, watchdog: &Watchdog, line
                 vcpus: Some(handle.vcpu_count()),
                 mem_bytes: Some(handle.mem_bytes()),
                 migration: outgoing.progress(),
+                protection: outgoing.protection(),
                 guest_load: load.map(|(figure, _)| figure),
                 guest_load_age_ms: load.map(|(_, age)| age.as_millis() as u64),
                 ..Default::default()
@@ -103,6 +110,53 @@ pub fn execute(handle: &VmHandle, outgoing: &Outgoing, watchdog: &Watchdog, line
                     ..Default::default()
                 }),
                 Err(e) => with_state(failure(flatten_error(&e))),
+            }
+        }
+        Command::Protect {
+            to,
+            identity,
+            peer_cert,
+            interval_ms,
+            heartbeat_ms,
+            timeout_ms,
+            compress,
+        } => {
+            let creds = match xcloud_migration::tls::Credentials::load(&identity, &peer_cert) {
+                Ok(c) => c,
+                Err(e) => return with_state(failure(flatten_error(&e))),
+            };
+            let mut options = ProtectOptions {
+                compress,
+                ..Default::default()
+            };
+            let ms = |ms: u64| std::time::Duration::from_millis(ms.clamp(1, 60_000));
+            if let Some(v) = interval_ms {
+                options.interval = ms(v);
+            }
+            if let Some(v) = heartbeat_ms {
+                options.heartbeat = ms(v);
+            }
+            if let Some(v) = timeout_ms {
+                options.backup_timeout = ms(v);
+            }
+            match xcloud_migration::protect(handle, outgoing, &to, &creds, options) {
+                Ok(status) => with_state(Response {
+                    ok: true,
+                    protection: Some(status),
+                    ..Default::default()
+                }),
+                Err(e) => with_state(failure(flatten_error(&e))),
+            }
+        }
+        Command::Unprotect => {
+            if outgoing.unprotect() {
+                with_state(Response {
+                    ok: true,
+                    protection: outgoing.protection(),
+                    ..Default::default()
+                })
+            } else {
+                with_state(failure("this VM is not protected".into()))
             }
         }
         Command::Pause => done(handle.pause().map_err(vm_error)),

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use xcloud_migration::{MigrationProgress, MigrationSummary, PostcopyMode};
+use xcloud_migration::{MigrationProgress, MigrationSummary, PostcopyMode, ProtectionStatus};
 
 /// Version of this API.
 pub const API_VERSION: u32 = 1;
@@ -135,6 +135,32 @@ pub enum Command {
         #[serde(default)]
         compress: bool,
     },
+    /// Replicate the VM continuously to the backup at `to` (`xcloud receive --standby`,
+    /// docs/replication.md), which takes over from the last checkpoint if this host goes away.
+    /// Answers once the backup holds the first checkpoint.
+    Protect {
+        /// The backup's `HOST:PORT`.
+        to: String,
+        /// This host's identity directory (`xcloud keygen`).
+        identity: PathBuf,
+        /// The backup's certificate, pinned.
+        peer_cert: PathBuf,
+        /// How often a checkpoint is taken (default 25 ms).
+        #[serde(default)]
+        interval_ms: Option<u64>,
+        /// The heartbeat interval (default 100 ms): the backup takes over after two of silence.
+        #[serde(default)]
+        heartbeat_ms: Option<u64>,
+        /// How long the backup may leave checkpoints unacknowledged before it is given up
+        /// (default 3 s).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+        /// Compress page frames (LZ4).
+        #[serde(default)]
+        compress: bool,
+    },
+    /// End the VM's replication: the backup lets the VM go.
+    Unprotect,
 }
 
 /// An extension module as `ext_list` reports it.
@@ -227,6 +253,9 @@ pub struct Response {
     /// For `migrate`: what it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migrated: Option<MigrationSummary>,
+    /// For `status` and `protect`: the VM's replication, or why it ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protection: Option<ProtectionStatus>,
     /// For `ext_list`: the modules.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extensions: Option<Vec<ExtensionReport>>,

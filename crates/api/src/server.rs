@@ -34,10 +34,14 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// A listening API socket; the socket file is removed when this is dropped.
 pub struct ApiServer {
     path: PathBuf,
+    outgoing: Outgoing,
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
+        // A replication tells its backup that the VM ended here before the process exits, so
+        // that the backup lets it go instead of taking over.
+        self.outgoing.unprotect();
         // Only our socket: something else put at the path since is not ours to remove.
         if is_socket(&self.path) {
             let _ = std::fs::remove_file(&self.path);
@@ -106,10 +110,14 @@ pub fn serve(path: &Path, handle: VmHandle, watchdog: Option<Duration>) -> Resul
     std::thread::Builder::new()
         .name("api".into())
         .stack_size(256 * 1024)
-        .spawn(move || accept_loop(listener, handle, outgoing, dog))
+        .spawn({
+            let outgoing = outgoing.clone();
+            move || accept_loop(listener, handle, outgoing, dog)
+        })
         .map_err(|source| ApiError::Bind { path: shown, source })?;
     Ok(ApiServer {
         path: path.to_path_buf(),
+        outgoing,
     })
 }
 

@@ -112,7 +112,7 @@ fn punch_holes(memfd: &std::fs::File, pfns: &[u64]) -> std::io::Result<()> {
 
 /// Writes the pages of one PAGES frame into guest RAM through its memfd: each run of
 /// consecutive pages is one `pwritev`, so the kernel fills them without a fault per page.
-fn apply_pages(payload: &[u8], pages: u64, memfd: &std::fs::File) -> Result<u64, WireError> {
+pub(crate) fn apply_pages(payload: &[u8], pages: u64, memfd: &std::fs::File) -> Result<u64, WireError> {
     use std::os::fd::AsRawFd;
     static ZERO: [u8; PAGE] = [0u8; PAGE];
     let mut run: Vec<libc::iovec> = Vec::new();
@@ -161,10 +161,51 @@ fn apply_pages(payload: &[u8], pages: u64, memfd: &std::fs::File) -> Result<u64,
 }
 
 /// Refuses the stream with `reason` (best effort) and returns the error.
-fn refuse<S: Write>(stream: &mut S, reason: String) -> MigrationError {
+pub(crate) fn refuse<S: Write>(stream: &mut S, reason: String) -> MigrationError {
     let _ = wire::write_frame(stream, Kind::Refuse, reason.as_bytes());
     let _ = stream.flush();
     MigrationError::Refused(reason)
+}
+
+/// Reads the peer's HELLO, checks that this host can run its VM (CPU vendor and features, the
+/// memory), builds the blank machine for it and answers ACCEPT; anything else is refused.
+/// Shared by migration and replication.
+pub(crate) fn accept_hello<S: Read + Write>(stream: &mut S) -> Result<(Hello, Blank), MigrationError> {
+    let mut buf = Vec::new();
+    wire::expect_frame(stream, &mut buf, Kind::Hello, "HELLO")?;
+    let hello = match Hello::decode(&buf) {
+        Ok(h) => h,
+        Err(e) => return Err(refuse(stream, e.to_string())),
+    };
+    if hello.cpu_vendor != cpu_vendor() {
+        let theirs = String::from_utf8_lossy(&hello.cpu_vendor).into_owned();
+        let ours = String::from_utf8_lossy(&cpu_vendor()).into_owned();
+        return Err(refuse(
+            stream,
+            format!("the source CPU is {theirs}, this host's is {ours}"),
+        ));
+    }
+    let missing = wire::missing_features(&hello.cpu_features, &cpu_features());
+    if !missing.is_empty() {
+        let list: Vec<String> = missing
+            .iter()
+            .map(|(word, bits)| format!("{word} bits {bits:#x}"))
+            .collect();
+        return Err(refuse(
+            stream,
+            format!("this host lacks CPU features the guest may use: {}", list.join(", ")),
+        ));
+    }
+    if let Err(e) = xcloud_vm_core::memory::validate_size(hello.mem_bytes, xcloud_vm_core::memory::host_ram_bytes()) {
+        return Err(refuse(stream, e.to_string()));
+    }
+    let blank = match Blank::build(hello.mem_bytes, hello.vcpus as usize).and_then(|mut b| b.prime().map(|_| b)) {
+        Ok(b) => b,
+        Err(e) => return Err(refuse(stream, flatten_error(&e))),
+    };
+    wire::write_frame(stream, Kind::Accept, &[])?;
+    stream.flush().map_err(WireError::from)?;
+    Ok((hello, blank))
 }
 
 /// Receives a VM over an authenticated `stream`. On any error nothing runs.
@@ -200,39 +241,7 @@ fn receive_here<S: Read + Write>(
 ) -> Result<Incoming<S>, MigrationError> {
     let mut disks = DiskReceiver::new(options.disk_dir.as_deref());
     let mut buf = Vec::new();
-    wire::expect_frame(&mut stream, &mut buf, Kind::Hello, "HELLO")?;
-    let hello = match Hello::decode(&buf) {
-        Ok(h) => h,
-        Err(e) => return Err(refuse(&mut stream, e.to_string())),
-    };
-    if hello.cpu_vendor != cpu_vendor() {
-        let theirs = String::from_utf8_lossy(&hello.cpu_vendor).into_owned();
-        let ours = String::from_utf8_lossy(&cpu_vendor()).into_owned();
-        return Err(refuse(
-            &mut stream,
-            format!("the source CPU is {theirs}, this host's is {ours}"),
-        ));
-    }
-    let missing = wire::missing_features(&hello.cpu_features, &cpu_features());
-    if !missing.is_empty() {
-        let list: Vec<String> = missing
-            .iter()
-            .map(|(word, bits)| format!("{word} bits {bits:#x}"))
-            .collect();
-        return Err(refuse(
-            &mut stream,
-            format!("this host lacks CPU features the guest may use: {}", list.join(", ")),
-        ));
-    }
-    if let Err(e) = xcloud_vm_core::memory::validate_size(hello.mem_bytes, xcloud_vm_core::memory::host_ram_bytes()) {
-        return Err(refuse(&mut stream, e.to_string()));
-    }
-    let blank = match Blank::build(hello.mem_bytes, hello.vcpus as usize).and_then(|mut b| b.prime().map(|_| b)) {
-        Ok(b) => b,
-        Err(e) => return Err(refuse(&mut stream, flatten_error(&e))),
-    };
-    wire::write_frame(&mut stream, Kind::Accept, &[])?;
-    stream.flush().map_err(WireError::from)?;
+    let (hello, blank) = accept_hello(&mut stream)?;
     let pages = hello.mem_bytes / PAGE as u64;
     let receiving = Instant::now();
     let memfd = blank.ram().file();
@@ -423,6 +432,13 @@ pub fn listen_and_receive(
     console: Console,
     options: &ReceiveOptions,
 ) -> Result<Incoming<tls::ServerStream>, MigrationError> {
+    let stream = listen_and_authenticate(addr, creds)?;
+    receive(stream, console, options)
+}
+
+/// Listens on `addr` until a peer proves to be the pinned source (the handshakes bounded as
+/// [`listen_and_receive`] says) and returns its stream.
+pub fn listen_and_authenticate(addr: &str, creds: &Credentials) -> Result<tls::ServerStream, MigrationError> {
     use std::sync::atomic::Ordering;
     let listen_err = |source| MigrationError::Listen {
         addr: addr.to_string(),
@@ -443,7 +459,7 @@ pub fn listen_and_receive(
         }
         pending.retain(|p| !p.done.load(Ordering::SeqCst));
         if let Ok(stream) = authenticated.recv_timeout(Duration::from_millis(10)) {
-            return receive(stream, console, options);
+            return Ok(stream);
         }
         let (tcp, peer) = match listener.accept() {
             Ok(accepted) => {
@@ -497,7 +513,7 @@ pub fn listen_and_receive(
 /// Compiles the code of a tenant module the VM brings, on a thread of its own at background
 /// priority, so that loading the module at the switch finds it compiled (a few milliseconds of
 /// the guest's downtime each, measured, otherwise).
-fn prepare_in_background(code: &[u8]) {
+pub(crate) fn prepare_in_background(code: &[u8]) {
     let code = code.to_vec();
     let _ = std::thread::Builder::new().name("ext-compile".into()).spawn(move || {
         xcloud_vm_core::host::lower_thread_priority(0);

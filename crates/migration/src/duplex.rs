@@ -86,6 +86,11 @@ impl Inbox {
         }
     }
 
+    /// Bytes received and not yet handed out as frames: it grows while a frame arrives.
+    pub fn pending(&self) -> usize {
+        self.bytes.len()
+    }
+
     /// The next whole frame (its payload in `out`), or None if it has not all arrived.
     pub fn next_frame(&mut self, stream: &mut impl Duplex, out: &mut Vec<u8>) -> Result<Option<Kind>, WireError> {
         loop {

@@ -56,9 +56,12 @@ pub enum MigrationError {
     #[error("refused: {0}")]
     /// The other end refused, with its reason.
     Refused(String),
-    #[error("a migration of this VM is already running")]
-    /// Another migration of this VM runs.
+    #[error("a migration or replication of this VM is already running")]
+    /// Another migration or a replication of this VM runs.
     Busy,
+    #[error("{0}")]
+    /// What this VM has that the operation cannot take yet.
+    Unsupported(String),
     #[error("the destination did not confirm that the VM runs ({0}); the source VM stays PAUSED so that it never runs twice: check the destination, then resume or stop the source")]
     /// After GO, the destination never confirmed that the VM runs.
     OutcomeUnknown(String),

@@ -13,7 +13,8 @@
 //! that report never comes the source stays paused (never both running) and says so.
 //!
 //! The VM's state travels as the same tree a snapshot writes (`xcloud_state::StateTree`): the
-//! engine knows no component by name. Later, replication reuses the stream and the handover.
+//! engine knows no component by name. Replication ([`replication`], [`standby`]) reuses the
+//! stream, the dirty log, the page frames and the state tree.
 //!
 //! It may depend on `xcloud-state`, `xcloud-vm-core` and `xcloud-vmm` (docs/architecture.md;
 //! crates/xcloud/tests/architecture.rs checks it).
@@ -30,15 +31,21 @@ pub mod host_cpu;
 mod link;
 pub mod options;
 mod postcopy;
+pub mod replication;
 mod sender;
 pub mod source;
+pub mod standby;
 mod throttle;
 pub mod tls;
 pub mod wire;
 
-pub use destination::{listen_and_receive, receive, Incoming, ReceiveOptions};
+pub use destination::{listen_and_authenticate, listen_and_receive, receive, Incoming, ReceiveOptions};
 pub use duplex::Duplex;
 pub use error::MigrationError;
 pub use host_cpu::{cpu_features, cpu_vendor};
-pub use options::{MigrateOptions, MigrationProgress, MigrationSummary, Outgoing, PostcopyMode};
+pub use options::{
+    MigrateOptions, MigrationProgress, MigrationSummary, Outgoing, PostcopyMode, ProtectOptions, ProtectionStatus,
+};
+pub use replication::protect;
 pub use source::migrate;
+pub use standby::{listen_and_stand_by, stand_by, StandbyEnd};

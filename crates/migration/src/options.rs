@@ -1,5 +1,5 @@
-//! What a migration is asked to do, what it reports while it runs and when it ends, and the
-//! tracker that lets one migration at a time hold a VM.
+//! What a migration or a replication is asked to do, what it reports while it runs and when it
+//! ends, and the tracker that lets one of them at a time hold a VM.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -107,6 +107,12 @@ pub struct Outgoing {
 struct OutgoingState {
     running: AtomicBool,
     progress: Mutex<Option<MigrationProgress>>,
+    /// The VM's replication to a backup: how it goes, or why it ended.
+    protection: Mutex<Option<ProtectionStatus>>,
+    /// Asks the replication thread to end protection (it tells the backup, which lets go).
+    unprotect: AtomicBool,
+    /// The replication thread, joined when protection ends.
+    replicator: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// A running migration's hold on its VM, released when dropped.
@@ -150,4 +156,94 @@ impl Outgoing {
     pub(crate) fn set_progress(&self, progress: Option<MigrationProgress>) {
         *self.inner.progress.lock().unwrap_or_else(|p| p.into_inner()) = progress;
     }
+
+    /// The VM's replication: how it goes, or why it ended (None: it was never protected).
+    pub fn protection(&self) -> Option<ProtectionStatus> {
+        self.inner.protection.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether the VM is being replicated now.
+    pub fn protected(&self) -> bool {
+        self.protection().is_some_and(|p| p.ended.is_none())
+    }
+
+    pub(crate) fn set_protection(&self, status: ProtectionStatus) {
+        *self.inner.protection.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+    }
+
+    pub(crate) fn unprotect_asked(&self) -> bool {
+        self.inner.unprotect.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_replicator(&self, thread: std::thread::JoinHandle<()>) {
+        self.inner.unprotect.store(false, Ordering::SeqCst);
+        *self.inner.replicator.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
+    }
+
+    /// Ends the VM's replication, if it runs: the backup is told and lets the VM go (it does
+    /// not take over). Returns once the replication has ended; false if none ran.
+    pub fn unprotect(&self) -> bool {
+        let thread = self.inner.replicator.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(thread) = thread else {
+            return false;
+        };
+        self.inner.unprotect.store(true, Ordering::SeqCst);
+        let _ = thread.join();
+        true
+    }
+}
+
+/// Tuning of the primary side of replication (docs/replication.md).
+#[derive(Clone, Copy, Debug)]
+pub struct ProtectOptions {
+    /// How often a checkpoint is taken.
+    pub interval: Duration,
+    /// The primary sends something at least this often; the backup takes over after two
+    /// heartbeats of silence.
+    pub heartbeat: Duration,
+    /// A backup that acknowledges nothing for this long is given up: the VM runs on
+    /// unprotected (and says so) rather than stall.
+    pub backup_timeout: Duration,
+    /// Compress page frames (LZ4) when that makes them smaller: for slow links.
+    pub compress: bool,
+}
+
+impl Default for ProtectOptions {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(25),
+            heartbeat: Duration::from_millis(100),
+            backup_timeout: Duration::from_secs(3),
+            compress: false,
+        }
+    }
+}
+
+/// How a VM's replication goes, for `status` (docs/replication.md).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ProtectionStatus {
+    /// The backup's `HOST:PORT`.
+    pub backup: String,
+    /// The last checkpoint the backup acknowledged (0: none yet).
+    pub acked_epoch: u64,
+    /// Checkpoints acknowledged in the last second.
+    pub epochs_per_s: f64,
+    /// Pages in the last checkpoint.
+    pub last_pages: u64,
+    /// Bytes of the last checkpoint on the stream (pages and state).
+    pub last_bytes: u64,
+    /// The guest's pause for the last checkpoint, microseconds.
+    pub pause_us: u64,
+    /// The longest pause so far, microseconds.
+    pub max_pause_us: u64,
+    /// The mean pause, microseconds.
+    pub mean_pause_us: u64,
+    /// From a checkpoint's pause to the backup's acknowledgement, the last one, ms: how long
+    /// output would be held (docs/replication.md).
+    pub commit_ms: f64,
+    /// Bytes sent in the last second.
+    pub bytes_per_s: f64,
+    /// Why protection ended (None: it runs).
+    #[serde(default)]
+    pub ended: Option<String>,
 }

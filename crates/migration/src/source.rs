@@ -83,39 +83,7 @@ fn migrate_here(
         other => return Err(MigrationError::State(other)),
     };
     let machine = handle.machine();
-    let connect_err = |source| MigrationError::Connect {
-        addr: addr.to_string(),
-        source,
-    };
-    let target = addr
-        .to_socket_addrs()
-        .map_err(connect_err)?
-        .next()
-        .ok_or_else(|| connect_err(std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))?;
-    let tcp = TcpStream::connect_timeout(&target, Duration::from_secs(10)).map_err(connect_err)?;
-    let _ = tcp.set_nodelay(true);
-    tcp.set_read_timeout(Some(options.peer_timeout)).map_err(connect_err)?;
-    tcp.set_write_timeout(Some(options.peer_timeout)).map_err(connect_err)?;
-    // The stream owns the socket for as long as `link` is used.
-    let link = Link::new(std::os::fd::AsRawFd::as_raw_fd(&tcp));
-    let mut stream = tls::connect(tcp, creds)?;
-    let hello = Hello {
-        mem_bytes: machine.ram().size(),
-        vcpus: machine.vcpu_count() as u32,
-        tsc_khz: machine.tsc_khz(),
-        cpu_vendor: cpu_vendor(),
-        cpu_features: cpu_features(),
-    };
-    wire::write_frame(&mut stream, Kind::Hello, &hello.encode())?;
-    stream.flush().map_err(WireError::from)?;
-    let mut buf = Vec::new();
-    // The destination answers only after it checked our certificate: no guest state before.
-    wire::expect_frame(&mut stream, &mut buf, Kind::Accept, "ACCEPT")?;
-    // The tenant modules' code first: the destination compiles it while the memory arrives.
-    let modules = handle.extensions().tenant_code();
-    if !modules.is_empty() {
-        wire::write_frame(&mut stream, Kind::Modules, &wire::encode_modules(&modules))?;
-    }
+    let (mut stream, link) = open_stream(handle, addr, creds, options.peer_timeout)?;
     if options.postcopy == PostcopyMode::Now {
         return postcopy::switch(
             handle,
@@ -148,6 +116,52 @@ fn migrate_here(
         summary.to = addr.to_string();
         summary
     })
+}
+
+/// Connects to the peer at `addr`, proves who we are, says what VM comes (HELLO) and waits for
+/// its ACCEPT; then sends the code of the VM's tenant modules for the peer to compile while the
+/// memory arrives. Shared by migration and replication.
+pub(crate) fn open_stream(
+    handle: &VmHandle,
+    addr: &str,
+    creds: &Credentials,
+    peer_timeout: Duration,
+) -> Result<(tls::ClientStream, Link), MigrationError> {
+    let machine = handle.machine();
+    let connect_err = |source| MigrationError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let target = addr
+        .to_socket_addrs()
+        .map_err(connect_err)?
+        .next()
+        .ok_or_else(|| connect_err(std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))?;
+    let tcp = TcpStream::connect_timeout(&target, Duration::from_secs(10)).map_err(connect_err)?;
+    let _ = tcp.set_nodelay(true);
+    tcp.set_read_timeout(Some(peer_timeout)).map_err(connect_err)?;
+    tcp.set_write_timeout(Some(peer_timeout)).map_err(connect_err)?;
+    // The stream owns the socket for as long as `link` is used.
+    let link = Link::new(std::os::fd::AsRawFd::as_raw_fd(&tcp));
+    let mut stream = tls::connect(tcp, creds)?;
+    let hello = Hello {
+        mem_bytes: machine.ram().size(),
+        vcpus: machine.vcpu_count() as u32,
+        tsc_khz: machine.tsc_khz(),
+        cpu_vendor: cpu_vendor(),
+        cpu_features: cpu_features(),
+    };
+    wire::write_frame(&mut stream, Kind::Hello, &hello.encode())?;
+    stream.flush().map_err(WireError::from)?;
+    let mut buf = Vec::new();
+    // The destination answers only after it checked our certificate: no guest state before.
+    wire::expect_frame(&mut stream, &mut buf, Kind::Accept, "ACCEPT")?;
+    // The tenant modules' code first: the destination compiles it while the memory arrives.
+    let modules = handle.extensions().tenant_code();
+    if !modules.is_empty() {
+        wire::write_frame(&mut stream, Kind::Modules, &wire::encode_modules(&modules))?;
+    }
+    Ok((stream, link))
 }
 
 /// How fast the guest dirties memory, over the latest rounds that span at least 100 ms (single
@@ -188,28 +202,11 @@ fn precopy_and_switch<S: Duplex>(
     let mut last_fetch = Instant::now();
     let mut dirty_rates = DirtyRate::default();
     let machine = handle.machine();
-    let size = machine.ram().size();
     let mut page = vec![0u8; PAGE];
     // Disks first, while the guest runs; what it writes meanwhile is tracked and sent again.
     let mut disk_copy = DiskCopy::start(handle, stream)?;
     let mut sender = PageSender::new(stream, options.compress);
-    let host_base = machine.ram().host_base() as *const u8;
-    let pages_in_ram = size / PAGE as u64;
-    // Pages are copied with a plain memcpy while the guest may be writing them (as every VMM
-    // does): a torn copy is harmless because the write also marks the page dirty, so it is
-    // sent again in a later round or in stop-and-copy, when the guest is paused.
-    let read_page = |pfn: u64, page: &mut [u8]| {
-        if pfn >= pages_in_ram || page.len() != PAGE {
-            return Err(MigrationError::Refused(format!(
-                "guest page {pfn} is outside guest RAM"
-            )));
-        }
-        // SAFETY: pfn < pages_in_ram, so [host_base + pfn * 4096, +4096) lies inside the guest
-        // RAM mapping, which `handle` keeps alive for this whole call; `page` is a distinct
-        // 4096-byte buffer of ours, so the ranges do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(host_base.add(pfn as usize * PAGE), page.as_mut_ptr(), PAGE) };
-        Ok(())
-    };
+    let read_page = |pfn: u64, page: &mut [u8]| read_guest_page(machine, pfn, page);
     // Where the migration is, for `ctl status` and for the VM's extensions.
     let progress = |phase: Phase, round: u32, pages_sent: u64, bytes_sent: u64, dirty_pages: u64| {
         outgoing.set_progress(Some(MigrationProgress {
@@ -416,6 +413,30 @@ fn precopy_and_switch<S: Duplex>(
         bytes_sent,
         bandwidth_mbps: bytes_sent as f64 / total.as_secs_f64() / 1e6,
     })
+}
+
+/// Copies guest page `pfn` into `page` (4096 bytes).
+///
+/// Pages are copied with a plain memcpy while the guest may be writing them (as every VMM
+/// does): a torn copy is harmless because the write also marks the page dirty, so it is sent
+/// again in a later round or while the guest is paused.
+pub(crate) fn read_guest_page(
+    machine: &xcloud_vm_core::machine::Machine,
+    pfn: u64,
+    page: &mut [u8],
+) -> Result<(), MigrationError> {
+    let pages_in_ram = machine.ram().size() / PAGE as u64;
+    if pfn >= pages_in_ram || page.len() != PAGE {
+        return Err(MigrationError::Refused(format!(
+            "guest page {pfn} is outside guest RAM"
+        )));
+    }
+    let host_base = machine.ram().host_base() as *const u8;
+    // SAFETY: pfn < pages_in_ram, so [host_base + pfn * 4096, +4096) lies inside the guest RAM
+    // mapping, which the machine keeps alive while it is borrowed here; `page` is a distinct
+    // 4096-byte buffer of the caller's, so the ranges do not overlap.
+    unsafe { std::ptr::copy_nonoverlapping(host_base.add(pfn as usize * PAGE), page.as_mut_ptr(), PAGE) };
+    Ok(())
 }
 
 /// The pages written since the last fetch.

@@ -64,6 +64,17 @@ pub enum Kind {
     /// destination to compile while the memory arrives (so that loading them at the switch
     /// costs the guest no compile time): count u32, then each module's length u32 and bytes.
     Modules = 18,
+    /// primary -> backup, right after ACCEPT (and MODULES): this stream replicates the VM
+    /// (docs/replication.md): heartbeat interval in ms u32, checkpoint interval in ms u32.
+    /// Pages before the first CHECKPOINT are the initial copy.
+    Protect = 19,
+    /// primary -> backup: closes an epoch: epoch u64, the epoch's page count u64, SHA-256 of
+    /// the epoch's PAGES payloads (uncompressed, in order) and of the state, then the state.
+    Checkpoint = 20,
+    /// backup -> primary: the checkpoint of this epoch (u64) is whole, checked and in place.
+    Ack = 21,
+    /// primary -> backup: alive, when nothing else was sent for a heartbeat interval.
+    Heartbeat = 22,
 }
 
 impl Kind {
@@ -86,9 +97,105 @@ impl Kind {
             16 => Kind::DiskBegin,
             17 => Kind::DiskData,
             18 => Kind::Modules,
+            19 => Kind::Protect,
+            20 => Kind::Checkpoint,
+            21 => Kind::Ack,
+            22 => Kind::Heartbeat,
             _ => return None,
         })
     }
+}
+
+/// Bytes of a CHECKPOINT payload before its state.
+pub const CHECKPOINT_HEADER: usize = 8 + 8 + 32;
+
+/// What a CHECKPOINT frame says of its epoch (its state follows the header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointHeader {
+    /// Epochs count up from 1.
+    pub epoch: u64,
+    /// Pages sent in the epoch's PAGES frames.
+    pub pages: u64,
+    /// SHA-256 of the epoch's PAGES payloads (uncompressed, in order), then of the state.
+    pub digest: [u8; 32],
+}
+
+impl CheckpointHeader {
+    /// The CHECKPOINT payload: this header, then `state`.
+    pub fn encode(&self, state: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(CHECKPOINT_HEADER + state.len());
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(&self.pages.to_le_bytes());
+        out.extend_from_slice(&self.digest);
+        out.extend_from_slice(state);
+        out
+    }
+
+    /// The header of a CHECKPOINT payload and the state after it.
+    pub fn decode(payload: &[u8]) -> Result<(Self, &[u8]), WireError> {
+        let bad = |detail: &str| WireError::Malformed {
+            kind: Kind::Checkpoint,
+            detail: detail.into(),
+        };
+        let (head, state) = payload
+            .split_at_checked(CHECKPOINT_HEADER)
+            .ok_or_else(|| bad("shorter than its header"))?;
+        let word = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&head[at..at + 8]);
+            u64::from_le_bytes(w)
+        };
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(&head[16..48]);
+        Ok((
+            Self {
+                epoch: word(0),
+                pages: word(8),
+                digest,
+            },
+            state,
+        ))
+    }
+}
+
+/// A PROTECT payload: the heartbeat and checkpoint intervals in ms.
+pub fn encode_protect(heartbeat_ms: u32, interval_ms: u32) -> Vec<u8> {
+    let mut out = heartbeat_ms.to_le_bytes().to_vec();
+    out.extend_from_slice(&interval_ms.to_le_bytes());
+    out
+}
+
+/// The heartbeat and checkpoint intervals of a PROTECT payload (each 1 ms to 60 s).
+pub fn decode_protect(payload: &[u8]) -> Result<(u32, u32), WireError> {
+    let bad = |detail: String| WireError::Malformed {
+        kind: Kind::Protect,
+        detail,
+    };
+    let words: [u8; 8] = payload
+        .try_into()
+        .map_err(|_| bad(format!("{} bytes, not 8", payload.len())))?;
+    let heartbeat = u32::from_le_bytes([words[0], words[1], words[2], words[3]]);
+    let interval = u32::from_le_bytes([words[4], words[5], words[6], words[7]]);
+    for (name, ms) in [("heartbeat", heartbeat), ("checkpoint interval", interval)] {
+        if !(1..=60_000).contains(&ms) {
+            return Err(bad(format!("a {name} of {ms} ms")));
+        }
+    }
+    Ok((heartbeat, interval))
+}
+
+/// An epoch number as an ACK payload.
+pub fn encode_ack(epoch: u64) -> [u8; 8] {
+    epoch.to_le_bytes()
+}
+
+/// The epoch an ACK payload acknowledges.
+pub fn decode_ack(payload: &[u8]) -> Result<u64, WireError> {
+    let word: [u8; 8] = payload.try_into().map_err(|_| WireError::Malformed {
+        kind: Kind::Ack,
+        detail: format!("{} bytes, not 8", payload.len()),
+    })?;
+    Ok(u64::from_le_bytes(word))
 }
 
 /// A MODULES payload for `codes`.

@@ -104,6 +104,10 @@ enum Command {
         /// an image already there is never overwritten). Without it a VM with disks is refused.
         #[arg(long)]
         disk_dir: Option<PathBuf>,
+        /// Be the backup of a protected VM (`xcloud ctl SOCK protect`): hold its last
+        /// checkpoint and run it from there only if the primary goes away.
+        #[arg(long, conflicts_with = "disk_dir")]
+        standby: bool,
     },
     /// Make this host's migration identity (a self-signed certificate and key) in DIR.
     Keygen {
@@ -218,6 +222,33 @@ enum CtlAction {
         #[arg(long)]
         compress: bool,
     },
+    /// Replicate the VM continuously to a backup running `xcloud receive --standby`, which
+    /// takes over from the last checkpoint if this host goes away (docs/replication.md).
+    Protect {
+        /// The backup, HOST:PORT.
+        to: String,
+        /// This host's identity directory (`xcloud keygen`).
+        #[arg(long)]
+        identity: PathBuf,
+        /// The backup's certificate: the only one accepted.
+        #[arg(long)]
+        peer: PathBuf,
+        /// Milliseconds between checkpoints.
+        #[arg(long, default_value_t = 25)]
+        interval_ms: u64,
+        /// Heartbeat interval in milliseconds: the backup takes over after two of silence.
+        #[arg(long, default_value_t = 100)]
+        heartbeat_ms: u64,
+        /// Milliseconds the backup may leave checkpoints unacknowledged before it is given up
+        /// (the VM then runs on unprotected).
+        #[arg(long, default_value_t = 3000)]
+        timeout: u64,
+        /// Compress page frames with LZ4 (worth it on slow links).
+        #[arg(long)]
+        compress: bool,
+    },
+    /// End the replication: the backup lets the VM go.
+    Unprotect,
 }
 
 #[derive(Subcommand)]
@@ -435,6 +466,24 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
             port_base: ports.map(|p| p.0),
             port_count: ports.map(|p| p.1),
         },
+        CtlAction::Protect {
+            to,
+            identity,
+            peer,
+            interval_ms,
+            heartbeat_ms,
+            timeout,
+            compress,
+        } => Op::Protect {
+            to,
+            identity: std::path::absolute(&identity)?,
+            peer_cert: std::path::absolute(&peer)?,
+            interval_ms: Some(interval_ms),
+            heartbeat_ms: Some(heartbeat_ms),
+            timeout_ms: Some(timeout),
+            compress,
+        },
+        CtlAction::Unprotect => Op::Unprotect,
         CtlAction::Ext { action: ExtAction::Ls } => Op::ExtList,
         CtlAction::Ext {
             action: ExtAction::Rm { name },
@@ -516,6 +565,9 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
     if let Some(p) = answer.migration {
         line.push_str(&format!(", migrating: {}", run::describe_progress(&p)));
     }
+    if let Some(p) = &answer.protection {
+        line.push_str(&format!(", {}", run::describe_protection(p)));
+    }
     if answer.fenced == Some(true) {
         line.push_str(", paused by its watchdog");
     }
@@ -555,7 +607,16 @@ fn main() -> ExitCode {
             identity,
             peer,
             api,
+            standby: true,
+            ..
+        } => run::stand_by(&listen, &identity, &peer, api.socket().as_ref()),
+        Command::Receive {
+            listen,
+            identity,
+            peer,
+            api,
             disk_dir,
+            standby: false,
         } => run::receive(
             &listen,
             &identity,

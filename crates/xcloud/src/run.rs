@@ -161,6 +161,56 @@ pub fn receive(
     })
 }
 
+/// Stands by as the backup of a protected VM on `listen`; runs it to its end if the primary
+/// goes away, and ends without running it if the primary lets it go.
+pub fn stand_by(listen: &str, identity: &Path, peer: &Path, api: Option<&ControlSocket>) -> Result<i32> {
+    use xcloud_migration::{listen_and_stand_by, tls::Credentials, StandbyEnd};
+    let signals = watch_termination_signals()?;
+    let creds = Credentials::load(identity, peer).context("cannot load the replication credentials")?;
+    match listen_and_stand_by(listen, &creds, Console::stdout()).context("standing by failed")? {
+        StandbyEnd::Released(why) => {
+            eprintln!("xcloud: the primary let the VM go ({why}); it did not run here");
+            Ok(0)
+        }
+        StandbyEnd::TakeOver {
+            vm,
+            epoch,
+            why,
+            since_last_word,
+        } => {
+            eprintln!(
+                "xcloud: the primary is gone ({why}): running the VM from checkpoint {epoch}, {:.1} ms after the primary's last word",
+                since_last_word.as_secs_f64() * 1e3
+            );
+            supervise(vm.handle(), signals, api, move || {
+                let mut vm = vm;
+                vm.start().context("cannot start the VM")?;
+                Ok(vm)
+            })
+        }
+    }
+}
+
+/// One line on a VM's replication: its figures, or why it ended.
+pub fn describe_protection(p: &xcloud_migration::ProtectionStatus) -> String {
+    if let Some(why) = &p.ended {
+        return format!("UNPROTECTED: {why}");
+    }
+    format!(
+        "protected by {}: checkpoint {}, {:.0}/s, last {} pages ({:.1} KiB), pause {} us (mean {}, max {}), commit {:.1} ms, {:.2} MB/s",
+        p.backup,
+        p.acked_epoch,
+        p.epochs_per_s,
+        p.last_pages,
+        p.last_bytes as f64 / 1024.0,
+        p.pause_us,
+        p.mean_pause_us,
+        p.max_pause_us,
+        p.commit_ms,
+        p.bytes_per_s / 1e6
+    )
+}
+
 /// How `xcloud ctl SOCK migrate` was asked to migrate.
 pub struct MigrateFlags {
     /// The downtime budget.

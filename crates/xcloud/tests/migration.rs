@@ -3,92 +3,15 @@
 //! other, TLS with pinned certificates between them.
 
 mod common;
+use common::hosts::*;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
-use xcloud::netlab::{Hosts, LinkSpec};
-
-/// Two namespaces joined by a WAN link: `rate_bits` each way, 20 ms round trip.
-fn wan(rate_bits: u64) -> Hosts {
-    Hosts::new(LinkSpec::wan(rate_bits, Duration::from_millis(20))).expect("namespaces (run the tests as root)")
-}
-
-/// Two namespaces joined by a plain veth link.
-fn lan() -> Hosts {
-    Hosts::new(LinkSpec::default()).expect("namespaces (run the tests as root)")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("migration").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch");
-    dir
-}
-
-fn keygen(dir: &Path, name: &str) -> PathBuf {
-    let id = dir.join(name);
-    let out = run(&["keygen", id.to_str().expect("utf-8"), "--name", name]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    id
-}
-
-/// Runs `xcloud ARGS` inside namespace `ns`, its stdout read line by line.
-fn spawn_in(ns: &str, args: &[&str]) -> (Proc, Receiver<String>) {
-    let mut cmd = xcloud::netlab::command_in(Some(ns), env!("CARGO_BIN_EXE_xcloud"));
-    cmd.args(args);
-    spawn_lines(cmd)
-}
-
-/// Starts `xcloud run --api SOCKET RUN_ARGS...` in the source namespace; returns it once it has
-/// printed a line starting with `first_line` (returned too) and its control socket is up.
-fn start_source(hosts: &Hosts, s: &Setup, run_args: &[&str], first_line: &str) -> (Proc, Receiver<String>, String) {
-    let mut args = vec!["run", "--api", s.socket.to_str().expect("utf-8")];
-    args.extend_from_slice(run_args);
-    let (src, src_out) = spawn_in(&hosts.src, &args);
-    let first = next_line(&src_out, first_line);
-    wait_socket(&s.socket);
-    (src, src_out, first)
-}
-
-fn count(line: &str, key: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
-}
-
-fn wait_exit(child: &mut std::process::Child, limit: Duration) -> (Option<i32>, String) {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut e, &mut err);
-            }
-            return (status.code(), err);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process did not end within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-struct Setup {
-    dir: PathBuf,
-    a: PathBuf,
-    b: PathBuf,
-    socket: PathBuf,
-}
+use xcloud::netlab::Hosts;
 
 fn setup(name: &str) -> Setup {
-    let dir = scratch(name);
-    let a = keygen(&dir, "host-a");
-    let b = keygen(&dir, "host-b");
-    let socket = dir.join("src.sock");
-    Setup { dir, a, b, socket }
+    setup_in("migration", name)
 }
 
 fn receive(hosts: &Hosts, s: &Setup, peer: &Path) -> (Proc, Receiver<String>) {
@@ -605,7 +528,7 @@ fn xcloud_cpu_vendor() -> [u8; 12] {
 
 #[test]
 fn a_destination_waiting_for_its_source_ends_on_every_termination_signal() {
-    let dir = scratch("signals");
+    let dir = scratch("migration", "signals");
     let (a, b) = (keygen(&dir, "host-a"), keygen(&dir, "host-b"));
     for (signal, name) in [
         (libc::SIGINT, "SIGINT"),
@@ -741,19 +664,7 @@ fn httpd_with_its_nic_moves_keeps_its_mac_announces_it_and_counts_on() {
     const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x42];
     let hosts = lan();
     let s = setup("nic");
-    // Each host has a TAP for the VM and an address beside it on the VM's subnet.
-    for ns in [&hosts.src, &hosts.dst] {
-        let ok = std::process::Command::new("ip")
-            .args(["-n", ns, "tuntap", "add", "xc0", "mode", "tap", "vnet_hdr"])
-            .status()
-            .expect("ip");
-        assert!(ok.success());
-        let ok = std::process::Command::new("ip")
-            .args(["-n", ns, "addr", "add", "10.74.0.1/24", "dev", "xc0"])
-            .status()
-            .expect("ip");
-        assert!(ok.success());
-    }
+    add_vm_taps(&hosts);
     let (_dst, _dst_out) = receive(&hosts, &s, &s.a);
     let (mut src, _src_out, first) = start_source(
         &hosts,

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod hosts;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -267,6 +269,22 @@ pub fn xcloud_in(ns: &str, args: &[&str]) -> Command {
 
 /// httpd's `GET /count` at `addr` from inside namespace `ns`, on a connection of its own.
 pub fn get_count(ns: &str, addr: &'static str) -> u64 {
+    try_get_count(ns, addr).expect("httpd answered /count")
+}
+
+/// `get_count`, asking again for up to `limit` while the server is not there yet.
+pub fn get_count_within(ns: &str, addr: &'static str, limit: std::time::Duration) -> u64 {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match try_get_count(ns, addr) {
+            Ok(count) => return count,
+            Err(e) if std::time::Instant::now() > deadline => panic!("httpd did not answer /count: {e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
+}
+
+fn try_get_count(ns: &str, addr: &'static str) -> anyhow::Result<u64> {
     xcloud::netlab::Hosts::in_ns(ns, move || {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect_timeout(&addr.parse()?, std::time::Duration::from_secs(10))?;
@@ -279,7 +297,6 @@ pub fn get_count(ns: &str, addr: &'static str) -> u64 {
     })
     .join()
     .expect("client thread")
-    .expect("httpd answered /count")
 }
 
 /// Connects to `addr` inside network namespace `ns`, sends `bytes` in 16 KiB writes, shuts

@@ -1,0 +1,402 @@
+//! The backup side of continuous replication (docs/replication.md): it holds the last
+//! complete checkpoint of the primary's VM, and when the primary goes silent or its connection
+//! breaks it builds the VM from that checkpoint for the caller to start.
+//!
+//! A checkpoint is applied only once all of it has arrived and its digest checks out: the pages
+//! of an epoch are staged in memory until its CHECKPOINT frame, so a primary that dies in the
+//! middle of one leaves the backup with the one before. A hostile or corrupt stream is refused
+//! and nothing runs: the primary may well be alive, and running the VM here too would run it
+//! twice.
+
+use crate::destination::{accept_hello, apply_pages, prepare_in_background, refuse};
+use crate::duplex::{readable, Duplex, Inbox};
+use crate::error::MigrationError;
+use crate::tls::{self, Credentials};
+use crate::wire::{self, CheckpointHeader, Kind, WireError, PAGE};
+use sha2::{Digest, Sha256};
+use std::io::ErrorKind;
+use std::time::{Duration, Instant};
+use xcloud_state::StateTree;
+use xcloud_vm_core::report::flatten_error;
+use xcloud_vmm::{Console, Vm};
+
+/// How standing by ended.
+pub enum StandbyEnd {
+    /// The primary is gone: the VM, built from the last checkpoint, ready to start.
+    TakeOver {
+        /// The VM, not started.
+        vm: Vm,
+        /// The checkpoint it continues from.
+        epoch: u64,
+        /// Why the primary is taken for gone.
+        why: String,
+        /// From the primary's last sign of life to the VM built.
+        since_last_word: Duration,
+    },
+    /// The primary ended protection on purpose (its VM ended, or its operator unprotected
+    /// it): nothing runs here.
+    Released(String),
+}
+
+/// Listens on `addr` for the primary (the handshakes bounded as for a migration) and stands by
+/// for it.
+pub fn listen_and_stand_by(addr: &str, creds: &Credentials, console: Console) -> Result<StandbyEnd, MigrationError> {
+    let stream: tls::ServerStream = crate::destination::listen_and_authenticate(addr, creds)?;
+    stand_by(stream, console)
+}
+
+/// Whether a failed read means the primary is gone (rather than that it sent garbage).
+fn primary_lost(e: &WireError) -> bool {
+    matches!(e, WireError::Io(io) if matches!(
+        io.kind(),
+        ErrorKind::UnexpectedEof
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe
+            | ErrorKind::TimedOut
+            | ErrorKind::NotConnected
+    ))
+}
+
+/// Stands by for the primary on an authenticated `stream` until it goes away (the VM is then
+/// built from the last checkpoint) or lets the VM go.
+pub fn stand_by<S: Duplex>(mut stream: S, console: Console) -> Result<StandbyEnd, MigrationError> {
+    let (hello, blank) = accept_hello(&mut stream)?;
+    let pages_in_ram = hello.mem_bytes / PAGE as u64;
+    let memfd = blank.ram().file();
+    let mut buf = Vec::new();
+    let mut kind = wire::read_frame(&mut stream, &mut buf)?;
+    if kind == Kind::Modules {
+        match wire::decode_modules(&buf) {
+            Ok(codes) => codes.into_iter().for_each(prepare_in_background),
+            Err(why) => return Err(refuse(&mut stream, why)),
+        }
+        kind = wire::read_frame(&mut stream, &mut buf)?;
+    }
+    if kind != Kind::Protect {
+        return Err(refuse(
+            &mut stream,
+            format!("a {kind:?} frame where a replication stream begins (a migration goes to `xcloud receive` without --standby)"),
+        ));
+    }
+    let heartbeat = match wire::decode_protect(&buf) {
+        Ok((heartbeat_ms, _)) => Duration::from_millis(heartbeat_ms as u64),
+        Err(e) => return Err(refuse(&mut stream, e.to_string())),
+    };
+    let silence_limit = heartbeat * 2;
+    let mut backup = Backup {
+        pages_in_ram,
+        memfd,
+        initial: true,
+        committed: None,
+        staged: Vec::new(),
+        staged_pages: 0,
+        digest: Sha256::new(),
+    };
+    let mut inbox = Inbox::new();
+    let mut unpacked = Vec::new();
+    let mut last_word = Instant::now();
+    let why = loop {
+        let pending = inbox.pending();
+        let frame = match inbox.next_frame(&mut stream, &mut buf) {
+            Ok(frame) => frame,
+            Err(e) if primary_lost(&e) => break format!("its connection ended ({})", flatten_error(&e)),
+            Err(e) => return Err(refuse(&mut stream, flatten_error(&e))),
+        };
+        let Some(mut kind) = frame else {
+            if inbox.pending() != pending {
+                last_word = Instant::now();
+            } else if last_word.elapsed() > silence_limit {
+                break format!("it sent nothing for {:?} (two heartbeats)", last_word.elapsed());
+            }
+            let _ = readable(&[stream.poll_fd()], 5);
+            continue;
+        };
+        last_word = Instant::now();
+        if kind == Kind::PagesLz4 {
+            if let Err(e) = wire::decompress_pages(&buf, &mut unpacked) {
+                return Err(refuse(&mut stream, e.to_string()));
+            }
+            std::mem::swap(&mut buf, &mut unpacked);
+            kind = Kind::Pages;
+        }
+        let step = match kind {
+            Kind::Pages => backup.pages(&mut buf),
+            Kind::Sync if backup.initial => {
+                backup.initial = false;
+                wire::write_frame(&mut stream, Kind::Synced, &[])?;
+                stream.flush().map_err(WireError::from)?;
+                Ok(())
+            }
+            Kind::Checkpoint => match backup.checkpoint(&buf) {
+                Ok(epoch) => {
+                    wire::write_frame(&mut stream, Kind::Ack, &wire::encode_ack(epoch))?;
+                    stream.flush().map_err(WireError::from)?;
+                    Ok(())
+                }
+                Err(why) => Err(why),
+            },
+            Kind::Heartbeat => Ok(()),
+            Kind::End => {
+                let why = wire::peer_text(&buf);
+                tracing::info!("the primary ended protection: {why}");
+                return Ok(StandbyEnd::Released(why));
+            }
+            other => Err(format!("an unexpected {other:?} frame in a replication stream")),
+        };
+        if let Err(why) = step {
+            let kept = match &backup.committed {
+                Some((epoch, _)) => format!("; this backup kept checkpoint {epoch} and runs nothing"),
+                None => String::new(),
+            };
+            return Err(refuse(&mut stream, format!("{why}{kept}")));
+        }
+    };
+    let Some((epoch, state)) = backup.committed.take() else {
+        return Err(MigrationError::Refused(format!(
+            "the primary went away before its first checkpoint: {why}; nothing to run here"
+        )));
+    };
+    // The staged pages of the unfinished epoch are dropped: the VM continues from the last
+    // complete checkpoint.
+    let vm = Vm::from_state(blank, state, console)?;
+    Ok(StandbyEnd::TakeOver {
+        vm,
+        epoch,
+        why,
+        since_last_word: last_word.elapsed(),
+    })
+}
+
+/// What the backup holds.
+struct Backup<'a> {
+    pages_in_ram: u64,
+    memfd: &'a std::fs::File,
+    /// Until the primary's SYNC: its pages are the initial copy, written straight into guest
+    /// RAM (there is no checkpoint yet to keep).
+    initial: bool,
+    /// The last complete checkpoint: its epoch and the VM's state (its pages are in RAM).
+    committed: Option<(u64, StateTree)>,
+    /// The current epoch's PAGES payloads, applied at its CHECKPOINT.
+    staged: Vec<Vec<u8>>,
+    staged_pages: u64,
+    /// Of the current epoch's payloads so far.
+    digest: Sha256,
+}
+
+impl Backup<'_> {
+    /// Takes a PAGES payload (uncompressed) of the initial copy or of the current epoch.
+    fn pages(&mut self, payload: &mut Vec<u8>) -> Result<(), String> {
+        let count = wire::for_each_page(payload, self.pages_in_ram, |_, _| Ok(())).map_err(|e| e.to_string())?;
+        if self.initial {
+            apply_pages(payload, self.pages_in_ram, self.memfd).map_err(|e| format!("cannot write guest RAM: {e}"))?;
+            return Ok(());
+        }
+        // An epoch sends each dirty page once: more pages than the guest has is not an epoch.
+        if count == 0 || self.staged_pages + count > self.pages_in_ram {
+            return Err(format!(
+                "an epoch of over {} pages (the guest has {})",
+                self.staged_pages + count.max(1) - 1,
+                self.pages_in_ram
+            ));
+        }
+        self.digest.update(&payload[..]);
+        self.staged_pages += count;
+        self.staged.push(std::mem::take(payload));
+        Ok(())
+    }
+
+    /// Closes the current epoch: checks it, applies its pages and keeps its state. Returns
+    /// the epoch to acknowledge.
+    fn checkpoint(&mut self, payload: &[u8]) -> Result<u64, String> {
+        if self.initial {
+            return Err("a CHECKPOINT before the initial copy was synced".into());
+        }
+        let (header, state) = CheckpointHeader::decode(payload).map_err(|e| e.to_string())?;
+        let expected = self.committed.as_ref().map_or(1, |(epoch, _)| epoch + 1);
+        if header.epoch != expected {
+            return Err(format!("checkpoint {} where {expected} was due", header.epoch));
+        }
+        if header.pages != self.staged_pages {
+            return Err(format!(
+                "checkpoint {} claims {} pages, {} arrived",
+                header.epoch, header.pages, self.staged_pages
+            ));
+        }
+        let mut digest = std::mem::take(&mut self.digest);
+        digest.update(state);
+        if digest.finalize()[..] != header.digest[..] {
+            return Err(format!("checkpoint {} does not match its digest", header.epoch));
+        }
+        let tree =
+            StateTree::decode(state).map_err(|e| format!("checkpoint {}: {}", header.epoch, flatten_error(&e)))?;
+        for frame in self.staged.drain(..) {
+            // Checked on arrival; a failure here is this host's (guest RAM cannot be written),
+            // and the checkpoint half in place cannot be run.
+            apply_pages(&frame, self.pages_in_ram, self.memfd)
+                .map_err(|e| format!("cannot write checkpoint {} into guest RAM: {e}", header.epoch))?;
+        }
+        self.staged_pages = 0;
+        self.committed = Some((header.epoch, tree));
+        Ok(header.epoch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzzing::replication_prelude;
+
+    /// A primary's stream fed from memory; what the backup answers is kept.
+    struct Feed(std::io::Cursor<Vec<u8>>, Vec<u8>);
+
+    impl std::io::Read for Feed {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl std::io::Write for Feed {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.1.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Duplex for Feed {
+        fn read_arrived(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            std::io::Read::read(&mut self.0, buf)
+        }
+        fn poll_fd(&self) -> std::os::fd::RawFd {
+            -1
+        }
+    }
+
+    fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        wire::write_frame(&mut out, kind, payload).expect("frame");
+        out
+    }
+
+    /// One epoch: a page of `byte`s at page 3 and an empty state, with the digest given or the
+    /// right one.
+    fn epoch(number: u64, byte: u8, digest: Option<[u8; 32]>) -> Vec<u8> {
+        let mut pages = Vec::new();
+        wire::push_page(&mut pages, 3, &[byte; PAGE]);
+        let state = StateTree::new().encode().expect("state");
+        let right: [u8; 32] = Sha256::new()
+            .chain_update(&pages)
+            .chain_update(&state)
+            .finalize()
+            .into();
+        let header = CheckpointHeader {
+            epoch: number,
+            pages: 1,
+            digest: digest.unwrap_or(right),
+        };
+        [
+            frame(Kind::Pages, &pages),
+            frame(Kind::Checkpoint, &header.encode(&state)),
+        ]
+        .concat()
+    }
+
+    fn stand_by_on(stream: Vec<u8>) -> Result<StandbyEnd, MigrationError> {
+        stand_by(
+            Feed(std::io::Cursor::new(stream), Vec::new()),
+            Console::new(Box::new(std::io::sink())),
+        )
+    }
+
+    fn refusal(stream: Vec<u8>) -> String {
+        match stand_by_on(stream) {
+            Err(MigrationError::Refused(why)) => why,
+            Err(other) => panic!("not a refusal: {other}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn an_end_lets_the_vm_go() {
+        let stream = [
+            replication_prelude(),
+            epoch(1, 1, None),
+            frame(Kind::End, b"unprotected"),
+        ]
+        .concat();
+        match stand_by_on(stream) {
+            Ok(StandbyEnd::Released(why)) => assert_eq!(why, "unprotected"),
+            Ok(StandbyEnd::TakeOver { .. }) => panic!("took over"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn checkpoints_that_do_not_check_out_are_refused_and_the_last_good_one_is_named() {
+        let good = [replication_prelude(), epoch(1, 1, None)].concat();
+        let why = refusal([good.clone(), epoch(2, 2, Some([0; 32]))].concat());
+        assert!(
+            why.contains("checkpoint 2 does not match its digest") && why.contains("kept checkpoint 1"),
+            "{why}"
+        );
+        let why = refusal([good.clone(), epoch(3, 2, None)].concat());
+        assert!(why.contains("checkpoint 3 where 2 was due"), "{why}");
+        // A CHECKPOINT claiming a page that never came.
+        let state = StateTree::new().encode().expect("state");
+        let lying = CheckpointHeader {
+            epoch: 2,
+            pages: 1,
+            digest: [0; 32],
+        };
+        let why = refusal([good.clone(), frame(Kind::Checkpoint, &lying.encode(&state))].concat());
+        assert!(why.contains("claims 1 pages, 0 arrived"), "{why}");
+        let why = refusal([good, frame(Kind::Go, &[])].concat());
+        assert!(why.contains("unexpected Go"), "{why}");
+    }
+
+    #[test]
+    fn a_migration_or_a_checkpoint_before_the_initial_copy_is_not_a_replication() {
+        let hello = crate::fuzzing::migration_hello(4 << 20);
+        let why = refusal([hello.clone(), frame(Kind::Pages, &[0, 0, 0, 0])].concat());
+        assert!(why.contains("--standby"), "{why}");
+        let protect = frame(Kind::Protect, &wire::encode_protect(100, 25));
+        let why = refusal([hello.clone(), protect.clone(), epoch(1, 1, None)].concat());
+        assert!(why.contains("before the initial copy"), "{why}");
+        let why = refusal([hello, frame(Kind::Protect, &wire::encode_protect(0, 25))].concat());
+        assert!(why.contains("heartbeat of 0 ms"), "{why}");
+    }
+
+    #[test]
+    fn a_primary_gone_before_its_first_checkpoint_leaves_nothing_to_run() {
+        match stand_by_on(replication_prelude()) {
+            Err(MigrationError::Refused(why)) => assert!(why.contains("before its first checkpoint"), "{why}"),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("ran something"),
+        }
+    }
+
+    #[test]
+    fn checkpoint_and_protect_payloads_round_trip() {
+        let header = CheckpointHeader {
+            epoch: 7,
+            pages: 9,
+            digest: [5; 32],
+        };
+        let payload = header.encode(b"state");
+        assert_eq!(
+            CheckpointHeader::decode(&payload).expect("decode"),
+            (header, &b"state"[..])
+        );
+        assert!(CheckpointHeader::decode(&payload[..10]).is_err());
+        assert_eq!(
+            wire::decode_protect(&wire::encode_protect(100, 25)).expect("protect"),
+            (100, 25)
+        );
+        assert!(wire::decode_protect(&[1, 2, 3]).is_err());
+        assert_eq!(wire::decode_ack(&wire::encode_ack(4)).expect("ack"), 4);
+        assert!(wire::decode_ack(&[1]).is_err());
+    }
+}
