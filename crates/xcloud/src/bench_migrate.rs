@@ -240,7 +240,7 @@ fn qemu_migration(
 }
 
 /// Starts `xcloud ARGS`, inside network namespace `ns` if given.
-fn spawn(ns: Option<&str>, args: &[&str]) -> Result<(Child, Receiver<String>)> {
+pub(crate) fn spawn(ns: Option<&str>, args: &[&str]) -> Result<(Child, Receiver<String>)> {
     let exe = std::env::current_exe().context("cannot find the xcloud executable")?;
     let mut cmd = crate::netlab::command_in(ns, exe);
     // With XCLOUD_LOG set, the VMMs' logs show on the bench's stderr.
@@ -267,7 +267,7 @@ fn spawn(ns: Option<&str>, args: &[&str]) -> Result<(Child, Receiver<String>)> {
     Ok((child, rx))
 }
 
-fn line_with(rx: &Receiver<String>, prefix: &str, limit: Duration) -> Result<String> {
+pub(crate) fn line_with(rx: &Receiver<String>, prefix: &str, limit: Duration) -> Result<String> {
     let deadline = Instant::now() + limit;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -289,13 +289,13 @@ fn largest_window_ms<'a>(lines: impl Iterator<Item = &'a str>) -> f64 {
         / 1e3
 }
 
-fn field(line: &str, key: &str) -> Option<u64> {
+pub(crate) fn field(line: &str, key: &str) -> Option<u64> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key))
         .and_then(|v| v.parse().ok())
 }
 
-fn wait_for_socket(path: &Path) -> Result<()> {
+pub(crate) fn wait_for_socket(path: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !path.exists() {
         if Instant::now() > deadline {

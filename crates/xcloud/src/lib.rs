@@ -6,6 +6,7 @@ pub mod bench_api;
 pub mod bench_disk;
 pub mod bench_ext;
 pub mod bench_fair;
+pub mod bench_ha;
 pub mod bench_http;
 pub mod bench_migrate;
 pub mod bench_net;

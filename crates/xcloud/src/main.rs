@@ -310,6 +310,32 @@ enum BenchCommand {
         #[arg(long, default_value_t = 512)]
         working_set: u64,
     },
+    /// Continuous replication (high availability) over a veth and an emulated 1 Gbit/s WAN:
+    /// checkpoints per second, the guest's slowdown against the same guest unprotected,
+    /// failover time, the latency output commit adds to a request (needs root).
+    Ha {
+        /// Guest RAM.
+        #[arg(long, default_value = "1G", value_parser = run::parse_size)]
+        mem: u64,
+        /// MiB the guest writes, round and round.
+        #[arg(long, default_value_t = 256)]
+        working_set: u64,
+        /// How fast it writes them, MiB/s.
+        #[arg(long, default_value_t = 16)]
+        rate: u64,
+        /// Milliseconds between checkpoints.
+        #[arg(long, default_value_t = 25)]
+        interval_ms: u64,
+        /// Heartbeat interval in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        heartbeat_ms: u64,
+        /// Seconds each run is measured.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Runs per link (protected and unprotected each).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Live migration over loopback or an emulated WAN: total time, downtime, guest-observed
     /// stall, bytes.
     Migrate {
@@ -744,6 +770,24 @@ fn main() -> ExitCode {
             })
             .map(|_| 0)
         }
+        Command::Bench(BenchCommand::Ha {
+            mem,
+            working_set,
+            rate,
+            interval_ms,
+            heartbeat_ms,
+            seconds,
+            runs,
+        }) => xcloud::bench_ha::ha(&xcloud::bench_ha::HaBench {
+            mem,
+            set_mib: working_set,
+            rate,
+            interval_ms,
+            heartbeat_ms,
+            seconds,
+            runs,
+        })
+        .map(|_| 0),
         Command::Bench(BenchCommand::Snapshot { mem, working_set }) => {
             xcloud::bench_snapshot::snapshot(mem, working_set).map(|_| 0)
         }
