@@ -42,5 +42,5 @@ fuzz_target!(|data: &[u8]| {
         _ => data.to_vec(),
     };
     // A VM built from a checkpoint is dropped unstarted.
-    let _ = xcloud_migration::stand_by(Feed(&stream), console);
+    let _ = xcloud_migration::stand_by(Feed(&stream), console, None);
 });

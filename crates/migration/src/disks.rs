@@ -4,6 +4,9 @@
 //! for the switch, before the STATE. The destination writes a new image in its disk
 //! directory and the VM continues on it (docs/migration.md).
 //!
+//! Replication uses the same copy for its initial copy, then stages the chunks written in each
+//! epoch during the checkpoint's pause; its backup writes them at the epoch's checkpoint.
+//!
 //! Frames: DISK_BEGIN `index u32 | size u64 | source path (the rest, UTF-8)`, DISK_DATA
 //! `index u32 | offset u64 | bytes`.
 
@@ -24,6 +27,16 @@ fn io(e: std::io::Error) -> MigrationError {
     MigrationError::Wire(WireError::Io(e))
 }
 
+/// Reads `n` bytes of disk `index` at `at` from `image` into `buf` as a DISK_DATA payload.
+fn data_payload(index: u32, image: &File, at: u64, n: usize, buf: &mut Vec<u8>) -> Result<(), MigrationError> {
+    buf.clear();
+    buf.extend_from_slice(&index.to_le_bytes());
+    buf.extend_from_slice(&at.to_le_bytes());
+    let head = buf.len();
+    buf.resize(head + n, 0);
+    image.read_exact_at(&mut buf[head..], at).map_err(io)
+}
+
 /// Sends `len` bytes of disk `index` from `offset`, read from `image`, in DIRTY_CHUNK frames.
 fn send_range<S: Write>(
     out: &mut S,
@@ -38,12 +51,7 @@ fn send_range<S: Write>(
     let mut sent = 0;
     while at < end {
         let n = (end - at).min(DIRTY_CHUNK) as usize;
-        buf.clear();
-        buf.extend_from_slice(&index.to_le_bytes());
-        buf.extend_from_slice(&at.to_le_bytes());
-        let head = buf.len();
-        buf.resize(head + n, 0);
-        image.read_exact_at(&mut buf[head..], at).map_err(io)?;
+        data_payload(index, image, at, n, buf)?;
         wire::write_frame(out, Kind::DiskData, buf)?;
         at += n as u64;
         sent += n as u64;
@@ -52,25 +60,25 @@ fn send_range<S: Write>(
 }
 
 /// The source's side: what it copies and how far it got.
-pub(crate) struct DiskCopy<'a> {
-    devices: &'a [std::sync::Arc<BlockDevice>],
+pub(crate) struct DiskCopy {
+    devices: Vec<std::sync::Arc<BlockDevice>>,
     images: Vec<(u64, File)>,
     /// Image bytes sent so far.
     pub bytes: u64,
 }
 
-impl<'a> DiskCopy<'a> {
+impl DiskCopy {
     /// Starts tracking writes and sends every image's data while the guest runs, then rounds
     /// of what it wrote meanwhile until little is left.
-    pub fn start<S: Write>(handle: &'a VmHandle, out: &mut S) -> Result<Self, MigrationError> {
-        let devices = handle.block_devices();
+    pub fn start<S: Write>(handle: &VmHandle, out: &mut S) -> Result<Self, MigrationError> {
+        let devices = handle.block_devices().to_vec();
         let mut copy = Self {
             devices,
             images: Vec::new(),
             bytes: 0,
         };
         let mut buf = Vec::new();
-        for (index, dev) in devices.iter().enumerate() {
+        for (index, dev) in handle.block_devices().iter().enumerate() {
             dev.start_tracking();
             let (size, path, image) = dev.image().map_err(io)?;
             let mut begin = Vec::new();
@@ -107,11 +115,38 @@ impl<'a> DiskCopy<'a> {
         }
         Ok(chunks)
     }
+
+    /// Replication, while the VM is paused for a checkpoint: the chunks written since the last
+    /// look, read into DISK_DATA payloads (reusing the buffers of `frames`). Returns their
+    /// bytes.
+    pub fn stage_dirty(&mut self, frames: &mut Vec<Vec<u8>>) -> Result<u64, MigrationError> {
+        let mut used = 0;
+        let mut bytes = 0;
+        for (index, dev) in self.devices.iter().enumerate() {
+            let (size, image) = &self.images[index];
+            for chunk in dev.take_dirty() {
+                let at = chunk * DIRTY_CHUNK;
+                if at >= *size {
+                    continue;
+                }
+                if used == frames.len() {
+                    frames.push(Vec::new());
+                }
+                let n = (*size - at).min(DIRTY_CHUNK) as usize;
+                data_payload(index as u32, image, at, n, &mut frames[used])?;
+                used += 1;
+                bytes += n as u64;
+            }
+        }
+        frames.truncate(used);
+        self.bytes += bytes;
+        Ok(bytes)
+    }
 }
 
-impl Drop for DiskCopy<'_> {
+impl Drop for DiskCopy {
     fn drop(&mut self) {
-        for dev in self.devices {
+        for dev in &self.devices {
             dev.stop_tracking();
         }
     }
@@ -171,21 +206,40 @@ impl DiskReceiver {
         Ok(())
     }
 
-    /// DISK_DATA: writes the bytes where they go, inside the disk.
-    pub fn data(&mut self, payload: &[u8]) -> Result<(), String> {
+    /// Checks a DISK_DATA payload: its disk began and the bytes lie inside it. Returns the
+    /// disk, the offset and the bytes.
+    fn locate<'p>(&self, payload: &'p [u8]) -> Result<(usize, u64, &'p [u8]), String> {
         if payload.len() < 12 {
             return Err("a DISK_DATA frame is too short".into());
         }
         let index = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize;
         let offset = u64::from_le_bytes(payload[4..12].try_into().map_err(|_| "DISK_DATA")?);
         let bytes = &payload[12..];
-        let (file, size, path) = self
+        let (_, size, _) = self
             .images
             .get(index)
             .ok_or(format!("data for disk {index}, which did not begin"))?;
         if offset.checked_add(bytes.len() as u64).is_none_or(|end| end > *size) {
             return Err(format!("data past the end of disk {index}"));
         }
+        Ok((index, offset, bytes))
+    }
+
+    /// Checks a DISK_DATA payload without writing it (replication stages an epoch's data until
+    /// its checkpoint); returns how many bytes it carries.
+    pub fn check(&self, payload: &[u8]) -> Result<u64, String> {
+        self.locate(payload).map(|(_, _, bytes)| bytes.len() as u64)
+    }
+
+    /// The bytes of every disk together (what an epoch may write at most).
+    pub fn total_size(&self) -> u64 {
+        self.images.iter().map(|(_, size, _)| size).sum()
+    }
+
+    /// DISK_DATA: writes the bytes where they go, inside the disk.
+    pub fn data(&mut self, payload: &[u8]) -> Result<(), String> {
+        let (index, offset, bytes) = self.locate(payload)?;
+        let (file, _, path) = &self.images[index];
         file.write_all_at(bytes, offset)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))
     }

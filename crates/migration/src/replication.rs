@@ -11,6 +11,7 @@
 //! It shares the migration engine: the connection and HELLO ([`crate::source::open_stream`]),
 //! dirty logging, the page frames, the state tree.
 
+use crate::disks::DiskCopy;
 use crate::duplex::{readable, Duplex, Inbox};
 use crate::error::MigrationError;
 use crate::handover::sync;
@@ -45,11 +46,6 @@ pub fn protect(
     options: ProtectOptions,
 ) -> Result<ProtectionStatus, MigrationError> {
     let claim = outgoing.claim().ok_or(MigrationError::Busy)?;
-    if !handle.disks().is_empty() {
-        return Err(MigrationError::Unsupported(
-            "a VM with disks cannot be protected yet: disk writes are not replicated".into(),
-        ));
-    }
     handle.wait_for_memory()?;
     match handle.state() {
         VmState::Running | VmState::Paused => {}
@@ -82,6 +78,8 @@ pub fn protect(
         pauses: 0,
         pause_total: Duration::ZERO,
         frames: Vec::new(),
+        disks: None,
+        disk_frames: Vec::new(),
     };
     let first = replicator
         .initial_copy(&mut stream, &link)
@@ -120,6 +118,10 @@ struct Replicator {
     pause_total: Duration,
     /// The staging buffer: the epoch's pages as PAGES payloads, copied during the pause.
     frames: Vec<Vec<u8>>,
+    /// The disks' copy (from the initial copy on): it tracks the chunks the guest writes.
+    disks: Option<DiskCopy>,
+    /// The staging buffer of the disks: the chunks written in the epoch, as DISK_DATA payloads.
+    disk_frames: Vec<Vec<u8>>,
 }
 
 impl Replicator {
@@ -128,6 +130,9 @@ impl Replicator {
     /// the rest.
     fn initial_copy(&mut self, stream: &mut tls::ClientStream, link: &Link) -> Result<(), MigrationError> {
         let machine = self.handle.machine();
+        // The disks first, while the guest runs (as a migration does); from here on the
+        // chunks it writes are tracked for the checkpoints.
+        self.disks = Some(DiskCopy::start(&self.handle, stream)?);
         let mut sender = crate::sender::PageSender::new(stream, self.options.compress);
         let mut page = vec![0u8; PAGE];
         for pfn in machine.ram().resident_pages() {
@@ -176,6 +181,9 @@ impl Replicator {
             let dirty = fetch_dirty_pages(machine)?;
             pages = dirty.len() as u64;
             stage(machine, &dirty, &mut self.frames)?;
+            if let Some(disks) = &mut self.disks {
+                disks.stage_dirty(&mut self.disk_frames)?;
+            }
             let state = self.handle.save_state()?.encode()?;
             // Output commit: what the guest sends from here on is covered by the next
             // checkpoint, and the world sees it only once the backup has that one.
@@ -203,6 +211,12 @@ impl Replicator {
             };
             wire::write_frame(stream, kind, payload)?;
             bytes += 5 + payload.len() as u64;
+        }
+        // The disks' chunks of the epoch: the backup writes them at the checkpoint too.
+        for frame in &self.disk_frames {
+            digest.update(frame);
+            wire::write_frame(stream, Kind::DiskData, frame)?;
+            bytes += 5 + frame.len() as u64;
         }
         digest.update(&state);
         let header = CheckpointHeader {

@@ -9,12 +9,14 @@
 //! twice.
 
 use crate::destination::{accept_hello, apply_pages, prepare_in_background, refuse};
+use crate::disks::DiskReceiver;
 use crate::duplex::{readable, Duplex, Inbox};
 use crate::error::MigrationError;
 use crate::tls::{self, Credentials};
 use crate::wire::{self, CheckpointHeader, Kind, WireError, PAGE};
 use sha2::{Digest, Sha256};
 use std::io::ErrorKind;
+use std::path::Path;
 use std::time::{Duration, Instant};
 use xcloud_state::StateTree;
 use xcloud_vm_core::report::flatten_error;
@@ -40,9 +42,14 @@ pub enum StandbyEnd {
 
 /// Listens on `addr` for the primary (the handshakes bounded as for a migration) and stands by
 /// for it.
-pub fn listen_and_stand_by(addr: &str, creds: &Credentials, console: Console) -> Result<StandbyEnd, MigrationError> {
+pub fn listen_and_stand_by(
+    addr: &str,
+    creds: &Credentials,
+    console: Console,
+    disk_dir: Option<&Path>,
+) -> Result<StandbyEnd, MigrationError> {
     let stream: tls::ServerStream = crate::destination::listen_and_authenticate(addr, creds)?;
-    stand_by(stream, console)
+    stand_by(stream, console, disk_dir)
 }
 
 /// Whether a failed read means the primary is gone (rather than that it sent garbage).
@@ -59,8 +66,13 @@ fn primary_lost(e: &WireError) -> bool {
 }
 
 /// Stands by for the primary on an authenticated `stream` until it goes away (the VM is then
-/// built from the last checkpoint) or lets the VM go.
-pub fn stand_by<S: Duplex>(mut stream: S, console: Console) -> Result<StandbyEnd, MigrationError> {
+/// built from the last checkpoint) or lets the VM go. The VM's disks are copied into new images
+/// in `disk_dir` (None: a VM with disks is refused); they are removed unless the VM runs here.
+pub fn stand_by<S: Duplex>(
+    mut stream: S,
+    console: Console,
+    disk_dir: Option<&Path>,
+) -> Result<StandbyEnd, MigrationError> {
     let (hello, blank) = accept_hello(&mut stream)?;
     let pages_in_ram = hello.mem_bytes / PAGE as u64;
     let memfd = blank.ram().file();
@@ -91,6 +103,9 @@ pub fn stand_by<S: Duplex>(mut stream: S, console: Console) -> Result<StandbyEnd
         committed: None,
         staged: Vec::new(),
         staged_pages: 0,
+        disks: DiskReceiver::new(disk_dir),
+        staged_disk: Vec::new(),
+        staged_disk_bytes: 0,
         digest: Sha256::new(),
     };
     let mut inbox = Inbox::new();
@@ -122,6 +137,8 @@ pub fn stand_by<S: Duplex>(mut stream: S, console: Console) -> Result<StandbyEnd
         }
         let step = match kind {
             Kind::Pages => backup.pages(&mut buf),
+            Kind::DiskBegin if backup.initial => backup.disks.begin(&buf),
+            Kind::DiskData => backup.disk_data(&mut buf),
             Kind::Sync if backup.initial => {
                 backup.initial = false;
                 wire::write_frame(&mut stream, Kind::Synced, &[])?;
@@ -152,14 +169,19 @@ pub fn stand_by<S: Duplex>(mut stream: S, console: Console) -> Result<StandbyEnd
             return Err(refuse(&mut stream, format!("{why}{kept}")));
         }
     };
-    let Some((epoch, state)) = backup.committed.take() else {
+    let Backup {
+        committed, mut disks, ..
+    } = backup;
+    let Some((epoch, mut state)) = committed else {
         return Err(MigrationError::Refused(format!(
             "the primary went away before its first checkpoint: {why}; nothing to run here"
         )));
     };
-    // The staged pages of the unfinished epoch are dropped: the VM continues from the last
-    // complete checkpoint.
+    // The staged pages and disk chunks of the unfinished epoch are dropped: the VM continues
+    // from the last complete checkpoint, on this backup's copies of its disks.
+    disks.finish(&mut state).map_err(MigrationError::Refused)?;
     let vm = Vm::from_state(blank, state, console)?;
+    disks.keep();
     Ok(StandbyEnd::TakeOver {
         vm,
         epoch,
@@ -180,7 +202,12 @@ struct Backup<'a> {
     /// The current epoch's PAGES payloads, applied at its CHECKPOINT.
     staged: Vec<Vec<u8>>,
     staged_pages: u64,
-    /// Of the current epoch's payloads so far.
+    /// The copies of the VM's disks.
+    disks: DiskReceiver,
+    /// The current epoch's DISK_DATA payloads, written at its CHECKPOINT.
+    staged_disk: Vec<Vec<u8>>,
+    staged_disk_bytes: u64,
+    /// Of the current epoch's payloads so far, in stream order.
     digest: Sha256,
 }
 
@@ -206,8 +233,24 @@ impl Backup<'_> {
         Ok(())
     }
 
-    /// Closes the current epoch: checks it, applies its pages and keeps its state. Returns
-    /// the epoch to acknowledge.
+    /// Takes a DISK_DATA payload of the initial copy (written at once) or of the current epoch
+    /// (staged: an epoch writes at most every disk once over).
+    fn disk_data(&mut self, payload: &mut Vec<u8>) -> Result<(), String> {
+        if self.initial {
+            return self.disks.data(payload);
+        }
+        let bytes = self.disks.check(payload)?;
+        if self.staged_disk_bytes + bytes > self.disks.total_size() {
+            return Err("an epoch writes more than the VM's disks hold".into());
+        }
+        self.digest.update(&payload[..]);
+        self.staged_disk_bytes += bytes;
+        self.staged_disk.push(std::mem::take(payload));
+        Ok(())
+    }
+
+    /// Closes the current epoch: checks it, applies its pages and disk chunks and keeps its
+    /// state. Returns the epoch to acknowledge.
     fn checkpoint(&mut self, payload: &[u8]) -> Result<u64, String> {
         if self.initial {
             return Err("a CHECKPOINT before the initial copy was synced".into());
@@ -236,7 +279,13 @@ impl Backup<'_> {
             apply_pages(&frame, self.pages_in_ram, self.memfd)
                 .map_err(|e| format!("cannot write checkpoint {} into guest RAM: {e}", header.epoch))?;
         }
+        for chunk in self.staged_disk.drain(..) {
+            self.disks
+                .data(&chunk)
+                .map_err(|e| format!("checkpoint {}: {e}", header.epoch))?;
+        }
         self.staged_pages = 0;
+        self.staged_disk_bytes = 0;
         self.committed = Some((header.epoch, tree));
         Ok(header.epoch)
     }
@@ -308,6 +357,7 @@ mod tests {
         stand_by(
             Feed(std::io::Cursor::new(stream), Vec::new()),
             Console::new(Box::new(std::io::sink())),
+            None,
         )
     }
 

@@ -69,7 +69,8 @@ pub enum Kind {
     /// Pages before the first CHECKPOINT are the initial copy.
     Protect = 19,
     /// primary -> backup: closes an epoch: epoch u64, the epoch's page count u64, SHA-256 of
-    /// the epoch's PAGES payloads (uncompressed, in order) and of the state, then the state.
+    /// the epoch's PAGES (uncompressed) and DISK_DATA payloads in stream order and of the
+    /// state, then the state.
     Checkpoint = 20,
     /// backup -> primary: the checkpoint of this epoch (u64) is whole, checked and in place.
     Ack = 21,
@@ -116,7 +117,8 @@ pub struct CheckpointHeader {
     pub epoch: u64,
     /// Pages sent in the epoch's PAGES frames.
     pub pages: u64,
-    /// SHA-256 of the epoch's PAGES payloads (uncompressed, in order), then of the state.
+    /// SHA-256 of the epoch's PAGES (uncompressed) and DISK_DATA payloads in stream order,
+    /// then of the state.
     pub digest: [u8; 32],
 }
 

@@ -106,7 +106,7 @@ enum Command {
         disk_dir: Option<PathBuf>,
         /// Be the backup of a protected VM (`xcloud ctl SOCK protect`): hold its last
         /// checkpoint and run it from there only if the primary goes away.
-        #[arg(long, conflicts_with = "disk_dir")]
+        #[arg(long)]
         standby: bool,
     },
     /// Make this host's migration identity (a self-signed certificate and key) in DIR.
@@ -633,9 +633,9 @@ fn main() -> ExitCode {
             identity,
             peer,
             api,
+            disk_dir,
             standby: true,
-            ..
-        } => run::stand_by(&listen, &identity, &peer, api.socket().as_ref()),
+        } => run::stand_by(&listen, &identity, &peer, api.socket().as_ref(), disk_dir.as_deref()),
         Command::Receive {
             listen,
             identity,

@@ -163,11 +163,22 @@ pub fn receive(
 
 /// Stands by as the backup of a protected VM on `listen`; runs it to its end if the primary
 /// goes away, and ends without running it if the primary lets it go.
-pub fn stand_by(listen: &str, identity: &Path, peer: &Path, api: Option<&ControlSocket>) -> Result<i32> {
+pub fn stand_by(
+    listen: &str,
+    identity: &Path,
+    peer: &Path,
+    api: Option<&ControlSocket>,
+    disk_dir: Option<&Path>,
+) -> Result<i32> {
     use xcloud_migration::{listen_and_stand_by, tls::Credentials, StandbyEnd};
     let signals = watch_termination_signals()?;
     let creds = Credentials::load(identity, peer).context("cannot load the replication credentials")?;
-    match listen_and_stand_by(listen, &creds, Console::stdout()).context("standing by failed")? {
+    if let Some(dir) = disk_dir {
+        if !dir.is_dir() {
+            anyhow::bail!("the disk directory {} is not a directory", dir.display());
+        }
+    }
+    match listen_and_stand_by(listen, &creds, Console::stdout(), disk_dir).context("standing by failed")? {
         StandbyEnd::Released(why) => {
             eprintln!("xcloud: the primary let the VM go ({why}); it did not run here");
             Ok(0)

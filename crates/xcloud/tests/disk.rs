@@ -8,29 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use xcloud_vmm::{CaptureBuffer, Console, DiskSpec, Vm, VmConfig, VmExit};
 
-/// The word `diskwrite` writes at byte `offset` for `seed` (guest/workloads, `disk_word`).
-fn disk_word(seed: u64, offset: u64) -> u64 {
-    let mut z = (seed ^ offset).wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Fails unless the image holds seed's pattern for `bytes` and zeroes after.
-fn assert_image_holds(path: &Path, seed: u64, bytes: u64) {
-    let data = std::fs::read(path).expect("read the image");
-    for (i, word) in data.chunks_exact(8).enumerate() {
-        let at = 8 * i as u64;
-        let want = if at < bytes { disk_word(seed, at) } else { 0 };
-        assert_eq!(
-            u64::from_le_bytes(word.try_into().expect("8 bytes")),
-            want,
-            "byte {at} of {}",
-            path.display()
-        );
-    }
-}
-
 fn image(name: &str, len: u64) -> PathBuf {
     let path = std::env::temp_dir().join(format!("xcloud-test-{}-{name}.img", std::process::id()));
     let f = std::fs::File::create(&path).expect("create the image");

@@ -34,21 +34,29 @@ fn standby(ns: &str, ip: &str, identity: &Path, peer: &Path, socket: &Path) -> (
     )
 }
 
-/// `ctl SOCKET protect IP:PORT` as `identity`, trusting `peer`.
+/// `ctl SOCKET protect IP:PORT` as `identity`, trusting `peer`; asked again while the backup
+/// is not listening yet.
 fn protect(socket: &Path, ip: &str, identity: &Path, peer: &Path) -> (bool, String) {
     let to = format!("{ip}:{PORT}");
     let peer = peer.join("cert.der");
-    ctl(
-        socket,
-        &[
-            "protect",
-            &to,
-            "--identity",
-            identity.to_str().expect("utf-8"),
-            "--peer",
-            peer.to_str().expect("utf-8"),
-        ],
-    )
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, text) = ctl(
+            socket,
+            &[
+                "protect",
+                &to,
+                "--identity",
+                identity.to_str().expect("utf-8"),
+                "--peer",
+                peer.to_str().expect("utf-8"),
+            ],
+        );
+        if ok || Instant::now() > deadline || !text.contains("cannot connect") {
+            return (ok, text);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A heartbeat guest writing a 16 MiB working set at 16 MiB/s (every page checked by the
@@ -59,15 +67,7 @@ fn protected_heartbeat(hosts: &Hosts, name: &str) -> (Setup, Proc, Receiver<Stri
     let backup_socket = s.dir.join("backup.sock");
     let (backup, backup_out) = standby(&hosts.dst, &hosts.dst_ip, &s.b, &s.a, &backup_socket);
     let (primary, primary_out, _) = start_source(hosts, &s, &["heartbeat", "--", "0", "16", "16"], "heartbeat n=");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (ok, text) = loop {
-        // The backup may still be starting to listen.
-        let (ok, text) = protect(&s.socket, &hosts.dst_ip, &s.a, &s.b);
-        if ok || Instant::now() > deadline || !text.contains("cannot connect") {
-            break (ok, text);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (ok, text) = protect(&s.socket, &hosts.dst_ip, &s.a, &s.b);
     assert!(ok && text.contains("protected by"), "{text}");
     (s, primary, primary_out, backup, backup_out)
 }
@@ -120,14 +120,7 @@ fn the_backup_takes_over_from_the_last_checkpoint_when_the_primary_dies_and_can_
     // The survivor is protected again, by a new backup where the primary was.
     let again = s.dir.join("again.sock");
     let (mut second, second_out) = standby(&hosts.src, &hosts.src_ip, &s.a, &s.b, &again);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (ok, text) = loop {
-        let (ok, text) = protect(&backup_socket, &hosts.src_ip, &s.b, &s.a);
-        if ok || Instant::now() > deadline || !text.contains("cannot connect") {
-            break (ok, text);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (ok, text) = protect(&backup_socket, &hosts.src_ip, &s.b, &s.a);
     assert!(ok && text.contains("protected by"), "{text}");
     // Stopping the VM on purpose: the new backup lets it go instead of taking over.
     ctl(&backup_socket, &["stop"]);
@@ -212,6 +205,68 @@ fn a_primary_cut_off_is_taken_for_gone_after_two_heartbeats_of_silence() {
     assert!(err.contains("sent nothing for"), "{err}");
     ctl(&s.socket, &["stop"]);
     wait_exit(&mut primary.0, Duration::from_secs(10));
+}
+
+#[test]
+fn a_guest_writing_its_disk_fails_over_and_the_backups_image_ends_byte_for_byte() {
+    const BYTES: u64 = 32 << 20;
+    let hosts = lan();
+    let s = setup_in("replication", "disk");
+    let (src_dir, dst_dir) = (s.dir.join("src-disks"), s.dir.join("dst-disks"));
+    std::fs::create_dir_all(&src_dir).expect("dir");
+    std::fs::create_dir_all(&dst_dir).expect("dir");
+    let image = src_dir.join("data.img");
+    std::fs::File::create(&image)
+        .expect("image")
+        .set_len(64 << 20)
+        .expect("size");
+    let listen = format!("{}:{PORT}", hosts.dst_ip);
+    let (mut backup, backup_out) = spawn_in(
+        &hosts.dst,
+        &[
+            "receive",
+            "--standby",
+            "--listen",
+            &listen,
+            "--identity",
+            s.b.to_str().expect("utf-8"),
+            "--peer",
+            s.a.join("cert.der").to_str().expect("utf-8"),
+            "--disk-dir",
+            dst_dir.to_str().expect("utf-8"),
+        ],
+    );
+    // 32 MiB at 16 MiB/s: the primary dies in the middle, the backup writes the rest from
+    // where its checkpoint left the guest, onto its own copy of the image.
+    let (disk, bytes) = (image.to_str().expect("utf-8").to_string(), BYTES.to_string());
+    let (mut primary, _) = spawn_in(
+        &hosts.src,
+        &[
+            "run",
+            "--api",
+            s.socket.to_str().expect("utf-8"),
+            "--disk",
+            &disk,
+            "diskwrite",
+            "--",
+            &bytes,
+            "77",
+            "8",
+            "16",
+        ],
+    );
+    wait_socket(&s.socket);
+    let (ok, text) = protect(&s.socket, &hosts.dst_ip, &s.a, &s.b);
+    assert!(ok && text.contains("protected by"), "{text}");
+    std::thread::sleep(Duration::from_millis(700));
+    primary.0.kill().expect("kill the primary");
+    let _ = primary.0.wait();
+    let done = next_line(&backup_out, "diskwrite:");
+    assert!(done.contains("MB/s"), "{done}");
+    let (status, err) = wait_exit(&mut backup.0, Duration::from_secs(30));
+    assert_eq!(status, Some(0), "the guest finished at the backup: {err}");
+    assert!(err.contains("the primary is gone"), "{err}");
+    assert_image_holds(&dst_dir.join("data.img"), 77, BYTES);
 }
 
 #[test]

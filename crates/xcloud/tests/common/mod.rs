@@ -322,3 +322,26 @@ pub fn send_tcp_in(ns: &str, addr: &'static str, bytes: usize, timeout: std::tim
     .map_err(|_| std::io::Error::other("the client thread panicked"))?
     .map_err(|e| std::io::Error::other(e.to_string()))
 }
+
+/// The word `diskwrite SEED` writes at byte `offset` (the guest SDK's disk pattern).
+pub fn disk_word(seed: u64, offset: u64) -> u64 {
+    let mut z = (seed ^ offset).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Fails unless the image holds seed's pattern for `bytes` and zeroes after.
+pub fn assert_image_holds(path: &std::path::Path, seed: u64, bytes: u64) {
+    let data = std::fs::read(path).expect("read the image");
+    for (i, word) in data.chunks_exact(8).enumerate() {
+        let at = 8 * i as u64;
+        let want = if at < bytes { disk_word(seed, at) } else { 0 };
+        assert_eq!(
+            u64::from_le_bytes(word.try_into().expect("8 bytes")),
+            want,
+            "byte {at} of {}",
+            path.display()
+        );
+    }
+}
