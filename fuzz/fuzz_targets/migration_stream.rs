@@ -3,25 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use std::io::{Read, Write};
-
-/// The stream: reads come from the fuzz input, writes go nowhere.
-struct Feed<'a>(&'a [u8]);
-
-impl Read for Feed<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl Write for Feed<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use xcloud_migration::fuzzing::MemoryStream;
 
 fuzz_target!(|data: &[u8]| {
     let console = xcloud_vmm::Console::new(Box::new(std::io::sink()));
@@ -34,5 +16,5 @@ fuzz_target!(|data: &[u8]| {
         _ => data.to_vec(),
     };
     // A received VM is dropped unstarted: `start` would wait for GO.
-    let _ = xcloud_migration::receive(Feed(&stream), console, &Default::default());
+    let _ = xcloud_migration::receive(MemoryStream::new(stream), console, &Default::default());
 });

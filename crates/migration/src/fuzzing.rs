@@ -20,6 +20,49 @@ pub fn migration_hello(mem_bytes: u64) -> Vec<u8> {
     frame
 }
 
+/// A peer's stream played from memory: reads come from the bytes given (then their end), and
+/// what is written is kept. For the fuzz targets and the tests that feed the receiving sides.
+pub struct MemoryStream {
+    input: std::io::Cursor<Vec<u8>>,
+    /// What the receiving side wrote back.
+    pub written: Vec<u8>,
+}
+
+impl MemoryStream {
+    /// A stream that delivers `input`, then ends.
+    pub fn new(input: Vec<u8>) -> Self {
+        Self {
+            input: std::io::Cursor::new(input),
+            written: Vec::new(),
+        }
+    }
+}
+
+impl std::io::Read for MemoryStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl std::io::Write for MemoryStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.written.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl crate::duplex::Duplex for MemoryStream {
+    fn read_arrived(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::io::Read::read(&mut self.input, buf)
+    }
+    fn poll_fd(&self) -> std::os::fd::RawFd {
+        -1
+    }
+}
+
 /// What a primary sends before its first epoch (HELLO for a 4 MiB guest, PROTECT, SYNC), for
 /// fuzzing the frames of the epochs after it.
 pub fn replication_prelude() -> Vec<u8> {
@@ -38,22 +81,7 @@ mod tests {
     fn the_fuzzing_hello_is_accepted_so_the_frames_after_it_get_explored() {
         // The source side of the stream: the HELLO, then nothing. Accepted, the destination
         // waits for the next frame and meets the end; refused, it would say why.
-        struct Feed(std::io::Cursor<Vec<u8>>, Vec<u8>);
-        impl std::io::Read for Feed {
-            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-                self.0.read(buf)
-            }
-        }
-        impl std::io::Write for Feed {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.1.extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let feed = Feed(std::io::Cursor::new(migration_hello(4 << 20)), Vec::new());
+        let feed = MemoryStream::new(migration_hello(4 << 20));
         let result = crate::destination::receive(feed, Console::new(Box::new(std::io::sink())), &Default::default());
         match result {
             Err(crate::error::MigrationError::Wire(wire::WireError::Io(e))) => {

@@ -108,7 +108,8 @@ fn migrate_here(
         source,
     })?;
     tracing::debug!("dirty-page logging on in {:?}", logging_on.elapsed());
-    let result = precopy_and_switch(handle, outgoing, &mut stream, options, was_running, started, &link);
+    let result = precopy_and_switch(handle, outgoing, &mut stream, options, was_running, started, &link)
+        .map_err(|e| refusal_behind(e, &mut stream));
     if !matches!(result, Err(MigrationError::OutcomeUnknown(_))) {
         let _ = machine.set_dirty_logging(false);
     }
@@ -116,6 +117,30 @@ fn migrate_here(
         summary.to = addr.to_string();
         summary
     })
+}
+
+/// A destination that refuses closes the connection while the source may still be writing:
+/// the source's write then fails (broken pipe, reset) before it has read why. The refusal is
+/// usually in the socket already: read it, so that the error says why, not only that the pipe
+/// broke.
+fn refusal_behind(error: MigrationError, stream: &mut tls::ClientStream) -> MigrationError {
+    let broke = matches!(&error, MigrationError::Wire(WireError::Io(e)) if matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+    ));
+    if !broke {
+        return error;
+    }
+    let _ = stream.sock.tcp().set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = Vec::new();
+    for _ in 0..64 {
+        match wire::read_frame(stream, &mut buf) {
+            Err(WireError::Refused(why)) => return MigrationError::Refused(why),
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    error
 }
 
 /// Connects to the peer at `addr`, proves who we are, says what VM comes (HELLO) and waits for

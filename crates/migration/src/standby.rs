@@ -294,35 +294,7 @@ impl Backup<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fuzzing::replication_prelude;
-
-    /// A primary's stream fed from memory; what the backup answers is kept.
-    struct Feed(std::io::Cursor<Vec<u8>>, Vec<u8>);
-
-    impl std::io::Read for Feed {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            self.0.read(buf)
-        }
-    }
-
-    impl std::io::Write for Feed {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.1.extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Duplex for Feed {
-        fn read_arrived(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            std::io::Read::read(&mut self.0, buf)
-        }
-        fn poll_fd(&self) -> std::os::fd::RawFd {
-            -1
-        }
-    }
+    use crate::fuzzing::{replication_prelude, MemoryStream};
 
     fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -354,11 +326,7 @@ mod tests {
     }
 
     fn stand_by_on(stream: Vec<u8>) -> Result<StandbyEnd, MigrationError> {
-        stand_by(
-            Feed(std::io::Cursor::new(stream), Vec::new()),
-            Console::new(Box::new(std::io::sink())),
-            None,
-        )
+        stand_by(MemoryStream::new(stream), Console::new(Box::new(std::io::sink())), None)
     }
 
     fn refusal(stream: Vec<u8>) -> String {

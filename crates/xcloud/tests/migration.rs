@@ -701,14 +701,7 @@ fn a_guest_writing_its_disk_moves_with_it_and_the_image_ends_byte_for_byte() {
     const BYTES: u64 = 32 << 20;
     let hosts = lan();
     let s = setup("disk");
-    let (src_dir, dst_dir) = (s.dir.join("src-disks"), s.dir.join("dst-disks"));
-    std::fs::create_dir_all(&src_dir).expect("dir");
-    std::fs::create_dir_all(&dst_dir).expect("dir");
-    let image = src_dir.join("data.img");
-    std::fs::File::create(&image)
-        .expect("image")
-        .set_len(64 << 20)
-        .expect("size");
+    let (image, dst_dir) = disk_dirs(&s);
     // A destination without a disk directory refuses the VM, and the source goes on.
     let (_refuser, _) = receive(&hosts, &s, &s.a);
     let disk = image.to_str().expect("utf-8").to_string();
@@ -737,25 +730,7 @@ fn a_guest_writing_its_disk_moves_with_it_and_the_image_ends_byte_for_byte() {
             dst_dir.to_str().expect("utf-8"),
         ],
     );
-    // diskwrite prints only at its end: wait for the control socket, not for a line.
-    let bytes = BYTES.to_string();
-    let (mut src, _src_out) = spawn_in(
-        &hosts.src,
-        &[
-            "run",
-            "--api",
-            s.socket.to_str().expect("utf-8"),
-            "--disk",
-            &disk,
-            "diskwrite",
-            "--",
-            &bytes,
-            "77",
-            "8",
-            "16",
-        ],
-    );
-    wait_socket(&s.socket);
+    let mut src = start_diskwriter(&hosts, &s, &image, BYTES);
     std::thread::sleep(Duration::from_millis(500));
     let (ok, text) = migrate(&hosts, &s, &[]);
     assert!(ok && text.contains("migrated to"), "{text}");

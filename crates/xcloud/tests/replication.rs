@@ -72,6 +72,19 @@ fn protected_heartbeat(hosts: &Hosts, name: &str) -> (Setup, Proc, Receiver<Stri
     (s, primary, primary_out, backup, backup_out)
 }
 
+/// Waits until the primary behind `socket` says it gave its backup up.
+fn wait_unprotected(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = ctl(socket, &["status"]).1;
+        if status.contains("UNPROTECTED: the backup at") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "still protected: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The status line's figure right after `key`.
 fn figure(status: &str, key: &str) -> f64 {
     status
@@ -191,15 +204,7 @@ fn a_primary_cut_off_is_taken_for_gone_after_two_heartbeats_of_silence() {
     next_line(&backup_out, "heartbeat n=");
     let taken_over = cut.elapsed();
     assert!(taken_over < Duration::from_secs(5), "{taken_over:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        let status = ctl(&s.socket, &["status"]).1;
-        if status.contains("UNPROTECTED") || Instant::now() > deadline {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.contains("UNPROTECTED: the backup at"), "{status}");
+    wait_unprotected(&s.socket);
     let _ = backup.0.kill();
     let (_, err) = wait_exit(&mut backup.0, Duration::from_secs(10));
     assert!(err.contains("sent nothing for"), "{err}");
@@ -212,14 +217,7 @@ fn a_guest_writing_its_disk_fails_over_and_the_backups_image_ends_byte_for_byte(
     const BYTES: u64 = 32 << 20;
     let hosts = lan();
     let s = setup_in("replication", "disk");
-    let (src_dir, dst_dir) = (s.dir.join("src-disks"), s.dir.join("dst-disks"));
-    std::fs::create_dir_all(&src_dir).expect("dir");
-    std::fs::create_dir_all(&dst_dir).expect("dir");
-    let image = src_dir.join("data.img");
-    std::fs::File::create(&image)
-        .expect("image")
-        .set_len(64 << 20)
-        .expect("size");
+    let (image, dst_dir) = disk_dirs(&s);
     let listen = format!("{}:{PORT}", hosts.dst_ip);
     let (mut backup, backup_out) = spawn_in(
         &hosts.dst,
@@ -238,24 +236,7 @@ fn a_guest_writing_its_disk_fails_over_and_the_backups_image_ends_byte_for_byte(
     );
     // 32 MiB at 16 MiB/s: the primary dies in the middle, the backup writes the rest from
     // where its checkpoint left the guest, onto its own copy of the image.
-    let (disk, bytes) = (image.to_str().expect("utf-8").to_string(), BYTES.to_string());
-    let (mut primary, _) = spawn_in(
-        &hosts.src,
-        &[
-            "run",
-            "--api",
-            s.socket.to_str().expect("utf-8"),
-            "--disk",
-            &disk,
-            "diskwrite",
-            "--",
-            &bytes,
-            "77",
-            "8",
-            "16",
-        ],
-    );
-    wait_socket(&s.socket);
+    let mut primary = start_diskwriter(&hosts, &s, &image, BYTES);
     let (ok, text) = protect(&s.socket, &hosts.dst_ip, &s.a, &s.b);
     assert!(ok && text.contains("protected by"), "{text}");
     std::thread::sleep(Duration::from_millis(700));
@@ -276,15 +257,7 @@ fn a_primary_whose_backup_dies_runs_on_unprotected_and_says_so() {
     std::thread::sleep(Duration::from_millis(500));
     backup.0.kill().expect("kill the backup");
     let _ = backup.0.wait();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        let status = ctl(&s.socket, &["status"]).1;
-        if status.contains("UNPROTECTED") || Instant::now() > deadline {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.contains("UNPROTECTED: the backup at"), "{status}");
+    wait_unprotected(&s.socket);
     let a = count(&next_line(&primary_out, "heartbeat n="), "n=");
     let b = count(&next_line(&primary_out, "heartbeat n="), "n=");
     assert!(b > a, "the guest runs on");

@@ -109,3 +109,40 @@ pub fn add_vm_taps(hosts: &Hosts) {
         }
     }
 }
+
+/// A 64 MiB image for the source's VM and an empty disk directory for the other host.
+pub fn disk_dirs(s: &Setup) -> (PathBuf, PathBuf) {
+    let (src_dir, dst_dir) = (s.dir.join("src-disks"), s.dir.join("dst-disks"));
+    std::fs::create_dir_all(&src_dir).expect("dir");
+    std::fs::create_dir_all(&dst_dir).expect("dir");
+    let image = src_dir.join("data.img");
+    std::fs::File::create(&image)
+        .expect("image")
+        .set_len(64 << 20)
+        .expect("size");
+    (image, dst_dir)
+}
+
+/// Runs `diskwrite BYTES 77 8 16` (seed 77's pattern at 16 MiB/s) on `image` in the source
+/// namespace; returns once its control socket is up (it prints only at its end).
+pub fn start_diskwriter(hosts: &Hosts, s: &Setup, image: &Path, bytes: u64) -> Proc {
+    let (disk, bytes) = (image.to_str().expect("utf-8"), bytes.to_string());
+    let (src, _) = spawn_in(
+        &hosts.src,
+        &[
+            "run",
+            "--api",
+            s.socket.to_str().expect("utf-8"),
+            "--disk",
+            disk,
+            "diskwrite",
+            "--",
+            &bytes,
+            "77",
+            "8",
+            "16",
+        ],
+    );
+    wait_socket(&s.socket);
+    src
+}
