@@ -459,28 +459,14 @@ fn the_source_keeps_running_when_the_link_is_cut() {
 #[test]
 fn a_hostile_stream_is_refused_and_nothing_runs_at_the_destination() {
     use std::io::Write;
-    use xcloud_migration::{tls, wire};
+    use xcloud_migration::wire;
     let hosts = lan();
     let s = setup("hostile");
     let (mut dst, dst_out) = receive(&hosts, &s, &s.a);
-    // The test itself is the source here: right credentials, then a stream of lies. It joins
-    // the source namespace to reach the destination.
-    let ns = std::fs::File::open(format!("/var/run/netns/{}", hosts.src)).expect("netns file");
-    let to = format!("{}:7710", hosts.dst_ip);
-    let creds = tls::Credentials::load(&s.a, &s.b.join("cert.der")).expect("credentials");
-    let result = std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns moves only this new thread into the namespace that `ns` refers to.
-        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let tcp = loop {
-            match std::net::TcpStream::connect(&to) {
-                Ok(t) => break t,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-                Err(e) => panic!("connect: {e}"),
-            }
-        };
-        let mut stream = tls::connect(tcp, &creds).expect("TLS");
+    // The test itself is the source here, from the source namespace: right credentials, then
+    // a stream of lies.
+    let result = {
+        let mut stream = connect_as_source(&hosts, &s, 7710);
         let hello = wire::Hello {
             mem_bytes: 16 << 20,
             vcpus: 1,
@@ -501,9 +487,7 @@ fn a_hostile_stream_is_refused_and_nothing_runs_at_the_destination() {
         wire::write_frame(&mut stream, wire::Kind::Pages, &pages).expect("pages");
         stream.flush().expect("flush");
         wire::read_frame(&mut stream, &mut buf)
-    })
-    .join()
-    .expect("source thread");
+    };
     assert!(
         matches!(result, Err(wire::WireError::Refused(ref r)) if r.contains("outside")),
         "{result:?}"

@@ -292,27 +292,13 @@ fn unprotect_lets_the_backup_go_without_running_the_guest() {
 fn a_checkpoint_that_does_not_check_out_is_refused_and_the_backup_runs_nothing() {
     use sha2::Digest;
     use std::io::Write;
-    use xcloud_migration::{tls, wire};
+    use xcloud_migration::wire;
     let hosts = lan();
     let s = setup_in("replication", "hostile");
     let (mut backup, backup_out) = standby(&hosts.dst, &hosts.dst_ip, &s.b, &s.a, &s.dir.join("b.sock"));
     // The test is the primary: right credentials, one good checkpoint, then a forged one.
-    let ns = std::fs::File::open(format!("/var/run/netns/{}", hosts.src)).expect("netns file");
-    let to = format!("{}:{PORT}", hosts.dst_ip);
-    let creds = tls::Credentials::load(&s.a, &s.b.join("cert.der")).expect("credentials");
-    let result = std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns moves only this new thread into the namespace that `ns` refers to.
-        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let tcp = loop {
-            match std::net::TcpStream::connect(&to) {
-                Ok(t) => break t,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-                Err(e) => panic!("connect: {e}"),
-            }
-        };
-        let mut stream = tls::connect(tcp, &creds).expect("TLS");
+    let result = {
+        let mut stream = connect_as_source(&hosts, &s, PORT);
         let mut buf = Vec::new();
         let hello = wire::Hello {
             mem_bytes: 16 << 20,
@@ -362,9 +348,7 @@ fn a_checkpoint_that_does_not_check_out_is_refused_and_the_backup_runs_nothing()
         wire::write_frame(&mut stream, wire::Kind::Checkpoint, &forged.encode(&state)).expect("checkpoint");
         stream.flush().expect("flush");
         wire::read_frame(&mut stream, &mut buf)
-    })
-    .join()
-    .expect("primary thread");
+    };
     assert!(
         matches!(result, Err(wire::WireError::Refused(ref r)) if r.contains("does not match its digest")),
         "{result:?}"

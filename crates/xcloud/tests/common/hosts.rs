@@ -146,3 +146,28 @@ pub fn start_diskwriter(hosts: &Hosts, s: &Setup, image: &Path, bytes: u64) -> P
     wait_socket(&s.socket);
     src
 }
+
+/// The test as the source host: a TLS stream with host A's credentials from the source
+/// namespace to `port` at the destination, asked again while nothing listens there yet. (The
+/// socket stays in the namespace it was made in, whichever thread uses it.)
+pub fn connect_as_source(hosts: &Hosts, s: &Setup, port: u16) -> xcloud_migration::tls::ClientStream {
+    let ns = std::fs::File::open(format!("/var/run/netns/{}", hosts.src)).expect("netns file");
+    let to = format!("{}:{port}", hosts.dst_ip);
+    let creds = xcloud_migration::tls::Credentials::load(&s.a, &s.b.join("cert.der")).expect("credentials");
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns moves only this new thread into the namespace that `ns` refers to.
+        assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let tcp = loop {
+            match std::net::TcpStream::connect(&to) {
+                Ok(t) => break t,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => panic!("connect: {e}"),
+            }
+        };
+        xcloud_migration::tls::connect(tcp, &creds).expect("TLS")
+    })
+    .join()
+    .expect("connecting thread")
+}
