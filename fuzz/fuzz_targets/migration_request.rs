@@ -1,7 +1,7 @@
 //! A hostile migration destination during post-copy: the source decodes its REQUEST frames
 //! (and the page lists it announces are decoded the same way by destinations), and the module
-//! code a source sends ahead (MODULES); each must be refused or bounded, never a panic or an
-//! allocation beyond the guest's or the VM's limits.
+//! code a source sends ahead (MODULES), and a primary's PROTECT (with its fence); each must be
+//! refused or bounded, never a panic or an allocation beyond the guest's or the VM's limits.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -20,5 +20,11 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(codes) = wire::decode_modules(rest) {
         assert!(codes.len() <= xcloud_vmm::extension::MAX_TENANT_MODULES);
         assert!(codes.iter().map(|c| c.len()).sum::<usize>() <= xcloud_vmm::extension::MAX_TENANT_CODE);
+    }
+    if let Ok(protect) = wire::Protect::decode(rest) {
+        if let Some((_, key)) = &protect.fence {
+            assert!(!key.is_empty() && key.len() <= wire::MAX_FENCE_KEY);
+        }
+        assert_eq!(wire::Protect::decode(&protect.encode()).ok(), Some(protect));
     }
 });

@@ -49,6 +49,13 @@ impl Drop for ApiServer {
     }
 }
 
+impl ApiServer {
+    /// Fences the VM's protections through `fence` (docs/replication.md).
+    pub fn set_fence(&self, fence: Arc<dyn xcloud_migration::Fence>) {
+        self.outgoing.set_fence(fence);
+    }
+}
+
 fn is_socket(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod error;
 pub mod etcd_cache;
 pub mod extensions;
+pub mod fence;
 pub mod fuzzing;
 pub mod host;
 pub mod http;

@@ -1,6 +1,7 @@
 //! The records in a real etcd (Debian's etcd-server, started here) as two daemons share them:
 //! each reads its own watch-fed copy, sees its own writes at once and the other's without a
-//! "not found", and concurrent compare-and-swap updates lose nothing.
+//! "not found", and concurrent compare-and-swap updates lose nothing. And a protected VM's
+//! fence (docs/replication.md) as its primary and backup race for it.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,9 +29,11 @@ fn free_port() -> u16 {
 }
 
 fn etcd() -> Etcd {
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("etcd-store-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
     let (client, peer) = (free_port(), free_port());
+    // One directory per etcd: the tests of this file run side by side.
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("etcd-store-{}-{client}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     let url = format!("http://127.0.0.1:{client}");
     let child = Command::new("etcd")
         .arg("--data-dir")
@@ -122,4 +125,41 @@ async fn two_daemons_share_records_through_their_copies_and_lose_no_update() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(b.get::<serde_json::Value>(Table::Vms, "vm-1").await.expect("get"), None);
+}
+
+#[test]
+fn a_fence_goes_to_exactly_one_side_of_a_protection() {
+    use xcloud_control::fence::EtcdFence;
+    use xcloud_migration::Fence;
+    let etcd = etcd();
+    let urls = [etcd.url.clone()];
+    let connect = || EtcdFence::connect(&urls, "/xcloud/fence/web").expect("connects");
+    let (primary, backup, stranger) = (connect(), connect(), connect());
+    let first = primary.claim_primary().expect("a free fence");
+    // A generation that is not the fence's is never taken over.
+    assert!(!backup.take_over(first + 1).expect("asked"));
+    assert!(!backup.take_over(0).expect("asked"));
+    // Another VMM cannot claim a held fence, and is told who holds it.
+    let held = stranger.claim_primary().expect_err("held");
+    assert!(held.to_string().contains("held by 'primary"), "{held}");
+    // Protected again: a new generation, and the old one is dead.
+    let second = primary.claim_primary().expect("its own fence");
+    assert!(second > first);
+    assert!(!backup.take_over(first).expect("asked"));
+    // A partition the backup wins: the primary may not keep the VM.
+    assert!(backup.take_over(second).expect("taken over"));
+    assert!(!primary.keep().expect("asked"));
+    // The survivor protects it back; this time the primary (the survivor) keeps it first.
+    let third = backup.claim_primary().expect("the survivor's fence");
+    assert!(backup.keep().expect("kept"));
+    assert!(!primary.take_over(third).expect("asked"));
+    // The VM ends: the fence is free for anyone.
+    assert!(backup.release().expect("released"));
+    stranger.claim_primary().expect("a free fence again");
+    // No etcd there: a clear error, not a hang.
+    let nowhere = [format!("http://127.0.0.1:{}", free_port())];
+    let err = EtcdFence::connect(&nowhere, "/xcloud/fence/web")
+        .err()
+        .expect("no etcd");
+    assert!(err.to_string().contains("does not answer"), "{err}");
 }

@@ -20,6 +20,9 @@ pub enum MigrationError {
     #[error(transparent)]
     /// The VM's state tree does not encode or decode.
     SavedState(#[from] StateError),
+    #[error(transparent)]
+    /// The VM's fence (docs/replication.md) could not be held.
+    Fence(#[from] crate::fence::FenceError),
     #[error("cannot connect to {addr}")]
     /// The destination cannot be reached.
     Connect {

@@ -67,7 +67,16 @@ impl crate::duplex::Duplex for MemoryStream {
 /// fuzzing the frames of the epochs after it.
 pub fn replication_prelude() -> Vec<u8> {
     let mut frames = migration_hello(4 << 20);
-    let _ = wire::write_frame(&mut frames, wire::Kind::Protect, &wire::encode_protect(100, 25));
+    let _ = wire::write_frame(
+        &mut frames,
+        wire::Kind::Protect,
+        &wire::Protect {
+            heartbeat_ms: 100,
+            interval_ms: 25,
+            fence: None,
+        }
+        .encode(),
+    );
     let _ = wire::write_frame(&mut frames, wire::Kind::Sync, &[]);
     frames
 }

@@ -25,6 +25,7 @@ pub mod destination;
 mod disks;
 mod duplex;
 pub mod error;
+pub mod fence;
 pub mod fuzzing;
 mod handover;
 pub mod host_cpu;
@@ -42,6 +43,7 @@ pub mod wire;
 pub use destination::{listen_and_authenticate, listen_and_receive, receive, Incoming, ReceiveOptions};
 pub use duplex::Duplex;
 pub use error::MigrationError;
+pub use fence::{Fence, FenceError};
 pub use host_cpu::{cpu_features, cpu_vendor};
 pub use options::{
     MigrateOptions, MigrationProgress, MigrationSummary, Outgoing, PostcopyMode, ProtectOptions, ProtectionStatus,

@@ -113,6 +113,8 @@ struct OutgoingState {
     unprotect: AtomicBool,
     /// The replication thread, joined when protection ends.
     replicator: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The VM's fence, if its protections are fenced (docs/replication.md).
+    fence: Mutex<Option<std::sync::Arc<dyn crate::fence::Fence>>>,
 }
 
 /// A running migration's hold on its VM, released when dropped.
@@ -178,6 +180,17 @@ impl Outgoing {
     pub(crate) fn set_replicator(&self, thread: std::thread::JoinHandle<()>) {
         self.inner.unprotect.store(false, Ordering::SeqCst);
         *self.inner.replicator.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
+    }
+
+    /// Fences every protection of this VM from now on through `fence` (docs/replication.md):
+    /// the backup takes over, and the primary gives its backup up, only through it.
+    pub fn set_fence(&self, fence: std::sync::Arc<dyn crate::fence::Fence>) {
+        *self.inner.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(fence);
+    }
+
+    /// The VM's fence, if it has one.
+    pub fn fence(&self) -> Option<std::sync::Arc<dyn crate::fence::Fence>> {
+        self.inner.fence.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Ends the VM's replication, if it runs: the backup is told and lets the VM go (it does

@@ -14,6 +14,7 @@
 use crate::disks::DiskCopy;
 use crate::duplex::{readable, Duplex, Inbox};
 use crate::error::MigrationError;
+use crate::fence::Fence;
 use crate::handover::sync;
 use crate::link::Link;
 use crate::options::{Claim, Outgoing, ProtectOptions, ProtectionStatus};
@@ -23,6 +24,7 @@ use crate::wire::{self, CheckpointHeader, Kind, WireError, MAX_PAGES_PER_FRAME, 
 use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xcloud_vmm::{VmHandle, VmState};
 
@@ -32,6 +34,9 @@ const MAX_UNACKED: u64 = 4;
 const INITIAL_ROUNDS: u32 = 8;
 /// The initial copy's rounds end once fewer pages than this are dirty.
 const INITIAL_SETTLED_PAGES: usize = 2048;
+/// How long the primary waits between two attempts to keep its fence while the fence's store
+/// cannot be reached.
+const FENCE_RETRY: Duration = Duration::from_millis(500);
 
 /// Starts replicating the VM behind `handle` to the backup at `addr` (`xcloud receive
 /// --standby`). Returns once the backup holds the first checkpoint: from then on the VM is
@@ -51,13 +56,21 @@ pub fn protect(
         VmState::Running | VmState::Paused => {}
         other => return Err(MigrationError::State(other)),
     }
+    // A fenced protection holds a new generation of the fence before the backup hears of it:
+    // the backup may take over that generation only.
+    let fence = outgoing.fence();
+    let generation = fence.as_ref().map(|f| f.claim_primary()).transpose()?;
     let (mut stream, link) = open_stream(handle, addr, creds, options.backup_timeout)?;
     let to_ms = |d: Duration| d.as_millis().clamp(1, 60_000) as u32;
-    wire::write_frame(
-        &mut stream,
-        Kind::Protect,
-        &wire::encode_protect(to_ms(options.heartbeat), to_ms(options.interval)),
-    )?;
+    let announce = wire::Protect {
+        heartbeat_ms: to_ms(options.heartbeat),
+        interval_ms: to_ms(options.interval),
+        fence: fence
+            .as_ref()
+            .zip(generation)
+            .map(|(f, generation)| (generation, f.key().to_string())),
+    };
+    wire::write_frame(&mut stream, Kind::Protect, &announce.encode())?;
     let machine = handle.machine();
     machine.set_dirty_logging(true).map_err(|source| MigrationError::Kvm {
         what: "start dirty-page logging",
@@ -80,6 +93,7 @@ pub fn protect(
         frames: Vec::new(),
         disks: None,
         disk_frames: Vec::new(),
+        fence,
     };
     let first = replicator
         .initial_copy(&mut stream, &link)
@@ -122,6 +136,8 @@ struct Replicator {
     disks: Option<DiskCopy>,
     /// The staging buffer of the disks: the chunks written in the epoch, as DISK_DATA payloads.
     disk_frames: Vec<Vec<u8>>,
+    /// The VM's fence, if the protection is fenced.
+    fence: Option<Arc<dyn Fence>>,
 }
 
 impl Replicator {
@@ -330,32 +346,77 @@ impl Replicator {
         self.outgoing.set_protection(self.status.clone());
     }
 
-    /// The checkpoints after the first, until protection ends; then the VM runs on unprotected.
+    /// The checkpoints after the first, until protection ends; then the VM runs on unprotected,
+    /// or, if its fence went to the backup meanwhile, stops.
     fn run(mut self, mut stream: tls::ClientStream, _link: Link, claim: Claim) {
         let ended = self.epochs(&mut stream);
-        // Unprotected from here on: what the guest sent goes out, and it sends freely.
-        self.handle.release_output(None);
-        let _ = self.handle.machine().set_dirty_logging(false);
         let why = match ended {
-            Ok(why) => {
-                tracing::info!("replication to {} ended: {why}", self.status.backup);
-                why
-            }
-            Err(e) => {
-                let why = format!(
-                    "the backup at {} was lost: {}",
-                    self.status.backup,
-                    xcloud_vm_core::report::flatten_error(&e)
-                );
-                tracing::warn!("{why}; the VM runs on UNPROTECTED");
-                why
-            }
+            Ok(why) => why,
+            Err(e) => format!(
+                "the backup at {} was lost: {}",
+                self.status.backup,
+                xcloud_vm_core::report::flatten_error(&e)
+            ),
+        };
+        let why = if self.settle_fence(&why) {
+            // Unprotected from here on: what the guest sent goes out, and it sends freely.
+            self.handle.release_output(None);
+            let _ = self.handle.machine().set_dirty_logging(false);
+            tracing::warn!(
+                "replication to {} ended: {why}; the VM runs on UNPROTECTED",
+                self.status.backup
+            );
+            why
+        } else {
+            // The backup runs the VM from its last checkpoint: this one must never be seen
+            // again, so what it held stays unsent.
+            self.handle.stop();
+            let fenced = format!(
+                "{why}; the backup took the VM over (its fence is theirs now): this VM stopped without sending what it held"
+            );
+            eprintln!("xcloud: FENCED: {fenced}");
+            fenced
         };
         self.status.ended = Some(why);
         self.status.epochs_per_s = 0.0;
         self.status.bytes_per_s = 0.0;
         self.outgoing.set_protection(self.status.clone());
         drop(claim);
+    }
+
+    /// Whether the VM may go on here, with its output released, once protection has ended for
+    /// `why`: without a fence it may; with one, only if this process still holds it (asked again
+    /// while the fence cannot be reached: meanwhile the guest runs and its output stays held).
+    fn settle_fence(&mut self, why: &str) -> bool {
+        let Some(fence) = self.fence.clone() else {
+            return true;
+        };
+        let mut attempts = 0u64;
+        loop {
+            let stopped = self.handle.state() == VmState::Stopped;
+            let answer = if stopped { fence.release() } else { fence.keep() };
+            match answer {
+                Ok(ours) => return ours,
+                // A VM that ended with the fence out of reach sends nothing more: what it held
+                // may be the backup's to send.
+                Err(e) if stopped => {
+                    tracing::warn!("the VM ended but its fence could not be freed: {e}");
+                    return false;
+                }
+                Err(e) => {
+                    if attempts < 3 || attempts % 10 == 0 {
+                        tracing::warn!("{why}, and the fence cannot be asked whether the VM may go on here: {e}; its output stays held");
+                    }
+                    attempts += 1;
+                    self.status.ended = Some(format!(
+                        "{why}; waiting for the fence {} (output held): {e}",
+                        fence.key()
+                    ));
+                    self.outgoing.set_protection(self.status.clone());
+                    std::thread::sleep(FENCE_RETRY);
+                }
+            }
+        }
     }
 
     /// Returns why protection ended on purpose, or the error that lost the backup.

@@ -12,6 +12,7 @@ use crate::destination::{accept_hello, apply_pages, prepare_in_background, refus
 use crate::disks::DiskReceiver;
 use crate::duplex::{readable, Duplex, Inbox};
 use crate::error::MigrationError;
+use crate::fence::Fence;
 use crate::tls::{self, Credentials};
 use crate::wire::{self, CheckpointHeader, Kind, WireError, PAGE};
 use sha2::{Digest, Sha256};
@@ -47,10 +48,15 @@ pub fn listen_and_stand_by(
     creds: &Credentials,
     console: Console,
     disk_dir: Option<&Path>,
+    fence: Option<&dyn Fence>,
 ) -> Result<StandbyEnd, MigrationError> {
     let stream: tls::ServerStream = crate::destination::listen_and_authenticate(addr, creds)?;
-    stand_by(stream, console, disk_dir)
+    stand_by(stream, console, disk_dir, fence)
 }
+
+/// How long the backup waits between two attempts to take the fence over while its store
+/// cannot be reached.
+const FENCE_RETRY: Duration = Duration::from_millis(500);
 
 /// Whether a failed read means the primary is gone (rather than that it sent garbage).
 fn primary_lost(e: &WireError) -> bool {
@@ -68,10 +74,13 @@ fn primary_lost(e: &WireError) -> bool {
 /// Stands by for the primary on an authenticated `stream` until it goes away (the VM is then
 /// built from the last checkpoint) or lets the VM go. The VM's disks are copied into new images
 /// in `disk_dir` (None: a VM with disks is refused); they are removed unless the VM runs here.
+/// With a `fence` (which the primary must hold too), the VM is built only once the fence is
+/// taken over: a primary that gave this backup up first keeps the VM, and nothing runs here.
 pub fn stand_by<S: Duplex>(
     mut stream: S,
     console: Console,
     disk_dir: Option<&Path>,
+    fence: Option<&dyn Fence>,
 ) -> Result<StandbyEnd, MigrationError> {
     let (hello, blank) = accept_hello(&mut stream)?;
     let pages_in_ram = hello.mem_bytes / PAGE as u64;
@@ -91,11 +100,39 @@ pub fn stand_by<S: Duplex>(
             format!("a {kind:?} frame where a replication stream begins (a migration goes to `xcloud receive` without --standby)"),
         ));
     }
-    let heartbeat = match wire::decode_protect(&buf) {
-        Ok((heartbeat_ms, _)) => Duration::from_millis(heartbeat_ms as u64),
+    let protect = match wire::Protect::decode(&buf) {
+        Ok(protect) => protect,
         Err(e) => return Err(refuse(&mut stream, e.to_string())),
     };
-    let silence_limit = heartbeat * 2;
+    let generation = match (&protect.fence, fence) {
+        (None, None) => None,
+        (Some((generation, key)), Some(fence)) if key == fence.key() => Some(*generation),
+        (Some((_, key)), Some(fence)) => {
+            return Err(refuse(
+                &mut stream,
+                format!(
+                    "the primary is fenced through {key}, this backup through {}",
+                    fence.key()
+                ),
+            ))
+        }
+        (Some((_, key)), None) => {
+            return Err(refuse(
+                &mut stream,
+                format!("the primary is fenced through {key}: start this backup with the same fence"),
+            ))
+        }
+        (None, Some(fence)) => {
+            return Err(refuse(
+                &mut stream,
+                format!(
+                    "this backup is fenced through {}: the primary must hold the same fence",
+                    fence.key()
+                ),
+            ))
+        }
+    };
+    let silence_limit = Duration::from_millis(protect.heartbeat_ms as u64) * 2;
     let mut backup = Backup {
         pages_in_ram,
         memfd,
@@ -177,6 +214,9 @@ pub fn stand_by<S: Duplex>(
             "the primary went away before its first checkpoint: {why}; nothing to run here"
         )));
     };
+    if let (Some(fence), Some(generation)) = (fence, generation) {
+        take_fence_over(fence, generation, &why)?;
+    }
     // The staged pages and disk chunks of the unfinished epoch are dropped: the VM continues
     // from the last complete checkpoint, on this backup's copies of its disks.
     disks.finish(&mut state).map_err(MigrationError::Refused)?;
@@ -188,6 +228,34 @@ pub fn stand_by<S: Duplex>(
         why,
         since_last_word: last_word.elapsed(),
     })
+}
+
+/// Takes the primary's `generation` of `fence` over, asking again while the fence's store
+/// cannot be reached: without the fence the VM may not run here, and no one else can run it
+/// from this checkpoint. A primary that kept the fence keeps the VM.
+fn take_fence_over(fence: &dyn Fence, generation: u64, why: &str) -> Result<(), MigrationError> {
+    let mut attempts = 0u64;
+    loop {
+        match fence.take_over(generation) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {
+                return Err(MigrationError::Refused(format!(
+                    "the primary looked gone ({why}) but kept the fence {}: it runs the VM, which does not run here",
+                    fence.key()
+                )))
+            }
+            Err(e) => {
+                // Every attempt's failure is worth a line at first, then every tenth.
+                if attempts < 3 || attempts % 10 == 0 {
+                    tracing::warn!(
+                        "the primary looks gone ({why}), but the fence cannot be taken over yet: {e}; asking again"
+                    );
+                }
+                attempts += 1;
+                std::thread::sleep(FENCE_RETRY);
+            }
+        }
+    }
 }
 
 /// What the backup holds.
@@ -325,8 +393,22 @@ mod tests {
         .concat()
     }
 
+    fn plain_protect(heartbeat_ms: u32) -> Vec<u8> {
+        wire::Protect {
+            heartbeat_ms,
+            interval_ms: 25,
+            fence: None,
+        }
+        .encode()
+    }
+
     fn stand_by_on(stream: Vec<u8>) -> Result<StandbyEnd, MigrationError> {
-        stand_by(MemoryStream::new(stream), Console::new(Box::new(std::io::sink())), None)
+        stand_by(
+            MemoryStream::new(stream),
+            Console::new(Box::new(std::io::sink())),
+            None,
+            None,
+        )
     }
 
     fn refusal(stream: Vec<u8>) -> String {
@@ -380,10 +462,10 @@ mod tests {
         let hello = crate::fuzzing::migration_hello(4 << 20);
         let why = refusal([hello.clone(), frame(Kind::Pages, &[0, 0, 0, 0])].concat());
         assert!(why.contains("--standby"), "{why}");
-        let protect = frame(Kind::Protect, &wire::encode_protect(100, 25));
+        let protect = frame(Kind::Protect, &plain_protect(100));
         let why = refusal([hello.clone(), protect.clone(), epoch(1, 1, None)].concat());
         assert!(why.contains("before the initial copy"), "{why}");
-        let why = refusal([hello, frame(Kind::Protect, &wire::encode_protect(0, 25))].concat());
+        let why = refusal([hello, frame(Kind::Protect, &plain_protect(0))].concat());
         assert!(why.contains("heartbeat of 0 ms"), "{why}");
     }
 
@@ -394,6 +476,94 @@ mod tests {
             Err(other) => panic!("{other}"),
             Ok(_) => panic!("ran something"),
         }
+    }
+
+    /// A fence in memory, for the rule's side of it: whether the primary kept it.
+    struct KeptFence {
+        primary_kept: bool,
+        asked: std::sync::Mutex<Option<u64>>,
+    }
+
+    impl Fence for KeptFence {
+        fn key(&self) -> &str {
+            "/fence/a"
+        }
+        fn claim_primary(&self) -> Result<u64, crate::fence::FenceError> {
+            Ok(1)
+        }
+        fn take_over(&self, generation: u64) -> Result<bool, crate::fence::FenceError> {
+            *self.asked.lock().expect("lock") = Some(generation);
+            Ok(!self.primary_kept)
+        }
+        fn keep(&self) -> Result<bool, crate::fence::FenceError> {
+            Ok(true)
+        }
+        fn release(&self) -> Result<bool, crate::fence::FenceError> {
+            Ok(true)
+        }
+    }
+
+    /// HELLO, a PROTECT fenced through `key` at generation 7 (or not fenced), SYNC.
+    fn fenced_prelude(key: Option<&str>) -> Vec<u8> {
+        let protect = wire::Protect {
+            heartbeat_ms: 100,
+            interval_ms: 25,
+            fence: key.map(|k| (7, k.to_string())),
+        };
+        [
+            crate::fuzzing::migration_hello(4 << 20),
+            frame(Kind::Protect, &protect.encode()),
+            frame(Kind::Sync, &[]),
+        ]
+        .concat()
+    }
+
+    fn stand_by_fenced(stream: Vec<u8>, fence: Option<&dyn Fence>) -> String {
+        match stand_by(
+            MemoryStream::new(stream),
+            Console::new(Box::new(std::io::sink())),
+            None,
+            fence,
+        ) {
+            Err(MigrationError::Refused(why)) => why,
+            Err(other) => panic!("not a refusal: {other}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn both_ends_must_hold_the_same_fence() {
+        let fence = KeptFence {
+            primary_kept: false,
+            asked: Default::default(),
+        };
+        let why = stand_by_fenced(fenced_prelude(None), Some(&fence));
+        assert!(why.contains("the primary must hold the same fence"), "{why}");
+        let why = stand_by_fenced(fenced_prelude(Some("/fence/a")), None);
+        assert!(why.contains("start this backup with the same fence"), "{why}");
+        let why = stand_by_fenced(fenced_prelude(Some("/fence/b")), Some(&fence));
+        assert!(
+            why.contains("fenced through /fence/b, this backup through /fence/a"),
+            "{why}"
+        );
+        assert_eq!(*fence.asked.lock().expect("lock"), None, "no fence was asked");
+    }
+
+    #[test]
+    fn a_backup_whose_primary_kept_the_fence_runs_nothing() {
+        let fence = KeptFence {
+            primary_kept: true,
+            asked: Default::default(),
+        };
+        // One checkpoint, then the stream ends: the primary looks gone.
+        let stream = [fenced_prelude(Some("/fence/a")), epoch(1, 1, None)].concat();
+        let why = stand_by_fenced(stream, Some(&fence));
+        assert!(why.contains("kept the fence /fence/a"), "{why}");
+        assert_eq!(
+            *fence.asked.lock().expect("lock"),
+            Some(7),
+            "the generation the primary announced"
+        );
     }
 
     #[test]
@@ -409,11 +579,18 @@ mod tests {
             (header, &b"state"[..])
         );
         assert!(CheckpointHeader::decode(&payload[..10]).is_err());
-        assert_eq!(
-            wire::decode_protect(&wire::encode_protect(100, 25)).expect("protect"),
-            (100, 25)
-        );
-        assert!(wire::decode_protect(&[1, 2, 3]).is_err());
+        let fenced = wire::Protect {
+            heartbeat_ms: 100,
+            interval_ms: 25,
+            fence: Some((42, "/xcloud/fence/web".into())),
+        };
+        assert_eq!(wire::Protect::decode(&fenced.encode()).expect("protect"), fenced);
+        let plain = wire::Protect { fence: None, ..fenced };
+        assert_eq!(wire::Protect::decode(&plain.encode()).expect("protect"), plain);
+        assert!(wire::Protect::decode(&[1, 2, 3]).is_err());
+        // A generation with no key, and a key that is not UTF-8.
+        assert!(wire::Protect::decode(&[plain.encode(), vec![0; 8]].concat()).is_err());
+        assert!(wire::Protect::decode(&[plain.encode(), vec![0; 8], vec![0xff]].concat()).is_err());
         assert_eq!(wire::decode_ack(&wire::encode_ack(4)).expect("ack"), 4);
         assert!(wire::decode_ack(&[1]).is_err());
     }

@@ -160,30 +160,69 @@ impl CheckpointHeader {
     }
 }
 
-/// A PROTECT payload: the heartbeat and checkpoint intervals in ms.
-pub fn encode_protect(heartbeat_ms: u32, interval_ms: u32) -> Vec<u8> {
-    let mut out = heartbeat_ms.to_le_bytes().to_vec();
-    out.extend_from_slice(&interval_ms.to_le_bytes());
-    out
+/// The longest fence key a PROTECT payload may name.
+pub const MAX_FENCE_KEY: usize = 256;
+
+/// A PROTECT payload: how the primary replicates, and the fence it holds, if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Protect {
+    /// The heartbeat interval, ms (1..=60000): the backup takes over after two of silence.
+    pub heartbeat_ms: u32,
+    /// The checkpoint interval, ms (1..=60000).
+    pub interval_ms: u32,
+    /// The fence (docs/replication.md): the generation the primary holds and the fence's key.
+    pub fence: Option<(u64, String)>,
 }
 
-/// The heartbeat and checkpoint intervals of a PROTECT payload (each 1 ms to 60 s).
-pub fn decode_protect(payload: &[u8]) -> Result<(u32, u32), WireError> {
-    let bad = |detail: String| WireError::Malformed {
-        kind: Kind::Protect,
-        detail,
-    };
-    let words: [u8; 8] = payload
-        .try_into()
-        .map_err(|_| bad(format!("{} bytes, not 8", payload.len())))?;
-    let heartbeat = u32::from_le_bytes([words[0], words[1], words[2], words[3]]);
-    let interval = u32::from_le_bytes([words[4], words[5], words[6], words[7]]);
-    for (name, ms) in [("heartbeat", heartbeat), ("checkpoint interval", interval)] {
-        if !(1..=60_000).contains(&ms) {
-            return Err(bad(format!("a {name} of {ms} ms")));
+impl Protect {
+    /// heartbeat u32, interval u32, then, if fenced, the generation u64 and the key (UTF-8).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.heartbeat_ms.to_le_bytes().to_vec();
+        out.extend_from_slice(&self.interval_ms.to_le_bytes());
+        if let Some((generation, key)) = &self.fence {
+            out.extend_from_slice(&generation.to_le_bytes());
+            out.extend_from_slice(key.as_bytes());
         }
+        out
     }
-    Ok((heartbeat, interval))
+
+    /// Checks the intervals (1 ms to 60 s) and the fence's key (1 to [`MAX_FENCE_KEY`] bytes
+    /// of UTF-8).
+    pub fn decode(payload: &[u8]) -> Result<Self, WireError> {
+        let bad = |detail: String| WireError::Malformed {
+            kind: Kind::Protect,
+            detail,
+        };
+        if payload.len() != 8 && !(17..=16 + MAX_FENCE_KEY).contains(&payload.len()) {
+            return Err(bad(format!(
+                "{} bytes, not 8 (or 17 to {} with a fence)",
+                payload.len(),
+                16 + MAX_FENCE_KEY
+            )));
+        }
+        let word = |at: usize| u32::from_le_bytes([payload[at], payload[at + 1], payload[at + 2], payload[at + 3]]);
+        let (heartbeat_ms, interval_ms) = (word(0), word(4));
+        for (name, ms) in [("heartbeat", heartbeat_ms), ("checkpoint interval", interval_ms)] {
+            if !(1..=60_000).contains(&ms) {
+                return Err(bad(format!("a {name} of {ms} ms")));
+            }
+        }
+        let fence = match payload.get(8..16) {
+            None => None,
+            Some(generation) => {
+                let mut word = [0u8; 8];
+                word.copy_from_slice(generation);
+                let key =
+                    std::str::from_utf8(&payload[16..]).map_err(|_| bad("a fence key that is not UTF-8".into()))?;
+                Some((u64::from_le_bytes(word), key.to_string()))
+            }
+        };
+        Ok(Self {
+            heartbeat_ms,
+            interval_ms,
+            fence,
+        })
+    }
 }
 
 /// An epoch number as an ACK payload.

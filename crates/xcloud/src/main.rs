@@ -34,15 +34,35 @@ struct ControlSocketArgs {
     /// `packets=no,blocks=yes,guest-read=512K,tick-ms=100,budget-ms=50`.
     #[arg(long, requires = "api", value_parser = xcloud_vmm::extension::TenantPolicy::parse)]
     ext_policy: Option<xcloud_vmm::extension::TenantPolicy>,
+    /// Fence the VM's protections (`ctl SOCK protect`, `receive --standby`) through etcd at
+    /// these client URLs (comma-separated), so that a partition never runs it twice
+    /// (docs/replication.md). Both ends of a protection name the same key.
+    #[arg(long, requires_all = ["api", "fence_key"], value_delimiter = ',', value_name = "URL")]
+    fence_etcd: Vec<String>,
+    /// The fence's key in etcd, one per VM (e.g. /xcloud/fence/web).
+    #[arg(long, requires = "fence_etcd")]
+    fence_key: Option<String>,
 }
 
 impl ControlSocketArgs {
-    fn socket(&self) -> Option<run::ControlSocket> {
-        self.api.clone().map(|path| run::ControlSocket {
+    /// The control socket asked for, with its fence connected.
+    fn socket(&self) -> anyhow::Result<Option<run::ControlSocket>> {
+        let Some(path) = self.api.clone() else {
+            return Ok(None);
+        };
+        let fence = match &self.fence_key {
+            Some(key) => Some(
+                std::sync::Arc::new(xcloud_control::fence::EtcdFence::connect(&self.fence_etcd, key)?)
+                    as std::sync::Arc<dyn xcloud_migration::Fence>,
+            ),
+            None => None,
+        };
+        Ok(Some(run::ControlSocket {
             path,
             watchdog: self.watchdog_ms.map(std::time::Duration::from_millis),
             ext_policy: self.ext_policy.clone().unwrap_or_default(),
-        })
+            fence,
+        }))
     }
 }
 
@@ -615,18 +635,22 @@ fn main() -> ExitCode {
             guest,
             args,
             api,
-        } => run::run(
-            xcloud_vmm::VmConfig {
-                mem_bytes: mem,
-                vcpus,
-                cmdline: args.join(" "),
-                disks,
-                nets,
-            },
-            &guest,
-            api.socket().as_ref(),
-        ),
-        Command::Restore { dir, lazy, api } => run::restore(&dir, lazy, api.socket().as_ref()),
+        } => api.socket().and_then(|socket| {
+            run::run(
+                xcloud_vmm::VmConfig {
+                    mem_bytes: mem,
+                    vcpus,
+                    cmdline: args.join(" "),
+                    disks,
+                    nets,
+                },
+                &guest,
+                socket.as_ref(),
+            )
+        }),
+        Command::Restore { dir, lazy, api } => api
+            .socket()
+            .and_then(|socket| run::restore(&dir, lazy, socket.as_ref())),
         Command::Ctl { socket, action } => ctl(&socket, action),
         Command::Receive {
             listen,
@@ -635,7 +659,9 @@ fn main() -> ExitCode {
             api,
             disk_dir,
             standby: true,
-        } => run::stand_by(&listen, &identity, &peer, api.socket().as_ref(), disk_dir.as_deref()),
+        } => api
+            .socket()
+            .and_then(|socket| run::stand_by(&listen, &identity, &peer, socket.as_ref(), disk_dir.as_deref())),
         Command::Receive {
             listen,
             identity,
@@ -643,13 +669,15 @@ fn main() -> ExitCode {
             api,
             disk_dir,
             standby: false,
-        } => run::receive(
-            &listen,
-            &identity,
-            &peer,
-            api.socket().as_ref(),
-            &xcloud_migration::ReceiveOptions { disk_dir },
-        ),
+        } => api.socket().and_then(|socket| {
+            run::receive(
+                &listen,
+                &identity,
+                &peer,
+                socket.as_ref(),
+                &xcloud_migration::ReceiveOptions { disk_dir },
+            )
+        }),
         Command::Overlay { action } => match action {
             OverlayAction::Up {
                 name,

@@ -92,6 +92,7 @@ pub struct Hosts {
     /// The link between them.
     pub link: LinkSpec,
     src_dev: String,
+    tag: String,
     relay: Option<Relay>,
 }
 
@@ -132,6 +133,7 @@ impl Hosts {
             dst_ip: "10.231.0.2".into(),
             link,
             src_dev: format!("xc{tag}s"),
+            tag: tag.clone(),
             relay: None,
         };
         // From here on, Drop cleans up whatever was made.
@@ -191,6 +193,61 @@ impl Hosts {
         ip(&["-n", &self.src, "link", "set", &self.src_dev, "down"])
     }
 
+    /// Brings the source's end of the link up again after [`Hosts::cut`].
+    pub fn heal(&self) -> Result<()> {
+        ip(&["-n", &self.src, "link", "set", &self.src_dev, "up"])
+    }
+
+    /// Adds a third host that both hosts reach over links of their own, not over theirs: where
+    /// a store both consult runs (a fence's etcd), so that cutting the hosts' link leaves each
+    /// able to ask it.
+    pub fn add_witness(&self) -> Result<Witness> {
+        let witness = Witness {
+            ns: format!("xc{}w", self.tag),
+            ip_from_src: "10.232.1.2".into(),
+            ip_from_dst: "10.232.2.2".into(),
+            ends: Vec::new(),
+        };
+        ip(&["netns", "add", &witness.ns])?;
+        let mut witness = witness;
+        for (side, host_ip, witness_ip, letter) in [
+            (&self.src, "10.232.1.1", witness.ip_from_src.clone(), 's'),
+            (&self.dst, "10.232.2.1", witness.ip_from_dst.clone(), 'd'),
+        ] {
+            let host_dev = format!("xc{}w{letter}", self.tag);
+            let witness_dev = format!("xc{}{letter}w", self.tag);
+            ip(&[
+                "link",
+                "add",
+                &host_dev,
+                "netns",
+                side,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &witness_dev,
+                "netns",
+                &witness.ns,
+            ])?;
+            ip(&["-n", side, "addr", "add", &format!("{host_ip}/24"), "dev", &host_dev])?;
+            ip(&[
+                "-n",
+                &witness.ns,
+                "addr",
+                "add",
+                &format!("{witness_ip}/24"),
+                "dev",
+                &witness_dev,
+            ])?;
+            ip(&["-n", side, "link", "set", &host_dev, "up"])?;
+            ip(&["-n", &witness.ns, "link", "set", &witness_dev, "up"])?;
+            witness.ends.push((side.clone(), witness_dev));
+        }
+        ip(&["-n", &witness.ns, "link", "set", "lo", "up"])?;
+        Ok(witness)
+    }
+
     /// Runs `f` on a new thread that has joined namespace `ns` (sockets it opens live there).
     pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> JoinHandle<Result<T>> {
         let path = format!("/var/run/netns/{ns}");
@@ -207,6 +264,36 @@ impl Drop for Hosts {
         self.relay.take();
         let _ = Command::new("ip").args(["netns", "del", &self.src]).status();
         let _ = Command::new("ip").args(["netns", "del", &self.dst]).status();
+    }
+}
+
+/// A third host joined to both of [`Hosts`] by links of their own. Dropping it removes its
+/// namespace (and so its links).
+pub struct Witness {
+    /// Its namespace.
+    pub ns: String,
+    /// Its address as the source host reaches it.
+    pub ip_from_src: String,
+    /// Its address as the destination host reaches it.
+    pub ip_from_dst: String,
+    /// For each host's namespace, the witness's end of the link to it.
+    ends: Vec<(String, String)>,
+}
+
+impl Witness {
+    /// Takes the link between the witness and the host in namespace `side` down (`up`: false)
+    /// or up again.
+    pub fn link_to(&self, side: &str, up: bool) -> Result<()> {
+        let Some((_, dev)) = self.ends.iter().find(|(ns, _)| ns == side) else {
+            bail!("the witness has no link to {side}");
+        };
+        ip(&["-n", &self.ns, "link", "set", dev, if up { "up" } else { "down" }])
+    }
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
     }
 }
 

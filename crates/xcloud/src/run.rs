@@ -109,6 +109,8 @@ pub struct ControlSocket {
     pub watchdog: Option<std::time::Duration>,
     /// What tenants' extension modules may do in this VM.
     pub ext_policy: xcloud_vmm::extension::TenantPolicy,
+    /// The fence of the VM's protections (docs/replication.md), if they are fenced.
+    pub fence: Option<std::sync::Arc<dyn xcloud_migration::Fence>>,
 }
 
 /// Runs the guest to its end and returns the process exit status.
@@ -178,7 +180,8 @@ pub fn stand_by(
             anyhow::bail!("the disk directory {} is not a directory", dir.display());
         }
     }
-    match listen_and_stand_by(listen, &creds, Console::stdout(), disk_dir).context("standing by failed")? {
+    let fence = api.and_then(|a| a.fence.as_deref());
+    match listen_and_stand_by(listen, &creds, Console::stdout(), disk_dir, fence).context("standing by failed")? {
         StandbyEnd::Released(why) => {
             eprintln!("xcloud: the primary let the VM go ({why}); it did not run here");
             Ok(0)
@@ -320,7 +323,12 @@ fn supervise(
     let _server = match api {
         Some(api) => {
             handle.extensions().set_policy(api.ext_policy.clone());
-            Some(xcloud_api::serve(&api.path, handle.clone(), api.watchdog).context("cannot open the control socket")?)
+            let server =
+                xcloud_api::serve(&api.path, handle.clone(), api.watchdog).context("cannot open the control socket")?;
+            if let Some(fence) = &api.fence {
+                server.set_fence(fence.clone());
+            }
+            Some(server)
         }
         None => None,
     };

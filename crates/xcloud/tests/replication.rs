@@ -15,43 +15,58 @@ const PORT: u16 = 7720;
 /// `xcloud receive --standby` in namespace `ns` on `ip`, as `identity`, trusting `peer`; its
 /// control socket (once it runs the VM) at `socket`.
 fn standby(ns: &str, ip: &str, identity: &Path, peer: &Path, socket: &Path) -> (Proc, Receiver<String>) {
+    standby_with(ns, ip, identity, peer, socket, &[])
+}
+
+/// [`standby`] with more arguments.
+fn standby_with(
+    ns: &str,
+    ip: &str,
+    identity: &Path,
+    peer: &Path,
+    socket: &Path,
+    extra: &[&str],
+) -> (Proc, Receiver<String>) {
     let listen = format!("{ip}:{PORT}");
     let peer = peer.join("cert.der");
-    spawn_in(
-        ns,
-        &[
-            "receive",
-            "--standby",
-            "--listen",
-            &listen,
-            "--identity",
-            identity.to_str().expect("utf-8"),
-            "--peer",
-            peer.to_str().expect("utf-8"),
-            "--api",
-            socket.to_str().expect("utf-8"),
-        ],
-    )
+    let mut args = vec![
+        "receive",
+        "--standby",
+        "--listen",
+        &listen,
+        "--identity",
+        identity.to_str().expect("utf-8"),
+        "--peer",
+        peer.to_str().expect("utf-8"),
+        "--api",
+        socket.to_str().expect("utf-8"),
+    ];
+    args.extend_from_slice(extra);
+    spawn_in(ns, &args)
 }
 
 /// `ctl SOCKET protect IP:PORT` as `identity`, trusting `peer`; asked again while the backup
 /// is not listening yet.
 fn protect(socket: &Path, ip: &str, identity: &Path, peer: &Path) -> (bool, String) {
+    protect_with(socket, ip, identity, peer, &[])
+}
+
+/// [`protect`] with more arguments.
+fn protect_with(socket: &Path, ip: &str, identity: &Path, peer: &Path, extra: &[&str]) -> (bool, String) {
     let to = format!("{ip}:{PORT}");
     let peer = peer.join("cert.der");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (ok, text) = ctl(
-            socket,
-            &[
-                "protect",
-                &to,
-                "--identity",
-                identity.to_str().expect("utf-8"),
-                "--peer",
-                peer.to_str().expect("utf-8"),
-            ],
-        );
+        let mut args = vec![
+            "protect",
+            &to,
+            "--identity",
+            identity.to_str().expect("utf-8"),
+            "--peer",
+            peer.to_str().expect("utf-8"),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, text) = ctl(socket, &args);
         if ok || Instant::now() > deadline || !text.contains("cannot connect") {
             return (ok, text);
         }
@@ -309,7 +324,15 @@ fn a_checkpoint_that_does_not_check_out_is_refused_and_the_backup_runs_nothing()
         };
         for (kind, payload) in [
             (wire::Kind::Hello, hello.encode()),
-            (wire::Kind::Protect, wire::encode_protect(1000, 25)),
+            (
+                wire::Kind::Protect,
+                wire::Protect {
+                    heartbeat_ms: 1000,
+                    interval_ms: 25,
+                    fence: None,
+                }
+                .encode(),
+            ),
             (wire::Kind::Sync, Vec::new()),
         ] {
             wire::write_frame(&mut stream, kind, &payload).expect("write");
@@ -357,4 +380,167 @@ fn a_checkpoint_that_does_not_check_out_is_refused_and_the_backup_runs_nothing()
     assert_eq!(status, Some(1), "{err}");
     assert!(err.contains("kept checkpoint 1 and runs nothing"), "{err}");
     assert!(backup_out.try_recv().is_err(), "no guest output at the backup");
+}
+
+/// A heartbeat guest protected as [`protected_heartbeat`], both ends fenced through etcd on a
+/// witness host that each reaches over a link of its own; the backup gives up after 1 s.
+struct Fenced {
+    s: Setup,
+    primary: Proc,
+    primary_out: Receiver<String>,
+    backup: Proc,
+    backup_out: Receiver<String>,
+    // Dropped in this order: etcd, then the witness's namespace.
+    etcd: WitnessEtcd,
+    witness: xcloud::netlab::Witness,
+}
+
+fn fenced_heartbeat(hosts: &Hosts, name: &str) -> Fenced {
+    fenced(hosts, name, &["heartbeat", "--", "0", "16", "16"], "heartbeat n=")
+}
+
+/// `xcloud run RUN_ARGS` (its first line `first_line`), protected and fenced as above.
+fn fenced(hosts: &Hosts, name: &str, run_args: &[&str], first_line: &str) -> Fenced {
+    let s = setup_in("replication", name);
+    let witness = hosts.add_witness().expect("witness host");
+    let etcd = start_witness_etcd(&witness, &s.dir);
+    let key = format!("/xcloud/fence/{name}");
+    let (backup, backup_out) = standby_with(
+        &hosts.dst,
+        &hosts.dst_ip,
+        &s.b,
+        &s.a,
+        &s.dir.join("backup.sock"),
+        &["--fence-etcd", &etcd.url_from_dst, "--fence-key", &key],
+    );
+    let mut args = vec!["--fence-etcd", &etcd.url_from_src, "--fence-key", &key];
+    args.extend_from_slice(run_args);
+    let (primary, primary_out, _) = start_source(hosts, &s, &args, first_line);
+    let (ok, text) = protect_with(&s.socket, &hosts.dst_ip, &s.a, &s.b, &["--timeout", "1000"]);
+    assert!(ok && text.contains("protected by"), "{text}");
+    Fenced {
+        s,
+        primary,
+        primary_out,
+        backup,
+        backup_out,
+        etcd,
+        witness,
+    }
+}
+
+#[test]
+fn a_fenced_primary_cut_off_from_its_backup_stops_and_the_backup_runs_on_and_is_protected_again() {
+    let hosts = lan();
+    let mut f = fenced_heartbeat(&hosts, "fenced-primary");
+    std::thread::sleep(Duration::from_millis(300));
+    // A partition between the two hosts; each still reaches the fence. The backup hears nothing
+    // for two heartbeats and takes the fence over; the primary gives its backup up a second
+    // later, finds the fence gone and stops instead of running on.
+    hosts.cut().expect("cut the link");
+    let first = next_line(&f.backup_out, "heartbeat n=");
+    let (status, err) = wait_exit(&mut f.primary.0, Duration::from_secs(20));
+    assert!(
+        err.contains("FENCED") && err.contains("the backup took the VM over"),
+        "{err}"
+    );
+    assert_ne!(status, Some(0), "{err}");
+    let next = next_line(&f.backup_out, "heartbeat n=");
+    assert!(
+        count(&next, "n=") > count(&first, "n="),
+        "the guest runs on at the backup"
+    );
+    // The survivor holds the fence: once the link is back it is protected again, fenced, by a
+    // new backup where the primary was; stopping it frees the fence and lets that backup go.
+    hosts.heal().expect("heal the link");
+    let survivor = f.s.dir.join("backup.sock");
+    let (mut second, second_out) = standby_with(
+        &hosts.src,
+        &hosts.src_ip,
+        &f.s.a,
+        &f.s.b,
+        &f.s.dir.join("again.sock"),
+        &[
+            "--fence-etcd",
+            &f.etcd.url_from_src,
+            "--fence-key",
+            "/xcloud/fence/fenced-primary",
+        ],
+    );
+    let (ok, text) = protect_with(&survivor, &hosts.src_ip, &f.s.b, &f.s.a, &[]);
+    assert!(ok && text.contains("protected by"), "{text}");
+    ctl(&survivor, &["stop"]);
+    wait_exit(&mut f.backup.0, Duration::from_secs(10));
+    let (status, err) = wait_exit(&mut second.0, Duration::from_secs(10));
+    assert_eq!(status, Some(0), "{err}");
+    assert!(second_out.try_recv().is_err(), "the second backup never ran the guest");
+}
+
+#[test]
+fn a_fenced_backup_cut_off_from_everything_never_runs_the_vm_and_the_primary_keeps_it() {
+    let hosts = lan();
+    let mut f = fenced_heartbeat(&hosts, "fenced-backup");
+    std::thread::sleep(Duration::from_millis(300));
+    // The backup's host loses every link: it takes the primary for gone but cannot reach the
+    // fence. The primary gives it up after a second, keeps the fence and runs on.
+    f.witness
+        .link_to(&hosts.dst, false)
+        .expect("cut the backup from the witness");
+    hosts.cut().expect("cut the link");
+    wait_unprotected(&f.s.socket);
+    let a = count(&next_line(&f.primary_out, "heartbeat n="), "n=");
+    let b = count(&next_line(&f.primary_out, "heartbeat n="), "n=");
+    assert!(b > a, "the guest runs on at the primary");
+    // Back in reach of the fence, the backup finds the primary kept the VM: it runs nothing.
+    f.witness
+        .link_to(&hosts.dst, true)
+        .expect("reconnect the backup to the witness");
+    let (status, err) = wait_exit(&mut f.backup.0, Duration::from_secs(30));
+    assert_eq!(status, Some(1), "{err}");
+    assert!(err.contains("kept the fence"), "{err}");
+    assert!(f.backup_out.try_recv().is_err(), "the backup never ran the guest");
+    ctl(&f.s.socket, &["stop"]);
+    wait_exit(&mut f.primary.0, Duration::from_secs(10));
+}
+
+#[test]
+fn clients_beside_a_fenced_primary_cut_off_from_its_backup_never_hear_from_it_again() {
+    let hosts = lan();
+    add_vm_taps(&hosts);
+    let mut f = fenced(
+        &hosts,
+        "fenced-server",
+        &[
+            "--net",
+            "tap=xc0,mac=02:00:00:00:00:44",
+            "httpd",
+            "--",
+            "10.74.0.2/24",
+            "80",
+            "4",
+        ],
+        "httpd: serving",
+    );
+    let mut seen = get_count(&hosts.src, "10.74.0.2:80");
+    for _ in 0..5 {
+        seen = get_count(&hosts.src, "10.74.0.2:80");
+    }
+    // The partition: a client on the primary's side asks again. Without the fence the primary
+    // would give its backup up after a second and answer, while the backup runs the same VM:
+    // two servers, two counts. Fenced, it stops without a word out.
+    hosts.cut().expect("cut the link");
+    let beside_primary = std::thread::spawn({
+        let ns = hosts.src.clone();
+        move || try_get_count(&ns, "10.74.0.2:80")
+    });
+    let (_, err) = wait_exit(&mut f.primary.0, Duration::from_secs(20));
+    assert!(err.contains("FENCED"), "{err}");
+    let answer = beside_primary.join().expect("client");
+    assert!(answer.is_err(), "the fenced primary answered: {answer:?}");
+    // The backup serves from the last checkpoint a client saw answers of.
+    assert_eq!(
+        get_count_within(&hosts.dst, "10.74.0.2:80", Duration::from_secs(10)),
+        seen + 1
+    );
+    let _ = f.backup.0.kill();
 }

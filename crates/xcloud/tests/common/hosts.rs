@@ -171,3 +171,61 @@ pub fn connect_as_source(hosts: &Hosts, s: &Setup, port: u16) -> xcloud_migratio
     .join()
     .expect("connecting thread")
 }
+
+/// etcd in the witness's namespace (listening where each host reaches it), killed when dropped.
+pub struct WitnessEtcd {
+    child: std::process::Child,
+    /// Its client URL as the source host reaches it.
+    pub url_from_src: String,
+    /// Its client URL as the destination host reaches it.
+    pub url_from_dst: String,
+}
+
+impl Drop for WitnessEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts etcd (Debian's etcd-server) in `witness`'s namespace, its data and log in `dir`;
+/// returns once it answers.
+pub fn start_witness_etcd(witness: &xcloud::netlab::Witness, dir: &Path) -> WitnessEtcd {
+    let url = |ip: &str| format!("http://{ip}:2379");
+    let (from_src, from_dst) = (url(&witness.ip_from_src), url(&witness.ip_from_dst));
+    let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
+    let mut cmd = xcloud::netlab::command_in(Some(&witness.ns), "etcd");
+    cmd.args(["--name", "witness", "--data-dir"])
+        .arg(dir.join("etcd"))
+        .args([
+            "--listen-client-urls",
+            &format!("{from_src},{from_dst}"),
+            "--advertise-client-urls",
+            &from_src,
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "witness=http://127.0.0.1:2380",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("etcd log"))
+        .stderr(log);
+    let etcd = WitnessEtcd {
+        child: cmd.spawn().expect("etcd (scripts/setup installs etcd-server)"),
+        url_from_src: from_src,
+        url_from_dst: from_dst,
+    };
+    let addr = format!("{}:2379", witness.ip_from_src);
+    let up = Hosts::in_ns(&witness.ns, move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "etcd did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    });
+    up.join().expect("join").expect("etcd up");
+    etcd
+}

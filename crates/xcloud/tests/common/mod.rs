@@ -284,7 +284,8 @@ pub fn get_count_within(ns: &str, addr: &'static str, limit: std::time::Duration
     }
 }
 
-fn try_get_count(ns: &str, addr: &'static str) -> anyhow::Result<u64> {
+/// `get_count` once: Err if no answer comes within 10 s.
+pub fn try_get_count(ns: &str, addr: &'static str) -> anyhow::Result<u64> {
     xcloud::netlab::Hosts::in_ns(ns, move || {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect_timeout(&addr.parse()?, std::time::Duration::from_secs(10))?;
