@@ -26,6 +26,8 @@ pub struct MemoryStream {
     input: std::io::Cursor<Vec<u8>>,
     /// What the receiving side wrote back.
     pub written: Vec<u8>,
+    /// Writes past this many bytes fail as to a peer that is gone (None: never).
+    write_limit: Option<usize>,
 }
 
 impl MemoryStream {
@@ -34,6 +36,16 @@ impl MemoryStream {
         Self {
             input: std::io::Cursor::new(input),
             written: Vec::new(),
+            write_limit: None,
+        }
+    }
+
+    /// A stream that delivers `input` and takes `limit` bytes of writes; then its peer is gone
+    /// (a broken pipe).
+    pub fn closing_after(input: Vec<u8>, limit: usize) -> Self {
+        Self {
+            write_limit: Some(limit),
+            ..Self::new(input)
         }
     }
 }
@@ -46,6 +58,12 @@ impl std::io::Read for MemoryStream {
 
 impl std::io::Write for MemoryStream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self
+            .write_limit
+            .is_some_and(|limit| self.written.len() + buf.len() > limit)
+        {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
         self.written.extend_from_slice(buf);
         Ok(buf.len())
     }

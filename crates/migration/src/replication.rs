@@ -37,6 +37,8 @@ const INITIAL_SETTLED_PAGES: usize = 2048;
 /// How long the primary waits between two attempts to keep its fence while the fence's store
 /// cannot be reached.
 const FENCE_RETRY: Duration = Duration::from_millis(500);
+/// How long the primary waits for the backup to close after END.
+const END_DRAIN: Duration = Duration::from_secs(1);
 
 /// Starts replicating the VM behind `handle` to the backup at `addr` (`xcloud receive
 /// --standby`). Returns once the backup holds the first checkpoint: from then on the VM is
@@ -437,6 +439,7 @@ impl Replicator {
                 // The backup lets the VM go instead of running it.
                 wire::write_frame(stream, Kind::End, why.as_bytes())?;
                 stream.flush().map_err(WireError::from)?;
+                await_close(stream, &mut inbox);
                 return Ok(why.into());
             }
             let acked_before = self.status.acked_epoch;
@@ -474,6 +477,26 @@ impl Replicator {
                 .min(Duration::from_millis(5));
             readable(&[stream.poll_fd()], wait.as_millis().max(1) as i32).map_err(WireError::from)?;
         }
+    }
+}
+
+/// After END: reads and drops what the backup still sends until it closes (at most
+/// [`END_DRAIN`]), so that this end closes last. Closing first with acknowledgements unread
+/// would reset the connection, and the reset could reach the backup before it has read the END.
+fn await_close(stream: &mut tls::ClientStream, inbox: &mut Inbox) {
+    let deadline = Instant::now() + END_DRAIN;
+    let mut buf = Vec::new();
+    loop {
+        match inbox.next_frame(stream, &mut buf) {
+            Ok(Some(_)) => continue,
+            Ok(None) => {}
+            Err(_) => return,
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let _ = readable(&[stream.poll_fd()], left.as_millis().clamp(1, 50) as i32);
     }
 }
 

@@ -35,6 +35,9 @@ pub enum StandbyEnd {
         why: String,
         /// From the primary's last sign of life to the VM built.
         since_last_word: Duration,
+        /// Bytes of the epoch after it that had arrived when the primary went (whole frames
+        /// and the part of one): dropped.
+        unfinished_bytes: u64,
     },
     /// The primary ended protection on purpose (its VM ended, or its operator unprotected
     /// it): nothing runs here.
@@ -69,6 +72,25 @@ fn primary_lost(e: &WireError) -> bool {
             | ErrorKind::TimedOut
             | ErrorKind::NotConnected
     ))
+}
+
+/// Answers the primary, unless an earlier answer found its connection gone (`lost` says how):
+/// a connection gone is noted rather than failed, since the frames the primary sent before it
+/// went are still to be read.
+fn reply(stream: &mut impl Duplex, lost: &mut Option<String>, kind: Kind, payload: &[u8]) -> Result<(), String> {
+    if lost.is_some() {
+        return Ok(());
+    }
+    let written = wire::write_frame(stream, kind, payload).and_then(|_| stream.flush().map_err(WireError::from));
+    match written {
+        Ok(()) => Ok(()),
+        Err(e) if primary_lost(&e) => {
+            tracing::info!("the primary's connection is gone ({e}); reading what it sent before");
+            *lost = Some(flatten_error(&e));
+            Ok(())
+        }
+        Err(e) => Err(flatten_error(&e)),
+    }
 }
 
 /// Stands by for the primary on an authenticated `stream` until it goes away (the VM is then
@@ -148,6 +170,9 @@ pub fn stand_by<S: Duplex>(
     let mut inbox = Inbox::new();
     let mut unpacked = Vec::new();
     let mut last_word = Instant::now();
+    // Set once an answer found the primary's connection gone: what it sent before (an END,
+    // perhaps) is still read before the backup decides anything.
+    let mut answer_lost: Option<String> = None;
     let why = loop {
         let pending = inbox.pending();
         let frame = match inbox.next_frame(&mut stream, &mut buf) {
@@ -178,16 +203,12 @@ pub fn stand_by<S: Duplex>(
             Kind::DiskData => backup.disk_data(&mut buf),
             Kind::Sync if backup.initial => {
                 backup.initial = false;
-                wire::write_frame(&mut stream, Kind::Synced, &[])?;
-                stream.flush().map_err(WireError::from)?;
-                Ok(())
+                reply(&mut stream, &mut answer_lost, Kind::Synced, &[])
             }
+            // The checkpoint is in place before its ACK goes: a primary gone by then leaves this
+            // backup on it (its output was never released: as if the network lost it).
             Kind::Checkpoint => match backup.checkpoint(&buf) {
-                Ok(epoch) => {
-                    wire::write_frame(&mut stream, Kind::Ack, &wire::encode_ack(epoch))?;
-                    stream.flush().map_err(WireError::from)?;
-                    Ok(())
-                }
+                Ok(epoch) => reply(&mut stream, &mut answer_lost, Kind::Ack, &wire::encode_ack(epoch)),
                 Err(why) => Err(why),
             },
             Kind::Heartbeat => Ok(()),
@@ -206,6 +227,10 @@ pub fn stand_by<S: Duplex>(
             return Err(refuse(&mut stream, format!("{why}{kept}")));
         }
     };
+    let unfinished_bytes = (backup.staged.iter().chain(&backup.staged_disk))
+        .map(|frame| frame.len() as u64)
+        .sum::<u64>()
+        + inbox.pending() as u64;
     let Backup {
         committed, mut disks, ..
     } = backup;
@@ -227,6 +252,7 @@ pub fn stand_by<S: Duplex>(
         epoch,
         why,
         since_last_word: last_word.elapsed(),
+        unfinished_bytes,
     })
 }
 
@@ -467,6 +493,23 @@ mod tests {
         assert!(why.contains("before the initial copy"), "{why}");
         let why = refusal([hello, frame(Kind::Protect, &plain_protect(0))].concat());
         assert!(why.contains("heartbeat of 0 ms"), "{why}");
+    }
+
+    #[test]
+    fn a_primary_gone_when_its_ack_is_written_leaves_the_backup_on_that_checkpoint() {
+        // ACCEPT and SYNCED go out (empty frames, 5 bytes each); the ACK of checkpoint 1 meets a
+        // broken pipe.
+        let stream = MemoryStream::closing_after([replication_prelude(), epoch(1, 1, None)].concat(), 10);
+        let end = stand_by(stream, Console::new(Box::new(std::io::sink())), None, None);
+        // Taking over builds the VM from checkpoint 1 (whose empty state makes no VM here):
+        // what matters is that the broken pipe was taken for the primary's end, not a failure.
+        match end {
+            Err(MigrationError::Wire(e)) => panic!("the broken pipe failed the backup: {e}"),
+            Err(MigrationError::Refused(why)) => panic!("refused: {why}"),
+            Ok(StandbyEnd::Released(why)) => panic!("released: {why}"),
+            Ok(StandbyEnd::TakeOver { epoch, .. }) => assert_eq!(epoch, 1),
+            Err(_) => {}
+        }
     }
 
     #[test]

@@ -191,10 +191,12 @@ pub fn stand_by(
             epoch,
             why,
             since_last_word,
+            unfinished_bytes,
         } => {
             eprintln!(
-                "xcloud: the primary is gone ({why}): running the VM from checkpoint {epoch}, {:.1} ms after the primary's last word",
-                since_last_word.as_secs_f64() * 1e3
+                "xcloud: the primary is gone ({why}): running the VM from checkpoint {epoch}, {:.1} ms after the primary's last word ({unfinished_bytes} bytes of the unfinished checkpoint {} dropped)",
+                since_last_word.as_secs_f64() * 1e3,
+                epoch + 1
             );
             supervise(vm.handle(), signals, api, move || {
                 let mut vm = vm;

@@ -4,6 +4,10 @@
 //! count lives in guest memory, so a snapshot or a migration carries it: across a migration it
 //! never goes backwards. Every second it reports the requests it answered per second as its
 //! load (`ReportLoad`), for autoscaling groups that follow the guest's load.
+//!
+//! `httpd IP/PREFIX PORT SLOTS W R` also writes a W MiB working set at R MiB/s between requests
+//! (each page checked against what it last wrote: a lost or stale page stops the guest), so
+//! that a server under memory load can be migrated or replicated and its answers counted.
 #![no_std]
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![no_main]
@@ -104,6 +108,15 @@ fn main() -> i32 {
     };
     let port: u16 = args.next().and_then(|p| p.parse().ok()).unwrap_or(80);
     let slots: usize = args.next().and_then(|c| c.parse().ok()).unwrap_or(16).clamp(1, 256);
+    let mut pacer = None;
+    if let (Some(mib), Some(rate)) = (xcloud_workloads::arg(3), xcloud_workloads::arg(4)) {
+        let Some(set) = xcloud_workloads::WorkingSet::new(mib) else {
+            println!("httpd: cannot allocate {mib} MiB");
+            return 1;
+        };
+        println!("httpd: dirtying {mib} MiB at {rate} MiB/s");
+        pacer = Some(xcloud_workloads::Pacer::new(set, rate));
+    }
     let nic = match Nic::open(0) {
         Ok(n) => n,
         Err(e) => {
@@ -137,6 +150,9 @@ fn main() -> i32 {
     loop {
         stack.poll_or_wait();
         let now = clock::now_ns();
+        if let Some(pacer) = pacer.as_mut() {
+            pacer.catch_up(now);
+        }
         if now.saturating_sub(window_start) >= 1_000_000_000 {
             let per_second_milli =
                 u128::from(served - window_served) * 1_000_000_000_000 / u128::from(now - window_start);
