@@ -62,6 +62,9 @@ pub enum MigrationError {
     #[error("a migration or replication of this VM is already running")]
     /// Another migration or a replication of this VM runs.
     Busy,
+    #[error("invalid protection options: {0}")]
+    /// Options of `protect` that do not make sense.
+    Options(String),
     #[error("{0}")]
     /// What this VM has that the operation cannot take yet.
     Unsupported(String),

@@ -221,6 +221,30 @@ pub struct ProtectOptions {
     pub compress: bool,
 }
 
+impl ProtectOptions {
+    /// Whether these options make sense together: a heartbeat the backup can tell from a
+    /// pause, and a primary that waits longer for its backup than the backup waits for it.
+    pub fn check(&self) -> Result<(), crate::error::MigrationError> {
+        let bad = |why: String| Err(crate::error::MigrationError::Options(why));
+        let least = Duration::from_millis(crate::wire::MIN_HEARTBEAT_MS as u64);
+        let most = Duration::from_secs(60);
+        if self.heartbeat < least || self.heartbeat > most {
+            return bad(format!("a heartbeat of {:?} (10 ms to 60 s)", self.heartbeat));
+        }
+        if self.interval.is_zero() || self.interval > most {
+            return bad(format!("a checkpoint interval of {:?} (1 ms to 60 s)", self.interval));
+        }
+        if self.backup_timeout <= self.heartbeat * 2 {
+            return bad(format!(
+                "a backup timeout of {:?}: it must be longer than two heartbeats ({:?}), after which the backup takes over",
+                self.backup_timeout,
+                self.heartbeat * 2
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for ProtectOptions {
     fn default() -> Self {
         Self {
@@ -259,4 +283,35 @@ pub struct ProtectionStatus {
     /// Why protection ended (None: it runs).
     #[serde(default)]
     pub ended: Option<String>,
+    /// The fence this protection holds, `KEY generation N` (None: not fenced).
+    #[serde(default)]
+    pub fence: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protection_options_that_would_mistake_a_pause_for_a_death_are_refused() {
+        assert!(ProtectOptions::default().check().is_ok());
+        let ms = Duration::from_millis;
+        let with = |heartbeat, interval, timeout| ProtectOptions {
+            heartbeat: ms(heartbeat),
+            interval: ms(interval),
+            backup_timeout: ms(timeout),
+            compress: false,
+        };
+        for (options, why) in [
+            (with(5, 25, 3000), "a heartbeat of 5ms"),
+            (with(100, 0, 3000), "a checkpoint interval of 0ns"),
+            (with(100, 25, 200), "longer than two heartbeats"),
+            (with(100, 25, 120_000), ""),
+        ] {
+            match options.check() {
+                Err(e) => assert!(!why.is_empty() && e.to_string().contains(why), "{e}"),
+                Ok(()) => assert!(why.is_empty(), "accepted, expected: {why}"),
+            }
+        }
+    }
 }

@@ -52,6 +52,7 @@ pub fn protect(
     creds: &Credentials,
     options: ProtectOptions,
 ) -> Result<ProtectionStatus, MigrationError> {
+    options.check()?;
     let claim = outgoing.claim().ok_or(MigrationError::Busy)?;
     handle.wait_for_memory()?;
     match handle.state() {
@@ -84,6 +85,10 @@ pub fn protect(
         options,
         status: ProtectionStatus {
             backup: addr.to_string(),
+            fence: announce
+                .fence
+                .as_ref()
+                .map(|(generation, key)| format!("{key} generation {generation}")),
             ..Default::default()
         },
         epoch: 0,

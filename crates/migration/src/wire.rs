@@ -160,13 +160,18 @@ impl CheckpointHeader {
     }
 }
 
+/// The shortest heartbeat interval: a backup takes over after two of silence, and a pause
+/// for a large checkpoint, or a busy host, must not look like a dead primary.
+pub const MIN_HEARTBEAT_MS: u32 = 10;
+
 /// The longest fence key a PROTECT payload may name.
 pub const MAX_FENCE_KEY: usize = 256;
 
 /// A PROTECT payload: how the primary replicates, and the fence it holds, if any.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Protect {
-    /// The heartbeat interval, ms (1..=60000): the backup takes over after two of silence.
+    /// The heartbeat interval, ms ([`MIN_HEARTBEAT_MS`]..=60000): the backup takes over after
+    /// two of silence.
     pub heartbeat_ms: u32,
     /// The checkpoint interval, ms (1..=60000).
     pub interval_ms: u32,
@@ -186,7 +191,7 @@ impl Protect {
         out
     }
 
-    /// Checks the intervals (1 ms to 60 s) and the fence's key (1 to [`MAX_FENCE_KEY`] bytes
+    /// Checks the intervals (up to 60 s) and the fence's key (1 to [`MAX_FENCE_KEY`] bytes
     /// of UTF-8).
     pub fn decode(payload: &[u8]) -> Result<Self, WireError> {
         let bad = |detail: String| WireError::Malformed {
@@ -202,9 +207,12 @@ impl Protect {
         }
         let word = |at: usize| u32::from_le_bytes([payload[at], payload[at + 1], payload[at + 2], payload[at + 3]]);
         let (heartbeat_ms, interval_ms) = (word(0), word(4));
-        for (name, ms) in [("heartbeat", heartbeat_ms), ("checkpoint interval", interval_ms)] {
-            if !(1..=60_000).contains(&ms) {
-                return Err(bad(format!("a {name} of {ms} ms")));
+        for (name, ms, least) in [
+            ("heartbeat", heartbeat_ms, MIN_HEARTBEAT_MS),
+            ("checkpoint interval", interval_ms, 1),
+        ] {
+            if !(least..=60_000).contains(&ms) {
+                return Err(bad(format!("a {name} of {ms} ms ({least} to 60000)")));
             }
         }
         let fence = match payload.get(8..16) {

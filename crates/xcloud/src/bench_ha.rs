@@ -2,11 +2,11 @@
 //! namespaces, over a plain veth and over an emulated 1 Gbit/s, 20 ms WAN: the checkpoints per
 //! second it sustains, what the guest loses to them (its loop rate protected against the same
 //! guest unprotected, alternating, in the same run), how long a failover takes (primary killed,
-//! link cut), and what output commit adds to a request (an HTTP server's answers, protected
-//! against unprotected).
+//! link cut, link cut with both ends fenced through etcd on a third host), and what output
+//! commit adds to a request (an HTTP server's answers, protected against unprotected).
 
 use crate::bench_migrate::{field, line_with, spawn, wait_for_socket};
-use crate::netlab::{Hosts, LinkSpec};
+use crate::netlab::{Hosts, LinkSpec, WitnessEtcd};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -75,24 +75,34 @@ fn end(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// `xcloud receive --standby` in the destination namespace.
-fn start_backup(paths: &Paths, hosts: &Hosts, socket: &Path) -> Result<(Child, Receiver<String>)> {
+/// `xcloud receive --standby` in the destination namespace, with `extra` arguments.
+fn start_backup(paths: &Paths, hosts: &Hosts, socket: &Path, extra: &[String]) -> Result<(Child, Receiver<String>)> {
     let listen = format!("{}:{PORT}", hosts.dst_ip);
-    spawn(
-        Some(&hosts.dst),
-        &[
-            "receive",
-            "--standby",
-            "--listen",
-            &listen,
-            "--identity",
-            &path(&paths.b),
-            "--peer",
-            &path(&paths.a.join("cert.der")),
-            "--api",
-            &path(socket),
-        ],
-    )
+    let mut args = vec![
+        "receive".to_string(),
+        "--standby".into(),
+        "--listen".into(),
+        listen,
+        "--identity".into(),
+        path(&paths.b),
+        "--peer".into(),
+        path(&paths.a.join("cert.der")),
+        "--api".into(),
+        path(socket),
+    ];
+    args.extend_from_slice(extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn(Some(&hosts.dst), &args)
+}
+
+/// The fence arguments of a VMM that reaches `etcd` at `url`, for run `tag`.
+fn fence_args(url: &str, tag: &str) -> Vec<String> {
+    vec![
+        "--fence-etcd".into(),
+        url.into(),
+        "--fence-key".into(),
+        format!("/xcloud/fence/bench-{tag}"),
+    ]
 }
 
 /// `ctl protect` toward the backup, asking again while it is not listening yet.
@@ -153,31 +163,32 @@ fn loop_rate(lines: &[String]) -> Result<f64> {
     Ok((last.0 - first.0) as f64 / ((last.1 - first.1) as f64 / 1e3))
 }
 
-/// One run of the heartbeat guest, protected (and then failed over as `failure` says) or not.
-fn guest_run(paths: &Paths, hosts: &Hosts, bench: &HaBench, protected: Option<Failure>, tag: &str) -> Result<GuestRun> {
+/// One run of the heartbeat guest, protected (and then failed over as `failure` says) or not;
+/// both ends fenced through `fence` if given.
+fn guest_run(
+    paths: &Paths,
+    hosts: &Hosts,
+    bench: &HaBench,
+    protected: Option<Failure>,
+    tag: &str,
+    fence: Option<&WitnessEtcd>,
+) -> Result<GuestRun> {
     let socket = paths.dir.join(format!("primary-{tag}.sock"));
     let backup_socket = paths.dir.join(format!("backup-{tag}.sock"));
+    let backup_fence = fence.map_or(Vec::new(), |etcd| fence_args(&etcd.url_from_dst, tag));
     let mut backup = match protected {
-        Some(_) => Some(start_backup(paths, hosts, &backup_socket)?),
+        Some(_) => Some(start_backup(paths, hosts, &backup_socket, &backup_fence)?),
         None => None,
     };
     let mem = format!("{}M", bench.mem >> 20);
     let (set, rate) = (bench.set_mib.to_string(), bench.rate.to_string());
-    let (mut primary, out) = spawn(
-        Some(&hosts.src),
-        &[
-            "run",
-            "--mem",
-            &mem,
-            "--api",
-            &path(&socket),
-            "heartbeat",
-            "--",
-            "0",
-            &set,
-            &rate,
-        ],
-    )?;
+    let mut args = vec!["run".to_string(), "--mem".into(), mem, "--api".into(), path(&socket)];
+    if let Some(etcd) = fence {
+        args.extend(fence_args(&etcd.url_from_src, tag));
+    }
+    args.extend(["heartbeat".into(), "--".into(), "0".into(), set, rate]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut primary, out) = spawn(Some(&hosts.src), &args)?;
     let result = (|| -> Result<GuestRun> {
         line_with(&out, "heartbeat n=", Duration::from_secs(30))?;
         wait_for_socket(&socket)?;
@@ -254,6 +265,7 @@ struct LinkRows {
     plain: Vec<GuestRun>,
     protected: Vec<GuestRun>,
     cut_failover_ms: Option<f64>,
+    fenced_cut_failover_ms: Option<f64>,
     request: Option<(f64, f64)>,
 }
 
@@ -294,7 +306,7 @@ fn request_run(paths: &Paths, hosts: &Hosts, bench: &HaBench) -> Result<(f64, f6
     }
     let socket = paths.dir.join("httpd.sock");
     let backup_socket = paths.dir.join("httpd-backup.sock");
-    let (mut backup, _) = start_backup(paths, hosts, &backup_socket)?;
+    let (mut backup, _) = start_backup(paths, hosts, &backup_socket, &[])?;
     let (mut primary, out) = spawn(
         Some(&hosts.src),
         &[
@@ -343,7 +355,7 @@ pub fn ha(bench: &HaBench) -> Result<()> {
         ),
     ];
     let runs = bench.runs.max(1);
-    let bar = ProgressBar::new((links.len() * (2 * runs + 2)) as u64).with_style(
+    let bar = ProgressBar::new((links.len() * (2 * runs + 3)) as u64).with_style(
         ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
@@ -355,12 +367,13 @@ pub fn ha(bench: &HaBench) -> Result<()> {
             plain: Vec::new(),
             protected: Vec::new(),
             cut_failover_ms: None,
+            fenced_cut_failover_ms: None,
             request: None,
         };
         for run in 0..runs {
             bar.set_message(format!("{name}: run {} unprotected", run + 1));
             row.plain
-                .push(guest_run(&paths, &hosts, bench, None, &format!("p{run}"))?);
+                .push(guest_run(&paths, &hosts, bench, None, &format!("p{run}"), None)?);
             bar.inc(1);
             bar.set_message(format!("{name}: run {} protected", run + 1));
             row.protected.push(guest_run(
@@ -369,6 +382,7 @@ pub fn ha(bench: &HaBench) -> Result<()> {
                 bench,
                 Some(Failure::Killed),
                 &format!("r{run}"),
+                None,
             )?);
             bar.inc(1);
         }
@@ -379,8 +393,23 @@ pub fn ha(bench: &HaBench) -> Result<()> {
         // A cut link cannot be mended for the next run: this one gets namespaces of its own.
         bar.set_message(format!("{name}: link cut"));
         let hosts = Hosts::new(spec).context("cannot set up the namespaces (needs root)")?;
-        let cut = guest_run(&paths, &hosts, bench, Some(Failure::LinkCut), "cut")?;
+        let cut = guest_run(&paths, &hosts, bench, Some(Failure::LinkCut), "cut", None)?;
         row.cut_failover_ms = cut.failover_ms;
+        bar.inc(1);
+        drop(hosts);
+        // Fenced: etcd on a third host that each reaches over its own link; the backup takes
+        // over only once it holds the fence.
+        bar.set_message(format!("{name}: link cut, fenced"));
+        let hosts = Hosts::new(spec).context("cannot set up the namespaces (needs root)")?;
+        let witness = hosts.add_witness()?;
+        let etcd_dir = dir.join("etcd");
+        let _ = std::fs::remove_dir_all(&etcd_dir);
+        std::fs::create_dir_all(&etcd_dir)?;
+        let etcd = witness.start_etcd(&etcd_dir)?;
+        let fenced = guest_run(&paths, &hosts, bench, Some(Failure::LinkCut), "fenced", Some(&etcd))?;
+        row.fenced_cut_failover_ms = fenced.failover_ms;
+        drop(etcd);
+        drop(witness);
         bar.inc(1);
         rows.push(row);
     }
@@ -423,16 +452,18 @@ fn print_tables(rows: &[LinkRows], bench: &HaBench) {
         );
     }
     println!();
-    println!("| link | failover, primary killed | failover, link cut | 3 x heartbeat | request, unprotected | protected | added |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| link | failover, primary killed | failover, link cut | link cut, fenced | 3 x heartbeat | request, unprotected | protected | added |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for row in rows {
         let killed = median(row.protected.iter().filter_map(|r| r.failover_ms).collect());
         let (plain, protected) = row.request.unwrap_or_default();
         println!(
-            "| {} | {:.1} ms | {} | {} ms | {:.0} us | {:.1} ms | {:.1} ms |",
+            "| {} | {:.1} ms | {} | {} | {} ms | {:.0} us | {:.1} ms | {:.1} ms |",
             row.name,
             killed,
             row.cut_failover_ms.map_or("-".into(), |ms| format!("{ms:.1} ms")),
+            row.fenced_cut_failover_ms
+                .map_or("-".into(), |ms| format!("{ms:.1} ms")),
             3 * bench.heartbeat_ms,
             plain * 1e3,
             protected,

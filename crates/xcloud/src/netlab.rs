@@ -291,6 +291,71 @@ impl Witness {
     }
 }
 
+/// etcd (Debian's etcd-server) on a [`Witness`], listening where each host reaches it;
+/// killed when dropped.
+pub struct WitnessEtcd {
+    child: std::process::Child,
+    /// Its client URL as the source host reaches it.
+    pub url_from_src: String,
+    /// Its client URL as the destination host reaches it.
+    pub url_from_dst: String,
+}
+
+impl Drop for WitnessEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Witness {
+    /// Starts etcd here, its data and log in `dir`; returns once it listens.
+    pub fn start_etcd(&self, dir: &std::path::Path) -> Result<WitnessEtcd> {
+        let url = |ip: &str| format!("http://{ip}:2379");
+        let (from_src, from_dst) = (url(&self.ip_from_src), url(&self.ip_from_dst));
+        let log = std::fs::File::create(dir.join("etcd.log")).context("etcd's log")?;
+        let mut cmd = command_in(Some(&self.ns), "etcd");
+        cmd.args(["--name", "witness", "--data-dir"])
+            .arg(dir.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &format!("{from_src},{from_dst}"),
+                "--advertise-client-urls",
+                &from_src,
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "witness=http://127.0.0.1:2380",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().context("etcd's log")?)
+            .stderr(log);
+        let etcd = WitnessEtcd {
+            child: cmd
+                .spawn()
+                .context("cannot start etcd (Debian's etcd-server: scripts/setup installs it)")?,
+            url_from_src: from_src,
+            url_from_dst: from_dst,
+        };
+        let addr = format!("{}:2379", self.ip_from_src);
+        Hosts::in_ns(&self.ns, move || {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while std::net::TcpStream::connect(&addr).is_err() {
+                if Instant::now() > deadline {
+                    bail!("etcd did not listen on {addr}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread waiting for etcd panicked"))??;
+        Ok(etcd)
+    }
+}
+
 impl Drop for Witness {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();

@@ -212,8 +212,9 @@ pub fn describe_protection(p: &xcloud_migration::ProtectionStatus) -> String {
     if let Some(why) = &p.ended {
         return format!("UNPROTECTED: {why}");
     }
+    let fenced = p.fence.as_ref().map_or(String::new(), |f| format!(", fenced by {f}"));
     format!(
-        "protected by {}: checkpoint {}, {:.0}/s, last {} pages ({:.1} KiB), pause {} us (mean {}, max {}), commit {:.1} ms, {:.2} MB/s",
+        "protected by {}{fenced}: checkpoint {}, {:.0}/s, last {} pages ({:.1} KiB), pause {} us (mean {}, max {}), commit {:.1} ms, {:.2} MB/s",
         p.backup,
         p.acked_epoch,
         p.epochs_per_s,

@@ -391,7 +391,7 @@ struct Fenced {
     backup: Proc,
     backup_out: Receiver<String>,
     // Dropped in this order: etcd, then the witness's namespace.
-    etcd: WitnessEtcd,
+    etcd: xcloud::netlab::WitnessEtcd,
     witness: xcloud::netlab::Witness,
 }
 
@@ -403,7 +403,7 @@ fn fenced_heartbeat(hosts: &Hosts, name: &str) -> Fenced {
 fn fenced(hosts: &Hosts, name: &str, run_args: &[&str], first_line: &str) -> Fenced {
     let s = setup_in("replication", name);
     let witness = hosts.add_witness().expect("witness host");
-    let etcd = start_witness_etcd(&witness, &s.dir);
+    let etcd = witness.start_etcd(&s.dir).expect("etcd on the witness");
     let key = format!("/xcloud/fence/{name}");
     let (backup, backup_out) = standby_with(
         &hosts.dst,
@@ -417,7 +417,7 @@ fn fenced(hosts: &Hosts, name: &str, run_args: &[&str], first_line: &str) -> Fen
     args.extend_from_slice(run_args);
     let (primary, primary_out, _) = start_source(hosts, &s, &args, first_line);
     let (ok, text) = protect_with(&s.socket, &hosts.dst_ip, &s.a, &s.b, &["--timeout", "1000"]);
-    assert!(ok && text.contains("protected by"), "{text}");
+    assert!(ok && text.contains(&format!("fenced by {key} generation")), "{text}");
     Fenced {
         s,
         primary,
