@@ -16,56 +16,24 @@ fn setup(name: &str) -> Setup {
 
 fn receive(hosts: &Hosts, s: &Setup, peer: &Path) -> (Proc, Receiver<String>) {
     let listen = format!("{}:7710", hosts.dst_ip);
-    let id = s.b.to_str().expect("utf-8").to_string();
-    let peer = peer.join("cert.der");
     spawn_in(
         &hosts.dst,
-        &[
-            "receive",
-            "--listen",
-            &listen,
-            "--identity",
-            &id,
-            "--peer",
-            peer.to_str().expect("utf-8"),
-        ],
+        &strs(&peer_args(&["receive", "--listen"], &listen, &s.b, peer, &[])),
     )
 }
 
 fn migrate(hosts: &Hosts, s: &Setup, extra: &[&str]) -> (bool, String) {
     let to = format!("{}:7710", hosts.dst_ip);
-    let peer = s.b.join("cert.der");
-    let mut args = vec![
-        "migrate",
-        &to,
-        "--identity",
-        s.a.to_str().expect("utf-8"),
-        "--peer",
-        peer.to_str().expect("utf-8"),
-    ];
-    args.extend_from_slice(extra);
     // ctl talks to the source over its Unix socket; the source VMM (in its namespace) dials out.
-    ctl(&s.socket, &args)
+    ctl(&s.socket, &strs(&peer_args(&["migrate"], &to, &s.a, &s.b, extra)))
 }
 
 /// `migrate` on a thread, for tests that break something while it runs.
 fn migrate_in_background(hosts: &Hosts, s: &Setup, extra: &[&str]) -> std::thread::JoinHandle<(bool, String)> {
     let socket = s.socket.clone();
     let to = format!("{}:7710", hosts.dst_ip);
-    let (id, peer) = (s.a.clone(), s.b.join("cert.der"));
-    let extra: Vec<String> = extra.iter().map(|e| e.to_string()).collect();
-    std::thread::spawn(move || {
-        let mut args = vec![
-            "migrate",
-            &to,
-            "--identity",
-            id.to_str().unwrap_or(""),
-            "--peer",
-            peer.to_str().unwrap_or(""),
-        ];
-        args.extend(extra.iter().map(String::as_str));
-        ctl(&socket, &args)
-    })
+    let args = peer_args(&["migrate"], &to, &s.a, &s.b, extra);
+    std::thread::spawn(move || ctl(&socket, &strs(&args)))
 }
 
 #[test]
@@ -653,15 +621,7 @@ fn httpd_with_its_nic_moves_keeps_its_mac_announces_it_and_counts_on() {
     let (mut src, _src_out, first) = start_source(
         &hosts,
         &s,
-        &[
-            "--net",
-            "tap=xc0,mac=02:00:00:00:00:42",
-            "httpd",
-            "--",
-            "10.74.0.2/24",
-            "80",
-            "4",
-        ],
+        &httpd_on_tap("tap=xc0,mac=02:00:00:00:00:42", &["4"]),
         "httpd: serving",
     );
     assert!(first.contains("10.74.0.2"), "{first}");

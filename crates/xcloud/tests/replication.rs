@@ -28,21 +28,10 @@ fn standby_with(
     extra: &[&str],
 ) -> (Proc, Receiver<String>) {
     let listen = format!("{ip}:{PORT}");
-    let peer = peer.join("cert.der");
-    let mut args = vec![
-        "receive",
-        "--standby",
-        "--listen",
-        &listen,
-        "--identity",
-        identity.to_str().expect("utf-8"),
-        "--peer",
-        peer.to_str().expect("utf-8"),
-        "--api",
-        socket.to_str().expect("utf-8"),
-    ];
-    args.extend_from_slice(extra);
-    spawn_in(ns, &args)
+    let mut more = vec!["--api", socket.to_str().expect("utf-8")];
+    more.extend_from_slice(extra);
+    let args = peer_args(&["receive", "--standby", "--listen"], &listen, identity, peer, &more);
+    spawn_in(ns, &strs(&args))
 }
 
 /// `ctl SOCKET protect IP:PORT` as `identity`, trusting `peer`; asked again while the backup
@@ -53,20 +42,10 @@ fn protect(socket: &Path, ip: &str, identity: &Path, peer: &Path) -> (bool, Stri
 
 /// [`protect`] with more arguments.
 fn protect_with(socket: &Path, ip: &str, identity: &Path, peer: &Path, extra: &[&str]) -> (bool, String) {
-    let to = format!("{ip}:{PORT}");
-    let peer = peer.join("cert.der");
+    let args = peer_args(&["protect"], &format!("{ip}:{PORT}"), identity, peer, extra);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut args = vec![
-            "protect",
-            &to,
-            "--identity",
-            identity.to_str().expect("utf-8"),
-            "--peer",
-            peer.to_str().expect("utf-8"),
-        ];
-        args.extend_from_slice(extra);
-        let (ok, text) = ctl(socket, &args);
+        let (ok, text) = ctl(socket, &strs(&args));
         if ok || Instant::now() > deadline || !text.contains("cannot connect") {
             return (ok, text);
         }
@@ -170,15 +149,7 @@ fn no_answer_a_client_saw_is_lost_or_repeated_when_the_primary_of_a_server_dies(
     let (mut primary, _, _) = start_source(
         &hosts,
         &s,
-        &[
-            "--net",
-            "tap=xc0,mac=02:00:00:00:00:43",
-            "httpd",
-            "--",
-            "10.74.0.2/24",
-            "80",
-            "4",
-        ],
+        &httpd_on_tap("tap=xc0,mac=02:00:00:00:00:43", &["4"]),
         "httpd: serving",
     );
     let (ok, text) = protect(&s.socket, &hosts.dst_ip, &s.a, &s.b);
@@ -510,15 +481,7 @@ fn clients_beside_a_fenced_primary_cut_off_from_its_backup_never_hear_from_it_ag
     let mut f = fenced(
         &hosts,
         "fenced-server",
-        &[
-            "--net",
-            "tap=xc0,mac=02:00:00:00:00:44",
-            "httpd",
-            "--",
-            "10.74.0.2/24",
-            "80",
-            "4",
-        ],
+        &httpd_on_tap("tap=xc0,mac=02:00:00:00:00:44", &["4"]),
         "httpd: serving",
     );
     let mut seen = get_count(&hosts.src, "10.74.0.2:80");
@@ -556,18 +519,10 @@ fn slow_protected_server(hosts: &Hosts, name: &str) -> (Setup, Proc, Proc, Recei
         hosts,
         &s,
         &[
-            "--mem",
-            "128M",
-            "--net",
-            "tap=xc0,mac=02:00:00:00:00:45",
-            "httpd",
-            "--",
-            "10.74.0.2/24",
-            "80",
-            "16",
-            "32",
-            "20",
-        ],
+            &["--mem", "128M"][..],
+            &httpd_on_tap("tap=xc0,mac=02:00:00:00:00:45", &["16", "32", "20"]),
+        ]
+        .concat(),
         "httpd: serving",
     );
     let (ok, text) = protect_with(&s.socket, &hosts.dst_ip, &s.a, &s.b, &["--timeout", "10000"]);

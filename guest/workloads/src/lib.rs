@@ -127,6 +127,21 @@ impl Pacer {
     }
 }
 
+/// The paced working set that arguments `at` and `at + 1` ask for (`W R`: W MiB written at
+/// R MiB/s), said on the console; `Ok(None)` if they are not given, `Err(W)` (said too) if the
+/// set cannot be allocated.
+pub fn paced_set_from_args(workload: &str, at: usize) -> Result<Option<Pacer>, u64> {
+    let (Some(mib), Some(rate)) = (arg(at), arg(at + 1)) else {
+        return Ok(None);
+    };
+    let Some(set) = WorkingSet::new(mib) else {
+        sdk::println!("{workload}: cannot allocate {mib} MiB");
+        return Err(mib);
+    };
+    sdk::println!("{workload}: dirtying {mib} MiB at {rate} MiB/s");
+    Ok(Some(Pacer::new(set, rate)))
+}
+
 /// The `n`th command-line argument as a number.
 pub fn arg(n: usize) -> Option<u64> {
     sdk::args().nth(n).and_then(|a| a.parse().ok())

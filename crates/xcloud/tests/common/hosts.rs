@@ -171,3 +171,32 @@ pub fn connect_as_source(hosts: &Hosts, s: &Setup, port: u16) -> xcloud_migratio
     .join()
     .expect("connecting thread")
 }
+
+/// `COMMAND... TARGET --identity IDENTITY --peer PEER/cert.der EXTRA...`: how a test addresses
+/// the other host (`migrate` and `protect` toward it, `receive --listen` from it).
+pub fn peer_args(command: &[&str], target: &str, identity: &Path, peer: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = command.iter().map(|c| c.to_string()).collect();
+    args.push(target.into());
+    args.extend([
+        "--identity".into(),
+        identity.to_str().expect("utf-8").into(),
+        "--peer".into(),
+        peer.join("cert.der").to_str().expect("utf-8").into(),
+    ]);
+    args.extend(extra.iter().map(|e| e.to_string()));
+    args
+}
+
+/// `args` as the `&str`s `ctl` and `spawn_in` take.
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// `run` arguments for an httpd guest on TAP xc0 (made by [`add_vm_taps`]) as NIC `nic`
+/// (`tap=xc0,mac=...`), serving at 10.74.0.2 port 80, with `more` httpd arguments (its
+/// connection slots, a working set).
+pub fn httpd_on_tap(nic: &'static str, more: &[&'static str]) -> Vec<&'static str> {
+    let mut args = vec!["--net", nic, "httpd", "--", "10.74.0.2/24", "80"];
+    args.extend_from_slice(more);
+    args
+}

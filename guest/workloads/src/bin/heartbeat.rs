@@ -48,15 +48,9 @@ fn main() -> i32 {
         clock::rdtsc() + clock::ns_to_ticks(seconds * 1_000_000_000)
     };
     let vcpus = sdk::vcpu_count().min(MAX_VCPUS);
-    let mut pacer = None;
-    if let (Some(mib), Some(rate)) = (xcloud_workloads::arg(1), xcloud_workloads::arg(2)) {
-        let Some(set) = xcloud_workloads::WorkingSet::new(mib) else {
-            println!("heartbeat: cannot allocate {mib} MiB");
-            return 1;
-        };
-        println!("heartbeat: dirtying {mib} MiB at {rate} MiB/s");
-        pacer = Some(xcloud_workloads::Pacer::new(set, rate));
-    }
+    let Ok(mut pacer) = xcloud_workloads::paced_set_from_args("heartbeat", 1) else {
+        return 1;
+    };
     for index in 1..vcpus {
         // SAFETY: the secondary slots are atomics that live for the whole run; sharing a
         // reference to one with another vCPU is sound.

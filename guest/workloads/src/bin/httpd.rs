@@ -108,15 +108,9 @@ fn main() -> i32 {
     };
     let port: u16 = args.next().and_then(|p| p.parse().ok()).unwrap_or(80);
     let slots: usize = args.next().and_then(|c| c.parse().ok()).unwrap_or(16).clamp(1, 256);
-    let mut pacer = None;
-    if let (Some(mib), Some(rate)) = (xcloud_workloads::arg(3), xcloud_workloads::arg(4)) {
-        let Some(set) = xcloud_workloads::WorkingSet::new(mib) else {
-            println!("httpd: cannot allocate {mib} MiB");
-            return 1;
-        };
-        println!("httpd: dirtying {mib} MiB at {rate} MiB/s");
-        pacer = Some(xcloud_workloads::Pacer::new(set, rate));
-    }
+    let Ok(mut pacer) = xcloud_workloads::paced_set_from_args("httpd", 3) else {
+        return 1;
+    };
     let nic = match Nic::open(0) {
         Ok(n) => n,
         Err(e) => {
