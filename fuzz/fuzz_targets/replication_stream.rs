@@ -15,5 +15,5 @@ fuzz_target!(|data: &[u8]| {
         _ => data.to_vec(),
     };
     // A VM built from a checkpoint is dropped unstarted.
-    let _ = xcloud_migration::stand_by(MemoryStream::new(stream), console, None, None);
+    let _ = xcloud_migration::stand_by(MemoryStream::new(stream), console, None, None, None);
 });

@@ -24,19 +24,43 @@ pub(crate) fn failure(error: String) -> Response {
     }
 }
 
-/// Executes one request line against the VM; `outgoing` tracks its outgoing migration,
-/// `watchdog` its controller's watchdog.
-pub fn execute(handle: &VmHandle, outgoing: &Outgoing, watchdog: &Watchdog, line: &str) -> Response {
-    let request: Request = match parse_request(line) {
-        Ok(r) => r,
-        Err(e) => return failure(e),
-    };
+/// The request on `line`, or why it is malformed or of another API version.
+fn checked_request(line: &str) -> Result<Request, String> {
+    let request: Request = parse_request(line)?;
     if request.api != API_VERSION {
-        return failure(format!(
+        return Err(format!(
             "API version {} is not supported (this VMM speaks {API_VERSION})",
             request.api
         ));
     }
+    Ok(request)
+}
+
+/// Executes one request line for a VMM that stands by as a backup (it has no VM yet): only
+/// `status` is served, with what it holds.
+pub fn execute_standby(watch: &xcloud_migration::StandbyWatch, line: &str) -> Response {
+    match checked_request(line).map(|r| r.command) {
+        Err(why) => failure(why),
+        Ok(Command::Status) => Response {
+            ok: true,
+            state: Some("standby".into()),
+            standby: Some(watch.report()),
+            ..Default::default()
+        },
+        Ok(_) => failure(
+            "this VMM stands by as a backup (docs/replication.md): it has no VM to drive until it takes over; only status is served"
+                .into(),
+        ),
+    }
+}
+
+/// Executes one request line against the VM; `outgoing` tracks its outgoing migration,
+/// `watchdog` its controller's watchdog.
+pub fn execute(handle: &VmHandle, outgoing: &Outgoing, watchdog: &Watchdog, line: &str) -> Response {
+    let request = match checked_request(line) {
+        Ok(r) => r,
+        Err(why) => return failure(why),
+    };
     // While a migration runs, only what cannot disturb it is served (stop ends the VM, and the
     // migration with it, before the switch; after it the source never runs again anyway).
     // Protection pauses and resumes the VM for every checkpoint: the same holds while it runs.

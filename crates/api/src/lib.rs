@@ -23,5 +23,5 @@ pub use client::call;
 pub use execute::execute;
 pub use protocol::ExtensionReport;
 pub use protocol::{ApiError, Command, Request, Response, API_VERSION, MAX_LINE};
-pub use server::{serve, ApiServer};
+pub use server::{serve, serve_standby, ApiServer, StandbyServer};
 pub use watchdog::Watchdog;

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use xcloud_migration::{MigrationProgress, MigrationSummary, PostcopyMode, ProtectionStatus};
+use xcloud_migration::{MigrationProgress, MigrationSummary, PostcopyMode, ProtectionStatus, StandbyStatus};
 
 /// Version of this API.
 pub const API_VERSION: u32 = 1;
@@ -259,6 +259,9 @@ pub struct Response {
     /// For `ext_list`: the modules.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extensions: Option<Vec<ExtensionReport>>,
+    /// For `status` of a VMM that stands by as a backup: what it holds.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub standby: Option<StandbyStatus>,
     /// For `stop`: the server stops the VM once this answer is written (never on the wire).
     #[serde(skip)]
     pub stopping: bool,

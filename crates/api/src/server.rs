@@ -7,14 +7,14 @@
 //! next one is answered with an error and closed); when accepting fails (out of file
 //! descriptors) the listener backs off instead of spinning.
 
-use crate::execute::{execute, failure};
+use crate::execute::{execute, execute_standby, failure};
 use crate::protocol::{ApiError, Response, MAX_LINE};
 use crate::watchdog::Watchdog;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xcloud_migration::Outgoing;
@@ -119,13 +119,68 @@ pub fn serve(path: &Path, handle: VmHandle, watchdog: Option<Duration>) -> Resul
         .stack_size(256 * 1024)
         .spawn({
             let outgoing = outgoing.clone();
-            move || accept_loop(listener, handle, outgoing, dog)
+            move || {
+                accept_loop(listener, Arc::new(AtomicBool::new(false)), move |stream| {
+                    serve_connection(stream, &handle, &outgoing, &dog)
+                })
+            }
         })
         .map_err(|source| ApiError::Bind { path: shown, source })?;
     Ok(ApiServer {
         path: path.to_path_buf(),
         outgoing,
     })
+}
+
+/// The control socket of a VMM standing by as a backup: it answers `status` with what the
+/// backup holds. Dropping it stops it and frees the path for the VM's own socket.
+pub struct StandbyServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Listens on `path` for a VMM that stands by (docs/replication.md), reporting `watch`.
+pub fn serve_standby(path: &Path, watch: xcloud_migration::StandbyWatch) -> Result<StandbyServer, ApiError> {
+    let shown = path.display().to_string();
+    claim_path(path)?;
+    let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+        path: shown.clone(),
+        source,
+    })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = std::thread::Builder::new()
+        .name("api-standby".into())
+        .stack_size(256 * 1024)
+        .spawn({
+            let stop = stop.clone();
+            move || {
+                accept_loop(listener, stop, move |stream| {
+                    serve_lines(stream, |text| execute_standby(&watch, text), |_| {})
+                })
+            }
+        })
+        .map_err(|source| ApiError::Bind { path: shown, source })?;
+    Ok(StandbyServer {
+        path: path.to_path_buf(),
+        stop,
+        thread: Some(thread),
+    })
+}
+
+impl Drop for StandbyServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // A connection of our own wakes the accept, which then sees `stop` and ends, closing
+        // the listener. The path is freed at once either way: the VM's own socket may follow.
+        let woke = UnixStream::connect(&self.path).is_ok();
+        if is_socket(&self.path) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        if let (true, Some(thread)) = (woke, self.thread.take()) {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Counts a served connection for as long as it lives.
@@ -137,11 +192,17 @@ impl Drop for Slot {
     }
 }
 
-fn accept_loop(listener: UnixListener, handle: VmHandle, outgoing: Outgoing, watchdog: Watchdog) {
+/// Accepts connections until `stop` is set (checked after each accept), each served by
+/// `serve` on a thread of its own.
+fn accept_loop(listener: UnixListener, stop: Arc<AtomicBool>, serve: impl Fn(UnixStream) + Clone + Send + 'static) {
     let open = Arc::new(AtomicUsize::new(0));
     let mut backoff = Duration::ZERO;
     loop {
-        let stream = match listener.accept() {
+        let accepted = listener.accept();
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match accepted {
             Ok((stream, _)) => {
                 backoff = Duration::ZERO;
                 stream
@@ -166,13 +227,13 @@ fn accept_loop(listener: UnixListener, handle: VmHandle, outgoing: Outgoing, wat
             continue;
         }
         let slot = Slot(open.clone());
-        let (handle, outgoing, watchdog) = (handle.clone(), outgoing.clone(), watchdog.clone());
+        let serve = serve.clone();
         let spawned = std::thread::Builder::new()
             .name("api-conn".into())
             .stack_size(256 * 1024)
             .spawn(move || {
                 let _slot = slot;
-                serve_connection(stream, &handle, &outgoing, &watchdog)
+                serve(stream)
             });
         if let Err(e) = spawned {
             tracing::warn!("control socket: cannot start a connection thread: {e}");
@@ -187,7 +248,9 @@ fn answer(out: &mut UnixStream, response: &Response) -> std::io::Result<()> {
     out.flush()
 }
 
-fn serve_connection(stream: UnixStream, handle: &VmHandle, outgoing: &Outgoing, watchdog: &Watchdog) {
+/// Answers the request lines of one connection with `respond`; `then` acts on each answer
+/// once it is written.
+fn serve_lines(stream: UnixStream, respond: impl Fn(&str) -> Response, then: impl Fn(&Response)) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -198,25 +261,35 @@ fn serve_connection(stream: UnixStream, handle: &VmHandle, outgoing: &Outgoing, 
     loop {
         let response = match lines.next_line() {
             Ok(Line::Request(line)) => match std::str::from_utf8(line) {
-                Ok(text) => execute(handle, outgoing, watchdog, text.trim()),
+                Ok(text) => respond(text.trim()),
                 Err(_) => failure("request is not UTF-8".into()),
             },
             Ok(Line::TooLong) => failure(format!("request longer than {MAX_LINE} bytes")),
             Ok(Line::End) | Err(_) => return,
         };
         let written = answer(&mut out, &response);
-        // A migrated VM ends only after its answer went out: ending it lets the process exit.
-        if let Some(summary) = &response.migrated {
-            handle.end_migrated(&summary.to);
-        }
-        // Likewise a stop: the process ends with the VM.
-        if response.stopping {
-            handle.stop();
-        }
+        then(&response);
         if written.is_err() {
             return;
         }
     }
+}
+
+fn serve_connection(stream: UnixStream, handle: &VmHandle, outgoing: &Outgoing, watchdog: &Watchdog) {
+    serve_lines(
+        stream,
+        |text| execute(handle, outgoing, watchdog, text),
+        |response| {
+            // A migrated VM ends only after its answer went out: ending it lets the process exit.
+            if let Some(summary) = &response.migrated {
+                handle.end_migrated(&summary.to);
+            }
+            // Likewise a stop: the process ends with the VM.
+            if response.stopping {
+                handle.stop();
+            }
+        },
+    )
 }
 
 /// What [`LineReader::next_line`] found.

@@ -47,6 +47,7 @@ pub use fence::{Fence, FenceError};
 pub use host_cpu::{cpu_features, cpu_vendor};
 pub use options::{
     MigrateOptions, MigrationProgress, MigrationSummary, Outgoing, PostcopyMode, ProtectOptions, ProtectionStatus,
+    StandbyStatus, StandbyWatch,
 };
 pub use replication::protect;
 pub use source::migrate;

@@ -288,6 +288,67 @@ pub struct ProtectionStatus {
     pub fence: Option<String>,
 }
 
+/// What a backup holds while it stands by, for `status` (docs/replication.md).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct StandbyStatus {
+    /// `waiting` (for a primary), `initial copy`, or `holding` (a checkpoint in place).
+    pub phase: String,
+    /// The last checkpoint in place (0: none yet).
+    pub epoch: u64,
+    /// How long ago it was put in place, ms (0: none yet).
+    pub checkpoint_age_ms: f64,
+    /// Bytes received from the primary so far.
+    pub bytes_received: u64,
+    /// The fence the primary announced, `KEY generation N` (None: not fenced).
+    #[serde(default)]
+    pub fence: Option<String>,
+}
+
+/// A standby's status as it goes, shared with whatever reports it (the control socket).
+#[derive(Clone)]
+pub struct StandbyWatch {
+    inner: Arc<Mutex<(StandbyStatus, Option<std::time::Instant>)>>,
+}
+
+impl Default for StandbyWatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StandbyWatch {
+    /// A standby waiting for its primary.
+    pub fn new() -> Self {
+        let waiting = StandbyStatus {
+            phase: "waiting".into(),
+            ..Default::default()
+        };
+        Self {
+            inner: Arc::new(Mutex::new((waiting, None))),
+        }
+    }
+
+    /// The status now.
+    pub fn report(&self) -> StandbyStatus {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut status = inner.0.clone();
+        status.checkpoint_age_ms = inner.1.map_or(0.0, |at| at.elapsed().as_secs_f64() * 1e3);
+        status
+    }
+
+    pub(crate) fn update(&self, change: impl FnOnce(&mut StandbyStatus)) {
+        change(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()).0);
+    }
+
+    /// Checkpoint `epoch` is in place.
+    pub(crate) fn checkpoint(&self, epoch: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.0.epoch = epoch;
+        inner.0.phase = "holding".into();
+        inner.1 = Some(std::time::Instant::now());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

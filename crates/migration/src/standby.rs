@@ -13,6 +13,7 @@ use crate::disks::DiskReceiver;
 use crate::duplex::{readable, Duplex, Inbox};
 use crate::error::MigrationError;
 use crate::fence::Fence;
+use crate::options::StandbyWatch;
 use crate::tls::{self, Credentials};
 use crate::wire::{self, CheckpointHeader, Kind, WireError, PAGE};
 use sha2::{Digest, Sha256};
@@ -52,9 +53,10 @@ pub fn listen_and_stand_by(
     console: Console,
     disk_dir: Option<&Path>,
     fence: Option<&dyn Fence>,
+    watch: Option<&StandbyWatch>,
 ) -> Result<StandbyEnd, MigrationError> {
     let stream: tls::ServerStream = crate::destination::listen_and_authenticate(addr, creds)?;
-    stand_by(stream, console, disk_dir, fence)
+    stand_by(stream, console, disk_dir, fence, watch)
 }
 
 /// How long the backup waits between two attempts to take the fence over while its store
@@ -98,11 +100,13 @@ fn reply(stream: &mut impl Duplex, lost: &mut Option<String>, kind: Kind, payloa
 /// in `disk_dir` (None: a VM with disks is refused); they are removed unless the VM runs here.
 /// With a `fence` (which the primary must hold too), the VM is built only once the fence is
 /// taken over: a primary that gave this backup up first keeps the VM, and nothing runs here.
+/// `watch`, if given, follows what the backup holds (for `status`).
 pub fn stand_by<S: Duplex>(
     mut stream: S,
     console: Console,
     disk_dir: Option<&Path>,
     fence: Option<&dyn Fence>,
+    watch: Option<&StandbyWatch>,
 ) -> Result<StandbyEnd, MigrationError> {
     let (hello, blank) = accept_hello(&mut stream)?;
     let pages_in_ram = hello.mem_bytes / PAGE as u64;
@@ -155,6 +159,15 @@ pub fn stand_by<S: Duplex>(
         }
     };
     let silence_limit = Duration::from_millis(protect.heartbeat_ms as u64) * 2;
+    if let Some(watch) = watch {
+        watch.update(|status| {
+            status.phase = "initial copy".into();
+            status.fence = protect
+                .fence
+                .as_ref()
+                .map(|(generation, key)| format!("{key} generation {generation}"));
+        });
+    }
     let mut backup = Backup {
         pages_in_ram,
         memfd,
@@ -190,6 +203,9 @@ pub fn stand_by<S: Duplex>(
             continue;
         };
         last_word = Instant::now();
+        if let Some(watch) = watch {
+            watch.update(|status| status.bytes_received += 5 + buf.len() as u64);
+        }
         if kind == Kind::PagesLz4 {
             if let Err(e) = wire::decompress_pages(&buf, &mut unpacked) {
                 return Err(refuse(&mut stream, e.to_string()));
@@ -208,7 +224,12 @@ pub fn stand_by<S: Duplex>(
             // The checkpoint is in place before its ACK goes: a primary gone by then leaves this
             // backup on it (its output was never released: as if the network lost it).
             Kind::Checkpoint => match backup.checkpoint(&buf) {
-                Ok(epoch) => reply(&mut stream, &mut answer_lost, Kind::Ack, &wire::encode_ack(epoch)),
+                Ok(epoch) => {
+                    if let Some(watch) = watch {
+                        watch.checkpoint(epoch);
+                    }
+                    reply(&mut stream, &mut answer_lost, Kind::Ack, &wire::encode_ack(epoch))
+                }
                 Err(why) => Err(why),
             },
             Kind::Heartbeat => Ok(()),
@@ -434,6 +455,7 @@ mod tests {
             Console::new(Box::new(std::io::sink())),
             None,
             None,
+            None,
         )
     }
 
@@ -500,7 +522,17 @@ mod tests {
         // ACCEPT and SYNCED go out (empty frames, 5 bytes each); the ACK of checkpoint 1 meets a
         // broken pipe.
         let stream = MemoryStream::closing_after([replication_prelude(), epoch(1, 1, None)].concat(), 10);
-        let end = stand_by(stream, Console::new(Box::new(std::io::sink())), None, None);
+        let watch = StandbyWatch::new();
+        let end = stand_by(
+            stream,
+            Console::new(Box::new(std::io::sink())),
+            None,
+            None,
+            Some(&watch),
+        );
+        let held = watch.report();
+        assert_eq!((held.phase.as_str(), held.epoch), ("holding", 1), "{held:?}");
+        assert!(held.bytes_received > 4096, "{held:?}");
         // Taking over builds the VM from checkpoint 1 (whose empty state makes no VM here):
         // what matters is that the broken pipe was taken for the primary's end, not a failure.
         match end {
@@ -567,6 +599,7 @@ mod tests {
             Console::new(Box::new(std::io::sink())),
             None,
             fence,
+            None,
         ) {
             Err(MigrationError::Refused(why)) => why,
             Err(other) => panic!("not a refusal: {other}"),

@@ -614,6 +614,9 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> anyhow::Result<i32> {
     if let Some(p) = &answer.protection {
         line.push_str(&format!(", {}", run::describe_protection(p)));
     }
+    if let Some(s) = &answer.standby {
+        line.push_str(&format!(", {}", run::describe_standby(s)));
+    }
     if answer.fenced == Some(true) {
         line.push_str(", paused by its watchdog");
     }

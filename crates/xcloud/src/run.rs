@@ -181,7 +181,17 @@ pub fn stand_by(
         }
     }
     let fence = api.and_then(|a| a.fence.as_deref());
-    match listen_and_stand_by(listen, &creds, Console::stdout(), disk_dir, fence).context("standing by failed")? {
+    // Until it takes over, the control socket reports what the backup holds.
+    let watch = xcloud_migration::StandbyWatch::new();
+    let status = match api {
+        Some(api) => {
+            Some(xcloud_api::serve_standby(&api.path, watch.clone()).context("cannot open the control socket")?)
+        }
+        None => None,
+    };
+    let end = listen_and_stand_by(listen, &creds, Console::stdout(), disk_dir, fence, Some(&watch));
+    drop(status);
+    match end.context("standing by failed")? {
         StandbyEnd::Released(why) => {
             eprintln!("xcloud: the primary let the VM go ({why}); it did not run here");
             Ok(0)
@@ -205,6 +215,20 @@ pub fn stand_by(
             })
         }
     }
+}
+
+/// One line on what a backup holds while it stands by.
+pub fn describe_standby(s: &xcloud_migration::StandbyStatus) -> String {
+    let fenced = s.fence.as_ref().map_or(String::new(), |f| format!(", fenced by {f}"));
+    let held = match s.epoch {
+        0 => String::new(),
+        epoch => format!(" checkpoint {epoch} ({:.0} ms ago),", s.checkpoint_age_ms),
+    };
+    format!(
+        "standing by ({}):{held} {:.1} MiB received{fenced}",
+        s.phase,
+        s.bytes_received as f64 / (1 << 20) as f64
+    )
 }
 
 /// One line on a VM's replication: its figures, or why it ended.

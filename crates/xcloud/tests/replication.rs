@@ -102,6 +102,15 @@ fn the_backup_takes_over_from_the_last_checkpoint_when_the_primary_dies_and_can_
         let (ok, text) = ctl(&s.socket, request);
         assert!(!ok && text.contains("this VM is protected"), "{request:?}: {text}");
     }
+    // The backup's control socket says what it holds, and drives nothing until it takes over.
+    let backup_socket = s.dir.join("backup.sock");
+    let held = ctl(&backup_socket, &["status"]).1;
+    assert!(
+        held.starts_with("state: standby") && held.contains("standing by (holding): checkpoint "),
+        "{held}"
+    );
+    let (ok, text) = ctl(&backup_socket, &["pause"]);
+    assert!(!ok && text.contains("stands by as a backup"), "{text}");
     let seen = count(&next_line(&primary_out, "heartbeat n="), "n=");
     // Several checkpoints after that report, the primary dies without a word.
     std::thread::sleep(Duration::from_millis(300));
@@ -122,8 +131,6 @@ fn the_backup_takes_over_from_the_last_checkpoint_when_the_primary_dies_and_can_
         backup.0.try_wait().expect("wait").is_none(),
         "the guest runs at the backup"
     );
-    let backup_socket = s.dir.join("backup.sock");
-    wait_socket(&backup_socket);
     // The survivor is protected again, by a new backup where the primary was.
     let again = s.dir.join("again.sock");
     let (mut second, second_out) = standby(&hosts.src, &hosts.src_ip, &s.a, &s.b, &again);
