@@ -126,7 +126,12 @@ impl Fence for EtcdFence {
 
     fn claim_primary(&self) -> Result<u64, FenceError> {
         let mut held = self.held();
-        match self.swap(held.unwrap_or(0), "primary")? {
+        let mut won = self.swap(held.unwrap_or(0), "primary")?;
+        if won.is_none() && held.is_some() {
+            // What this process held was deleted since (by hand): the fence is free.
+            won = self.swap(0, "primary")?;
+        }
+        match won {
             Some(revision) => {
                 *held = Some(revision);
                 Ok(revision as u64)

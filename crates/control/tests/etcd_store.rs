@@ -155,7 +155,14 @@ fn a_fence_goes_to_exactly_one_side_of_a_protection() {
     assert!(!primary.take_over(third).expect("asked"));
     // The VM ends: the fence is free for anyone.
     assert!(backup.release().expect("released"));
-    stranger.claim_primary().expect("a free fence again");
+    let fourth = stranger.claim_primary().expect("a free fence again");
+    // A fence deleted behind its holder's back (here: taken over, then freed) is free for it
+    // too.
+    assert!(backup.take_over(fourth).expect("taken over"));
+    assert!(backup.release().expect("released"));
+    stranger
+        .claim_primary()
+        .expect("free again, though it held an older revision");
     // No etcd there: a clear error, not a hang.
     let nowhere = [format!("http://127.0.0.1:{}", free_port())];
     let err = EtcdFence::connect(&nowhere, "/xcloud/fence/web")

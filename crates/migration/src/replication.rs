@@ -369,11 +369,19 @@ impl Replicator {
             // Unprotected from here on: what the guest sent goes out, and it sends freely.
             self.handle.release_output(None);
             let _ = self.handle.machine().set_dirty_logging(false);
-            tracing::warn!(
-                "replication to {} ended: {why}; the VM runs on UNPROTECTED",
-                self.status.backup
-            );
+            if self.handle.state() == VmState::Stopped {
+                tracing::info!("replication to {} ended: {why}", self.status.backup);
+            } else {
+                tracing::warn!(
+                    "replication to {} ended: {why}; the VM runs on UNPROTECTED",
+                    self.status.backup
+                );
+            }
             why
+        } else if self.handle.state() == VmState::Stopped {
+            // The VM ended here, but its fence was the backup's by then, or out of reach:
+            // what it held may be the backup's to send, so it stays unsent.
+            format!("{why}; the VM ended without sending what it held (its fence was not this VMM's to free)")
         } else {
             // The backup runs the VM from its last checkpoint: this one must never be seen
             // again, so what it held stays unsent.

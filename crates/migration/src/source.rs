@@ -2,7 +2,7 @@
 //! post-copy.
 
 use crate::disks::DiskCopy;
-use crate::duplex::Duplex;
+use crate::duplex::{readable, Duplex, Inbox};
 use crate::error::MigrationError;
 use crate::handover::{hand_over, pause_for_switch, sync};
 use crate::host_cpu::{cpu_features, cpu_vendor};
@@ -122,7 +122,8 @@ fn migrate_here(
 /// A destination that refuses closes the connection while the source may still be writing:
 /// the source's write then fails (broken pipe, reset) before it has read why. The refusal is
 /// usually in the socket already: read it, so that the error says why, not only that the pipe
-/// broke.
+/// broke. It is read without writing: a plain read of the TLS stream would first try to send
+/// what the failed write left behind, and fail the same way.
 fn refusal_behind(error: MigrationError, stream: &mut tls::ClientStream) -> MigrationError {
     let broke = matches!(&error, MigrationError::Wire(WireError::Io(e)) if matches!(
         e.kind(),
@@ -131,16 +132,19 @@ fn refusal_behind(error: MigrationError, stream: &mut tls::ClientStream) -> Migr
     if !broke {
         return error;
     }
-    let _ = stream.sock.tcp().set_read_timeout(Some(Duration::from_millis(500)));
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let mut inbox = Inbox::new();
     let mut buf = Vec::new();
-    for _ in 0..64 {
-        match wire::read_frame(stream, &mut buf) {
+    loop {
+        match inbox.next_frame(stream, &mut buf) {
             Err(WireError::Refused(why)) => return MigrationError::Refused(why),
-            Ok(_) => continue,
-            Err(_) => break,
+            Ok(Some(_)) => continue,
+            Ok(None) if Instant::now() < deadline => {
+                let _ = readable(&[stream.poll_fd()], 50);
+            }
+            Ok(None) | Err(_) => return error,
         }
     }
-    error
 }
 
 /// Connects to the peer at `addr`, proves who we are, says what VM comes (HELLO) and waits for
@@ -485,5 +489,50 @@ mod tests {
         assert!((r - 21e6 / 0.201).abs() < 1.0, "{r}");
         // Once 100 ms of newer rounds exist, the old one drops out.
         assert_eq!(rate.add(0.1, 1e6), 1e6 / 0.1);
+    }
+
+    #[test]
+    fn a_refusal_behind_a_broken_pipe_is_read_without_writing_again() {
+        use crate::tls::{Credentials, Identity};
+        let dir = std::env::temp_dir().join(format!("xcloud-refusal-{}", std::process::id()));
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        let source_cert = Identity::generate(&a, "a", true).expect("identity").cert;
+        let destination_cert = Identity::generate(&b, "b", true).expect("identity").cert;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let destination = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().expect("accept");
+            let creds = Credentials {
+                identity: Identity::load(&b).expect("identity"),
+                peer: source_cert,
+            };
+            let mut stream = tls::accept(tcp, &creds).expect("handshake");
+            let mut buf = Vec::new();
+            wire::read_frame(&mut stream, &mut buf).expect("first frame");
+            // Refuses, then closes with the source's frames unread: the source's writes fail.
+            crate::destination::refuse(&mut stream, "no disk directory here".into());
+        });
+        let creds = Credentials {
+            identity: Identity::load(&a).expect("identity"),
+            peer: destination_cert,
+        };
+        let mut stream = tls::connect(TcpStream::connect(addr).expect("connect"), &creds).expect("handshake");
+        let payload = vec![7u8; 256 << 10];
+        let mut failed = None;
+        for _ in 0..4096 {
+            if let Err(e) = wire::write_frame(&mut stream, Kind::Pages, &payload)
+                .and_then(|_| stream.flush().map_err(WireError::from))
+            {
+                failed = Some(MigrationError::Wire(e));
+                break;
+            }
+        }
+        destination.join().expect("destination");
+        let error = failed.expect("the writes failed once the destination closed");
+        match refusal_behind(error, &mut stream) {
+            MigrationError::Refused(why) => assert_eq!(why, "no disk directory here"),
+            other => panic!("not the refusal: {other}"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
