@@ -253,20 +253,10 @@ fn a_snapshot_at_the_destination_during_post_copy_has_all_the_memory() {
     let hosts = wan(100_000_000);
     let s = setup("postcopy-snapshot");
     let dst_socket = s.dir.join("dst.sock");
-    let (mut dst, _) = spawn_in(
-        &hosts.dst,
-        &[
-            "receive",
-            "--listen",
-            &format!("{}:7710", hosts.dst_ip),
-            "--identity",
-            s.b.to_str().expect("utf-8"),
-            "--peer",
-            s.a.join("cert.der").to_str().expect("utf-8"),
-            "--api",
-            dst_socket.to_str().expect("utf-8"),
-        ],
-    );
+    let api = ["--api", dst_socket.to_str().expect("utf-8")];
+    let listen = format!("{}:7710", hosts.dst_ip);
+    let args = peer_args(&["receive", "--listen"], &listen, &s.b, &s.a, &api);
+    let (mut dst, _) = spawn_in(&hosts.dst, &strs(&args));
     let (mut src, _src_out, _) = start_source(
         &hosts,
         &s,
@@ -660,20 +650,9 @@ fn a_guest_writing_its_disk_moves_with_it_and_the_image_ends_byte_for_byte() {
     // The guest writes 32 MiB at 16 MiB/s; the VM moves after half a second, the writes go on
     // at the destination, which holds every byte of them in the end.
     let listen = format!("{}:7710", hosts.dst_ip);
-    let (mut dst, dst_out) = spawn_in(
-        &hosts.dst,
-        &[
-            "receive",
-            "--listen",
-            &listen,
-            "--identity",
-            s.b.to_str().expect("utf-8"),
-            "--peer",
-            s.a.join("cert.der").to_str().expect("utf-8"),
-            "--disk-dir",
-            dst_dir.to_str().expect("utf-8"),
-        ],
-    );
+    let disk_dir = ["--disk-dir", dst_dir.to_str().expect("utf-8")];
+    let args = peer_args(&["receive", "--listen"], &listen, &s.b, &s.a, &disk_dir);
+    let (mut dst, dst_out) = spawn_in(&hosts.dst, &strs(&args));
     let mut src = start_diskwriter(&hosts, &s, &image, BYTES);
     std::thread::sleep(Duration::from_millis(500));
     let (ok, text) = migrate(&hosts, &s, &[]);

@@ -212,21 +212,9 @@ fn a_guest_writing_its_disk_fails_over_and_the_backups_image_ends_byte_for_byte(
     let s = setup_in("replication", "disk");
     let (image, dst_dir) = disk_dirs(&s);
     let listen = format!("{}:{PORT}", hosts.dst_ip);
-    let (mut backup, backup_out) = spawn_in(
-        &hosts.dst,
-        &[
-            "receive",
-            "--standby",
-            "--listen",
-            &listen,
-            "--identity",
-            s.b.to_str().expect("utf-8"),
-            "--peer",
-            s.a.join("cert.der").to_str().expect("utf-8"),
-            "--disk-dir",
-            dst_dir.to_str().expect("utf-8"),
-        ],
-    );
+    let disk_dir = ["--disk-dir", dst_dir.to_str().expect("utf-8")];
+    let args = peer_args(&["receive", "--standby", "--listen"], &listen, &s.b, &s.a, &disk_dir);
+    let (mut backup, backup_out) = spawn_in(&hosts.dst, &strs(&args));
     // 32 MiB at 16 MiB/s: the primary dies in the middle, the backup writes the rest from
     // where its checkpoint left the guest, onto its own copy of the image.
     let mut primary = start_diskwriter(&hosts, &s, &image, BYTES);
