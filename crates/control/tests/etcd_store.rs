@@ -11,7 +11,12 @@ struct Etcd {
     child: Child,
     dir: std::path::PathBuf,
     url: String,
+    // One etcd at a time: free ports are picked by binding and letting go, which two etcds
+    // starting side by side could both pick.
+    _alone: std::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_ETCD: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Drop for Etcd {
     fn drop(&mut self) {
@@ -29,6 +34,7 @@ fn free_port() -> u16 {
 }
 
 fn etcd() -> Etcd {
+    let alone = ONE_ETCD.lock().unwrap_or_else(|p| p.into_inner());
     let (client, peer) = (free_port(), free_port());
     // One directory per etcd: the tests of this file run side by side.
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -51,7 +57,12 @@ fn etcd() -> Etcd {
         assert!(Instant::now() < deadline, "etcd did not listen");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Etcd { child, dir, url }
+    Etcd {
+        child,
+        dir,
+        url,
+        _alone: alone,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
